@@ -1,0 +1,87 @@
+# Transfer learning done right. `make help` lists every target and setting.
+# Settings are Makefile variables: make features DATA=photos WEIGHTS=/path/to/notop.h5
+
+PYTHON   ?= python3
+VENV     ?= .venv
+PY       := $(VENV)/bin/python
+STAMP    := $(VENV)/.installed-stamp
+
+DATA      ?= data
+ARTIFACTS ?= artifacts
+WEIGHTS   ?= imagenet
+SIZE      ?= 224
+LAYER     ?= block5_pool
+BATCH     ?= 32
+DTYPE     ?= float16
+HEAD      ?= logreg
+POOL      ?=
+FOLDS     ?= 5
+SEED      ?= 0
+PARAMS    ?=
+IMAGES    ?=
+RUN       ?=
+OUT       ?=
+
+comma := ,
+pool_arg   = $(if $(POOL),--pool $(POOL))
+param_args = $(foreach p,$(PARAMS),--param $(p))
+run_arg    = $(if $(RUN),--run $(RUN))
+out_arg    = $(if $(OUT),--out $(OUT))
+
+.PHONY: help install features train-head train-all report predict demo test lint bench clean
+
+help: ## this list
+	@echo "Targets:"
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
+	@echo
+	@echo "Settings (make TARGET NAME=value):"
+	@echo "  DATA=$(DATA)          images: DATA/train/<class>/ (+ DATA/validation/<class>/) or DATA/<class>/"
+	@echo "  ARTIFACTS=$(ARTIFACTS)  caches, heads, report, predictions"
+	@echo "  WEIGHTS=$(WEIGHTS)     imagenet | none (random, seeded, flagged) | /path/to/vgg16 notop .h5"
+	@echo "  SIZE=$(SIZE) LAYER=$(LAYER) BATCH=$(BATCH) DTYPE=$(DTYPE)   backbone input, cached layer, batch, stored type"
+	@echo "  HEAD=$(HEAD)       logreg | svm | dense;  POOL=avg|max|flatten (default per head)"
+	@echo "  FOLDS=$(FOLDS) SEED=$(SEED)    cross-validation folds, seed for every random choice"
+	@echo "  PARAMS=\"C=0.1\"     head settings, fixed instead of tuned (dense: learning_rate=1e-3 epochs=50 ...)"
+	@echo "  IMAGES=path RUN=name OUT=file.csv   for predict (RUN defaults to the best head)"
+	@echo "Full reference: $(PY) -m pipeline --help, and $(PY) -m pipeline COMMAND --help"
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[dev]'
+	touch $(STAMP)
+
+install: $(STAMP) ## create .venv and install the package with its dependencies
+
+features: $(STAMP) ## embed every image once into ARTIFACTS/features/*.h5 (reruns: only new/changed)
+	$(PY) -m pipeline features --data $(DATA) --artifacts $(ARTIFACTS) --weights $(WEIGHTS) \
+		--size $(SIZE) --layer $(LAYER) --batch $(BATCH) --dtype $(DTYPE) --seed $(SEED)
+
+train-head: $(STAMP) ## cross-validate + save HEAD on the cached features (backbone never runs)
+	$(PY) -m pipeline train-head --head $(HEAD) $(pool_arg) --folds $(FOLDS) --seed $(SEED) \
+		--artifacts $(ARTIFACTS) $(param_args)
+
+train-all: $(STAMP) ## train-head for logreg, svm and dense
+	for h in logreg svm dense; do $(MAKE) --no-print-directory train-head HEAD=$$h || exit $$?; done
+
+report: $(STAMP) ## ARTIFACTS/report/report.{json,md,html} comparing every trained head
+	$(PY) -m pipeline report --artifacts $(ARTIFACTS)
+
+predict: $(STAMP) ## classify IMAGES (file or folder) into a CSV with a trained head
+	$(PY) -m pipeline predict --images "$(IMAGES)" --artifacts $(ARTIFACTS) $(run_arg) $(out_arg) \
+		$(if $(filter-out imagenet,$(WEIGHTS)),--weights $(WEIGHTS))
+
+demo: $(STAMP) ## end to end on scikit-learn's digits as PNGs: features, 3 heads, report
+	$(PY) -m pipeline demo --artifacts $(ARTIFACTS)/demo --weights $(WEIGHTS)
+
+test: $(STAMP) ## the test suite (tiny images, tiny input size: a few minutes on 2 cores)
+	$(PY) -m pytest -q tests
+
+lint: $(STAMP) ## ruff
+	$(PY) -m ruff check pipeline tests
+
+bench: $(STAMP) ## speed and memory figures: ARTIFACTS/bench/bench.json (BENCH_SIZE=small|default)
+	$(PY) -m pipeline.bench --artifacts $(ARTIFACTS)/bench $(if $(BENCH_SIZE),--size $(BENCH_SIZE))
+
+clean: ## remove generated output (keeps .venv)
+	rm -rf $(ARTIFACTS)

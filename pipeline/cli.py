@@ -1,0 +1,196 @@
+"""Command line: `python -m pipeline <command>`; the Makefile's targets call these commands.
+
+A user error (bad data, settings or order of commands) prints one line and exits with code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from pipeline.errors import UserError
+
+EPILOG = "Every option has a Makefile variable of the same name in capitals (make help)."
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--artifacts",
+        default="artifacts",
+        type=Path,
+        help="folder for caches, heads and reports (default: artifacts)",
+    )
+    p.add_argument("--seed", type=int, default=0, help="seed for every random choice (default 0)")
+
+
+def _backbone(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--weights",
+        default="imagenet",
+        help="imagenet (Keras download), none (random, seeded), or a VGG16 no-top "
+        "weights file (.h5 / .weights.h5)",
+    )
+    p.add_argument("--size", type=int, default=224, help="input size in pixels (default 224)")
+    p.add_argument(
+        "--layer",
+        default="block5_pool",
+        help="backbone layer to cache (default block5_pool, 7x7x512 at 224)",
+    )
+    p.add_argument("--batch", type=int, default=32, help="images per backbone batch (default 32)")
+
+
+def _head_params(values: list[str]) -> dict[str, str]:
+    out = {}
+    for v in values:
+        if "=" not in v:
+            raise UserError(f"head setting '{v}' must look like name=value, e.g. C=0.1")
+        k, _, val = v.partition("=")
+        out[k.strip()] = val.strip()
+    return out
+
+
+def parser() -> argparse.ArgumentParser:
+    from pipeline import heads
+
+    ap = argparse.ArgumentParser(
+        prog="python -m pipeline",
+        description="Transfer learning done right: cache VGG16 features once, train and "
+        "cross-validate heads on the cache, compare them in one report.",
+        epilog=EPILOG,
+    )
+    sub = ap.add_subparsers(dest="command", required=True, metavar="command")
+
+    p = sub.add_parser(
+        "features",
+        help="embed every image once into the HDF5 feature cache",
+        description="Run the frozen VGG16 over DATA; reruns embed only new or changed images.",
+        epilog=EPILOG,
+    )
+    p.add_argument(
+        "--data",
+        default="data",
+        type=Path,
+        help="DATA/train/<class>/ (+ optional DATA/validation/<class>/) or DATA/<class>/",
+    )
+    p.add_argument("--dtype", default="float16", help="stored feature type: float16 or float32")
+    _backbone(p)
+    _common(p)
+
+    head_help = "; ".join(f"{h.name}: {h.description}" for h in heads.HEADS.values())
+    p = sub.add_parser(
+        "train-head",
+        help="cross-validate and save a head on the cached features",
+        description="Train a head on the feature cache only. Heads: " + head_help,
+        epilog=EPILOG,
+    )
+    p.add_argument("--head", default="logreg", help=f"one of {', '.join(heads.HEADS)}")
+    p.add_argument(
+        "--pool",
+        default=None,
+        help="avg, max or flatten (default: avg for logreg/svm, flatten for dense)",
+    )
+    p.add_argument("--folds", type=int, default=5, help="cross-validation folds (default 5)")
+    p.add_argument(
+        "--param",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="head setting, repeatable (e.g. C=0.1, learning_rate=1e-4); a setting "
+        "given here is fixed instead of tuned",
+    )
+    p.add_argument(
+        "--features",
+        type=Path,
+        default=None,
+        help="cache file to use (default: the latest `features` run)",
+    )
+    p.add_argument("--jobs", type=int, default=None, help="parallel folds (default: cores)")
+    _common(p)
+
+    p = sub.add_parser(
+        "report", help="write report.json/.md/.html comparing every trained head", epilog=EPILOG
+    )
+    _common(p)
+
+    p = sub.add_parser("predict", help="classify new images with a trained head", epilog=EPILOG)
+    p.add_argument("--images", required=True, type=Path, help="an image file or a folder")
+    p.add_argument("--run", default=None, help="trained head to use (default: best CV accuracy)")
+    p.add_argument(
+        "--out", default=None, type=Path, help="CSV to write (default ARTIFACTS/predictions.csv)"
+    )
+    p.add_argument(
+        "--weights",
+        default=None,
+        help="weights file if not where `features` found it (checked by content)",
+    )
+    p.add_argument("--batch", type=int, default=32, help="images per backbone batch")
+    _common(p)
+
+    p = sub.add_parser(
+        "demo", help="end to end on scikit-learn's digits, written as PNGs", epilog=EPILOG
+    )
+    p.add_argument("--weights", default="imagenet", help="as for features")
+    p.add_argument("--size", type=int, default=64, help="input size for the demo (default 64)")
+    p.add_argument("--folds", type=int, default=5)
+    _common(p)
+    return ap
+
+
+def run(args: argparse.Namespace) -> None:
+    log = lambda s: print(s, flush=True)  # noqa: E731
+    if args.command == "features":
+        from pipeline.backbone import BackboneSpec
+        from pipeline.features import extract
+
+        spec = BackboneSpec(
+            weights=args.weights, layer=args.layer, input_size=args.size, seed=args.seed
+        )
+        extract(args.data, args.artifacts, spec, batch_size=args.batch, dtype=args.dtype, log=log)
+    elif args.command == "train-head":
+        from pipeline.train import train_head
+
+        train_head(
+            args.artifacts,
+            head=args.head,
+            pooling=args.pool,
+            folds=args.folds,
+            seed=args.seed,
+            params=_head_params(args.param),
+            features=args.features,
+            n_jobs=args.jobs,
+            log=log,
+        )
+    elif args.command == "report":
+        from pipeline.report import build_report
+
+        build_report(args.artifacts, log=log)
+    elif args.command == "predict":
+        from pipeline.predict import predict
+
+        predict(
+            args.artifacts,
+            args.images,
+            run=args.run,
+            out=args.out,
+            weights=args.weights,
+            batch_size=args.batch,
+            log=log,
+        )
+    elif args.command == "demo":
+        from pipeline.demo import run_demo
+
+        run_demo(args.artifacts, weights=args.weights, size=args.size, folds=args.folds, log=log)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        run(args)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted; rerun the same command to resume", file=sys.stderr)
+        return 130
+    return 0

@@ -1,0 +1,327 @@
+"""Heads in a small registry, all behind scikit-learn's estimator contract.
+
+Each head is a factory that builds a fresh `Pipeline(StandardScaler, classifier)`, wrapped in a
+`GridSearchCV` when a hyperparameter is tuned, so scaling and tuning are refitted inside every
+training fold. The Keras dense head is an sklearn-style estimator too; TensorFlow is imported only
+when it is fitted or loaded, never by the scikit-learn heads.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import joblib
+import numpy as np
+from sklearn.base import BaseEstimator, ClassifierMixin
+from sklearn.calibration import CalibratedClassifierCV
+from sklearn.linear_model import LogisticRegression
+from sklearn.model_selection import GridSearchCV, StratifiedKFold, train_test_split
+from sklearn.pipeline import Pipeline
+from sklearn.preprocessing import StandardScaler
+from sklearn.svm import SVC
+
+from pipeline.errors import UserError
+
+INNER_FOLDS = 3
+
+
+class DenseHead(ClassifierMixin, BaseEstimator):
+    """The classic Keras head: Flatten, Dense(hidden, relu), Dropout, Dense(softmax).
+
+    Adam at `learning_rate`; early stopping on a stratified inner split of the training data
+    (`validation_fraction`), restoring the best weights. Seeded by `random_state`.
+    """
+
+    def __init__(
+        self,
+        hidden: int = 512,
+        dropout: float = 0.5,
+        learning_rate: float = 1e-3,
+        epochs: int = 100,
+        batch_size: int = 32,
+        patience: int = 5,
+        validation_fraction: float = 0.15,
+        random_state: int = 0,
+    ) -> None:
+        self.hidden = hidden
+        self.dropout = dropout
+        self.learning_rate = learning_rate
+        self.epochs = epochs
+        self.batch_size = batch_size
+        self.patience = patience
+        self.validation_fraction = validation_fraction
+        self.random_state = random_state
+
+    def fit(self, X: np.ndarray, y: np.ndarray) -> DenseHead:
+        from pipeline.backbone import quiet_tensorflow
+
+        quiet_tensorflow()
+        import keras
+
+        self.classes_, yi = np.unique(y, return_inverse=True)
+        keras.utils.set_random_seed(self.random_state)
+        X = np.asarray(X, dtype=np.float32)
+        n_cls = len(self.classes_)
+        counts = np.bincount(yi)
+        n_val = int(round(len(yi) * self.validation_fraction))
+        val = None
+        fit_X, fit_y = X, yi
+        if counts.min() >= 2 and n_val >= n_cls and len(yi) - n_val >= n_cls:
+            fit_X, vX, fit_y, vy = train_test_split(
+                X, yi, test_size=n_val, stratify=yi, random_state=self.random_state
+            )
+            val = (vX, vy)
+        model = keras.Sequential(
+            [
+                keras.Input((X.shape[1],)),
+                keras.layers.Flatten(),
+                keras.layers.Dense(self.hidden, activation="relu"),
+                keras.layers.Dropout(self.dropout, seed=self.random_state),
+                keras.layers.Dense(n_cls, activation="softmax"),
+            ]
+        )
+        model.compile(
+            optimizer=keras.optimizers.Adam(self.learning_rate),
+            loss="sparse_categorical_crossentropy",
+            metrics=["accuracy"],
+        )
+        monitor = "val_loss" if val is not None else "loss"
+        stop = keras.callbacks.EarlyStopping(
+            monitor=monitor, patience=self.patience, restore_best_weights=True
+        )
+        hist = model.fit(
+            fit_X,
+            fit_y,
+            validation_data=val,
+            epochs=self.epochs,
+            batch_size=self.batch_size,
+            callbacks=[stop],
+            verbose=0,
+            shuffle=True,
+        )
+        self.model_ = model
+        self.epochs_run_ = len(hist.history["loss"])
+        return self
+
+    def predict_proba(self, X: np.ndarray) -> np.ndarray:
+        import keras
+
+        X = np.asarray(X, dtype=np.float32)
+        out = [
+            keras.ops.convert_to_numpy(self.model_(X[i : i + 4096], training=False))
+            for i in range(0, len(X), 4096)
+        ]
+        return np.concatenate(out) if out else np.zeros((0, len(self.classes_)), np.float32)
+
+    def predict(self, X: np.ndarray) -> np.ndarray:
+        return self.classes_[np.argmax(self.predict_proba(X), axis=1)]
+
+    def __getstate__(self) -> dict[str, Any]:
+        # The Keras model travels as `.keras` bytes; `save_head` also writes it as its own file.
+        state = self.__dict__.copy()
+        model = state.pop("model_", None)
+        if model is not None:
+            with tempfile.TemporaryDirectory() as d:
+                p = Path(d) / "m.keras"
+                model.save(p)
+                state["_model_bytes"] = p.read_bytes()
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        blob = state.pop("_model_bytes", None)
+        self.__dict__.update(state)
+        if blob is not None:
+            from pipeline.backbone import quiet_tensorflow
+
+            quiet_tensorflow()
+            import keras
+
+            with tempfile.TemporaryDirectory() as d:
+                p = Path(d) / "m.keras"
+                p.write_bytes(blob)
+                self.model_ = keras.models.load_model(p)
+
+
+Factory = Callable[[np.ndarray], Any]
+
+
+@dataclass(frozen=True)
+class HeadInfo:
+    """A registered head: how to build it, which settings it takes, which pooling suits it."""
+
+    name: str
+    description: str
+    default_pooling: str
+    params: dict[str, type]
+    tuned: dict[str, list[float]]
+    parallel_folds: bool
+    build: Callable[[dict[str, Any], int], Any]
+
+
+def _logreg(p: dict[str, Any], seed: int) -> Any:
+    return Pipeline(
+        [
+            ("scale", StandardScaler()),
+            ("clf", LogisticRegression(C=p.get("C", 1.0), max_iter=p.get("max_iter", 2000))),
+        ]
+    )
+
+
+def _svm(p: dict[str, Any], seed: int) -> Any:
+    return Pipeline(
+        [
+            ("scale", StandardScaler()),
+            (
+                "clf",
+                SVC(
+                    C=p.get("C", 1.0),
+                    kernel=p.get("kernel", "rbf"),
+                    gamma="scale",
+                    random_state=seed,
+                ),
+            ),
+        ]
+    )
+
+
+def _dense(p: dict[str, Any], seed: int) -> Any:
+    return Pipeline([("scale", StandardScaler()), ("clf", DenseHead(random_state=seed, **p))])
+
+
+HEADS: dict[str, HeadInfo] = {
+    h.name: h
+    for h in (
+        HeadInfo(
+            "logreg",
+            "multinomial logistic regression (linear probe), C tuned by inner CV",
+            "avg",
+            {"C": float, "max_iter": int},
+            {"C": [1e-4, 1e-3, 1e-2, 1e-1, 1.0]},
+            True,
+            _logreg,
+        ),
+        HeadInfo(
+            "svm",
+            "support vector machine (RBF by default), C tuned by inner CV",
+            "avg",
+            {"C": float, "kernel": str},
+            {"C": [0.1, 1.0, 10.0]},
+            True,
+            _svm,
+        ),
+        HeadInfo(
+            "dense",
+            "Keras Flatten-Dense(512, relu)-Dropout-softmax, Adam, early stopping",
+            "flatten",
+            {
+                "hidden": int,
+                "dropout": float,
+                "learning_rate": float,
+                "epochs": int,
+                "batch_size": int,
+                "patience": int,
+            },
+            {},
+            False,
+            _dense,
+        ),
+    )
+}
+
+
+def get(name: str) -> HeadInfo:
+    """The registered head called `name`; an unknown name lists the valid ones."""
+    if name not in HEADS:
+        raise UserError(f"HEAD must be one of {', '.join(HEADS)}; got '{name}'")
+    return HEADS[name]
+
+
+def parse_params(info: HeadInfo, raw: dict[str, str]) -> dict[str, Any]:
+    """Convert `name=value` settings to the head's types; unknown or bad ones name the fix."""
+    out: dict[str, Any] = {}
+    for k, v in raw.items():
+        if k not in info.params:
+            raise UserError(
+                f"'{k}' is not a setting of head '{info.name}'; valid: {', '.join(info.params)}"
+            )
+        try:
+            out[k] = info.params[k](v)
+        except ValueError:
+            raise UserError(
+                f"The '{k}' parameter of head '{info.name}' must be of type "
+                f"{info.params[k].__name__}. Got {v!r} instead."
+            ) from None
+        if info.params[k] in (int, float) and out[k] <= 0 and k != "dropout":
+            raise UserError(
+                f"The '{k}' parameter of head '{info.name}' must be positive. Got {v!r} instead."
+            )
+    if "dropout" in out and not 0 <= out["dropout"] < 1:
+        raise UserError(f"The 'dropout' parameter must be in [0, 1). Got {out['dropout']} instead.")
+    return out
+
+
+def cv_for(k: int, seed: int) -> StratifiedKFold:
+    return StratifiedKFold(k, shuffle=True, random_state=seed)
+
+
+def factory(info: HeadInfo, params: dict[str, Any], seed: int, final: bool = False) -> Factory:
+    """A function of the training labels that builds a fresh, possibly tuned, estimator.
+
+    Hyperparameters the user did not fix are chosen by a GridSearchCV whose inner stratified folds
+    see only the training fold. `final` asks for what prediction needs (SVM probabilities).
+    """
+
+    def make(y_train: np.ndarray) -> Any:
+        p = dict(params)
+        est = info.build(p, seed)
+        grid = {f"clf__{k}": v for k, v in info.tuned.items() if k not in params}
+        inner = min(INNER_FOLDS, int(np.bincount(np.unique(y_train, return_inverse=True)[1]).min()))
+        if grid and inner >= 2:
+            est = GridSearchCV(est, grid, cv=cv_for(inner, seed), scoring="accuracy", n_jobs=1, refit=True)
+        if final and not hasattr(est, "predict_proba") and inner >= 2:
+            # SVC has no probabilities: calibrate on inner folds, then refit on all (sklearn 1.9+)
+            est = CalibratedClassifierCV(est, cv=cv_for(inner, seed), ensemble=False)
+        return est
+
+    return make
+
+
+def chosen_params(est: Any) -> dict[str, Any]:
+    """The hyperparameters a fitted (possibly tuned) estimator ended up with."""
+    if isinstance(est, CalibratedClassifierCV):
+        est = est.calibrated_classifiers_[0].estimator
+    if isinstance(est, GridSearchCV):
+        return {k.removeprefix("clf__"): v for k, v in est.best_params_.items()}
+    return {}
+
+
+def _dense_of(est: Any) -> DenseHead | None:
+    if isinstance(est, CalibratedClassifierCV):
+        est = est.calibrated_classifiers_[0].estimator
+    inner = est.best_estimator_ if isinstance(est, GridSearchCV) else est
+    clf = inner.named_steps.get("clf") if isinstance(inner, Pipeline) else inner
+    return clf if isinstance(clf, DenseHead) else None
+
+
+def save_head(est: Any, folder: Path) -> list[Path]:
+    """Save a fitted head: `head.joblib`, plus `model.keras` for the Keras head."""
+    folder.mkdir(parents=True, exist_ok=True)
+    written = [folder / "head.joblib"]
+    joblib.dump(est, written[0])
+    dense = _dense_of(est)
+    if dense is not None:
+        dense.model_.save(folder / "model.keras")
+        written.append(folder / "model.keras")
+    return written
+
+
+def load_head(folder: Path) -> Any:
+    """Load a head saved by `save_head`."""
+    path = folder / "head.joblib"
+    if not path.is_file():
+        raise UserError(f"no saved head in '{folder}'; run `make train-head` first")
+    return joblib.load(path)

@@ -1,0 +1,123 @@
+"""`make predict`: classify new images with a saved head and exactly the backbone path of features.
+
+Same loader, resize, preprocessing and weights as the cache the head was trained on (checked by
+weights identity), so no silent train/serve mismatch. Writes `path,label,probability` rows.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from pipeline import dataset, heads, store
+from pipeline.backbone import BackboneSpec
+from pipeline.errors import UserError
+from pipeline.features import _batches
+from pipeline.progress import Progress
+from pipeline.train import heads_dir, load_results
+
+Log = Callable[[str], None]
+
+
+def pick_run(artifacts: Path, run: str | None) -> dict[str, Any]:
+    """The named trained head, or the best by cross-validated accuracy."""
+    results = load_results(artifacts)
+    if not results:
+        raise UserError(
+            f"no trained heads in '{heads_dir(artifacts)}'; run `make train-head` first"
+        )
+    if run is None:
+        return results[0]
+    for r in results:
+        if r["run"] == run:
+            return r
+    raise UserError(
+        f"RUN '{run}' is not a trained head; trained: {', '.join(r['run'] for r in results)}"
+    )
+
+
+def spec_for(settings: dict[str, Any], weights: str | None) -> BackboneSpec:
+    """Rebuild the backbone spec a cache was made with; the weights must be the same by content."""
+    w = weights or settings["weights"]
+    spec = BackboneSpec(
+        weights=w,
+        layer=settings["layer"],
+        input_size=int(settings["input_size"]),
+        seed=int(settings.get("seed", 0)),
+        name=settings["name"],
+    )
+    if spec.weights_id() != settings["weights_id"]:
+        raise UserError(
+            f"WEIGHTS '{w}' are not the weights the head was trained on ({settings['weights_id']}); "
+            "pass the same WEIGHTS as for `make features`"
+        )
+    return spec
+
+
+def predict(
+    artifacts: Path,
+    images_path: Path,
+    run: str | None = None,
+    out: Path | None = None,
+    weights: str | None = None,
+    batch_size: int = 32,
+    log: Log = print,
+) -> Path:
+    """Classify every image under `images_path`; return the CSV's path."""
+    from pipeline import backbone
+
+    images_path = Path(images_path)
+    if not images_path.exists() and not images_path.is_symlink():
+        raise UserError(f"IMAGES '{images_path}' does not exist; pass an image file or a folder")
+    r = pick_run(artifacts, run)
+    est = heads.load_head(heads_dir(artifacts) / r["run"])
+    settings = r["features"]["settings"]
+    spec = spec_for(settings, weights)
+    if r["features"]["random_weights"]:
+        log("*** RANDOM WEIGHTS: this head was trained on features of an untrained VGG16 ***")
+    if images_path.is_dir():
+        files = dataset._walk_files(images_path)
+        base = images_path
+    else:
+        files, base = [images_path], images_path.parent
+    if not files:
+        raise UserError(f"IMAGES folder '{images_path}' has no files")
+    model = backbone.build(spec)
+    classes = r["classes"]
+    rows: list[tuple[str, str, float]] = []
+    bad: list[tuple[str, str]] = []
+    progress = Progress(len(files), "predicting")
+    todo = [(str(i), f) for i, f in enumerate(files)]
+    for ids, decoded in _batches(
+        todo, spec.input_size, batch_size, min(8, (os.cpu_count() or 2) + 2)
+    ):
+        ok = [i for i, d in enumerate(decoded) if not isinstance(d, str)]
+        for i, d in enumerate(decoded):
+            if isinstance(d, str):
+                bad.append((files[int(ids[i])].relative_to(base).as_posix(), d))
+        if ok:
+            x = backbone.preprocess(np.stack([decoded[i] for i in ok]))
+            maps = np.asarray(model.predict_on_batch(x)).astype(settings["dtype"])
+            proba = est.predict_proba(store.pool(maps, r["pooling"]))
+            for j, i in enumerate(ok):
+                k = int(np.argmax(proba[j]))
+                label = classes[int(est.classes_[k])] if hasattr(est, "classes_") else classes[k]
+                rows.append(
+                    (files[int(ids[i])].relative_to(base).as_posix(), label, float(proba[j, k]))
+                )
+        progress.update(len(ids))
+    out = Path(out) if out else Path(artifacts) / "predictions.csv"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with open(out, "w", newline="", encoding="utf-8") as fh:
+        w = csv.writer(fh)
+        w.writerow(["path", "label", "probability"])
+        w.writerows((p, lab, f"{pr:.6f}") for p, lab, pr in rows)
+    for p, reason in bad:
+        log(f"could not read {p}: {reason}")
+    log(f"predicted {len(rows)} images with head {r['run']}, {len(bad)} unreadable; wrote {out}")
+    return out

@@ -1,0 +1,71 @@
+"""Shared fixtures: tiny generated image datasets with a few pixels' worth of real structure."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+os.environ.setdefault("KERAS_BACKEND", "tensorflow")
+
+from pipeline.backbone import BackboneSpec  # noqa: E402
+
+SIZE = 32  # VGG16's smallest input: block5_pool is 1x1x512, fast on 2 cores
+
+
+def pattern(cls: int, rng: np.random.Generator, px: int = 24) -> np.ndarray:
+    """Class 0: horizontal stripes, 1: vertical stripes, 2: a bright disc; with noise and phase."""
+    y, x = np.mgrid[0:px, 0:px]
+    phase = rng.integers(0, 4)
+    if cls == 0:
+        base = ((y + phase) // 3) % 2
+    elif cls == 1:
+        base = ((x + phase) // 3) % 2
+    else:
+        c = px / 2 + rng.normal(0, 2, 2)
+        base = ((y - c[0]) ** 2 + (x - c[1]) ** 2 < (px / 3) ** 2).astype(int)
+    img = base * 200 + rng.normal(0, 25, (px, px)) + 25
+    rgb = np.stack([img, img * 0.8, img * 0.6], axis=-1)
+    return np.clip(rgb, 0, 255).astype(np.uint8)
+
+
+def write_image(path: Path, cls: int, seed: int, fmt: str = "PNG") -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(pattern(cls, np.random.default_rng(seed))).save(path, format=fmt)
+    return path
+
+
+def make_dataset(
+    root: Path, per_class: int = 8, n_classes: int = 3, validation: int = 0, flat: bool = False
+) -> Path:
+    """Write a class-per-folder dataset; classic layout unless `flat`."""
+    seed = 0
+    for split, n in (("train", per_class), ("validation", validation)):
+        if n == 0 or (flat and split == "validation"):
+            continue
+        for c in range(n_classes):
+            for i in range(n):
+                folder = root / f"class_{c}" if flat else root / split / f"class_{c}"
+                write_image(folder / f"img_{i:03d}.png", c, seed)
+                seed += 1
+    return root
+
+
+@pytest.fixture
+def spec() -> BackboneSpec:
+    return BackboneSpec(weights="none", input_size=SIZE, seed=0)
+
+
+@pytest.fixture
+def dataset(tmp_path: Path) -> Path:
+    return make_dataset(tmp_path / "data", per_class=8, validation=3)
+
+
+@pytest.fixture
+def quiet():
+    lines: list[str] = []
+    return lines.append, lines

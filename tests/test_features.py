@@ -1,0 +1,193 @@
+"""The feature cache: layout readable with plain h5py, incremental reruns, settings never mixed."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+
+from conftest import SIZE, make_dataset, write_image
+from pipeline import store
+from pipeline.backbone import BackboneSpec, preprocess
+from pipeline.features import cache_settings, current_cache, extract
+
+
+def test_cache_layout_is_plain_h5py(dataset, tmp_path, spec, quiet):
+    log, _ = quiet
+    s = extract(dataset, tmp_path / "art", spec, log=log)
+    assert s.new == 3 * 8 + 3 * 3 and s.cached == 0 and s.skipped == 0
+    with h5py.File(s.cache, "r") as f:
+        paths = [p.decode() for p in f["paths"][()]]
+        assert paths[0] == "train/class_0/img_000.png"
+        assert f["features"].shape == (33, 1, 1, 512)
+        assert f["features"].dtype == np.float16
+        assert list(f["labels"][:3]) == [0, 0, 0]
+        assert [c.decode() for c in f["classes"][()]] == ["class_0", "class_1", "class_2"]
+        assert set(v.decode() for v in f["split"][()]) == {"train", "validation"}
+        assert len(f["sha256"][0]) == 64
+        for k in ("cache_key", "layer", "input_size", "weights_id", "preprocessing", "resize"):
+            assert k in f.attrs, k
+        assert f.attrs["layer"] == "block5_pool" and f.attrs["input_size"] == SIZE
+        assert "caffe" in f.attrs["preprocessing"]
+        assert json.loads(f.attrs["settings"])["weights_id"].startswith("random:seed=0")
+        assert f.attrs["random_weights"]
+    assert current_cache(tmp_path / "art") == s.cache
+
+
+def test_rerun_embeds_nothing(dataset, tmp_path, spec, quiet):
+    log, lines = quiet
+    first = extract(dataset, tmp_path / "art", spec, log=log)
+    with h5py.File(first.cache) as f:
+        before = f["features"][()]
+    again = extract(dataset, tmp_path / "art", spec, log=log)
+    assert (again.new, again.cached, again.removed, again.skipped) == (0, 33, 0, 0)
+    assert not again.rewrote
+    assert "embedded 0 new, 33 cached, 0 removed, 0 skipped" in lines
+    with h5py.File(again.cache) as f:
+        np.testing.assert_array_equal(f["features"][()], before)
+
+
+def test_add_change_delete_recompute_exactly_one(dataset, tmp_path, spec, quiet):
+    log, _ = quiet
+    art = tmp_path / "art"
+    first = extract(dataset, art, spec, log=log)
+    old = store.read_index(first.cache)
+    with h5py.File(first.cache) as f:
+        old_feats = {p: f["features"][i] for i, p in enumerate(old.paths)}
+
+    write_image(dataset / "train/class_1/new.png", 1, seed=999)
+    s = extract(dataset, art, spec, log=log)
+    assert (s.new, s.cached, s.removed) == (1, 33, 0)
+
+    write_image(dataset / "train/class_2/img_000.png", 0, seed=1234)  # same path, new content
+    s = extract(dataset, art, spec, log=log)
+    assert (s.new, s.cached, s.removed) == (1, 33, 0)
+
+    (dataset / "train/class_0/img_001.png").unlink()
+    s = extract(dataset, art, spec, log=log)
+    assert (s.new, s.cached, s.removed) == (0, 33, 1)
+
+    idx = store.read_index(s.cache)
+    assert "train/class_0/img_001.png" not in idx.paths
+    with h5py.File(s.cache) as f:
+        for i, p in enumerate(idx.paths):
+            if p not in ("train/class_1/new.png", "train/class_2/img_000.png"):
+                np.testing.assert_array_equal(f["features"][i], old_feats[p])
+        changed = f["features"][idx.paths.index("train/class_2/img_000.png")]
+    assert not np.array_equal(changed, old_feats["train/class_2/img_000.png"])
+
+
+def test_moved_file_is_not_recomputed(dataset, tmp_path, spec, quiet):
+    log, _ = quiet
+    extract(dataset, tmp_path / "art", spec, log=log)
+    (dataset / "train/class_0/img_002.png").rename(dataset / "train/class_0/renamed.png")
+    s = extract(dataset, tmp_path / "art", spec, log=log)
+    assert (s.new, s.removed) == (0, 1)
+
+
+def test_other_settings_never_mix(dataset, tmp_path, spec, quiet):
+    log, _ = quiet
+    a = extract(dataset, tmp_path / "art", spec, log=log)
+    b = extract(dataset, tmp_path / "art", BackboneSpec("none", input_size=64), log=log)
+    c = extract(dataset, tmp_path / "art", BackboneSpec("none", input_size=SIZE, seed=1), log=log)
+    assert len({a.cache, b.cache, c.cache}) == 3
+    assert b.new == 33 and c.new == 33
+    with h5py.File(b.cache) as f:
+        assert f["features"].shape[1:] == (2, 2, 512)
+    back = extract(dataset, tmp_path / "art", spec, log=log)
+    assert back.cache == a.cache and back.new == 0
+
+
+def test_cache_key_covers_every_setting(spec):
+    base = store.cache_key(cache_settings(spec, "float16"))
+    variants = [
+        cache_settings(BackboneSpec("none", input_size=64), "float16"),
+        cache_settings(BackboneSpec("none", input_size=SIZE, layer="block4_pool"), "float16"),
+        cache_settings(BackboneSpec("none", input_size=SIZE, seed=3), "float16"),
+        cache_settings(spec, "float32"),
+    ]
+    assert len({base} | {store.cache_key(v) for v in variants}) == 5
+
+
+def test_flat_layout_and_nested_folders(tmp_path, spec, quiet):
+    log, _ = quiet
+    data = make_dataset(tmp_path / "flat", per_class=4, flat=True)
+    write_image(data / "class_1/deeper/nested/x.png", 1, 77)
+    s = extract(data, tmp_path / "art", spec, log=log)
+    idx = store.read_index(s.cache)
+    assert s.new == 13 and set(idx.split) == {"train"}
+    assert idx.labels[idx.paths.index("class_1/deeper/nested/x.png")] == 1
+
+
+def test_unreadable_files_are_skipped_with_reason(dataset, tmp_path, spec, quiet):
+    log, lines = quiet
+    (dataset / "train/class_0/notes.txt").write_text("not an image")
+    (dataset / "train/class_1/empty.jpg").write_bytes(b"")
+    s = extract(dataset, tmp_path / "art", spec, log=log)
+    assert s.skipped == 2 and s.new == 33
+    reasons = {x["path"]: x["reason"] for x in store.read_index(s.cache).skipped}
+    assert "not an image" in reasons["train/class_0/notes.txt"]
+    assert "empty file" in reasons["train/class_1/empty.jpg"]
+    again = extract(dataset, tmp_path / "art", spec, log=log)
+    assert (again.new, again.skipped) == (0, 2)
+
+
+def test_preprocessing_is_caffe_not_unit_scaling():
+    white = np.full((1, 1, 1, 3), 255, np.uint8)
+    red = np.zeros((1, 1, 1, 3), np.uint8)
+    red[..., 0] = 255
+    np.testing.assert_allclose(preprocess(white)[0, 0, 0], [151.061, 138.221, 131.32], atol=1e-3)
+    # RGB -> BGR: red lands in the last channel
+    np.testing.assert_allclose(preprocess(red)[0, 0, 0], [-103.939, -116.779, 131.32], atol=1e-3)
+
+
+def test_float16_costs_no_accuracy(tmp_path, quiet):
+    from pipeline.train import train_head
+
+    log, _ = quiet
+    data = make_dataset(tmp_path / "d", per_class=10)
+    acc = {}
+    for dt in ("float16", "float32"):
+        art = tmp_path / dt
+        extract(data, art, BackboneSpec("none", input_size=SIZE), dtype=dt, log=log)
+        acc[dt] = train_head(art, "logreg", folds=3, params={"C": "0.1"}, log=log)["cv"]
+    assert acc["float16"]["oof_pred"] == acc["float32"]["oof_pred"]
+
+
+def test_pooling_shapes():
+    block = np.arange(2 * 2 * 2 * 3, dtype=np.float16).reshape(2, 2, 2, 3)
+    assert store.pool(block, "avg").shape == (2, 3)
+    np.testing.assert_array_equal(store.pool(block, "max")[0], [9, 10, 11])
+    assert store.pool(block, "flatten").shape == (2, 12)
+    with pytest.raises(store.UserError, match="POOL must be one of avg, max, flatten"):
+        store.pool(block, "median")
+
+
+def test_weights_file_identity_is_its_content(tmp_path):
+    import keras
+
+    model = keras.applications.VGG16(weights=None, include_top=False, input_shape=(32, 32, 3))
+    p = tmp_path / "w.weights.h5"
+    model.save_weights(p)
+    moved = tmp_path / "moved.weights.h5"
+    moved.write_bytes(p.read_bytes())
+    a = BackboneSpec(str(p), input_size=SIZE)
+    assert a.weights_id() == BackboneSpec(str(moved), input_size=SIZE).weights_id()
+    assert a.weights_id().startswith("file:sha256=")
+    from pipeline.backbone import build
+
+    built = build(a)
+    np.testing.assert_array_equal(
+        built.get_layer("block1_conv1").get_weights()[0],
+        model.get_layer("block1_conv1").get_weights()[0],
+    )
+
+
+def test_features_stream_to_journal_then_h5(dataset, tmp_path, spec, quiet):
+    log, _ = quiet
+    s = extract(dataset, tmp_path / "art", spec, batch_size=4, log=log)
+    assert not s.cache.with_suffix(".journal").exists()  # consolidated and cleared
+    assert Path(s.cache).is_file() and s.new == 33
