@@ -1,4 +1,4 @@
-"""Dataset scanning: class folders to a list of (path, class, split), images recognised later by content.
+"""Dataset scanning: class folders to (path, class, split); images are recognised later, by content.
 
 Layouts: `DATA/train/<class>/...` with optional `DATA/validation/<class>/...` (classic), or a flat
 `DATA/<class>/...`. Class names are the sorted folder names. Files in nested folders belong to their
@@ -54,7 +54,7 @@ def _class_dirs(folder: Path) -> list[str]:
 
 
 def _walk_files(top: Path) -> list[Path]:
-    """All non-hidden files under `top`, following directory symlinks but never a directory twice."""
+    """Non-hidden files under `top`, following directory symlinks, never entering a folder twice."""
     seen: set[tuple[int, int]] = set()
     out: list[Path] = []
     for dirpath, dirnames, filenames in os.walk(top, followlinks=True):

@@ -25,7 +25,7 @@ def write_digits(
     seed: int = 0,
     pixels: int = 32,
 ) -> Path:
-    """Write the digits as `pixels`-square grayscale PNGs under folder/train and folder/validation."""
+    """Write the digits as square grayscale PNGs under folder/train and folder/validation."""
     from PIL import Image
     from sklearn.datasets import load_digits
     from sklearn.model_selection import train_test_split

@@ -281,7 +281,9 @@ def factory(info: HeadInfo, params: dict[str, Any], seed: int, final: bool = Fal
         grid = {f"clf__{k}": v for k, v in info.tuned.items() if k not in params}
         inner = min(INNER_FOLDS, int(np.bincount(np.unique(y_train, return_inverse=True)[1]).min()))
         if grid and inner >= 2:
-            est = GridSearchCV(est, grid, cv=cv_for(inner, seed), scoring="accuracy", n_jobs=1, refit=True)
+            est = GridSearchCV(
+                est, grid, cv=cv_for(inner, seed), scoring="accuracy", n_jobs=1, refit=True
+            )
         if final and not hasattr(est, "predict_proba") and inner >= 2:
             # SVC has no probabilities: calibrate on inner folds, then refit on all (sklearn 1.9+)
             est = CalibratedClassifierCV(est, cv=cv_for(inner, seed), ensemble=False)

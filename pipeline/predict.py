@@ -53,7 +53,8 @@ def spec_for(settings: dict[str, Any], weights: str | None) -> BackboneSpec:
     )
     if spec.weights_id() != settings["weights_id"]:
         raise UserError(
-            f"WEIGHTS '{w}' are not the weights the head was trained on ({settings['weights_id']}); "
+            f"WEIGHTS '{w}' are not the weights the head was trained on "
+            f"({settings['weights_id']}); "
             "pass the same WEIGHTS as for `make features`"
         )
     return spec

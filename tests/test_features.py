@@ -8,8 +8,8 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pytest
-
 from conftest import SIZE, make_dataset, write_image
+
 from pipeline import store
 from pipeline.backbone import BackboneSpec, preprocess
 from pipeline.features import cache_settings, current_cache, extract

@@ -1,0 +1,222 @@
+"""Report schema, predict's single code path, and the command line's one-line user errors."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import numpy as np
+import pytest
+from conftest import SIZE, make_dataset, write_image
+
+from pipeline import cli, store
+from pipeline.backbone import BackboneSpec, build
+from pipeline.errors import UserError
+from pipeline.features import extract
+from pipeline.predict import predict
+from pipeline.report import build_report
+from pipeline.train import train_head
+
+
+@pytest.fixture
+def trained(tmp_path, spec, quiet):
+    log, _ = quiet
+    data = make_dataset(tmp_path / "data", per_class=8, validation=3)
+    (data / "train/class_0/broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really")
+    art = tmp_path / "art"
+    extract(data, art, spec, log=log)
+    train_head(art, "logreg", folds=3, log=log)
+    train_head(art, "svm", folds=3, log=log)
+    return data, art
+
+
+def test_report_schema(trained, quiet):
+    _, art = trained
+    log, _ = quiet
+    rep = build_report(art, log=log)
+    on_disk = json.loads((art / "report/report.json").read_text())
+    assert on_disk["results"] == json.loads(json.dumps(rep["results"]))
+    assert len(on_disk["results"]) == 2
+    for r in on_disk["results"]:
+        for k in (
+            "head",
+            "pooling",
+            "cv_accuracy_mean",
+            "cv_accuracy_std",
+            "cv_folds",
+            "validation_accuracy",
+            "n_train",
+            "n_validation",
+            "per_class",
+        ):
+            assert k in r, k
+        assert r["n_train"] == 24 and r["n_validation"] == 9 and r["cv_folds"] == 3
+        assert 0 <= r["validation_accuracy"] <= 1
+    means = [r["cv_accuracy_mean"] for r in on_disk["results"]]
+    assert means == sorted(means, reverse=True)
+    assert on_disk["skipped"] == [
+        {"path": "train/class_0/broken.jpg", "reason": on_disk["skipped"][0]["reason"]}
+    ]
+    assert (
+        "corrupt" in on_disk["skipped"][0]["reason"]
+        or "truncated" in on_disk["skipped"][0]["reason"]
+    )
+    assert on_disk["banner"] and "RANDOM WEIGHTS" in on_disk["banner"]
+    page = (art / "report/report.html").read_text()
+    assert page.count("data:image/png;base64,") == 2 and "RANDOM WEIGHTS" in page
+    assert "broken.jpg" in page
+    assert "| 1 |" in (art / "report/report.md").read_text()
+
+
+def test_predict_uses_the_features_code_path(trained, tmp_path, quiet):
+    data, art = trained
+    log, lines = quiet
+    new = tmp_path / "new"
+    for i, c in enumerate((0, 1, 2, 2)):
+        write_image(new / f"n{i}.png", c, seed=500 + i)
+    (new / "junk.png").write_text("text")
+    out = predict(art, new, out=tmp_path / "p.csv", log=log)
+    rows = list(csv.DictReader(open(out)))
+    assert [r["path"] for r in rows] == ["n0.png", "n1.png", "n2.png", "n3.png"]
+    assert all(r["label"] in ("class_0", "class_1", "class_2") for r in rows)
+    assert all(0 < float(r["probability"]) <= 1 for r in rows)
+    assert any("could not read junk.png" in s for s in lines)
+
+    # a training image predicted through `predict` matches the head on its cached features
+    one = predict(art, data / "train/class_1/img_000.png", out=tmp_path / "one.csv", log=log)
+    got = list(csv.DictReader(open(one)))[0]
+    from pipeline import heads
+    from pipeline.predict import pick_run
+
+    r = pick_run(art, None)
+    est = heads.load_head(art / "heads" / r["run"])
+    feats = store.load_features(next((art / "features").glob("*.h5")), r["pooling"], "train")
+    i = feats.paths.index("train/class_1/img_000.png")
+    p = est.predict_proba(feats.X[i : i + 1])[0]
+    assert got["label"] == r["classes"][int(np.argmax(p))]
+    assert float(got["probability"]) == pytest.approx(float(p.max()), abs=1e-5)
+
+
+def test_predict_refuses_other_weights(trained, tmp_path):
+    _, art = trained
+    import keras
+
+    m = keras.applications.VGG16(weights=None, include_top=False, input_shape=(32, 32, 3))
+    w = tmp_path / "other.weights.h5"
+    m.save_weights(w)
+    with pytest.raises(UserError, match="are not the weights the head was trained on"):
+        predict(art, tmp_path, weights=str(w), log=print)
+
+
+def test_offline_imagenet_is_one_clear_error(monkeypatch):
+    import keras
+
+    real = keras.applications.VGG16
+
+    def offline(*a, weights=None, **k):
+        if weights == "imagenet":
+            raise Exception("URL fetch failure on https://example.invalid/notop.h5: None")
+        return real(*a, weights=weights, **k)
+
+    monkeypatch.setattr(keras.applications, "VGG16", offline)
+    with pytest.raises(
+        UserError,
+        match=r"could not download the ImageNet VGG16 weights.*"
+        r"pass WEIGHTS=/path/to/notop.h5",
+    ):
+        build(BackboneSpec("imagenet", input_size=SIZE))
+
+
+def test_incompatible_weights_file(tmp_path):
+    bad = tmp_path / "bad.h5"
+    bad.write_bytes(np.random.default_rng(0).bytes(2048))
+    with pytest.raises(UserError, match="could not be loaded into VGG16 without its top"):
+        build(BackboneSpec(str(bad), input_size=SIZE))
+
+
+def run_cli(args, capsys):
+    code = cli.main(args)
+    err = capsys.readouterr().err.strip()
+    return code, err
+
+
+@pytest.mark.parametrize(
+    "setup, args, match",
+    [
+        (
+            None,
+            ["features", "--data", "{t}/missing", "--weights", "none"],
+            "DATA folder '.*missing' does not exist; set DATA=",
+        ),
+        ("empty", ["features", "--data", "{t}/empty", "--weights", "none"], "has no class folders"),
+        (
+            "single",
+            ["features", "--data", "{t}/single", "--weights", "none"],
+            "has 1 class \\('only'\\); a classifier needs at least two class folders",
+        ),
+        (
+            None,
+            ["features", "--data", "{t}", "--weights", "{t}/nope.h5"],
+            "WEIGHTS file '.*nope.h5' does not exist; pass WEIGHTS=/path/to/",
+        ),
+        (
+            None,
+            ["features", "--data", "{t}", "--weights", "none", "--size", "8"],
+            "SIZE must be an integer of at least 32",
+        ),
+        (None, ["train-head", "--artifacts", "{t}/art"], "run `make features` first"),
+        (None, ["train-head", "--head", "knn"], "HEAD must be one of logreg, svm, dense"),
+        (None, ["train-head", "--param", "C"], "must look like name=value"),
+        (None, ["report", "--artifacts", "{t}/art"], "run `make train-head` first"),
+        (
+            None,
+            ["predict", "--images", "{t}/nothing", "--artifacts", "{t}/art"],
+            "IMAGES '.*nothing' does not exist",
+        ),
+        (
+            "img",
+            ["predict", "--images", "{t}/x.png", "--artifacts", "{t}/art"],
+            "no trained heads .* run `make train-head` first",
+        ),
+    ],
+)
+def test_user_errors_are_one_line_exit_2(tmp_path, capsys, setup, args, match):
+    if setup == "empty":
+        (tmp_path / "empty").mkdir()
+    elif setup == "single":
+        write_image(tmp_path / "single/only/a.png", 0, 0)
+    elif setup == "img":
+        write_image(tmp_path / "x.png", 0, 0)
+    code, err = run_cli([a.replace("{t}", str(tmp_path)) for a in args], capsys)
+    assert code == 2
+    assert len(err.splitlines()) == 1 and err.startswith("error: "), err
+    import re
+
+    assert re.search(match, err), err
+
+
+def test_class_with_one_image_via_cli(tmp_path, capsys, quiet):
+    data = make_dataset(tmp_path / "d", per_class=3)
+    for p in list((data / "train/class_2").iterdir())[1:]:
+        p.unlink()
+    art = tmp_path / "art"
+    extract(data, art, BackboneSpec("none", input_size=SIZE), log=quiet[0])
+    code, err = run_cli(["train-head", "--artifacts", str(art)], capsys)
+    assert code == 2 and "class 'class_2' has 1 readable training image" in err
+
+
+def test_help_explains_every_command(capsys):
+    with pytest.raises(SystemExit):
+        cli.main(["--help"])
+    out = capsys.readouterr().out
+    for cmd in ("features", "train-head", "report", "predict", "demo"):
+        assert cmd in out
+
+
+def test_demo_dataset_is_classic_layout(tmp_path):
+    from pipeline.demo import write_digits
+
+    root = write_digits(tmp_path / "digits", per_class=5)
+    assert sorted(p.name for p in (root / "train").iterdir()) == [str(d) for d in range(10)]
+    assert len(list(root.glob("train/*/*.png"))) == 40
+    assert len(list(root.glob("validation/*/*.png"))) == 10
