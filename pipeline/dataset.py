@@ -53,11 +53,26 @@ def _class_dirs(folder: Path) -> list[str]:
     )
 
 
-def _walk_files(top: Path) -> list[Path]:
-    """Non-hidden files under `top`, following directory symlinks, never entering a folder twice."""
+def display(path: str) -> str:
+    """A path as valid UTF-8 for the cache and the report (undecodable bytes shown escaped)."""
+    return path.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
+def _walk_files(top: Path, warnings: list[str] | None = None) -> list[Path]:
+    """Non-hidden files under `top`, following directory symlinks, never entering a folder twice.
+
+    A folder that cannot be read is reported in `warnings`, never silently dropped.
+    """
     seen: set[tuple[int, int]] = set()
     out: list[Path] = []
-    for dirpath, dirnames, filenames in os.walk(top, followlinks=True):
+
+    def onerror(e: OSError) -> None:
+        if warnings is not None:
+            warnings.append(
+                f"cannot read folder '{e.filename}' ({e.strerror}); its files are left out"
+            )
+
+    for dirpath, dirnames, filenames in os.walk(top, onerror=onerror, followlinks=True):
         try:
             st = os.stat(dirpath)
         except OSError:
@@ -109,7 +124,7 @@ def scan(root: str | os.PathLike[str]) -> Scan:
             cdir = folder / name
             if not cdir.is_dir():
                 continue
-            files = _walk_files(cdir)
+            files = _walk_files(cdir, warnings)
             if not files:
                 warnings.append(f"class folder '{cdir}' is empty")
             items.extend(

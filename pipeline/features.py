@@ -175,9 +175,18 @@ def extract(
             if h is None and ident not in bad:
                 bad[ident] = "could not be read"
             if ident in bad:
-                skipped.append({"path": it.path, "reason": bad[ident], "sha256": h or ""})
+                skipped.append(
+                    {"path": dataset.display(it.path), "reason": bad[ident], "sha256": h or ""}
+                )
             else:
-                rows.append({"path": it.path, "sha256": h, "label": it.label, "split": it.split})
+                rows.append(
+                    {
+                        "path": dataset.display(it.path),
+                        "sha256": h,
+                        "label": it.label,
+                        "split": it.split,
+                    }
+                )
         new_paths = {r["path"] for r in rows}
         removed = sum(1 for p in (old.paths if old else []) if p not in new_paths)
         counts_new = {h for h in journal.features if h not in resumed_idents}

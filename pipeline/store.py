@@ -20,6 +20,7 @@ import fcntl
 import hashlib
 import json
 import os
+import zipfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -35,6 +36,22 @@ FORMAT_VERSION = 1
 STR = h5py.string_dtype("utf-8")
 POOLINGS = ("avg", "max", "flatten")
 CHUNK_ROWS = 256
+
+
+def disk_error(e: OSError, path: Path) -> UserError | None:
+    """A clear user error for a full disk or an unwritable folder; None for other OS errors."""
+    text = str(e).lower()
+    if e.errno in (errno.ENOSPC, errno.EDQUOT) or "no space left" in text:
+        return UserError(
+            f"disk full while writing '{path}'; the existing cache is intact: free some space "
+            "and rerun `make features`"
+        )
+    if e.errno in (errno.EROFS, errno.EACCES, errno.EPERM) or "read-only" in text:
+        return UserError(
+            f"cannot write '{path}' ({e.strerror or e}); make the folder writable or set "
+            "ARTIFACTS to a writable folder"
+        )
+    return None
 
 
 def cache_key(settings: dict[str, Any]) -> str:
@@ -195,11 +212,9 @@ def write_cache(
         os.replace(tmp, path)
     except OSError as e:
         tmp.unlink(missing_ok=True)
-        if e.errno in (errno.ENOSPC, errno.EDQUOT):
-            raise UserError(
-                f"disk full while writing '{path}'; the previous cache is intact: "
-                "free some space and rerun `make features`"
-            ) from None
+        err = disk_error(e, path)
+        if err is not None:
+            raise err from None
         raise
     except BaseException:
         tmp.unlink(missing_ok=True)
@@ -278,7 +293,7 @@ class Journal:
                     ):
                         self.skipped[h] = r
                 self._seq = max(self._seq, int(p.stem.split("-")[1]) + 1)
-            except (OSError, ValueError, KeyError):
+            except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):
                 p.unlink(missing_ok=True)  # a partial write from a crash: never trusted
 
     def add(self, sha256: list[str], feats: np.ndarray, skipped: dict[str, str]) -> None:
@@ -287,15 +302,22 @@ class Journal:
         p = self.folder / f"batch-{self._seq:07d}.npz"
         tmp = self.folder / f".tmp-{self._seq:07d}-{os.getpid()}.npz"
         self._seq += 1
-        np.savez(
-            tmp,
-            key=np.array(self.key),
-            sha256=np.array(sha256, dtype="S64"),
-            features=feats,
-            skipped_sha256=np.array(list(skipped), dtype="S64"),
-            skipped_reason=np.array(list(skipped.values()), dtype=str),
-        )
-        os.replace(tmp, p)
+        try:
+            np.savez(
+                tmp,
+                key=np.array(self.key),
+                sha256=np.array(sha256, dtype="S64"),
+                features=feats,
+                skipped_sha256=np.array([s.encode("utf-8", "replace") for s in skipped]),
+                skipped_reason=np.array(list(skipped.values()), dtype=str),
+            )
+            os.replace(tmp, p)
+        except OSError as e:
+            tmp.unlink(missing_ok=True)
+            err = disk_error(e, p)
+            if err is not None:
+                raise err from None
+            raise
         for i, h in enumerate(sha256):
             self.features[h] = (p, i)
         self.skipped.update(skipped)
@@ -333,6 +355,12 @@ def exclusive(folder: Path, what: str = "make features") -> Iterator[None]:
             f"cannot write to '{folder}' ({e.strerror}); make it writable or set ARTIFACTS "
             "to a writable folder"
         ) from None
+    if not os.access(folder, os.W_OK):
+        fh.close()
+        raise UserError(
+            f"cannot write to '{folder}' (read-only); make it writable or set ARTIFACTS "
+            "to a writable folder"
+        )
     try:
         try:
             fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)

@@ -1,0 +1,299 @@
+"""Any folder, any interruption, any setting: nothing crashes, nothing is lost."""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import h5py
+import numpy as np
+import pytest
+from PIL import Image
+
+import messy
+from conftest import SIZE, make_dataset, write_image
+from pipeline import dataset, images, store
+from pipeline.backbone import BackboneSpec
+from pipeline.errors import UserError
+from pipeline.features import extract
+
+
+@pytest.fixture
+def messy_data(tmp_path):
+    root = tmp_path / "data"
+    make_dataset(root, per_class=3, n_classes=2)
+    expect = messy.build(root)
+    return root, expect
+
+
+def test_messy_folder_embeds_every_valid_image(messy_data, tmp_path, spec, quiet):
+    root, expect = messy_data
+    log, lines = quiet
+    s = extract(root, tmp_path / "art", spec, log=log)
+    idx = store.read_index(s.cache)
+    skipped = {x["path"]: x["reason"] for x in idx.skipped}
+    for path, reason in expect.items():
+        if reason is None:
+            assert path in idx.paths, f"{path} not embedded: {skipped.get(path)}"
+        else:
+            assert path not in idx.paths
+            assert reason in skipped[path], (path, skipped[path])
+    assert len(idx.paths) == len(set(idx.paths))  # the symlink loop counts nothing twice
+    assert not any(
+        "loop" in p or "hidden" in p or "DS_Store" in p or "Thumbs" in p
+        for p in idx.paths + list(skipped)
+    )
+    assert len(idx.paths) == 6 + sum(v is None for v in expect.values())
+    assert len(skipped) == sum(v is not None for v in expect.values())
+    assert any("empty_class" in s and "is empty" in s for s in lines)
+    with h5py.File(s.cache) as f:
+        assert np.isfinite(f["features"][()].astype(np.float32)).all()
+
+
+def test_messy_folder_via_cli_exits_zero(messy_data, tmp_path):
+    root, _ = messy_data
+    p = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pipeline",
+            "features",
+            "--data",
+            str(root),
+            "--artifacts",
+            str(tmp_path / "art"),
+            "--weights",
+            "none",
+            "--size",
+            str(SIZE),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert p.returncode == 0, p.stderr
+    assert "skipped train/messy/bomb.png: " in p.stdout
+    assert "Traceback" not in p.stderr
+
+
+def load(path):
+    return images.load_image(path, 8).astype(int)
+
+
+def test_sixteen_bit_is_scaled_not_clipped(tmp_path):
+    Image.fromarray(np.full((8, 8), 32768, np.uint16)).save(tmp_path / "g.png")
+    assert abs(load(tmp_path / "g.png")[0, 0, 0] - 128) <= 1
+
+
+def test_transparency_composites_on_white(tmp_path):
+    Image.new("RGBA", (8, 8), (0, 0, 0, 0)).save(tmp_path / "t.png")
+    Image.new("LA", (8, 8), (0, 0)).save(tmp_path / "la.png")
+    assert (load(tmp_path / "t.png") == 255).all()
+    assert (load(tmp_path / "la.png") == 255).all()
+
+
+def test_exif_rotation_is_applied(tmp_path):
+    a = np.zeros((8, 16, 3), np.uint8)
+    a[:, :8] = 255  # left half white
+    exif = Image.Exif()
+    exif[0x0112] = 6  # stored rotated: viewers turn it 90 degrees clockwise
+    Image.fromarray(a).save(tmp_path / "r.png", exif=exif)
+    out = load(tmp_path / "r.png")
+    assert out[0, :, 0].mean() > 200 and out[-1, :, 0].mean() < 50  # white on top when upright
+
+
+def test_animated_gif_first_frame(tmp_path):
+    frames = [Image.new("RGB", (8, 8), c) for c in ((255, 0, 0), (0, 0, 255))]
+    frames[0].save(tmp_path / "a.gif", save_all=True, append_images=frames[1:])
+    px = load(tmp_path / "a.gif")[0, 0]
+    assert px[0] > 200 and px[2] < 50
+
+
+def test_large_jpeg_is_decoded_at_reduced_scale(tmp_path, monkeypatch):
+    Image.new("RGB", (4000, 3000), (120, 60, 30)).save(tmp_path / "big.jpg", quality=90)
+    sizes = []
+    real = Image.Image.load
+
+    def spy(self):
+        out = real(self)
+        sizes.append(self.size)
+        return out
+
+    monkeypatch.setattr(Image.Image, "load", spy)
+    arr = images.load_image(tmp_path / "big.jpg", 224)
+    assert arr.shape == (224, 224, 3)
+    assert sizes and sizes[0][0] <= 1000, sizes  # 1/4 or 1/8 scale, not 4000 pixels wide
+
+
+def test_bomb_rejected_before_allocation(tmp_path):
+    (tmp_path / "b.png").write_bytes(messy._png_header_only(100_000, 100_000))
+    with pytest.raises(images.ImageError, match="decompression bomb"):
+        images.load_image(tmp_path / "b.png", 32)
+
+
+def test_kill_mid_run_resumes_to_the_clean_cache(tmp_path, spec, quiet):
+    log, _ = quiet
+    data = make_dataset(tmp_path / "data", per_class=30, n_classes=2)
+    clean = extract(data, tmp_path / "clean", spec, batch_size=2, log=log)
+    art = tmp_path / "killed"
+    cmd = [
+        sys.executable,
+        "-m",
+        "pipeline",
+        "features",
+        "--data",
+        str(data),
+        "--artifacts",
+        str(art),
+        "--weights",
+        "none",
+        "--size",
+        str(SIZE),
+        "--batch",
+        "2",
+    ]
+    journal = None
+    for attempt, wait_batches in enumerate((1, 5, 12)):
+        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            journals = (
+                list((art / "features").glob("*.journal")) if (art / "features").is_dir() else []
+            )
+            if journals and len(list(journals[0].glob("batch-*.npz"))) >= wait_batches:
+                journal = journals[0]
+                break
+            if proc.poll() is not None:
+                break
+            time.sleep(0.01)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    assert journal is not None, "the extraction never wrote a batch"
+    h5s = list((art / "features").glob("*.h5"))
+    for h in h5s:  # whatever is there opens with plain h5py
+        h5py.File(h, "r").close()
+    resumed = extract(data, art, spec, batch_size=2, log=log)
+    assert resumed.resumed > 0 and resumed.new < 60
+    a, b = store.read_index(clean.cache), store.read_index(resumed.cache)
+    assert a.paths == b.paths and a.sha256 == b.sha256 and (a.labels == b.labels).all()
+    with h5py.File(clean.cache) as f, h5py.File(resumed.cache) as g:
+        np.testing.assert_allclose(
+            f["features"][()].astype(np.float32),
+            g["features"][()].astype(np.float32),
+            rtol=2e-3,
+            atol=1e-3,
+        )
+        assert f.attrs["cache_key"] == g.attrs["cache_key"]
+
+
+def test_a_torn_journal_batch_is_never_trusted(tmp_path, spec, quiet):
+    log, _ = quiet
+    data = make_dataset(tmp_path / "data", per_class=4, n_classes=2)
+    first = extract(data, tmp_path / "art", spec, log=log)
+    jdir = first.cache.with_suffix(".journal")
+    jdir.mkdir()
+    (jdir / "batch-0000000.npz").write_bytes(b"PK\x03\x04 torn")
+    write_image(data / "train/class_0/extra.png", 0, 4242)
+    s = extract(data, tmp_path / "art", spec, log=log)
+    assert s.new == 1 and not jdir.exists()
+
+
+def test_second_writer_stops_with_a_clear_message(tmp_path, spec):
+    data = make_dataset(tmp_path / "data", per_class=2, n_classes=2)
+    fdir = tmp_path / "art" / "features"
+    fdir.mkdir(parents=True)
+    with open(fdir / ".lock", "a+") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        with pytest.raises(UserError, match="another make features is already writing"):
+            extract(data, tmp_path / "art", spec, log=lambda s: None)
+
+
+@pytest.mark.parametrize(
+    "code, match", [(errno.ENOSPC, "disk full while writing"), (errno.EROFS, "cannot write")]
+)
+def test_disk_full_or_read_only_keeps_the_cache(tmp_path, spec, quiet, monkeypatch, code, match):
+    log, _ = quiet
+    data = make_dataset(tmp_path / "data", per_class=3, n_classes=2)
+    first = extract(data, tmp_path / "art", spec, log=log)
+    before = first.cache.read_bytes()
+    write_image(data / "train/class_1/more.png", 1, 99)
+
+    def fail(*a, **k):
+        raise OSError(code, os.strerror(code))
+
+    monkeypatch.setattr(store.np, "savez", fail)
+    with pytest.raises(UserError, match=match):
+        extract(data, tmp_path / "art", spec, log=log)
+    monkeypatch.undo()
+    real_file = h5py.File
+
+    def fail_write(path, mode="r", *a, **k):
+        if mode == "w":
+            raise OSError(code, os.strerror(code))
+        return real_file(path, mode, *a, **k)
+
+    monkeypatch.setattr(store.h5py, "File", fail_write)
+    with pytest.raises(UserError, match=match):
+        extract(data, tmp_path / "art", spec, log=log)
+    monkeypatch.undo()
+    assert first.cache.read_bytes() == before
+    assert not list(first.cache.parent.glob("*.tmp-*"))
+    again = extract(data, tmp_path / "art", spec, log=log)
+    assert (again.new, again.resumed, again.cached) == (0, 1, 7)  # the journal kept the batch
+
+
+def test_unwritable_artifacts_is_a_clear_error(tmp_path, spec):
+    data = make_dataset(tmp_path / "data", per_class=2, n_classes=2)
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    with pytest.raises(UserError, match="cannot write to .* set ARTIFACTS"):
+        extract(data, blocker / "art", spec, log=lambda s: None)
+
+
+def test_damaged_cache_is_said_and_rebuilt(tmp_path, spec, quiet):
+    log, lines = quiet
+    data = make_dataset(tmp_path / "data", per_class=3, n_classes=2)
+    first = extract(data, tmp_path / "art", spec, log=log)
+    first.cache.write_bytes(first.cache.read_bytes()[:1000])
+    s = extract(data, tmp_path / "art", spec, log=log)
+    assert s.new == 6
+    assert any("is damaged" in x and "moved aside" in x for x in lines)
+
+
+def test_cache_with_other_settings_is_never_used(tmp_path, spec, quiet):
+    log, lines = quiet
+    data = make_dataset(tmp_path / "data", per_class=3, n_classes=2)
+    a = extract(data, tmp_path / "art", spec, log=log)
+    b = extract(data, tmp_path / "art", BackboneSpec("none", input_size=64), log=log)
+    os.replace(b.cache, a.cache)  # a file of other settings under this setting's name
+    s = extract(data, tmp_path / "art", spec, log=log)
+    assert s.new == 6
+    assert any("made with other settings" in x for x in lines)
+
+
+def test_unreadable_folder_is_a_warning_not_a_silent_drop(tmp_path, monkeypatch):
+    data = make_dataset(tmp_path / "data", per_class=2, n_classes=2)
+    real_walk = os.walk
+
+    def walk(top, onerror=None, followlinks=False):
+        if onerror is not None:
+            onerror(PermissionError(errno.EACCES, "Permission denied", str(top) + "/locked"))
+        yield from real_walk(top, followlinks=followlinks)
+
+    monkeypatch.setattr(dataset.os, "walk", walk)
+    scan = dataset.scan(data)
+    assert any("cannot read folder" in w and "locked" in w for w in scan.warnings)
+
+
+def test_undecodable_file_name_does_not_crash(tmp_path, spec, quiet):
+    data = make_dataset(tmp_path / "data", per_class=2, n_classes=2)
+    name = os.fsdecode(b"bad-\xff-name.png")
+    write_image(data / "train/class_0" / name, 0, 5)
+    s = extract(data, tmp_path / "art", spec, log=quiet[0])
+    assert any("\\xff" in p for p in store.read_index(s.cache).paths)
+    assert extract(data, tmp_path / "art", spec, log=quiet[0]).new == 0
