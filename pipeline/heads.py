@@ -16,7 +16,7 @@ from typing import Any
 
 import joblib
 import numpy as np
-from sklearn.base import BaseEstimator, ClassifierMixin
+from sklearn.base import BaseEstimator, ClassifierMixin, clone
 from sklearn.calibration import CalibratedClassifierCV
 from sklearn.linear_model import LogisticRegression
 from sklearn.model_selection import GridSearchCV, StratifiedKFold, train_test_split
@@ -146,6 +146,34 @@ class DenseHead(ClassifierMixin, BaseEstimator):
                 self.model_ = keras.models.load_model(p)
 
 
+class TuneThenCalibrate(ClassifierMixin, BaseEstimator):
+    """Probabilities for a classifier without them (SVC), at the cost of a few extra fits.
+
+    Tunes once on all data, then calibrates the chosen setting on `cv` folds and refits it on all
+    data (`CalibratedClassifierCV(..., ensemble=False)`, scikit-learn's replacement for
+    `SVC(probability=True)`). Calibrating the whole grid search instead would repeat it per fold.
+    """
+
+    def __init__(self, estimator: Any, cv: Any = 3) -> None:
+        self.estimator = estimator
+        self.cv = cv
+
+    def fit(self, X: np.ndarray, y: np.ndarray) -> TuneThenCalibrate:
+        tuned = clone(self.estimator).fit(X, y)
+        self.chosen_params_ = chosen_params(tuned)
+        best = tuned.best_estimator_ if isinstance(tuned, GridSearchCV) else tuned
+        self.calibrated_ = CalibratedClassifierCV(clone(best), cv=self.cv, ensemble=False)
+        self.calibrated_.fit(X, y)
+        self.classes_ = self.calibrated_.classes_
+        return self
+
+    def predict_proba(self, X: np.ndarray) -> np.ndarray:
+        return self.calibrated_.predict_proba(X)
+
+    def predict(self, X: np.ndarray) -> np.ndarray:
+        return self.classes_[np.argmax(self.predict_proba(X), axis=1)]
+
+
 Factory = Callable[[np.ndarray], Any]
 
 
@@ -181,6 +209,7 @@ def _svm(p: dict[str, Any], seed: int) -> Any:
                     C=p.get("C", 1.0),
                     kernel=p.get("kernel", "rbf"),
                     gamma="scale",
+                    cache_size=1000,
                     random_state=seed,
                 ),
             ),
@@ -285,8 +314,7 @@ def factory(info: HeadInfo, params: dict[str, Any], seed: int, final: bool = Fal
                 est, grid, cv=cv_for(inner, seed), scoring="accuracy", n_jobs=1, refit=True
             )
         if final and not hasattr(est, "predict_proba") and inner >= 2:
-            # SVC has no probabilities: calibrate on inner folds, then refit on all (sklearn 1.9+)
-            est = CalibratedClassifierCV(est, cv=cv_for(inner, seed), ensemble=False)
+            est = TuneThenCalibrate(est, cv=cv_for(inner, seed))
         return est
 
     return make
@@ -294,16 +322,16 @@ def factory(info: HeadInfo, params: dict[str, Any], seed: int, final: bool = Fal
 
 def chosen_params(est: Any) -> dict[str, Any]:
     """The hyperparameters a fitted (possibly tuned) estimator ended up with."""
-    if isinstance(est, CalibratedClassifierCV):
-        est = est.calibrated_classifiers_[0].estimator
+    if isinstance(est, TuneThenCalibrate):
+        return est.chosen_params_
     if isinstance(est, GridSearchCV):
         return {k.removeprefix("clf__"): v for k, v in est.best_params_.items()}
     return {}
 
 
 def _dense_of(est: Any) -> DenseHead | None:
-    if isinstance(est, CalibratedClassifierCV):
-        est = est.calibrated_classifiers_[0].estimator
+    if isinstance(est, TuneThenCalibrate):
+        est = est.calibrated_.calibrated_classifiers_[0].estimator
     inner = est.best_estimator_ if isinstance(est, GridSearchCV) else est
     clf = inner.named_steps.get("clf") if isinstance(inner, Pipeline) else inner
     return clf if isinstance(clf, DenseHead) else None

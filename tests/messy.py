@@ -14,9 +14,8 @@ import zlib
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
-
 from conftest import pattern
+from PIL import Image
 
 
 def _png_header_only(w: int, h: int) -> bytes:

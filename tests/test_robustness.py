@@ -11,12 +11,12 @@ import sys
 import time
 
 import h5py
+import messy
 import numpy as np
 import pytest
+from conftest import SIZE, make_dataset, write_image
 from PIL import Image
 
-import messy
-from conftest import SIZE, make_dataset, write_image
 from pipeline import dataset, images, store
 from pipeline.backbone import BackboneSpec
 from pipeline.errors import UserError
@@ -158,7 +158,7 @@ def test_kill_mid_run_resumes_to_the_clean_cache(tmp_path, spec, quiet):
         "2",
     ]
     journal = None
-    for attempt, wait_batches in enumerate((1, 5, 12)):
+    for wait_batches in (1, 5, 12):
         proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         deadline = time.time() + 120
         while time.time() < deadline:
