@@ -40,7 +40,7 @@ class DenseHead(ClassifierMixin, BaseEstimator):
         self,
         hidden: int = 512,
         dropout: float = 0.5,
-        learning_rate: float = 1e-3,
+        learning_rate: float = 1e-4,
         epochs: int = 100,
         batch_size: int = 32,
         patience: int = 5,

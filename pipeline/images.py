@@ -94,3 +94,51 @@ def load_image(path: str | os.PathLike[str], size: int) -> np.ndarray:
     if arr.shape != (size, size, 3):
         raise ImageError(f"unexpected decoded shape {arr.shape}")
     return arr
+
+
+AUGMENT_POLICY = {
+    "horizontal_flip": 0.5,
+    "zoom": [0.8, 1.2],
+    "shear_degrees": 11.5,
+    "rotation_degrees": 10.0,
+    "fill": "image mean color",
+    "interpolation": "bilinear",
+    "version": 1,
+}
+
+
+def view_rng(seed: int, sha256: str, view: int) -> np.random.Generator:
+    """The generator of one augmented view: fixed by the seed, the file's content and the view."""
+    return np.random.default_rng([seed, int(sha256[:16] or "0", 16), view])
+
+
+def augment(arr: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """One random view (flip, zoom, shear, rotation) of a square uint8 image, as one affine warp.
+
+    The equivalent of Keras' RandomFlip/RandomZoom/RandomShear/RandomRotation, but seeded per
+    image and view, so a view never depends on which batch it was computed in.
+    """
+    p = AUGMENT_POLICY
+    n = arr.shape[0]
+    flip = rng.random() < p["horizontal_flip"]
+    zoom = rng.uniform(*p["zoom"])
+    shear = np.deg2rad(rng.uniform(-p["shear_degrees"], p["shear_degrees"]))
+    rot = np.deg2rad(rng.uniform(-p["rotation_degrees"], p["rotation_degrees"]))
+    c = (n - 1) / 2.0
+    to_c = np.array([[1, 0, -c], [0, 1, -c], [0, 0, 1]], float)
+    back = np.array([[1, 0, c], [0, 1, c], [0, 0, 1]], float)
+    fl = np.diag([-1.0 if flip else 1.0, 1.0, 1.0])
+    sc = np.diag([zoom, zoom, 1.0])
+    sh = np.array([[1, np.tan(shear), 0], [0, 1, 0], [0, 0, 1]], float)
+    ro = np.array([[np.cos(rot), -np.sin(rot), 0], [np.sin(rot), np.cos(rot), 0], [0, 0, 1]])
+    forward = back @ ro @ sh @ sc @ fl @ to_c
+    inv = np.linalg.inv(forward)  # PIL maps output pixels back to input pixels
+    fill = tuple(int(v) for v in arr.reshape(-1, 3).mean(axis=0))
+    out = Image.fromarray(arr).transform(
+        (n, n),
+        Image.Transform.AFFINE,
+        tuple(inv[:2].ravel()),
+        Image.Resampling.BILINEAR,
+        fillcolor=fill,
+    )
+    return np.asarray(out, dtype=np.uint8)

@@ -17,7 +17,7 @@ import numpy as np
 from pipeline import dataset, heads, store
 from pipeline.backbone import BackboneSpec
 from pipeline.errors import UserError
-from pipeline.features import _batches
+from pipeline.features import Job, _batches
 from pipeline.progress import Progress
 from pipeline.train import heads_dir, load_results
 
@@ -93,10 +93,11 @@ def predict(
     rows: list[tuple[str, str, float]] = []
     bad: list[tuple[str, str]] = []
     progress = Progress(len(files), "predicting")
-    todo = [(str(i), f) for i, f in enumerate(files)]
-    for ids, decoded in _batches(
+    todo = [Job(str(i), f, -1, "predict", None) for i, f in enumerate(files)]
+    for jobs, decoded in _batches(
         todo, spec.input_size, batch_size, min(8, (os.cpu_count() or 2) + 2)
     ):
+        ids = [j.path for j in jobs]
         ok = [i for i, d in enumerate(decoded) if not isinstance(d, str)]
         for i, d in enumerate(decoded):
             if isinstance(d, str):

@@ -54,6 +54,11 @@ def disk_error(e: OSError, path: Path) -> UserError | None:
     return None
 
 
+def ident(sha256: str, view: int = 0) -> str:
+    """A cached row's identity: its content hash, and which augmented view (0: none)."""
+    return sha256 if view == 0 else f"{sha256}#{view}"
+
+
 def cache_key(settings: dict[str, Any]) -> str:
     """SHA-256 of the settings that determine the features (canonical JSON)."""
     return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()
@@ -71,10 +76,15 @@ class Index:
     classes: list[str]
     skipped: list[dict[str, str]]
     attrs: dict[str, Any]
+    view: list[int] = field(default_factory=list)
     row_of: dict[str, int] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        self.row_of = {h: i for i, h in enumerate(self.sha256)}
+        if not self.view:
+            self.view = [0] * len(self.paths)
+        self.row_of = {
+            ident(h, v): i for i, (h, v) in enumerate(zip(self.sha256, self.view, strict=True))
+        }
 
 
 class CacheError(UserError):
@@ -151,6 +161,7 @@ def read_index(path: Path, expect_key: str | None = None) -> Index:
                 classes=_strs(f["classes"]),
                 skipped=skipped,
                 attrs=attrs,
+                view=f["view"][()].astype(int).tolist() if "view" in f else [],
             )
         except (KeyError, OSError, ValueError) as e:
             raise CacheError(
@@ -196,6 +207,7 @@ def write_cache(
             _str_ds(f, "sha256", [r["sha256"] for r in rows])
             _str_ds(f, "split", [r["split"] for r in rows])
             f.create_dataset("labels", data=np.array([r["label"] for r in rows], dtype=np.int32))
+            f.create_dataset("view", data=np.array([r.get("view", 0) for r in rows], np.int16))
             _str_ds(f, "classes", classes)
             g = f.create_group("skipped")
             for name, key in (("paths", "path"), ("reasons", "reason"), ("sha256", "sha256")):
@@ -306,9 +318,9 @@ class Journal:
             np.savez(
                 tmp,
                 key=np.array(self.key),
-                sha256=np.array(sha256, dtype="S64"),
+                sha256=np.array([h.encode() for h in sha256], dtype="S80"),
                 features=feats,
-                skipped_sha256=np.array([s.encode("utf-8", "replace") for s in skipped]),
+                skipped_sha256=np.array([s.encode("utf-8", "replace") for s in skipped], "S"),
                 skipped_reason=np.array(list(skipped.values()), dtype=str),
             )
             os.replace(tmp, p)

@@ -19,7 +19,7 @@ from pipeline.errors import UserError
 from pipeline.features import extract
 from pipeline.train import train_head
 
-FAST_DENSE = {"epochs": "30", "hidden": "32"}
+FAST_DENSE = {"epochs": "30", "hidden": "32", "learning_rate": "1e-3"}
 
 
 @pytest.fixture

@@ -1,0 +1,410 @@
+"""`make bench`: speed and memory figures of the real paths, measured in one run on one machine.
+
+1. extraction throughput of `make features` against the fastest bare forward pass of the same
+   backbone on decoded, resized tensors (best batch size; direct call or predict_on_batch),
+   interleaved round by round, medians and ratio, for small PNGs and ~2-megapixel JPEGs;
+2-3. an unchanged rerun and a rerun after adding 1% new images, as fractions of the full run;
+4. peak memory of extraction (a fresh process each) at N and 4N images;
+5. `make train-head` wall time and start-up time per head on synthetic cached features;
+6. bytes of cache per image.
+Writes ARTIFACTS/bench/bench.json and prints a table. The size is a setting (--size).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+SIZES: dict[str, dict[str, int]] = {
+    # rounds, images per round per kind, rerun dataset, memory N, train-head images
+    "small": {"rounds": 2, "per_round": 16, "rerun_n": 100, "mem_n": 16, "train_n": 2000},
+    "default": {"rounds": 3, "per_round": 48, "rerun_n": 200, "mem_n": 32, "train_n": 10000},
+}
+
+
+def _say(msg: str) -> None:
+    print(msg, flush=True)
+
+
+def make_images(folder: Path, n: int, kind: str, seed: int = 0) -> Path:
+    """Two classes of generated images: 96-px PNGs, or ~2-megapixel (1632x1224) JPEGs."""
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    w, h, fmt = (96, 96, "PNG") if kind == "png" else (1632, 1224, "JPEG")
+    yy, xx = np.mgrid[0:h, 0:w]
+    for i in range(n):
+        c = i % 2
+        stripes = ((xx if c else yy) // (8 + i % 5)) % 2
+        base = stripes * 150 + 40
+        noise = rng.integers(0, 60, (h, w), dtype=np.uint8)
+        img = np.stack([base + noise, base * 0.7 + noise, base * 0.4 + noise], -1)
+        p = folder / f"class_{c}" / f"{kind}_{seed}_{i:05d}.{fmt.lower()}"
+        p.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(np.clip(img, 0, 255).astype(np.uint8)).save(p, format=fmt, quality=90)
+    return folder
+
+
+def bare_rates(model: Any, n_images: int, size: int, batches: tuple[int, ...]) -> dict[str, float]:
+    """Images/s of the backbone alone on preprocessed tensors, per batch size and call style."""
+    from pipeline.backbone import preprocess
+
+    out = {}
+    for b in batches:
+        x = preprocess(np.random.default_rng(b).integers(0, 255, (b, size, size, 3), np.uint8))
+        for style in ("call", "predict_on_batch"):
+            fn = (
+                (lambda x=x: model(x, training=False))
+                if style == "call"
+                else (lambda x=x: model.predict_on_batch(x))
+            )
+            np.asarray(fn())  # warm-up (tracing, allocation)
+            reps = max(1, n_images // b)
+            t = time.perf_counter()
+            for _ in range(reps):
+                np.asarray(fn())
+            out[f"{style}@{b}"] = reps * b / (time.perf_counter() - t)
+    return out
+
+
+def _bare_once(model: Any, style_batch: str, n: int, size: int) -> float:
+    style, b = style_batch.split("@")
+    return bare_rates_single(model, style, int(b), n, size)
+
+
+def bare_rates_single(model: Any, style: str, b: int, n: int, size: int) -> float:
+    from pipeline.backbone import preprocess
+
+    x = preprocess(np.random.default_rng(b).integers(0, 255, (b, size, size, 3), np.uint8))
+    fn = (
+        (lambda: model(x, training=False))
+        if style == "call"
+        else (lambda: model.predict_on_batch(x))
+    )
+    np.asarray(fn())
+    reps = max(1, n // b)
+    t = time.perf_counter()
+    for _ in range(reps):
+        np.asarray(fn())
+    return reps * b / (time.perf_counter() - t)
+
+
+def extraction(work: Path, cfg: dict[str, int], model: Any, spec: Any, batch: int) -> dict:
+    """Pipeline vs bare pass, interleaved round by round, for each image kind."""
+    from pipeline.features import extract
+
+    quiet = lambda s: None  # noqa: E731
+    search = bare_rates(model, 32, spec.input_size, (1, 8, 16, 32))
+    best = max(search, key=search.get)
+    _say(f"  bare pass search: {', '.join(f'{k} {v:.1f}' for k, v in search.items())} img/s")
+    res: dict[str, Any] = {"bare_search": search, "bare_best": best, "kinds": {}}
+    for kind in ("png", "jpeg"):
+        pipe, bare = [], []
+        for r in range(cfg["rounds"]):
+            data = make_images(work / f"{kind}-data-{r}", cfg["per_round"], kind, seed=r + 1)
+            art = work / f"{kind}-art-{r}"
+            s = extract(data, art, spec, batch_size=batch, log=quiet, model=model)
+            pipe.append(s.new / s.seconds)
+            bare.append(
+                bare_rates_single(
+                    model,
+                    *best.split("@")[0:1],
+                    int(best.split("@")[1]),
+                    cfg["per_round"],
+                    spec.input_size,
+                )
+            )
+            _say(
+                f"  {kind} round {r + 1}: pipeline {pipe[-1]:.2f} img/s, bare {bare[-1]:.2f} img/s"
+            )
+            shutil.rmtree(data)
+        mp, mb = statistics.median(pipe), statistics.median(bare)
+        res["kinds"][kind] = {
+            "pipeline": pipe,
+            "bare": bare,
+            "pipeline_median": mp,
+            "bare_median": mb,
+            "ratio": mp / mb,
+        }
+    return res
+
+
+def reruns(work: Path, cfg: dict[str, int], model: Any, spec: Any, batch: int) -> dict:
+    """Full extraction, unchanged rerun, rerun with 1% new images (in-process, model built)."""
+    from pipeline.features import extract
+
+    quiet = lambda s: None  # noqa: E731
+    n = cfg["rerun_n"]
+    data = make_images(work / "rerun-data", n, "png", seed=100)
+    art = work / "rerun-art"
+    full = extract(data, art, spec, batch_size=batch, log=quiet, model=model)
+    same = extract(data, art, spec, batch_size=batch, log=quiet, model=model)
+    make_images(work / "rerun-data", max(1, n // 100), "png", seed=200)
+    more = extract(data, art, spec, batch_size=batch, log=quiet, model=model)
+    size = full.cache.stat().st_size
+    cli = [
+        sys.executable,
+        "-m",
+        "pipeline",
+        "features",
+        "--data",
+        str(data),
+        "--artifacts",
+        str(art),
+        "--weights",
+        spec.weights,
+        "--size",
+        str(spec.input_size),
+    ]
+    t = time.perf_counter()
+    subprocess.run(cli, check=True, capture_output=True)
+    cli_same = time.perf_counter() - t
+    return {
+        "n": n,
+        "full_s": full.seconds,
+        "unchanged_s": same.seconds,
+        "added": more.new,
+        "added_s": more.seconds,
+        "unchanged_fraction": same.seconds / full.seconds,
+        "added_fraction": more.seconds / full.seconds,
+        "unchanged_cli_process_s": cli_same,
+        "cache_bytes": size,
+        "bytes_per_image": size / n,
+        "feature_bytes_per_image": int(np.prod((7, 7, 512))) * 2
+        if spec.input_size == 224
+        else None,
+    }
+
+
+def peak_memory(work: Path, cfg: dict[str, int], spec: Any, batch: int) -> dict:
+    """Peak RSS of a fresh `features` process at N and 4N images."""
+    out = {}
+    for mult in (1, 4):
+        n = cfg["mem_n"] * mult
+        data = make_images(work / f"mem-data-{n}", n, "png", seed=300 + mult)
+        code = (
+            "import resource, sys, json; from pipeline.cli import main; rc = main(sys.argv[1:]); "
+            "print('PEAK', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss); sys.exit(rc)"
+        )
+        p = subprocess.run(
+            [
+                sys.executable,
+                "-c",
+                code,
+                "features",
+                "--data",
+                str(data),
+                "--artifacts",
+                str(work / f"mem-art-{n}"),
+                "--weights",
+                spec.weights,
+                "--size",
+                str(spec.input_size),
+                "--batch",
+                str(batch),
+            ],
+            check=True,
+            capture_output=True,
+            text=True,
+        )
+        kib = int([ln for ln in p.stdout.splitlines() if ln.startswith("PEAK")][0].split()[1])
+        out[str(n)] = kib / 1024
+        _say(f"  peak memory at {n} images: {kib / 1024:.0f} MiB")
+    n1, n4 = (str(cfg["mem_n"]), str(cfg["mem_n"] * 4))
+    out["ratio_4n_over_n"] = out[n4] / out[n1]
+    return out
+
+
+def synthetic_cache(path: Path, n: int, shape: tuple[int, int, int], classes: int = 10) -> None:
+    """A real cache file of synthetic, class-structured relu-like maps (for head timing only)."""
+    from pipeline import store
+
+    rng = np.random.default_rng(0)
+    y = np.arange(n) % classes
+    centers = rng.gamma(1.0, 1.0, (classes,) + shape).astype(np.float32)
+
+    def blocks():
+        for i in range(0, n, 1000):
+            idx = np.arange(i, min(n, i + 1000))
+            noise = rng.gamma(1.0, 1.0, (len(idx),) + shape).astype(np.float32)
+            yield idx, (0.35 * centers[y[idx]] + noise).astype(np.float16)
+
+    rows = [
+        {
+            "path": f"train/c{y[i]}/{i}.png",
+            "sha256": f"{i:064x}",
+            "label": int(y[i]),
+            "split": "train",
+        }
+        for i in range(n)
+    ]
+    store.write_cache(
+        path,
+        rows,
+        blocks(),
+        shape,
+        "float16",
+        [f"c{i}" for i in range(classes)],
+        [],
+        {
+            "cache_key": "synthetic",
+            "settings": {"synthetic": True},
+            "feature_shape": list(shape),
+            "random_weights": False,
+        },
+    )
+
+
+def heads_timing(work: Path, cfg: dict[str, int]) -> dict:
+    """Start-up and wall time of `train-head` per head and pooling, each in a fresh process."""
+    n = cfg["train_n"]
+    shape = (2, 2, 512)
+    cache = work / "synthetic.h5"
+    synthetic_cache(cache, n, shape)
+    startup_code = (
+        "import time; t = time.perf_counter(); import pipeline.cli, pipeline.train, "
+        "pipeline.heads, pipeline.evaluate; print(time.perf_counter() - t)"
+    )
+    out: dict[str, Any] = {"n": n, "map": list(shape), "runs": {}}
+    for head in ("logreg", "svm", "dense"):
+        t = time.perf_counter()
+        p = subprocess.run(
+            [sys.executable, "-c", startup_code], capture_output=True, text=True, check=True
+        )
+        startup = time.perf_counter() - t
+        for pool in ("avg", "flatten"):
+            art = work / f"heads-{head}-{pool}"
+            t = time.perf_counter()
+            subprocess.run(
+                [
+                    sys.executable,
+                    "-m",
+                    "pipeline",
+                    "train-head",
+                    "--head",
+                    head,
+                    "--pool",
+                    pool,
+                    "--features",
+                    str(cache),
+                    "--artifacts",
+                    str(art),
+                    "--folds",
+                    "5",
+                ],
+                check=True,
+                capture_output=True,
+                text=True,
+            )
+            wall = time.perf_counter() - t
+            r = json.loads(next((art / "heads").glob("*/result.json")).read_text())
+            out["runs"][f"{head}-{pool}"] = {
+                "wall_s": wall,
+                "process_startup_s": startup,
+                "import_s": float(p.stdout),
+                "cv_s": r["timing_s"]["cv"],
+                "final_fit_s": r["timing_s"]["final_fit"],
+                "cv_accuracy": r["cv"]["accuracy_mean"],
+                "dim": r["feature_dim"],
+                "tensorflow_imported": head == "dense",
+            }
+            _say(f"  {head}-{pool}: {wall:.1f} s wall (start-up {startup:.2f} s)")
+    return out
+
+
+def table(res: dict[str, Any]) -> str:
+    ex, rr, mem, hd = res["extraction"], res["reruns"], res["memory"], res["heads"]
+    lines = [
+        f"machine: {res['machine']}",
+        "| figure | value | target |",
+        "|---|---|---|",
+    ]
+    for kind, label, target in (("png", "small PNGs", "≥ 0.95"), ("jpeg", "2 MP JPEGs", "≥ 0.90")):
+        k = ex["kinds"][kind]
+        lines.append(
+            f"| extraction, {label}: pipeline / bare ({ex['bare_best']}) | "
+            f"{k['pipeline_median']:.2f} / {k['bare_median']:.2f} img/s = {k['ratio']:.2f} | {target} |"
+        )
+    lines += [
+        f"| unchanged rerun / full extraction ({rr['n']} images, in-process) | "
+        f"{rr['unchanged_s']:.2f} s / {rr['full_s']:.1f} s = {rr['unchanged_fraction']:.2%} | ≤ 2% |",
+        f"| rerun with {rr['added']} new (1%) / full | {rr['added_s']:.2f} s / {rr['full_s']:.1f} s"
+        f" = {rr['added_fraction']:.2%} | ≤ 3% |",
+        f"| unchanged rerun as a new `make features` process | {rr['unchanged_cli_process_s']:.1f} s"
+        " | (start-up, TensorFlow not imported) |",
+    ]
+    ks = [k for k in mem if k != "ratio_4n_over_n"]
+    lines.append(
+        f"| peak memory at {ks[0]} / {ks[1]} images | {mem[ks[0]]:.0f} / {mem[ks[1]]:.0f} MiB = "
+        f"{mem['ratio_4n_over_n']:.3f} | ≤ 1.10 |"
+    )
+    for name, r in hd["runs"].items():
+        lines.append(
+            f"| train-head {name} ({hd['n']} images, {r['dim']}-d, 5 folds) | {r['wall_s']:.1f} s "
+            f"wall, start-up {r['process_startup_s']:.2f} s | logreg/svm start < 2 s |"
+        )
+    lines.append(f"| cache bytes per image ({rr['n']} images) | {rr['bytes_per_image']:.0f} | |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m pipeline.bench", description=__doc__)
+    ap.add_argument("--artifacts", type=Path, default=Path("artifacts/bench"))
+    ap.add_argument("--size", choices=list(SIZES), default="default")
+    ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--only", default="extraction,reruns,memory,heads")
+    args = ap.parse_args(argv)
+    cfg = SIZES[args.size]
+    work = args.artifacts / "work"
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    from pipeline import backbone
+    from pipeline.backbone import BackboneSpec
+
+    spec = BackboneSpec(weights="none", input_size=224)
+    import platform
+
+    res: dict[str, Any] = {
+        "size": args.size,
+        "config": cfg,
+        "batch": args.batch,
+        "machine": f"{platform.machine()}, {os.cpu_count()} cores, {platform.platform()}",
+    }
+    parts = args.only.split(",")
+    t0 = time.perf_counter()
+    if "extraction" in parts or "reruns" in parts:
+        model = backbone.build(spec)
+    if "extraction" in parts:
+        _say("extraction throughput (pipeline vs bare forward pass, interleaved):")
+        res["extraction"] = extraction(work, cfg, model, spec, args.batch)
+    if "reruns" in parts:
+        _say("reruns:")
+        res["reruns"] = reruns(work, cfg, model, spec, args.batch)
+    if "memory" in parts:
+        _say("peak memory:")
+        res["memory"] = peak_memory(work, cfg, spec, args.batch)
+    if "heads" in parts:
+        _say("train-head timings on synthetic cached features:")
+        res["heads"] = heads_timing(work, cfg)
+    res["total_s"] = time.perf_counter() - t0
+    out = args.artifacts / "bench.json"
+    out.write_text(json.dumps(res, indent=1))
+    if all(k in res for k in ("extraction", "reruns", "memory", "heads")):
+        _say(table(res))
+    _say(f"total {res['total_s']:.0f} s; wrote {out}")
+    shutil.rmtree(work, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
