@@ -13,6 +13,8 @@ SIZE      ?= 224
 LAYER     ?= block5_pool
 BATCH     ?= 32
 DTYPE     ?= float16
+AUGMENT   ?= 0
+VIEWS     ?= 0
 HEAD      ?= logreg
 POOL      ?=
 FOLDS     ?= 5
@@ -41,6 +43,7 @@ help: ## this list
 	@echo "  SIZE=$(SIZE) LAYER=$(LAYER) BATCH=$(BATCH) DTYPE=$(DTYPE)   backbone input, cached layer, batch, stored type"
 	@echo "  HEAD=$(HEAD)       logreg | svm | dense;  POOL=avg|max|flatten (default per head)"
 	@echo "  FOLDS=$(FOLDS) SEED=$(SEED)    cross-validation folds, seed for every random choice"
+	@echo "  AUGMENT=K (features) VIEWS=K (train-head)   cache / train on K augmented views per image"
 	@echo "  PARAMS=\"C=0.1\"     head settings, fixed instead of tuned (dense: learning_rate=1e-3 epochs=50 ...)"
 	@echo "  IMAGES=path RUN=name OUT=file.csv   for predict (RUN defaults to the best head)"
 	@echo "Full reference: $(PY) -m pipeline --help, and $(PY) -m pipeline COMMAND --help"
@@ -55,11 +58,11 @@ install: $(STAMP) ## create .venv and install the package with its dependencies
 
 features: $(STAMP) ## embed every image once into ARTIFACTS/features/*.h5 (reruns: only new/changed)
 	$(PY) -m pipeline features --data $(DATA) --artifacts $(ARTIFACTS) --weights $(WEIGHTS) \
-		--size $(SIZE) --layer $(LAYER) --batch $(BATCH) --dtype $(DTYPE) --seed $(SEED)
+		--size $(SIZE) --layer $(LAYER) --batch $(BATCH) --dtype $(DTYPE) --seed $(SEED) --augment $(AUGMENT)
 
 train-head: $(STAMP) ## cross-validate + save HEAD on the cached features (backbone never runs)
 	$(PY) -m pipeline train-head --head $(HEAD) $(pool_arg) --folds $(FOLDS) --seed $(SEED) \
-		--artifacts $(ARTIFACTS) $(param_args)
+		--artifacts $(ARTIFACTS) --views $(VIEWS) $(param_args)
 
 train-all: $(STAMP) ## train-head for logreg, svm and dense
 	for h in logreg svm dense; do $(MAKE) --no-print-directory train-head HEAD=$$h || exit $$?; done

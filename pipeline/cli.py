@@ -74,6 +74,13 @@ def parser() -> argparse.ArgumentParser:
         help="DATA/train/<class>/ (+ optional DATA/validation/<class>/) or DATA/<class>/",
     )
     p.add_argument("--dtype", default="float16", help="stored feature type: float16 or float32")
+    p.add_argument(
+        "--augment",
+        type=int,
+        default=0,
+        help="also cache K augmented views of each training image (flip, zoom, "
+        "shear, rotation; seeded), computed once (default 0)",
+    )
     _backbone(p)
     _common(p)
 
@@ -106,6 +113,13 @@ def parser() -> argparse.ArgumentParser:
         help="cache file to use (default: the latest `features` run)",
     )
     p.add_argument("--jobs", type=int, default=None, help="parallel folds (default: cores)")
+    p.add_argument(
+        "--views",
+        type=int,
+        default=0,
+        help="train on the originals plus K cached augmented views each; folds keep "
+        "an image's views together and score originals only (default 0)",
+    )
     _common(p)
 
     p = sub.add_parser(
@@ -146,7 +160,15 @@ def run(args: argparse.Namespace) -> None:
         spec = BackboneSpec(
             weights=args.weights, layer=args.layer, input_size=args.size, seed=args.seed
         )
-        extract(args.data, args.artifacts, spec, batch_size=args.batch, dtype=args.dtype, log=log)
+        extract(
+            args.data,
+            args.artifacts,
+            spec,
+            batch_size=args.batch,
+            dtype=args.dtype,
+            augment=args.augment,
+            log=log,
+        )
     elif args.command == "train-head":
         from pipeline.train import train_head
 
@@ -159,6 +181,7 @@ def run(args: argparse.Namespace) -> None:
             params=_head_params(args.param),
             features=args.features,
             n_jobs=args.jobs,
+            views=args.views,
             log=log,
         )
     elif args.command == "report":

@@ -252,13 +252,21 @@ class Features:
     y: np.ndarray
     paths: list[str]
     sha256: list[str]
+    view: np.ndarray
 
 
-def load_features(path: Path, pooling: str, split: str) -> Features:
-    """Read and pool the rows of `split` block by block: pooling never holds the full map."""
+def load_features(path: Path, pooling: str, split: str, max_view: int = 0) -> Features:
+    """Read and pool the rows of `split` (views up to `max_view`) block by block."""
     pool(np.zeros((1, 1, 1, 1), np.float32), pooling)  # validates the name first
     idx = read_index(path)
-    rows = np.array([i for i, s in enumerate(idx.split) if s == split], dtype=np.int64)
+    rows = np.array(
+        [
+            i
+            for i, (s, v) in enumerate(zip(idx.split, idx.view, strict=True))
+            if s == split and v <= max_view
+        ],
+        dtype=np.int64,
+    )
     with open_cache(path) as f:
         ds = f["features"]
         blocks = [
@@ -271,6 +279,7 @@ def load_features(path: Path, pooling: str, split: str) -> Features:
         y=idx.labels[rows] if len(rows) else np.zeros(0, np.int64),
         paths=[idx.paths[i] for i in rows],
         sha256=[idx.sha256[i] for i in rows],
+        view=np.array([idx.view[i] for i in rows], dtype=np.int64),
     )
 
 

@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 
 from pipeline import evaluate, heads, store
+from pipeline.errors import UserError
 from pipeline.features import current_cache
 from pipeline.provenance import environment
 from pipeline.seeding import set_seeds
@@ -44,6 +45,7 @@ def train_head(
     params: dict[str, str] | None = None,
     features: Path | None = None,
     n_jobs: int | None = None,
+    views: int = 0,
     log: Log = print,
 ) -> dict[str, Any]:
     """Cross-validate, validate and save one head; return its result (also in result.json)."""
@@ -57,6 +59,9 @@ def train_head(
     tr = store.load_features(path, pooling, "train")
     va = store.load_features(path, pooling, "validation")
     classes = idx.classes
+    groups = mask = None
+    if views:
+        tr, groups, mask = _with_views(path, tr, pooling, views)
     if idx.attrs.get("random_weights"):
         log(f"*** {idx.attrs.get('banner', 'RANDOM WEIGHTS')} ***")
     if n_jobs is None:
@@ -67,7 +72,16 @@ def train_head(
     )
     t_cv = time.perf_counter()
     cv = evaluate.cross_validate(
-        heads.factory(info, p, seed), tr.X, tr.y, classes, folds, seed, n_jobs=n_jobs, log=log
+        heads.factory(info, p, seed),
+        tr.X,
+        tr.y,
+        classes,
+        folds,
+        seed,
+        n_jobs=n_jobs,
+        groups=groups,
+        evaluate_mask=mask,
+        log=log,
     )
     cv_s = time.perf_counter() - t_cv
     log(
@@ -86,7 +100,7 @@ def train_head(
             for i in np.flatnonzero(pred != va.y)[:200]
         ]
         log(f"validation accuracy {validation['accuracy']:.4f} on {len(va.y)} images")
-    name = run_name(head, pooling, p)
+    name = run_name(head, pooling, p, tag=f"views={views}" if views else "")
     out_dir = heads_dir(artifacts) / name
     saved = heads.save_head(final, out_dir)
     result = {
@@ -98,7 +112,9 @@ def train_head(
         "final_params": heads.chosen_params(final),
         "seed": seed,
         "classes": classes,
-        "n_train": int(len(tr.y)),
+        "n_train": int(len(tr.y) if mask is None else mask.sum()),
+        "views": views,
+        "n_train_rows": int(len(tr.y)),
         "n_validation": int(len(va.y)),
         "feature_dim": int(tr.X.shape[1]),
         "cv": cv,
@@ -119,6 +135,36 @@ def train_head(
     os.replace(tmp, out_dir / "result.json")
     log(f"saved {out_dir}")
     return result
+
+
+def _with_views(
+    path: Path, tr: store.Features, pooling: str, views: int
+) -> tuple[store.Features, np.ndarray, np.ndarray]:
+    """Originals plus their cached augmented views; groups tie each view to its image."""
+    from pipeline.features import augment_path
+
+    apath = augment_path(path)
+    if not apath.is_file():
+        raise UserError(
+            f"VIEWS={views} needs cached augmented views; run `make features AUGMENT={views}` first"
+        )
+    aug = store.load_features(apath, pooling, "train", max_view=views)
+    have = int(aug.view.max(initial=0))
+    if have < views:
+        raise UserError(
+            f"the cache holds {have} augmented views per image, VIEWS={views} asked; "
+            f"run `make features AUGMENT={views}`"
+        )
+    keep = np.isin(aug.sha256, tr.sha256)
+    group_of = {h: i for i, h in enumerate(dict.fromkeys(tr.sha256))}
+    X = np.concatenate([tr.X, aug.X[keep]])
+    y = np.concatenate([tr.y, aug.y[keep]])
+    sha = tr.sha256 + [h for h, k in zip(aug.sha256, keep, strict=True) if k]
+    view = np.concatenate([tr.view, aug.view[keep]])
+    paths = tr.paths + [p for p, k in zip(aug.paths, keep, strict=True) if k]
+    groups = np.array([group_of[h] for h in sha])
+    both = store.Features(X=X, y=y, paths=paths, sha256=sha, view=view)
+    return both, groups, view == 0
 
 
 def load_results(artifacts: Path) -> list[dict[str, Any]]:

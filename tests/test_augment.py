@@ -1,0 +1,88 @@
+"""Augmented views: cached once like originals, never split across folds, scored on originals."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from conftest import make_dataset, write_image
+from pipeline import evaluate, heads, images, store
+from pipeline.errors import UserError
+from pipeline.features import augment_path, extract
+from pipeline.train import train_head
+
+
+@pytest.fixture
+def augmented(tmp_path, spec, quiet):
+    log, _ = quiet
+    data = make_dataset(tmp_path / "data", per_class=6, validation=2)
+    art = tmp_path / "art"
+    s = extract(data, art, spec, augment=2, log=log)
+    return data, art, s
+
+
+def test_views_are_cached_once(augmented, spec, quiet):
+    data, art, s = augmented
+    log, _ = quiet
+    assert s.augmented.new == 18 * 2
+    a = store.read_index(augment_path(s.cache))
+    assert sorted(set(a.view)) == [1, 2] and set(a.split) == {"train"}
+    again = extract(data, art, spec, augment=2, log=log)
+    assert again.new == 0 and again.augmented.new == 0
+    more = extract(data, art, spec, augment=3, log=log)
+    assert more.new == 0 and more.augmented.new == 18  # only view 3 is new
+    write_image(data / "train/class_0/added.png", 0, 321)
+    one = extract(data, art, spec, augment=3, log=log)
+    assert (one.new, one.augmented.new) == (1, 3)
+
+
+def test_views_are_seeded_per_image_and_view():
+    arr = np.random.default_rng(0).integers(0, 255, (32, 32, 3), np.uint8)
+    a = images.augment(arr, images.view_rng(0, "ab" * 32, 1))
+    b = images.augment(arr, images.view_rng(0, "ab" * 32, 1))
+    c = images.augment(arr, images.view_rng(0, "ab" * 32, 2))
+    np.testing.assert_array_equal(a, b)
+    assert not np.array_equal(a, c) and a.shape == arr.shape
+
+
+def test_folds_never_split_the_views_of_one_image():
+    rng = np.random.default_rng(0)
+    n, k = 50, 5
+    groups = np.repeat(np.arange(n), k)
+    y = np.repeat(rng.integers(0, 10, n), k)  # random labels
+    X = np.repeat(rng.normal(size=(n, 20)), k, axis=0) + rng.normal(0, 0.01, (n * k, 20))
+    seen = []
+
+    def make(y_train):
+        seen.append(len(y_train))
+        return heads.factory(heads.get("logreg"), {"C": 1.0}, 0)(y_train)
+
+    from sklearn.model_selection import StratifiedGroupKFold
+
+    for tr, te in StratifiedGroupKFold(3, shuffle=True, random_state=0).split(X, y, groups):
+        assert not set(groups[tr]) & set(groups[te])
+    mask = np.tile([True] + [False] * (k - 1), n)
+    cv = evaluate.cross_validate(
+        make,
+        X,
+        y,
+        [str(i) for i in range(10)],
+        3,
+        0,
+        groups=groups,
+        evaluate_mask=mask,
+        log=lambda s: None,
+    )
+    assert cv["accuracy_mean"] < 0.4  # near chance (0.1); leaking views would give ~1.0
+    assert len(cv["oof_pred"]) == n  # scored on originals only
+
+
+def test_train_with_views(augmented, quiet):
+    _, art, _ = augmented
+    log, _ = quiet
+    r = train_head(art, "logreg", folds=3, views=2, log=log)
+    assert r["views"] == 2 and r["n_train"] == 18 and r["n_train_rows"] == 54
+    assert len(r["cv"]["oof_pred"]) == 18
+    assert r["run"] == "logreg-avg-views=2"
+    with pytest.raises(UserError, match="run `make features AUGMENT=5`"):
+        train_head(art, "logreg", folds=3, views=5, log=log)
