@@ -30,7 +30,7 @@ param_args = $(foreach p,$(PARAMS),--param $(p))
 run_arg    = $(if $(RUN),--run $(RUN))
 out_arg    = $(if $(OUT),--out $(OUT))
 
-.PHONY: help install features train-head train-all report predict demo test lint bench clean
+.PHONY: help install features train-head train-all finetune report predict demo test lint bench clean
 
 help: ## this list
 	@echo "Targets:"
@@ -66,6 +66,10 @@ train-head: $(STAMP) ## cross-validate + save HEAD on the cached features (backb
 
 train-all: $(STAMP) ## train-head for logreg, svm and dense
 	for h in logreg svm dense; do $(MAKE) --no-print-directory train-head HEAD=$$h || exit $$?; done
+
+finetune: $(STAMP) ## cache block4_pool once, then cross-validate block5 + head fine-tuned from it
+	$(PY) -m pipeline finetune --data $(DATA) --artifacts $(ARTIFACTS) --weights $(WEIGHTS) \
+		--size $(SIZE) --batch $(BATCH) --dtype $(DTYPE) --seed $(SEED) --folds $(FOLDS) $(param_args)
 
 report: $(STAMP) ## ARTIFACTS/report/report.{json,md,html} comparing every trained head
 	$(PY) -m pipeline report --artifacts $(ARTIFACTS)

@@ -93,6 +93,24 @@ class BackboneSpec:
         return d
 
 
+def spec_from_settings(settings: dict[str, Any], weights: str | None = None) -> BackboneSpec:
+    """Rebuild the spec a cache was made with; the weights must be the same by content."""
+    w = weights or settings["weights"]
+    spec = BackboneSpec(
+        weights=w,
+        layer=settings["layer"],
+        input_size=int(settings["input_size"]),
+        seed=int(settings.get("seed", 0)),
+        name=settings["name"],
+    )
+    if spec.weights_id() != settings["weights_id"]:
+        raise UserError(
+            f"WEIGHTS '{w}' are not the weights the cache was made with "
+            f"({settings['weights_id']}); pass the same WEIGHTS as for `make features`"
+        )
+    return spec
+
+
 def _load_base(spec: BackboneSpec) -> Any:
     quiet_tensorflow()
     import keras

@@ -123,6 +123,28 @@ def parser() -> argparse.ArgumentParser:
     _common(p)
 
     p = sub.add_parser(
+        "finetune",
+        help="cache block4_pool once, then cross-validate and save block5 + head fine-tuned",
+        description="Caches VGG16's block4_pool output (incremental, like features), then trains "
+        "block5 (from the pretrained weights) and a dense head on it: head first, then block5 "
+        "at a small learning rate. Cross-validated and saved like every head.",
+        epilog=EPILOG,
+    )
+    p.add_argument("--data", default="data", type=Path, help="as for features")
+    p.add_argument("--dtype", default="float16", help="stored feature type")
+    _backbone(p)
+    p.add_argument("--folds", type=int, default=5, help="cross-validation folds (default 5)")
+    p.add_argument(
+        "--param",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="finetune settings: hidden, dropout, head_lr, finetune_lr, head_epochs, "
+        "finetune_epochs, batch_size, patience",
+    )
+    _common(p)
+
+    p = sub.add_parser(
         "report", help="write report.json/.md/.html comparing every trained head", epilog=EPILOG
     )
     _common(p)
@@ -182,6 +204,32 @@ def run(args: argparse.Namespace) -> None:
             features=args.features,
             n_jobs=args.jobs,
             views=args.views,
+            log=log,
+        )
+    elif args.command == "finetune":
+        from pipeline.backbone import BackboneSpec
+        from pipeline.features import extract
+        from pipeline.train import train_head
+
+        spec = BackboneSpec(
+            weights=args.weights, layer="block4_pool", input_size=args.size, seed=args.seed
+        )
+        s = extract(
+            args.data,
+            args.artifacts,
+            spec,
+            batch_size=args.batch,
+            dtype=args.dtype,
+            set_current=False,
+            log=log,
+        )
+        train_head(
+            args.artifacts,
+            head="finetune",
+            folds=args.folds,
+            seed=args.seed,
+            params=_head_params(args.param),
+            features=s.cache,
             log=log,
         )
     elif args.command == "report":

@@ -165,12 +165,14 @@ def extract(
     log: Log = print,
     model: Any = None,
     augment: int = 0,
+    set_current: bool = True,
 ) -> Summary:
     """Bring the cache for `spec` up to date with the files under `data`; return what it did.
 
     With `augment=K`, also cache K augmented views of every training image (views 1..K) in a
     second file next to it; each view is seeded by the file's content and its number, so it is
-    computed once, like the originals.
+    computed once, like the originals. `set_current=False` leaves `make train-head`'s default
+    cache alone (used by `make finetune` for its block4_pool cache).
     """
     t0 = time.perf_counter()
     if batch_size < 1:
@@ -196,7 +198,8 @@ def extract(
             for it, h in zip(scan.items, hashes, strict=True)
         ]
         summary, rows = _sync(path, key, settings, jobs, ctx)
-        _point_current(fdir, path)
+        if set_current:
+            _point_current(fdir, path)
         for s in summary.skipped_rows:
             log(f"skipped {s['path']}: {s['reason']}")
         log(summary.line())

@@ -8,7 +8,6 @@ when it is fitted or loaded, never by the scikit-learn heads.
 
 from __future__ import annotations
 
-import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,131 +18,15 @@ import numpy as np
 from sklearn.base import BaseEstimator, ClassifierMixin, clone
 from sklearn.calibration import CalibratedClassifierCV
 from sklearn.linear_model import LogisticRegression
-from sklearn.model_selection import GridSearchCV, StratifiedKFold, train_test_split
+from sklearn.model_selection import GridSearchCV, StratifiedKFold
 from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import StandardScaler
 from sklearn.svm import SVC
 
 from pipeline.errors import UserError
+from pipeline.keras_heads import DenseHead, FineTuneHead, KerasClassifier
 
 INNER_FOLDS = 3
-
-
-class DenseHead(ClassifierMixin, BaseEstimator):
-    """The classic Keras head: Flatten, Dense(hidden, relu), Dropout, Dense(softmax).
-
-    Adam at `learning_rate`; early stopping on a stratified inner split of the training data
-    (`validation_fraction`), restoring the best weights. Seeded by `random_state`.
-    """
-
-    def __init__(
-        self,
-        hidden: int = 512,
-        dropout: float = 0.5,
-        learning_rate: float = 1e-4,
-        epochs: int = 100,
-        batch_size: int = 32,
-        patience: int = 5,
-        validation_fraction: float = 0.15,
-        random_state: int = 0,
-    ) -> None:
-        self.hidden = hidden
-        self.dropout = dropout
-        self.learning_rate = learning_rate
-        self.epochs = epochs
-        self.batch_size = batch_size
-        self.patience = patience
-        self.validation_fraction = validation_fraction
-        self.random_state = random_state
-
-    def fit(self, X: np.ndarray, y: np.ndarray) -> DenseHead:
-        from pipeline.backbone import quiet_tensorflow
-
-        quiet_tensorflow()
-        import keras
-
-        self.classes_, yi = np.unique(y, return_inverse=True)
-        keras.utils.set_random_seed(self.random_state)
-        X = np.asarray(X, dtype=np.float32)
-        n_cls = len(self.classes_)
-        counts = np.bincount(yi)
-        n_val = int(round(len(yi) * self.validation_fraction))
-        val = None
-        fit_X, fit_y = X, yi
-        if counts.min() >= 2 and n_val >= n_cls and len(yi) - n_val >= n_cls:
-            fit_X, vX, fit_y, vy = train_test_split(
-                X, yi, test_size=n_val, stratify=yi, random_state=self.random_state
-            )
-            val = (vX, vy)
-        model = keras.Sequential(
-            [
-                keras.Input((X.shape[1],)),
-                keras.layers.Flatten(),
-                keras.layers.Dense(self.hidden, activation="relu"),
-                keras.layers.Dropout(self.dropout, seed=self.random_state),
-                keras.layers.Dense(n_cls, activation="softmax"),
-            ]
-        )
-        model.compile(
-            optimizer=keras.optimizers.Adam(self.learning_rate),
-            loss="sparse_categorical_crossentropy",
-            metrics=["accuracy"],
-        )
-        monitor = "val_loss" if val is not None else "loss"
-        stop = keras.callbacks.EarlyStopping(
-            monitor=monitor, patience=self.patience, restore_best_weights=True
-        )
-        hist = model.fit(
-            fit_X,
-            fit_y,
-            validation_data=val,
-            epochs=self.epochs,
-            batch_size=self.batch_size,
-            callbacks=[stop],
-            verbose=0,
-            shuffle=True,
-        )
-        self.model_ = model
-        self.epochs_run_ = len(hist.history["loss"])
-        return self
-
-    def predict_proba(self, X: np.ndarray) -> np.ndarray:
-        import keras
-
-        X = np.asarray(X, dtype=np.float32)
-        out = [
-            keras.ops.convert_to_numpy(self.model_(X[i : i + 4096], training=False))
-            for i in range(0, len(X), 4096)
-        ]
-        return np.concatenate(out) if out else np.zeros((0, len(self.classes_)), np.float32)
-
-    def predict(self, X: np.ndarray) -> np.ndarray:
-        return self.classes_[np.argmax(self.predict_proba(X), axis=1)]
-
-    def __getstate__(self) -> dict[str, Any]:
-        # The Keras model travels as `.keras` bytes; `save_head` also writes it as its own file.
-        state = self.__dict__.copy()
-        model = state.pop("model_", None)
-        if model is not None:
-            with tempfile.TemporaryDirectory() as d:
-                p = Path(d) / "m.keras"
-                model.save(p)
-                state["_model_bytes"] = p.read_bytes()
-        return state
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        blob = state.pop("_model_bytes", None)
-        self.__dict__.update(state)
-        if blob is not None:
-            from pipeline.backbone import quiet_tensorflow
-
-            quiet_tensorflow()
-            import keras
-
-            with tempfile.TemporaryDirectory() as d:
-                p = Path(d) / "m.keras"
-                p.write_bytes(blob)
-                self.model_ = keras.models.load_model(p)
 
 
 class TuneThenCalibrate(ClassifierMixin, BaseEstimator):
@@ -187,10 +70,11 @@ class HeadInfo:
     params: dict[str, type]
     tuned: dict[str, list[float]]
     parallel_folds: bool
-    build: Callable[[dict[str, Any], int], Any]
+    build: Callable[[dict[str, Any], int, dict[str, Any]], Any]
+    needs_layer: str | None = None
 
 
-def _logreg(p: dict[str, Any], seed: int) -> Any:
+def _logreg(p: dict[str, Any], seed: int, ctx: dict[str, Any]) -> Any:
     return Pipeline(
         [
             ("scale", StandardScaler()),
@@ -199,7 +83,7 @@ def _logreg(p: dict[str, Any], seed: int) -> Any:
     )
 
 
-def _svm(p: dict[str, Any], seed: int) -> Any:
+def _svm(p: dict[str, Any], seed: int, ctx: dict[str, Any]) -> Any:
     return Pipeline(
         [
             ("scale", StandardScaler()),
@@ -217,8 +101,19 @@ def _svm(p: dict[str, Any], seed: int) -> Any:
     )
 
 
-def _dense(p: dict[str, Any], seed: int) -> Any:
+def _dense(p: dict[str, Any], seed: int, ctx: dict[str, Any]) -> Any:
     return Pipeline([("scale", StandardScaler()), ("clf", DenseHead(random_state=seed, **p))])
+
+
+def _finetune(p: dict[str, Any], seed: int, ctx: dict[str, Any]) -> Any:
+    # No scaler: block5's pretrained convolutions expect block4's raw activations.
+    return FineTuneHead(
+        weights=ctx["weights"],
+        map_shape=tuple(ctx["feature_shape"]),
+        backbone_seed=ctx.get("seed", 0),
+        random_state=seed,
+        **p,
+    )
 
 
 HEADS: dict[str, HeadInfo] = {
@@ -257,6 +152,26 @@ HEADS: dict[str, HeadInfo] = {
             {},
             False,
             _dense,
+        ),
+        HeadInfo(
+            "finetune",
+            "VGG16 block5 (from the pretrained weights) + dense head on the cached block4_pool "
+            "maps: head first, then block5 at a small learning rate",
+            "flatten",
+            {
+                "hidden": int,
+                "dropout": float,
+                "head_lr": float,
+                "finetune_lr": float,
+                "head_epochs": int,
+                "finetune_epochs": int,
+                "batch_size": int,
+                "patience": int,
+            },
+            {},
+            False,
+            _finetune,
+            needs_layer="block4_pool",
         ),
     )
 }
@@ -297,7 +212,13 @@ def cv_for(k: int, seed: int) -> StratifiedKFold:
     return StratifiedKFold(k, shuffle=True, random_state=seed)
 
 
-def factory(info: HeadInfo, params: dict[str, Any], seed: int, final: bool = False) -> Factory:
+def factory(
+    info: HeadInfo,
+    params: dict[str, Any],
+    seed: int,
+    final: bool = False,
+    context: dict[str, Any] | None = None,
+) -> Factory:
     """A function of the training labels that builds a fresh, possibly tuned, estimator.
 
     Hyperparameters the user did not fix are chosen by a GridSearchCV whose inner stratified folds
@@ -306,7 +227,7 @@ def factory(info: HeadInfo, params: dict[str, Any], seed: int, final: bool = Fal
 
     def make(y_train: np.ndarray) -> Any:
         p = dict(params)
-        est = info.build(p, seed)
+        est = info.build(p, seed, context or {})
         grid = {f"clf__{k}": v for k, v in info.tuned.items() if k not in params}
         inner = min(INNER_FOLDS, int(np.bincount(np.unique(y_train, return_inverse=True)[1]).min()))
         if grid and inner >= 2:
@@ -329,22 +250,22 @@ def chosen_params(est: Any) -> dict[str, Any]:
     return {}
 
 
-def _dense_of(est: Any) -> DenseHead | None:
+def _keras_of(est: Any) -> KerasClassifier | None:
     if isinstance(est, TuneThenCalibrate):
         est = est.calibrated_.calibrated_classifiers_[0].estimator
     inner = est.best_estimator_ if isinstance(est, GridSearchCV) else est
-    clf = inner.named_steps.get("clf") if isinstance(inner, Pipeline) else inner
-    return clf if isinstance(clf, DenseHead) else None
+    clf = inner.steps[-1][1] if isinstance(inner, Pipeline) else inner
+    return clf if isinstance(clf, KerasClassifier) else None
 
 
 def save_head(est: Any, folder: Path) -> list[Path]:
-    """Save a fitted head: `head.joblib`, plus `model.keras` for the Keras head."""
+    """Save a fitted head: `head.joblib`, plus `model.keras` for the Keras heads."""
     folder.mkdir(parents=True, exist_ok=True)
     written = [folder / "head.joblib"]
     joblib.dump(est, written[0])
-    dense = _dense_of(est)
-    if dense is not None:
-        dense.model_.save(folder / "model.keras")
+    keras_est = _keras_of(est)
+    if keras_est is not None:
+        keras_est.model_.save(folder / "model.keras")
         written.append(folder / "model.keras")
     return written
 

@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 
 from pipeline import dataset, heads, store
-from pipeline.backbone import BackboneSpec
+from pipeline.backbone import spec_from_settings
 from pipeline.errors import UserError
 from pipeline.features import Job, _batches
 from pipeline.progress import Progress
@@ -41,25 +41,6 @@ def pick_run(artifacts: Path, run: str | None) -> dict[str, Any]:
     )
 
 
-def spec_for(settings: dict[str, Any], weights: str | None) -> BackboneSpec:
-    """Rebuild the backbone spec a cache was made with; the weights must be the same by content."""
-    w = weights or settings["weights"]
-    spec = BackboneSpec(
-        weights=w,
-        layer=settings["layer"],
-        input_size=int(settings["input_size"]),
-        seed=int(settings.get("seed", 0)),
-        name=settings["name"],
-    )
-    if spec.weights_id() != settings["weights_id"]:
-        raise UserError(
-            f"WEIGHTS '{w}' are not the weights the head was trained on "
-            f"({settings['weights_id']}); "
-            "pass the same WEIGHTS as for `make features`"
-        )
-    return spec
-
-
 def predict(
     artifacts: Path,
     images_path: Path,
@@ -78,7 +59,7 @@ def predict(
     r = pick_run(artifacts, run)
     est = heads.load_head(heads_dir(artifacts) / r["run"])
     settings = r["features"]["settings"]
-    spec = spec_for(settings, weights)
+    spec = spec_from_settings(settings, weights)
     if r["features"]["random_weights"]:
         log("*** RANDOM WEIGHTS: this head was trained on features of an untrained VGG16 ***")
     if images_path.is_dir():

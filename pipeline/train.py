@@ -64,6 +64,22 @@ def train_head(
         tr, groups, mask = _with_views(path, tr, pooling, views)
     if idx.attrs.get("random_weights"):
         log(f"*** {idx.attrs.get('banner', 'RANDOM WEIGHTS')} ***")
+    context = {
+        "weights": idx.attrs.get("weights"),
+        "seed": int(idx.attrs.get("seed", 0)),
+        "feature_shape": store.f_shape(idx),
+    }
+    if info.needs_layer:
+        if idx.attrs.get("layer") != info.needs_layer:
+            raise UserError(
+                f"HEAD={head} needs the {info.needs_layer} cache, this one is "
+                f"{idx.attrs.get('layer')}; run `make finetune` (it caches {info.needs_layer} once)"
+            )
+        if pooling != "flatten":
+            raise UserError(f"HEAD={head} takes the whole map: POOL must be flatten, not {pooling}")
+        from pipeline.backbone import spec_from_settings
+
+        spec_from_settings(idx.attrs["settings"])  # the weights file must still be the same
     if n_jobs is None:
         n_jobs = min(folds, os.cpu_count() or 1) if info.parallel_folds else 1
     log(
@@ -72,7 +88,7 @@ def train_head(
     )
     t_cv = time.perf_counter()
     cv = evaluate.cross_validate(
-        heads.factory(info, p, seed),
+        heads.factory(info, p, seed, context=context),
         tr.X,
         tr.y,
         classes,
@@ -89,7 +105,7 @@ def train_head(
         f"over {cv['folds']} folds: {', '.join(f'{a:.3f}' for a in cv['fold_accuracies'])}"
     )
     t_fit = time.perf_counter()
-    final = heads.factory(info, p, seed, final=True)(tr.y).fit(tr.X, tr.y)
+    final = heads.factory(info, p, seed, final=True, context=context)(tr.y).fit(tr.X, tr.y)
     fit_s = time.perf_counter() - t_fit
     validation = None
     if len(va.y):

@@ -104,7 +104,7 @@ def test_predict_refuses_other_weights(trained, tmp_path):
     m = keras.applications.VGG16(weights=None, include_top=False, input_shape=(32, 32, 3))
     w = tmp_path / "other.weights.h5"
     m.save_weights(w)
-    with pytest.raises(UserError, match="are not the weights the head was trained on"):
+    with pytest.raises(UserError, match="are not the weights the cache was made with"):
         predict(art, tmp_path, weights=str(w), log=print)
 
 

@@ -1,0 +1,244 @@
+"""The Keras heads, as scikit-learn estimators so they share the one cross-validation path.
+
+`DenseHead` is the classic Flatten-Dense(512)-Dropout-softmax head on pooled features.
+`FineTuneHead` fine-tunes VGG16's block5 from the cached block4_pool maps: block5 starts from the
+backbone's pretrained weights; the head is trained first with block5 frozen, then both at a small
+learning rate. TensorFlow is imported inside `fit`/`predict` only.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from sklearn.base import BaseEstimator, ClassifierMixin
+from sklearn.model_selection import train_test_split
+
+BLOCK5 = ("block5_conv1", "block5_conv2", "block5_conv3")
+_BLOCK5_CACHE: dict[tuple[str, str, int, int], list[list[np.ndarray]]] = {}
+
+
+def _keras() -> Any:
+    import keras
+
+    return keras
+
+
+class KerasClassifier(ClassifierMixin, BaseEstimator):
+    """Shared mechanics: label encoding, inner early-stopping split, batched predict, pickling."""
+
+    validation_fraction: float
+    random_state: int
+    batch_size: int
+    patience: int
+
+    def _split(self, X: np.ndarray, yi: np.ndarray) -> tuple[Any, Any, Any]:
+        n_cls = int(yi.max()) + 1
+        n_val = int(round(len(yi) * self.validation_fraction))
+        if np.bincount(yi).min() >= 2 and n_val >= n_cls and len(yi) - n_val >= n_cls:
+            fX, vX, fy, vy = train_test_split(
+                X, yi, test_size=n_val, stratify=yi, random_state=self.random_state
+            )
+            return fX, fy, (vX, vy)
+        return X, yi, None
+
+    def _train(self, model: Any, X: Any, y: Any, val: Any, lr: float, epochs: int) -> int:
+        keras = _keras()
+        model.compile(
+            optimizer=keras.optimizers.Adam(lr),
+            loss="sparse_categorical_crossentropy",
+            metrics=["accuracy"],
+        )
+        stop = keras.callbacks.EarlyStopping(
+            monitor="val_loss" if val is not None else "loss",
+            patience=self.patience,
+            restore_best_weights=True,
+        )
+        hist = model.fit(
+            X,
+            y,
+            validation_data=val,
+            epochs=epochs,
+            batch_size=self.batch_size,
+            callbacks=[stop],
+            verbose=0,
+            shuffle=True,
+        )
+        return len(hist.history["loss"])
+
+    def _inputs(self, X: np.ndarray) -> np.ndarray:
+        return np.asarray(X, dtype=np.float32)
+
+    def predict_proba(self, X: np.ndarray) -> np.ndarray:
+        keras = _keras()
+        X = self._inputs(X)
+        out = [
+            keras.ops.convert_to_numpy(self.model_(X[i : i + 1024], training=False))
+            for i in range(0, len(X), 1024)
+        ]
+        return np.concatenate(out) if out else np.zeros((0, len(self.classes_)), np.float32)
+
+    def predict(self, X: np.ndarray) -> np.ndarray:
+        return self.classes_[np.argmax(self.predict_proba(X), axis=1)]
+
+    def __getstate__(self) -> dict[str, Any]:
+        # The Keras model travels as `.keras` bytes; `save_head` also writes it as its own file.
+        state = self.__dict__.copy()
+        model = state.pop("model_", None)
+        if model is not None:
+            with tempfile.TemporaryDirectory() as d:
+                p = Path(d) / "m.keras"
+                model.save(p)
+                state["_model_bytes"] = p.read_bytes()
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        blob = state.pop("_model_bytes", None)
+        self.__dict__.update(state)
+        if blob is not None:
+            keras = _keras()
+            with tempfile.TemporaryDirectory() as d:
+                p = Path(d) / "m.keras"
+                p.write_bytes(blob)
+                self.model_ = keras.models.load_model(p)
+
+
+class DenseHead(KerasClassifier):
+    """The classic Keras head: Flatten, Dense(hidden, relu), Dropout, Dense(softmax).
+
+    Adam at `learning_rate`; early stopping on a stratified inner split of the training data
+    (`validation_fraction`), restoring the best weights. Seeded by `random_state`.
+    """
+
+    def __init__(
+        self,
+        hidden: int = 512,
+        dropout: float = 0.5,
+        learning_rate: float = 1e-4,
+        epochs: int = 100,
+        batch_size: int = 32,
+        patience: int = 5,
+        validation_fraction: float = 0.15,
+        random_state: int = 0,
+    ) -> None:
+        self.hidden = hidden
+        self.dropout = dropout
+        self.learning_rate = learning_rate
+        self.epochs = epochs
+        self.batch_size = batch_size
+        self.patience = patience
+        self.validation_fraction = validation_fraction
+        self.random_state = random_state
+
+    def fit(self, X: np.ndarray, y: np.ndarray) -> DenseHead:
+        keras = _keras()
+        self.classes_, yi = np.unique(y, return_inverse=True)
+        keras.utils.set_random_seed(self.random_state)
+        X = self._inputs(X)
+        fX, fy, val = self._split(X, yi)
+        model = keras.Sequential(
+            [
+                keras.Input((X.shape[1],)),
+                keras.layers.Flatten(),
+                keras.layers.Dense(self.hidden, activation="relu"),
+                keras.layers.Dropout(self.dropout, seed=self.random_state),
+                keras.layers.Dense(len(self.classes_), activation="softmax"),
+            ]
+        )
+        self.epochs_run_ = self._train(model, fX, fy, val, self.learning_rate, self.epochs)
+        self.model_ = model
+        return self
+
+
+def pretrained_block5(weights: str, input_size: int, seed: int) -> list[list[np.ndarray]]:
+    """block5's three conv layers' weights from the same VGG16 weights as the cache's backbone."""
+    from pipeline.backbone import BackboneSpec, _load_base
+
+    spec = BackboneSpec(weights=weights, input_size=input_size, seed=seed)
+    key = (spec.weights_id(), spec.layer, input_size, seed)
+    if key not in _BLOCK5_CACHE:
+        base = _load_base(spec)
+        _BLOCK5_CACHE[key] = [base.get_layer(n).get_weights() for n in BLOCK5]
+    return [[w.copy() for w in ws] for ws in _BLOCK5_CACHE[key]]
+
+
+class FineTuneHead(KerasClassifier):
+    """VGG16 block5 + dense head trained on cached block4_pool maps (flattened rows).
+
+    Phase 1 trains the head with block5 frozen at `head_lr`; phase 2 unfreezes block5 and trains
+    everything at `finetune_lr`. Both phases stop early on an inner split. `weights` are the
+    backbone's weights (same identity as the cache), the source of block5's initial values.
+    """
+
+    def __init__(
+        self,
+        weights: str = "imagenet",
+        map_shape: tuple[int, int, int] = (14, 14, 512),
+        hidden: int = 256,
+        dropout: float = 0.5,
+        head_lr: float = 1e-3,
+        finetune_lr: float = 1e-5,
+        head_epochs: int = 50,
+        finetune_epochs: int = 20,
+        batch_size: int = 32,
+        patience: int = 5,
+        validation_fraction: float = 0.15,
+        random_state: int = 0,
+        backbone_seed: int = 0,
+    ) -> None:
+        self.backbone_seed = backbone_seed
+        self.weights = weights
+        self.map_shape = map_shape
+        self.hidden = hidden
+        self.dropout = dropout
+        self.head_lr = head_lr
+        self.finetune_lr = finetune_lr
+        self.head_epochs = head_epochs
+        self.finetune_epochs = finetune_epochs
+        self.batch_size = batch_size
+        self.patience = patience
+        self.validation_fraction = validation_fraction
+        self.random_state = random_state
+
+    def _inputs(self, X: np.ndarray) -> np.ndarray:
+        return np.asarray(X, dtype=np.float32).reshape((-1,) + tuple(self.map_shape))
+
+    def build(self, n_classes: int) -> Any:
+        """The model with block5 set to the pretrained weights (before any training)."""
+        keras = _keras()
+        h = self.map_shape[0]
+        inp = keras.Input(tuple(self.map_shape))
+        x = inp
+        for name in BLOCK5:
+            x = keras.layers.Conv2D(512, 3, padding="same", activation="relu", name=name)(x)
+        x = keras.layers.MaxPooling2D(2, name="block5_pool")(x) if h >= 2 else x
+        x = keras.layers.Flatten()(x)
+        x = keras.layers.Dense(self.hidden, activation="relu")(x)
+        x = keras.layers.Dropout(self.dropout, seed=self.random_state)(x)
+        out = keras.layers.Dense(n_classes, activation="softmax")(x)
+        model = keras.Model(inp, out, name="vgg16_block5_finetune")
+        # the backbone's input size only affects where block4 ends; block5 weights are size-free
+        init = pretrained_block5(self.weights, 32, self.backbone_seed)
+        for name, ws in zip(BLOCK5, init, strict=True):
+            model.get_layer(name).set_weights(ws)
+        return model
+
+    def fit(self, X: np.ndarray, y: np.ndarray) -> FineTuneHead:
+        keras = _keras()
+        self.classes_, yi = np.unique(y, return_inverse=True)
+        X = self._inputs(X)
+        model = self.build(len(self.classes_))
+        keras.utils.set_random_seed(self.random_state)
+        fX, fy, val = self._split(X, yi)
+        for name in BLOCK5:
+            model.get_layer(name).trainable = False
+        self.head_epochs_run_ = self._train(model, fX, fy, val, self.head_lr, self.head_epochs)
+        for name in BLOCK5:
+            model.get_layer(name).trainable = True
+        self.finetune_epochs_run_ = self._train(
+            model, fX, fy, val, self.finetune_lr, self.finetune_epochs
+        )
+        self.model_ = model
+        return self

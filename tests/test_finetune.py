@@ -1,0 +1,119 @@
+"""Fine-tuning block5 from the cached block4_pool maps: pretrained start, weights change."""
+
+from __future__ import annotations
+
+import csv
+
+import numpy as np
+import pytest
+
+from conftest import SIZE, make_dataset
+from pipeline import cli, store
+from pipeline.backbone import BackboneSpec, build
+from pipeline.errors import UserError
+from pipeline.features import extract
+from pipeline.keras_heads import BLOCK5, FineTuneHead
+from pipeline.train import train_head
+
+FAST = ["head_epochs=15", "finetune_epochs=3", "hidden=32"]
+
+
+def test_finetune_starts_pretrained_and_changes_block5(tmp_path):
+    full = build(BackboneSpec("none", layer="block5_pool", input_size=SIZE, seed=0))
+    rng = np.random.default_rng(0)
+    X = np.abs(rng.normal(size=(24, 2 * 2 * 512))).astype(np.float32)
+    y = np.repeat([0, 1], 12)
+    X[y == 1] *= 1.5
+    est = FineTuneHead(
+        weights="none",
+        map_shape=(2, 2, 512),
+        head_epochs=5,
+        finetune_epochs=3,
+        hidden=16,
+        finetune_lr=1e-3,
+        backbone_seed=0,
+    )
+    start = est.build(2)
+    for name in BLOCK5:
+        for a, b in zip(
+            start.get_layer(name).get_weights(), full.get_layer(name).get_weights(), strict=True
+        ):
+            np.testing.assert_array_equal(a, b)
+    est.fit(X, y)
+    changed = [
+        not np.allclose(
+            est.model_.get_layer(n).get_weights()[0], full.get_layer(n).get_weights()[0]
+        )
+        for n in BLOCK5
+    ]
+    assert all(changed)
+    assert est.head_epochs_run_ >= 1 and est.finetune_epochs_run_ >= 1
+
+
+def test_make_finetune_end_to_end(tmp_path, capsys):
+    data = make_dataset(tmp_path / "data", per_class=8, validation=2)
+    art = tmp_path / "art"
+    extract(data, art, BackboneSpec("none", input_size=SIZE), log=lambda s: None)
+    train_head(art, "logreg", folds=2, log=lambda s: None)
+    args = [
+        "finetune",
+        "--data",
+        str(data),
+        "--artifacts",
+        str(art),
+        "--weights",
+        "none",
+        "--size",
+        str(SIZE),
+        "--folds",
+        "2",
+    ] + [a for p in FAST for a in ("--param", p)]
+    assert cli.main(args) == 0
+    out = capsys.readouterr().out
+    assert "finetune on flatten features 2048-d" in out  # block4_pool at 32 px: 2x2x512
+    caches = sorted((art / "features").glob("*.h5"))
+    assert any("block4_pool" in c.name for c in caches)
+    # `make train-head` still defaults to the block5 cache
+    assert "block5_pool" in (art / "features/current").read_text()
+    r = next(p for p in (art / "heads").iterdir() if p.name.startswith("finetune"))
+    assert (r / "model.keras").is_file()
+    assert (
+        cli.main(
+            [
+                "predict",
+                "--images",
+                str(data / "validation"),
+                "--artifacts",
+                str(art),
+                "--run",
+                r.name,
+                "--out",
+                str(tmp_path / "p.csv"),
+            ]
+        )
+        == 0
+    )
+    rows = list(csv.DictReader(open(tmp_path / "p.csv")))
+    assert len(rows) == 6
+    assert cli.main(["report", "--artifacts", str(art)]) == 0
+    import json
+
+    rep = json.loads((art / "report/report.json").read_text())
+    assert {e["head"] for e in rep["results"]} == {"logreg", "finetune"}
+
+
+def test_finetune_needs_block4_cache(tmp_path):
+    data = make_dataset(tmp_path / "data", per_class=4)
+    art = tmp_path / "art"
+    extract(data, art, BackboneSpec("none", input_size=SIZE), log=lambda s: None)
+    with pytest.raises(UserError, match="HEAD=finetune needs the block4_pool cache.*make finetune"):
+        train_head(art, "finetune", folds=2, log=lambda s: None)
+
+
+def test_finetune_embeds_block4_once(tmp_path):
+    data = make_dataset(tmp_path / "data", per_class=4)
+    spec = BackboneSpec("none", layer="block4_pool", input_size=SIZE)
+    first = extract(data, tmp_path / "art", spec, set_current=False, log=lambda s: None)
+    again = extract(data, tmp_path / "art", spec, set_current=False, log=lambda s: None)
+    assert (first.new, again.new) == (12, 0)
+    assert store.f_shape(store.read_index(first.cache)) == (2, 2, 512)
