@@ -23,6 +23,9 @@ PARAMS    ?=
 IMAGES    ?=
 RUN       ?=
 OUT       ?=
+SWEEP_HEADS ?= logreg,svm,dense
+SWEEP_POOLS ?= avg,max,flatten
+SWEEP_VIEWS ?= 0
 
 comma := ,
 pool_arg   = $(if $(POOL),--pool $(POOL))
@@ -30,7 +33,7 @@ param_args = $(foreach p,$(PARAMS),--param $(p))
 run_arg    = $(if $(RUN),--run $(RUN))
 out_arg    = $(if $(OUT),--out $(OUT))
 
-.PHONY: help install features train-head train-all finetune report predict demo test lint bench clean
+.PHONY: help install features train-head train-all finetune sweep report predict demo test lint bench clean
 
 help: ## this list
 	@echo "Targets:"
@@ -46,6 +49,7 @@ help: ## this list
 	@echo "  AUGMENT=K (features) VIEWS=K (train-head)   cache / train on K augmented views per image"
 	@echo "  PARAMS=\"C=0.1\"     head settings, fixed instead of tuned (dense: learning_rate=1e-3 epochs=50 ...)"
 	@echo "  IMAGES=path RUN=name OUT=file.csv   for predict (RUN defaults to the best head)"
+	@echo "  SWEEP_HEADS=$(SWEEP_HEADS) SWEEP_POOLS=$(SWEEP_POOLS) SWEEP_VIEWS=$(SWEEP_VIEWS)  for sweep"
 	@echo "Full reference: $(PY) -m pipeline --help, and $(PY) -m pipeline COMMAND --help"
 
 $(STAMP): pyproject.toml
@@ -70,6 +74,10 @@ train-all: $(STAMP) ## train-head for logreg, svm and dense
 finetune: $(STAMP) ## cache block4_pool once, then cross-validate block5 + head fine-tuned from it
 	$(PY) -m pipeline finetune --data $(DATA) --artifacts $(ARTIFACTS) --weights $(WEIGHTS) \
 		--size $(SIZE) --batch $(BATCH) --dtype $(DTYPE) --seed $(SEED) --folds $(FOLDS) $(param_args)
+
+sweep: $(STAMP) ## every head x pooling x VIEWS on the cache, ranked, + learning curve
+	$(PY) -m pipeline sweep --artifacts $(ARTIFACTS) --folds $(FOLDS) --seed $(SEED) \
+		--heads $(SWEEP_HEADS) --pools $(SWEEP_POOLS) --views $(SWEEP_VIEWS)
 
 report: $(STAMP) ## ARTIFACTS/report/report.{json,md,html} comparing every trained head
 	$(PY) -m pipeline report --artifacts $(ARTIFACTS)

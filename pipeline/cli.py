@@ -145,6 +145,18 @@ def parser() -> argparse.ArgumentParser:
     _common(p)
 
     p = sub.add_parser(
+        "sweep",
+        help="heads x pooling x augmented views on the cache, ranked, with a learning curve",
+        epilog=EPILOG,
+    )
+    p.add_argument("--heads", default="logreg,svm,dense", help="comma-separated heads")
+    p.add_argument("--pools", default="avg,max,flatten", help="comma-separated poolings")
+    p.add_argument("--views", default="0", help="comma-separated augmented views, e.g. 0,4")
+    p.add_argument("--folds", type=int, default=5, help="cross-validation folds (default 5)")
+    p.add_argument("--points", type=int, default=5, help="learning-curve points (default 5)")
+    _common(p)
+
+    p = sub.add_parser(
         "report", help="write report.json/.md/.html comparing every trained head", epilog=EPILOG
     )
     _common(p)
@@ -230,6 +242,19 @@ def run(args: argparse.Namespace) -> None:
             seed=args.seed,
             params=_head_params(args.param),
             features=s.cache,
+            log=log,
+        )
+    elif args.command == "sweep":
+        from pipeline.sweep import run_sweep
+
+        run_sweep(
+            args.artifacts,
+            args.heads,
+            args.pools,
+            args.views,
+            folds=args.folds,
+            seed=args.seed,
+            curve_points=args.points,
             log=log,
         )
     elif args.command == "report":

@@ -60,6 +60,35 @@ def _plot_confusion(cm: list[list[int]], classes: list[str], title: str, out: Pa
     plt.close(fig)
 
 
+def _learning_curve(artifacts: Path, out: Path) -> dict[str, Any] | None:
+    """The latest sweep's learning curve, with its picture, if a sweep ran."""
+    path = artifacts / "sweep" / "sweep.json"
+    if not path.is_file():
+        return None
+    curve = json.loads(path.read_text())["learning_curve"]
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    pts = curve["points"]
+    x = [p["per_class"] for p in pts]
+    m = np.array([p["accuracy_mean"] for p in pts])
+    s = np.array([p["accuracy_std"] for p in pts])
+    fig, ax = plt.subplots(figsize=(5, 3.5), dpi=100)
+    ax.plot(x, m, "o-")
+    ax.fill_between(x, m - s, m + s, alpha=0.2)
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("training images per class")
+    ax.set_ylabel("cross-validated accuracy")
+    ax.set_title(f"learning curve: {curve['head']}, {curve['pooling']} pooling", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(out / "learning-curve.png")
+    plt.close(fig)
+    curve["png"] = "learning-curve.png"
+    return curve
+
+
 def _entry(r: dict[str, Any]) -> dict[str, Any]:
     v = r.get("validation")
     return {
@@ -113,8 +142,10 @@ def build_report(artifacts: Path, log: Log = print) -> dict[str, Any]:
         png = out / f"confusion-{e['run']}.png"
         _plot_confusion(cm, e["classes"], f"{e['run']} ({src})", png)
         e["confusion_png"] = png.name
+    curve = _learning_curve(artifacts, out)
     report = {
         "banner": RANDOM_BANNER if random_w else None,
+        "learning_curve": curve,
         "results": entries,
         "skipped": [{"path": p, "reason": r} for p, r in sorted(skipped.items())],
         "environment": environment(),
@@ -168,6 +199,9 @@ def _markdown(rep: dict[str, Any]) -> str:
             f"{c['support']} |"
             for c in e["per_class"]
         ]
+    if rep.get("learning_curve"):
+        c = rep["learning_curve"]
+        lines += ["", "## Learning curve", "", f"![learning curve]({c['png']})", "", c["advice"]]
     lines += ["", f"## Skipped images ({len(rep['skipped'])})", ""]
     lines += [f"- `{s['path']}`: {s['reason']}" for s in rep["skipped"]] or ["None."]
     return "\n".join(lines) + "\n"
@@ -217,6 +251,12 @@ def _html(rep: dict[str, Any], folder: Path) -> str:
                 f"<td>{c['recall']:.3f}</td><td>{c['f1']:.3f}</td><td>{c['support']}</td></tr>"
             )
         parts.append("</table>")
+    if rep.get("learning_curve"):
+        c = rep["learning_curve"]
+        img = base64.b64encode((folder / c["png"]).read_bytes()).decode()
+        parts.append("<h2>Learning curve</h2>")
+        parts.append(f"<img alt='learning curve' src='data:image/png;base64,{img}'>")
+        parts.append(f"<p>{esc(c['advice'])}</p>")
     parts.append(f"<h2>Skipped images ({len(rep['skipped'])})</h2><ul>")
     parts += [f"<li><code>{esc(s['path'])}</code>: {esc(s['reason'])}</li>" for s in rep["skipped"]]
     parts.append("</ul></body></html>")

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-
 from conftest import make_dataset, write_image
+
 from pipeline import evaluate, heads, images, store
 from pipeline.errors import UserError
 from pipeline.features import augment_path, extract
@@ -86,3 +86,26 @@ def test_train_with_views(augmented, quiet):
     assert r["run"] == "logreg-avg-views=2"
     with pytest.raises(UserError, match="run `make features AUGMENT=5`"):
         train_head(art, "logreg", folds=3, views=5, log=log)
+
+
+def test_backbone_runs_once_per_image_and_view(tmp_path, spec, quiet):
+    """Counted at the model: reruns, more heads and views never re-embed the same input."""
+    from pipeline.backbone import build
+
+    log, _ = quiet
+    real = build(spec)
+    seen: list[int] = []
+
+    class Counting:
+        def predict_on_batch(self, x):
+            seen.append(len(x))
+            return real.predict_on_batch(x)
+
+    data = make_dataset(tmp_path / "data", per_class=4, validation=1)
+    art = tmp_path / "art"
+    for _ in range(2):
+        extract(data, art, spec, augment=2, log=log, model=Counting())
+    train_head(art, "logreg", folds=2, views=2, log=log)
+    train_head(art, "svm", folds=2, views=1, log=log)
+    extract(data, art, spec, augment=2, log=log, model=Counting())
+    assert sum(seen) == 15 + 12 * 2  # 15 originals, 2 views of the 12 training images

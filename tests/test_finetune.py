@@ -6,8 +6,8 @@ import csv
 
 import numpy as np
 import pytest
-
 from conftest import SIZE, make_dataset
+
 from pipeline import cli, store
 from pipeline.backbone import BackboneSpec, build
 from pipeline.errors import UserError

@@ -1,0 +1,135 @@
+"""`make sweep`: heads x pooling x augmentation on the cache alone, ranked, plus a learning curve.
+
+Every combination goes through `train_head` (nested cross-validation, saved, in the report). The
+learning curve refits the best combination on growing numbers of training images per class,
+scored on the same outer folds, to tell whether more images would help.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from sklearn.model_selection import StratifiedKFold
+
+from pipeline import heads, store
+from pipeline.errors import UserError
+from pipeline.features import current_cache
+from pipeline.train import train_head
+
+Log = Callable[[str], None]
+
+
+def sweep_dir(artifacts: Path) -> Path:
+    return Path(artifacts) / "sweep"
+
+
+def _split(value: str, kind: type) -> list[Any]:
+    return [kind(v.strip()) for v in value.split(",") if v.strip()]
+
+
+def run_sweep(
+    artifacts: Path,
+    heads_list: str = "logreg,svm,dense",
+    pools: str = "avg,max,flatten",
+    views: str = "0",
+    folds: int = 5,
+    seed: int = 0,
+    curve_points: int = 5,
+    log: Log = print,
+) -> dict[str, Any]:
+    """Train every combination, rank them, and write the best one's learning curve."""
+    names, pool_list, view_list = _split(heads_list, str), _split(pools, str), _split(views, int)
+    for h in names:
+        if heads.get(h).needs_layer:
+            raise UserError(f"HEAD={h} has its own command (`make {h}`); leave it out of HEADS")
+    for p in pool_list:
+        store.pool(np.zeros((1, 1, 1, 1), np.float32), p)
+    results = []
+    for v in view_list:
+        for h in names:
+            for p in pool_list:
+                log(f"--- sweep: {h}, {p} pooling, {v} augmented views")
+                r = train_head(artifacts, h, pooling=p, folds=folds, seed=seed, views=v, log=log)
+                results.append(
+                    {
+                        "run": r["run"],
+                        "head": h,
+                        "pooling": p,
+                        "views": v,
+                        "cv_accuracy_mean": r["cv"]["accuracy_mean"],
+                        "cv_accuracy_std": r["cv"]["accuracy_std"],
+                        "validation_accuracy": (r["validation"] or {}).get("accuracy"),
+                    }
+                )
+    results.sort(key=lambda r: -r["cv_accuracy_mean"])
+    best = results[0]
+    log(f"best: {best['run']} {best['cv_accuracy_mean']:.4f} ± {best['cv_accuracy_std']:.4f}")
+    curve = learning_curve(artifacts, best["head"], best["pooling"], folds, seed, curve_points)
+    out = {"ranking": results, "learning_curve": curve}
+    d = sweep_dir(artifacts)
+    d.mkdir(parents=True, exist_ok=True)
+    (d / "sweep.json").write_text(json.dumps(out, indent=1))
+    for pt in curve["points"]:
+        log(
+            f"learning curve: {pt['per_class']:>5} images/class -> "
+            f"{pt['accuracy_mean']:.4f} ± {pt['accuracy_std']:.4f}"
+        )
+    log(curve["advice"])
+    return out
+
+
+def learning_curve(
+    artifacts: Path, head: str, pooling: str, folds: int, seed: int, points: int = 5
+) -> dict[str, Any]:
+    """CV accuracy of `head` when each class gets only n training images, for growing n."""
+    info = heads.get(head)
+    tr = store.load_features(current_cache(artifacts), pooling, "train")
+    counts = np.bincount(tr.y)
+    counts = counts[counts > 0]
+    k = int(min(folds, counts.min()))
+    largest = int(counts.min() * (k - 1) / k)  # images per class available in every fold
+    sizes = sorted({int(round(v)) for v in np.geomspace(min(3, largest), largest, points)})
+    sizes = [s for s in sizes if s >= 2]
+    rng = np.random.default_rng(seed)
+    splits = list(StratifiedKFold(k, shuffle=True, random_state=seed).split(tr.X, tr.y))
+    pts = []
+    for n in sizes:
+        accs = []
+        for train_idx, test_idx in splits:
+            sub = np.concatenate(
+                [rng.permutation(train_idx[tr.y[train_idx] == c])[:n] for c in np.unique(tr.y)]
+            )
+            est = heads.factory(info, {}, seed)(tr.y[sub]).fit(tr.X[sub], tr.y[sub])
+            accs.append(float(np.mean(est.predict(tr.X[test_idx]) == tr.y[test_idx])))
+        pts.append(
+            {
+                "per_class": n,
+                "accuracy_mean": float(np.mean(accs)),
+                "accuracy_std": float(np.std(accs)),
+            }
+        )
+    return {"head": head, "pooling": pooling, "folds": k, "points": pts, "advice": advice(pts)}
+
+
+def advice(pts: list[dict[str, Any]]) -> str:
+    """A plain reading of the curve's last doubling."""
+    if len(pts) < 2:
+        return "too few images per class for a learning curve"
+    a, b = pts[-2], pts[-1]
+    gain = (b["accuracy_mean"] - a["accuracy_mean"]) / max(
+        np.log2(b["per_class"] / a["per_class"]), 1e-9
+    )
+    noise = max(a["accuracy_std"], b["accuracy_std"]) / 2
+    if gain > max(0.01, noise):
+        return (
+            f"still rising: about +{gain:.1%} accuracy per doubling of images per class at "
+            f"{b['per_class']}; more images would likely help"
+        )
+    return (
+        f"flattening: {gain:+.1%} per doubling at {b['per_class']} images per class; more "
+        "images of the same kind would likely help little"
+    )
