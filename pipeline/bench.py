@@ -26,9 +26,9 @@ from typing import Any
 import numpy as np
 
 SIZES: dict[str, dict[str, int]] = {
-    # rounds, images per round per kind, rerun dataset, memory N, train-head images
-    "small": {"rounds": 2, "per_round": 16, "rerun_n": 100, "mem_n": 16, "train_n": 2000},
-    "default": {"rounds": 3, "per_round": 48, "rerun_n": 200, "mem_n": 32, "train_n": 10000},
+    # interleaved rounds, images per round per kind, rerun dataset, memory N, train-head images
+    "small": {"rounds": 2, "per_round": 8, "rerun_n": 40, "mem_n": 8, "train_n": 2000},
+    "default": {"rounds": 3, "per_round": 12, "rerun_n": 100, "mem_n": 16, "train_n": 10000},
 }
 
 
@@ -56,30 +56,12 @@ def make_images(folder: Path, n: int, kind: str, seed: int = 0) -> Path:
 
 
 def bare_rates(model: Any, n_images: int, size: int, batches: tuple[int, ...]) -> dict[str, float]:
-    """Images/s of the backbone alone on preprocessed tensors, per batch size and call style."""
-    from pipeline.backbone import preprocess
-
-    out = {}
-    for b in batches:
-        x = preprocess(np.random.default_rng(b).integers(0, 255, (b, size, size, 3), np.uint8))
-        for style in ("call", "predict_on_batch"):
-            fn = (
-                (lambda x=x: model(x, training=False))
-                if style == "call"
-                else (lambda x=x: model.predict_on_batch(x))
-            )
-            np.asarray(fn())  # warm-up (tracing, allocation)
-            reps = max(1, n_images // b)
-            t = time.perf_counter()
-            for _ in range(reps):
-                np.asarray(fn())
-            out[f"{style}@{b}"] = reps * b / (time.perf_counter() - t)
-    return out
-
-
-def _bare_once(model: Any, style_batch: str, n: int, size: int) -> float:
-    style, b = style_batch.split("@")
-    return bare_rates_single(model, style, int(b), n, size)
+    """Images/s of the backbone alone on preprocessed tensors, per call style and batch size."""
+    return {
+        f"{style}@{b}": bare_rates_single(model, style, b, n_images, size)
+        for b in batches
+        for style in ("predict_on_batch", "call")
+    }
 
 
 def bare_rates_single(model: Any, style: str, b: int, n: int, size: int) -> float:
@@ -104,7 +86,7 @@ def extraction(work: Path, cfg: dict[str, int], model: Any, spec: Any, batch: in
     from pipeline.features import extract
 
     quiet = lambda s: None  # noqa: E731
-    search = bare_rates(model, 32, spec.input_size, (1, 8, 16, 32))
+    search = bare_rates(model, 16, spec.input_size, (1, 16, 32))
     best = max(search, key=search.get)
     _say(f"  bare pass search: {', '.join(f'{k} {v:.1f}' for k, v in search.items())} img/s")
     res: dict[str, Any] = {"bare_search": search, "bare_best": best, "kinds": {}}
@@ -333,15 +315,17 @@ def table(res: dict[str, Any]) -> str:
         k = ex["kinds"][kind]
         lines.append(
             f"| extraction, {label}: pipeline / bare ({ex['bare_best']}) | "
-            f"{k['pipeline_median']:.2f} / {k['bare_median']:.2f} img/s = {k['ratio']:.2f} | {target} |"
+            f"{k['pipeline_median']:.2f} / {k['bare_median']:.2f} img/s = {k['ratio']:.2f} "
+            f"| {target} |"
         )
     lines += [
         f"| unchanged rerun / full extraction ({rr['n']} images, in-process) | "
-        f"{rr['unchanged_s']:.2f} s / {rr['full_s']:.1f} s = {rr['unchanged_fraction']:.2%} | ≤ 2% |",
+        f"{rr['unchanged_s']:.2f} s / {rr['full_s']:.1f} s = {rr['unchanged_fraction']:.2%} "
+        "| ≤ 2% |",
         f"| rerun with {rr['added']} new (1%) / full | {rr['added_s']:.2f} s / {rr['full_s']:.1f} s"
         f" = {rr['added_fraction']:.2%} | ≤ 3% |",
-        f"| unchanged rerun as a new `make features` process | {rr['unchanged_cli_process_s']:.1f} s"
-        " | (start-up, TensorFlow not imported) |",
+        "| unchanged rerun as a new `make features` process (TensorFlow not imported) | "
+        f"{rr['unchanged_cli_process_s']:.1f} s | |",
     ]
     ks = [k for k in mem if k != "ratio_4n_over_n"]
     lines.append(

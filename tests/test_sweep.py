@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 from conftest import make_dataset
+
 from pipeline import backbone
 from pipeline.features import extract
 from pipeline.report import build_report
