@@ -13,6 +13,7 @@ SIZE      ?= 224
 LAYER     ?= block5_pool
 BATCH     ?= 32
 DTYPE     ?= float16
+PRECISION ?= float32
 AUGMENT   ?= 0
 VIEWS     ?= 0
 HEAD      ?= logreg
@@ -32,6 +33,7 @@ pool_arg   = $(if $(POOL),--pool $(POOL))
 param_args = $(foreach p,$(PARAMS),--param $(p))
 run_arg    = $(if $(RUN),--run $(RUN))
 out_arg    = $(if $(OUT),--out $(OUT))
+tta_arg    = $(if $(TTA),--tta $(TTA))
 
 .PHONY: help install features train-head train-all finetune sweep report predict demo test lint bench clean
 
@@ -44,11 +46,12 @@ help: ## this list
 	@echo "  ARTIFACTS=$(ARTIFACTS)  caches, heads, report, predictions"
 	@echo "  WEIGHTS=$(WEIGHTS)     imagenet | none (random, seeded, flagged) | /path/to/vgg16 notop .h5"
 	@echo "  SIZE=$(SIZE) LAYER=$(LAYER) BATCH=$(BATCH) DTYPE=$(DTYPE)   backbone input, cached layer, batch, stored type"
+	@echo "  PRECISION=$(PRECISION)   float32 | mixed_float16 | mixed_bfloat16 (GPU; its own cache)"
 	@echo "  HEAD=$(HEAD)       logreg | svm | dense;  POOL=avg|max|flatten (default per head)"
 	@echo "  FOLDS=$(FOLDS) SEED=$(SEED)    cross-validation folds, seed for every random choice"
 	@echo "  AUGMENT=K (features) VIEWS=K (train-head)   cache / train on K augmented views per image"
 	@echo "  PARAMS=\"C=0.1\"     head settings, fixed instead of tuned (dense: learning_rate=1e-3 epochs=50 ...)"
-	@echo "  IMAGES=path RUN=name OUT=file.csv   for predict (RUN defaults to the best head)"
+	@echo "  IMAGES=path RUN=name OUT=file.csv TTA=K   for predict (RUN: best head; TTA: views averaged)"
 	@echo "  SWEEP_HEADS=$(SWEEP_HEADS) SWEEP_POOLS=$(SWEEP_POOLS) SWEEP_VIEWS=$(SWEEP_VIEWS)  for sweep"
 	@echo "Full reference: $(PY) -m pipeline --help, and $(PY) -m pipeline COMMAND --help"
 
@@ -62,7 +65,7 @@ install: $(STAMP) ## create .venv and install the package with its dependencies
 
 features: $(STAMP) ## embed every image once into ARTIFACTS/features/*.h5 (reruns: only new/changed)
 	$(PY) -m pipeline features --data $(DATA) --artifacts $(ARTIFACTS) --weights $(WEIGHTS) \
-		--size $(SIZE) --layer $(LAYER) --batch $(BATCH) --dtype $(DTYPE) --seed $(SEED) --augment $(AUGMENT)
+		--size $(SIZE) --layer $(LAYER) --batch $(BATCH) --dtype $(DTYPE) --seed $(SEED) --precision $(PRECISION) --augment $(AUGMENT)
 
 train-head: $(STAMP) ## cross-validate + save HEAD on the cached features (backbone never runs)
 	$(PY) -m pipeline train-head --head $(HEAD) $(pool_arg) --folds $(FOLDS) --seed $(SEED) \
@@ -73,7 +76,7 @@ train-all: $(STAMP) ## train-head for logreg, svm and dense
 
 finetune: $(STAMP) ## cache block4_pool once, then cross-validate block5 + head fine-tuned from it
 	$(PY) -m pipeline finetune --data $(DATA) --artifacts $(ARTIFACTS) --weights $(WEIGHTS) \
-		--size $(SIZE) --batch $(BATCH) --dtype $(DTYPE) --seed $(SEED) --folds $(FOLDS) $(param_args)
+		--size $(SIZE) --batch $(BATCH) --dtype $(DTYPE) --seed $(SEED) --precision $(PRECISION) --folds $(FOLDS) $(param_args)
 
 sweep: $(STAMP) ## every head x pooling x VIEWS on the cache, ranked, + learning curve
 	$(PY) -m pipeline sweep --artifacts $(ARTIFACTS) --folds $(FOLDS) --seed $(SEED) \
@@ -83,7 +86,7 @@ report: $(STAMP) ## ARTIFACTS/report/report.{json,md,html} comparing every train
 	$(PY) -m pipeline report --artifacts $(ARTIFACTS)
 
 predict: $(STAMP) ## classify IMAGES (file or folder) into a CSV with a trained head
-	$(PY) -m pipeline predict --images "$(IMAGES)" --artifacts $(ARTIFACTS) $(run_arg) $(out_arg) \
+	$(PY) -m pipeline predict --images "$(IMAGES)" --artifacts $(ARTIFACTS) $(run_arg) $(out_arg) $(tta_arg) \
 		$(if $(filter-out imagenet,$(WEIGHTS)),--weights $(WEIGHTS))
 
 demo: $(STAMP) ## end to end on scikit-learn's digits as PNGs: features, 3 heads, report

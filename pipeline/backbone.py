@@ -26,6 +26,8 @@ PREPROCESSING = (
     "keras.applications.vgg16.preprocess_input (caffe: RGB->BGR, ImageNet mean, no scaling)"
 )
 MIN_SIZE = 32
+# mixed precision computes in 16 bits on a GPU (tensor cores); its accuracy cost is measured
+PRECISIONS = ("float32", "mixed_float16", "mixed_bfloat16")
 
 
 def quiet_tensorflow() -> None:
@@ -49,6 +51,7 @@ class BackboneSpec:
     input_size: int = 224
     seed: int = 0
     name: str = "vgg16"
+    precision: str = "float32"
 
     def __post_init__(self) -> None:
         if self.layer not in LAYERS:
@@ -57,6 +60,10 @@ class BackboneSpec:
             raise UserError(
                 f"SIZE must be an integer of at least {MIN_SIZE} (VGG16's five poolings); "
                 f"got {self.input_size!r}"
+            )
+        if self.precision not in PRECISIONS:
+            raise UserError(
+                f"PRECISION must be one of {', '.join(PRECISIONS)}; got '{self.precision}'"
             )
         kind = self.weights_kind
         if kind == "file" and not Path(self.weights).is_file():
@@ -102,6 +109,7 @@ def spec_from_settings(settings: dict[str, Any], weights: str | None = None) -> 
         input_size=int(settings["input_size"]),
         seed=int(settings.get("seed", 0)),
         name=settings["name"],
+        precision=settings.get("precision", "float32"),
     )
     if spec.weights_id() != settings["weights_id"]:
         raise UserError(
@@ -147,7 +155,12 @@ def build(spec: BackboneSpec) -> Any:
     """The frozen VGG16, cut at `spec.layer`, as a Keras model taking preprocessed float32."""
     import keras
 
-    base = _load_base(spec)
+    previous = keras.config.dtype_policy()
+    keras.config.set_dtype_policy(spec.precision)
+    try:
+        base = _load_base(spec)
+    finally:
+        keras.config.set_dtype_policy(previous)
     model = keras.Model(base.input, base.get_layer(spec.layer).output, name=f"vgg16_{spec.layer}")
     model.trainable = False
     return model

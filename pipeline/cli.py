@@ -38,6 +38,11 @@ def _backbone(p: argparse.ArgumentParser) -> None:
         help="backbone layer to cache (default block5_pool, 7x7x512 at 224)",
     )
     p.add_argument("--batch", type=int, default=32, help="images per backbone batch (default 32)")
+    p.add_argument(
+        "--precision",
+        default="float32",
+        help="float32, or mixed_float16 / mixed_bfloat16 for a GPU (a separate cache)",
+    )
 
 
 def _head_params(values: list[str]) -> dict[str, str]:
@@ -173,6 +178,12 @@ def parser() -> argparse.ArgumentParser:
         help="weights file if not where `features` found it (checked by content)",
     )
     p.add_argument("--batch", type=int, default=32, help="images per backbone batch")
+    p.add_argument(
+        "--tta",
+        type=int,
+        default=0,
+        help="test-time augmentation: average over the image and K augmented views",
+    )
     _common(p)
 
     p = sub.add_parser(
@@ -192,7 +203,11 @@ def run(args: argparse.Namespace) -> None:
         from pipeline.features import extract
 
         spec = BackboneSpec(
-            weights=args.weights, layer=args.layer, input_size=args.size, seed=args.seed
+            weights=args.weights,
+            layer=args.layer,
+            input_size=args.size,
+            seed=args.seed,
+            precision=args.precision,
         )
         extract(
             args.data,
@@ -224,7 +239,11 @@ def run(args: argparse.Namespace) -> None:
         from pipeline.train import train_head
 
         spec = BackboneSpec(
-            weights=args.weights, layer="block4_pool", input_size=args.size, seed=args.seed
+            weights=args.weights,
+            layer="block4_pool",
+            input_size=args.size,
+            seed=args.seed,
+            precision=args.precision,
         )
         s = extract(
             args.data,
@@ -271,6 +290,7 @@ def run(args: argparse.Namespace) -> None:
             out=args.out,
             weights=args.weights,
             batch_size=args.batch,
+            tta=args.tta,
             log=log,
         )
     elif args.command == "demo":

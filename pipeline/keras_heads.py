@@ -181,7 +181,7 @@ class FineTuneHead(KerasClassifier):
         head_lr: float = 1e-3,
         finetune_lr: float = 1e-5,
         head_epochs: int = 50,
-        finetune_epochs: int = 20,
+        finetune_epochs: int = 10,
         batch_size: int = 32,
         patience: int = 5,
         validation_fraction: float = 0.15,
@@ -207,38 +207,55 @@ class FineTuneHead(KerasClassifier):
 
     def build(self, n_classes: int) -> Any:
         """The model with block5 set to the pretrained weights (before any training)."""
+        return self._parts(n_classes)[0]
+
+    def _parts(self, n_classes: int) -> tuple[Any, Any, Any]:
+        """(full model, block5 alone, head alone), sharing the same layer objects."""
         keras = _keras()
-        h = self.map_shape[0]
         inp = keras.Input(tuple(self.map_shape))
         x = inp
         for name in BLOCK5:
             x = keras.layers.Conv2D(512, 3, padding="same", activation="relu", name=name)(x)
-        x = keras.layers.MaxPooling2D(2, name="block5_pool")(x) if h >= 2 else x
-        x = keras.layers.Flatten()(x)
-        x = keras.layers.Dense(self.hidden, activation="relu")(x)
-        x = keras.layers.Dropout(self.dropout, seed=self.random_state)(x)
-        out = keras.layers.Dense(n_classes, activation="softmax")(x)
-        model = keras.Model(inp, out, name="vgg16_block5_finetune")
-        # the backbone's input size only affects where block4 ends; block5 weights are size-free
+        if self.map_shape[0] >= 2:
+            x = keras.layers.MaxPooling2D(2, name="block5_pool")(x)
+        block5 = keras.Model(inp, x, name="block5")
+        head_layers = [
+            keras.layers.Flatten(),
+            keras.layers.Dense(self.hidden, activation="relu"),
+            keras.layers.Dropout(self.dropout, seed=self.random_state),
+            keras.layers.Dense(n_classes, activation="softmax"),
+        ]
+        z_in = keras.Input(tuple(x.shape[1:]))
+        y_full, y_head = x, z_in
+        for layer in head_layers:
+            y_full, y_head = layer(y_full), layer(y_head)
+        full = keras.Model(inp, y_full, name="vgg16_block5_finetune")
+        head = keras.Model(z_in, y_head, name="head")
+        # the backbone's input size only affects where block4 ends; block5's weights are the same
         init = pretrained_block5(self.weights, 32, self.backbone_seed)
         for name, ws in zip(BLOCK5, init, strict=True):
-            model.get_layer(name).set_weights(ws)
-        return model
+            full.get_layer(name).set_weights(ws)
+        return full, block5, head
 
     def fit(self, X: np.ndarray, y: np.ndarray) -> FineTuneHead:
         keras = _keras()
         self.classes_, yi = np.unique(y, return_inverse=True)
         X = self._inputs(X)
-        model = self.build(len(self.classes_))
         keras.utils.set_random_seed(self.random_state)
+        full, block5, head = self._parts(len(self.classes_))
         fX, fy, val = self._split(X, yi)
-        for name in BLOCK5:
-            model.get_layer(name).trainable = False
-        self.head_epochs_run_ = self._train(model, fX, fy, val, self.head_lr, self.head_epochs)
-        for name in BLOCK5:
-            model.get_layer(name).trainable = True
+        # Phase 1, block5 frozen: its output is fixed, so compute it once and train the head on it
+        z = keras.ops.convert_to_numpy(block5.predict(fX, batch_size=64, verbose=0))
+        zval = None
+        if val is not None:
+            zval = (
+                keras.ops.convert_to_numpy(block5.predict(val[0], batch_size=64, verbose=0)),
+                val[1],
+            )
+        self.head_epochs_run_ = self._train(head, z, fy, zval, self.head_lr, self.head_epochs)
+        # Phase 2: block5 and head together, at a small learning rate
         self.finetune_epochs_run_ = self._train(
-            model, fX, fy, val, self.finetune_lr, self.finetune_epochs
+            full, fX, fy, val, self.finetune_lr, self.finetune_epochs
         )
-        self.model_ = model
+        self.model_ = full
         return self

@@ -14,8 +14,8 @@ from typing import Any
 
 import numpy as np
 
-from pipeline import dataset, heads, store
-from pipeline.backbone import spec_from_settings
+from pipeline import dataset, heads, images, store
+from pipeline.backbone import file_sha256, spec_from_settings
 from pipeline.errors import UserError
 from pipeline.features import Job, _batches
 from pipeline.progress import Progress
@@ -41,6 +41,13 @@ def pick_run(artifacts: Path, run: str | None) -> dict[str, Any]:
     )
 
 
+def _views(job: Job, arr: np.ndarray, k: int, seed: int) -> list[np.ndarray]:
+    if not k:
+        return [arr]
+    sha = file_sha256(job.abspath)
+    return [arr] + [images.augment(arr, images.view_rng(seed, sha, v)) for v in range(1, k + 1)]
+
+
 def predict(
     artifacts: Path,
     images_path: Path,
@@ -48,9 +55,14 @@ def predict(
     out: Path | None = None,
     weights: str | None = None,
     batch_size: int = 32,
+    tta: int = 0,
     log: Log = print,
 ) -> Path:
-    """Classify every image under `images_path`; return the CSV's path."""
+    """Classify every image under `images_path`; return the CSV's path.
+
+    `tta=K` averages the head's probabilities over the image and K augmented views of it (the
+    same augmentation as `make features AUGMENT=K`).
+    """
     from pipeline import backbone
 
     images_path = Path(images_path)
@@ -74,26 +86,22 @@ def predict(
     rows: list[tuple[str, str, float]] = []
     bad: list[tuple[str, str]] = []
     progress = Progress(len(files), "predicting")
-    todo = [Job(str(i), f, -1, "predict", None) for i, f in enumerate(files)]
-    for jobs, decoded in _batches(
-        todo, spec.input_size, batch_size, min(8, (os.cpu_count() or 2) + 2)
-    ):
-        ids = [j.path for j in jobs]
-        ok = [i for i, d in enumerate(decoded) if not isinstance(d, str)]
-        for i, d in enumerate(decoded):
-            if isinstance(d, str):
-                bad.append((files[int(ids[i])].relative_to(base).as_posix(), d))
+    todo = [
+        Job(dataset.display(f.relative_to(base).as_posix()), f, -1, "predict", None) for f in files
+    ]
+    workers = min(8, (os.cpu_count() or 2) + 2)
+    for jobs, decoded in _batches(todo, spec.input_size, batch_size, workers):
+        bad += [(j.path, d) for j, d in zip(jobs, decoded, strict=True) if isinstance(d, str)]
+        ok = [(j, d) for j, d in zip(jobs, decoded, strict=True) if not isinstance(d, str)]
         if ok:
-            x = backbone.preprocess(np.stack([decoded[i] for i in ok]))
-            maps = np.asarray(model.predict_on_batch(x)).astype(settings["dtype"])
-            proba = est.predict_proba(store.pool(maps, r["pooling"]))
-            for j, i in enumerate(ok):
-                k = int(np.argmax(proba[j]))
-                label = classes[int(est.classes_[k])] if hasattr(est, "classes_") else classes[k]
-                rows.append(
-                    (files[int(ids[i])].relative_to(base).as_posix(), label, float(proba[j, k]))
-                )
-        progress.update(len(ids))
+            stack = [v for j, d in ok for v in _views(j, d, tta, int(settings.get("seed", 0)))]
+            maps = np.asarray(model.predict_on_batch(backbone.preprocess(np.stack(stack))))
+            proba = est.predict_proba(store.pool(maps.astype(settings["dtype"]), r["pooling"]))
+            proba = proba.reshape(len(ok), tta + 1, -1).mean(axis=1)  # test-time averaging
+            for (j, _), p in zip(ok, proba, strict=True):
+                k = int(np.argmax(p))
+                rows.append((j.path, classes[int(est.classes_[k])], float(p[k])))
+        progress.update(len(jobs))
     out = Path(out) if out else Path(artifacts) / "predictions.csv"
     out.parent.mkdir(parents=True, exist_ok=True)
     with open(out, "w", newline="", encoding="utf-8") as fh:

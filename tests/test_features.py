@@ -108,8 +108,9 @@ def test_cache_key_covers_every_setting(spec):
         cache_settings(BackboneSpec("none", input_size=SIZE, layer="block4_pool"), "float16"),
         cache_settings(BackboneSpec("none", input_size=SIZE, seed=3), "float16"),
         cache_settings(spec, "float32"),
+        cache_settings(BackboneSpec("none", input_size=SIZE, precision="mixed_float16"), "float16"),
     ]
-    assert len({base} | {store.cache_key(v) for v in variants}) == 5
+    assert len({base} | {store.cache_key(v) for v in variants}) == 6
 
 
 def test_flat_layout_and_nested_folders(tmp_path, spec, quiet):

@@ -165,7 +165,7 @@ def run_cli(args, capsys):
             "SIZE must be an integer of at least 32",
         ),
         (None, ["train-head", "--artifacts", "{t}/art"], "run `make features` first"),
-        (None, ["train-head", "--head", "knn"], "HEAD must be one of logreg, svm, dense"),
+        (None, ["train-head", "--head", "knn"], "HEAD must be one of logreg, svm, dense, finetune"),
         (None, ["train-head", "--param", "C"], "must look like name=value"),
         (None, ["report", "--artifacts", "{t}/art"], "run `make train-head` first"),
         (
@@ -220,3 +220,13 @@ def test_demo_dataset_is_classic_layout(tmp_path):
     assert sorted(p.name for p in (root / "train").iterdir()) == [str(d) for d in range(10)]
     assert len(list(root.glob("train/*/*.png"))) == 40
     assert len(list(root.glob("validation/*/*.png"))) == 10
+
+
+def test_predict_with_test_time_augmentation(trained, tmp_path, quiet):
+    data, art = trained
+    log, _ = quiet
+    plain = predict(art, data / "validation", out=tmp_path / "a.csv", log=log)
+    tta = predict(art, data / "validation", out=tmp_path / "b.csv", tta=3, log=log)
+    a, b = list(csv.DictReader(open(plain))), list(csv.DictReader(open(tta)))
+    assert [r["path"] for r in a] == [r["path"] for r in b] and len(a) == 9
+    assert [r["probability"] for r in a] != [r["probability"] for r in b]
