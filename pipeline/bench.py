@@ -25,33 +25,17 @@ from typing import Any
 
 import numpy as np
 
+# rounds: interleaved pipeline/bare rounds; per_round: images per round and kind; rerun_n: the
+# rerun dataset; mem_n: N of the memory check (and 4N); *_n: images for train-head timings.
+# A kernel SVM's nested CV grows as n^2 or worse, the dense head's with epochs: 10,000 images
+# take many minutes on 2 cores, so the default times them on fewer ("full" on 10,000).
 SIZES: dict[str, dict[str, int]] = {
-    # interleaved rounds, images per round per kind, rerun dataset, memory N, train-head images
-    # svm_n: a kernel SVM's nested CV grows as n^2 or worse; 10,000 takes many minutes here
-    "small": {
-        "rounds": 2,
-        "per_round": 8,
-        "rerun_n": 40,
-        "mem_n": 8,
-        "train_n": 2000,
-        "svm_n": 1000,
-    },
-    "default": {
-        "rounds": 3,
-        "per_round": 10,
-        "rerun_n": 100,
-        "mem_n": 16,
-        "train_n": 10000,
-        "svm_n": 2500,
-    },
-    "full": {
-        "rounds": 5,
-        "per_round": 32,
-        "rerun_n": 400,
-        "mem_n": 64,
-        "train_n": 10000,
-        "svm_n": 10000,
-    },
+    "small": dict(rounds=2, per_round=8, rerun_n=40, mem_n=8, train_n=2000, svm_n=500,
+                  dense_n=500),
+    "default": dict(rounds=3, per_round=10, rerun_n=100, mem_n=16, train_n=10000, svm_n=1000,
+                    dense_n=2000),
+    "full": dict(rounds=5, per_round=32, rerun_n=400, mem_n=64, train_n=10000, svm_n=10000,
+                 dense_n=10000),
 }
 
 
@@ -292,7 +276,7 @@ def heads_timing(work: Path, cfg: dict[str, int]) -> dict:
     out["libraries_startup_s"], out["libraries_import_s"] = timed(libs_code)
     caches = {}
     for head in ("logreg", "svm", "dense"):
-        n = cfg["svm_n"] if head == "svm" else cfg["train_n"]
+        n = cfg.get(f"{head}_n", cfg["train_n"])
         if n not in caches:
             caches[n] = work / f"synthetic-{n}.h5"
             synthetic_cache(caches[n], n, shape)
@@ -380,6 +364,10 @@ def table(res: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _save(folder: Path, res: dict[str, Any]) -> None:
+    (folder / "bench.json").write_text(json.dumps(res, indent=1))
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m pipeline.bench", description=__doc__)
     ap.add_argument("--artifacts", type=Path, default=Path("artifacts/bench"))
@@ -410,18 +398,21 @@ def main(argv: list[str] | None = None) -> int:
     if "extraction" in parts:
         _say("extraction throughput (pipeline vs bare forward pass, interleaved):")
         res["extraction"] = extraction(work, cfg, model, spec, args.batch)
+        _save(args.artifacts, res)
     if "reruns" in parts:
         _say("reruns:")
         res["reruns"] = reruns(work, cfg, model, spec, args.batch)
+        _save(args.artifacts, res)
     if "memory" in parts:
         _say("peak memory:")
         res["memory"] = peak_memory(work, cfg, spec, args.batch)
+        _save(args.artifacts, res)
     if "heads" in parts:
         _say("train-head timings on synthetic cached features:")
         res["heads"] = heads_timing(work, cfg)
     res["total_s"] = time.perf_counter() - t0
     out = args.artifacts / "bench.json"
-    out.write_text(json.dumps(res, indent=1))
+    out.write_text(json.dumps(res, indent=1))  # also written after each part, below
     if all(k in res for k in ("extraction", "reruns", "memory", "heads")):
         _say(table(res))
     _say(f"total {res['total_s']:.0f} s; wrote {out}")
