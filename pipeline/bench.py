@@ -337,7 +337,8 @@ def table(res: dict[str, Any]) -> str:
         k = ex["kinds"][kind]
         lines.append(
             f"| extraction, {label}: pipeline / bare ({ex['bare_best']}) | "
-            f"{k['pipeline_median']:.2f} / {k['bare_median']:.2f} img/s (median per-round ratio {k['ratio']:.2f}) "
+            f"{k['pipeline_median']:.2f} / {k['bare_median']:.2f} img/s, median per-round ratio "
+            f"{k['ratio']:.2f} "
             f"| {target} |"
         )
     lines += [
