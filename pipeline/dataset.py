@@ -58,7 +58,7 @@ def display(path: str) -> str:
     return path.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
 
 
-def _walk_files(top: Path, warnings: list[str] | None = None) -> list[Path]:
+def walk_files(top: Path, warnings: list[str] | None = None) -> list[Path]:
     """Non-hidden files under `top`, following directory symlinks, never entering a folder twice.
 
     A folder that cannot be read is reported in `warnings`, never silently dropped.
@@ -124,7 +124,7 @@ def scan(root: str | os.PathLike[str]) -> Scan:
             cdir = folder / name
             if not cdir.is_dir():
                 continue
-            files = _walk_files(cdir, warnings)
+            files = walk_files(cdir, warnings)
             if not files:
                 warnings.append(f"class folder '{cdir}' is empty")
             items.extend(

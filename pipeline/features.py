@@ -132,7 +132,7 @@ def _load(job: Job, size: int, augment_seed: int) -> np.ndarray | str:
     return arr
 
 
-def _batches(
+def decoded_batches(
     todo: list[Job], size: int, batch: int, workers: int, augment_seed: int = 0
 ) -> Iterator[tuple[list[Job], list[np.ndarray | str]]]:
     """Decoded batches in order; the next batch decodes in threads while the caller embeds."""
@@ -333,7 +333,7 @@ def _embed(todo: list[Job], ctx: _Ctx, journal: store.Journal, augment_seed: int
     )
     t0 = time.perf_counter()
     size = ctx.spec.input_size
-    for chunk, decoded in _batches(todo, size, ctx.batch_size, workers, augment_seed):
+    for chunk, decoded in decoded_batches(todo, size, ctx.batch_size, workers, augment_seed):
         ok = [i for i, d in enumerate(decoded) if not isinstance(d, str)]
         bad = {chunk[i].ident: d for i, d in enumerate(decoded) if isinstance(d, str)}
         feats = np.zeros((0,) + output_shape(ctx.spec), ctx.dtype)

@@ -17,7 +17,7 @@ import numpy as np
 from pipeline import dataset, heads, images, store
 from pipeline.backbone import file_sha256, spec_from_settings
 from pipeline.errors import UserError
-from pipeline.features import Job, _batches
+from pipeline.features import Job, decoded_batches
 from pipeline.progress import Progress
 from pipeline.train import heads_dir, load_results
 
@@ -75,7 +75,7 @@ def predict(
     if r["features"]["random_weights"]:
         log("*** RANDOM WEIGHTS: this head was trained on features of an untrained VGG16 ***")
     if images_path.is_dir():
-        files = dataset._walk_files(images_path)
+        files = dataset.walk_files(images_path)
         base = images_path
     else:
         files, base = [images_path], images_path.parent
@@ -90,7 +90,7 @@ def predict(
         Job(dataset.display(f.relative_to(base).as_posix()), f, -1, "predict", None) for f in files
     ]
     workers = min(8, (os.cpu_count() or 2) + 2)
-    for jobs, decoded in _batches(todo, spec.input_size, batch_size, workers):
+    for jobs, decoded in decoded_batches(todo, spec.input_size, batch_size, workers):
         bad += [(j.path, d) for j, d in zip(jobs, decoded, strict=True) if isinstance(d, str)]
         ok = [(j, d) for j, d in zip(jobs, decoded, strict=True) if not isinstance(d, str)]
         if ok:
