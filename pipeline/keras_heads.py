@@ -222,6 +222,7 @@ class FineTuneHead(KerasClassifier):
         block5 = keras.Model(inp, x, name="block5")
         head_layers = [
             keras.layers.Flatten(),
+            keras.layers.Normalization(name="scale"),  # set from the training fold in `fit`
             keras.layers.Dense(self.hidden, activation="relu"),
             keras.layers.Dropout(self.dropout, seed=self.random_state),
             keras.layers.Dense(n_classes, activation="softmax"),
@@ -253,6 +254,15 @@ class FineTuneHead(KerasClassifier):
                 keras.ops.convert_to_numpy(block5.predict(val[0], batch_size=64, verbose=0)),
                 val[1],
             )
+        # Standardise block5's output with the training fold's statistics (StandardScaler's
+        # rule: a constant feature keeps scale 1), as the other heads do inside every fold.
+        flat = z.reshape(len(z), -1)
+        std = flat.std(axis=0)
+        self.block5_mean_ = flat.mean(axis=0)
+        full.get_layer("scale").set_weights(
+            [flat.mean(axis=0), np.where(std > 0, std, 1.0) ** 2, np.array(len(z))]
+        )
+        full.get_layer("scale").finalize_state()  # Keras reads the statistics from here on
         self.head_epochs_run_ = self._train(head, z, fy, zval, self.head_lr, self.head_epochs)
         # Phase 2: block5 and head together, at a small learning rate
         self.finetune_epochs_run_ = self._train(

@@ -48,6 +48,8 @@ def test_finetune_starts_pretrained_and_changes_block5(tmp_path):
     ]
     assert all(changed)
     assert est.head_epochs_run_ >= 1 and est.finetune_epochs_run_ >= 1
+    scale = est.model_.get_layer("scale").get_weights()  # standardised inside the fold
+    np.testing.assert_allclose(scale[0], est.block5_mean_, rtol=1e-5)
 
 
 def test_make_finetune_end_to_end(tmp_path, capsys):
