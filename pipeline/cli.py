@@ -45,6 +45,12 @@ def _backbone(p: argparse.ArgumentParser) -> None:
     )
 
 
+def _param(p: argparse.ArgumentParser, help: str) -> None:
+    p.add_argument(
+        "--param", action="append", default=[], metavar="NAME=VALUE", help=help + "; repeatable"
+    )
+
+
 def _head_params(values: list[str]) -> dict[str, str]:
     out = {}
     for v in values:
@@ -103,14 +109,7 @@ def parser() -> argparse.ArgumentParser:
         help="avg, max or flatten (default: avg for logreg/svm, flatten for dense)",
     )
     p.add_argument("--folds", type=int, default=5, help="cross-validation folds (default 5)")
-    p.add_argument(
-        "--param",
-        action="append",
-        default=[],
-        metavar="NAME=VALUE",
-        help="head setting, repeatable (e.g. C=0.1, learning_rate=1e-4); a setting "
-        "given here is fixed instead of tuned",
-    )
+    _param(p, "head setting (e.g. C=0.1, learning_rate=1e-4); fixed instead of tuned")
     p.add_argument(
         "--features",
         type=Path,
@@ -139,12 +138,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="float16", help="stored feature type")
     _backbone(p)
     p.add_argument("--folds", type=int, default=5, help="cross-validation folds (default 5)")
-    p.add_argument(
-        "--param",
-        action="append",
-        default=[],
-        metavar="NAME=VALUE",
-        help="finetune settings: hidden, dropout, head_lr, finetune_lr, head_epochs, "
+    _param(
+        p,
+        "finetune setting: hidden, dropout, head_lr, finetune_lr, head_epochs, "
         "finetune_epochs, batch_size, patience",
     )
     _common(p)

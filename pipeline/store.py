@@ -59,6 +59,26 @@ def ident(sha256: str, view: int = 0) -> str:
     return sha256 if view == 0 else f"{sha256}#{view}"
 
 
+@contextmanager
+def replacing(tmp: Path, path: Path) -> Iterator[None]:
+    """Write `tmp` in the block, then rename it onto `path`: readers see the old or the new file.
+
+    On failure `tmp` is removed; a full disk or an unwritable folder becomes one clear line.
+    """
+    try:
+        yield
+        os.replace(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        err = disk_error(e, path)
+        if err is not None:
+            raise err from None
+        raise
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
 def cache_key(settings: dict[str, Any]) -> str:
     """SHA-256 of the settings that determine the features (canonical JSON)."""
     return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()
@@ -190,7 +210,7 @@ def write_cache(
     """
     tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
     n = len(rows)
-    try:
+    with replacing(tmp, path):
         with h5py.File(tmp, "w") as f:
             chunk = (max(1, min(n, 16)),) + tuple(feature_shape)
             ds = f.create_dataset(
@@ -221,16 +241,6 @@ def write_cache(
             f.attrs["format_version"] = FORMAT_VERSION
         with open(tmp, "rb") as fh:
             os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except OSError as e:
-        tmp.unlink(missing_ok=True)
-        err = disk_error(e, path)
-        if err is not None:
-            raise err from None
-        raise
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 def pool(block: np.ndarray, pooling: str) -> np.ndarray:
@@ -323,7 +333,7 @@ class Journal:
         p = self.folder / f"batch-{self._seq:07d}.npz"
         tmp = self.folder / f".tmp-{self._seq:07d}-{os.getpid()}.npz"
         self._seq += 1
-        try:
+        with replacing(tmp, p):
             np.savez(
                 tmp,
                 key=np.array(self.key),
@@ -332,13 +342,6 @@ class Journal:
                 skipped_sha256=np.array([s.encode("utf-8", "replace") for s in skipped], "S"),
                 skipped_reason=np.array(list(skipped.values()), dtype=str),
             )
-            os.replace(tmp, p)
-        except OSError as e:
-            tmp.unlink(missing_ok=True)
-            err = disk_error(e, p)
-            if err is not None:
-                raise err from None
-            raise
         for i, h in enumerate(sha256):
             self.features[h] = (p, i)
         self.skipped.update(skipped)
