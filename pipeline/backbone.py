@@ -30,12 +30,6 @@ MIN_SIZE = 32
 PRECISIONS = ("float32", "mixed_float16", "mixed_bfloat16")
 
 
-def quiet_tensorflow() -> None:
-    """Keep TensorFlow's C++ start-up chatter out of the user's terminal (errors still show)."""
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    os.environ.setdefault("KERAS_BACKEND", "tensorflow")
-
-
 def file_sha256(path: str | os.PathLike[str], chunk: int = 1 << 20) -> str:
     """Hex SHA-256 of a file's content, read in chunks."""
     with open(path, "rb") as f:
@@ -120,8 +114,7 @@ def spec_from_settings(settings: dict[str, Any], weights: str | None = None) -> 
 
 
 def _load_base(spec: BackboneSpec) -> Any:
-    quiet_tensorflow()
-    import keras
+    import keras  # TensorFlow's log level and the backend are set in pipeline/__init__.py
 
     shape = (spec.input_size, spec.input_size, 3)
     kind = spec.weights_kind
