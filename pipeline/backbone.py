@@ -87,6 +87,7 @@ class BackboneSpec:
     def settings(self) -> dict[str, Any]:
         """The settings that enter the cache key (weights by identity, not by path)."""
         d = asdict(self)
+        d.pop("weights")  # a path or a spelling ('ImageNet'): the identity below is what counts
         d["weights_id"] = self.weights_id()
         d["preprocessing"] = PREPROCESSING
         if not self.random_weights:
@@ -94,9 +95,14 @@ class BackboneSpec:
         return d
 
 
-def spec_from_settings(settings: dict[str, Any], weights: str | None = None) -> BackboneSpec:
-    """Rebuild the spec a cache was made with; the weights must be the same by content."""
-    w = weights or settings["weights"]
+def spec_from_settings(
+    settings: dict[str, Any], weights: str | None = None, hint: str | None = None
+) -> BackboneSpec:
+    """Rebuild the spec a cache was made with; the weights must be the same by content.
+
+    `weights` is where the user says the weights are now; `hint` where they were at extraction.
+    """
+    w = weights or hint or settings.get("weights") or settings["weights_id"].split(":")[0]
     spec = BackboneSpec(
         weights=w,
         layer=settings["layer"],

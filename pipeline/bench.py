@@ -250,6 +250,7 @@ def synthetic_cache(path: Path, n: int, shape: tuple[int, int, int], classes: in
         [],
         {
             "cache_key": "synthetic",
+            "data_id": "synthetic",
             "settings": {"synthetic": True},
             "feature_shape": list(shape),
             "random_weights": False,

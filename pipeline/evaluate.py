@@ -1,24 +1,47 @@
-"""Evaluation: stratified k-fold cross-validation with everything fitted inside the folds.
+"""Evaluation: stratified, group-aware k-fold cross-validation, everything fitted inside the folds.
 
-One path for every head: per-fold accuracy, mean and spread, out-of-fold predictions for the
-confusion matrix, and the hyperparameters each fold chose. Folds run in parallel with joblib
-when the head allows. With `groups` (augmented views of one image), folds never split a group.
+One path for every head. The outer folds are drawn on the original images only, by content
+group (an image's augmented views and its identical copies share its group and its fold), from
+the labels, the groups and the seed alone: every run on the same cache and seed is scored on the
+same folds, with or without views, so runs can be compared fold by fold. The estimator is the
+configured head itself (scikit-learn's `cross_validate`, `groups` routed to its inner splits);
+scores are on original images only.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-from joblib import Parallel, delayed
 from sklearn.metrics import confusion_matrix, precision_recall_fscore_support
-from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold
+from sklearn.model_selection import StratifiedGroupKFold
+from sklearn.model_selection import cross_validate as sk_cross_validate
 
 from pipeline.errors import UserError
-from pipeline.heads import Factory, chosen_params
+from pipeline.heads import chosen_params, consumes_groups
 
 Log = Callable[[str], None]
+
+
+@dataclass
+class TrainSet:
+    """Rows to learn from: originals (and views), each row's content group, which are originals."""
+
+    X: np.ndarray
+    y: np.ndarray
+    groups: np.ndarray
+    original: np.ndarray  # bool per row: an image itself (scored), not an augmented view
+    sha256: list[str]
+
+
+def groups_of(sha256: list[str]) -> np.ndarray:
+    """One integer group per distinct content hash."""
+    ids: dict[str, int] = {}
+    return np.array([ids.setdefault(h, len(ids)) for h in sha256], dtype=np.int64)
 
 
 def choose_folds(y: np.ndarray, classes: list[str], folds: int, log: Log) -> int:
@@ -49,48 +72,76 @@ def choose_folds(y: np.ndarray, classes: list[str], folds: int, log: Log) -> int
     return folds
 
 
-def _fit_fold(make: Factory, X: np.ndarray, y: np.ndarray, tr: np.ndarray, te: np.ndarray):
-    est = make(y[tr]).fit(X[tr], y[tr])
-    return te, est.predict(X[te]), chosen_params(est)
+def outer_folds(y: np.ndarray, groups: np.ndarray, k: int, seed: int) -> np.ndarray:
+    """The fold number of every row: stratified by label, a group never in two folds."""
+    fold = np.full(len(y), -1, dtype=np.int64)
+    cv = StratifiedGroupKFold(k, shuffle=True, random_state=seed)
+    for i, (_, te) in enumerate(cv.split(np.zeros(len(y)), y, groups)):
+        fold[te] = i
+    return fold
+
+
+def folds_id(sha256: list[str], fold: np.ndarray) -> str:
+    """Fingerprint of a fold assignment by content: equal ids mean runs are paired fold by fold."""
+    pairs = sorted({(h, int(f)) for h, f in zip(sha256, fold, strict=True)})
+    return hashlib.sha256(json.dumps(pairs).encode()).hexdigest()
+
+
+def splits(ts: TrainSet, k: int, seed: int) -> tuple[list[tuple[np.ndarray, np.ndarray]], str]:
+    """(train rows, scored rows) per fold, and the folds' fingerprint.
+
+    Folds are drawn on the originals; every view follows its image's group. A training fold
+    holds the originals and views of its groups; a test fold only originals.
+    """
+    orig = np.flatnonzero(ts.original)
+    fold_o = outer_folds(ts.y[orig], ts.groups[orig], k, seed)
+    fold_of_group = dict(zip(ts.groups[orig].tolist(), fold_o.tolist(), strict=True))
+    row_fold = np.array([fold_of_group.get(int(g), -1) for g in ts.groups])
+    out = [(np.flatnonzero((row_fold != i) & (row_fold >= 0)), orig[fold_o == i]) for i in range(k)]
+    return out, folds_id([ts.sha256[i] for i in orig], fold_o)
 
 
 def cross_validate(
-    make: Factory,
-    X: np.ndarray,
-    y: np.ndarray,
+    estimator: Any,
+    ts: TrainSet,
     classes: list[str],
     folds: int,
     seed: int,
     n_jobs: int = 1,
-    groups: np.ndarray | None = None,
-    evaluate_mask: np.ndarray | None = None,
     log: Log = print,
 ) -> dict[str, Any]:
-    """Outer stratified k-fold CV; `evaluate_mask` limits scoring to some rows (original images)."""
-    k = choose_folds(y if evaluate_mask is None else y[evaluate_mask], classes, folds, log)
-    if groups is None:
-        splits = list(StratifiedKFold(k, shuffle=True, random_state=seed).split(X, y))
-    else:
-        splits = list(StratifiedGroupKFold(k, shuffle=True, random_state=seed).split(X, y, groups))
-    out = Parallel(n_jobs=n_jobs)(delayed(_fit_fold)(make, X, y, tr, te) for tr, te in splits)
-    oof = np.full(len(y), -1, dtype=np.int64)
+    """Outer CV of the configured `estimator`: per-fold accuracy, out-of-fold predictions."""
+    k = choose_folds(ts.y[ts.original], classes, folds, log)
+    cv, fid = splits(ts, k, seed)
+    params = {"groups": ts.groups} if consumes_groups(estimator) else {}
+    res = sk_cross_validate(
+        estimator,
+        ts.X,
+        ts.y,
+        cv=cv,
+        params=params,
+        n_jobs=n_jobs,
+        return_estimator=True,
+        error_score="raise",
+    )
+    oof = np.full(len(ts.y), -1, dtype=np.int64)
     fold_acc, fold_params = [], []
-    for te, pred, params in out:
-        if evaluate_mask is not None:
-            keep = evaluate_mask[te]
-            te, pred = te[keep], pred[keep]
+    for est, (_, te) in zip(res["estimator"], cv, strict=True):
+        pred = est.predict(ts.X[te])
         oof[te] = pred
-        fold_acc.append(float(np.mean(pred == y[te])))
-        fold_params.append(params)
+        fold_acc.append(float(np.mean(pred == ts.y[te])))
+        fold_params.append(chosen_params(est))
     scored = oof >= 0
     return {
         "folds": k,
+        "folds_id": fid,
         "fold_accuracies": fold_acc,
         "accuracy_mean": float(np.mean(fold_acc)),
         "accuracy_std": float(np.std(fold_acc)),
         "fold_params": fold_params,
         "oof_pred": oof[scored].tolist(),
-        **metrics(y[scored], oof[scored], classes),
+        "oof_sha256": [ts.sha256[i] for i in np.flatnonzero(scored)],
+        **metrics(ts.y[scored], oof[scored], classes),
     }
 
 

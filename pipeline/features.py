@@ -17,11 +17,12 @@ from typing import Any
 
 import numpy as np
 
-from pipeline import dataset, images, store
-from pipeline.backbone import BackboneSpec, file_sha256, output_shape
+from pipeline import dataset, duplicates, images, layout, store
+from pipeline.backbone import BackboneSpec, output_shape
+from pipeline.batches import decoded_batches
 from pipeline.errors import UserError
 from pipeline.progress import Progress
-from pipeline.provenance import environment
+from pipeline.provenance import difference, embedder, environment
 
 DTYPES = ("float16", "float32")
 RANDOM_BANNER = (
@@ -56,12 +57,11 @@ class Summary:
         )
 
 
-def features_dir(artifacts: Path) -> Path:
-    return Path(artifacts) / "features"
-
-
 def cache_settings(spec: BackboneSpec, dtype: str) -> dict[str, Any]:
-    """Every setting that determines the cached features; hashed into the cache key."""
+    """Every setting that determines the cached features; hashed into the cache key.
+
+    The weights enter by content (`weights_id`), never by path or spelling.
+    """
     if dtype not in DTYPES:
         raise UserError(f"DTYPE must be one of {', '.join(DTYPES)}; got '{dtype}'")
     return {
@@ -75,28 +75,17 @@ def cache_settings(spec: BackboneSpec, dtype: str) -> dict[str, Any]:
 
 
 def cache_path(artifacts: Path, spec: BackboneSpec, key: str) -> Path:
-    return features_dir(artifacts) / f"{spec.name}-{spec.layer}-{spec.input_size}-{key[:12]}.h5"
+    return layout.cache_path(artifacts, spec.name, spec.layer, spec.input_size, key)
 
 
-def current_cache(artifacts: Path) -> Path:
-    """The cache written by the latest `make features` in this artifacts folder."""
-    ptr = features_dir(artifacts) / "current"
-    if not ptr.is_file():
-        raise UserError(
-            f"no feature cache in '{features_dir(artifacts)}'; run `make features` first"
-        )
-    path = features_dir(artifacts) / ptr.read_text().strip()
-    if not path.is_file():
-        raise UserError(f"feature cache '{path}' is missing; rerun `make features`")
-    return path
+def _hash_all(root: Path, items: list[dataset.Item]) -> list[tuple[str | None, str]]:
+    """(content hash, "") of every file, or (None, the reason it cannot be read)."""
 
-
-def _hash_all(root: Path, items: list[dataset.Item]) -> list[str | None]:
-    def one(it: dataset.Item) -> str | None:
+    def one(it: dataset.Item) -> tuple[str | None, str]:
         try:
-            return file_sha256(root / it.path)
-        except OSError:
-            return None
+            return images.content_sha256(root / it.path), ""
+        except images.ImageError as e:
+            return None, str(e)
 
     with ThreadPoolExecutor(max_workers=4) as ex:
         return list(ex.map(one, items))
@@ -112,42 +101,13 @@ class Job:
     split: str
     sha256: str | None
     view: int = 0
+    reason: str = ""  # why the file could not be hashed (sha256 is None)
 
     @property
     def ident(self) -> str:
         if self.sha256 is None:
             return f"unhashable:{self.path}"
         return store.ident(self.sha256, self.view)
-
-
-def _load(job: Job, size: int, augment_seed: int) -> np.ndarray | str:
-    try:
-        arr = images.load_image(job.abspath, size)
-    except images.ImageError as e:
-        return str(e)
-    except MemoryError:
-        return "image too large to decode in memory"
-    if job.view:
-        arr = images.augment(arr, images.view_rng(augment_seed, job.sha256 or "", job.view))
-    return arr
-
-
-def decoded_batches(
-    todo: list[Job], size: int, batch: int, workers: int, augment_seed: int = 0
-) -> Iterator[tuple[list[Job], list[np.ndarray | str]]]:
-    """Decoded batches in order; the next batch decodes in threads while the caller embeds."""
-    with ThreadPoolExecutor(max_workers=workers) as ex:
-        chunks = [todo[i : i + batch] for i in range(0, len(todo), batch)]
-
-        def submit(chunk: list[Job]) -> list[Any]:
-            return [ex.submit(_load, j, size, augment_seed) for j in chunk]
-
-        pending = submit(chunks[0]) if chunks else []
-        for k, chunk in enumerate(chunks):
-            current = pending
-            if k + 1 < len(chunks):
-                pending = submit(chunks[k + 1])
-            yield chunk, [f.result() for f in current]
 
 
 def augment_settings(settings: dict[str, Any], seed: int) -> dict[str, Any]:
@@ -166,13 +126,15 @@ def extract(
     model: Any = None,
     augment: int = 0,
     set_current: bool = True,
+    rebuild: bool = False,
 ) -> Summary:
     """Bring the cache for `spec` up to date with the files under `data`; return what it did.
 
     With `augment=K`, also cache K augmented views of every training image (views 1..K) in a
     second file next to it; each view is seeded by the file's content and its number, so it is
     computed once, like the originals. `set_current=False` leaves `make train-head`'s default
-    cache alone (used by `make finetune` for its block4_pool cache).
+    cache alone (used by `make finetune` for its block4_pool cache). `rebuild=True` embeds
+    every image again (after a decoder or framework upgrade), replacing the cache whole.
     """
     t0 = time.perf_counter()
     if batch_size < 1:
@@ -184,30 +146,40 @@ def extract(
     scan = dataset.scan(data)
     for w in scan.warnings:
         log(f"warning: {w}")
-    fdir = features_dir(artifacts)
+    fdir = layout.features_dir(artifacts)
     path = cache_path(artifacts, spec, key)
     if spec.random_weights:
         log(f"*** {RANDOM_BANNER} ***")
-    ctx = _Ctx(spec, batch_size, dtype, workers, log, model, scan)
+    ctx = _Ctx(spec, batch_size, dtype, workers, log, model, scan, rebuild)
     with store.exclusive(fdir):
         for stale in fdir.glob("*.tmp-*"):
             stale.unlink(missing_ok=True)
         hashes = _hash_all(scan.root, scan.items)
         jobs = [
-            Job(dataset.display(it.path), scan.root / it.path, it.label, it.split, h)
-            for it, h in zip(scan.items, hashes, strict=True)
+            Job(dataset.display(it.path), scan.root / it.path, it.label, it.split, h, 0, why)
+            for it, (h, why) in zip(scan.items, hashes, strict=True)
         ]
         summary, rows = _sync(path, key, settings, jobs, ctx)
         if set_current:
-            _point_current(fdir, path)
-        for s in summary.skipped_rows:
-            log(f"skipped {s['path']}: {s['reason']}")
+            layout.set_current(artifacts, path)
+        for sk in summary.skipped_rows:
+            log(f"skipped {sk['path']}: {sk['reason']}")
         log(summary.line())
+        for w in duplicates.lines(
+            duplicates.find(
+                [r.path for r in rows],
+                [r.sha256 or "" for r in rows],
+                [r.label for r in rows],
+                [r.split for r in rows],
+                scan.classes,
+            )
+        ):
+            log(w)
         log(f"cache: {path}")
         if augment:
             aset = augment_settings(settings, spec.seed)
             akey = store.cache_key(aset)
-            apath = augment_path(path)
+            apath = layout.augment_path(path)
             ajobs = [
                 Job(r.path, r.abspath, r.label, r.split, r.sha256, v)
                 for r in rows
@@ -221,11 +193,6 @@ def extract(
     return summary
 
 
-def augment_path(path: Path) -> Path:
-    """Where the augmented views of the cache at `path` live."""
-    return path.with_name(path.stem + "-augmented.h5")
-
-
 @dataclass
 class _Ctx:
     spec: BackboneSpec
@@ -235,6 +202,7 @@ class _Ctx:
     log: Log
     model: Any
     scan: dataset.Scan
+    rebuild: bool = False
 
 
 def _sync(
@@ -247,8 +215,10 @@ def _sync(
 ) -> tuple[Summary, list[Job]]:
     """Make the cache at `path` hold exactly `jobs`, embedding only what no cache or journal has."""
     t0 = time.perf_counter()
-    old = _read_old(path, key, ctx.log)
-    journal = store.Journal(path.with_suffix(".journal"), key)
+    stamp = embedder()
+    old = None if ctx.rebuild else _read_old(path, key, ctx.log)
+    # a journal written under other decoder/framework versions is never resumed
+    journal = store.Journal(layout.journal_path(path), f"{key}:{store.cache_key(stamp)}")
     old_rows = set(old.row_of) if old else set()
     known_bad = {s["sha256"]: s["reason"] for s in (old.skipped if old else []) if s["sha256"]}
     known_bad.update(journal.skipped)
@@ -260,6 +230,8 @@ def _sync(
         if j.ident not in have and j.ident not in known_bad and j.ident not in todo:
             todo[j.ident] = j
     embed_s = 0.0
+    if todo and old is not None:
+        _refuse_mixing(path, old, stamp, len(todo))
     if todo:
         if ctx.model is None:
             from pipeline import backbone
@@ -272,11 +244,19 @@ def _sync(
     bad = {**known_bad, **journal.skipped}
     for j in jobs:
         if j.sha256 is None and j.ident not in bad:
-            bad[j.ident] = "could not be read"
+            bad[j.ident] = j.reason or "could not be read"
         if j.ident in bad:
             skipped.append({"path": j.path, "reason": bad[j.ident], "sha256": j.sha256 or ""})
         else:
             rows.append(j)
+    if jobs and not rows:
+        for sk in skipped:
+            ctx.log(f"skipped {sk['path']}: {sk['reason']}")
+        raise UserError(
+            f"none of the {len(jobs)} files under '{ctx.scan.root}' could be read as an image "
+            f"(e.g. {skipped[0]['path']}: {skipped[0]['reason']}); put JPEG, PNG, GIF, WebP, "
+            "BMP or TIFF images in the class folders"
+        )
     new_paths = {(r.path, r.view) for r in rows}
     removed = (
         len({(p, v) for p, v in zip(old.paths, old.view, strict=True)} - new_paths) if old else 0
@@ -294,7 +274,7 @@ def _sync(
         and old.classes == ctx.scan.classes
     )
     if not unchanged:
-        _write(path, rows, skipped, old, journal, ctx, settings, key)
+        _write(path, rows, skipped, old, journal, ctx, settings, key, stamp)
         journal.clear()
     summary = Summary(
         cache=path,
@@ -309,6 +289,20 @@ def _sync(
         skipped_rows=skipped,
     )
     return summary, rows
+
+
+def _refuse_mixing(path: Path, old: store.Index, stamp: dict[str, Any], n_new: int) -> None:
+    """New rows made by other decoder/framework versions than the cached ones: refused."""
+    made_with = old.attrs.get("embedders") or []
+    others = [e for e in made_with if e != stamp]
+    if not others:
+        return
+    raise UserError(
+        f"the cache '{path.name}' was embedded with other decoder/framework versions "
+        f"({difference(others[0], stamp)}); embedding {n_new} new image(s) now would mix two in "
+        "one cache: rerun with REBUILD=1 to embed every image with this environment, or "
+        "reinstall the versions the cache was made with"
+    )
 
 
 def _read_old(path: Path, key: str, log: Log) -> store.Index | None:
@@ -354,7 +348,11 @@ def _write(
     ctx: _Ctx,
     settings: dict[str, Any],
     key: str,
+    stamp: dict[str, Any],
 ) -> None:
+    old_embedders = (old.attrs.get("embedders") or []) if old else []
+    embedders = [stamp] + [e for e in old_embedders if e != stamp]
+    old_stamp_row = {i: embedders.index(e) for i, e in enumerate(old_embedders)}
     from_old: dict[int, list[int]] = {}
     from_journal: dict[str, list[int]] = {}
     for r, row in enumerate(rows):
@@ -378,8 +376,25 @@ def _write(
             yield idx, block.astype(ctx.dtype)
 
     spec, scan = ctx.spec, ctx.scan
+    made_with = [
+        0
+        if row.ident in journal.features
+        else old_stamp_row.get(old.embedded_with[old.row_of[row.ident]], 0)
+        for row in rows
+    ]
+    used = sorted(set(made_with))
+    embedders = [embedders[i] for i in used]
+    made_with = [used.index(i) for i in made_with]
     attrs = {
         "cache_key": key,
+        "data_id": store.data_id(
+            [r.path for r in rows],
+            [r.sha256 or "" for r in rows],
+            [r.label for r in rows],
+            [r.split for r in rows],
+            scan.classes,
+        ),
+        "embedders": embedders,
         "settings": settings,
         **{k: v for k, v in settings.items() if isinstance(v, (str, int, float, bool))},
         "weights": spec.weights,
@@ -394,8 +409,15 @@ def _write(
     store.write_cache(
         path,
         [
-            {"path": r.path, "sha256": r.sha256, "label": r.label, "split": r.split, "view": r.view}
-            for r in rows
+            {
+                "path": r.path,
+                "sha256": r.sha256,
+                "label": r.label,
+                "split": r.split,
+                "view": r.view,
+                "embedded_with": e,
+            }
+            for r, e in zip(rows, made_with, strict=True)
         ],
         sources(),
         output_shape(spec),
@@ -404,9 +426,3 @@ def _write(
         skipped,
         attrs,
     )
-
-
-def _point_current(fdir: Path, path: Path) -> None:
-    tmp = fdir / f".current.tmp-{os.getpid()}"
-    tmp.write_text(path.name + "\n")
-    os.replace(tmp, fdir / "current")

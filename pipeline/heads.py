@@ -1,13 +1,17 @@
-"""Heads in a small registry, all behind scikit-learn's estimator contract.
+"""Heads in a small registry of configured scikit-learn estimators.
 
-Each head is a factory that builds a fresh `Pipeline(StandardScaler, classifier)`, wrapped in a
-`GridSearchCV` when a hyperparameter is tuned, so scaling and tuning are refitted inside every
-training fold. The Keras dense head is an sklearn-style estimator too; TensorFlow is imported only
-when it is fitted or loaded, never by the scikit-learn heads.
+`make(info, params, seed)` returns one estimator: a `Pipeline(StandardScaler, classifier)`,
+wrapped in a `GridSearchCV` when a hyperparameter is tuned, and for the SVM in a calibration step
+that gives it probabilities. The same estimator is cross-validated and saved, so CV scores exactly
+what `predict` uses. Metadata routing passes `groups` (one per image content: an image, its
+augmented views and its identical copies) to every inner split: the grid search's folds, the
+SVM's calibration folds and the Keras heads' early-stopping split. TensorFlow is imported only
+when a Keras head is fitted or loaded, never by the scikit-learn heads.
 """
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,38 +19,99 @@ from typing import Any
 
 import joblib
 import numpy as np
+import sklearn
 from sklearn.base import BaseEstimator, ClassifierMixin, clone
 from sklearn.calibration import CalibratedClassifierCV
 from sklearn.linear_model import LogisticRegression
-from sklearn.model_selection import GridSearchCV, StratifiedKFold
+from sklearn.model_selection import (
+    BaseCrossValidator,
+    GridSearchCV,
+    StratifiedGroupKFold,
+    StratifiedKFold,
+)
 from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import StandardScaler
 from sklearn.svm import SVC
+from sklearn.utils.metadata_routing import get_routing_for_object
 
 from pipeline.errors import UserError
 from pipeline.keras_heads import DenseHead, FineTuneHead, KerasClassifier
 
+sklearn.set_config(enable_metadata_routing=True)  # `groups` reach every inner split
+
 INNER_FOLDS = 3
+
+
+class InnerCV(BaseCrossValidator):
+    """The folds inside a training fold: stratified, group-aware, as many as the data allows.
+
+    Up to `n_splits` folds, fewer when a class has fewer groups in this training fold (never
+    below 2); with `groups`, no group is on both sides of a split.
+    """
+
+    __metadata_request__split = {"groups": True}  # noqa: RUF012 (scikit-learn's convention)
+
+    def __init__(self, n_splits: int = INNER_FOLDS, random_state: int = 0) -> None:
+        self.n_splits = n_splits
+        self.random_state = random_state
+
+    def get_n_splits(self, X: Any = None, y: Any = None, groups: Any = None) -> int:
+        if y is None:
+            return self.n_splits
+        least = int(np.bincount(np.unique(y, return_inverse=True)[1]).min())
+        return max(2, min(self.n_splits, least))
+
+    def split(self, X: Any, y: Any = None, groups: Any = None):  # type: ignore[override]
+        k = self.get_n_splits(X, y, groups)
+        with warnings.catch_warnings():  # "least populated class" on tiny folds: expected
+            warnings.simplefilter("ignore", UserWarning)
+            if groups is None:
+                cv: Any = StratifiedKFold(k, shuffle=True, random_state=self.random_state)
+                yield from cv.split(X, y)
+            else:
+                cv = StratifiedGroupKFold(k, shuffle=True, random_state=self.random_state)
+                yield from cv.split(X, y, groups)
+
+
+def consumes_groups(est: Any) -> bool:
+    """Whether fitting `est` uses `groups` (a grid search, a calibration or a Keras head)."""
+    return bool(get_routing_for_object(est).consumes("fit", ["groups"]))
+
+
+def fit(est: Any, X: np.ndarray, y: np.ndarray, groups: np.ndarray | None = None) -> Any:
+    """`est.fit`, passing `groups` where the estimator routes them to an inner split."""
+    if groups is not None and consumes_groups(est):
+        return est.fit(X, y, groups=groups)
+    return est.fit(X, y)
 
 
 class TuneThenCalibrate(ClassifierMixin, BaseEstimator):
     """Probabilities for a classifier without them (SVC), at the cost of a few extra fits.
 
-    Tunes once on all data, then calibrates the chosen setting on `cv` folds and refits it on all
-    data (`CalibratedClassifierCV(..., ensemble=False)`, scikit-learn's replacement for
-    `SVC(probability=True)`). Calibrating the whole grid search instead would repeat it per fold.
+    Tunes once on its training data, then calibrates the chosen setting on `cv` folds and
+    refits it on all of it (`CalibratedClassifierCV(..., ensemble=False)`, scikit-learn's
+    replacement for `SVC(probability=True)`). Calibrating the whole grid search instead would
+    repeat it per fold. Predictions are the argmax of the calibrated probabilities, and this
+    whole estimator is what cross-validation scores.
     """
+
+    __metadata_request__fit = {"groups": True}  # noqa: RUF012
 
     def __init__(self, estimator: Any, cv: Any = 3) -> None:
         self.estimator = estimator
         self.cv = cv
 
-    def fit(self, X: np.ndarray, y: np.ndarray) -> TuneThenCalibrate:
-        tuned = clone(self.estimator).fit(X, y)
+    def fit(
+        self, X: np.ndarray, y: np.ndarray, groups: np.ndarray | None = None
+    ) -> TuneThenCalibrate:
+        tuned = fit(clone(self.estimator), X, y, groups)
         self.chosen_params_ = chosen_params(tuned)
         best = tuned.best_estimator_ if isinstance(tuned, GridSearchCV) else tuned
         self.calibrated_ = CalibratedClassifierCV(clone(best), cv=self.cv, ensemble=False)
-        self.calibrated_.fit(X, y)
+        if groups is not None:
+            self.calibrated_.fit(X, y, groups=groups)
+        else:
+            self.calibrated_.fit(X, y)
         self.classes_ = self.calibrated_.classes_
         return self
 
@@ -55,9 +120,6 @@ class TuneThenCalibrate(ClassifierMixin, BaseEstimator):
 
     def predict(self, X: np.ndarray) -> np.ndarray:
         return self.classes_[np.argmax(self.predict_proba(X), axis=1)]
-
-
-Factory = Callable[[np.ndarray], Any]
 
 
 @dataclass(frozen=True)
@@ -72,6 +134,7 @@ class HeadInfo:
     parallel_folds: bool
     build: Callable[[dict[str, Any], int, dict[str, Any]], Any]
     needs_layer: str | None = None
+    calibrate: bool = False  # wrap in TuneThenCalibrate: probabilities for a classifier without
 
 
 def _logreg(p: dict[str, Any], seed: int, ctx: dict[str, Any]) -> Any:
@@ -136,6 +199,7 @@ HEADS: dict[str, HeadInfo] = {
             {"C": [0.1, 1.0, 10.0]},
             True,
             _svm,
+            calibrate=True,
         ),
         HeadInfo(
             "dense",
@@ -208,37 +272,26 @@ def parse_params(info: HeadInfo, raw: dict[str, str]) -> dict[str, Any]:
     return out
 
 
-def cv_for(k: int, seed: int) -> StratifiedKFold:
-    return StratifiedKFold(k, shuffle=True, random_state=seed)
-
-
-def factory(
+def make(
     info: HeadInfo,
     params: dict[str, Any],
     seed: int,
-    final: bool = False,
     context: dict[str, Any] | None = None,
-) -> Factory:
-    """A function of the training labels that builds a fresh, possibly tuned, estimator.
+) -> Any:
+    """The head as one configured estimator, the same for cross-validation and the saved head.
 
-    Hyperparameters the user did not fix are chosen by a GridSearchCV whose inner stratified folds
-    see only the training fold. `final` asks for what prediction needs (SVM probabilities).
+    Hyperparameters the user did not fix are chosen by a GridSearchCV on group-aware inner
+    folds of whatever it is fitted on (a training fold, or all of train for the saved head).
     """
-
-    def make(y_train: np.ndarray) -> Any:
-        p = dict(params)
-        est = info.build(p, seed, context or {})
-        grid = {f"clf__{k}": v for k, v in info.tuned.items() if k not in params}
-        inner = min(INNER_FOLDS, int(np.bincount(np.unique(y_train, return_inverse=True)[1]).min()))
-        if grid and inner >= 2:
-            est = GridSearchCV(
-                est, grid, cv=cv_for(inner, seed), scoring="accuracy", n_jobs=1, refit=True
-            )
-        if final and not hasattr(est, "predict_proba") and inner >= 2:
-            est = TuneThenCalibrate(est, cv=cv_for(inner, seed))
-        return est
-
-    return make
+    est = info.build(dict(params), seed, context or {})
+    grid = {f"clf__{k}": v for k, v in info.tuned.items() if k not in params}
+    if grid:
+        est = GridSearchCV(
+            est, grid, cv=InnerCV(INNER_FOLDS, seed), scoring="accuracy", n_jobs=1, refit=True
+        )
+    if info.calibrate:
+        est = TuneThenCalibrate(est, cv=InnerCV(INNER_FOLDS, seed))
+    return est
 
 
 def chosen_params(est: Any) -> dict[str, Any]:

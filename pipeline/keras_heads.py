@@ -9,12 +9,13 @@ learning rate. TensorFlow is imported inside `fit`/`predict` only.
 from __future__ import annotations
 
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from sklearn.base import BaseEstimator, ClassifierMixin
-from sklearn.model_selection import train_test_split
+from sklearn.model_selection import StratifiedGroupKFold, train_test_split
 
 BLOCK5 = ("block5_conv1", "block5_conv2", "block5_conv3")
 _BLOCK5_CACHE: dict[tuple[str, str, int, int], list[list[np.ndarray]]] = {}
@@ -27,22 +28,37 @@ def _keras() -> Any:
 
 
 class KerasClassifier(ClassifierMixin, BaseEstimator):
-    """Shared mechanics: label encoding, inner early-stopping split, batched predict, pickling."""
+    """Shared mechanics: label encoding, inner early-stopping split, batched predict, pickling.
+
+    `fit(X, y, groups=...)` keeps each group (an image, its views, its identical copies) on one
+    side of the early-stopping split; metadata routing passes `groups` through a Pipeline.
+    """
+
+    __metadata_request__fit = {"groups": True}  # noqa: RUF012 (scikit-learn's convention)
 
     validation_fraction: float
     random_state: int
     batch_size: int
     patience: int
 
-    def _split(self, X: np.ndarray, yi: np.ndarray) -> tuple[Any, Any, Any]:
+    def _split(
+        self, X: np.ndarray, yi: np.ndarray, groups: np.ndarray | None = None
+    ) -> tuple[Any, Any, Any]:
         n_cls = int(yi.max()) + 1
         n_val = int(round(len(yi) * self.validation_fraction))
-        if np.bincount(yi).min() >= 2 and n_val >= n_cls and len(yi) - n_val >= n_cls:
+        if np.bincount(yi).min() < 2 or n_val < n_cls or len(yi) - n_val < n_cls:
+            return X, yi, None
+        if groups is None:
             fX, vX, fy, vy = train_test_split(
                 X, yi, test_size=n_val, stratify=yi, random_state=self.random_state
             )
             return fX, fy, (vX, vy)
-        return X, yi, None
+        k = max(2, int(round(1 / self.validation_fraction)))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # tiny classes: fewer groups than k
+            cv = StratifiedGroupKFold(k, shuffle=True, random_state=self.random_state)
+            fit_idx, val_idx = next(cv.split(X, yi, groups))
+        return X[fit_idx], yi[fit_idx], (X[val_idx], yi[val_idx])
 
     def _train(self, model: Any, X: Any, y: Any, val: Any, lr: float, epochs: int) -> int:
         keras = _keras()
@@ -133,12 +149,12 @@ class DenseHead(KerasClassifier):
         self.validation_fraction = validation_fraction
         self.random_state = random_state
 
-    def fit(self, X: np.ndarray, y: np.ndarray) -> DenseHead:
+    def fit(self, X: np.ndarray, y: np.ndarray, groups: np.ndarray | None = None) -> DenseHead:
         keras = _keras()
         self.classes_, yi = np.unique(y, return_inverse=True)
         keras.utils.set_random_seed(self.random_state)
         X = self._inputs(X)
-        fX, fy, val = self._split(X, yi)
+        fX, fy, val = self._split(X, yi, groups)
         model = keras.Sequential(
             [
                 keras.Input((X.shape[1],)),
@@ -239,13 +255,13 @@ class FineTuneHead(KerasClassifier):
             full.get_layer(name).set_weights(ws)
         return full, block5, head
 
-    def fit(self, X: np.ndarray, y: np.ndarray) -> FineTuneHead:
+    def fit(self, X: np.ndarray, y: np.ndarray, groups: np.ndarray | None = None) -> FineTuneHead:
         keras = _keras()
         self.classes_, yi = np.unique(y, return_inverse=True)
         X = self._inputs(X)
         keras.utils.set_random_seed(self.random_state)
         full, block5, head = self._parts(len(self.classes_))
-        fX, fy, val = self._split(X, yi)
+        fX, fy, val = self._split(X, yi, groups)
         # Phase 1, block5 frozen: its output is fixed, so compute it once and train the head on it
         z = keras.ops.convert_to_numpy(block5.predict(fX, batch_size=64, verbose=0))
         zval = None

@@ -1,7 +1,9 @@
 """`make predict`: classify new images with a saved head and exactly the backbone path of features.
 
-Same loader, resize, preprocessing and weights as the cache the head was trained on (checked by
-weights identity), so no silent train/serve mismatch. Writes `path,label,probability` rows.
+The run's whole cache key is recomputed from this installation (backbone, weights by content,
+layer, size, resize, preprocessing, loader version, dtype) and a mismatch is refused in one
+line, so a head never sees features made differently from the ones it was trained on. Decoder
+or framework versions that differ from the cache's are said. Writes `path,label,probability`.
 """
 
 from __future__ import annotations
@@ -9,42 +11,51 @@ from __future__ import annotations
 import csv
 import os
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from pipeline import dataset, heads, images, store
-from pipeline.backbone import file_sha256, spec_from_settings
+from pipeline import dataset, images, layout, runs, store
+from pipeline.backbone import BackboneSpec, spec_from_settings
+from pipeline.batches import decoded_batches
 from pipeline.errors import UserError
-from pipeline.features import Job, decoded_batches
 from pipeline.progress import Progress
-from pipeline.train import heads_dir, load_results
+from pipeline.provenance import difference, embedder
 
 Log = Callable[[str], None]
 
 
-def pick_run(artifacts: Path, run: str | None) -> dict[str, Any]:
-    """The named trained head, or the best by cross-validated accuracy."""
-    results = load_results(artifacts)
-    if not results:
+@dataclass(frozen=True)
+class _Item:
+    path: str
+    abspath: Path
+    sha256: str | None = None
+    view: int = 0
+
+
+def check_features(r: dict[str, Any], weights: str | None = None) -> BackboneSpec:
+    """The spec that makes the run's features here and now; a different cache key is refused."""
+    from pipeline.features import cache_settings
+
+    feats = r["features"]
+    settings = feats["settings"]
+    spec = spec_from_settings(settings, weights, hint=feats.get("weights"))
+    now = cache_settings(spec, settings["dtype"])
+    if store.cache_key(now) != feats["cache_key"]:
+        diff = difference(settings, now) or "the cache key"
         raise UserError(
-            f"no trained heads in '{heads_dir(artifacts)}'; run `make train-head` first"
+            f"run '{r['run']}' was trained on features this installation no longer makes "
+            f"({diff}); rerun `make features` and `make train-head`"
         )
-    if run is None:
-        return results[0]
-    for r in results:
-        if r["run"] == run:
-            return r
-    raise UserError(
-        f"RUN '{run}' is not a trained head; trained: {', '.join(r['run'] for r in results)}"
-    )
+    return spec
 
 
-def _views(job: Job, arr: np.ndarray, k: int, seed: int) -> list[np.ndarray]:
+def _views(item: _Item, arr: np.ndarray, k: int, seed: int) -> list[np.ndarray]:
     if not k:
         return [arr]
-    sha = file_sha256(job.abspath)
+    sha = images.content_sha256(item.abspath)
     return [arr] + [images.augment(arr, images.view_rng(seed, sha, v)) for v in range(1, k + 1)]
 
 
@@ -68,12 +79,23 @@ def predict(
     images_path = Path(images_path)
     if not images_path.exists() and not images_path.is_symlink():
         raise UserError(f"IMAGES '{images_path}' does not exist; pass an image file or a folder")
-    r = pick_run(artifacts, run)
-    est = heads.load_head(heads_dir(artifacts) / r["run"])
+    r = runs.pick(artifacts, run)
+    if not r["current"]:
+        log(f"warning: run '{r['run']}' is stale ({r['stale_reason']})")
+    spec = check_features(r, weights)
+    est = runs.load_estimator(artifacts, r)
     settings = r["features"]["settings"]
-    spec = spec_from_settings(settings, weights)
     if r["features"]["random_weights"]:
         log("*** RANDOM WEIGHTS: this head was trained on features of an untrained VGG16 ***")
+    now = embedder()
+    for e in r["features"].get("embedders") or []:
+        if e != now:
+            log(
+                "warning: the head's features were embedded with other decoder/framework "
+                f"versions ({difference(e, now)}); predictions may differ slightly from the "
+                "cached features: `make features REBUILD=1` and retrain to align them"
+            )
+            break
     if images_path.is_dir():
         files = dataset.walk_files(images_path)
         base = images_path
@@ -86,9 +108,7 @@ def predict(
     rows: list[tuple[str, str, float]] = []
     bad: list[tuple[str, str]] = []
     progress = Progress(len(files), "predicting")
-    todo = [
-        Job(dataset.display(f.relative_to(base).as_posix()), f, -1, "predict", None) for f in files
-    ]
+    todo = [_Item(dataset.display(f.relative_to(base).as_posix()), f) for f in files]
     workers = min(8, (os.cpu_count() or 2) + 2)
     for jobs, decoded in decoded_batches(todo, spec.input_size, batch_size, workers):
         bad += [(j.path, d) for j, d in zip(jobs, decoded, strict=True) if isinstance(d, str)]
@@ -102,7 +122,7 @@ def predict(
                 k = int(np.argmax(p))
                 rows.append((j.path, classes[int(est.classes_[k])], float(p[k])))
         progress.update(len(jobs))
-    out = Path(out) if out else Path(artifacts) / "predictions.csv"
+    out = Path(out) if out else layout.predictions_file(artifacts)
     out.parent.mkdir(parents=True, exist_ok=True)
     with open(out, "w", newline="", encoding="utf-8") as fh:
         w = csv.writer(fh)

@@ -1,7 +1,11 @@
 """`make report`: one report comparing every trained head, as JSON, Markdown and HTML.
 
-CV accuracy with spread, validation accuracy, per-class results, a confusion-matrix picture per
-head, and every skipped image with its reason. The HTML embeds its pictures: one file to open.
+Current runs (trained on the cache the latest `make features` wrote) are ranked; stale ones are
+listed apart with the reason. CV accuracy with its spread (said what it is), runs compared fold
+by fold on the same outer folds, validation accuracy as the honest figure for the pick,
+per-class results, a confusion-matrix picture per head, identical files (across classes, or in
+train and validation), and every skipped image with its reason. The HTML embeds its pictures
+and escapes every user-given string: one file to open.
 """
 
 from __future__ import annotations
@@ -16,11 +20,10 @@ from typing import Any
 
 import numpy as np
 
-from pipeline import store
+from pipeline import duplicates, layout, runs, store
 from pipeline.errors import UserError
-from pipeline.features import RANDOM_BANNER, current_cache
+from pipeline.features import RANDOM_BANNER
 from pipeline.provenance import environment
-from pipeline.train import load_results
 
 Log = Callable[[str], None]
 
@@ -60,12 +63,17 @@ def _plot_confusion(cm: list[list[int]], classes: list[str], title: str, out: Pa
     plt.close(fig)
 
 
-def _learning_curve(artifacts: Path, out: Path) -> dict[str, Any] | None:
-    """The latest sweep's learning curve, with its picture, if a sweep ran."""
-    path = artifacts / "sweep" / "sweep.json"
-    if not path.is_file():
+def _learning_curve(
+    artifacts: Path, out: Path, current: dict[str, Any] | None
+) -> dict[str, Any] | None:
+    """The latest sweep's learning curve, with its picture, if a sweep ran on the current cache."""
+    path = layout.sweep_file(artifacts)
+    if not path.is_file() or current is None:
         return None
-    curve = json.loads(path.read_text())["learning_curve"]
+    sweep = json.loads(path.read_text())
+    if sweep.get("features", {}).get("data_id") != current.get("data_id"):
+        return None
+    curve = sweep["learning_curve"]
     import matplotlib
 
     matplotlib.use("Agg")
@@ -89,17 +97,36 @@ def _learning_curve(artifacts: Path, out: Path) -> dict[str, Any] | None:
     return curve
 
 
+EXPLAIN = {
+    "spread": "± is the standard deviation of the k outer-fold accuracies of one run (the "
+    "spread between folds, not a confidence interval of the mean).",
+    "paired": "Every run on this cache with the same seed is scored on the same outer folds "
+    "(drawn on the original images, an image's augmented views and identical copies in its "
+    "fold), so runs are compared fold by fold: 'vs best' is the mean fold-by-fold difference "
+    "to the top run and the number of folds where the top run is better.",
+    "optimism": "The top of the ranking is picked on the same folds that score it: the best of "
+    "many runs is optimistic. The honest figure for the pick is its accuracy on a split that "
+    "played no part in choosing it: the validation split (DATA/validation/), shown beside it.",
+    "curve": "The learning curve refits the sweep's best run on fewer images per class on those "
+    "same outer folds.",
+}
+
+
 def _entry(r: dict[str, Any]) -> dict[str, Any]:
     v = r.get("validation")
     return {
         "run": r["run"],
+        "current": r["current"],
+        "stale_reason": r["stale_reason"],
         "head": r["head"],
         "pooling": r["pooling"],
         "params": r["params"],
         "final_params": r.get("final_params", {}),
+        "seed": r.get("seed"),
         "cv_accuracy_mean": r["cv"]["accuracy_mean"],
         "cv_accuracy_std": r["cv"]["accuracy_std"],
         "cv_folds": r["cv"]["folds"],
+        "cv_folds_id": r["cv"].get("folds_id"),
         "cv_fold_accuracies": r["cv"]["fold_accuracies"],
         "validation_accuracy": v["accuracy"] if v else None,
         "n_train": r["n_train"],
@@ -107,6 +134,7 @@ def _entry(r: dict[str, Any]) -> dict[str, Any]:
         "views": r.get("views", 0),
         "random_weights": r["features"]["random_weights"],
         "cache_key": r["features"]["cache_key"],
+        "cache_file": r["features"].get("file"),
         "per_class": (v or r["cv"])["per_class"],
         "per_class_source": "validation" if v else "cross-validation",
         "cv_confusion": r["cv"]["confusion"],
@@ -116,44 +144,70 @@ def _entry(r: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def paired(best: dict[str, Any], other: dict[str, Any]) -> dict[str, Any] | None:
+    """Fold-by-fold comparison of `other` with `best`, when both were scored on the same folds."""
+    if not best["cv_folds_id"] or best["cv_folds_id"] != other["cv_folds_id"]:
+        return None
+    d = np.array(best["cv_fold_accuracies"]) - np.array(other["cv_fold_accuracies"])
+    return {
+        "mean_difference": float(d.mean()),
+        "std_difference": float(d.std()),
+        "folds_best_better": int((d > 0).sum()),
+        "folds_tied": int((d == 0).sum()),
+        "folds": int(len(d)),
+    }
+
+
 def build_report(artifacts: Path, log: Log = print) -> dict[str, Any]:
     """Collect every head's result and write report.json, report.md and report.html."""
     artifacts = Path(artifacts)
-    results = load_results(artifacts)
-    if not results:
-        raise UserError(f"no trained heads in '{artifacts / 'heads'}'; run `make train-head` first")
-    caches = {r["features"]["path"] for r in results}
+    all_runs = runs.list_runs(artifacts)
+    if not all_runs:
+        raise UserError(
+            f"no trained heads in '{layout.heads_dir(artifacts)}'; run `make train-head` first"
+        )
+    entries = [_entry(r) for r in all_runs if r["current"]]
+    stale = [_entry(r) for r in all_runs if not r["current"]]
+    if entries:
+        for e in entries:
+            e["vs_best"] = paired(entries[0], e) if e is not entries[0] else None
+    current = idx = None
+    skipped: list[dict[str, str]] = []
+    dups = None
     try:
-        caches.add(str(current_cache(artifacts)))
-    except UserError:
-        pass
-    skipped: dict[str, str] = {}
-    for c in sorted(caches):
-        if Path(c).is_file():
-            for s in store.read_index(Path(c)).skipped:
-                skipped.setdefault(s["path"], s["reason"])
-    entries = [_entry(r) for r in results]
+        cache = layout.current_cache(artifacts)
+        idx = store.read_index(cache)
+        current = idx.attrs
+        skipped = [{"path": s["path"], "reason": s["reason"]} for s in idx.skipped]
+        dups = duplicates.find(idx.paths, idx.sha256, idx.labels.tolist(), idx.split, idx.classes)
+    except UserError as e:
+        log(f"warning: {e}")
     random_w = any(e["random_weights"] for e in entries)
-    out = artifacts / "report"
+    out = layout.report_dir(artifacts)
     out.mkdir(parents=True, exist_ok=True)
-    for e in entries:
+    for i, e in enumerate(entries):
         cm = e["validation_confusion"] or e["cv_confusion"]
         src = "validation" if e["validation_confusion"] else "out-of-fold"
-        png = out / f"confusion-{e['run']}.png"
+        png = out / f"confusion-{i}.png"
         _plot_confusion(cm, e["classes"], f"{e['run']} ({src})", png)
         e["confusion_png"] = png.name
-    curve = _learning_curve(artifacts, out)
+    curve = _learning_curve(artifacts, out, current)
     report = {
         "banner": RANDOM_BANNER if random_w else None,
+        "explain": EXPLAIN,
         "learning_curve": curve,
         "results": entries,
-        "skipped": [{"path": p, "reason": r} for p, r in sorted(skipped.items())],
+        "stale": stale,
+        "duplicates": dups,
+        "skipped": skipped,
         "environment": environment(),
     }
     _write(out / "report.json", json.dumps(report, indent=1))
     _write(out / "report.md", _markdown(report))
     _write(out / "report.html", _html(report, out))
     log(f"report: {out / 'report.html'}")
+    if stale:
+        log(f"{len(stale)} stale run(s) listed apart, not ranked (see the report)")
     return report
 
 
@@ -167,21 +221,50 @@ def _fmt(v: float | None) -> str:
     return "n/a" if v is None else f"{v:.4f}"
 
 
+def _vs(e: dict[str, Any], rank: int) -> str:
+    """The paired comparison with the top run, in words."""
+    if rank == 1:
+        return "best"
+    v = e.get("vs_best")
+    if v is None:
+        return "not paired (other folds)"
+    return f"{-v['mean_difference']:+.4f} (best better on {v['folds_best_better']}/{v['folds']})"
+
+
+def _dup_lines(d: dict[str, Any] | None) -> list[tuple[str, list[dict[str, str]]]]:
+    if not d:
+        return []
+    return [
+        ("same content under two or more classes", [g for g in d["cross_class"]]),
+        ("same content in train and in validation", [g for g in d["train_validation"]]),
+    ]
+
+
 def _markdown(rep: dict[str, Any]) -> str:
     lines = ["# Transfer-learning report", ""]
     if rep["banner"]:
         lines += [f"> **{rep['banner']}**", ""]
+    lines += ["## What the numbers mean", ""] + [f"- {t}" for t in rep["explain"].values()] + [""]
     lines += [
-        "| rank | head | pooling | views | CV accuracy (mean ± std) | folds | validation accuracy "
-        "| train | validation |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| rank | run | head | pooling | views | CV accuracy (mean ± std of folds) | folds "
+        "| vs best (paired) | validation accuracy | train | validation |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for i, e in enumerate(rep["results"], 1):
         lines.append(
-            f"| {i} | {e['run']} | {e['pooling']} | {e['views']} | {e['cv_accuracy_mean']:.4f} ± "
-            f"{e['cv_accuracy_std']:.4f} | {e['cv_folds']} | {_fmt(e['validation_accuracy'])} | "
-            f"{e['n_train']} | {e['n_validation']} |"
+            f"| {i} | {e['run']} | {e['head']} | {e['pooling']} | {e['views']} | "
+            f"{e['cv_accuracy_mean']:.4f} ± {e['cv_accuracy_std']:.4f} | {e['cv_folds']} | "
+            f"{_vs(e, i)} | {_fmt(e['validation_accuracy'])} | {e['n_train']} | "
+            f"{e['n_validation']} |"
         )
+    if not rep["results"]:
+        lines.append("| | no current run: rerun `make train-head` | | | | | | | | | |")
+    if rep["stale"]:
+        lines += ["", f"## Stale runs ({len(rep['stale'])}), not ranked", ""]
+        lines += [
+            f"- {e['run']}: CV {e['cv_accuracy_mean']:.4f}; stale: {e['stale_reason']}"
+            for e in rep["stale"]
+        ]
     for e in rep["results"]:
         lines += [
             "",
@@ -202,6 +285,12 @@ def _markdown(rep: dict[str, Any]) -> str:
     if rep.get("learning_curve"):
         c = rep["learning_curve"]
         lines += ["", "## Learning curve", "", f"![learning curve]({c['png']})", "", c["advice"]]
+    for title, groups in _dup_lines(rep.get("duplicates")):
+        lines += ["", f"## Identical files: {title} ({len(groups)})", ""]
+        lines += [
+            "- " + " = ".join(f"`{f['path']}` ({f['class']}, {f['split']})" for f in g["files"])
+            for g in groups
+        ] or ["None."]
     lines += ["", f"## Skipped images ({len(rep['skipped'])})", ""]
     lines += [f"- `{s['path']}`: {s['reason']}" for s in rep["skipped"]] or ["None."]
     return "\n".join(lines) + "\n"
@@ -210,29 +299,45 @@ def _markdown(rep: dict[str, Any]) -> str:
 def _html(rep: dict[str, Any], folder: Path) -> str:
     esc = html.escape
     parts = [
-        "<!doctype html><html><head><meta charset='utf-8'><title>Transfer-learning report</title>",
+        "<!doctype html><html><head><meta charset='utf-8'>"
+        "<meta name='viewport' content='width=device-width, initial-scale=1'>"
+        "<title>Transfer-learning report</title>",
         "<style>body{font-family:system-ui,sans-serif;margin:2em;max-width:1100px}"
         "table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:4px 8px;"
         "text-align:right}th{background:#f3f3f3}td:first-child,td:nth-child(2){text-align:left}"
         ".banner{background:#fdd;border:2px solid #c00;padding:1em;font-weight:bold}"
-        "details{margin:1em 0}</style></head><body>",
+        ".stale{color:#777}img{max-width:100%}details{margin:1em 0}</style></head><body>",
         "<h1>Transfer-learning report</h1>",
     ]
     if rep["banner"]:
         parts.append(f"<p class='banner'>{esc(rep['banner'])}</p>")
+    parts.append("<h2>What the numbers mean</h2><ul>")
+    parts += [f"<li>{esc(t)}</li>" for t in rep["explain"].values()]
+    parts.append("</ul>")
     parts.append(
-        "<table><tr><th>rank</th><th>head</th><th>pooling</th><th>views</th><th>CV accuracy</th>"
-        "<th>± std</th><th>folds</th><th>validation accuracy</th><th>train</th><th>validation</th>"
-        "</tr>"
+        "<table><tr><th>rank</th><th>run</th><th>head</th><th>pooling</th><th>views</th>"
+        "<th>CV accuracy</th><th>± std of folds</th><th>folds</th><th>vs best (paired)</th>"
+        "<th>validation accuracy</th><th>train</th><th>validation</th></tr>"
     )
     for i, e in enumerate(rep["results"], 1):
         parts.append(
-            f"<tr><td>{i}</td><td>{esc(e['run'])}</td><td>{e['pooling']}</td><td>{e['views']}</td>"
+            f"<tr><td>{i}</td><td>{esc(e['run'])}</td><td>{esc(e['head'])}</td>"
+            f"<td>{esc(e['pooling'])}</td><td>{e['views']}</td>"
             f"<td>{e['cv_accuracy_mean']:.4f}</td><td>{e['cv_accuracy_std']:.4f}</td>"
-            f"<td>{e['cv_folds']}</td><td>{_fmt(e['validation_accuracy'])}</td>"
+            f"<td>{e['cv_folds']}</td><td>{esc(_vs(e, i))}</td>"
+            f"<td>{_fmt(e['validation_accuracy'])}</td>"
             f"<td>{e['n_train']}</td><td>{e['n_validation']}</td></tr>"
         )
     parts.append("</table>")
+    if not rep["results"]:
+        parts.append("<p>No current run: rerun <code>make train-head</code>.</p>")
+    if rep["stale"]:
+        parts.append(f"<h2>Stale runs ({len(rep['stale'])}), not ranked</h2><ul class='stale'>")
+        parts += [
+            f"<li>{esc(e['run'])}: CV {e['cv_accuracy_mean']:.4f}; {esc(e['stale_reason'])}</li>"
+            for e in rep["stale"]
+        ]
+        parts.append("</ul>")
     for e in rep["results"]:
         img = base64.b64encode((folder / e["confusion_png"]).read_bytes()).decode()
         parts.append(f"<h2>{esc(e['run'])}</h2>")
@@ -257,6 +362,18 @@ def _html(rep: dict[str, Any], folder: Path) -> str:
         parts.append("<h2>Learning curve</h2>")
         parts.append(f"<img alt='learning curve' src='data:image/png;base64,{img}'>")
         parts.append(f"<p>{esc(c['advice'])}</p>")
+    for title, groups in _dup_lines(rep.get("duplicates")):
+        parts.append(f"<h2>Identical files: {esc(title)} ({len(groups)})</h2><ul>")
+        parts += [
+            "<li>"
+            + " = ".join(
+                f"<code>{esc(f['path'])}</code> ({esc(f['class'])}, {esc(f['split'])})"
+                for f in g["files"]
+            )
+            + "</li>"
+            for g in groups
+        ]
+        parts.append("</ul>")
     parts.append(f"<h2>Skipped images ({len(rep['skipped'])})</h2><ul>")
     parts += [f"<li><code>{esc(s['path'])}</code>: {esc(s['reason'])}</li>" for s in rep["skipped"]]
     parts.append("</ul></body></html>")

@@ -5,8 +5,10 @@ Layout (N rows, one per image):
   /paths    (N,) UTF-8, relative to DATA        /labels (N,) int32 into /classes
   /split    (N,) 'train' | 'validation'         /sha256 (N,) content hash of each file
   /classes  (C,) UTF-8 class names
+  /view     (N,) int16: 0 the image itself, k its k-th augmented view
+  /embedded_with (N,) int16 into attrs `embedders`: the decoder/framework versions of each row
   /skipped/paths, /skipped/reasons, /skipped/sha256   files that could not be read, and why
-  attrs: cache_key, settings (JSON), and each setting by name, environment (JSON), ...
+  attrs: cache_key, data_id, settings (JSON), embedders (JSON), each setting by name, environment
 
 Crash safety: the .h5 file is only ever replaced whole (write to a temporary file, fsync, rename).
 New features first go to a journal of per-batch `.npz` files (each written atomically), which a
@@ -32,7 +34,7 @@ import numpy as np
 
 from pipeline.errors import UserError
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: data_id, per-row embedded_with and embedders
 STR = h5py.string_dtype("utf-8")
 POOLINGS = ("avg", "max", "flatten")
 CHUNK_ROWS = 256
@@ -84,6 +86,16 @@ def cache_key(settings: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()
 
 
+def data_id(
+    paths: list[str], sha256: list[str], labels: list[int], split: list[str], classes: list[str]
+) -> str:
+    """SHA-256 of what a cache says about the images: every row's path, content, label, split."""
+    h = hashlib.sha256(json.dumps(classes).encode())
+    for row in sorted(zip(paths, sha256, (int(v) for v in labels), split, strict=True)):
+        h.update(json.dumps(row).encode())
+    return h.hexdigest()
+
+
 @dataclass
 class Index:
     """A cache file's rows and attributes, without the features themselves."""
@@ -97,11 +109,14 @@ class Index:
     skipped: list[dict[str, str]]
     attrs: dict[str, Any]
     view: list[int] = field(default_factory=list)
+    embedded_with: list[int] = field(default_factory=list)
     row_of: dict[str, int] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if not self.view:
             self.view = [0] * len(self.paths)
+        if not self.embedded_with:
+            self.embedded_with = [0] * len(self.paths)
         self.row_of = {
             ident(h, v): i for i, (h, v) in enumerate(zip(self.sha256, self.view, strict=True))
         }
@@ -120,7 +135,7 @@ def _attrs(f: h5py.File) -> dict[str, Any]:
             v = v.item()
         if isinstance(v, np.ndarray):
             v = v.tolist()
-        if isinstance(v, str) and k in ("settings", "environment", "extra"):
+        if isinstance(v, str) and k in ("settings", "environment", "extra", "embedders"):
             v = json.loads(v)
         out[k] = v
     return out
@@ -155,38 +170,52 @@ def open_cache(path: Path) -> Iterator[h5py.File]:
         f.close()
 
 
+def read_attrs(path: Path) -> dict[str, Any]:
+    """A cache's attributes alone (cheap: no rows are read)."""
+    with open_cache(path) as f:
+        return _attrs(f)
+
+
 def read_index(path: Path, expect_key: str | None = None) -> Index:
     """Read a cache's rows and attributes; check its key when one is expected."""
     with open_cache(path) as f:
-        attrs = _attrs(f)
-        if expect_key is not None and attrs.get("cache_key") != expect_key:
-            raise CacheError(
-                f"feature cache '{path}' was made with other settings "
-                f"(key {str(attrs.get('cache_key'))[:12]}, expected {expect_key[:12]})"
+        return index_of(f, path, expect_key)
+
+
+def index_of(f: h5py.File, path: Path, expect_key: str | None = None) -> Index:
+    """The rows and attributes of the open cache `f`."""
+    attrs = _attrs(f)
+    if expect_key is not None and attrs.get("cache_key") != expect_key:
+        raise CacheError(
+            f"feature cache '{path}' was made with other settings "
+            f"(key {str(attrs.get('cache_key'))[:12]}, expected {expect_key[:12]})"
+        )
+    try:
+        sk = f["skipped"]
+        skipped = [
+            {"path": p, "reason": r, "sha256": h}
+            for p, r, h in zip(
+                _strs(sk["paths"]), _strs(sk["reasons"]), _strs(sk["sha256"]), strict=True
             )
-        try:
-            sk = f["skipped"]
-            skipped = [
-                {"path": p, "reason": r, "sha256": h}
-                for p, r, h in zip(
-                    _strs(sk["paths"]), _strs(sk["reasons"]), _strs(sk["sha256"]), strict=True
-                )
-            ]
-            return Index(
-                path=path,
-                paths=_strs(f["paths"]),
-                sha256=_strs(f["sha256"]),
-                labels=f["labels"][()].astype(np.int64),
-                split=_strs(f["split"]),
-                classes=_strs(f["classes"]),
-                skipped=skipped,
-                attrs=attrs,
-                view=f["view"][()].astype(int).tolist() if "view" in f else [],
-            )
-        except (KeyError, OSError, ValueError) as e:
-            raise CacheError(
-                f"feature cache '{path}' is damaged ({e}); delete it and rerun `make features`"
-            ) from None
+        ]
+        return Index(
+            path=path,
+            paths=_strs(f["paths"]),
+            sha256=_strs(f["sha256"]),
+            labels=f["labels"][()].astype(np.int64),
+            split=_strs(f["split"]),
+            classes=_strs(f["classes"]),
+            skipped=skipped,
+            attrs=attrs,
+            view=f["view"][()].astype(int).tolist() if "view" in f else [],
+            embedded_with=(
+                f["embedded_with"][()].astype(int).tolist() if "embedded_with" in f else []
+            ),
+        )
+    except (KeyError, OSError, ValueError) as e:
+        raise CacheError(
+            f"feature cache '{path}' is damaged ({e}); delete it and rerun `make features`"
+        ) from None
 
 
 def _str_ds(g: h5py.Group, name: str, values: list[str]) -> None:
@@ -228,12 +257,15 @@ def write_cache(
             _str_ds(f, "split", [r["split"] for r in rows])
             f.create_dataset("labels", data=np.array([r["label"] for r in rows], dtype=np.int32))
             f.create_dataset("view", data=np.array([r.get("view", 0) for r in rows], np.int16))
+            f.create_dataset(
+                "embedded_with", data=np.array([r.get("embedded_with", 0) for r in rows], np.int16)
+            )
             _str_ds(f, "classes", classes)
             g = f.create_group("skipped")
             for name, key in (("paths", "path"), ("reasons", "reason"), ("sha256", "sha256")):
                 _str_ds(g, name, [s[key] for s in skipped])
             for k, v in attrs.items():
-                if isinstance(v, dict):
+                if isinstance(v, dict) or (isinstance(v, list) and v and isinstance(v[0], dict)):
                     v = json.dumps(v)
                 elif isinstance(v, list):
                     v = np.asarray(v)
@@ -267,8 +299,13 @@ class Features:
 
 def load_features(path: Path, pooling: str, split: str, max_view: int = 0) -> Features:
     """Read and pool the rows of `split` (views up to `max_view`) block by block."""
+    with open_cache(path) as f:
+        return features_of(f, index_of(f, path), pooling, split, max_view)
+
+
+def features_of(f: h5py.File, idx: Index, pooling: str, split: str, max_view: int = 0) -> Features:
+    """Pooled rows of `split` from the open cache `f` (one consistent version of the file)."""
     pool(np.zeros((1, 1, 1, 1), np.float32), pooling)  # validates the name first
-    idx = read_index(path)
     rows = np.array(
         [
             i
@@ -277,11 +314,8 @@ def load_features(path: Path, pooling: str, split: str, max_view: int = 0) -> Fe
         ],
         dtype=np.int64,
     )
-    with open_cache(path) as f:
-        ds = f["features"]
-        blocks = [
-            pool(ds[rows[i : i + CHUNK_ROWS]], pooling) for i in range(0, len(rows), CHUNK_ROWS)
-        ]
+    ds = f["features"]
+    blocks = [pool(ds[rows[i : i + CHUNK_ROWS]], pooling) for i in range(0, len(rows), CHUNK_ROWS)]
     d = int(np.prod(f_shape(idx))) if pooling == "flatten" else f_shape(idx)[-1]
     X = np.concatenate(blocks) if blocks else np.zeros((0, d), np.float32)
     return Features(

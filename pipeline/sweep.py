@@ -1,8 +1,9 @@
 """`make sweep`: heads x pooling x augmentation on the cache alone, ranked, plus a learning curve.
 
-Every combination goes through `train_head` (nested cross-validation, saved, in the report). The
-learning curve refits the best combination on growing numbers of training images per class,
-scored on the same outer folds, to tell whether more images would help.
+Every combination goes through `train_head` (nested cross-validation, saved, in the report), on
+the same outer folds. The learning curve refits the best combination on growing numbers of
+training images per class, scored on those same outer folds (so its last point is the ranking's
+own figure, with the same optimism as the pick), to tell whether more images would help.
 """
 
 from __future__ import annotations
@@ -13,18 +14,12 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from sklearn.model_selection import StratifiedKFold
 
-from pipeline import heads, store
+from pipeline import evaluate, heads, layout, store
 from pipeline.errors import UserError
-from pipeline.features import current_cache
-from pipeline.train import train_head
+from pipeline.train import load, train_head
 
 Log = Callable[[str], None]
-
-
-def sweep_dir(artifacts: Path) -> Path:
-    return Path(artifacts) / "sweep"
 
 
 def _split(value: str, kind: type) -> list[Any]:
@@ -68,11 +63,21 @@ def run_sweep(
     results.sort(key=lambda r: -r["cv_accuracy_mean"])
     best = results[0]
     log(f"best: {best['run']} {best['cv_accuracy_mean']:.4f} ± {best['cv_accuracy_std']:.4f}")
-    curve = learning_curve(artifacts, best["head"], best["pooling"], folds, seed, curve_points)
-    out = {"ranking": results, "learning_curve": curve}
-    d = sweep_dir(artifacts)
-    d.mkdir(parents=True, exist_ok=True)
-    (d / "sweep.json").write_text(json.dumps(out, indent=1))
+    cache = layout.current_cache(artifacts)
+    curve = learning_curve(cache, best["head"], best["pooling"], folds, seed, curve_points)
+    attrs = store.read_attrs(cache)
+    out = {
+        "ranking": results,
+        "learning_curve": curve,
+        "features": {
+            "file": cache.name,
+            "cache_key": attrs["cache_key"],
+            "data_id": attrs["data_id"],
+        },
+    }
+    path = layout.sweep_file(artifacts)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(out, indent=1))
     for pt in curve["points"]:
         log(
             f"learning curve: {pt['per_class']:>5} images/class -> "
@@ -83,28 +88,31 @@ def run_sweep(
 
 
 def learning_curve(
-    artifacts: Path, head: str, pooling: str, folds: int, seed: int, points: int = 5
+    cache: Path, head: str, pooling: str, folds: int, seed: int, points: int = 5
 ) -> dict[str, Any]:
-    """CV accuracy of `head` when each class gets only n training images, for growing n."""
+    """CV accuracy of `head` when each class gets only n training images, for growing n.
+
+    Scored on the same group-aware outer folds as every run on this cache and seed.
+    """
     info = heads.get(head)
-    tr = store.load_features(current_cache(artifacts), pooling, "train")
-    counts = np.bincount(tr.y)
+    ts = load(cache, pooling).train
+    counts = np.bincount(ts.y)
     counts = counts[counts > 0]
     k = int(min(folds, counts.min()))
     largest = int(counts.min() * (k - 1) / k)  # images per class available in every fold
     sizes = sorted({int(round(v)) for v in np.geomspace(min(3, largest), largest, points)})
     sizes = [s for s in sizes if s >= 2]
     rng = np.random.default_rng(seed)
-    splits = list(StratifiedKFold(k, shuffle=True, random_state=seed).split(tr.X, tr.y))
+    splits, _ = evaluate.splits(ts, k, seed)
     pts = []
     for n in sizes:
         accs = []
         for train_idx, test_idx in splits:
             sub = np.concatenate(
-                [rng.permutation(train_idx[tr.y[train_idx] == c])[:n] for c in np.unique(tr.y)]
+                [rng.permutation(train_idx[ts.y[train_idx] == c])[:n] for c in np.unique(ts.y)]
             )
-            est = heads.factory(info, {}, seed)(tr.y[sub]).fit(tr.X[sub], tr.y[sub])
-            accs.append(float(np.mean(est.predict(tr.X[test_idx]) == tr.y[test_idx])))
+            est = heads.fit(heads.make(info, {}, seed), ts.X[sub], ts.y[sub], ts.groups[sub])
+            accs.append(float(np.mean(est.predict(ts.X[test_idx]) == ts.y[test_idx])))
         pts.append(
             {
                 "per_class": n,

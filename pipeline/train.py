@@ -1,8 +1,8 @@
 """`make train-head`: cross-validate a head on cached features, score it on validation, save it.
 
 Reads only the HDF5 cache: the backbone is never run here, and the scikit-learn heads never
-import TensorFlow. Each run writes `ARTIFACTS/heads/<run>/` with the fitted head and
-`result.json` (metrics, settings, seed, package versions).
+import TensorFlow. Each run is written whole by `pipeline.runs`: the fitted head and
+`result.json` (metrics, settings, seed, package versions, the cache by key and content).
 """
 
 from __future__ import annotations
@@ -11,29 +11,55 @@ import json
 import os
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from pipeline import evaluate, heads, store
+from pipeline import duplicates, evaluate, heads, layout, runs, store
 from pipeline.errors import UserError
-from pipeline.features import current_cache
 from pipeline.provenance import environment
 from pipeline.seeding import set_seeds
 
 Log = Callable[[str], None]
 
 
-def heads_dir(artifacts: Path) -> Path:
-    return Path(artifacts) / "heads"
-
-
-def run_name(head: str, pooling: str, params: dict[str, Any], tag: str = "") -> str:
+def run_base(head: str, pooling: str, params: dict[str, Any], views: int = 0) -> str:
+    """The readable part of a run's name: head, pooling, fixed settings, views."""
     parts = [head, pooling] + [f"{k}={v}" for k, v in sorted(params.items())]
-    if tag:
-        parts.append(tag)
+    if views:
+        parts.append(f"views={views}")
     return "-".join(parts).replace("/", "_")
+
+
+@dataclass
+class Loaded:
+    """What a head learns from and is validated on, read from one version of the cache."""
+
+    index: store.Index
+    train: evaluate.TrainSet
+    validation: store.Features
+    augmented: dict[str, Any] | None
+
+
+def load(path: Path, pooling: str, views: int = 0) -> Loaded:
+    """Read the cache once (one open file: a concurrent `make features` cannot mix versions)."""
+    with store.open_cache(path) as f:
+        idx = store.index_of(f, path)
+        tr = store.features_of(f, idx, pooling, "train")
+        va = store.features_of(f, idx, pooling, "validation")
+    ts = evaluate.TrainSet(
+        X=tr.X,
+        y=tr.y,
+        groups=evaluate.groups_of(tr.sha256),
+        original=np.ones(len(tr.y), dtype=bool),
+        sha256=tr.sha256,
+    )
+    aug = None
+    if views:
+        ts, aug = _with_views(path, idx, ts, pooling, views)
+    return Loaded(index=idx, train=ts, validation=va, augmented=aug)
 
 
 def train_head(
@@ -54,14 +80,12 @@ def train_head(
     p = heads.parse_params(info, params or {})
     pooling = pooling or info.default_pooling
     set_seeds(seed)
-    path = Path(features) if features else current_cache(artifacts)
-    idx = store.read_index(path)
-    tr = store.load_features(path, pooling, "train")
-    va = store.load_features(path, pooling, "validation")
+    path = Path(features) if features else layout.current_cache(artifacts)
+    if info.needs_layer and pooling != "flatten":
+        raise UserError(f"HEAD={head} takes the whole map: POOL must be flatten, not {pooling}")
+    data = load(path, pooling, views)
+    idx, ts, va = data.index, data.train, data.validation
     classes = idx.classes
-    groups = mask = None
-    if views:
-        tr, groups, mask = _with_views(path, tr, pooling, views)
     if idx.attrs.get("random_weights"):
         log(f"*** {idx.attrs.get('banner', 'RANDOM WEIGHTS')} ***")
     context = {
@@ -75,120 +99,136 @@ def train_head(
                 f"HEAD={head} needs the {info.needs_layer} cache, this one is "
                 f"{idx.attrs.get('layer')}; run `make finetune` (it caches {info.needs_layer} once)"
             )
-        if pooling != "flatten":
-            raise UserError(f"HEAD={head} takes the whole map: POOL must be flatten, not {pooling}")
         from pipeline.backbone import spec_from_settings
 
-        spec_from_settings(idx.attrs["settings"])  # the weights file must still be the same
+        # the weights file must still be the same
+        spec_from_settings(idx.attrs["settings"], hint=idx.attrs.get("weights"))
+    dups = duplicates.find(idx.paths, idx.sha256, idx.labels.tolist(), idx.split, classes)
+    for w in duplicates.lines(dups):
+        log(w)
     if n_jobs is None:
         n_jobs = min(folds, os.cpu_count() or 1) if info.parallel_folds else 1
+    n_orig = int(ts.original.sum())
     log(
-        f"{head} on {pooling} features {tr.X.shape[1]}-d: {len(tr.y)} train, "
-        f"{len(va.y)} validation images, {len(classes)} classes"
+        f"{head} on {pooling} features {ts.X.shape[1]}-d: {n_orig} train"
+        + (f" (+{len(ts.y) - n_orig} augmented views)" if views else "")
+        + f", {len(va.y)} validation images, {len(classes)} classes"
     )
     t_cv = time.perf_counter()
     cv = evaluate.cross_validate(
-        heads.factory(info, p, seed, context=context),
-        tr.X,
-        tr.y,
-        classes,
-        folds,
-        seed,
-        n_jobs=n_jobs,
-        groups=groups,
-        evaluate_mask=mask,
-        log=log,
+        heads.make(info, p, seed, context), ts, classes, folds, seed, n_jobs=n_jobs, log=log
     )
     cv_s = time.perf_counter() - t_cv
     log(
         f"cross-validated accuracy {cv['accuracy_mean']:.4f} ± {cv['accuracy_std']:.4f} "
-        f"over {cv['folds']} folds: {', '.join(f'{a:.3f}' for a in cv['fold_accuracies'])}"
+        f"(± = standard deviation of the {cv['folds']} fold accuracies): "
+        f"{', '.join(f'{a:.3f}' for a in cv['fold_accuracies'])}"
     )
     t_fit = time.perf_counter()
-    final = heads.factory(info, p, seed, final=True, context=context)(tr.y).fit(tr.X, tr.y)
+    final = heads.fit(heads.make(info, p, seed, context), ts.X, ts.y, ts.groups)
     fit_s = time.perf_counter() - t_fit
     validation = None
     if len(va.y):
-        pred = final.predict(va.X)
+        proba = final.predict_proba(va.X)
+        pred = final.classes_[np.argmax(proba, axis=1)]
         validation = evaluate.metrics(va.y, pred, classes)
-        validation["wrong"] = [
-            {"path": va.paths[i], "true": classes[va.y[i]], "pred": classes[pred[i]]}
-            for i in np.flatnonzero(pred != va.y)[:200]
+        validation["predictions"] = [
+            {
+                "path": va.paths[i],
+                "true": classes[int(va.y[i])],
+                "pred": classes[int(pred[i])],
+                "probability": float(proba[i].max()),
+            }
+            for i in range(len(va.y))
         ]
         log(f"validation accuracy {validation['accuracy']:.4f} on {len(va.y)} images")
-    name = run_name(head, pooling, p, tag=f"views={views}" if views else "")
-    out_dir = heads_dir(artifacts) / name
-    saved = heads.save_head(final, out_dir)
+    key, did = idx.attrs.get("cache_key"), idx.attrs.get("data_id")
+    name = runs.run_name(run_base(head, pooling, p, views), key, did, seed, folds)
     result = {
-        "run": name,
         "head": head,
         "description": info.description,
         "pooling": pooling,
         "params": p,
         "final_params": heads.chosen_params(final),
         "seed": seed,
+        "folds_asked": folds,
         "classes": classes,
-        "n_train": int(len(tr.y) if mask is None else mask.sum()),
+        "n_train": n_orig,
         "views": views,
-        "n_train_rows": int(len(tr.y)),
+        "n_train_rows": int(len(ts.y)),
         "n_validation": int(len(va.y)),
-        "feature_dim": int(tr.X.shape[1]),
+        "feature_dim": int(ts.X.shape[1]),
         "cv": cv,
         "validation": validation,
+        "duplicates": dups,
         "features": {
-            "path": str(path),
-            "cache_key": idx.attrs.get("cache_key"),
+            "file": path.name,
+            "cache_key": key,
+            "data_id": did,
             "settings": idx.attrs.get("settings"),
+            "weights": idx.attrs.get("weights"),
+            "embedders": idx.attrs.get("embedders"),
             "random_weights": bool(idx.attrs.get("random_weights", False)),
             "n_skipped": len(idx.skipped),
+            "augmented": data.augmented,
         },
-        "saved": [s.name for s in saved],
         "timing_s": {"cv": cv_s, "final_fit": fit_s, "total": time.perf_counter() - t0},
         "environment": environment(),
     }
-    tmp = out_dir / "result.json.tmp"
-    tmp.write_text(json.dumps(result, indent=1))
-    os.replace(tmp, out_dir / "result.json")
+    out_dir = runs.write_run(artifacts, name, result, lambda d: heads.save_head(final, d))
+    result = json.loads((out_dir / runs.RESULT).read_text(encoding="utf-8"))
     log(f"saved {out_dir}")
     return result
 
 
 def _with_views(
-    path: Path, tr: store.Features, pooling: str, views: int
-) -> tuple[store.Features, np.ndarray, np.ndarray]:
-    """Originals plus their cached augmented views; groups tie each view to its image."""
-    from pipeline.features import augment_path
+    path: Path, idx: store.Index, ts: evaluate.TrainSet, pooling: str, views: int
+) -> tuple[evaluate.TrainSet, dict[str, Any]]:
+    """Originals plus views 1..`views` of each, labelled by their image in the current cache.
 
-    apath = augment_path(path)
+    A view's label is always its source image's label now (by content hash), never the one it
+    had when it was embedded; an image without all its views is refused with the fix.
+    """
+    from pipeline.features import augment_settings
+
+    apath = layout.augment_path(path)
+    fix = f"run `make features AUGMENT={views}` (same settings as the cache)"
     if not apath.is_file():
+        raise UserError(f"VIEWS={views} needs cached augmented views; {fix}")
+    with store.open_cache(apath) as f:
+        aidx = store.index_of(f, apath)
+        aset = aidx.attrs.get("settings", {})
+        if aset != augment_settings(idx.attrs["settings"], aset.get("augment_seed", -1)):
+            raise UserError(
+                f"the augmented views in '{apath.name}' were made with other settings "
+                f"than '{path.name}' or another augmentation; {fix}"
+            )
+        aug = store.features_of(f, aidx, pooling, "train", max_view=views)
+    row_of = {
+        store.ident(h, int(v)): i for i, (h, v) in enumerate(zip(aug.sha256, aug.view, strict=True))
+    }
+    src, vrows = [], []
+    missing = []
+    for i, h in enumerate(ts.sha256):
+        for v in range(1, views + 1):
+            r = row_of.get(store.ident(h, v))
+            if r is None:
+                missing.append(i)
+                break
+            src.append(i)
+            vrows.append(r)
+    if missing:
         raise UserError(
-            f"VIEWS={views} needs cached augmented views; run `make features AUGMENT={views}` first"
+            f"{len(set(missing))} training image(s) have fewer than {views} cached augmented "
+            f"views (new since the last AUGMENT run?); {fix}"
         )
-    aug = store.load_features(apath, pooling, "train", max_view=views)
-    have = int(aug.view.max(initial=0))
-    if have < views:
-        raise UserError(
-            f"the cache holds {have} augmented views per image, VIEWS={views} asked; "
-            f"run `make features AUGMENT={views}`"
-        )
-    keep = np.isin(aug.sha256, tr.sha256)
-    group_of = {h: i for i, h in enumerate(dict.fromkeys(tr.sha256))}
-    X = np.concatenate([tr.X, aug.X[keep]])
-    y = np.concatenate([tr.y, aug.y[keep]])
-    sha = tr.sha256 + [h for h, k in zip(aug.sha256, keep, strict=True) if k]
-    view = np.concatenate([tr.view, aug.view[keep]])
-    paths = tr.paths + [p for p, k in zip(aug.paths, keep, strict=True) if k]
-    groups = np.array([group_of[h] for h in sha])
-    both = store.Features(X=X, y=y, paths=paths, sha256=sha, view=view)
-    return both, groups, view == 0
-
-
-def load_results(artifacts: Path) -> list[dict[str, Any]]:
-    """Every trained head's result, best cross-validated accuracy first."""
-    out = []
-    for p in sorted(heads_dir(artifacts).glob("*/result.json")):
-        try:
-            out.append(json.loads(p.read_text()))
-        except (OSError, json.JSONDecodeError):
-            continue
-    return sorted(out, key=lambda r: -r["cv"]["accuracy_mean"])
+    src_a, vrows_a = np.array(src, dtype=np.int64), np.array(vrows, dtype=np.int64)
+    both = evaluate.TrainSet(
+        X=np.concatenate([ts.X, aug.X[vrows_a]]) if len(vrows_a) else ts.X,
+        y=np.concatenate([ts.y, ts.y[src_a]]),
+        groups=np.concatenate([ts.groups, ts.groups[src_a]]),
+        original=np.concatenate([ts.original, np.zeros(len(src_a), dtype=bool)]),
+        sha256=ts.sha256 + [ts.sha256[i] for i in src],
+    )
+    info = {"file": apath.name, "cache_key": aidx.attrs.get("cache_key")}
+    return both, info

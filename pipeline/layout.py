@@ -1,0 +1,78 @@
+"""Where things live in ARTIFACTS: the one module that knows the folder conventions.
+
+ARTIFACTS/
+  features/<backbone>-<layer>-<size>-<key12>.h5   a feature cache (+ `-augmented.h5` views)
+  features/current                                 name of the cache the latest `features` wrote
+  heads/<run>/                                     one trained head: result.json + saved files
+  sweep/sweep.json                                 the latest sweep's ranking and learning curve
+  report/report.{json,md,html}                     the report
+  predictions.csv                                  the latest `predict` output (default)
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from pipeline.errors import UserError
+
+
+def features_dir(artifacts: Path) -> Path:
+    return Path(artifacts) / "features"
+
+
+def cache_path(artifacts: Path, name: str, layer: str, size: int, key: str) -> Path:
+    """The cache file of one setting: its name says what it is, its key what made it."""
+    return features_dir(artifacts) / f"{name}-{layer}-{size}-{key[:12]}.h5"
+
+
+def augment_path(cache: Path) -> Path:
+    """Where the augmented views of the cache at `cache` live."""
+    cache = Path(cache)
+    return cache.with_name(cache.stem + "-augmented.h5")
+
+
+def journal_path(cache: Path) -> Path:
+    return Path(cache).with_suffix(".journal")
+
+
+def current_cache(artifacts: Path) -> Path:
+    """The cache written by the latest `make features` in this artifacts folder."""
+    ptr = features_dir(artifacts) / "current"
+    if not ptr.is_file():
+        raise UserError(
+            f"no feature cache in '{features_dir(artifacts)}'; run `make features` first"
+        )
+    path = features_dir(artifacts) / ptr.read_text().strip()
+    if not path.is_file():
+        raise UserError(f"feature cache '{path}' is missing; rerun `make features`")
+    return path
+
+
+def set_current(artifacts: Path, cache: Path) -> None:
+    """Point `current` at `cache` atomically."""
+    fdir = features_dir(artifacts)
+    tmp = fdir / f".current.tmp-{os.getpid()}"
+    tmp.write_text(Path(cache).name + "\n")
+    os.replace(tmp, fdir / "current")
+
+
+def cache_by_name(artifacts: Path, name: str) -> Path:
+    """A cache file named in a run's record (records keep names, never absolute paths)."""
+    return features_dir(artifacts) / name
+
+
+def heads_dir(artifacts: Path) -> Path:
+    return Path(artifacts) / "heads"
+
+
+def sweep_file(artifacts: Path) -> Path:
+    return Path(artifacts) / "sweep" / "sweep.json"
+
+
+def report_dir(artifacts: Path) -> Path:
+    return Path(artifacts) / "report"
+
+
+def predictions_file(artifacts: Path) -> Path:
+    return Path(artifacts) / "predictions.csv"

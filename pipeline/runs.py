@@ -1,0 +1,180 @@
+"""Trained runs: written whole, listed, loaded after a hash check, and told current or stale.
+
+A run is one folder `ARTIFACTS/heads/<run>/`: `result.json` (metrics, settings, the cache it was
+trained on by key and content, the SHA-256 of every saved file) and the saved head. It is
+written in a temporary folder and renamed into place, so a reader sees a whole run or none.
+Its name carries a short id of the cache key, the cache's content, the seed and the folds, so
+runs on different caches never share a folder.
+
+A run is *current* when the cache it was trained on is still on disk unchanged (same key, same
+content) and describes the same images, labels and splits as the latest `make features`;
+otherwise it is *stale*: shown apart, never ranked with current runs, never picked by default.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from pipeline import layout, store
+from pipeline.errors import UserError
+
+RESULT = "result.json"
+
+
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def run_name(base: str, cache_key: str, data_id: str, seed: int, folds: int) -> str:
+    """`<head>-<pooling>[-settings][-views=K]--<id>`, the id from the cache and the CV settings."""
+    rid = hashlib.sha256(json.dumps([cache_key, data_id, seed, folds]).encode()).hexdigest()
+    return f"{base}--{rid[:10]}"
+
+
+def base_of(name: str) -> str:
+    return name.split("--")[0]
+
+
+def write_run(
+    artifacts: Path, name: str, result: dict[str, Any], save: Callable[[Path], list[Path]]
+) -> Path:
+    """Write a run whole: `save(folder)` writes the head's files, then result.json with hashes."""
+    hdir = layout.heads_dir(artifacts)
+    hdir.mkdir(parents=True, exist_ok=True)
+    tmp = hdir / f".tmp-{name}-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    final, old = hdir / name, hdir / f".old-{name}-{os.getpid()}"
+    try:
+        files = save(tmp)
+        result = {**result, "run": name, "files": {p.name: file_sha256(p) for p in files}}
+        with open(tmp / RESULT, "w", encoding="utf-8") as fh:
+            fh.write(json.dumps(result, indent=1))
+            fh.flush()
+            os.fsync(fh.fileno())
+        if final.exists():
+            os.rename(final, old)
+        os.rename(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def _current_cache(artifacts: Path) -> tuple[dict[str, Any] | None, str]:
+    try:
+        return store.read_attrs(layout.current_cache(artifacts)), ""
+    except UserError as e:
+        return None, str(e)
+
+
+def status(
+    result: dict[str, Any], artifacts: Path, current: dict[str, Any] | None
+) -> tuple[bool, str]:
+    """(current?, why not) for one run against the latest `make features` cache."""
+    feats = result.get("features", {})
+    if "data_id" not in feats or "file" not in feats:
+        return False, "made by an older version of the pipeline (no cache identity recorded)"
+    if current is None:
+        return False, "no current feature cache: run `make features`"
+    if feats["data_id"] != current.get("data_id"):
+        return False, "trained on other images, labels or splits than the current cache"
+    path = layout.cache_by_name(artifacts, feats["file"])
+    try:
+        attrs = store.read_attrs(path)
+    except UserError:
+        return False, f"its feature cache '{feats['file']}' is gone or damaged"
+    if attrs.get("cache_key") != feats["cache_key"] or attrs.get("data_id") != feats["data_id"]:
+        return False, f"its feature cache '{feats['file']}' has changed since"
+    return True, ""
+
+
+def list_runs(artifacts: Path) -> list[dict[str, Any]]:
+    """Every run with `current` and `stale_reason` added: current ones first, best CV first."""
+    current, _ = _current_cache(artifacts)
+    out = []
+    for p in sorted(layout.heads_dir(artifacts).glob(f"*/{RESULT}")):
+        if p.parent.name.startswith("."):
+            continue
+        try:
+            r = json.loads(p.read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError):
+            continue
+        r["current"], r["stale_reason"] = status(r, artifacts, current)
+        out.append(r)
+    return sorted(out, key=lambda r: (not r["current"], -r["cv"]["accuracy_mean"], r["run"]))
+
+
+def pick(artifacts: Path, run: str | None = None) -> dict[str, Any]:
+    """The named run (full name, or a base name with one current match), or the best current."""
+    runs = list_runs(artifacts)
+    if not runs:
+        raise UserError(
+            f"no trained heads in '{layout.heads_dir(artifacts)}'; run `make train-head` first"
+        )
+    current = [r for r in runs if r["current"]]
+    if run is None:
+        if not current:
+            raise UserError(
+                f"every trained head in '{layout.heads_dir(artifacts)}' is stale "
+                f"({runs[0]['run']}: {runs[0]['stale_reason']}); rerun `make train-head`, or "
+                "name one with RUN="
+            )
+        return current[0]
+    exact = [r for r in runs if r["run"] == run]
+    if exact:
+        return exact[0]
+    by_base = [r for r in current if base_of(r["run"]) == run]
+    if len(by_base) == 1:
+        return by_base[0]
+    if len(by_base) > 1:
+        raise UserError(
+            f"RUN '{run}' matches {len(by_base)} current runs "
+            f"({', '.join(r['run'] for r in by_base)}); give the full name"
+        )
+    names = ", ".join(r["run"] for r in current) or "none current"
+    raise UserError(f"RUN '{run}' is not a trained head; current runs: {names}")
+
+
+def folder(artifacts: Path, result: dict[str, Any]) -> Path:
+    return layout.heads_dir(artifacts) / result["run"]
+
+
+def verify(artifacts: Path, result: dict[str, Any]) -> Path:
+    """The run's folder, after checking every saved file against the hash its run recorded.
+
+    Heads are pickles: a file that is not the one this pipeline wrote is never loaded.
+    """
+    d = folder(artifacts, result)
+    files = result.get("files")
+    if not files:
+        raise UserError(
+            f"run '{result['run']}' records no file hashes (made by an older version); "
+            "rerun `make train-head`"
+        )
+    for name, want in files.items():
+        p = d / name
+        if not p.is_file() or file_sha256(p) != want:
+            raise UserError(
+                f"'{p}' is not the file run '{result['run']}' saved (SHA-256 differs or missing); "
+                "refusing to load it: rerun `make train-head`"
+            )
+    return d
+
+
+def load_estimator(artifacts: Path, result: dict[str, Any]) -> Any:
+    """The run's fitted head, loaded only after its files pass `verify`."""
+    from pipeline import heads
+
+    return heads.load_head(verify(artifacts, result))
