@@ -35,6 +35,8 @@ def decode(src: Source, size: int, augment_seed: int) -> np.ndarray | str:
         return str(e)
     except MemoryError:
         return "image too large to decode in memory"
+    except Exception as e:  # any decoder bug skips this one file; the run goes on
+        return f"could not decode ({type(e).__name__}: {str(e)[:160]})"
     if src.view:
         arr = images.augment(arr, images.view_rng(augment_seed, src.sha256 or "", src.view))
     return arr

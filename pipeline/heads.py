@@ -107,11 +107,11 @@ class TuneThenCalibrate(ClassifierMixin, BaseEstimator):
         tuned = fit(clone(self.estimator), X, y, groups)
         self.chosen_params_ = chosen_params(tuned)
         best = tuned.best_estimator_ if isinstance(tuned, GridSearchCV) else tuned
-        self.calibrated_ = CalibratedClassifierCV(clone(best), cv=self.cv, ensemble=False)
-        if groups is not None:
-            self.calibrated_.fit(X, y, groups=groups)
-        else:
-            self.calibrated_.fit(X, y)
+        # The folds are drawn here, with the groups: with ensemble=False, scikit-learn (1.9)
+        # calls the splitter without the routed groups, so a splitter object would ignore them.
+        folds = list(self.cv.split(X, y, groups)) if hasattr(self.cv, "split") else self.cv
+        self.calibrated_ = CalibratedClassifierCV(clone(best), cv=folds, ensemble=False)
+        self.calibrated_.fit(X, y)
         self.classes_ = self.calibrated_.classes_
         return self
 

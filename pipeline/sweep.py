@@ -60,7 +60,7 @@ def run_sweep(
                         "validation_accuracy": (r["validation"] or {}).get("accuracy"),
                     }
                 )
-    results.sort(key=lambda r: -r["cv_accuracy_mean"])
+    results.sort(key=lambda r: (-r["cv_accuracy_mean"], r["run"]))  # ties: by name
     best = results[0]
     log(f"best: {best['run']} {best['cv_accuracy_mean']:.4f} ± {best['cv_accuracy_std']:.4f}")
     cache = layout.current_cache(artifacts)

@@ -8,7 +8,8 @@ from conftest import make_dataset, write_image
 
 from pipeline import evaluate, heads, images, store
 from pipeline.errors import UserError
-from pipeline.features import augment_path, extract
+from pipeline.features import extract
+from pipeline.layout import augment_path
 from pipeline.train import train_head
 
 
@@ -45,36 +46,41 @@ def test_views_are_seeded_per_image_and_view():
     assert not np.array_equal(a, c) and a.shape == arr.shape
 
 
-def test_folds_never_split_the_views_of_one_image():
+def test_every_split_inside_a_fold_keeps_views_together(monkeypatch):
+    """Outer folds, the grid search's inner folds and the calibration folds all respect groups.
+
+    C is tuned (not fixed), so the inner splits really run; on random labels, a split that put
+    one image's views on both sides would let the grid search and the score see through it.
+    """
     rng = np.random.default_rng(0)
     n, k = 50, 5
     groups = np.repeat(np.arange(n), k)
-    y = np.repeat(rng.integers(0, 10, n), k)  # random labels
+    y = np.repeat(rng.integers(0, 3, n), k)  # random labels
     X = np.repeat(rng.normal(size=(n, 20)), k, axis=0) + rng.normal(0, 0.01, (n * k, 20))
-    seen = []
+    sha = [f"{g:064x}" for g in groups]
+    original = np.tile([True] + [False] * (k - 1), n)
+    inner: list[tuple[np.ndarray, np.ndarray]] = []
+    real_split = heads.InnerCV.split
 
-    def make(y_train):
-        seen.append(len(y_train))
-        return heads.factory(heads.get("logreg"), {"C": 1.0}, 0)(y_train)
+    def recording(self, X, y=None, groups=None):
+        for tr, te in real_split(self, X, y, groups):
+            inner.append((groups[tr], groups[te]))
+            yield tr, te
 
-    from sklearn.model_selection import StratifiedGroupKFold
-
-    for tr, te in StratifiedGroupKFold(3, shuffle=True, random_state=0).split(X, y, groups):
-        assert not set(groups[tr]) & set(groups[te])
-    mask = np.tile([True] + [False] * (k - 1), n)
-    cv = evaluate.cross_validate(
-        make,
-        X,
-        y,
-        [str(i) for i in range(10)],
-        3,
-        0,
-        groups=groups,
-        evaluate_mask=mask,
-        log=lambda s: None,
-    )
-    assert cv["accuracy_mean"] < 0.4  # near chance (0.1); leaking views would give ~1.0
-    assert len(cv["oof_pred"]) == n  # scored on originals only
+    monkeypatch.setattr(heads.InnerCV, "split", recording)
+    for name in ("logreg", "svm"):
+        inner.clear()
+        ts = evaluate.TrainSet(X, y, groups, original, sha)
+        cv = evaluate.cross_validate(
+            heads.make(heads.get(name), {}, 0), ts, ["a", "b", "c"], 3, 0, log=lambda s: None
+        )
+        assert inner, f"{name}: no inner split ran"
+        assert all(not set(a) & set(b) for a, b in inner), f"{name}: a group on both sides"
+        assert all(len(p) == 1 and "C" in p for p in cv["fold_params"])  # tuned in every fold
+        assert len(cv["oof_pred"]) == n  # scored on originals only
+        assert cv["accuracy_mean"] < 0.6  # chance is 1/3; leaking views would give ~1.0
+    for tr, te in evaluate.splits(ts, 3, 0)[0]:
+        assert not set(groups[tr]) & set(groups[te]) and original[te].all()
 
 
 def test_train_with_views(augmented, quiet):
@@ -83,7 +89,7 @@ def test_train_with_views(augmented, quiet):
     r = train_head(art, "logreg", folds=3, views=2, log=log)
     assert r["views"] == 2 and r["n_train"] == 18 and r["n_train_rows"] == 54
     assert len(r["cv"]["oof_pred"]) == 18
-    assert r["run"] == "logreg-avg-views=2"
+    assert r["run"].startswith("logreg-avg-views=2--")
     with pytest.raises(UserError, match="run `make features AUGMENT=5`"):
         train_head(art, "logreg", folds=3, views=5, log=log)
 

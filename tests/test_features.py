@@ -12,7 +12,8 @@ from conftest import SIZE, make_dataset, write_image
 
 from pipeline import store
 from pipeline.backbone import BackboneSpec, preprocess
-from pipeline.features import cache_settings, current_cache, extract
+from pipeline.features import cache_settings, extract
+from pipeline.layout import current_cache
 
 
 def test_cache_layout_is_plain_h5py(dataset, tmp_path, spec, quiet):

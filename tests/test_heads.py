@@ -14,7 +14,7 @@ from conftest import make_dataset
 from sklearn.base import clone
 from sklearn.preprocessing import StandardScaler
 
-from pipeline import evaluate, heads
+from pipeline import evaluate, heads, layout, runs, store
 from pipeline.errors import UserError
 from pipeline.features import extract
 from pipeline.train import train_head
@@ -48,9 +48,14 @@ def test_each_head_learns_and_is_saved(cached, head, quiet):
     assert saved["environment"]["packages"]["scikit-learn"]
     assert (folder / "head.joblib").is_file()
     assert (folder / "model.keras").is_file() == (head == "dense")
-    est = heads.load_head(folder)
-    proba = est.predict_proba(np.zeros((2, r["feature_dim"]), np.float32))
+    est = runs.load_estimator(cached, saved)
+    va = store.load_features(layout.current_cache(cached), r["pooling"], "validation")
+    proba = est.predict_proba(va.X)
     np.testing.assert_allclose(proba.sum(axis=1), 1.0, rtol=1e-5)
+    # the saved head predicts what validation reported, and its label is its most probable class
+    np.testing.assert_array_equal(est.predict(va.X), est.classes_[proba.argmax(axis=1)])
+    reported = [p["pred"] for p in saved["validation"]["predictions"]]
+    assert reported == [r["classes"][int(c)] for c in est.predict(va.X)]
 
 
 def test_results_are_repeatable_with_a_seed(cached, quiet):
@@ -88,9 +93,8 @@ def test_scaling_and_tuning_happen_inside_the_folds(monkeypatch):
     X = rng.normal(size=(60, 5))
     y = np.repeat([0, 1, 2], 20)
     info = heads.get("logreg")
-    cv = evaluate.cross_validate(
-        heads.factory(info, {}, 0), X, y, ["a", "b", "c"], 5, 0, log=lambda s: None
-    )
+    ts = evaluate.TrainSet(X, y, np.arange(60), np.ones(60, bool), [str(i) for i in range(60)])
+    cv = evaluate.cross_validate(heads.make(info, {}, 0), ts, ["a", "b", "c"], 5, 0, log=print)
     assert cv["folds"] == 5
     assert RecordingScaler.fitted_rows, "the scaler was never fitted"
     assert max(RecordingScaler.fitted_rows) == 48  # an outer training fold, never all 60 rows
@@ -102,14 +106,9 @@ def test_cv_is_honest_on_random_labels():
     rng = np.random.default_rng(1)
     X = rng.normal(size=(90, 40))
     y = rng.integers(0, 3, 90)
+    ts = evaluate.TrainSet(X, y, np.arange(90), np.ones(90, bool), [str(i) for i in range(90)])
     cv = evaluate.cross_validate(
-        heads.factory(heads.get("logreg"), {}, 0),
-        X,
-        y,
-        ["a", "b", "c"],
-        5,
-        0,
-        log=lambda s: None,
+        heads.make(heads.get("logreg"), {}, 0), ts, ["a", "b", "c"], 5, 0, log=print
     )
     assert cv["accuracy_mean"] < 0.55  # chance is 1/3; leakage would inflate this
 
@@ -154,7 +153,7 @@ def test_bad_head_settings_name_the_fix(raw, match):
 def test_fixed_setting_is_not_tuned(cached, quiet):
     log, _ = quiet
     r = train_head(cached, "logreg", folds=2, params={"C": "0.5"}, log=log)
-    assert r["run"] == "logreg-avg-C=0.5"
+    assert r["run"].startswith("logreg-avg-C=0.5--")
     assert r["cv"]["fold_params"] == [{}, {}]
 
 

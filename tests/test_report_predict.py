@@ -85,11 +85,10 @@ def test_predict_uses_the_features_code_path(trained, tmp_path, quiet):
     # a training image predicted through `predict` matches the head on its cached features
     one = predict(art, data / "train/class_1/img_000.png", out=tmp_path / "one.csv", log=log)
     got = list(csv.DictReader(open(one)))[0]
-    from pipeline import heads
-    from pipeline.predict import pick_run
+    from pipeline import runs
 
-    r = pick_run(art, None)
-    est = heads.load_head(art / "heads" / r["run"])
+    r = runs.pick(art, None)
+    est = runs.load_estimator(art, r)
     feats = store.load_features(next((art / "features").glob("*.h5")), r["pooling"], "train")
     i = feats.paths.index("train/class_1/img_000.png")
     p = est.predict_proba(feats.X[i : i + 1])[0]

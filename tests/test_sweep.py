@@ -15,6 +15,10 @@ from pipeline.sweep import advice, run_sweep
 def test_sweep_ranks_and_draws_a_learning_curve(tmp_path, spec, quiet, monkeypatch):
     log, lines = quiet
     data = make_dataset(tmp_path / "data", per_class=10)
+    # label noise, so that heads and poolings score differently and the order means something
+    for src, dst, n in (("class_0", "class_1", 3), ("class_2", "class_0", 3)):
+        for i in range(n):
+            (data / "train" / src / f"img_{i:03d}.png").rename(data / "train" / dst / f"m{i}.png")
     art = tmp_path / "art"
     extract(data, art, spec, augment=1, log=log)
 
@@ -26,7 +30,12 @@ def test_sweep_ranks_and_draws_a_learning_curve(tmp_path, spec, quiet, monkeypat
     ranking = out["ranking"]
     assert len(ranking) == 8
     means = [r["cv_accuracy_mean"] for r in ranking]
-    assert means == sorted(means, reverse=True)
+    assert len(set(means)) >= 3, means  # the order below is a real ordering, not a tie
+    on_disk = {
+        p.parent.name: json.loads(p.read_text())["cv"]["accuracy_mean"]
+        for p in (art / "heads").glob("*/result.json")
+    }
+    assert [r["run"] for r in ranking] == sorted(on_disk, key=lambda n: (-on_disk[n], n))
     assert {r["views"] for r in ranking} == {0, 1}
     curve = out["learning_curve"]
     assert [p["per_class"] for p in curve["points"]] == sorted(
@@ -36,6 +45,10 @@ def test_sweep_ranks_and_draws_a_learning_curve(tmp_path, spec, quiet, monkeypat
     assert json.loads((art / "sweep/sweep.json").read_text())["ranking"] == ranking
     rep = build_report(art, log=log)
     assert len(rep["results"]) == 8
+    assert [e["run"] for e in rep["results"]] == [r["run"] for r in ranking]
+    # every run of the sweep was scored on the same outer folds, so all are paired
+    assert len({e["cv_folds_id"] for e in rep["results"]}) == 1
+    assert all(e["vs_best"] is not None for e in rep["results"][1:])
     assert rep["learning_curve"]["png"] == "learning-curve.png"
     assert (art / "report/learning-curve.png").is_file()
     assert "Learning curve" in (art / "report/report.html").read_text()
