@@ -15,6 +15,7 @@ BATCH     ?= 32
 DTYPE     ?= float16
 PRECISION ?= float32
 AUGMENT   ?= 0
+REBUILD   ?= 0
 VIEWS     ?= 0
 HEAD      ?= logreg
 POOL      ?=
@@ -50,12 +51,15 @@ help: ## this list
 	@echo "  HEAD=$(HEAD)       logreg | svm | dense;  POOL=avg|max|flatten (default per head)"
 	@echo "  FOLDS=$(FOLDS) SEED=$(SEED)    cross-validation folds, seed for every random choice"
 	@echo "  AUGMENT=K (features) VIEWS=K (train-head)   cache / train on K augmented views per image"
+	@echo "  REBUILD=1 (features)  embed every image again, e.g. after a Pillow/TensorFlow upgrade"
 	@echo "  PARAMS=\"C=0.1\"     head settings, fixed instead of tuned (dense: learning_rate=1e-3 epochs=50 ...)"
 	@echo "  IMAGES=path RUN=name OUT=file.csv TTA=K   for predict (RUN: best head; TTA: views averaged)"
 	@echo "  SWEEP_HEADS=$(SWEEP_HEADS) SWEEP_POOLS=$(SWEEP_POOLS) SWEEP_VIEWS=$(SWEEP_VIEWS)  for sweep"
 	@echo "Full reference: $(PY) -m pipeline --help, and $(PY) -m pipeline COMMAND --help"
 
 $(STAMP): pyproject.toml
+	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' 2>/dev/null || { \
+		echo "error: Python 3.11+ is needed (pyproject.toml) and PYTHON=$(PYTHON) is older or missing; set PYTHON=python3.11, e.g. make $(or $(MAKECMDGOALS),install) PYTHON=python3.11" >&2; exit 2; }
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e '.[dev]'
@@ -65,7 +69,8 @@ install: $(STAMP) ## create .venv and install the package with its dependencies
 
 features: $(STAMP) ## embed every image once into ARTIFACTS/features/*.h5 (reruns: only new/changed)
 	$(PY) -m pipeline features --data $(DATA) --artifacts $(ARTIFACTS) --weights $(WEIGHTS) \
-		--size $(SIZE) --layer $(LAYER) --batch $(BATCH) --dtype $(DTYPE) --seed $(SEED) --precision $(PRECISION) --augment $(AUGMENT)
+		--size $(SIZE) --layer $(LAYER) --batch $(BATCH) --dtype $(DTYPE) --seed $(SEED) --precision $(PRECISION) --augment $(AUGMENT) \
+		$(if $(filter 1,$(REBUILD)),--rebuild)
 
 train-head: $(STAMP) ## cross-validate + save HEAD on the cached features (backbone never runs)
 	$(PY) -m pipeline train-head --head $(HEAD) $(pool_arg) --folds $(FOLDS) --seed $(SEED) \

@@ -92,6 +92,12 @@ def parser() -> argparse.ArgumentParser:
         help="also cache K augmented views of each training image (flip, zoom, "
         "shear, rotation; seeded), computed once (default 0)",
     )
+    p.add_argument(
+        "--rebuild",
+        action="store_true",
+        help="embed every image again (after a Pillow/TensorFlow/Keras upgrade: a cache never "
+        "mixes rows made by two versions)",
+    )
     _backbone(p)
     _common(p)
 
@@ -187,7 +193,7 @@ def parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--weights", default="imagenet", help="as for features")
     p.add_argument("--size", type=int, default=64, help="input size for the demo (default 64)")
-    p.add_argument("--folds", type=int, default=5)
+    p.add_argument("--folds", type=int, default=5, help="cross-validation folds (default 5)")
     _common(p)
     return ap
 
@@ -212,6 +218,7 @@ def run(args: argparse.Namespace) -> None:
             batch_size=args.batch,
             dtype=args.dtype,
             augment=args.augment,
+            rebuild=args.rebuild,
             log=log,
         )
     elif args.command == "train-head":

@@ -147,16 +147,26 @@ def test_preprocessing_is_caffe_not_unit_scaling():
 
 
 def test_float16_costs_no_accuracy(tmp_path, quiet):
+    """On 2x2x512 maps (2,048 values an image, flattened), float16 storage changes no prediction.
+
+    The maps are large enough for rounding to add up, and the two caches' features differ, so
+    identical out-of-fold predictions are a real check.
+    """
     from pipeline.train import train_head
 
     log, _ = quiet
     data = make_dataset(tmp_path / "d", per_class=10)
-    acc = {}
+    acc, X = {}, {}
     for dt in ("float16", "float32"):
         art = tmp_path / dt
-        extract(data, art, BackboneSpec("none", input_size=SIZE), dtype=dt, log=log)
-        acc[dt] = train_head(art, "logreg", folds=3, params={"C": "0.1"}, log=log)["cv"]
-    assert acc["float16"]["oof_pred"] == acc["float32"]["oof_pred"]
+        s = extract(data, art, BackboneSpec("none", input_size=64), dtype=dt, log=log)
+        X[dt] = store.load_features(s.cache, "flatten", "train").X
+        acc[dt] = train_head(art, "logreg", "flatten", folds=3, params={"C": "0.1"}, log=log)
+    assert X["float32"].shape == (30, 2 * 2 * 512)
+    assert not np.array_equal(X["float16"], X["float32"])  # rounding really happened
+    np.testing.assert_allclose(X["float16"], X["float32"], rtol=1e-2, atol=1e-2)
+    assert acc["float16"]["cv"]["oof_pred"] == acc["float32"]["cv"]["oof_pred"]
+    assert acc["float16"]["cv"]["accuracy_mean"] > 0.5  # a head that learned something
 
 
 def test_pooling_shapes():
