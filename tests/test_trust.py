@@ -359,3 +359,30 @@ def test_names_are_escaped_in_the_html_report(tmp_path, spec, quiet):
     page = (art / "report/report.html").read_text()
     assert evil not in page
     assert "&lt;img src=x onerror=alert(1)&gt;" in page
+
+
+def test_dense_early_stopping_split_keeps_groups(monkeypatch):
+    """The dense head's inner validation split gets the groups through the Pipeline."""
+    from pipeline.keras_heads import KerasClassifier
+
+    rng = np.random.default_rng(0)
+    n, k = 40, 3
+    groups = np.repeat(np.arange(n), k)
+    X = rng.normal(size=(n * k, 4))
+    X[:, 0] = groups  # each row says its group, even after scaling (a monotonic map)
+    y = np.repeat(rng.integers(0, 2, n), k)
+    seen: list[tuple[set, set]] = []
+    real = KerasClassifier._split
+
+    def recording(self, X, yi, groups=None):
+        assert groups is not None, "the early-stopping split got no groups"
+        fX, fy, val = real(self, X, yi, groups)
+        seen.append((set(np.round(fX[:, 0], 5)), set(np.round(val[0][:, 0], 5))))
+        return fX, fy, val
+
+    monkeypatch.setattr(KerasClassifier, "_split", recording)
+    ts = evaluate.TrainSet(X, y, groups, np.tile([True, False, False], n), [str(g) for g in groups])
+    est = heads.make(heads.get("dense"), {"epochs": 1, "hidden": 4}, 0)
+    evaluate.cross_validate(est, ts, ["a", "b"], 2, 0, log=print)
+    assert len(seen) == 2
+    assert all(a and b and not a & b for a, b in seen)
