@@ -31,9 +31,12 @@ PRECISIONS = ("float32", "mixed_float16", "mixed_bfloat16")
 
 
 def file_sha256(path: str | os.PathLike[str], chunk: int = 1 << 20) -> str:
-    """Hex SHA-256 of a file's content, read in chunks."""
+    """Hex SHA-256 of a file's content, read `chunk` bytes at a time (weights files are large)."""
+    h = hashlib.sha256()
     with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
 
 
 @dataclass(frozen=True)

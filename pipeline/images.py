@@ -5,12 +5,18 @@ EXIF orientation applied, first frame of animations, 16-bit scaled to 8-bit, pal
 composited on one fixed background, CMYK converted. JPEGs are decoded at reduced scale when the
 target is much smaller (draft mode). Decompression bombs are rejected from the header, before any
 pixel is allocated. Every failure is an `ImageError` whose message a person understands.
+
+Only regular files are read (a FIFO or a device would block or never end), and only the formats
+in `FORMATS` are opened: Pillow's other plugins (EPS runs Ghostscript) are never entered.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
+import stat
 import warnings
+from typing import BinaryIO
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -18,11 +24,62 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 BACKGROUND = (255, 255, 255)
 MAX_PIXELS = 89_478_485  # Pillow's own warning threshold: rejected, not warned about
 RESIZE_POLICY = "pil-bilinear-stretch"
-LOADER_VERSION = 1  # bump when the decoding/normalisation below changes features
+LOADER_VERSION = 2  # bump when decoding changes features (2: only the listed formats)
+FORMATS = ("JPEG", "PNG", "GIF", "WEBP", "BMP", "TIFF")  # the README's formats; no other plugin
+CHUNK = 1 << 20  # bytes read at a time when hashing
+_KINDS = (
+    (stat.S_ISFIFO, "FIFO"),
+    (stat.S_ISSOCK, "socket"),
+    (stat.S_ISCHR, "character device"),
+    (stat.S_ISBLK, "block device"),
+    (stat.S_ISDIR, "folder"),
+)
 
 
 class ImageError(Exception):
     """A file that cannot be used as an image; the message is the reason shown to the user."""
+
+
+def _not_regular(mode: int) -> str:
+    kind = next((name for test, name in _KINDS if test(mode)), "special file")
+    return f"not a regular file ({kind})"
+
+
+def _open_regular(path: str) -> int:
+    """A read-only descriptor on `path`, or ImageError if it is not a readable regular file.
+
+    The kind is checked before opening (opening a socket fails, a device may have effects) and
+    again on the descriptor; O_NONBLOCK keeps open() from waiting for a FIFO's writer.
+    """
+    try:
+        mode = os.stat(path).st_mode
+        if not stat.S_ISREG(mode):
+            raise ImageError(_not_regular(mode))
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_NOCTTY", 0))
+    except FileNotFoundError:
+        if os.path.islink(path):
+            raise ImageError("broken symbolic link") from None
+        raise ImageError("cannot read file (No such file or directory)") from None
+    except OSError as e:
+        raise ImageError(f"cannot read file ({e.strerror})") from None
+    mode = os.fstat(fd).st_mode
+    if not stat.S_ISREG(mode):
+        os.close(fd)
+        raise ImageError(_not_regular(mode))
+    return fd
+
+
+def content_sha256(path: str | os.PathLike[str]) -> str:
+    """Hex SHA-256 of a regular file's content, or ImageError (FIFO, device, unreadable...)."""
+    fd = _open_regular(os.fspath(path))
+    h = hashlib.sha256()
+    try:
+        with os.fdopen(fd, "rb") as f:
+            while block := f.read(CHUNK):
+                h.update(block)
+    except OSError as e:
+        raise ImageError(f"cannot read file ({e.strerror or e})") from None
+    return h.hexdigest()
 
 
 def _to_rgb(im: Image.Image) -> Image.Image:
@@ -51,19 +108,19 @@ def _to_rgb(im: Image.Image) -> Image.Image:
 
 def load_image(path: str | os.PathLike[str], size: int) -> np.ndarray:
     """Decode `path` to a (size, size, 3) uint8 RGB array, or raise ImageError with the reason."""
-    path = os.fspath(path)
-    if os.path.islink(path) and not os.path.exists(path):
-        raise ImageError("broken symbolic link")
-    try:
-        nbytes = os.path.getsize(path)
-    except OSError as e:
-        raise ImageError(f"cannot read file ({e.strerror})") from None
-    if nbytes == 0:
+    fd = _open_regular(os.fspath(path))
+    with os.fdopen(fd, "rb") as f:
+        return _decode(f, size)
+
+
+def _decode(f: BinaryIO, size: int) -> np.ndarray:
+    """`load_image` on an open regular file: any decoder failure becomes an ImageError."""
+    if os.fstat(f.fileno()).st_size == 0:
         raise ImageError("empty file (0 bytes)")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as im:
+            with Image.open(f, formats=FORMATS) as im:
                 w, h = im.size
                 if w * h > MAX_PIXELS:
                     raise ImageError(
@@ -83,7 +140,7 @@ def load_image(path: str | os.PathLike[str], size: int) -> np.ndarray:
     except ImageError:
         raise
     except UnidentifiedImageError:
-        raise ImageError("not an image (no known image format in its content)") from None
+        raise ImageError(f"not an image in a supported format ({', '.join(FORMATS)})") from None
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
         raise ImageError(f"rejected as a possible decompression bomb ({e})") from None
     except (OSError, SyntaxError, ValueError, EOFError) as e:
@@ -91,6 +148,11 @@ def load_image(path: str | os.PathLike[str], size: int) -> np.ndarray:
         if "truncated" in msg.lower():
             raise ImageError("truncated image (file ends before the image data does)") from None
         raise ImageError(f"corrupt image data ({msg})") from None
+    except MemoryError:
+        raise ImageError("image too large to decode in memory") from None
+    except Exception as e:  # a plugin's own bug on one file must not end the run
+        detail = f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
+        raise ImageError(f"could not decode ({detail})") from None
     if arr.shape != (size, size, 3):
         raise ImageError(f"unexpected decoded shape {arr.shape}")
     return arr

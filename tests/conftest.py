@@ -69,17 +69,3 @@ def dataset(tmp_path: Path) -> Path:
 def quiet():
     lines: list[str] = []
     return lines.append, lines
-
-# TEMP-SHIM until images.content_sha256 lands
-from pipeline import images as _images  # noqa: E402
-
-if not hasattr(_images, "content_sha256"):
-    from pipeline.backbone import file_sha256 as _f
-
-    def _shim(p):
-        try:
-            return _f(p)
-        except OSError as e:
-            raise _images.ImageError(str(e)) from None
-
-    _images.content_sha256 = _shim

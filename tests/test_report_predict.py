@@ -205,11 +205,43 @@ def test_class_with_one_image_via_cli(tmp_path, capsys, quiet):
 
 
 def test_help_explains_every_command(capsys):
+    """Every command and option says what it does; `make help` every target and setting."""
+    import argparse
+    import re
+    import subprocess
+    from pathlib import Path
+
+    squash = lambda s: " ".join(s.split())  # noqa: E731  (help output is re-wrapped)
+    ap = cli.parser()
     with pytest.raises(SystemExit):
         cli.main(["--help"])
-    out = capsys.readouterr().out
-    for cmd in ("features", "train-head", "report", "predict", "demo"):
-        assert cmd in out
+    top = squash(capsys.readouterr().out)
+    sub = next(a for a in ap._actions if isinstance(a, argparse._SubParsersAction))
+    helps = {a.dest: a.help for a in sub._choices_actions}
+    assert set(helps) == set(sub.choices)
+    for name, p in sub.choices.items():
+        assert helps[name] and squash(helps[name]) in top, f"command '{name}' has no help"
+        for a in p._actions:
+            if isinstance(a, argparse._HelpAction):
+                continue
+            assert a.help and a.help != argparse.SUPPRESS, f"{name} {a.option_strings} has no help"
+
+    repo = Path(__file__).resolve().parents[1]
+    makefile = (repo / "Makefile").read_text()
+    out = subprocess.run(
+        ["make", "-s", "help"], cwd=repo, capture_output=True, text=True, timeout=60, check=True
+    ).stdout
+    targets = re.findall(r"^([a-z][a-z-]*):", makefile, flags=re.M)
+    assert "features" in targets
+    for t in targets:
+        assert re.search(rf"^\s+{t}\s+\S", out, flags=re.M), f"make help does not describe '{t}'"
+    settings = set(re.findall(r"^([A-Z][A-Z_]*)\s*\?=", makefile, flags=re.M))
+    defined = set(re.findall(r"^([A-Z][A-Z_]*)\s*:?=", makefile, flags=re.M))
+    used = set(re.findall(r"\$\(([A-Z][A-Z_]*)\)", makefile))  # e.g. TTA, BENCH_SIZE
+    builtin = {"MAKE", "MAKEFILE_LIST", "MAKECMDGOALS"}
+    assert {"DATA", "WEIGHTS"} <= settings
+    for name in (settings | used - defined - builtin) - {"PYTHON", "VENV"}:
+        assert re.search(rf"(?<![A-Z_]){name}=", out), f"make help does not mention {name}="
 
 
 def test_demo_dataset_is_classic_layout(tmp_path):

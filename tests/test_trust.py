@@ -292,8 +292,9 @@ def test_weights_enter_the_key_by_content_not_path_or_spelling(tmp_path):
 
 def test_predict_refuses_features_made_differently(trained, tmp_path, monkeypatch):
     data, art, _ = trained
-    monkeypatch.setattr(images, "LOADER_VERSION", images.LOADER_VERSION + 1)
-    with pytest.raises(UserError, match=r"no longer makes \(loader_version 1 -> 2\)"):
+    v = images.LOADER_VERSION
+    monkeypatch.setattr(images, "LOADER_VERSION", v + 1)
+    with pytest.raises(UserError, match=rf"no longer makes \(loader_version {v} -> {v + 1}\)"):
         predict(art, data / "validation", out=tmp_path / "p.csv", log=print)
 
 
