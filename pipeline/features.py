@@ -1,8 +1,10 @@
 """`make features`: run the frozen backbone once per image content and cache the maps in HDF5.
 
-A rerun hashes every file, embeds only content it has not seen under the same settings, drops
-rows of removed files, and reuses a crashed run's journal. Decoding runs in threads, overlapped
-with the backbone; batches stream to the journal, so memory does not grow with the dataset.
+A rerun reads no image whose size, mtime and inode are unchanged since it was hashed (`verify`
+hashes every file again), embeds only content it has not seen under the same settings, and
+writes only new shards plus a new index: existing rows are never rewritten, removed rows cost
+nothing but the index. A crashed run's shards are resumed. Decoding runs in threads, overlapped
+with the backbone; batches stream to shards, so memory does not grow with the dataset.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from pipeline.batches import decoded_batches
 from pipeline.errors import UserError
 from pipeline.progress import Progress
 from pipeline.provenance import difference, embedder, environment
+from pipeline.shards import ShardSet, pooled
 
 DTYPES = ("float16", "float32")
 RANDOM_BANNER = (
@@ -57,7 +60,7 @@ class Summary:
         )
 
 
-def cache_settings(spec: BackboneSpec, dtype: str) -> dict[str, Any]:
+def cache_settings(spec: BackboneSpec, dtype: str, maps: bool = True) -> dict[str, Any]:
     """Every setting that determines the cached features; hashed into the cache key.
 
     The weights enter by content (`weights_id`), never by path or spelling.
@@ -70,6 +73,7 @@ def cache_settings(spec: BackboneSpec, dtype: str) -> dict[str, Any]:
         "background": list(images.BACKGROUND),
         "loader_version": images.LOADER_VERSION,
         "dtype": dtype,
+        "maps": maps,
         "format_version": store.FORMAT_VERSION,
     }
 
@@ -78,17 +82,57 @@ def cache_path(artifacts: Path, spec: BackboneSpec, key: str) -> Path:
     return layout.cache_path(artifacts, spec.name, spec.layer, spec.input_size, key)
 
 
-def _hash_all(root: Path, items: list[dataset.Item]) -> list[tuple[str | None, str]]:
-    """(content hash, "") of every file, or (None, the reason it cannot be read)."""
+Stat = tuple[int, int, int]
 
-    def one(it: dataset.Item) -> tuple[str | None, str]:
+
+def file_stat(path: Path) -> Stat | None:
+    """(size, mtime in ns, inode) of the file a path leads to, without opening it."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return (st.st_size, st.st_mtime_ns, st.st_ino)
+
+
+def _hash_all(
+    root: Path, items: list[dataset.Item], known: dict[str, tuple[Stat, str]]
+) -> list[tuple[str | None, str, Stat]]:
+    """(content hash, "", stat) of every file, or (None, the reason it cannot be read, stat).
+
+    A file whose path, size, mtime and inode match `known` is not read: its hash is reused.
+    """
+
+    def one(it: dataset.Item) -> tuple[str | None, str, Stat]:
+        st = file_stat(root / it.path)
+        prev = known.get(dataset.display(it.path))
+        if st is not None and prev is not None and prev[0] == st and prev[1]:
+            return prev[1], "", st
         try:
-            return images.content_sha256(root / it.path), ""
+            return images.content_sha256(root / it.path), "", st or (0, 0, 0)
         except images.ImageError as e:
-            return None, str(e)
+            return None, str(e), st or (0, 0, 0)
 
     with ThreadPoolExecutor(max_workers=4) as ex:
         return list(ex.map(one, items))
+
+
+def _known_hashes(path: Path, key: str) -> dict[str, tuple[Stat, str]]:
+    """path -> (stat, sha256) of every file the existing cache hashed (readable or not)."""
+    if not path.is_file():
+        return {}
+    try:
+        idx = store.read_index(path, expect_key=key)
+    except store.CacheError:
+        return {}
+    out: dict[str, tuple[Stat, str]] = {}
+    if idx.stat is not None:
+        for p, h, st, v in zip(idx.paths, idx.sha256, idx.stat.tolist(), idx.view, strict=True):
+            if v == 0:
+                out[p] = (tuple(st), h)
+    for sk in idx.skipped:
+        if sk.get("sha256"):
+            out.setdefault(sk["path"], (tuple(sk["stat"]), sk["sha256"]))
+    return out
 
 
 @dataclass(frozen=True)
@@ -102,6 +146,7 @@ class Job:
     sha256: str | None
     view: int = 0
     reason: str = ""  # why the file could not be hashed (sha256 is None)
+    stat: Stat = (0, 0, 0)
 
     @property
     def ident(self) -> str:
@@ -127,6 +172,9 @@ def extract(
     augment: int = 0,
     set_current: bool = True,
     rebuild: bool = False,
+    verify: bool = False,
+    maps: bool = True,
+    embedder_fn: Any = None,
 ) -> Summary:
     """Bring the cache for `spec` up to date with the files under `data`; return what it did.
 
@@ -135,13 +183,17 @@ def extract(
     computed once, like the originals. `set_current=False` leaves `make train-head`'s default
     cache alone (used by `make finetune` for its block4_pool cache). `rebuild=True` embeds
     every image again (after a decoder or framework upgrade), replacing the cache whole.
+    `verify=True` hashes every file even when its size, mtime and inode are unchanged.
+    `maps=False` stores pooled vectors only (very large collections; another cache).
+    `embedder_fn(spec, batches)` embeds somewhere else (a Dask cluster), yielding
+    (jobs, decoded-or-reasons, maps) per batch; results are still written here, by one writer.
     """
     t0 = time.perf_counter()
     if batch_size < 1:
         raise UserError(f"BATCH must be a positive integer; got {batch_size}")
     if augment < 0:
         raise UserError(f"AUGMENT must be 0 or a positive number of views; got {augment}")
-    settings = cache_settings(spec, dtype)
+    settings = cache_settings(spec, dtype, maps)
     key = store.cache_key(settings)
     scan = dataset.scan(data)
     for w in scan.warnings:
@@ -150,14 +202,15 @@ def extract(
     path = cache_path(artifacts, spec, key)
     if spec.random_weights:
         log(f"*** {RANDOM_BANNER} ***")
-    ctx = _Ctx(spec, batch_size, dtype, workers, log, model, scan, rebuild)
+    ctx = _Ctx(spec, batch_size, dtype, workers, log, model, scan, rebuild, maps, embedder_fn)
     with store.exclusive(fdir):
         for stale in fdir.glob("*.tmp-*"):
             stale.unlink(missing_ok=True)
-        hashes = _hash_all(scan.root, scan.items)
+        known = {} if (verify or rebuild) else _known_hashes(path, key)
+        hashes = _hash_all(scan.root, scan.items, known)
         jobs = [
-            Job(dataset.display(it.path), scan.root / it.path, it.label, it.split, h, 0, why)
-            for it, (h, why) in zip(scan.items, hashes, strict=True)
+            Job(dataset.display(it.path), scan.root / it.path, it.label, it.split, h, 0, why, st)
+            for it, (h, why, st) in zip(scan.items, hashes, strict=True)
         ]
         summary, rows = _sync(path, key, settings, jobs, ctx)
         if set_current:
@@ -181,7 +234,7 @@ def extract(
             akey = store.cache_key(aset)
             apath = layout.augment_path(path)
             ajobs = [
-                Job(r.path, r.abspath, r.label, r.split, r.sha256, v)
+                Job(r.path, r.abspath, r.label, r.split, r.sha256, v, "", r.stat)
                 for r in rows
                 if r.split == "train"
                 for v in range(1, augment + 1)
@@ -203,6 +256,8 @@ class _Ctx:
     model: Any
     scan: dataset.Scan
     rebuild: bool = False
+    maps: bool = True
+    embedder_fn: Any = None
 
 
 def _sync(
@@ -213,40 +268,58 @@ def _sync(
     ctx: _Ctx,
     augment_seed: int = 0,
 ) -> tuple[Summary, list[Job]]:
-    """Make the cache at `path` hold exactly `jobs`, embedding only what no cache or journal has."""
+    """Make the cache at `path` hold exactly `jobs`, embedding only what no shard has.
+
+    Writes new shards for new content and, when anything changed, a new index; shards no
+    index refers to afterwards are deleted.
+    """
     t0 = time.perf_counter()
     stamp = embedder()
+    stamp_key = store.cache_key(stamp)
     old = None if ctx.rebuild else _read_old(path, key, ctx.log)
-    # a journal written under other decoder/framework versions is never resumed
-    journal = store.Journal(layout.journal_path(path), f"{key}:{store.cache_key(stamp)}")
-    old_rows = set(old.row_of) if old else set()
+    shards = ShardSet(store.shards_dir(path), key)
+    referenced = set(old.shard) if old else set()
+    # unfinished work of a crashed run is resumed only when made by these same versions
+    shards.forget(
+        {n for n, st in shards.stamp_of.items() if n not in referenced and st != stamp_key}
+    )
+    if ctx.rebuild:
+        shards.forget(set(shards.rows))
+    old_where = (
+        {h: (s, r) for h, s, r in zip(_idents(old), old.shard, old.shard_row, strict=True)}
+        if old
+        else {}
+    )
     known_bad = {s["sha256"]: s["reason"] for s in (old.skipped if old else []) if s["sha256"]}
-    known_bad.update(journal.skipped)
-    have = old_rows | set(journal.features)
-    resumed = set(journal.features) - old_rows
+    known_bad.update(shards.skipped)
+    pending = {h for h, (n, _) in shards.where.items() if n not in referenced}
+    resumed = pending - set(old_where)
 
     todo: dict[str, Job] = {}
     for j in jobs:
-        if j.ident not in have and j.ident not in known_bad and j.ident not in todo:
+        if (
+            j.ident not in old_where
+            and j.ident not in shards.where
+            and j.ident not in known_bad
+            and j.ident not in todo
+        ):
             todo[j.ident] = j
     embed_s = 0.0
     if todo and old is not None:
         _refuse_mixing(path, old, stamp, len(todo))
     if todo:
-        if ctx.model is None:
-            from pipeline import backbone
-
-            ctx.model = backbone.build(ctx.spec)
-        embed_s = _embed(list(todo.values()), ctx, journal, augment_seed)
+        embed_s = _embed(list(todo.values()), ctx, shards, augment_seed, stamp_key)
 
     rows: list[Job] = []
-    skipped: list[dict[str, str]] = []
-    bad = {**known_bad, **journal.skipped}
+    skipped: list[dict[str, Any]] = []
+    bad = {**known_bad, **shards.skipped}
     for j in jobs:
         if j.sha256 is None and j.ident not in bad:
             bad[j.ident] = j.reason or "could not be read"
         if j.ident in bad:
-            skipped.append({"path": j.path, "reason": bad[j.ident], "sha256": j.sha256 or ""})
+            skipped.append(
+                {"path": j.path, "reason": bad[j.ident], "sha256": j.sha256 or "", "stat": j.stat}
+            )
         else:
             rows.append(j)
     if jobs and not rows:
@@ -257,25 +330,40 @@ def _sync(
             f"(e.g. {skipped[0]['path']}: {skipped[0]['reason']}); put JPEG, PNG, GIF, WebP, "
             "BMP or TIFF images in the class folders"
         )
+    # existing rows keep their place (the shards' runs stay contiguous); new rows go last
+    position = {h: i for i, h in enumerate(_idents(old))} if old else {}
+    rows.sort(key=lambda r: position.get(r.ident, len(position)))
     new_paths = {(r.path, r.view) for r in rows}
     removed = (
         len({(p, v) for p, v in zip(old.paths, old.view, strict=True)} - new_paths) if old else 0
     )
-    fresh = set(journal.features) - resumed
-    n_new = sum(1 for r in rows if r.ident in fresh)
+    n_new = sum(1 for r in rows if r.ident in todo)
     n_resumed = sum(1 for r in rows if r.ident in resumed)
     unchanged = (
         old is not None
-        and not journal.features
-        and [(r.path, r.sha256, r.label, r.split, r.view) for r in rows]
-        == list(zip(old.paths, old.sha256, old.labels.tolist(), old.split, old.view, strict=True))
+        and not todo
+        and not resumed
+        and [(r.path, r.sha256, r.label, r.split, r.view, r.stat) for r in rows]
+        == list(
+            zip(
+                old.paths,
+                old.sha256,
+                old.labels.tolist(),
+                old.split,
+                old.view,
+                [tuple(s) for s in old.stat.tolist()],
+                strict=True,
+            )
+        )
         and [(s["path"], s["reason"]) for s in skipped]
         == [(s["path"], s["reason"]) for s in old.skipped]
         and old.classes == ctx.scan.classes
     )
     if not unchanged:
-        _write(path, rows, skipped, old, journal, ctx, settings, key, stamp)
-        journal.clear()
+        where = {**{h: w for h, w in shards.where.items()}, **old_where}
+        _write(path, rows, skipped, old, where, shards, ctx, settings, key, stamp, stamp_key)
+        used = {where[r.ident][0] for r in rows}
+        shards.forget(set(shards.rows) - used)
     summary = Summary(
         cache=path,
         new=n_new,
@@ -289,6 +377,12 @@ def _sync(
         skipped_rows=skipped,
     )
     return summary, rows
+
+
+def _idents(idx: store.Index | None) -> list[str]:
+    if idx is None:
+        return []
+    return [store.ident(h, v) for h, v in zip(idx.sha256, idx.view, strict=True)]
 
 
 def _refuse_mixing(path: Path, old: store.Index, stamp: dict[str, Any], n_new: int) -> None:
@@ -317,74 +411,74 @@ def _read_old(path: Path, key: str, log: Log) -> store.Index | None:
         return None
 
 
-def _embed(todo: list[Job], ctx: _Ctx, journal: store.Journal, augment_seed: int) -> float:
-    from pipeline import backbone
-
+def _embed(
+    todo: list[Job], ctx: _Ctx, shards: ShardSet, augment_seed: int, stamp_key: str
+) -> float:
+    """Embed `todo` batch by batch (here, or on a cluster); each batch becomes one shard."""
     workers = ctx.workers or min(8, (os.cpu_count() or 2) + 2)
     progress = Progress(
         len(todo),
         "embedding" if not augment_seed and not todo[0].view else "embedding augmented views",
     )
     t0 = time.perf_counter()
+    if ctx.embedder_fn is not None:
+        batches = ctx.embedder_fn(ctx.spec, todo, ctx.batch_size, augment_seed)
+    else:
+        batches = _local_batches(todo, ctx, workers, augment_seed)
+    for chunk, reasons, maps in batches:
+        ok = [j.ident for j in chunk if j.ident not in reasons]
+        maps = np.asarray(maps).astype(ctx.dtype)
+        shards.add(ok, maps if ctx.maps else None, pooled(maps), reasons, stamp_key)
+        progress.update(len(chunk))
+    return time.perf_counter() - t0
+
+
+def _local_batches(
+    todo: list[Job], ctx: _Ctx, workers: int, augment_seed: int
+) -> Iterator[tuple[list[Job], dict[str, str], np.ndarray]]:
+    """(jobs, {ident: reason} of the unreadable ones, maps of the others) per batch."""
+    from pipeline import backbone
+
+    if ctx.model is None:
+        ctx.model = backbone.build(ctx.spec)
     size = ctx.spec.input_size
     for chunk, decoded in decoded_batches(todo, size, ctx.batch_size, workers, augment_seed):
         ok = [i for i, d in enumerate(decoded) if not isinstance(d, str)]
         bad = {chunk[i].ident: d for i, d in enumerate(decoded) if isinstance(d, str)}
-        feats = np.zeros((0,) + output_shape(ctx.spec), ctx.dtype)
+        feats = np.zeros((0,) + output_shape(ctx.spec), np.float32)
         if ok:
             x = backbone.preprocess(np.stack([decoded[i] for i in ok]))
             feats = np.asarray(ctx.model.predict_on_batch(x))
-        journal.add([chunk[i].ident for i in ok], feats.astype(ctx.dtype), bad)
-        progress.update(len(chunk))
-    return time.perf_counter() - t0
+        yield chunk, bad, feats
 
 
 def _write(
     path: Path,
     rows: list[Job],
-    skipped: list[dict[str, str]],
+    skipped: list[dict[str, Any]],
     old: store.Index | None,
-    journal: store.Journal,
+    where: dict[str, tuple[str, int]],
+    shards: ShardSet,
     ctx: _Ctx,
     settings: dict[str, Any],
     key: str,
     stamp: dict[str, Any],
+    stamp_key: str,
 ) -> None:
+    """Write the index: every row pointing at its shard row; no feature is copied."""
     old_embedders = (old.attrs.get("embedders") or []) if old else []
     embedders = [stamp] + [e for e in old_embedders if e != stamp]
-    old_stamp_row = {i: embedders.index(e) for i, e in enumerate(old_embedders)}
-    from_old: dict[int, list[int]] = {}
-    from_journal: dict[str, list[int]] = {}
-    for r, row in enumerate(rows):
-        if row.ident in journal.features:
-            from_journal.setdefault(row.ident, []).append(r)
-        else:
-            from_old.setdefault(old.row_of[row.ident], []).append(r)
-
-    def sources() -> Iterator[tuple[np.ndarray, np.ndarray]]:
-        if from_old:
-            with store.open_cache(old.path) as f:
-                ds = f["features"]
-                src = sorted(from_old)
-                for i in range(0, len(src), store.CHUNK_ROWS):
-                    part = src[i : i + store.CHUNK_ROWS]
-                    block = ds[part]
-                    idx = [r for s in part for r in from_old[s]]
-                    rep = [j for j, s in enumerate(part) for _ in from_old[s]]
-                    yield np.array(idx, dtype=np.int64), block[rep]
-        for idx, block in journal.blocks(from_journal):
-            yield idx, block.astype(ctx.dtype)
-
-    spec, scan = ctx.spec, ctx.scan
-    made_with = [
-        0
-        if row.ident in journal.features
-        else old_stamp_row.get(old.embedded_with[old.row_of[row.ident]], 0)
-        for row in rows
-    ]
+    old_stamp = {}
+    if old:
+        old_stamp = {
+            ident: embedders.index(old_embedders[e]) if e < len(old_embedders) else 0
+            for ident, e in zip(_idents(old), old.embedded_with, strict=True)
+        }
+    made_with = [old_stamp.get(r.ident, 0) for r in rows]
     used = sorted(set(made_with))
     embedders = [embedders[i] for i in used]
     made_with = [used.index(i) for i in made_with]
+    spec, scan = ctx.spec, ctx.scan
     attrs = {
         "cache_key": key,
         "data_id": store.data_id(
@@ -406,7 +500,7 @@ def _write(
     }
     if spec.random_weights:
         attrs["banner"] = RANDOM_BANNER
-    store.write_cache(
+    store.write_index(
         path,
         [
             {
@@ -416,12 +510,16 @@ def _write(
                 "split": r.split,
                 "view": r.view,
                 "embedded_with": e,
+                "stat": r.stat,
+                "shard": where[r.ident][0],
+                "shard_row": where[r.ident][1],
             }
             for r, e in zip(rows, made_with, strict=True)
         ],
-        sources(),
+        dict(shards.rows),
         output_shape(spec),
         ctx.dtype,
+        ctx.maps,
         scan.classes,
         skipped,
         attrs,

@@ -1,18 +1,21 @@
-"""The feature store: one HDF5 file per backbone setting, readable with plain h5py.
+"""The feature store's index file: one HDF5 file per backbone setting, readable with plain h5py.
 
-Layout (N rows, one per image):
-  /features (N, h, w, c) float16 or float32    the backbone's map, enough for any pooling
+Layout (N rows, one per image or augmented view):
+  /features (N, h, w, c)     virtual dataset over the shards: the backbone's maps (not with MAPS=0)
+  /pooled/avg, /pooled/max (N, c) float32   virtual datasets: what pooled heads read (2 KB a row)
   /paths    (N,) UTF-8, relative to DATA        /labels (N,) int32 into /classes
   /split    (N,) 'train' | 'validation'         /sha256 (N,) content hash of each file
-  /classes  (C,) UTF-8 class names
   /view     (N,) int16: 0 the image itself, k its k-th augmented view
   /embedded_with (N,) int16 into attrs `embedders`: the decoder/framework versions of each row
-  /skipped/paths, /skipped/reasons, /skipped/sha256   files that could not be read, and why
+  /stat     (N, 3) int64: size, mtime (ns), inode of the file when it was hashed
+  /shard, /shard_row (N,): where each row lives (attrs `shards` names the files)
+  /classes  (C,) UTF-8 class names
+  /skipped/paths, /skipped/reasons, /skipped/sha256, /skipped/stat   unreadable files, and why
   attrs: cache_key, data_id, settings (JSON), embedders (JSON), each setting by name, environment
 
-Crash safety: the .h5 file is only ever replaced whole (write to a temporary file, fsync, rename).
-New features first go to a journal of per-batch `.npz` files (each written atomically), which a
-rerun after a crash reuses, so a killed run loses at most the batch in flight.
+The rows' features live in immutable shard files next to it (`pipeline.shards`); this index is
+small (about 200 bytes a row) and is only ever replaced whole (write, fsync, rename), so adding
+or removing images writes the new shards and a new index, never the existing features again.
 """
 
 from __future__ import annotations
@@ -22,7 +25,6 @@ import fcntl
 import hashlib
 import json
 import os
-import zipfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -34,7 +36,7 @@ import numpy as np
 
 from pipeline.errors import UserError
 
-FORMAT_VERSION = 2  # 2: data_id, per-row embedded_with and embedders
+FORMAT_VERSION = 3  # 3: index + immutable shards (virtual datasets), pooled vectors, stat
 STR = h5py.string_dtype("utf-8")
 POOLINGS = ("avg", "max", "flatten")
 CHUNK_ROWS = 256
@@ -110,6 +112,9 @@ class Index:
     attrs: dict[str, Any]
     view: list[int] = field(default_factory=list)
     embedded_with: list[int] = field(default_factory=list)
+    stat: np.ndarray | None = None
+    shard: list[str] = field(default_factory=list)
+    shard_row: list[int] = field(default_factory=list)
     row_of: dict[str, int] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -134,7 +139,7 @@ def _attrs(f: h5py.File) -> dict[str, Any]:
         if isinstance(v, np.generic):
             v = v.item()
         if isinstance(v, np.ndarray):
-            v = v.tolist()
+            v = [x.decode() if isinstance(x, bytes) else x for x in v.tolist()]
         if isinstance(v, str) and k in ("settings", "environment", "extra", "embedders"):
             v = json.loads(v)
         out[k] = v
@@ -192,12 +197,18 @@ def index_of(f: h5py.File, path: Path, expect_key: str | None = None) -> Index:
         )
     try:
         sk = f["skipped"]
+        sk_stat = sk["stat"][()] if "stat" in sk else np.zeros((len(sk["paths"]), 3), np.int64)
         skipped = [
-            {"path": p, "reason": r, "sha256": h}
-            for p, r, h in zip(
-                _strs(sk["paths"]), _strs(sk["reasons"]), _strs(sk["sha256"]), strict=True
+            {"path": p, "reason": r, "sha256": h, "stat": tuple(int(v) for v in st)}
+            for p, r, h, st in zip(
+                _strs(sk["paths"]),
+                _strs(sk["reasons"]),
+                _strs(sk["sha256"]),
+                sk_stat,
+                strict=True,
             )
         ]
+        names = list(attrs.get("shards", []))
         return Index(
             path=path,
             paths=_strs(f["paths"]),
@@ -211,6 +222,9 @@ def index_of(f: h5py.File, path: Path, expect_key: str | None = None) -> Index:
             embedded_with=(
                 f["embedded_with"][()].astype(int).tolist() if "embedded_with" in f else []
             ),
+            stat=f["stat"][()] if "stat" in f else None,
+            shard=[names[i] for i in f["shard"][()]] if "shard" in f else [],
+            shard_row=f["shard_row"][()].astype(int).tolist() if "shard_row" in f else [],
         )
     except (KeyError, OSError, ValueError) as e:
         raise CacheError(
@@ -222,36 +236,63 @@ def _str_ds(g: h5py.Group, name: str, values: list[str]) -> None:
     g.create_dataset(name, data=np.array(values, dtype=object), dtype=STR)
 
 
-def write_cache(
+def _runs(shard: list[str], row: list[int]) -> list[tuple[int, int, str, int]]:
+    """(start, stop, shard, first shard row) for each run of consecutive rows of one shard."""
+    out: list[tuple[int, int, str, int]] = []
+    for i, (s, r) in enumerate(zip(shard, row, strict=True)):
+        if out and out[-1][2] == s and out[-1][3] + (i - out[-1][0]) == r and out[-1][1] == i:
+            a, _, s0, r0 = out[-1]
+            out[-1] = (a, i + 1, s0, r0)
+        else:
+            out.append((i, i + 1, s, r))
+    return out
+
+
+def _virtual(
+    f: h5py.File,
+    name: str,
+    runs: list[tuple[int, int, str, int]],
+    shard_dir: str,
+    shard_rows: dict[str, int],
+    row_shape: tuple[int, ...],
+    dtype: Any,
+) -> None:
+    n = runs[-1][1] if runs else 0
+    layout = h5py.VirtualLayout(shape=(n,) + row_shape, dtype=dtype)
+    for a, b, s, r in runs:
+        src = h5py.VirtualSource(f"{shard_dir}/{s}", name, shape=(shard_rows[s],) + row_shape)
+        layout[a:b] = src[r : r + (b - a)]
+    f.create_virtual_dataset(name, layout, fillvalue=np.nan)
+
+
+def write_index(
     path: Path,
     rows: list[dict[str, Any]],
-    sources: Iterator[tuple[np.ndarray, np.ndarray]],
+    shard_rows: dict[str, int],
     feature_shape: tuple[int, ...],
     dtype: str,
+    maps: bool,
     classes: list[str],
-    skipped: list[dict[str, str]],
+    skipped: list[dict[str, Any]],
     attrs: dict[str, Any],
 ) -> None:
-    """Write a complete cache to `path` atomically.
+    """Write a cache's index atomically: row metadata, plus virtual datasets over its shards.
 
-    `rows` are dicts with path, sha256, label, split; `sources` yields (row_indices, features)
-    blocks that together fill every row, so memory stays bounded by one block.
+    `rows` are dicts with path, sha256, label, split, view, embedded_with, stat, shard and
+    shard_row; `shard_rows` gives each shard's row count. No feature is copied.
     """
     tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-    n = len(rows)
+    shard_dir = shards_dir(path).name
+    runs = _runs([r["shard"] for r in rows], [int(r["shard_row"]) for r in rows])
+    names = sorted({r["shard"] for r in rows})
     with replacing(tmp, path):
         with h5py.File(tmp, "w") as f:
-            chunk = (max(1, min(n, 16)),) + tuple(feature_shape)
-            ds = f.create_dataset(
-                "features", shape=(n,) + tuple(feature_shape), dtype=dtype, chunks=chunk
-            )
-            filled = np.zeros(n, dtype=bool)
-            for idx, feats in sources:
-                order = np.argsort(idx)
-                ds[idx[order]] = feats[order]
-                filled[idx] = True
-            if not filled.all():
-                raise RuntimeError(f"{int((~filled).sum())} rows have no features")
+            if maps:
+                _virtual(f, "features", runs, shard_dir, shard_rows, tuple(feature_shape), dtype)
+            for p in ("avg", "max"):
+                _virtual(
+                    f, f"pooled/{p}", runs, shard_dir, shard_rows, (feature_shape[-1],), "f4"
+                )
             _str_ds(f, "paths", [r["path"] for r in rows])
             _str_ds(f, "sha256", [r["sha256"] for r in rows])
             _str_ds(f, "split", [r["split"] for r in rows])
@@ -260,19 +301,35 @@ def write_cache(
             f.create_dataset(
                 "embedded_with", data=np.array([r.get("embedded_with", 0) for r in rows], np.int16)
             )
+            f.create_dataset(
+                "stat", data=np.array([r.get("stat", (0, 0, 0)) for r in rows], np.int64)
+            )
+            f.create_dataset(
+                "shard", data=np.array([names.index(r["shard"]) for r in rows], np.int32)
+            )
+            f.create_dataset("shard_row", data=np.array([r["shard_row"] for r in rows], np.int32))
             _str_ds(f, "classes", classes)
             g = f.create_group("skipped")
             for name, key in (("paths", "path"), ("reasons", "reason"), ("sha256", "sha256")):
                 _str_ds(g, name, [s[key] for s in skipped])
-            for k, v in attrs.items():
+            g.create_dataset(
+                "stat", data=np.array([s.get("stat", (0, 0, 0)) for s in skipped], np.int64)
+            )
+            for k, v in {**attrs, "shards": names, "maps": maps}.items():
                 if isinstance(v, dict) or (isinstance(v, list) and v and isinstance(v[0], dict)):
                     v = json.dumps(v)
                 elif isinstance(v, list):
-                    v = np.asarray(v)
+                    v = np.array(v, dtype=object) if v and isinstance(v[0], str) else np.asarray(v)
                 f.attrs[k] = v
             f.attrs["format_version"] = FORMAT_VERSION
         with open(tmp, "rb") as fh:
             os.fsync(fh.fileno())
+
+
+def shards_dir(path: Path) -> Path:
+    """The folder of a cache's shards, next to its index (the VDS names it relatively)."""
+    path = Path(path)
+    return path.with_name(path.stem + ".shards")
 
 
 def pool(block: np.ndarray, pooling: str) -> np.ndarray:
@@ -303,21 +360,40 @@ def load_features(path: Path, pooling: str, split: str, max_view: int = 0) -> Fe
         return features_of(f, index_of(f, path), pooling, split, max_view)
 
 
-def features_of(f: h5py.File, idx: Index, pooling: str, split: str, max_view: int = 0) -> Features:
-    """Pooled rows of `split` from the open cache `f` (one consistent version of the file)."""
+def features_of(
+    f: h5py.File, idx: Index, pooling: str, split: str, max_view: int = 0
+) -> Features:
+    """Rows of `split` from the open cache `f` (one consistent version of the file), as float32.
+
+    avg and max read the stored pooled vectors (never the maps); flatten reads the maps. The
+    result is filled into one preallocated array, block by block: no second copy at peak.
+    """
     pool(np.zeros((1, 1, 1, 1), np.float32), pooling)  # validates the name first
-    rows = np.array(
-        [
-            i
-            for i, (s, v) in enumerate(zip(idx.split, idx.view, strict=True))
-            if s == split and v <= max_view
-        ],
-        dtype=np.int64,
+    keep = np.array(
+        [s == split and v <= max_view for s, v in zip(idx.split, idx.view, strict=True)], bool
     )
-    ds = f["features"]
-    blocks = [pool(ds[rows[i : i + CHUNK_ROWS]], pooling) for i in range(0, len(rows), CHUNK_ROWS)]
-    d = int(np.prod(f_shape(idx))) if pooling == "flatten" else f_shape(idx)[-1]
-    X = np.concatenate(blocks) if blocks else np.zeros((0, d), np.float32)
+    rows = np.flatnonzero(keep)
+    shape = f_shape(idx)
+    if pooling in ("avg", "max"):
+        ds, d = f[f"pooled/{pooling}"], shape[-1]
+    else:
+        if "features" not in f:
+            from pipeline.shards import missing_maps
+
+            raise missing_maps("POOL=flatten")
+        ds, d = f["features"], int(np.prod(shape))
+    X = np.empty((len(rows), d), np.float32)
+    if len(rows):
+        done, lo, hi = 0, int(rows[0]), int(rows[-1]) + 1
+        step = max(1, (64 << 20) // (d * 4))  # about 64 MB a block
+        for a in range(lo, hi, step):
+            b = min(hi, a + step)
+            sel = keep[a:b]
+            m = int(sel.sum())
+            if m:
+                block = ds[a:b][sel]
+                X[done : done + m] = pool(block, pooling) if pooling == "flatten" else block
+                done += m
     return Features(
         X=X,
         y=idx.labels[rows] if len(rows) else np.zeros(0, np.int64),
@@ -329,77 +405,6 @@ def features_of(f: h5py.File, idx: Index, pooling: str, split: str, max_view: in
 
 def f_shape(idx: Index) -> tuple[int, ...]:
     return tuple(int(v) for v in idx.attrs["feature_shape"])
-
-
-class Journal:
-    """Per-batch `.npz` files of features not yet in the .h5, written atomically, keyed by hash."""
-
-    def __init__(self, folder: Path, key: str) -> None:
-        self.folder, self.key = folder, key
-        self.features: dict[str, tuple[Path, int]] = {}
-        self.skipped: dict[str, str] = {}
-        self._seq = 0
-        if folder.is_dir():
-            self._load()
-
-    def _load(self) -> None:
-        for p in sorted(self.folder.glob("batch-*.npz")):
-            try:
-                with np.load(p, allow_pickle=False) as z:
-                    if str(z["key"]) != self.key:
-                        p.unlink()
-                        continue
-                    for i, h in enumerate(z["sha256"].astype(str)):
-                        self.features[h] = (p, i)
-                    for h, r in zip(
-                        z["skipped_sha256"].astype(str),
-                        z["skipped_reason"].astype(str),
-                        strict=True,
-                    ):
-                        self.skipped[h] = r
-                self._seq = max(self._seq, int(p.stem.split("-")[1]) + 1)
-            except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):
-                p.unlink(missing_ok=True)  # a partial write from a crash: never trusted
-
-    def add(self, sha256: list[str], feats: np.ndarray, skipped: dict[str, str]) -> None:
-        """Persist one batch: after this returns, a crash cannot lose it."""
-        self.folder.mkdir(parents=True, exist_ok=True)
-        p = self.folder / f"batch-{self._seq:07d}.npz"
-        tmp = self.folder / f".tmp-{self._seq:07d}-{os.getpid()}.npz"
-        self._seq += 1
-        with replacing(tmp, p):
-            np.savez(
-                tmp,
-                key=np.array(self.key),
-                sha256=np.array([h.encode() for h in sha256], dtype="S80"),
-                features=feats,
-                skipped_sha256=np.array([s.encode("utf-8", "replace") for s in skipped], "S"),
-                skipped_reason=np.array(list(skipped.values()), dtype=str),
-            )
-        for i, h in enumerate(sha256):
-            self.features[h] = (p, i)
-        self.skipped.update(skipped)
-
-    def blocks(self, row_lists: dict[str, list[int]]) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-        """(row indices, features) for every journal entry that some row needs, file by file."""
-        by_file: dict[Path, list[tuple[int, list[int]]]] = {}
-        for h, rows in row_lists.items():
-            p, i = self.features[h]
-            by_file.setdefault(p, []).append((i, rows))
-        for p, entries in by_file.items():
-            with np.load(p, allow_pickle=False) as z:
-                feats = z["features"]
-            idx = [r for _, rows in entries for r in rows]
-            src = [i for i, rows in entries for _ in rows]
-            yield np.array(idx, dtype=np.int64), feats[src]
-
-    def clear(self) -> None:
-        if self.folder.is_dir():
-            for p in self.folder.iterdir():
-                p.unlink(missing_ok=True)
-            self.folder.rmdir()
-        self.features.clear()
-        self.skipped.clear()
 
 
 @contextmanager

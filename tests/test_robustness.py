@@ -163,9 +163,9 @@ def test_kill_mid_run_resumes_to_the_clean_cache(tmp_path, spec, quiet):
         deadline = time.time() + 120
         while time.time() < deadline:
             journals = (
-                list((art / "features").glob("*.journal")) if (art / "features").is_dir() else []
+                list((art / "features").glob("*.shards")) if (art / "features").is_dir() else []
             )
-            if journals and len(list(journals[0].glob("batch-*.npz"))) >= wait_batches:
+            if journals and len(list(journals[0].glob("s*.h5"))) >= wait_batches:
                 journal = journals[0]
                 break
             if proc.poll() is not None:
@@ -191,16 +191,15 @@ def test_kill_mid_run_resumes_to_the_clean_cache(tmp_path, spec, quiet):
         assert f.attrs["cache_key"] == g.attrs["cache_key"]
 
 
-def test_a_torn_journal_batch_is_never_trusted(tmp_path, spec, quiet):
+def test_a_torn_shard_is_never_trusted(tmp_path, spec, quiet):
     log, _ = quiet
     data = make_dataset(tmp_path / "data", per_class=4, n_classes=2)
     first = extract(data, tmp_path / "art", spec, log=log)
-    jdir = first.cache.with_suffix(".journal")
-    jdir.mkdir()
-    (jdir / "batch-0000000.npz").write_bytes(b"PK\x03\x04 torn")
+    torn = store.shards_dir(first.cache) / "s00000099.h5"
+    torn.write_bytes(b"\x89HDF\r\n\x1a\n torn")
     write_image(data / "train/class_0/extra.png", 0, 4242)
     s = extract(data, tmp_path / "art", spec, log=log)
-    assert s.new == 1 and not jdir.exists()
+    assert s.new == 1 and not torn.exists()
 
 
 def test_second_writer_stops_with_a_clear_message(tmp_path, spec):
@@ -223,28 +222,29 @@ def test_disk_full_or_read_only_keeps_the_cache(tmp_path, spec, quiet, monkeypat
     before = first.cache.read_bytes()
     write_image(data / "train/class_1/more.png", 1, 99)
 
-    def fail(*a, **k):
-        raise OSError(code, os.strerror(code))
+    real_file = h5py.File
 
-    monkeypatch.setattr(store.np, "savez", fail)
+    def failing(only: str):
+        def fail_write(path, mode="r", *a, **k):
+            if mode == "w" and only in str(path):
+                raise OSError(code, os.strerror(code))
+            return real_file(path, mode, *a, **k)
+
+        return fail_write
+
+    monkeypatch.setattr(h5py, "File", failing(""))  # the new shard cannot be written
     with pytest.raises(UserError, match=match):
         extract(data, tmp_path / "art", spec, log=log)
     monkeypatch.undo()
-    real_file = h5py.File
-
-    def fail_write(path, mode="r", *a, **k):
-        if mode == "w":
-            raise OSError(code, os.strerror(code))
-        return real_file(path, mode, *a, **k)
-
-    monkeypatch.setattr(store.h5py, "File", fail_write)
+    monkeypatch.setattr(h5py, "File", failing(".h5.tmp-"))  # the shard is, the index is not
     with pytest.raises(UserError, match=match):
         extract(data, tmp_path / "art", spec, log=log)
     monkeypatch.undo()
     assert first.cache.read_bytes() == before
     assert not list(first.cache.parent.glob("*.tmp-*"))
+    assert not list(store.shards_dir(first.cache).glob(".tmp-*"))
     again = extract(data, tmp_path / "art", spec, log=log)
-    assert (again.new, again.resumed, again.cached) == (0, 1, 7)  # the journal kept the batch
+    assert (again.new, again.resumed, again.cached) == (0, 1, 7)  # the shard kept the batch
 
 
 def test_unwritable_artifacts_is_a_clear_error(tmp_path, spec):
@@ -259,10 +259,15 @@ def test_damaged_cache_is_said_and_rebuilt(tmp_path, spec, quiet):
     log, lines = quiet
     data = make_dataset(tmp_path / "data", per_class=3, n_classes=2)
     first = extract(data, tmp_path / "art", spec, log=log)
+    with h5py.File(first.cache) as f:
+        before = f["features"][()]
     first.cache.write_bytes(first.cache.read_bytes()[:1000])
     s = extract(data, tmp_path / "art", spec, log=log)
-    assert s.new == 6
+    # the index is rebuilt from the immutable shards: nothing is embedded again
+    assert (s.new, s.resumed, s.cached) == (0, 6, 6)
     assert any("is damaged" in x and "moved aside" in x for x in lines)
+    with h5py.File(s.cache) as f:
+        np.testing.assert_array_equal(f["features"][()], before)
 
 
 def test_cache_with_other_settings_is_never_used(tmp_path, spec, quiet):
@@ -272,8 +277,11 @@ def test_cache_with_other_settings_is_never_used(tmp_path, spec, quiet):
     b = extract(data, tmp_path / "art", BackboneSpec("none", input_size=64), log=log)
     os.replace(b.cache, a.cache)  # a file of other settings under this setting's name
     s = extract(data, tmp_path / "art", spec, log=log)
-    assert s.new == 6
     assert any("made with other settings" in x for x in lines)
+    # rebuilt from this setting's own shards, never from the other file's
+    assert (s.new, s.resumed) == (0, 6)
+    with h5py.File(s.cache) as f:
+        assert f["features"].shape == (6, 1, 1, 512)
 
 
 def test_unreadable_folder_is_a_warning_not_a_silent_drop(tmp_path, monkeypatch):
