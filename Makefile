@@ -16,6 +16,8 @@ DTYPE     ?= float16
 PRECISION ?= float32
 AUGMENT   ?= 0
 REBUILD   ?= 0
+VERIFY    ?= 0
+MAPS      ?= 1
 VIEWS     ?= 0
 HEAD      ?= logreg
 POOL      ?=
@@ -52,6 +54,8 @@ help: ## this list
 	@echo "  FOLDS=$(FOLDS) SEED=$(SEED)    cross-validation folds, seed for every random choice"
 	@echo "  AUGMENT=K (features) VIEWS=K (train-head)   cache / train on K augmented views per image"
 	@echo "  REBUILD=1 (features)  embed every image again, e.g. after a Pillow/TensorFlow upgrade"
+	@echo "  VERIFY=1 (features)   hash every file again (default: unchanged size+mtime+inode are trusted)"
+	@echo "  MAPS=$(MAPS) (features)      0: pooled vectors only, for very large collections (no flatten/dense/finetune)"
 	@echo "  PARAMS=\"C=0.1\"     head settings, fixed instead of tuned (dense: learning_rate=1e-3 epochs=50 ...)"
 	@echo "  IMAGES=path RUN=name OUT=file.csv TTA=K   for predict (RUN: best head; TTA: views averaged)"
 	@echo "  SWEEP_HEADS=$(SWEEP_HEADS) SWEEP_POOLS=$(SWEEP_POOLS) SWEEP_VIEWS=$(SWEEP_VIEWS)  for sweep"
@@ -70,7 +74,7 @@ install: $(STAMP) ## create .venv and install the package with its dependencies
 features: $(STAMP) ## embed every image once into ARTIFACTS/features/*.h5 (reruns: only new/changed)
 	$(PY) -m pipeline features --data $(DATA) --artifacts $(ARTIFACTS) --weights $(WEIGHTS) \
 		--size $(SIZE) --layer $(LAYER) --batch $(BATCH) --dtype $(DTYPE) --seed $(SEED) --precision $(PRECISION) --augment $(AUGMENT) \
-		$(if $(filter 1,$(REBUILD)),--rebuild)
+		$(if $(filter 1,$(REBUILD)),--rebuild) $(if $(filter 1,$(VERIFY)),--verify) --maps $(MAPS)
 
 train-head: $(STAMP) ## cross-validate + save HEAD on the cached features (backbone never runs)
 	$(PY) -m pipeline train-head --head $(HEAD) $(pool_arg) --folds $(FOLDS) --seed $(SEED) \

@@ -93,6 +93,19 @@ def parser() -> argparse.ArgumentParser:
         "shear, rotation; seeded), computed once (default 0)",
     )
     p.add_argument(
+        "--verify",
+        action="store_true",
+        help="hash every file again, even when its size, mtime and inode are unchanged",
+    )
+    p.add_argument(
+        "--maps",
+        type=int,
+        choices=(0, 1),
+        default=1,
+        help="1: store the feature maps and pooled vectors (default); 0: pooled vectors only "
+        "(very large collections; POOL=flatten, dense on maps and finetune need the maps)",
+    )
+    p.add_argument(
         "--rebuild",
         action="store_true",
         help="embed every image again (after a Pillow/TensorFlow/Keras upgrade: a cache never "
@@ -219,6 +232,8 @@ def run(args: argparse.Namespace) -> None:
             dtype=args.dtype,
             augment=args.augment,
             rebuild=args.rebuild,
+            verify=args.verify,
+            maps=bool(args.maps),
             log=log,
         )
     elif args.command == "train-head":

@@ -165,7 +165,7 @@ def open_cache(path: Path) -> Iterator[h5py.File]:
             "delete it and rerun `make features`"
         ) from None
     try:
-        if f.attrs.get("format_version") != FORMAT_VERSION or "features" not in f:
+        if f.attrs.get("format_version") != FORMAT_VERSION or "pooled/avg" not in f:
             raise CacheError(
                 f"'{path}' is not a complete feature cache of format {FORMAT_VERSION}; "
                 "delete it and rerun `make features`"
