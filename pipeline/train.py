@@ -103,6 +103,7 @@ def train_head(
 
         # the weights file must still be the same
         spec_from_settings(idx.attrs["settings"], hint=idx.attrs.get("weights"))
+    heads.check_size(info, len(ts.y), p)
     dups = duplicates.find(idx.paths, idx.sha256, idx.labels.tolist(), idx.split, classes)
     for w in duplicates.lines(dups):
         log(w)

@@ -130,3 +130,22 @@ def test_pooled_vectors_only(tmp_path, spec, quiet):
     assert sum(p.stat().st_size for p in store.shards_dir(small.cache).iterdir()) < sum(
         p.stat().st_size for p in store.shards_dir(full.cache).iterdir()
     )
+
+
+def test_the_svm_size_guard_speaks_and_names_what_scales(tmp_path, spec, quiet, monkeypatch):
+    import dataclasses
+
+    from pipeline import heads
+
+    log, _ = quiet
+    data = make_dataset(tmp_path / "data", per_class=10)
+    art = tmp_path / "art"
+    extract(data, art, spec, log=log)
+    monkeypatch.setitem(heads.HEADS, "svm", dataclasses.replace(heads.HEADS["svm"], max_rows=20))
+    with pytest.raises(UserError, match=r"on 30 training rows .*HEAD=svm-nystroem.*max_rows=30"):
+        train_head(art, "svm", folds=3, log=log)
+    forced = train_head(art, "svm", folds=3, params={"max_rows": "30"}, log=log)
+    assert forced["cv"]["folds"] == 3
+    for name in ("svm-linear", "svm-nystroem"):
+        r = train_head(art, name, folds=3, params={"n_components": "20"} if "nys" in name else {})
+        assert r["cv"]["accuracy_mean"] > 0.8 and r["final_params"]["C"] > 0
