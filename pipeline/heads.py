@@ -312,7 +312,7 @@ def check_size(info: HeadInfo, n_rows: int, params: dict[str, Any]) -> None:
         f"HEAD={info.name} is a kernel SVM: its nested cross-validation grows faster than n^2 and "
         f"would run for hours on {n_rows:,} training rows (limit {limit:,}); use "
         "HEAD=svm-nystroem (the same RBF kernel, approximated, linear in n) or HEAD=svm-linear, "
-        f"or PARAMS=\"max_rows={n_rows}\" to run it anyway"
+        f'or PARAMS="max_rows={n_rows}" to run it anyway'
     )
 
 

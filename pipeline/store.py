@@ -290,9 +290,7 @@ def write_index(
             if maps:
                 _virtual(f, "features", runs, shard_dir, shard_rows, tuple(feature_shape), dtype)
             for p in ("avg", "max"):
-                _virtual(
-                    f, f"pooled/{p}", runs, shard_dir, shard_rows, (feature_shape[-1],), "f4"
-                )
+                _virtual(f, f"pooled/{p}", runs, shard_dir, shard_rows, (feature_shape[-1],), "f4")
             _str_ds(f, "paths", [r["path"] for r in rows])
             _str_ds(f, "sha256", [r["sha256"] for r in rows])
             _str_ds(f, "split", [r["split"] for r in rows])
@@ -360,9 +358,7 @@ def load_features(path: Path, pooling: str, split: str, max_view: int = 0) -> Fe
         return features_of(f, index_of(f, path), pooling, split, max_view)
 
 
-def features_of(
-    f: h5py.File, idx: Index, pooling: str, split: str, max_view: int = 0
-) -> Features:
+def features_of(f: h5py.File, idx: Index, pooling: str, split: str, max_view: int = 0) -> Features:
     """Rows of `split` from the open cache `f` (one consistent version of the file), as float32.
 
     avg and max read the stored pooled vectors (never the maps); flatten reads the maps. The

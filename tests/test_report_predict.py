@@ -164,7 +164,11 @@ def run_cli(args, capsys):
             "SIZE must be an integer of at least 32",
         ),
         (None, ["train-head", "--artifacts", "{t}/art"], "run `make features` first"),
-        (None, ["train-head", "--head", "knn"], "HEAD must be one of logreg, svm, svm-linear, svm-nystroem, dense, finetune"),
+        (
+            None,
+            ["train-head", "--head", "knn"],
+            "HEAD must be one of logreg, svm, svm-linear, svm-nystroem, dense, finetune",
+        ),
         (None, ["train-head", "--param", "C"], "must look like name=value"),
         (None, ["report", "--artifacts", "{t}/art"], "run `make train-head` first"),
         (
