@@ -11,7 +11,6 @@ from __future__ import annotations
 import hashlib
 import os
 from dataclasses import asdict, dataclass
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
@@ -84,7 +83,7 @@ class BackboneSpec:
         if kind == "imagenet":
             return f"imagenet:{IMAGENET_NOTOP}:md5={IMAGENET_NOTOP_MD5}"
         if kind == "none":
-            return f"random:seed={self.seed}:keras={metadata.version('keras')}"
+            return f"random:seed={self.seed}:{RANDOM_INIT}"
         return f"file:sha256={file_sha256(self.weights)}"
 
     def settings(self) -> dict[str, Any]:
@@ -122,14 +121,39 @@ def spec_from_settings(
     return spec
 
 
+RANDOM_INIT = "numpy-glorot-uniform-v1"
+
+
+def seeded_init(model: Any, seed: int) -> None:
+    """Glorot-uniform kernels and zero biases from NumPy, seeded: the same in every process.
+
+    Keras' own seeded initialisation depends on its global, per-thread random state: a model
+    built a second time in a Dask worker's other thread came out different. These weights do not.
+    """
+    rng = np.random.default_rng(seed)
+    for layer in model.layers:
+        new = []
+        for w in layer.get_weights():
+            if w.ndim >= 2:
+                receptive = int(np.prod(w.shape[:-2]))
+                fan_in, fan_out = receptive * w.shape[-2], receptive * w.shape[-1]
+                limit = np.sqrt(6.0 / (fan_in + fan_out))
+                new.append(rng.uniform(-limit, limit, w.shape).astype(w.dtype))
+            else:
+                new.append(np.zeros_like(w))
+        if new:
+            layer.set_weights(new)
+
+
 def _load_base(spec: BackboneSpec) -> Any:
     import keras  # TensorFlow's log level and the backend are set in pipeline/__init__.py
 
     shape = (spec.input_size, spec.input_size, 3)
     kind = spec.weights_kind
     if kind == "none":
-        keras.utils.set_random_seed(spec.seed)
-        return keras.applications.VGG16(weights=None, include_top=False, input_shape=shape)
+        model = keras.applications.VGG16(weights=None, include_top=False, input_shape=shape)
+        seeded_init(model, spec.seed)
+        return model
     if kind == "imagenet":
         try:
             return keras.applications.VGG16(

@@ -9,6 +9,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from pipeline import cluster
 from pipeline.errors import UserError
 
 EPILOG = "Every option has a Makefile variable of the same name in capitals (make help)."
@@ -42,6 +43,15 @@ def _backbone(p: argparse.ArgumentParser) -> None:
         "--precision",
         default="float32",
         help="float32, or mixed_float16 / mixed_bfloat16 for a GPU (a separate cache)",
+    )
+
+
+def _cluster(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--cluster",
+        default="",
+        help="run on Dask: local:N (N worker processes here) or tcp://host:8786 (a running "
+        "scheduler; DATA and ARTIFACTS on a shared filesystem); default: this process",
     )
 
 
@@ -112,6 +122,7 @@ def parser() -> argparse.ArgumentParser:
         "mixes rows made by two versions)",
     )
     _backbone(p)
+    _cluster(p)
     _common(p)
 
     head_help = "; ".join(f"{h.name}: {h.description}" for h in heads.HEADS.values())
@@ -143,6 +154,7 @@ def parser() -> argparse.ArgumentParser:
         help="train on the originals plus K cached augmented views each; folds keep "
         "an image's views together and score originals only (default 0)",
     )
+    _cluster(p)
     _common(p)
 
     p = sub.add_parser(
@@ -162,6 +174,7 @@ def parser() -> argparse.ArgumentParser:
         "finetune setting: hidden, dropout, head_lr, finetune_lr, head_epochs, "
         "finetune_epochs, batch_size, patience",
     )
+    _cluster(p)
     _common(p)
 
     p = sub.add_parser(
@@ -174,6 +187,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--views", default="0", help="comma-separated augmented views, e.g. 0,4")
     p.add_argument("--folds", type=int, default=5, help="cross-validation folds (default 5)")
     p.add_argument("--points", type=int, default=5, help="learning-curve points (default 5)")
+    _cluster(p)
     _common(p)
 
     p = sub.add_parser(
@@ -224,33 +238,37 @@ def run(args: argparse.Namespace) -> None:
             seed=args.seed,
             precision=args.precision,
         )
-        extract(
-            args.data,
-            args.artifacts,
-            spec,
-            batch_size=args.batch,
-            dtype=args.dtype,
-            augment=args.augment,
-            rebuild=args.rebuild,
-            verify=args.verify,
-            maps=bool(args.maps),
-            log=log,
-        )
+        with cluster.client(args.cluster) as c:
+            extract(
+                args.data,
+                args.artifacts,
+                spec,
+                batch_size=args.batch,
+                dtype=args.dtype,
+                augment=args.augment,
+                rebuild=args.rebuild,
+                verify=args.verify,
+                maps=bool(args.maps),
+                log=log,
+                embedder_fn=cluster.embedder(c) if c is not None else None,
+            )
     elif args.command == "train-head":
         from pipeline.train import train_head
 
-        train_head(
-            args.artifacts,
-            head=args.head,
-            pooling=args.pool,
-            folds=args.folds,
-            seed=args.seed,
-            params=_head_params(args.param),
-            features=args.features,
-            n_jobs=args.jobs,
-            views=args.views,
-            log=log,
-        )
+        with cluster.client(args.cluster) as c:
+            train_head(
+                args.artifacts,
+                head=args.head,
+                pooling=args.pool,
+                folds=args.folds,
+                seed=args.seed,
+                params=_head_params(args.param),
+                features=args.features,
+                n_jobs=args.jobs,
+                views=args.views,
+                log=log,
+                client=c,
+            )
     elif args.command == "finetune":
         from pipeline.backbone import BackboneSpec
         from pipeline.features import extract
@@ -263,37 +281,42 @@ def run(args: argparse.Namespace) -> None:
             seed=args.seed,
             precision=args.precision,
         )
-        s = extract(
-            args.data,
-            args.artifacts,
-            spec,
-            batch_size=args.batch,
-            dtype=args.dtype,
-            set_current=False,
-            log=log,
-        )
-        train_head(
-            args.artifacts,
-            head="finetune",
-            folds=args.folds,
-            seed=args.seed,
-            params=_head_params(args.param),
-            features=s.cache,
-            log=log,
-        )
+        with cluster.client(args.cluster) as c:
+            s = extract(
+                args.data,
+                args.artifacts,
+                spec,
+                batch_size=args.batch,
+                dtype=args.dtype,
+                set_current=False,
+                log=log,
+                embedder_fn=cluster.embedder(c) if c is not None else None,
+            )
+            train_head(
+                args.artifacts,
+                head="finetune",
+                folds=args.folds,
+                seed=args.seed,
+                params=_head_params(args.param),
+                features=s.cache,
+                log=log,
+                client=c,
+            )
     elif args.command == "sweep":
         from pipeline.sweep import run_sweep
 
-        run_sweep(
-            args.artifacts,
-            args.heads,
-            args.pools,
-            args.views,
-            folds=args.folds,
-            seed=args.seed,
-            curve_points=args.points,
-            log=log,
-        )
+        with cluster.client(args.cluster) as c:
+            run_sweep(
+                args.artifacts,
+                args.heads,
+                args.pools,
+                args.views,
+                folds=args.folds,
+                seed=args.seed,
+                curve_points=args.points,
+                log=log,
+                client=c,
+            )
     elif args.command == "report":
         from pipeline.report import build_report
 

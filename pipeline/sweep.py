@@ -35,6 +35,7 @@ def run_sweep(
     seed: int = 0,
     curve_points: int = 5,
     log: Log = print,
+    client: Any = None,
 ) -> dict[str, Any]:
     """Train every combination, rank them, and write the best one's learning curve."""
     names, pool_list, view_list = _split(heads_list, str), _split(pools, str), _split(views, int)
@@ -48,7 +49,9 @@ def run_sweep(
         for h in names:
             for p in pool_list:
                 log(f"--- sweep: {h}, {p} pooling, {v} augmented views")
-                r = train_head(artifacts, h, pooling=p, folds=folds, seed=seed, views=v, log=log)
+                r = train_head(
+                    artifacts, h, pooling=p, folds=folds, seed=seed, views=v, log=log, client=client
+                )
                 results.append(
                     {
                         "run": r["run"],

@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from pipeline import duplicates, evaluate, heads, layout, runs, store
+from pipeline import cluster, duplicates, evaluate, heads, layout, runs, store
 from pipeline.errors import UserError
 from pipeline.provenance import environment
 from pipeline.seeding import set_seeds
@@ -73,8 +73,13 @@ def train_head(
     n_jobs: int | None = None,
     views: int = 0,
     log: Log = print,
+    client: Any = None,
 ) -> dict[str, Any]:
-    """Cross-validate, validate and save one head; return its result (also in result.json)."""
+    """Cross-validate, validate and save one head; return its result (also in result.json).
+
+    With a Dask `client` (CLUSTER), the folds run on the cluster through joblib's Dask
+    backend, the features scattered to the workers once.
+    """
     t0 = time.perf_counter()
     info = heads.get(head)
     p = heads.parse_params(info, params or {})
@@ -109,6 +114,8 @@ def train_head(
         log(w)
     if n_jobs is None:
         n_jobs = min(folds, os.cpu_count() or 1) if info.parallel_folds else 1
+    if client is not None:
+        n_jobs = folds
     n_orig = int(ts.original.sum())
     log(
         f"{head} on {pooling} features {ts.X.shape[1]}-d: {n_orig} train"
@@ -116,9 +123,10 @@ def train_head(
         + f", {len(va.y)} validation images, {len(classes)} classes"
     )
     t_cv = time.perf_counter()
-    cv = evaluate.cross_validate(
-        heads.make(info, p, seed, context), ts, classes, folds, seed, n_jobs=n_jobs, log=log
-    )
+    with cluster.joblib_backend(client, ts.X, ts.y, ts.groups):
+        cv = evaluate.cross_validate(
+            heads.make(info, p, seed, context), ts, classes, folds, seed, n_jobs=n_jobs, log=log
+        )
     cv_s = time.perf_counter() - t_cv
     log(
         f"cross-validated accuracy {cv['accuracy_mean']:.4f} ± {cv['accuracy_std']:.4f} "

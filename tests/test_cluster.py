@@ -1,0 +1,127 @@
+"""CLUSTER on Dask: the same cache as one process, complete after a worker dies, folds on it."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import h5py
+import numpy as np
+import pytest
+from conftest import make_dataset
+
+from pipeline import cluster, store
+from pipeline.errors import UserError
+from pipeline.features import extract
+from pipeline.train import train_head
+
+distributed = pytest.importorskip("distributed")
+
+
+def _same_cache(a, b) -> None:
+    ia, ib = store.read_index(a), store.read_index(b)
+    assert ia.paths == ib.paths and ia.sha256 == ib.sha256 and (ia.labels == ib.labels).all()
+    assert len(set(zip(ib.sha256, ib.view, strict=True))) == len(ib.paths)  # no row twice
+    with h5py.File(a) as f, h5py.File(b) as g:
+        np.testing.assert_allclose(f["features"][()], g["features"][()], rtol=1e-3, atol=1e-3)
+        np.testing.assert_allclose(f["pooled/avg"][()], g["pooled/avg"][()], rtol=1e-3, atol=1e-3)
+        assert f.attrs["cache_key"] == g.attrs["cache_key"]
+        assert f.attrs["data_id"] == g.attrs["data_id"]
+
+
+@pytest.fixture(scope="module")
+def two_workers():
+    with cluster.client("local:2") as c:
+        yield c
+
+
+def test_two_worker_processes_make_the_same_cache(tmp_path, spec, quiet, two_workers):
+    log, _ = quiet
+    data = make_dataset(tmp_path / "data", per_class=8, validation=2)
+    one = extract(data, tmp_path / "one", spec, batch_size=4, log=log)
+    seen: list[dict] = []
+    fn = cluster.embedder(two_workers)
+
+    def recording(*a):
+        for chunk, reasons, maps in fn(*a):
+            seen.append({"n": len(chunk)})
+            yield chunk, reasons, maps
+
+    two = extract(data, tmp_path / "two", spec, batch_size=4, log=log, embedder_fn=recording)
+    assert two.new == one.new == 30 and len(seen) == 8
+    _same_cache(one.cache, two.cache)
+    # each worker process built the backbone once, however many batches it ran
+    builds = two_workers.run(lambda: len(cluster._BUILDS))
+    assert set(builds.values()) <= {0, 1} and sum(builds.values()) >= 1
+    # folds on the cluster give the same numbers as folds here
+    here = train_head(tmp_path / "one", "logreg", folds=3, log=log)
+    there = train_head(tmp_path / "two", "logreg", folds=3, log=log, client=two_workers)
+    assert here["cv"]["oof_pred"] == there["cv"]["oof_pred"]
+    assert here["cv"]["fold_accuracies"] == there["cv"]["fold_accuracies"]
+
+
+def test_a_worker_killed_mid_run_still_yields_the_complete_cache(tmp_path, spec, quiet):
+    log, _ = quiet
+    data = make_dataset(tmp_path / "data", per_class=12)
+    clean = extract(data, tmp_path / "clean", spec, batch_size=2, log=log)
+    with cluster.client("local:2") as c:
+        killed: list[str] = []
+        fn = cluster.embedder(c, window=8)
+
+        def kill_one_worker() -> None:
+            deadline = time.time() + 60
+            while time.time() < deadline:
+                busy = [w for w, t in c.processing().items() if t]
+                if busy:
+                    killed.append(busy[0])
+                    try:  # the worker dies mid-call: the call may report the lost connection
+                        c.run(lambda: __import__("os")._exit(1), workers=[busy[0]], wait=False)
+                    except Exception:  # noqa: BLE001
+                        pass
+                    return
+                time.sleep(0.05)
+
+        def slow(*a):
+            started = False
+            for out in fn(*a):
+                if not started:
+                    started = True
+                    t = threading.Thread(target=kill_one_worker)
+                    t.start()
+                    t.join()
+                yield out
+
+        s = extract(data, tmp_path / "killed", spec, batch_size=2, log=log, embedder_fn=slow)
+    assert killed, "no worker was killed"
+    assert s.new == 36 and s.skipped == 0
+    _same_cache(clean.cache, s.cache)
+
+
+def _weight_sums(size: int, seed: int) -> list[float]:
+    from pipeline.backbone import BackboneSpec, build
+
+    model = build(BackboneSpec("none", input_size=size, seed=seed))
+    return [float(w.sum()) for w in model.get_weights()]
+
+
+def test_random_weights_are_the_same_in_every_process_and_build(two_workers, spec):
+    """WEIGHTS=none is seeded: every build, here or in any worker's thread, is identical.
+
+    With Keras' own seeded initialisers, a second build in a Dask worker came out different
+    beyond the first layer, so two workers embedded with two different networks.
+    """
+    here = _weight_sums(spec.input_size, 0)
+    fs = [two_workers.submit(_weight_sums, spec.input_size, 0, pure=False) for _ in range(4)]
+    assert all(f.result() == here for f in fs)
+    assert _weight_sums(spec.input_size, 1) != here
+
+
+def test_cluster_setting_is_checked():
+    assert cluster.parse("local:3") == ("local", 3)
+    assert cluster.parse("tcp://10.0.0.1:8786") == ("address", "tcp://10.0.0.1:8786")
+    assert cluster.parse("") is None
+    with pytest.raises(UserError, match="CLUSTER must be local:N .* got 'local:0'"):
+        cluster.parse("local:0")
+    with pytest.raises(UserError, match="cannot reach the Dask scheduler at tcp://127.0.0.1:9"):
+        with cluster.client("tcp://127.0.0.1:9"):
+            pass
