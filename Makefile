@@ -18,6 +18,7 @@ AUGMENT   ?= 0
 REBUILD   ?= 0
 VERIFY    ?= 0
 MAPS      ?= 1
+CLUSTER   ?=
 VIEWS     ?= 0
 HEAD      ?= logreg
 POOL      ?=
@@ -37,6 +38,7 @@ param_args = $(foreach p,$(PARAMS),--param $(p))
 run_arg    = $(if $(RUN),--run $(RUN))
 out_arg    = $(if $(OUT),--out $(OUT))
 tta_arg    = $(if $(TTA),--tta $(TTA))
+cluster_arg = $(if $(CLUSTER),--cluster $(CLUSTER))
 
 .PHONY: help install features train-head train-all finetune sweep report predict demo test lint bench clean
 
@@ -50,9 +52,10 @@ help: ## this list
 	@echo "  WEIGHTS=$(WEIGHTS)     imagenet | none (random, seeded, flagged) | /path/to/vgg16 notop .h5"
 	@echo "  SIZE=$(SIZE) LAYER=$(LAYER) BATCH=$(BATCH) DTYPE=$(DTYPE)   backbone input, cached layer, batch, stored type"
 	@echo "  PRECISION=$(PRECISION)   float32 | mixed_float16 | mixed_bfloat16 (GPU; its own cache)"
-	@echo "  HEAD=$(HEAD)       logreg | svm | dense;  POOL=avg|max|flatten (default per head)"
+	@echo "  HEAD=$(HEAD)       logreg | svm | svm-linear | svm-nystroem | dense;  POOL=avg|max|flatten"
 	@echo "  FOLDS=$(FOLDS) SEED=$(SEED)    cross-validation folds, seed for every random choice"
 	@echo "  AUGMENT=K (features) VIEWS=K (train-head)   cache / train on K augmented views per image"
+	@echo "  CLUSTER=local:N | tcp://host:8786   features, finetune, train-head, sweep on Dask (README)"
 	@echo "  REBUILD=1 (features)  embed every image again, e.g. after a Pillow/TensorFlow upgrade"
 	@echo "  VERIFY=1 (features)   hash every file again (default: unchanged size+mtime+inode are trusted)"
 	@echo "  MAPS=$(MAPS) (features)      0: pooled vectors only, for very large collections (no flatten/dense/finetune)"
@@ -74,22 +77,22 @@ install: $(STAMP) ## create .venv and install the package with its dependencies
 features: $(STAMP) ## embed every image once into ARTIFACTS/features/*.h5 (reruns: only new/changed)
 	$(PY) -m pipeline features --data $(DATA) --artifacts $(ARTIFACTS) --weights $(WEIGHTS) \
 		--size $(SIZE) --layer $(LAYER) --batch $(BATCH) --dtype $(DTYPE) --seed $(SEED) --precision $(PRECISION) --augment $(AUGMENT) \
-		$(if $(filter 1,$(REBUILD)),--rebuild) $(if $(filter 1,$(VERIFY)),--verify) --maps $(MAPS)
+		$(if $(filter 1,$(REBUILD)),--rebuild) $(if $(filter 1,$(VERIFY)),--verify) --maps $(MAPS) $(cluster_arg)
 
 train-head: $(STAMP) ## cross-validate + save HEAD on the cached features (backbone never runs)
 	$(PY) -m pipeline train-head --head $(HEAD) $(pool_arg) --folds $(FOLDS) --seed $(SEED) \
-		--artifacts $(ARTIFACTS) --views $(VIEWS) $(param_args)
+		--artifacts $(ARTIFACTS) --views $(VIEWS) $(param_args) $(cluster_arg)
 
 train-all: $(STAMP) ## train-head for logreg, svm and dense
 	for h in logreg svm dense; do $(MAKE) --no-print-directory train-head HEAD=$$h || exit $$?; done
 
 finetune: $(STAMP) ## cache block4_pool once, then cross-validate block5 + head fine-tuned from it
 	$(PY) -m pipeline finetune --data $(DATA) --artifacts $(ARTIFACTS) --weights $(WEIGHTS) \
-		--size $(SIZE) --batch $(BATCH) --dtype $(DTYPE) --seed $(SEED) --precision $(PRECISION) --folds $(FOLDS) $(param_args)
+		--size $(SIZE) --batch $(BATCH) --dtype $(DTYPE) --seed $(SEED) --precision $(PRECISION) --folds $(FOLDS) $(param_args) $(cluster_arg)
 
 sweep: $(STAMP) ## every head x pooling x VIEWS on the cache, ranked, + learning curve
 	$(PY) -m pipeline sweep --artifacts $(ARTIFACTS) --folds $(FOLDS) --seed $(SEED) \
-		--heads $(SWEEP_HEADS) --pools $(SWEEP_POOLS) --views $(SWEEP_VIEWS)
+		--heads $(SWEEP_HEADS) --pools $(SWEEP_POOLS) --views $(SWEEP_VIEWS) $(cluster_arg)
 
 report: $(STAMP) ## ARTIFACTS/report/report.{json,md,html} comparing every trained head
 	$(PY) -m pipeline report --artifacts $(ARTIFACTS)
