@@ -351,8 +351,11 @@ def make(
     params: dict[str, Any],
     seed: int,
     context: dict[str, Any] | None = None,
+    n_jobs: int | None = 1,
 ) -> Any:
     """The head as one configured estimator, the same for cross-validation and the saved head.
+
+    `n_jobs` parallelises the grid search (the final fit on a cluster: joblib's active backend).
 
     Hyperparameters the user did not fix are chosen by a GridSearchCV on group-aware inner
     folds of whatever it is fitted on (a training fold, or all of train for the saved head).
@@ -361,7 +364,7 @@ def make(
     grid = {f"clf__{k}": v for k, v in info.tuned.items() if k not in params}
     if grid:
         est = GridSearchCV(
-            est, grid, cv=InnerCV(INNER_FOLDS, seed), scoring="accuracy", n_jobs=1, refit=True
+            est, grid, cv=InnerCV(INNER_FOLDS, seed), scoring="accuracy", n_jobs=n_jobs, refit=True
         )
     if info.calibrate:
         est = TuneThenCalibrate(est, cv=InnerCV(INNER_FOLDS, seed))

@@ -123,19 +123,23 @@ def train_head(
         + f", {len(va.y)} validation images, {len(classes)} classes"
     )
     t_cv = time.perf_counter()
+    # on a cluster: the outer folds, then the final fit's grid search, on one scatter of the data
     with cluster.joblib_backend(client, ts.X, ts.y, ts.groups):
         cv = evaluate.cross_validate(
             heads.make(info, p, seed, context), ts, classes, folds, seed, n_jobs=n_jobs, log=log
         )
-    cv_s = time.perf_counter() - t_cv
-    log(
-        f"cross-validated accuracy {cv['accuracy_mean']:.4f} ± {cv['accuracy_std']:.4f} "
-        f"(± = standard deviation of the {cv['folds']} fold accuracies): "
-        f"{', '.join(f'{a:.3f}' for a in cv['fold_accuracies'])}"
-    )
-    t_fit = time.perf_counter()
-    final = heads.fit(heads.make(info, p, seed, context), ts.X, ts.y, ts.groups)
-    fit_s = time.perf_counter() - t_fit
+        cv_s = time.perf_counter() - t_cv
+        log(
+            f"cross-validated accuracy {cv['accuracy_mean']:.4f} ± {cv['accuracy_std']:.4f} "
+            f"(± = standard deviation of the {cv['folds']} fold accuracies): "
+            f"{', '.join(f'{a:.3f}' for a in cv['fold_accuracies'])}"
+        )
+        t_fit = time.perf_counter()
+        grid_jobs = -1 if client is not None else 1
+        final = heads.fit(
+            heads.make(info, p, seed, context, n_jobs=grid_jobs), ts.X, ts.y, ts.groups
+        )
+        fit_s = time.perf_counter() - t_fit
     validation = None
     if len(va.y):
         proba = final.predict_proba(va.X)
