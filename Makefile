@@ -8,9 +8,10 @@ STAMP    := $(VENV)/.installed-stamp
 
 DATA      ?= data
 ARTIFACTS ?= artifacts
+BACKBONE  ?= vgg16
 WEIGHTS   ?= imagenet
-SIZE      ?= 224
-LAYER     ?= block5_pool
+SIZE      ?=
+LAYER     ?=
 BATCH     ?= 32
 DTYPE     ?= float16
 PRECISION ?= float32
@@ -31,6 +32,7 @@ OUT       ?=
 SWEEP_HEADS ?= logreg,svm,dense
 SWEEP_POOLS ?= avg,max,flatten
 SWEEP_VIEWS ?= 0
+SWEEP_BACKBONES ?=
 
 comma := ,
 pool_arg   = $(if $(POOL),--pool $(POOL))
@@ -38,6 +40,8 @@ param_args = $(foreach p,$(PARAMS),--param $(p))
 run_arg    = $(if $(RUN),--run $(RUN))
 out_arg    = $(if $(OUT),--out $(OUT))
 tta_arg    = $(if $(TTA),--tta $(TTA))
+size_arg   = $(if $(SIZE),--size $(SIZE))
+layer_arg  = $(if $(LAYER),--layer $(LAYER))
 cluster_arg = $(if $(CLUSTER),--cluster $(CLUSTER))
 
 .PHONY: help install features train-head train-all finetune sweep report predict demo test lint bench clean
@@ -49,8 +53,9 @@ help: ## this list
 	@echo "Settings (make TARGET NAME=value):"
 	@echo "  DATA=$(DATA)          images: DATA/train/<class>/ (+ DATA/validation/<class>/) or DATA/<class>/"
 	@echo "  ARTIFACTS=$(ARTIFACTS)  caches, heads, report, predictions"
-	@echo "  WEIGHTS=$(WEIGHTS)     imagenet | none (random, seeded, flagged) | /path/to/vgg16 notop .h5"
-	@echo "  SIZE=$(SIZE) LAYER=$(LAYER) BATCH=$(BATCH) DTYPE=$(DTYPE)   backbone input, cached layer, batch, stored type"
+	@echo "  BACKBONE=$(BACKBONE)     vgg16 vgg19 resnet50 resnet50v2 inceptionv3 efficientnetv2b0 convnext_tiny mobilenetv3large"
+	@echo "  WEIGHTS=$(WEIGHTS)     imagenet | none (random, seeded, flagged) | /path/to/<backbone> notop .h5"
+	@echo "  SIZE= LAYER= BATCH=$(BATCH) DTYPE=$(DTYPE)   input size, cached layer (default: the backbone's), batch, stored type"
 	@echo "  PRECISION=$(PRECISION)   float32 | mixed_float16 | mixed_bfloat16 (GPU; its own cache)"
 	@echo "  HEAD=$(HEAD)       logreg | svm | svm-linear | svm-nystroem | dense;  POOL=avg|max|flatten"
 	@echo "  FOLDS=$(FOLDS) SEED=$(SEED)    cross-validation folds, seed for every random choice"
@@ -62,6 +67,7 @@ help: ## this list
 	@echo "  PARAMS=\"C=0.1\"     head settings, fixed instead of tuned (dense: learning_rate=1e-3 epochs=50 ...)"
 	@echo "  IMAGES=path RUN=name OUT=file.csv TTA=K   for predict (RUN: best head; TTA: views averaged)"
 	@echo "  SWEEP_HEADS=$(SWEEP_HEADS) SWEEP_POOLS=$(SWEEP_POOLS) SWEEP_VIEWS=$(SWEEP_VIEWS)  for sweep"
+	@echo "  SWEEP_BACKBONES=vgg16,resnet50   sweep: extract each once (from DATA), rank them all together"
 	@echo "Full reference: $(PY) -m pipeline --help, and $(PY) -m pipeline COMMAND --help"
 
 $(STAMP): pyproject.toml
@@ -76,7 +82,7 @@ install: $(STAMP) ## create .venv and install the package with its dependencies
 
 features: $(STAMP) ## embed every image once into ARTIFACTS/features/*.h5 (reruns: only new/changed)
 	$(PY) -m pipeline features --data $(DATA) --artifacts $(ARTIFACTS) --weights $(WEIGHTS) \
-		--size $(SIZE) --layer $(LAYER) --batch $(BATCH) --dtype $(DTYPE) --seed $(SEED) --precision $(PRECISION) --augment $(AUGMENT) \
+		--backbone $(BACKBONE) $(size_arg) $(layer_arg) --batch $(BATCH) --dtype $(DTYPE) --seed $(SEED) --precision $(PRECISION) --augment $(AUGMENT) \
 		$(if $(filter 1,$(REBUILD)),--rebuild) $(if $(filter 1,$(VERIFY)),--verify) --maps $(MAPS) $(cluster_arg)
 
 train-head: $(STAMP) ## cross-validate + save HEAD on the cached features (backbone never runs)
@@ -88,18 +94,20 @@ train-all: $(STAMP) ## train-head for logreg, svm and dense
 
 finetune: $(STAMP) ## cache block4_pool once, then cross-validate block5 + head fine-tuned from it
 	$(PY) -m pipeline finetune --data $(DATA) --artifacts $(ARTIFACTS) --weights $(WEIGHTS) \
-		--size $(SIZE) --batch $(BATCH) --dtype $(DTYPE) --seed $(SEED) --precision $(PRECISION) --folds $(FOLDS) $(param_args) $(cluster_arg)
+		--backbone $(BACKBONE) $(size_arg) --batch $(BATCH) --dtype $(DTYPE) --seed $(SEED) --precision $(PRECISION) --folds $(FOLDS) $(param_args) $(cluster_arg)
 
 sweep: $(STAMP) ## every head x pooling x VIEWS on the cache, ranked, + learning curve
 	$(PY) -m pipeline sweep --artifacts $(ARTIFACTS) --folds $(FOLDS) --seed $(SEED) \
-		--heads $(SWEEP_HEADS) --pools $(SWEEP_POOLS) --views $(SWEEP_VIEWS) $(cluster_arg)
+		--heads $(SWEEP_HEADS) --pools $(SWEEP_POOLS) --views $(SWEEP_VIEWS) $(cluster_arg) \
+		$(if $(SWEEP_BACKBONES),--backbones $(SWEEP_BACKBONES) --data $(DATA) --weights $(WEIGHTS) $(size_arg))
 
 report: $(STAMP) ## ARTIFACTS/report/report.{json,md,html} comparing every trained head
 	$(PY) -m pipeline report --artifacts $(ARTIFACTS)
 
 predict: $(STAMP) ## classify IMAGES (file or folder) into a CSV with a trained head
 	$(PY) -m pipeline predict --images "$(IMAGES)" --artifacts $(ARTIFACTS) $(run_arg) $(out_arg) $(tta_arg) \
-		$(if $(filter-out imagenet,$(WEIGHTS)),--weights $(WEIGHTS))
+		$(if $(filter-out imagenet,$(WEIGHTS)),--weights $(WEIGHTS)) \
+		$(if $(filter command line environment,$(origin BACKBONE)),--backbone $(BACKBONE))
 
 demo: $(STAMP) ## end to end on scikit-learn's digits as PNGs: features, 3 heads, report
 	$(PY) -m pipeline demo --artifacts $(ARTIFACTS)/demo --weights $(WEIGHTS)

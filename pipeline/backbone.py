@@ -1,13 +1,17 @@
-"""The frozen backbone: Keras 3 VGG16 without its top, cut at a named layer, and its preprocessing.
+"""The frozen backbone: a registry of Keras Applications models, each with its own preprocessing.
 
-Weights are `imagenet` (Keras' own download and cache), `none` (random init, seeded: said loudly
-everywhere its features are used) or a path to a VGG16 no-top weights file (`.h5` or
-`.weights.h5`). Their identity, not their path, enters the cache key. TensorFlow is imported only
-when a model is built, so scanning and the scikit-learn heads never pay for it.
+`BACKBONE` picks one (VGG16 by default). Each entry knows its constructor, its preprocessing
+(the most common silent error with these models is the wrong one), its default input size, the
+layers that may be cached (the last feature stage by default, and the earlier stage that
+fine-tuning starts from) and the Keras ImageNet weights file it expects. Weights are `imagenet`
+(Keras' own download and cache), `none` (random init, seeded: said loudly everywhere its
+features are used) or a no-top weights file for that backbone. Their identity, not their path,
+enters the cache key. TensorFlow is imported only when a model is built.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 from dataclasses import asdict, dataclass
@@ -18,15 +22,71 @@ import numpy as np
 
 from pipeline.errors import UserError
 
-LAYERS = ("block5_pool", "block5_conv3", "block4_pool", "block3_pool")
-IMAGENET_NOTOP = "vgg16_weights_tf_dim_ordering_tf_kernels_notop.h5"
-IMAGENET_NOTOP_MD5 = "6d6bbae143d832006294945121d1f1fc"  # the file_hash Keras checks on download
-PREPROCESSING = (
-    "keras.applications.vgg16.preprocess_input (caffe: RGB->BGR, ImageNet mean, no scaling)"
-)
-MIN_SIZE = 32
+OUTPUT = "output"  # the model's own last layer, where its name is not stable across sessions
 # mixed precision computes in 16 bits on a GPU (tensor cores); its accuracy cost is measured
 PRECISIONS = ("float32", "mixed_float16", "mixed_bfloat16")
+PREPROCESSING = {
+    "caffe": "RGB->BGR, ImageNet mean subtracted, no scaling (caffe)",
+    "tf": "scaled to [-1, 1] (tf)",
+    "built-in": "none outside the model: 0-255 RGB in, the model rescales (built-in)",
+}
+
+
+@dataclass(frozen=True)
+class Family:
+    """One registered backbone: how to build it, feed it, and which of its layers to cache."""
+
+    name: str
+    constructor: str  # attribute of keras.applications
+    module: str  # keras.applications submodule whose preprocess_input it uses
+    preprocessing: str  # a key of PREPROCESSING
+    default_size: int
+    layers: tuple[str, ...]  # cacheable; the first is the default (the last feature stage)
+    finetune_from: str | None  # the cached layer fine-tuning starts from (None: cannot)
+    imagenet_file: str
+    min_size: int
+    gmac: float  # multiply-accumulates per image at 224 px (299 for InceptionV3), published
+    top1: float  # ImageNet top-1 accuracy of the full model, Keras Applications table
+
+
+FAMILIES: dict[str, Family] = {
+    f.name: f
+    for f in (
+        Family("vgg16", "VGG16", "vgg16", "caffe", 224,
+               ("block5_pool", "block4_pool", "block5_conv3", "block3_pool"), "block4_pool",
+               "vgg16_weights_tf_dim_ordering_tf_kernels_notop.h5", 32, 15.5, 0.713),
+        Family("vgg19", "VGG19", "vgg19", "caffe", 224, ("block5_pool", "block4_pool"),
+               "block4_pool", "vgg19_weights_tf_dim_ordering_tf_kernels_notop.h5", 32, 19.6,
+               0.713),
+        Family("resnet50", "ResNet50", "resnet", "caffe", 224,
+               ("conv5_block3_out", "conv4_block6_out"), "conv4_block6_out",
+               "resnet50_weights_tf_dim_ordering_tf_kernels_notop.h5", 32, 4.1, 0.749),
+        Family("resnet50v2", "ResNet50V2", "resnet_v2", "tf", 224,
+               ("post_relu", "conv4_block6_out"), "conv4_block6_out",
+               "resnet50v2_weights_tf_dim_ordering_tf_kernels_notop.h5", 32, 4.1, 0.760),
+        Family("inceptionv3", "InceptionV3", "inception_v3", "tf", 299, ("mixed10", "mixed8"),
+               "mixed8", "inception_v3_weights_tf_dim_ordering_tf_kernels_notop.h5", 75, 5.7,
+               0.779),
+        Family("efficientnetv2b0", "EfficientNetV2B0", "efficientnet_v2", "built-in", 224,
+               ("top_activation", "block5e_add"), "block5e_add", "efficientnetv2-b0_notop.h5",
+               32, 0.7, 0.787),
+        Family("convnext_tiny", "ConvNeXtTiny", "convnext", "built-in", 224,
+               (OUTPUT, "convnext_tiny_downsampling_block_2"),
+               "convnext_tiny_downsampling_block_2", "convnext_tiny_notop.h5", 32, 4.5, 0.813),
+        Family("mobilenetv3large", "MobileNetV3Large", "mobilenet_v3", "built-in", 224,
+               (OUTPUT, "expanded_conv_11_add"), "expanded_conv_11_add",
+               "weights_mobilenet_v3_large_224_1.0_float_no_top_v2.h5", 32, 0.22, 0.756),
+    )
+}  # fmt: skip
+IMAGENET_MD5 = {"vgg16": "6d6bbae143d832006294945121d1f1fc"}  # the file_hash Keras checks
+IMAGENET_NOTOP = FAMILIES["vgg16"].imagenet_file
+
+
+def family(name: str) -> Family:
+    """The registered backbone called `name`; an unknown name lists the valid ones."""
+    if name not in FAMILIES:
+        raise UserError(f"BACKBONE must be one of {', '.join(FAMILIES)}; got '{name}'")
+    return FAMILIES[name]
 
 
 def file_sha256(path: str | os.PathLike[str], chunk: int = 1 << 20) -> str:
@@ -40,21 +100,32 @@ def file_sha256(path: str | os.PathLike[str], chunk: int = 1 << 20) -> str:
 
 @dataclass(frozen=True)
 class BackboneSpec:
-    """Everything that determines the backbone's output for a given input image."""
+    """Everything that determines the backbone's output for a given input image.
+
+    `layer` and `input_size` default to the backbone's own (last feature stage, native size).
+    """
 
     weights: str = "imagenet"
-    layer: str = "block5_pool"
-    input_size: int = 224
+    layer: str | None = None
+    input_size: int | None = None
     seed: int = 0
     name: str = "vgg16"
     precision: str = "float32"
 
     def __post_init__(self) -> None:
-        if self.layer not in LAYERS:
-            raise UserError(f"LAYER must be one of {', '.join(LAYERS)}; got '{self.layer}'")
-        if not isinstance(self.input_size, int) or self.input_size < MIN_SIZE:
+        fam = family(self.name)
+        if self.layer is None:
+            object.__setattr__(self, "layer", fam.layers[0])
+        if self.input_size is None:
+            object.__setattr__(self, "input_size", fam.default_size)
+        if self.layer not in fam.layers:
             raise UserError(
-                f"SIZE must be an integer of at least {MIN_SIZE} (VGG16's five poolings); "
+                f"LAYER must be one of {', '.join(fam.layers)} for BACKBONE={self.name}; "
+                f"got '{self.layer}'"
+            )
+        if not isinstance(self.input_size, int) or self.input_size < fam.min_size:
+            raise UserError(
+                f"SIZE must be an integer of at least {fam.min_size} for BACKBONE={self.name}; "
                 f"got {self.input_size!r}"
             )
         if self.precision not in PRECISIONS:
@@ -65,8 +136,12 @@ class BackboneSpec:
         if kind == "file" and not Path(self.weights).is_file():
             raise UserError(
                 f"WEIGHTS file '{self.weights}' does not exist; pass WEIGHTS=/path/to/"
-                f"{IMAGENET_NOTOP} (or imagenet / none)"
+                f"{fam.imagenet_file} (or imagenet / none)"
             )
+
+    @property
+    def family(self) -> Family:
+        return family(self.name)
 
     @property
     def weights_kind(self) -> str:
@@ -81,7 +156,9 @@ class BackboneSpec:
         """Identity of the weights by content: moving a weights file does not invalidate a cache."""
         kind = self.weights_kind
         if kind == "imagenet":
-            return f"imagenet:{IMAGENET_NOTOP}:md5={IMAGENET_NOTOP_MD5}"
+            fam = self.family
+            md5 = IMAGENET_MD5.get(fam.name)
+            return f"imagenet:{fam.imagenet_file}" + (f":md5={md5}" if md5 else "")
         if kind == "none":
             return f"random:seed={self.seed}:{RANDOM_INIT}"
         return f"file:sha256={file_sha256(self.weights)}"
@@ -91,7 +168,10 @@ class BackboneSpec:
         d = asdict(self)
         d.pop("weights")  # a path or a spelling ('ImageNet'): the identity below is what counts
         d["weights_id"] = self.weights_id()
-        d["preprocessing"] = PREPROCESSING
+        fam = self.family
+        d["preprocessing"] = (
+            f"keras.applications.{fam.module}.preprocess_input: {PREPROCESSING[fam.preprocessing]}"
+        )
         if not self.random_weights:
             d.pop("seed")  # the seed only matters for random weights
         return d
@@ -121,11 +201,13 @@ def spec_from_settings(
     return spec
 
 
-RANDOM_INIT = "numpy-glorot-uniform-v1"
+RANDOM_INIT = "numpy-glorot-uniform-v2"
 
 
 def seeded_init(model: Any, seed: int) -> None:
-    """Glorot-uniform kernels and zero biases from NumPy, seeded: the same in every process.
+    """Glorot-uniform kernels from NumPy, seeded: the same in every process.
+
+    Vectors (biases, normalisation scales and statistics) keep Keras' constant initial values.
 
     Keras' own seeded initialisation depends on its global, per-thread random state: a model
     built a second time in a Dask worker's other thread came out different. These weights do not.
@@ -139,46 +221,78 @@ def seeded_init(model: Any, seed: int) -> None:
                 fan_in, fan_out = receptive * w.shape[-2], receptive * w.shape[-1]
                 limit = np.sqrt(6.0 / (fan_in + fan_out))
                 new.append(rng.uniform(-limit, limit, w.shape).astype(w.dtype))
-            else:
-                new.append(np.zeros_like(w))
+            else:  # biases, BatchNorm/LayerNorm scales and statistics: Keras' constant values
+                new.append(w)
         if new:
             layer.set_weights(new)
 
 
-def _load_base(spec: BackboneSpec) -> Any:
+def _constructor(fam: Family) -> Any:
     import keras  # TensorFlow's log level and the backend are set in pipeline/__init__.py
 
-    shape = (spec.input_size, spec.input_size, 3)
+    return getattr(keras.applications, fam.constructor)
+
+
+def _bare(fam: Family, size: int, weights: str | None) -> Any:
+    kw: dict[str, Any] = {}
+    if fam.preprocessing == "built-in":
+        kw["include_preprocessing"] = True
+    return _constructor(fam)(weights=weights, include_top=False, input_shape=(size, size, 3), **kw)
+
+
+def identify_weights(path: str, size: int = 64) -> str | None:
+    """Which registered backbone a no-top weights file loads into (None: none of them)."""
+    for name, fam in FAMILIES.items():
+        try:
+            _bare(fam, max(size, fam.min_size), None).load_weights(path)
+            return name
+        except Exception:  # noqa: BLE001, S112 - any failure means "not this one"
+            continue
+    return None
+
+
+def _load_base(spec: BackboneSpec) -> Any:
+    fam = spec.family
     kind = spec.weights_kind
     if kind == "none":
-        model = keras.applications.VGG16(weights=None, include_top=False, input_shape=shape)
+        model = _bare(fam, spec.input_size, None)
         seeded_init(model, spec.seed)
         return model
     if kind == "imagenet":
         try:
-            return keras.applications.VGG16(
-                weights="imagenet", include_top=False, input_shape=shape
-            )
+            return _bare(fam, spec.input_size, "imagenet")
         except Exception as e:  # Keras raises a bare Exception on a failed download
             raise UserError(
-                "could not download the ImageNet VGG16 weights (offline?): "
-                f"{str(e).splitlines()[0][:160]}; download {IMAGENET_NOTOP} where you have "
+                f"could not download the ImageNet {fam.constructor} weights (offline?): "
+                f"{str(e).splitlines()[0][:160]}; download {fam.imagenet_file} where you have "
                 "internet and pass WEIGHTS=/path/to/notop.h5"
             ) from None
-    model = keras.applications.VGG16(weights=None, include_top=False, input_shape=shape)
+    model = _bare(fam, spec.input_size, None)
     try:
         model.load_weights(spec.weights)
     except Exception as e:
+        other = identify_weights(spec.weights)
+        if other is not None and other != fam.name:
+            raise UserError(
+                f"WEIGHTS file '{spec.weights}' holds {other} weights, and BACKBONE={fam.name}; "
+                f"pass BACKBONE={other}, or a {fam.name} no-top weights file such as "
+                f"{fam.imagenet_file}"
+            ) from None
         raise UserError(
-            f"WEIGHTS file '{spec.weights}' could not be loaded into VGG16 without its top "
-            f"({type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}); pass a "
-            f"VGG16 no-top weights file such as {IMAGENET_NOTOP}"
+            f"WEIGHTS file '{spec.weights}' could not be loaded into {fam.constructor} without "
+            f"its top ({type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}); "
+            f"pass a {fam.name} no-top weights file such as {fam.imagenet_file}"
         ) from None
     return model
 
 
+def cut(base: Any, layer: str) -> Any:
+    """The output tensor of `layer` in `base` (OUTPUT: the model's own output)."""
+    return base.output if layer == OUTPUT else base.get_layer(layer).output
+
+
 def build(spec: BackboneSpec) -> Any:
-    """The frozen VGG16, cut at `spec.layer`, as a Keras model taking preprocessed float32."""
+    """The frozen backbone, cut at `spec.layer`, as a Keras model taking preprocessed float32."""
     import keras
 
     previous = keras.config.dtype_policy()
@@ -187,23 +301,29 @@ def build(spec: BackboneSpec) -> Any:
         base = _load_base(spec)
     finally:
         keras.config.set_dtype_policy(previous)
-    model = keras.Model(base.input, base.get_layer(spec.layer).output, name=f"vgg16_{spec.layer}")
+    model = keras.Model(base.input, cut(base, spec.layer), name=f"{spec.name}_{spec.layer}")
     model.trainable = False
     return model
 
 
-def preprocess(batch: np.ndarray) -> np.ndarray:
-    """VGG16's own preprocessing (caffe mode) on a uint8 RGB batch; never 1/255."""
-    from keras.applications import vgg16
+def preprocess(batch: np.ndarray, name: str = "vgg16") -> np.ndarray:
+    """The backbone's own preprocessing on a uint8 RGB batch (caffe, [-1, 1], or none).
 
-    return vgg16.preprocess_input(batch.astype(np.float32))
+    Built-in families (EfficientNetV2, ConvNeXt, MobileNetV3) take 0-255 RGB: their
+    `preprocess_input` is the identity and the model rescales inside.
+    """
+    import importlib
+
+    mod = importlib.import_module(f"keras.applications.{family(name).module}")
+    return np.asarray(mod.preprocess_input(batch.astype(np.float32)), dtype=np.float32)
 
 
-def output_shape(spec: BackboneSpec) -> tuple[int, int, int]:
-    """Shape of one image's features at `spec.layer` without building the model."""
-    s = spec.input_size
-    pools = {"block5_pool": 5, "block5_conv3": 4, "block4_pool": 4, "block3_pool": 3}[spec.layer]
-    channels = 256 if spec.layer == "block3_pool" else 512
-    for _ in range(pools):
-        s //= 2
-    return (s, s, channels)
+@functools.lru_cache(maxsize=64)
+def _shape(name: str, layer: str, size: int) -> tuple[int, ...]:
+    base = _bare(family(name), size, None)
+    return tuple(int(v) for v in cut(base, layer).shape[1:])
+
+
+def output_shape(spec: BackboneSpec) -> tuple[int, ...]:
+    """Shape of one image's features at `spec.layer`, read from the model itself."""
+    return _shape(spec.name, spec.layer, spec.input_size)

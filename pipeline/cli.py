@@ -26,17 +26,29 @@ def _common(p: argparse.ArgumentParser) -> None:
 
 
 def _backbone(p: argparse.ArgumentParser) -> None:
+    from pipeline.backbone import FAMILIES
+
+    p.add_argument(
+        "--backbone",
+        default="vgg16",
+        help=f"one of {', '.join(FAMILIES)} (default vgg16); each with its own preprocessing",
+    )
     p.add_argument(
         "--weights",
         default="imagenet",
         help="imagenet (Keras download), none (random, seeded), or a VGG16 no-top "
         "weights file (.h5 / .weights.h5)",
     )
-    p.add_argument("--size", type=int, default=224, help="input size in pixels (default 224)")
+    p.add_argument(
+        "--size",
+        type=int,
+        default=None,
+        help="input size in pixels (default: the backbone's own, 224; 299 for inceptionv3)",
+    )
     p.add_argument(
         "--layer",
-        default="block5_pool",
-        help="backbone layer to cache (default block5_pool, 7x7x512 at 224)",
+        default=None,
+        help="backbone layer to cache (default: its last feature stage, e.g. block5_pool)",
     )
     p.add_argument("--batch", type=int, default=32, help="images per backbone batch (default 32)")
     p.add_argument(
@@ -159,10 +171,12 @@ def parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser(
         "finetune",
-        help="cache block4_pool once, then cross-validate and save block5 + head fine-tuned",
-        description="Caches VGG16's block4_pool output (incremental, like features), then trains "
-        "block5 (from the pretrained weights) and a dense head on it: head first, then block5 "
-        "at a small learning rate. Cross-validated and saved like every head.",
+        help="cache where the last stage starts once, then cross-validate and save that stage "
+        "+ head fine-tuned",
+        description="Caches the backbone's output where its last stage starts (VGG16: "
+        "block4_pool; incremental, like features), then trains that stage (from the pretrained "
+        "weights, BatchNorm frozen) and a dense head on it: head first, then the stage at a "
+        "small learning rate. Cross-validated and saved like every head.",
         epilog=EPILOG,
     )
     p.add_argument("--data", default="data", type=Path, help="as for features")
@@ -187,6 +201,16 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--views", default="0", help="comma-separated augmented views, e.g. 0,4")
     p.add_argument("--folds", type=int, default=5, help="cross-validation folds (default 5)")
     p.add_argument("--points", type=int, default=5, help="learning-curve points (default 5)")
+    p.add_argument(
+        "--backbones",
+        default="",
+        help="comma-separated backbones, each extracted once from --data into its own cache and "
+        "ranked together (default: the current cache only)",
+    )
+    p.add_argument("--data", default=None, type=Path, help="images, for --backbones")
+    p.add_argument("--weights", default="imagenet", help="weights, for --backbones")
+    p.add_argument("--size", type=int, default=None, help="input size, for --backbones")
+    p.add_argument("--batch", type=int, default=32, help="images per batch, for --backbones")
     _cluster(p)
     _common(p)
 
@@ -207,6 +231,11 @@ def parser() -> argparse.ArgumentParser:
         help="weights file if not where `features` found it (checked by content)",
     )
     p.add_argument("--batch", type=int, default=32, help="images per backbone batch")
+    p.add_argument(
+        "--backbone",
+        default=None,
+        help="the backbone you expect the run to use (refused if it is another one)",
+    )
     p.add_argument(
         "--tta",
         type=int,
@@ -236,6 +265,7 @@ def run(args: argparse.Namespace) -> None:
             layer=args.layer,
             input_size=args.size,
             seed=args.seed,
+            name=args.backbone,
             precision=args.precision,
         )
         with cluster.client(args.cluster) as c:
@@ -270,15 +300,21 @@ def run(args: argparse.Namespace) -> None:
                 client=c,
             )
     elif args.command == "finetune":
-        from pipeline.backbone import BackboneSpec
+        from pipeline.backbone import BackboneSpec, family
         from pipeline.features import extract
         from pipeline.train import train_head
 
+        start = family(args.backbone).finetune_from
+        if start is None:
+            raise UserError(
+                f"BACKBONE={args.backbone} has no last stage to fine-tune; use `make train-head`"
+            )
         spec = BackboneSpec(
             weights=args.weights,
-            layer="block4_pool",
+            layer=start,
             input_size=args.size,
             seed=args.seed,
+            name=args.backbone,
             precision=args.precision,
         )
         with cluster.client(args.cluster) as c:
@@ -316,6 +352,14 @@ def run(args: argparse.Namespace) -> None:
                 curve_points=args.points,
                 log=log,
                 client=c,
+                backbones=args.backbones,
+                extraction={
+                    "data": args.data,
+                    "weights": args.weights,
+                    "size": args.size,
+                    "batch": args.batch,
+                    "embedder_fn": cluster.embedder(c) if c is not None else None,
+                },
             )
     elif args.command == "report":
         from pipeline.report import build_report
@@ -333,6 +377,7 @@ def run(args: argparse.Namespace) -> None:
             batch_size=args.batch,
             tta=args.tta,
             log=log,
+            backbone=args.backbone,
         )
     elif args.command == "demo":
         from pipeline.demo import run_demo

@@ -100,7 +100,8 @@ def embed_batch(spec: Any, jobs: list[Any], augment_seed: int) -> dict[str, Any]
     reasons = {j.ident: d for j, d in zip(jobs, decoded, strict=True) if isinstance(d, str)}
     maps = np.zeros((0,) + output_shape(spec), np.float32)
     if ok:
-        maps = np.asarray(_model(spec).predict_on_batch(backbone.preprocess(np.stack(ok))))
+        x = backbone.preprocess(np.stack(ok), spec.name)
+        maps = np.asarray(_model(spec).predict_on_batch(x))
     return {"reasons": reasons, "maps": maps, "pid": os.getpid(), "builds": len(_BUILDS)}
 
 

@@ -379,6 +379,14 @@ def _sync(
     return summary, rows
 
 
+def _shard_shape(shards: ShardSet, name: str) -> tuple[int, ...]:
+    """The feature shape one shard holds: its maps' shape, or (1, 1, C) from its pooled vectors."""
+    try:
+        return shards.shape(name, "features")[1:]
+    except KeyError:  # MAPS=0: no maps; only the channel count is known and needed
+        return (1, 1) + shards.shape(name, "pooled/avg")[1:]
+
+
 def _idents(idx: store.Index | None) -> list[str]:
     if idx is None:
         return []
@@ -447,7 +455,7 @@ def _local_batches(
         bad = {chunk[i].ident: d for i, d in enumerate(decoded) if isinstance(d, str)}
         feats = np.zeros((0,) + output_shape(ctx.spec), np.float32)
         if ok:
-            x = backbone.preprocess(np.stack([decoded[i] for i in ok]))
+            x = backbone.preprocess(np.stack([decoded[i] for i in ok]), ctx.spec.name)
             feats = np.asarray(ctx.model.predict_on_batch(x))
         yield chunk, bad, feats
 
@@ -479,6 +487,8 @@ def _write(
     embedders = [embedders[i] for i in used]
     made_with = [used.index(i) for i in made_with]
     spec, scan = ctx.spec, ctx.scan
+    # the shape the shards hold (read from a shard: no model is built when nothing was embedded)
+    shape = _shard_shape(shards, where[rows[0].ident][0]) if rows else output_shape(spec)
     attrs = {
         "cache_key": key,
         "data_id": store.data_id(
@@ -493,7 +503,7 @@ def _write(
         **{k: v for k, v in settings.items() if isinstance(v, (str, int, float, bool))},
         "weights": spec.weights,
         "random_weights": spec.random_weights,
-        "feature_shape": list(output_shape(spec)),
+        "feature_shape": list(shape),
         "layout": scan.layout,
         "data_root": str(Path(scan.root).resolve()),
         "environment": environment(),
@@ -517,7 +527,7 @@ def _write(
             for r, e in zip(rows, made_with, strict=True)
         ],
         dict(shards.rows),
-        output_shape(spec),
+        shape,
         ctx.dtype,
         ctx.maps,
         scan.classes,

@@ -202,9 +202,16 @@ def _dense(p: dict[str, Any], seed: int, ctx: dict[str, Any]) -> Any:
 
 
 def _finetune(p: dict[str, Any], seed: int, ctx: dict[str, Any]) -> Any:
-    # No scaler: block5's pretrained convolutions expect block4's raw activations.
+    # No scaler: the stage's pretrained weights expect the backbone's raw activations.
+    from pipeline.backbone import family
+
+    fam = family(ctx.get("backbone", "vgg16"))
     return FineTuneHead(
+        backbone=fam.name,
         weights=ctx["weights"],
+        start_layer=ctx["layer"],
+        end_layer=fam.layers[0],
+        input_size=int(ctx["input_size"]),
         map_shape=tuple(ctx["feature_shape"]),
         backbone_seed=ctx.get("seed", 0),
         random_state=seed,
@@ -274,8 +281,9 @@ HEADS: dict[str, HeadInfo] = {
         ),
         HeadInfo(
             "finetune",
-            "VGG16 block5 (from the pretrained weights) + dense head on the cached block4_pool "
-            "maps: head first, then block5 at a small learning rate",
+            "the backbone's last stage (from the pretrained weights; VGG16: block5) + dense "
+            "head on the cached maps where it starts: head first, then the stage at a small "
+            "learning rate, BatchNorm frozen",
             "flatten",
             {
                 "hidden": int,
@@ -290,7 +298,7 @@ HEADS: dict[str, HeadInfo] = {
             {},
             False,
             _finetune,
-            needs_layer="block4_pool",
+            needs_layer="finetune_from",
         ),
     )
 }

@@ -1,8 +1,9 @@
 """The Keras heads, as scikit-learn estimators so they share the one cross-validation path.
 
 `DenseHead` is the classic Flatten-Dense(512)-Dropout-softmax head on pooled features.
-`FineTuneHead` fine-tunes VGG16's block5 from the cached block4_pool maps: block5 starts from the
-backbone's pretrained weights; the head is trained first with block5 frozen, then both at a small
+`FineTuneHead` fine-tunes the backbone's last stage from the cached maps where it starts (VGG16's
+block5 from block4_pool, ResNet's conv5, ...), from the pretrained weights; the head is trained
+first with the stage frozen, then both at a small
 learning rate. TensorFlow is imported inside `fit`/`predict` only.
 """
 
@@ -16,9 +17,6 @@ from typing import Any
 import numpy as np
 from sklearn.base import BaseEstimator, ClassifierMixin
 from sklearn.model_selection import StratifiedGroupKFold, train_test_split
-
-BLOCK5 = ("block5_conv1", "block5_conv2", "block5_conv3")
-_BLOCK5_CACHE: dict[tuple[str, str, int, int], list[list[np.ndarray]]] = {}
 
 
 def _keras() -> Any:
@@ -169,30 +167,25 @@ class DenseHead(KerasClassifier):
         return self
 
 
-def pretrained_block5(weights: str, input_size: int, seed: int) -> list[list[np.ndarray]]:
-    """block5's three conv layers' weights from the same VGG16 weights as the cache's backbone."""
-    from pipeline.backbone import BackboneSpec, _load_base
-
-    spec = BackboneSpec(weights=weights, input_size=input_size, seed=seed)
-    key = (spec.weights_id(), spec.layer, input_size, seed)
-    if key not in _BLOCK5_CACHE:
-        base = _load_base(spec)
-        _BLOCK5_CACHE[key] = [base.get_layer(n).get_weights() for n in BLOCK5]
-    return [[w.copy() for w in ws] for ws in _BLOCK5_CACHE[key]]
-
-
 class FineTuneHead(KerasClassifier):
-    """VGG16 block5 + dense head trained on cached block4_pool maps (flattened rows).
+    """The backbone's last stage + dense head, trained on the cached maps where that stage starts.
 
-    Phase 1 trains the head with block5 frozen at `head_lr`; phase 2 unfreezes block5 and trains
-    everything at `finetune_lr`. Both phases stop early on an inner split. `weights` are the
-    backbone's weights (same identity as the cache), the source of block5's initial values.
+    The stage (VGG's block5, ResNet's conv5, Inception's last two blocks, ConvNeXt's last stage,
+    ...) is cut out of the same backbone with the same weights as the cache, so it starts from
+    the pretrained values. Phase 1 trains the head with the stage frozen at `head_lr`; phase 2
+    unfreezes the stage and trains everything at `finetune_lr`. BatchNormalization layers stay
+    frozen (inference mode, moving statistics untouched) throughout: the classic pitfall of
+    fine-tuning with few images. Both phases stop early on a group-aware inner split.
     """
 
     def __init__(
         self,
+        backbone: str = "vgg16",
         weights: str = "imagenet",
-        map_shape: tuple[int, int, int] = (14, 14, 512),
+        start_layer: str = "block4_pool",
+        end_layer: str = "block5_pool",
+        input_size: int = 224,
+        map_shape: tuple[int, ...] = (14, 14, 512),
         hidden: int = 256,
         dropout: float = 0.5,
         head_lr: float = 1e-3,
@@ -205,8 +198,11 @@ class FineTuneHead(KerasClassifier):
         random_state: int = 0,
         backbone_seed: int = 0,
     ) -> None:
-        self.backbone_seed = backbone_seed
+        self.backbone = backbone
         self.weights = weights
+        self.start_layer = start_layer
+        self.end_layer = end_layer
+        self.input_size = input_size
         self.map_shape = map_shape
         self.hidden = hidden
         self.dropout = dropout
@@ -218,24 +214,40 @@ class FineTuneHead(KerasClassifier):
         self.patience = patience
         self.validation_fraction = validation_fraction
         self.random_state = random_state
+        self.backbone_seed = backbone_seed
 
     def _inputs(self, X: np.ndarray) -> np.ndarray:
         return np.asarray(X, dtype=np.float32).reshape((-1,) + tuple(self.map_shape))
 
+    def stage(self) -> Any:
+        """The pretrained last stage alone: cached maps in, the backbone's features out."""
+        from pipeline.backbone import BackboneSpec, _load_base, cut
+
+        keras = _keras()
+        spec = BackboneSpec(
+            weights=self.weights,
+            name=self.backbone,
+            layer=self.end_layer,
+            input_size=self.input_size,
+            seed=self.backbone_seed,
+        )
+        base = _load_base(spec)
+        stage = keras.Model(cut(base, self.start_layer), cut(base, self.end_layer), name="stage")
+        for layer in stage.layers:
+            if isinstance(layer, keras.layers.BatchNormalization):
+                layer.trainable = False  # inference mode: moving statistics never updated
+        return stage
+
     def build(self, n_classes: int) -> Any:
-        """The model with block5 set to the pretrained weights (before any training)."""
+        """The model with the stage at its pretrained weights (before any training)."""
         return self._parts(n_classes)[0]
 
     def _parts(self, n_classes: int) -> tuple[Any, Any, Any]:
-        """(full model, block5 alone, head alone), sharing the same layer objects."""
+        """(full model, the stage alone, head alone), sharing the same layer objects."""
         keras = _keras()
+        stage = self.stage()
         inp = keras.Input(tuple(self.map_shape))
-        x = inp
-        for name in BLOCK5:
-            x = keras.layers.Conv2D(512, 3, padding="same", activation="relu", name=name)(x)
-        if self.map_shape[0] >= 2:
-            x = keras.layers.MaxPooling2D(2, name="block5_pool")(x)
-        block5 = keras.Model(inp, x, name="block5")
+        x = stage(inp)
         head_layers = [
             keras.layers.Flatten(),
             keras.layers.Normalization(name="scale"),  # set from the training fold in `fit`
@@ -247,40 +259,36 @@ class FineTuneHead(KerasClassifier):
         y_full, y_head = x, z_in
         for layer in head_layers:
             y_full, y_head = layer(y_full), layer(y_head)
-        full = keras.Model(inp, y_full, name="vgg16_block5_finetune")
+        full = keras.Model(inp, y_full, name=f"{self.backbone}_stage_finetune")
         head = keras.Model(z_in, y_head, name="head")
-        # the backbone's input size only affects where block4 ends; block5's weights are the same
-        init = pretrained_block5(self.weights, 32, self.backbone_seed)
-        for name, ws in zip(BLOCK5, init, strict=True):
-            full.get_layer(name).set_weights(ws)
-        return full, block5, head
+        return full, stage, head
 
     def fit(self, X: np.ndarray, y: np.ndarray, groups: np.ndarray | None = None) -> FineTuneHead:
         keras = _keras()
         self.classes_, yi = np.unique(y, return_inverse=True)
         X = self._inputs(X)
         keras.utils.set_random_seed(self.random_state)
-        full, block5, head = self._parts(len(self.classes_))
+        full, stage, head = self._parts(len(self.classes_))
         fX, fy, val = self._split(X, yi, groups)
-        # Phase 1, block5 frozen: its output is fixed, so compute it once and train the head on it
-        z = keras.ops.convert_to_numpy(block5.predict(fX, batch_size=64, verbose=0))
+        # Phase 1, the stage frozen: its output is fixed, so compute it once, train the head on it
+        z = keras.ops.convert_to_numpy(stage.predict(fX, batch_size=64, verbose=0))
         zval = None
         if val is not None:
             zval = (
-                keras.ops.convert_to_numpy(block5.predict(val[0], batch_size=64, verbose=0)),
+                keras.ops.convert_to_numpy(stage.predict(val[0], batch_size=64, verbose=0)),
                 val[1],
             )
-        # Standardise block5's output with the training fold's statistics (StandardScaler's
+        # Standardise the stage's output with the training fold's statistics (StandardScaler's
         # rule: a constant feature keeps scale 1), as the other heads do inside every fold.
         flat = z.reshape(len(z), -1)
         std = flat.std(axis=0)
-        self.block5_mean_ = flat.mean(axis=0)
+        self.stage_mean_ = flat.mean(axis=0)
         full.get_layer("scale").set_weights(
             [flat.mean(axis=0), np.where(std > 0, std, 1.0) ** 2, np.array(len(z))]
         )
         full.get_layer("scale").finalize_state()  # Keras reads the statistics from here on
         self.head_epochs_run_ = self._train(head, z, fy, zval, self.head_lr, self.head_epochs)
-        # Phase 2: block5 and head together, at a small learning rate
+        # Phase 2: the stage (BatchNorm still frozen) and the head together, at a small rate
         self.finetune_epochs_run_ = self._train(
             full, fX, fy, val, self.finetune_lr, self.finetune_epochs
         )

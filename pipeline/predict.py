@@ -68,13 +68,14 @@ def predict(
     batch_size: int = 32,
     tta: int = 0,
     log: Log = print,
+    backbone: str | None = None,
 ) -> Path:
     """Classify every image under `images_path`; return the CSV's path.
 
     `tta=K` averages the head's probabilities over the image and K augmented views of it (the
     same augmentation as `make features AUGMENT=K`).
     """
-    from pipeline import backbone
+    from pipeline import backbone as bb
 
     images_path = Path(images_path)
     if not images_path.exists() and not images_path.is_symlink():
@@ -83,6 +84,11 @@ def predict(
     if not r["current"]:
         log(f"warning: run '{r['run']}' is stale ({r['stale_reason']})")
     spec = check_features(r, weights)
+    if backbone and backbone != spec.name:
+        raise UserError(
+            f"run '{r['run']}' uses BACKBONE={spec.name}, not {backbone}; pick a {backbone} run "
+            "with RUN=, or leave BACKBONE out"
+        )
     est = runs.load_estimator(artifacts, r)
     settings = r["features"]["settings"]
     if r["features"]["random_weights"]:
@@ -103,7 +109,7 @@ def predict(
         files, base = [images_path], images_path.parent
     if not files:
         raise UserError(f"IMAGES folder '{images_path}' has no files")
-    model = backbone.build(spec)
+    model = bb.build(spec)
     classes = r["classes"]
     rows: list[tuple[str, str, float]] = []
     bad: list[tuple[str, str]] = []
@@ -115,7 +121,8 @@ def predict(
         ok = [(j, d) for j, d in zip(jobs, decoded, strict=True) if not isinstance(d, str)]
         if ok:
             stack = [v for j, d in ok for v in _views(j, d, tta, int(settings.get("seed", 0)))]
-            maps = np.asarray(model.predict_on_batch(backbone.preprocess(np.stack(stack))))
+            x = bb.preprocess(np.stack(stack), spec.name)
+            maps = np.asarray(model.predict_on_batch(x))
             proba = est.predict_proba(store.pool(maps.astype(settings["dtype"]), r["pooling"]))
             proba = proba.reshape(len(ok), tta + 1, -1).mean(axis=1)  # test-time averaging
             for (j, _), p in zip(ok, proba, strict=True):

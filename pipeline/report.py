@@ -119,6 +119,9 @@ def _entry(r: dict[str, Any]) -> dict[str, Any]:
         "current": r["current"],
         "stale_reason": r["stale_reason"],
         "head": r["head"],
+        "backbone": (r["features"].get("settings") or {}).get("name", "vgg16"),
+        "input_size": (r["features"].get("settings") or {}).get("input_size"),
+        "layer": (r["features"].get("settings") or {}).get("layer"),
         "pooling": r["pooling"],
         "params": r["params"],
         "final_params": r.get("final_params", {}),
@@ -246,19 +249,19 @@ def _markdown(rep: dict[str, Any]) -> str:
         lines += [f"> **{rep['banner']}**", ""]
     lines += ["## What the numbers mean", ""] + [f"- {t}" for t in rep["explain"].values()] + [""]
     lines += [
-        "| rank | run | head | pooling | views | CV accuracy (mean ± std of folds) | folds "
-        "| vs best (paired) | validation accuracy | train | validation |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| rank | run | backbone | head | pooling | views | CV accuracy (mean ± std of folds) "
+        "| folds | vs best (paired) | validation accuracy | train | validation |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for i, e in enumerate(rep["results"], 1):
         lines.append(
-            f"| {i} | {e['run']} | {e['head']} | {e['pooling']} | {e['views']} | "
+            f"| {i} | {e['run']} | {e['backbone']} | {e['head']} | {e['pooling']} | {e['views']} | "
             f"{e['cv_accuracy_mean']:.4f} ± {e['cv_accuracy_std']:.4f} | {e['cv_folds']} | "
             f"{_vs(e, i)} | {_fmt(e['validation_accuracy'])} | {e['n_train']} | "
             f"{e['n_validation']} |"
         )
     if not rep["results"]:
-        lines.append("| | no current run: rerun `make train-head` | | | | | | | | | |")
+        lines.append("| | no current run: rerun `make train-head` | | | | | | | | | | |")
     if rep["stale"]:
         lines += ["", f"## Stale runs ({len(rep['stale'])}), not ranked", ""]
         lines += [
@@ -315,13 +318,15 @@ def _html(rep: dict[str, Any], folder: Path) -> str:
     parts += [f"<li>{esc(t)}</li>" for t in rep["explain"].values()]
     parts.append("</ul>")
     parts.append(
-        "<table><tr><th>rank</th><th>run</th><th>head</th><th>pooling</th><th>views</th>"
+        "<table><tr><th>rank</th><th>run</th><th>backbone</th><th>head</th><th>pooling</th>"
+        "<th>views</th>"
         "<th>CV accuracy</th><th>± std of folds</th><th>folds</th><th>vs best (paired)</th>"
         "<th>validation accuracy</th><th>train</th><th>validation</th></tr>"
     )
     for i, e in enumerate(rep["results"], 1):
         parts.append(
-            f"<tr><td>{i}</td><td>{esc(e['run'])}</td><td>{esc(e['head'])}</td>"
+            f"<tr><td>{i}</td><td>{esc(e['run'])}</td><td>{esc(e['backbone'])}</td>"
+            f"<td>{esc(e['head'])}</td>"
             f"<td>{esc(e['pooling'])}</td><td>{e['views']}</td>"
             f"<td>{e['cv_accuracy_mean']:.4f}</td><td>{e['cv_accuracy_std']:.4f}</td>"
             f"<td>{e['cv_folds']}</td><td>{esc(_vs(e, i))}</td>"

@@ -36,37 +36,74 @@ def run_sweep(
     curve_points: int = 5,
     log: Log = print,
     client: Any = None,
+    backbones: str = "",
+    extraction: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Train every combination, rank them, and write the best one's learning curve."""
+    """Train every combination, rank them, and write the best one's learning curve.
+
+    With `backbones` (e.g. "vgg16,resnet50") and `extraction` (data, weights, size, batch,
+    dtype, augment for `features.extract`), each backbone is extracted once into its own
+    incremental cache first, and the ranking spans backbone x head x pooling x views.
+    """
     names, pool_list, view_list = _split(heads_list, str), _split(pools, str), _split(views, int)
+    caches: list[tuple[str, Path | None]] = [("", None)]
+    if backbones:
+        from pipeline.backbone import BackboneSpec, family
+        from pipeline.features import extract
+
+        if not extraction or not extraction.get("data"):
+            raise UserError("SWEEP_BACKBONES needs DATA (each backbone is extracted once)")
+        wanted = _split(backbones, str)
+        for b in wanted:
+            family(b)  # every name checked before any work
+        caches = []
+        for i, b in enumerate(wanted):
+            log(f"--- sweep: features for {b}")
+            spec = BackboneSpec(
+                weights=extraction.get("weights", "imagenet"),
+                name=b,
+                input_size=extraction.get("size"),
+                seed=seed,
+            )
+            s = extract(
+                Path(extraction["data"]),
+                artifacts,
+                spec,
+                batch_size=extraction.get("batch", 32),
+                dtype=extraction.get("dtype", "float16"),
+                augment=extraction.get("augment", 0),
+                log=log,
+                set_current=i == 0,
+                embedder_fn=extraction.get("embedder_fn"),
+            )
+            caches.append((b, s.cache))
     for h in names:
         if heads.get(h).needs_layer:
             raise UserError(f"HEAD={h} has its own command (`make {h}`); leave it out of HEADS")
     for p in pool_list:
         store.pool(np.zeros((1, 1, 1, 1), np.float32), p)
     results = []
-    for v in view_list:
-        for h in names:
-            for p in pool_list:
-                log(f"--- sweep: {h}, {p} pooling, {v} augmented views")
-                r = train_head(
-                    artifacts, h, pooling=p, folds=folds, seed=seed, views=v, log=log, client=client
-                )
-                results.append(
-                    {
-                        "run": r["run"],
-                        "head": h,
-                        "pooling": p,
-                        "views": v,
-                        "cv_accuracy_mean": r["cv"]["accuracy_mean"],
-                        "cv_accuracy_std": r["cv"]["accuracy_std"],
-                        "validation_accuracy": (r["validation"] or {}).get("accuracy"),
-                    }
-                )
+    for b, cache in caches:
+        for v in view_list:
+            for h in names:
+                for p in pool_list:
+                    log(f"--- sweep: {b + ', ' if b else ''}{h}, {p} pooling, {v} augmented views")
+                    r = train_head(
+                        artifacts,
+                        h,
+                        pooling=p,
+                        folds=folds,
+                        seed=seed,
+                        views=v,
+                        log=log,
+                        client=client,
+                        features=cache,
+                    )
+                    results.append(_row(r, h, p, v))
     results.sort(key=lambda r: (-r["cv_accuracy_mean"], r["run"]))  # ties: by name
     best = results[0]
     log(f"best: {best['run']} {best['cv_accuracy_mean']:.4f} ± {best['cv_accuracy_std']:.4f}")
-    cache = layout.current_cache(artifacts)
+    cache = layout.cache_by_name(artifacts, best["cache"])
     curve = learning_curve(cache, best["head"], best["pooling"], folds, seed, curve_points)
     attrs = store.read_attrs(cache)
     out = {
@@ -88,6 +125,20 @@ def run_sweep(
         )
     log(curve["advice"])
     return out
+
+
+def _row(r: dict[str, Any], h: str, p: str, v: int) -> dict[str, Any]:
+    return {
+        "run": r["run"],
+        "backbone": (r["features"].get("settings") or {}).get("name", "vgg16"),
+        "head": h,
+        "pooling": p,
+        "views": v,
+        "cv_accuracy_mean": r["cv"]["accuracy_mean"],
+        "cv_accuracy_std": r["cv"]["accuracy_std"],
+        "validation_accuracy": (r["validation"] or {}).get("accuracy"),
+        "cache": r["features"]["file"],
+    }
 
 
 def learning_curve(

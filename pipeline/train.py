@@ -98,14 +98,22 @@ def train_head(
         "seed": int(idx.attrs.get("seed", 0)),
         "feature_shape": store.f_shape(idx),
     }
+    context = {
+        **context,
+        "backbone": idx.attrs.get("name", "vgg16"),
+        "layer": idx.attrs.get("layer"),
+        "input_size": idx.attrs.get("input_size"),
+    }
     if info.needs_layer:
-        if idx.attrs.get("layer") != info.needs_layer:
-            raise UserError(
-                f"HEAD={head} needs the {info.needs_layer} cache, this one is "
-                f"{idx.attrs.get('layer')}; run `make finetune` (it caches {info.needs_layer} once)"
-            )
-        from pipeline.backbone import spec_from_settings
+        from pipeline.backbone import family, spec_from_settings
 
+        fam = family(context["backbone"])
+        if idx.attrs.get("layer") != fam.finetune_from:
+            raise UserError(
+                f"HEAD={head} needs the {fam.finetune_from} cache of {fam.name}, this one is "
+                f"{idx.attrs.get('layer')}; run `make finetune BACKBONE={fam.name}` (it caches "
+                f"{fam.finetune_from} once)"
+            )
         # the weights file must still be the same
         spec_from_settings(idx.attrs["settings"], hint=idx.attrs.get("weights"))
     heads.check_size(info, len(ts.y), p)
@@ -156,7 +164,9 @@ def train_head(
         ]
         log(f"validation accuracy {validation['accuracy']:.4f} on {len(va.y)} images")
     key, did = idx.attrs.get("cache_key"), idx.attrs.get("data_id")
-    name = runs.run_name(run_base(head, pooling, p, views), key, did, seed, folds)
+    bb = context["backbone"]
+    base = (f"{bb}-" if bb != "vgg16" else "") + run_base(head, pooling, p, views)
+    name = runs.run_name(base, key, did, seed, folds)
     result = {
         "head": head,
         "description": info.description,

@@ -12,44 +12,60 @@ from pipeline import cli, store
 from pipeline.backbone import BackboneSpec, build
 from pipeline.errors import UserError
 from pipeline.features import extract
-from pipeline.keras_heads import BLOCK5, FineTuneHead
+from pipeline.keras_heads import FineTuneHead
 from pipeline.train import train_head
 
 FAST = ["head_epochs=15", "finetune_epochs=3", "hidden=32"]
 
 
-def test_finetune_starts_pretrained_and_changes_block5(tmp_path):
-    full = build(BackboneSpec("none", layer="block5_pool", input_size=SIZE, seed=0))
+def _weighted(model):
+    return {layer.name: layer.get_weights() for layer in model.layers if layer.get_weights()}
+
+
+@pytest.mark.parametrize(
+    "backbone, size", [("vgg16", SIZE), ("resnet50", SIZE)]
+)  # VGG: block5 from block4_pool; ResNet: conv5 (with BatchNorm) from conv4_block6_out
+def test_finetune_starts_pretrained_changes_the_stage_and_freezes_batchnorm(backbone, size):
+    from pipeline.backbone import _load_base, cut, family
+
+    fam = family(backbone)
+    spec = BackboneSpec("none", name=backbone, input_size=size, seed=0)
+    base = _load_base(spec)
+    map_shape = tuple(int(v) for v in cut(base, fam.finetune_from).shape[1:])
     rng = np.random.default_rng(0)
-    X = np.abs(rng.normal(size=(24, 2 * 2 * 512))).astype(np.float32)
+    X = np.abs(rng.normal(size=(24, int(np.prod(map_shape))))).astype(np.float32)
     y = np.repeat([0, 1], 12)
     X[y == 1] *= 1.5
     est = FineTuneHead(
+        backbone=backbone,
         weights="none",
-        map_shape=(2, 2, 512),
+        start_layer=fam.finetune_from,
+        end_layer=fam.layers[0],
+        input_size=size,
+        map_shape=map_shape,
         head_epochs=5,
         finetune_epochs=3,
         hidden=16,
         finetune_lr=1e-3,
         backbone_seed=0,
     )
-    start = est.build(2)
-    for name in BLOCK5:
-        for a, b in zip(
-            start.get_layer(name).get_weights(), full.get_layer(name).get_weights(), strict=True
-        ):
-            np.testing.assert_array_equal(a, b)
+    pretrained = {name: base.get_layer(name).get_weights() for name in _weighted(est.stage())}
+    start = _weighted(est.build(2).get_layer("stage"))
+    assert start and all(
+        np.array_equal(a, b) for n in start for a, b in zip(start[n], pretrained[n], strict=True)
+    )
     est.fit(X, y)
-    changed = [
-        not np.allclose(
-            est.model_.get_layer(n).get_weights()[0], full.get_layer(n).get_weights()[0]
-        )
-        for n in BLOCK5
-    ]
-    assert all(changed)
+    after = _weighted(est.model_.get_layer("stage"))
+    bn = [n for n in after if "bn" in n]
+    convs = [n for n in after if n not in bn]
+    assert any(not np.allclose(after[n][0], pretrained[n][0]) for n in convs)  # trained
+    for n in bn:  # gamma, beta, moving mean and variance: untouched (inference mode)
+        for a, b in zip(after[n], pretrained[n], strict=True):
+            np.testing.assert_array_equal(a, b)
+    assert bool(bn) == (backbone == "resnet50")
     assert est.head_epochs_run_ >= 1 and est.finetune_epochs_run_ >= 1
     scale = est.model_.get_layer("scale").get_weights()  # standardised inside the fold
-    np.testing.assert_allclose(scale[0], est.block5_mean_, rtol=1e-5)
+    np.testing.assert_allclose(scale[0], est.stage_mean_, rtol=1e-5)
 
 
 def test_make_finetune_end_to_end(tmp_path, capsys):
