@@ -240,11 +240,24 @@ def _bare(fam: Family, size: int, weights: str | None) -> Any:
     return _constructor(fam)(weights=weights, include_top=False, input_shape=(size, size, 3), **kw)
 
 
+def _load_strictly(model: Any, path: str) -> None:
+    """`load_weights`, where Keras' "skipping ... keeps freshly-initialized weights" is an error.
+
+    A file of another architecture could otherwise load in part, with a warning, and leave the
+    rest of the network random: never accepted silently.
+    """
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        model.load_weights(path)
+
+
 def identify_weights(path: str, size: int = 64) -> str | None:
     """Which registered backbone a no-top weights file loads into (None: none of them)."""
     for name, fam in FAMILIES.items():
         try:
-            _bare(fam, max(size, fam.min_size), None).load_weights(path)
+            _load_strictly(_bare(fam, max(size, fam.min_size), None), path)
             return name
         except Exception:  # noqa: BLE001, S112 - any failure means "not this one"
             continue
@@ -269,7 +282,7 @@ def _load_base(spec: BackboneSpec) -> Any:
             ) from None
     model = _bare(fam, spec.input_size, None)
     try:
-        model.load_weights(spec.weights)
+        _load_strictly(model, spec.weights)
     except Exception as e:
         other = identify_weights(spec.weights)
         if other is not None and other != fam.name:
@@ -295,6 +308,9 @@ def build(spec: BackboneSpec) -> Any:
     """The frozen backbone, cut at `spec.layer`, as a Keras model taking preprocessed float32."""
     import keras
 
+    from pipeline.progress import quiet_frameworks
+
+    quiet_frameworks()
     previous = keras.config.dtype_policy()
     keras.config.set_dtype_policy(spec.precision)
     try:

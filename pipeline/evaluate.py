@@ -4,7 +4,8 @@ One path for every head. The outer folds are drawn on the original images only, 
 group (an image's augmented views and its identical copies share its group and its fold), from
 the labels, the groups and the seed alone: every run on the same cache and seed is scored on the
 same folds, with or without views, so runs can be compared fold by fold. The estimator is the
-configured head itself (scikit-learn's `cross_validate`, `groups` routed to its inner splits);
+configured head itself, fitted per fold with `groups` routed to its inner splits (metadata
+routing); folds run in parallel through joblib (Dask with CLUSTER), with progress as they end;
 scores are on original images only.
 """
 
@@ -17,12 +18,14 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+from sklearn.base import clone
 from sklearn.metrics import confusion_matrix, precision_recall_fscore_support
 from sklearn.model_selection import StratifiedGroupKFold
-from sklearn.model_selection import cross_validate as sk_cross_validate
+from sklearn.utils.parallel import Parallel, delayed
 
 from pipeline.errors import UserError
-from pipeline.heads import chosen_params, consumes_groups
+from pipeline.heads import chosen_params, fit
+from pipeline.progress import Progress
 
 Log = Callable[[str], None]
 
@@ -44,11 +47,28 @@ def groups_of(sha256: list[str]) -> np.ndarray:
     return np.array([ids.setdefault(h, len(ids)) for h in sha256], dtype=np.int64)
 
 
-def choose_folds(y: np.ndarray, classes: list[str], folds: int, log: Log) -> int:
-    """Fewer folds than asked when a class is small (with a warning); an error below two images."""
+def distinct_per_class(y: np.ndarray, groups: np.ndarray | None, n: int) -> np.ndarray:
+    """How many distinct contents (groups) each class has: what folds can be built from."""
+    if groups is None:
+        return np.bincount(y, minlength=n)
+    pairs = np.unique(np.stack([y, groups]), axis=1)
+    return np.bincount(pairs[0], minlength=n)
+
+
+def choose_folds(
+    y: np.ndarray,
+    classes: list[str],
+    folds: int,
+    log: Log,
+    groups: np.ndarray | None = None,
+) -> int:
+    """Fewer folds than asked when a class is small (with a warning); an error below two images.
+
+    A class counts its distinct contents: identical copies always share a fold.
+    """
     if folds < 2:
         raise UserError(f"FOLDS must be at least 2; got {folds}")
-    counts = np.bincount(y, minlength=len(classes))
+    counts = distinct_per_class(y, groups, len(classes))
     present = [c for c, n in zip(classes, counts, strict=True) if n > 0]
     if len(present) < 2:
         raise UserError(
@@ -58,8 +78,8 @@ def choose_folds(y: np.ndarray, classes: list[str], folds: int, log: Log) -> int
     if small:
         c, n = small[0]
         raise UserError(
-            f"class '{c}' has {n} readable training image; cross-validation needs at least 2 "
-            "per class: add images to it or remove its folder"
+            f"class '{c}' has {n} readable training image (distinct contents); "
+            "cross-validation needs at least 2 per class: add images to it or remove its folder"
         )
     least = int(counts[counts > 0].min())
     if least < folds:
@@ -90,15 +110,29 @@ def folds_id(sha256: list[str], fold: np.ndarray) -> str:
 def splits(ts: TrainSet, k: int, seed: int) -> tuple[list[tuple[np.ndarray, np.ndarray]], str]:
     """(train rows, scored rows) per fold, and the folds' fingerprint.
 
-    Folds are drawn on the originals; every view follows its image's group. A training fold
-    holds the originals and views of its groups; a test fold only originals.
+    Folds are drawn on the originals in content order (sorted by SHA-256), so they depend on
+    the images, labels and seed alone, never on a cache's row order: every cache of the same
+    images (another layer, backbone, or one grown incrementally) gets the same folds. Every
+    view follows its image's group. A training fold holds the originals and views of its
+    groups; a test fold only originals.
     """
     orig = np.flatnonzero(ts.original)
-    fold_o = outer_folds(ts.y[orig], ts.groups[orig], k, seed)
+    order = sorted(orig.tolist(), key=lambda i: (ts.sha256[i], int(ts.y[i])))
+    orig = np.array(order, dtype=np.int64)
+    sorted_groups = groups_of([ts.sha256[i] for i in orig])
+    fold_o = outer_folds(ts.y[orig], sorted_groups, k, seed)
     fold_of_group = dict(zip(ts.groups[orig].tolist(), fold_o.tolist(), strict=True))
     row_fold = np.array([fold_of_group.get(int(g), -1) for g in ts.groups])
     out = [(np.flatnonzero((row_fold != i) & (row_fold >= 0)), orig[fold_o == i]) for i in range(k)]
     return out, folds_id([ts.sha256[i] for i in orig], fold_o)
+
+
+def _fold(
+    estimator: Any, X: np.ndarray, y: np.ndarray, groups: np.ndarray, tr: np.ndarray, te: np.ndarray
+) -> tuple[np.ndarray, dict[str, Any]]:
+    """Fit a fresh copy of the configured head on one training fold; predict its test fold."""
+    est = fit(clone(estimator), X[tr], y[tr], groups[tr])
+    return est.predict(X[te]), chosen_params(est)
 
 
 def cross_validate(
@@ -111,26 +145,19 @@ def cross_validate(
     log: Log = print,
 ) -> dict[str, Any]:
     """Outer CV of the configured `estimator`: per-fold accuracy, out-of-fold predictions."""
-    k = choose_folds(ts.y[ts.original], classes, folds, log)
+    k = choose_folds(ts.y[ts.original], classes, folds, log, ts.groups[ts.original])
     cv, fid = splits(ts, k, seed)
-    params = {"groups": ts.groups} if consumes_groups(estimator) else {}
-    res = sk_cross_validate(
-        estimator,
-        ts.X,
-        ts.y,
-        cv=cv,
-        params=params,
-        n_jobs=n_jobs,
-        return_estimator=True,
-        error_score="raise",
+    progress = Progress(k, f"cross-validation ({k} folds)", unit="folds", every=0.0)
+    jobs = Parallel(n_jobs=n_jobs, return_as="generator")(
+        delayed(_fold)(estimator, ts.X, ts.y, ts.groups, tr, te) for tr, te in cv
     )
     oof = np.full(len(ts.y), -1, dtype=np.int64)
     fold_acc, fold_params = [], []
-    for est, (_, te) in zip(res["estimator"], cv, strict=True):
-        pred = est.predict(ts.X[te])
+    for (_, te), (pred, params) in zip(cv, jobs, strict=True):
         oof[te] = pred
         fold_acc.append(float(np.mean(pred == ts.y[te])))
-        fold_params.append(chosen_params(est))
+        fold_params.append(params)
+        progress.update(1)
     scored = oof >= 0
     return {
         "folds": k,

@@ -62,7 +62,10 @@ class InnerCV(BaseCrossValidator):
     def get_n_splits(self, X: Any = None, y: Any = None, groups: Any = None) -> int:
         if y is None:
             return self.n_splits
-        least = int(np.bincount(np.unique(y, return_inverse=True)[1]).min())
+        yi = np.unique(y, return_inverse=True)[1]
+        if groups is not None:  # distinct contents per class: copies never split
+            yi = np.unique(np.stack([yi, np.asarray(groups)]), axis=1)[0]
+        least = int(np.bincount(yi).min())
         return max(2, min(self.n_splits, least))
 
     def split(self, X: Any, y: Any = None, groups: Any = None):  # type: ignore[override]
@@ -114,8 +117,19 @@ class TuneThenCalibrate(ClassifierMixin, BaseEstimator):
         # The folds are drawn here, with the groups: with ensemble=False, scikit-learn (1.9)
         # calls the splitter without the routed groups, so a splitter object would ignore them.
         folds = list(self.cv.split(X, y, groups)) if hasattr(self.cv, "split") else self.cv
-        self.calibrated_ = CalibratedClassifierCV(clone(best), cv=folds, ensemble=False)
-        self.calibrated_.fit(X, y)
+        # every fold's training side must hold every class (calibration predicts on a partition)
+        n_classes = len(np.unique(y))
+        if all(len(np.unique(y[tr])) == n_classes for tr, _ in folds):
+            self.calibrated_ = CalibratedClassifierCV(clone(best), cv=folds, ensemble=False)
+            self.calibrated_.fit(X, y)
+            self.calibration_ = "inner folds"
+        else:  # a class with too few distinct images: calibrated on the training data itself
+            from sklearn.frozen import FrozenEstimator
+
+            fitted = clone(best).fit(X, y)
+            self.calibrated_ = CalibratedClassifierCV(FrozenEstimator(fitted), ensemble=False)
+            self.calibrated_.fit(X, y)
+            self.calibration_ = "training data (a class has too few distinct images for folds)"
         self.classes_ = self.calibrated_.classes_
         return self
 

@@ -22,7 +22,25 @@ from sklearn.model_selection import StratifiedGroupKFold, train_test_split
 def _keras() -> Any:
     import keras
 
+    from pipeline.progress import quiet_frameworks
+
+    quiet_frameworks()
     return keras
+
+
+def epoch_progress(label: str, epochs: int) -> Any:
+    """A Keras callback printing epochs done, rate and ETA (early stopping may end sooner)."""
+    keras = _keras()
+    from pipeline.progress import Progress
+
+    class EpochProgress(keras.callbacks.Callback):
+        def on_train_begin(self, logs: Any = None) -> None:
+            self.progress = Progress(epochs, label, unit="epochs")
+
+        def on_epoch_end(self, epoch: int, logs: Any = None) -> None:
+            self.progress.update(1)
+
+    return EpochProgress()
 
 
 class KerasClassifier(ClassifierMixin, BaseEstimator):
@@ -51,7 +69,11 @@ class KerasClassifier(ClassifierMixin, BaseEstimator):
                 X, yi, test_size=n_val, stratify=yi, random_state=self.random_state
             )
             return fX, fy, (vX, vy)
-        k = max(2, int(round(1 / self.validation_fraction)))
+        pairs = np.unique(np.stack([yi, np.asarray(groups)]), axis=1)
+        least = int(np.bincount(pairs[0]).min())  # distinct contents in the smallest class
+        k = min(int(round(1 / self.validation_fraction)), least)
+        if k < 2:
+            return X, yi, None  # too few distinct images to hold some out: no early stopping
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)  # tiny classes: fewer groups than k
             cv = StratifiedGroupKFold(k, shuffle=True, random_state=self.random_state)
@@ -77,7 +99,7 @@ class KerasClassifier(ClassifierMixin, BaseEstimator):
             validation_data=val,
             epochs=epochs,
             batch_size=self.batch_size,
-            callbacks=[stop],
+            callbacks=[stop, epoch_progress(f"{type(self).__name__} epochs", epochs)],
             verbose=0,
             shuffle=True,
         )

@@ -53,3 +53,21 @@ class Progress:
             f"{self.label} {self.done}/{self.total} ({pct:.1f}%) "
             f"{rate:.1f} {self.unit}/s ETA {eta_s}"
         )
+
+
+def quiet_frameworks() -> None:
+    """Keep TensorFlow's and absl's chatter (retracing notices, ...) out of a user's output.
+
+    Errors still show. Called wherever Keras is imported; TensorFlow's C++ start-up lines are
+    governed by TF_CPP_MIN_LOG_LEVEL, set in pipeline/__init__.py.
+    """
+    import logging
+
+    for name in ("tensorflow", "absl", "h5py", "distributed.utils_perf"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    try:
+        import absl.logging
+
+        absl.logging.set_verbosity(absl.logging.ERROR)
+    except ImportError:  # pragma: no cover - absl comes with TensorFlow
+        pass

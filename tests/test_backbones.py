@@ -124,3 +124,32 @@ def test_offline_imagenet_names_the_backbones_file(monkeypatch):
         r"resnet50_weights_tf_dim_ordering_tf_kernels_notop.h5 .*WEIGHTS=",
     ):
         build(BackboneSpec("imagenet", name="resnet50", input_size=32))
+
+
+def test_cross_validation_and_epochs_say_where_they_are(tmp_path, spec, quiet, capsys):
+    from pipeline.train import train_head
+
+    log, _ = quiet
+    data = make_dataset(tmp_path / "data", per_class=6)
+    extract(data, tmp_path / "art", spec, log=log)
+    capsys.readouterr()
+    train_head(tmp_path / "art", "dense", folds=3, params={"epochs": "4", "hidden": "8"}, log=log)
+    err = capsys.readouterr().err
+    import re
+
+    assert re.search(r"cross-validation \(3 folds\) 3/3 \(100\.0%\) [\d.]+ folds/s ETA", err), err
+    assert re.search(r"DenseHead epochs \d+/4 \([\d.]+%\) [\d.]+ epochs/s ETA", err), err
+
+
+def test_framework_chatter_stays_out_of_the_output(capfd, caplog):
+    """TensorFlow's retracing notices (one per new batch shape) say nothing to a user."""
+    import logging
+
+    caplog.set_level(logging.DEBUG)
+    for size in (32, 40, 48, 56, 64, 72, 80):
+        model = build(BackboneSpec("none", input_size=size))
+        for n in (1, 2, 3):
+            model.predict_on_batch(np.zeros((n, size, size, 3), np.float32))
+    err = capfd.readouterr().err
+    said = err + "\n".join(r.getMessage() for r in caplog.records)
+    assert "retracing" not in said, said[-2000:]

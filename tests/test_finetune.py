@@ -9,7 +9,7 @@ import pytest
 from conftest import SIZE, make_dataset
 
 from pipeline import cli, store
-from pipeline.backbone import BackboneSpec, build
+from pipeline.backbone import BackboneSpec
 from pipeline.errors import UserError
 from pipeline.features import extract
 from pipeline.keras_heads import FineTuneHead

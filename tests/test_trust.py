@@ -387,3 +387,42 @@ def test_dense_early_stopping_split_keeps_groups(monkeypatch):
     evaluate.cross_validate(est, ts, ["a", "b"], 2, 0, log=print)
     assert len(seen) == 2
     assert all(a and b and not a & b for a, b in seen)
+
+
+@pytest.mark.parametrize("head", ["svm", "svm-linear", "dense"])
+def test_small_classes_and_copies_never_crash_a_head(tmp_path, spec, quiet, head):
+    """A class of 2 images, and a class made mostly of copies: every head still runs."""
+    log, _ = quiet
+    data = make_dataset(tmp_path / "data", per_class=9)
+    for p in sorted((data / "train/class_2").iterdir())[2:]:
+        p.unlink()  # class_2: two images
+    for i in range(5):  # class_1: five more copies of two images
+        shutil.copy(data / f"train/class_1/img_00{i % 2}.png", data / f"train/class_1/c{i}.png")
+    art = tmp_path / "art"
+    extract(data, art, spec, log=log)
+    params = {"epochs": "3", "hidden": "8"} if head == "dense" else {}
+    r = train_head(art, head, folds=3, params=params, log=log)
+    assert r["cv"]["folds"] == 2  # class_2's two distinct images allow two folds
+    assert len(r["cv"]["oof_pred"]) == 9 + 14 + 2
+
+
+def test_folds_do_not_depend_on_row_order():
+    rng = np.random.default_rng(0)
+    n = 40
+    sha = [f"{rng.integers(1 << 60):064x}" for _ in range(n)]
+    y = rng.integers(0, 3, n)
+    X = rng.normal(size=(n, 3))
+    perm = rng.permutation(n)
+
+    def ts(idx):
+        return evaluate.TrainSet(
+            X[idx], y[idx], evaluate.groups_of([sha[i] for i in idx]), np.ones(n, bool),
+            [sha[i] for i in idx],
+        )  # fmt: skip
+
+    a = evaluate.splits(ts(np.arange(n)), 4, 0)
+    b = evaluate.splits(ts(perm), 4, 0)
+    assert a[1] == b[1]  # the same folds_id: paired across caches with other row orders
+    fold_a = {sha[i]: f for f, (_, te) in enumerate(a[0]) for i in te}
+    fold_b = {sha[perm[i]]: f for f, (_, te) in enumerate(b[0]) for i in te}
+    assert fold_a == fold_b
