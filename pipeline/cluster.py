@@ -102,7 +102,15 @@ def embed_batch(spec: Any, jobs: list[Any], augment_seed: int) -> dict[str, Any]
     if ok:
         x = backbone.preprocess(np.stack(ok), spec.name)
         maps = np.asarray(_model(spec).predict_on_batch(x))
-    return {"reasons": reasons, "maps": maps, "pid": os.getpid(), "builds": len(_BUILDS)}
+    from pipeline.provenance import embedder as versions
+
+    return {
+        "reasons": reasons,
+        "maps": maps,
+        "pid": os.getpid(),
+        "builds": len(_BUILDS),
+        "versions": versions(),
+    }
 
 
 def embedder(c: Any, window: int | None = None) -> Any:
@@ -135,8 +143,18 @@ def embedder(c: Any, window: int | None = None) -> Any:
         for _ in range(limit):
             if not submit_next():
                 break
+        from pipeline.provenance import difference
+        from pipeline.provenance import embedder as versions
+
+        here = versions()
         for f in ac:
             out = f.result()
+            if out["versions"] != here:
+                raise UserError(
+                    "a Dask worker decodes or embeds with other versions than this machine "
+                    f"({difference(here, out['versions'])}); install the same versions on every "
+                    "worker (one cache never mixes two)"
+                )
             chunk = chunk_of.pop(f.key)
             f.release()
             submit_next()

@@ -277,19 +277,24 @@ def _sync(
     stamp = embedder()
     stamp_key = store.cache_key(stamp)
     old = None if ctx.rebuild else _read_old(path, key, ctx.log)
-    shards = ShardSet(store.shards_dir(path), key)
     referenced = set(old.shard) if old else set()
+    shards = ShardSet(store.shards_dir(path), key, keep=referenced)
     # unfinished work of a crashed run is resumed only when made by these same versions
     shards.forget(
         {n for n, st in shards.stamp_of.items() if n not in referenced and st != stamp_key}
     )
-    if ctx.rebuild:
-        shards.forget(set(shards.rows))
+    if ctx.rebuild:  # nothing is reused; the old shards go once the new index is in place
+        shards.where.clear()
+        shards.skipped.clear()
     old_where = (
         {h: (s, r) for h, s, r in zip(_idents(old), old.shard, old.shard_row, strict=True)}
         if old
         else {}
     )
+    lost = {h for h, (n, _) in old_where.items() if n not in shards.rows}
+    if lost:  # rows whose shard file is gone are embedded again, never served as NaN
+        ctx.log(f"warning: {len(lost)} cached row(s) lost their shard file; embedding them again")
+        old_where = {h: w for h, w in old_where.items() if h not in lost}
     known_bad = {s["sha256"]: s["reason"] for s in (old.skipped if old else []) if s["sha256"]}
     known_bad.update(shards.skipped)
     pending = {h for h, (n, _) in shards.where.items() if n not in referenced}
@@ -363,7 +368,8 @@ def _sync(
         where = {**{h: w for h, w in shards.where.items()}, **old_where}
         _write(path, rows, skipped, old, where, shards, ctx, settings, key, stamp, stamp_key)
         used = {where[r.ident][0] for r in rows}
-        shards.forget(set(shards.rows) - used)
+        with store.reading(path.parent, exclusive_=True):  # no reader mid-way through a read
+            shards.forget(set(shards.rows) - used)
     summary = Summary(
         cache=path,
         new=n_new,

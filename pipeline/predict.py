@@ -42,7 +42,7 @@ def check_features(r: dict[str, Any], weights: str | None = None) -> BackboneSpe
     feats = r["features"]
     settings = feats["settings"]
     spec = spec_from_settings(settings, weights, hint=feats.get("weights"))
-    now = cache_settings(spec, settings["dtype"])
+    now = cache_settings(spec, settings["dtype"], settings.get("maps", True))
     if store.cache_key(now) != feats["cache_key"]:
         diff = difference(settings, now) or "the cache key"
         raise UserError(

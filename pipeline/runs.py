@@ -51,6 +51,7 @@ def write_run(
     """Write a run whole: `save(folder)` writes the head's files, then result.json with hashes."""
     hdir = layout.heads_dir(artifacts)
     hdir.mkdir(parents=True, exist_ok=True)
+    _recover(hdir)
     tmp = hdir / f".tmp-{name}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
@@ -64,12 +65,43 @@ def write_run(
             os.fsync(fh.fileno())
         if final.exists():
             os.rename(final, old)
-        os.rename(tmp, final)
+        try:
+            os.rename(tmp, final)
+        except OSError:  # another train-head put the same run in place at this very moment
+            raise UserError(
+                f"another train-head wrote run '{name}' at the same moment; rerun this one"
+            ) from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _recover(hdir: Path) -> None:
+    """Undo what a killed writer left: restore a run moved aside, drop half-written folders."""
+    for p in hdir.glob(".old-*"):
+        name, _, pid = p.name[len(".old-") :].rpartition("-")
+        if pid.isdigit() and _alive(int(pid)) and int(pid) != os.getpid():
+            continue
+        if not (hdir / name).exists():
+            os.rename(p, hdir / name)  # killed between the two renames: the old run comes back
+        else:
+            shutil.rmtree(p, ignore_errors=True)
+    for p in hdir.glob(".tmp-*"):
+        pid = p.name.rpartition("-")[2]
+        if pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(p, ignore_errors=True)
 
 
 def _current_cache(artifacts: Path) -> tuple[dict[str, Any] | None, str]:
@@ -97,6 +129,11 @@ def status(
         return False, f"its feature cache '{feats['file']}' is gone or damaged"
     if attrs.get("cache_key") != feats["cache_key"] or attrs.get("data_id") != feats["data_id"]:
         return False, f"its feature cache '{feats['file']}' has changed since"
+    if "embedders" in feats and attrs.get("embedders") != feats["embedders"]:
+        return (
+            False,
+            "its features were embedded again since, with other decoder/framework versions",
+        )
     return True, ""
 
 

@@ -43,6 +43,7 @@ class ShardSet:
     skipped: dict[str, str] = field(default_factory=dict)
     rows: dict[str, int] = field(default_factory=dict)  # shard name -> number of rows
     stamp_of: dict[str, str] = field(default_factory=dict)  # shard name -> versions stamp key
+    keep: set[str] = field(default_factory=set)  # shards an index refers to: never deleted here
     _seq: int = 0
 
     def __post_init__(self) -> None:
@@ -67,7 +68,14 @@ class ShardSet:
                     self.rows[p.name] = len(idents)
                     self.stamp_of[p.name] = str(f.attrs.get("stamp", ""))
                 self._seq = max(self._seq, int(p.stem[1:]) + 1)
-            except (OSError, ValueError, KeyError):
+            except (OSError, ValueError, KeyError) as e:
+                if p.name in self.keep:
+                    from pipeline.store import CacheError
+
+                    raise CacheError(
+                        f"shard '{p}' of the cache cannot be read ({e}); move it aside and "
+                        "rerun `make features` (its rows are embedded again)"
+                    ) from None
                 p.unlink(missing_ok=True)  # torn by a crash, or not ours: never trusted
         for p in self.folder.glob(".tmp-*"):
             p.unlink(missing_ok=True)

@@ -187,6 +187,12 @@ def read_index(path: Path, expect_key: str | None = None) -> Index:
         return index_of(f, path, expect_key)
 
 
+def missing_shards(path: Path, names: list[str]) -> list[str]:
+    """The shard files an index names that are not on disk."""
+    folder = shards_dir(path)
+    return [n for n in names if not (folder / n).is_file()]
+
+
 def index_of(f: h5py.File, path: Path, expect_key: str | None = None) -> Index:
     """The rows and attributes of the open cache `f`."""
     attrs = _attrs(f)
@@ -378,6 +384,13 @@ def features_of(f: h5py.File, idx: Index, pooling: str, split: str, max_view: in
 
             raise missing_maps("POOL=flatten")
         ds, d = f["features"], int(np.prod(shape))
+    gone = missing_shards(idx.path, sorted({idx.shard[i] for i in rows}))
+    if gone:
+        raise CacheError(
+            f"feature cache '{idx.path}' points at {len(gone)} missing shard file(s) in "
+            f"'{shards_dir(idx.path).name}' (e.g. {gone[0]}); rerun `make features` (it embeds "
+            "the missing rows again)"
+        )
     X = np.empty((len(rows), d), np.float32)
     if len(rows):
         done, lo, hi = 0, int(rows[0]), int(rows[-1]) + 1
@@ -390,6 +403,11 @@ def features_of(f: h5py.File, idx: Index, pooling: str, split: str, max_view: in
                 block = ds[a:b][sel]
                 X[done : done + m] = pool(block, pooling) if pooling == "flatten" else block
                 done += m
+    if np.isnan(X).any():  # a virtual row whose shard vanished while reading
+        raise CacheError(
+            f"feature cache '{idx.path}' returned rows without features (a shard file went "
+            "missing); rerun `make features`"
+        )
     return Features(
         X=X,
         y=idx.labels[rows] if len(rows) else np.zeros(0, np.int64),
@@ -401,6 +419,26 @@ def features_of(f: h5py.File, idx: Index, pooling: str, split: str, max_view: in
 
 def f_shape(idx: Index) -> tuple[int, ...]:
     return tuple(int(v) for v in idx.attrs["feature_shape"])
+
+
+@contextmanager
+def reading(folder: Path, exclusive_: bool = False) -> Iterator[None]:
+    """Readers hold this shared while they read a cache; shard deletion holds it exclusive.
+
+    A reader that opened an index keeps the shards it names: `make features` deletes unused
+    shards only when no reader is between opening an index and having read its rows.
+    """
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        fh = open(folder / ".readers", "a+")
+    except OSError:  # a read-only artifacts folder: nothing can delete shards either
+        yield
+        return
+    try:
+        fcntl.flock(fh, fcntl.LOCK_EX if exclusive_ else fcntl.LOCK_SH)
+        yield
+    finally:
+        fh.close()
 
 
 @contextmanager

@@ -45,7 +45,7 @@ class Loaded:
 
 def load(path: Path, pooling: str, views: int = 0) -> Loaded:
     """Read the cache once (one open file: a concurrent `make features` cannot mix versions)."""
-    with store.open_cache(path) as f:
+    with store.reading(path.parent), store.open_cache(path) as f:
         idx = store.index_of(f, path)
         tr = store.features_of(f, idx, pooling, "train")
         va = store.features_of(f, idx, pooling, "validation")
@@ -218,8 +218,15 @@ def _with_views(
     fix = f"run `make features AUGMENT={views}` (same settings as the cache)"
     if not apath.is_file():
         raise UserError(f"VIEWS={views} needs cached augmented views; {fix}")
-    with store.open_cache(apath) as f:
+    with store.reading(apath.parent), store.open_cache(apath) as f:
         aidx = store.index_of(f, apath)
+        made, views_made = idx.attrs.get("embedders") or [], aidx.attrs.get("embedders") or []
+        if any(e not in made for e in views_made):
+            raise UserError(
+                f"the augmented views in '{apath.name}' were embedded with other decoder/"
+                f"framework versions than '{path.name}'; run `make features AUGMENT={views} "
+                "REBUILD=1`"
+            )
         aset = aidx.attrs.get("settings", {})
         if aset != augment_settings(idx.attrs["settings"], aset.get("augment_seed", -1)):
             raise UserError(

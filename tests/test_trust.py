@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -426,3 +427,66 @@ def test_folds_do_not_depend_on_row_order():
     fold_a = {sha[i]: f for f, (_, te) in enumerate(a[0]) for i in te}
     fold_b = {sha[perm[i]]: f for f, (_, te) in enumerate(b[0]) for i in te}
     assert fold_a == fold_b
+
+
+def test_a_missing_shard_is_refused_then_embedded_again(tmp_path, spec, quiet):
+    log, lines = quiet
+    data = make_dataset(tmp_path / "data", per_class=6)
+    art = tmp_path / "art"
+    s = extract(data, art, spec, batch_size=8, log=log)
+    (store.shards_dir(s.cache) / "s00000000.h5").unlink()
+    with pytest.raises(UserError, match="missing shard file.*rerun `make features`"):
+        train_head(art, "logreg", folds=2, log=log)
+    again = extract(data, art, spec, batch_size=8, log=log)
+    assert again.new == 8 and any("lost their shard file" in x for x in lines)
+    assert train_head(art, "logreg", folds=2, log=log)["cv"]["folds"] == 2
+
+
+def test_predict_works_on_a_pooled_only_cache(tmp_path, spec, quiet):
+    log, _ = quiet
+    data = make_dataset(tmp_path / "data", per_class=6, validation=2)
+    art = tmp_path / "art"
+    extract(data, art, spec, log=log, maps=False)
+    train_head(art, "logreg", folds=2, log=log)
+    out = predict(art, data / "validation", out=tmp_path / "p.csv", log=log)
+    assert len(list(csv.DictReader(open(out)))) == 6
+
+
+@pytest.mark.parametrize("setting", ["resize", "background", "loader_version", "maps", "dtype"])
+def test_predict_refuses_any_other_setting(trained, tmp_path, monkeypatch, setting):
+    data, art, r = trained
+    real = features.cache_settings
+
+    def changed(*a, **k):
+        s = real(*a, **k)
+        s[setting] = "something else"
+        return s
+
+    monkeypatch.setattr(features, "cache_settings", changed)
+    with pytest.raises(UserError, match=rf"no longer makes \(.*{setting}"):
+        predict(art, data / "validation", out=tmp_path / "p.csv", log=print)
+
+
+def test_rebuild_with_other_versions_makes_runs_and_views_stale(tmp_path, spec, quiet, monkeypatch):
+    log, _ = quiet
+    data = make_dataset(tmp_path / "data", per_class=4)
+    art = tmp_path / "art"
+    extract(data, art, spec, augment=1, log=log)
+    old = train_head(art, "logreg", folds=2, log=log)
+    real = features.embedder()
+    monkeypatch.setattr(features, "embedder", lambda: {**real, "tensorflow": "99.0"})
+    extract(data, art, spec, log=log, rebuild=True)  # originals again; the views file untouched
+    status = {r["run"]: r for r in runs.list_runs(art)}[old["run"]]
+    assert not status["current"] and "embedded again" in status["stale_reason"]
+    with pytest.raises(UserError, match=r"views .* other decoder/framework versions.*REBUILD=1"):
+        train_head(art, "logreg", folds=2, views=1, log=log)
+
+
+def test_a_run_moved_aside_by_a_killed_writer_comes_back(trained):
+    _, art, r = trained
+    hdir = layout.heads_dir(art)
+    os.rename(hdir / r["run"], hdir / f".old-{r['run']}-999999")  # the writer died in between
+    (hdir / ".tmp-x-999999").mkdir()
+    runs.write_run(art, "other--x", {k: v for k, v in r.items() if k != "run"}, lambda d: [])
+    assert (hdir / r["run"] / "result.json").is_file()
+    assert not list(hdir.glob(".old-*")) and not list(hdir.glob(".tmp-*"))
