@@ -41,6 +41,7 @@ SIZES: dict[str, dict[str, int]] = {
         scale_n=200,
         cluster_n=16,
         gpu_n=64,
+        backbone_n=8,
     ),
     "default": dict(
         rounds=3,
@@ -53,6 +54,7 @@ SIZES: dict[str, dict[str, int]] = {
         scale_n=2000,
         cluster_n=32,
         gpu_n=512,
+        backbone_n=16,
     ),
     "full": dict(
         rounds=5,
@@ -65,6 +67,7 @@ SIZES: dict[str, dict[str, int]] = {
         scale_n=10000,
         cluster_n=96,
         gpu_n=2048,
+        backbone_n=64,
     ),
 }
 
@@ -440,6 +443,46 @@ def gpu_extraction(work: Path, n: int, batch: int) -> dict[str, Any]:
     return out
 
 
+BACKBONE_CODE = """
+import json, resource, sys, time
+import numpy as np
+from pipeline.backbone import BackboneSpec, build, preprocess
+name, n, batch = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+spec = BackboneSpec("none", name=name)
+model = build(spec)
+x = preprocess(np.random.default_rng(0).integers(0, 255, (batch,) + (spec.input_size,) * 2 + (3,),
+               np.uint8), name)
+np.asarray(model.predict_on_batch(x))  # warm-up
+t = time.perf_counter()
+for _ in range(max(1, n // batch)):
+    np.asarray(model.predict_on_batch(x))
+rate = max(1, n // batch) * batch / (time.perf_counter() - t)
+peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+print("RESULT", json.dumps({"images_per_s": rate, "peak_mib": peak, "size": spec.input_size,
+      "shape": list(model.output.shape[1:])}))
+"""
+
+
+def backbones(cfg: dict[str, int], batch: int) -> dict[str, Any]:
+    """images/s and peak memory of every registered backbone (fresh process each, its size)."""
+    from pipeline.backbone import FAMILIES
+
+    out: dict[str, Any] = {}
+    for name, fam in FAMILIES.items():
+        p = subprocess.run(
+            [sys.executable, "-c", BACKBONE_CODE, name, str(cfg["backbone_n"]), str(batch)],
+            check=True, capture_output=True, text=True,
+        )  # fmt: skip
+        row = json.loads([ln for ln in p.stdout.splitlines() if ln.startswith("RESULT")][0][7:])
+        row.update(gmac=fam.gmac, imagenet_top1=fam.top1)
+        out[name] = row
+        _say(
+            f"  {name}: {row['images_per_s']:.2f} img/s at {row['size']} px, "
+            f"{row['peak_mib']:.0f} MiB peak, {fam.gmac} GMAC, top-1 {fam.top1:.1%}"
+        )
+    return out
+
+
 def projection(res: dict[str, Any], gpu_rate: float | None = None) -> dict[str, Any]:
     """1M images on 4 single-GPU workers, from the measured per-image costs; assumptions said."""
     sc = res.get("scale", {}).get("sizes", {})
@@ -589,7 +632,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--artifacts", type=Path, default=Path("artifacts/bench"))
     ap.add_argument("--size", choices=list(SIZES), default="default")
     ap.add_argument("--batch", type=int, default=32)
-    ap.add_argument("--only", default="extraction,reruns,memory,heads,scale,cluster")
+    ap.add_argument("--only", default="extraction,reruns,memory,heads,scale,cluster,backbones")
     ap.add_argument("--gpu-rate", type=float, default=None, help="measured GPU img/s, if any")
     args = ap.parse_args(argv)
     cfg = SIZES[args.size]
@@ -635,6 +678,10 @@ def main(argv: list[str] | None = None) -> int:
     if "cluster" in parts:
         _say("extraction in one process and on CLUSTER=local:2 (same images):")
         res["cluster"] = cluster_extraction(work, cfg, spec, args.batch)
+    if "backbones" in parts:
+        _say("backbones (random weights, each at its own input size, batch of 8):")
+        res["backbones"] = backbones(cfg, 8)
+        _save(args.artifacts, res)
     if "gpu" in parts:
         _say("extraction on the accelerator:")
         res["gpu"] = gpu_extraction(work, cfg["gpu_n"], args.batch)

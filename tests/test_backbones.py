@@ -153,3 +153,29 @@ def test_framework_chatter_stays_out_of_the_output(capfd, caplog):
     err = capfd.readouterr().err
     said = err + "\n".join(r.getMessage() for r in caplog.records)
     assert "retracing" not in said, said[-2000:]
+
+
+def test_sweep_over_backbones_ranks_them_together_on_paired_folds(tmp_path, quiet):
+    from pipeline.report import build_report
+    from pipeline.sweep import run_sweep
+
+    log, lines = quiet
+    data = make_dataset(tmp_path / "data", per_class=6)
+    art = tmp_path / "art"
+    extraction = {"data": data, "weights": "none", "size": 32}
+    out = run_sweep(
+        art, "logreg", "avg,max", "0", folds=2, curve_points=2, log=log,
+        backbones="vgg16,resnet50", extraction=extraction,
+    )  # fmt: skip
+    assert {r["backbone"] for r in out["ranking"]} == {"vgg16", "resnet50"}
+    assert len(out["ranking"]) == 4
+    rep = build_report(art, log=log)
+    assert {e["backbone"] for e in rep["results"]} == {"vgg16", "resnet50"}
+    assert len({e["cv_folds_id"] for e in rep["results"]}) == 1  # paired across backbones
+    assert "<td>resnet50</td>" in (art / "report/report.html").read_text()
+    lines.clear()
+    run_sweep(
+        art, "logreg", "avg", "0", folds=2, curve_points=2, log=log,
+        backbones="vgg16,resnet50", extraction=extraction,
+    )  # fmt: skip
+    assert sum("embedded 0 new, 18 cached" in x for x in lines) == 2  # each extracted once
