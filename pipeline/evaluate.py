@@ -39,6 +39,7 @@ class TrainSet:
     groups: np.ndarray
     original: np.ndarray  # bool per row: an image itself (scored), not an augmented view
     sha256: list[str]
+    paths: list[str] | None = None  # per row, for the report's gallery of mistakes
 
 
 def groups_of(sha256: list[str]) -> np.ndarray:
@@ -129,10 +130,15 @@ def splits(ts: TrainSet, k: int, seed: int) -> tuple[list[tuple[np.ndarray, np.n
 
 def _fold(
     estimator: Any, X: np.ndarray, y: np.ndarray, groups: np.ndarray, tr: np.ndarray, te: np.ndarray
-) -> tuple[np.ndarray, dict[str, Any]]:
-    """Fit a fresh copy of the configured head on one training fold; predict its test fold."""
+) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
+    """Fit a fresh copy of the configured head on one training fold; predict its test fold.
+
+    The label is the argmax of the probabilities, as for the saved head; the top probability
+    comes back too (the report shows the most confident mistakes first).
+    """
     est = fit(clone(estimator), X[tr], y[tr], groups[tr])
-    return est.predict(X[te]), chosen_params(est)
+    proba = est.predict_proba(X[te])
+    return est.classes_[np.argmax(proba, axis=1)], proba.max(axis=1), chosen_params(est)
 
 
 def cross_validate(
@@ -152,9 +158,11 @@ def cross_validate(
         delayed(_fold)(estimator, ts.X, ts.y, ts.groups, tr, te) for tr, te in cv
     )
     oof = np.full(len(ts.y), -1, dtype=np.int64)
+    oof_p = np.zeros(len(ts.y), dtype=np.float64)
     fold_acc, fold_params = [], []
-    for (_, te), (pred, params) in zip(cv, jobs, strict=True):
+    for (_, te), (pred, prob, params) in zip(cv, jobs, strict=True):
         oof[te] = pred
+        oof_p[te] = prob
         fold_acc.append(float(np.mean(pred == ts.y[te])))
         fold_params.append(params)
         progress.update(1)
@@ -168,6 +176,9 @@ def cross_validate(
         "fold_params": fold_params,
         "oof_pred": oof[scored].tolist(),
         "oof_sha256": [ts.sha256[i] for i in np.flatnonzero(scored)],
+        "oof_probability": oof_p[scored].round(6).tolist(),
+        "oof_true": ts.y[scored].tolist(),
+        "oof_paths": [ts.paths[i] for i in np.flatnonzero(scored)] if ts.paths else None,
         **metrics(ts.y[scored], oof[scored], classes),
     }
 

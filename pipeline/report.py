@@ -20,47 +20,12 @@ from typing import Any
 
 import numpy as np
 
-from pipeline import duplicates, layout, runs, store
+from pipeline import duplicates, layout, pictures, runs, store
 from pipeline.errors import UserError
 from pipeline.features import RANDOM_BANNER
 from pipeline.provenance import environment
 
 Log = Callable[[str], None]
-
-
-def _plot_confusion(cm: list[list[int]], classes: list[str], title: str, out: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    m = np.array(cm, dtype=float)
-    n = len(classes)
-    size = max(3.5, 0.45 * n + 2)
-    fig, ax = plt.subplots(figsize=(size, size * 0.9), dpi=100)
-    norm = m / np.maximum(m.sum(axis=1, keepdims=True), 1)
-    ax.imshow(norm, cmap="Blues", vmin=0, vmax=1)
-    ax.set_xticks(range(n), classes, rotation=60, ha="right", fontsize=8)
-    ax.set_yticks(range(n), classes, fontsize=8)
-    ax.set_xlabel("predicted")
-    ax.set_ylabel("true")
-    ax.set_title(title, fontsize=9)
-    if n <= 20:
-        for i in range(n):
-            for j in range(n):
-                if m[i, j]:
-                    ax.text(
-                        j,
-                        i,
-                        int(m[i, j]),
-                        ha="center",
-                        va="center",
-                        fontsize=7,
-                        color="white" if norm[i, j] > 0.5 else "black",
-                    )
-    fig.tight_layout()
-    fig.savefig(out)
-    plt.close(fig)
 
 
 def _learning_curve(
@@ -74,25 +39,7 @@ def _learning_curve(
     if sweep.get("features", {}).get("data_id") != current.get("data_id"):
         return None
     curve = sweep["learning_curve"]
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    pts = curve["points"]
-    x = [p["per_class"] for p in pts]
-    m = np.array([p["accuracy_mean"] for p in pts])
-    s = np.array([p["accuracy_std"] for p in pts])
-    fig, ax = plt.subplots(figsize=(5, 3.5), dpi=100)
-    ax.plot(x, m, "o-")
-    ax.fill_between(x, m - s, m + s, alpha=0.2)
-    ax.set_xscale("log", base=2)
-    ax.set_xlabel("training images per class")
-    ax.set_ylabel("cross-validated accuracy")
-    ax.set_title(f"learning curve: {curve['head']}, {curve['pooling']} pooling", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(out / "learning-curve.png")
-    plt.close(fig)
+    pictures.learning_curve(curve, out / "learning-curve.png")
     curve["png"] = "learning-curve.png"
     return curve
 
@@ -107,8 +54,8 @@ EXPLAIN = {
     "optimism": "The top of the ranking is picked on the same folds that score it: the best of "
     "many runs is optimistic. The honest figure for the pick is its accuracy on a split that "
     "played no part in choosing it: the validation split (DATA/validation/), shown beside it.",
-    "curve": "The learning curve refits the sweep's best run on fewer images per class on those "
-    "same outer folds.",
+    "curve": "The learning curve refits the sweep's best head and pooling (without augmented "
+    "views) on fewer images per class, on those same outer folds.",
 }
 
 
@@ -161,15 +108,91 @@ def paired(best: dict[str, Any], other: dict[str, Any]) -> dict[str, Any] | None
     }
 
 
-def build_report(artifacts: Path, log: Log = print) -> dict[str, Any]:
-    """Collect every head's result and write report.json, report.md and report.html."""
+def header(artifacts: Path, idx: store.Index | None, entries: list[dict[str, Any]]) -> dict:
+    """What was evaluated: data, classes per split, backbone, weights, settings, versions, date."""
+    env = environment()
+    out: dict[str, Any] = {"date": env["created_utc"], "versions": env["packages"]}
+    if idx is None:
+        return out
+    a, st = idx.attrs, idx.attrs.get("settings") or {}
+    counts = {c: {"train": 0, "validation": 0} for c in idx.classes}
+    for lab, sp, v in zip(idx.labels.tolist(), idx.split, idx.view, strict=True):
+        if v == 0:
+            counts[idx.classes[lab]][sp] += 1
+    out.update(
+        data=a.get("data_root"),
+        layout=a.get("layout"),
+        classes=[{"class": c, **n} for c, n in counts.items()],
+        images={"train": sum(n["train"] for n in counts.values()),
+                "validation": sum(n["validation"] for n in counts.values())},
+        skipped=len(idx.skipped),
+        backbone=st.get("name"),
+        weights=a.get("weights"),
+        weights_id=st.get("weights_id"),
+        random_weights=bool(a.get("random_weights")),
+        input_size=st.get("input_size"),
+        layer=st.get("layer"),
+        preprocessing=st.get("preprocessing"),
+        dtype=st.get("dtype"),
+        seeds=sorted({e["seed"] for e in entries if e.get("seed") is not None}),
+        cache=idx.path.name,
+        made_with=a.get("embedders"),
+    )  # fmt: skip
+    return out
+
+
+def gallery(
+    r: dict[str, Any], data_root: str | None, limit: int = 24, size: int = 96
+) -> dict[str, Any]:
+    """The run's mistakes, most confident first: validation images, else out-of-fold ones.
+
+    Each with its path, true and predicted class, probability, and a thumbnail (PNG bytes,
+    embedded by the HTML; the JSON keeps the rest).
+    """
+    v = r.get("validation")
+    if v and v.get("predictions"):
+        source = "validation"
+        rows = [p for p in v["predictions"] if p["true"] != p["pred"]]
+    else:
+        source = "out-of-fold"
+        cv, classes = r["cv"], r["classes"]
+        paths = cv.get("oof_paths") or [None] * len(cv["oof_pred"])
+        rows = [
+            {"path": p, "true": classes[t], "pred": classes[q], "probability": pr}
+            for p, t, q, pr in zip(
+                paths,
+                cv.get("oof_true") or [],
+                cv["oof_pred"],
+                cv.get("oof_probability") or [],
+                strict=False,
+            )
+            if t != q
+        ]
+    rows.sort(key=lambda x: -(x.get("probability") or 0))
+    items = []
+    for row in rows[:limit]:
+        thumb = None
+        if data_root and row.get("path"):
+            thumb = pictures.thumbnail(Path(data_root) / row["path"], size)
+        items.append({**row, "thumbnail": thumb})
+    return {"run": r["run"], "source": source, "mistakes": len(rows), "items": items}
+
+
+def build_report(
+    artifacts: Path, log: Log = print, gallery_runs: str | None = None
+) -> dict[str, Any]:
+    """Collect every head's result and write report.json, report.md and report.html.
+
+    `gallery_runs`: a run name (or "all") to show the mistakes of, besides the best run.
+    """
     artifacts = Path(artifacts)
     all_runs = runs.list_runs(artifacts)
     if not all_runs:
         raise UserError(
             f"no trained heads in '{layout.heads_dir(artifacts)}'; run `make train-head` first"
         )
-    entries = [_entry(r) for r in all_runs if r["current"]]
+    current_runs = [r for r in all_runs if r["current"]]
+    entries = [_entry(r) for r in current_runs]
     stale = [_entry(r) for r in all_runs if not r["current"]]
     if entries:
         for e in entries:
@@ -192,26 +215,48 @@ def build_report(artifacts: Path, log: Log = print) -> dict[str, Any]:
         cm = e["validation_confusion"] or e["cv_confusion"]
         src = "validation" if e["validation_confusion"] else "out-of-fold"
         png = out / f"confusion-{i}.png"
-        _plot_confusion(cm, e["classes"], f"{e['run']} ({src})", png)
+        pictures.confusion(cm, e["classes"], f"{e['run']} ({src})", png)
         e["confusion_png"] = png.name
+    if entries:
+        pictures.comparison(entries, out / "comparison.png")
     curve = _learning_curve(artifacts, out, current)
+    data_root = current.get("data_root") if current else None
+    wanted = [r for r in current_runs[:1]]
+    if gallery_runs:
+        named = [
+            r for r in current_runs if gallery_runs in ("all", r["run"], r["run"].split("--")[0])
+        ]
+        if not named:
+            raise UserError(f"GALLERY '{gallery_runs}' is not a current run (or 'all')")
+        wanted += [r for r in named if r not in wanted]
+    galleries = [gallery(r, data_root) for r in wanted]
     report = {
         "banner": RANDOM_BANNER if random_w else None,
+        "header": header(artifacts, idx, entries),
         "explain": EXPLAIN,
+        "comparison_png": "comparison.png" if entries else None,
         "learning_curve": curve,
         "results": entries,
         "stale": stale,
+        "galleries": galleries,
         "duplicates": dups,
         "skipped": skipped,
         "environment": environment(),
     }
-    _write(out / "report.json", json.dumps(report, indent=1))
+    as_json = {
+        **report,
+        "galleries": [
+            {**g, "items": [{k: v for k, v in it.items() if k != "thumbnail"} for it in g["items"]]}
+            for g in galleries
+        ],
+    }
+    _write(out / "report.json", json.dumps(as_json, indent=1))
     _write(out / "report.md", _markdown(report))
     _write(out / "report.html", _html(report, out))
     log(f"report: {out / 'report.html'}")
     if stale:
         log(f"{len(stale)} stale run(s) listed apart, not ranked (see the report)")
-    return report
+    return as_json
 
 
 def _write(path: Path, text: str) -> None:
@@ -247,6 +292,12 @@ def _markdown(rep: dict[str, Any]) -> str:
     lines = ["# Transfer-learning report", ""]
     if rep["banner"]:
         lines += [f"> **{rep['banner']}**", ""]
+    h = rep.get("header") or {}
+    lines += ["## What was evaluated", ""] + [f"- {k}: {v}" for k, v in _header_rows(h)] + [""]
+    if h.get("classes"):
+        lines += ["| class | train | validation |", "|---|---|---|"]
+        lines += [f"| {c['class']} | {c['train']} | {c['validation']} |" for c in h["classes"]]
+        lines.append("")
     lines += ["## What the numbers mean", ""] + [f"- {t}" for t in rep["explain"].values()] + [""]
     lines += [
         "| rank | run | backbone | head | pooling | views | CV accuracy (mean ± std of folds) "
@@ -285,6 +336,13 @@ def _markdown(rep: dict[str, Any]) -> str:
             f"{c['support']} |"
             for c in e["per_class"]
         ]
+    for g in rep.get("galleries", []):
+        lines += ["", f"## Mistakes of {g['run']} ({g['source']}, most confident first)", ""]
+        lines += [
+            f"- `{it['path']}`: true {it['true']}, predicted {it['pred']} "
+            f"({(it.get('probability') or 0):.0%})"
+            for it in g["items"]
+        ] or ["None."]
     if rep.get("learning_curve"):
         c = rep["learning_curve"]
         lines += ["", "## Learning curve", "", f"![learning curve]({c['png']})", "", c["advice"]]
@@ -299,74 +357,149 @@ def _markdown(rep: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _img(folder: Path, name: str, alt: str) -> str:
+    data = base64.b64encode((folder / name).read_bytes()).decode()
+    return f"<img alt='{html.escape(alt)}' src='data:image/png;base64,{data}'>"
+
+
+def _header_rows(h: dict[str, Any]) -> list[tuple[str, str]]:
+    rows = [
+        ("DATA", h.get("data")),
+        ("layout", h.get("layout")),
+        ("images", f"{h['images']['train']} train, {h['images']['validation']} validation"
+         if "images" in h else None),
+        ("skipped files", h.get("skipped")),
+        ("backbone", h.get("backbone")),
+        ("weights", f"{h.get('weights')} ({h.get('weights_id')})" if h.get("weights") else None),
+        ("input size", h.get("input_size")),
+        ("layer", h.get("layer")),
+        ("preprocessing", h.get("preprocessing")),
+        ("stored type", h.get("dtype")),
+        ("seeds", ", ".join(str(v) for v in h.get("seeds", [])) or None),
+        ("cache", h.get("cache")),
+        ("date (UTC)", h.get("date")),
+    ]  # fmt: skip
+    return [(k, str(v)) for k, v in rows if v is not None]
+
+
 def _html(rep: dict[str, Any], folder: Path) -> str:
     esc = html.escape
+    h = rep.get("header") or {}
     parts = [
-        "<!doctype html><html><head><meta charset='utf-8'>"
+        "<!doctype html><html lang='en'><head><meta charset='utf-8'>"
         "<meta name='viewport' content='width=device-width, initial-scale=1'>"
         "<title>Transfer-learning report</title>",
-        "<style>body{font-family:system-ui,sans-serif;margin:2em;max-width:1100px}"
-        "table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:4px 8px;"
-        "text-align:right}th{background:#f3f3f3}td:first-child,td:nth-child(2){text-align:left}"
-        ".banner{background:#fdd;border:2px solid #c00;padding:1em;font-weight:bold}"
-        ".stale{color:#777}img{max-width:100%}details{margin:1em 0}</style></head><body>",
+        "<style>body{font-family:system-ui,sans-serif;margin:1em auto;padding:0 1em;"
+        "max-width:1100px;line-height:1.4}h2{margin-top:1.6em}"
+        ".scroll{overflow-x:auto}table{border-collapse:collapse;margin:.6em 0}"
+        "td,th{border:1px solid #ccc;padding:3px 7px;text-align:right}th{background:#f3f3f3}"
+        "td:first-child,td:nth-child(2),th:first-child{text-align:left}"
+        ".banner{background:#fdd;border:2px solid #c00;padding:1em;font-weight:bold;color:#900}"
+        ".stale{color:#777}img{max-width:100%;height:auto}"
+        ".gallery{display:grid;grid-template-columns:repeat(auto-fill,minmax(130px,1fr));gap:.6em}"
+        ".gallery figure{margin:0;border:1px solid #ddd;padding:4px;font-size:12px;"
+        "overflow-wrap:anywhere}.gallery img{width:96px;height:96px;image-rendering:pixelated}"
+        "dl.kv{display:grid;grid-template-columns:max-content 1fr;gap:2px 1em}"
+        "dl.kv dt{font-weight:600}dl.kv dd{margin:0;overflow-wrap:anywhere}</style></head><body>",
         "<h1>Transfer-learning report</h1>",
     ]
     if rep["banner"]:
-        parts.append(f"<p class='banner'>{esc(rep['banner'])}</p>")
-    parts.append("<h2>What the numbers mean</h2><ul>")
+        parts.append(f"<p class='banner' id='banner'>{esc(rep['banner'])}</p>")
+    parts.append("<section id='evaluated'><h2>What was evaluated</h2><dl class='kv'>")
+    parts += [f"<dt>{esc(k)}</dt><dd>{esc(v)}</dd>" for k, v in _header_rows(h)]
+    parts.append("</dl>")
+    if h.get("classes"):
+        parts.append(
+            "<div class='scroll'><table><tr><th>class</th><th>train</th><th>validation</th></tr>"
+        )
+        parts += [
+            f"<tr><td>{esc(c['class'])}</td><td>{c['train']}</td><td>{c['validation']}</td></tr>"
+            for c in h["classes"]
+        ]
+        parts.append("</table></div>")
+    if h.get("versions"):
+        parts.append("<details><summary>package versions</summary><dl class='kv'>")
+        parts += [f"<dt>{esc(str(k))}</dt><dd>{esc(str(v))}</dd>" for k, v in h["versions"].items()]
+        parts.append("</dl></details>")
+    parts.append("</section>")
+    parts.append("<section id='meaning'><h2>What the numbers mean</h2><ul>")
     parts += [f"<li>{esc(t)}</li>" for t in rep["explain"].values()]
-    parts.append("</ul>")
+    parts.append("</ul></section>")
+    parts.append("<section id='ranking'><h2>Ranking</h2>")
+    if rep.get("comparison_png"):
+        parts.append(_img(folder, rep["comparison_png"], "comparison of the current runs"))
     parts.append(
-        "<table><tr><th>rank</th><th>run</th><th>backbone</th><th>head</th><th>pooling</th>"
-        "<th>views</th>"
-        "<th>CV accuracy</th><th>± std of folds</th><th>folds</th><th>vs best (paired)</th>"
-        "<th>validation accuracy</th><th>train</th><th>validation</th></tr>"
+        "<div class='scroll'><table><tr><th>rank</th><th>run</th><th>backbone</th><th>head</th>"
+        "<th>pooling</th><th>views</th><th>CV accuracy</th><th>± std of folds</th><th>folds</th>"
+        "<th>vs best (paired)</th><th>validation accuracy</th><th>train</th><th>validation</th>"
+        "</tr>"
     )
     for i, e in enumerate(rep["results"], 1):
         parts.append(
             f"<tr><td>{i}</td><td>{esc(e['run'])}</td><td>{esc(e['backbone'])}</td>"
-            f"<td>{esc(e['head'])}</td>"
-            f"<td>{esc(e['pooling'])}</td><td>{e['views']}</td>"
+            f"<td>{esc(e['head'])}</td><td>{esc(e['pooling'])}</td><td>{e['views']}</td>"
             f"<td>{e['cv_accuracy_mean']:.4f}</td><td>{e['cv_accuracy_std']:.4f}</td>"
             f"<td>{e['cv_folds']}</td><td>{esc(_vs(e, i))}</td>"
             f"<td>{_fmt(e['validation_accuracy'])}</td>"
             f"<td>{e['n_train']}</td><td>{e['n_validation']}</td></tr>"
         )
-    parts.append("</table>")
+    parts.append("</table></div>")
     if not rep["results"]:
         parts.append("<p>No current run: rerun <code>make train-head</code>.</p>")
     if rep["stale"]:
-        parts.append(f"<h2>Stale runs ({len(rep['stale'])}), not ranked</h2><ul class='stale'>")
+        parts.append(
+            f"<h3>Stale runs ({len(rep['stale'])}), not ranked</h3><ul class='stale' id='stale'>"
+        )
         parts += [
             f"<li>{esc(e['run'])}: CV {e['cv_accuracy_mean']:.4f}; {esc(e['stale_reason'])}</li>"
             for e in rep["stale"]
         ]
         parts.append("</ul>")
+    parts.append("</section>")
+    for g in rep.get("galleries", []):
+        parts.append(
+            f"<section class='mistakes'><h2>Mistakes of {esc(g['run'])}</h2><p>{g['mistakes']} "
+            f"misclassified {esc(g['source'])} images, the most confident first (where label "
+            "errors hide)" + (f"; the first {len(g['items'])} shown" if g["mistakes"] > len(
+                g["items"]) else "") + ".</p><div class='gallery'>"
+        )  # fmt: skip
+        for it in g["items"]:
+            pic = (
+                f"<img alt='{esc(it['path'] or '')}' src='data:image/png;base64,"
+                f"{base64.b64encode(it['thumbnail']).decode()}'>"
+                if it.get("thumbnail")
+                else "<div>(image not readable)</div>"
+            )
+            parts.append(
+                f"<figure>{pic}<figcaption><code>{esc(str(it.get('path')))}</code><br>"
+                f"true <b>{esc(it['true'])}</b>, predicted <b>{esc(it['pred'])}</b> "
+                f"({(it.get('probability') or 0):.0%})</figcaption></figure>"
+            )
+        parts.append("</div></section>")
+    parts.append("<section id='runs'>")
     for e in rep["results"]:
-        img = base64.b64encode((folder / e["confusion_png"]).read_bytes()).decode()
         parts.append(f"<h2>{esc(e['run'])}</h2>")
         parts.append(
             f"<p>fold accuracies: {', '.join(f'{a:.3f}' for a in e['cv_fold_accuracies'])}; "
             f"chosen: {esc(json.dumps(e['final_params']))}</p>"
         )
-        parts.append(f"<img alt='confusion matrix' src='data:image/png;base64,{img}'>")
+        parts.append(_img(folder, e["confusion_png"], f"confusion matrix of {e['run']}"))
         parts.append(
-            f"<table><tr><th>class ({e['per_class_source']})</th><th>precision</th><th>recall</th>"
-            "<th>F1</th><th>support</th></tr>"
+            f"<div class='scroll'><table><tr><th>class ({esc(e['per_class_source'])})</th>"
+            "<th>precision</th><th>recall</th><th>F1</th><th>support</th></tr>"
         )
         for c in e["per_class"]:
             parts.append(
                 f"<tr><td>{esc(c['class'])}</td><td>{c['precision']:.3f}</td>"
                 f"<td>{c['recall']:.3f}</td><td>{c['f1']:.3f}</td><td>{c['support']}</td></tr>"
             )
-        parts.append("</table>")
+        parts.append("</table></div>")
+    parts.append("</section>")
     if rep.get("learning_curve"):
         c = rep["learning_curve"]
-        img = base64.b64encode((folder / c["png"]).read_bytes()).decode()
-        parts.append("<h2>Learning curve</h2>")
-        parts.append(f"<img alt='learning curve' src='data:image/png;base64,{img}'>")
-        parts.append(f"<p>{esc(c['advice'])}</p>")
+        parts.append("<section id='curve'><h2>Learning curve</h2>")
+        parts.append(_img(folder, c["png"], "learning curve"))
+        parts.append(f"<p>{esc(c['advice'])}</p></section>")
     for title, groups in _dup_lines(rep.get("duplicates")):
         parts.append(f"<h2>Identical files: {esc(title)} ({len(groups)})</h2><ul>")
         parts += [
@@ -379,7 +512,7 @@ def _html(rep: dict[str, Any], folder: Path) -> str:
             for g in groups
         ]
         parts.append("</ul>")
-    parts.append(f"<h2>Skipped images ({len(rep['skipped'])})</h2><ul>")
+    parts.append(f"<section id='skipped'><h2>Skipped images ({len(rep['skipped'])})</h2><ul>")
     parts += [f"<li><code>{esc(s['path'])}</code>: {esc(s['reason'])}</li>" for s in rep["skipped"]]
-    parts.append("</ul></body></html>")
+    parts.append("</ul></section></body></html>")
     return "\n".join(parts)

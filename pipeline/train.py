@@ -55,6 +55,7 @@ def load(path: Path, pooling: str, views: int = 0) -> Loaded:
         groups=evaluate.groups_of(tr.sha256),
         original=np.ones(len(tr.y), dtype=bool),
         sha256=tr.sha256,
+        paths=tr.paths,
     )
     aug = None
     if views:
@@ -259,6 +260,7 @@ def _with_views(
         groups=np.concatenate([ts.groups, ts.groups[src_a]]),
         original=np.concatenate([ts.original, np.zeros(len(src_a), dtype=bool)]),
         sha256=ts.sha256 + [ts.sha256[i] for i in src],
+        paths=(ts.paths or []) + [(ts.paths or [""] * len(ts.sha256))[i] for i in src],
     )
     info = {"file": apath.name, "cache_key": aidx.attrs.get("cache_key")}
     return both, info

@@ -63,7 +63,8 @@ def test_report_schema(trained, quiet):
     )
     assert on_disk["banner"] and "RANDOM WEIGHTS" in on_disk["banner"]
     page = (art / "report/report.html").read_text()
-    assert page.count("data:image/png;base64,") == 2 and "RANDOM WEIGHTS" in page
+    thumbs = sum(len(g["items"]) for g in rep["galleries"])  # 2 confusion, 1 comparison
+    assert page.count("data:image/png;base64,") == 3 + thumbs and "RANDOM WEIGHTS" in page
     assert "broken.jpg" in page
     assert "| 1 |" in (art / "report/report.md").read_text()
 
