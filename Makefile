@@ -33,6 +33,7 @@ SWEEP_HEADS ?= logreg,svm,dense
 SWEEP_POOLS ?= avg,max,flatten
 SWEEP_VIEWS ?= 0
 SWEEP_BACKBONES ?=
+GALLERY   ?=
 
 comma := ,
 pool_arg   = $(if $(POOL),--pool $(POOL))
@@ -68,6 +69,7 @@ help: ## this list
 	@echo "  IMAGES=path RUN=name OUT=file.csv TTA=K   for predict (RUN: best head; TTA: views averaged)"
 	@echo "  SWEEP_HEADS=$(SWEEP_HEADS) SWEEP_POOLS=$(SWEEP_POOLS) SWEEP_VIEWS=$(SWEEP_VIEWS)  for sweep"
 	@echo "  SWEEP_BACKBONES=vgg16,resnet50   sweep: extract each once (from DATA), rank them all together"
+	@echo "  GALLERY=run|all   report: misclassified images of that run too (the best run's always)"
 	@echo "Full reference: $(PY) -m pipeline --help, and $(PY) -m pipeline COMMAND --help"
 
 $(STAMP): pyproject.toml
@@ -102,7 +104,7 @@ sweep: $(STAMP) ## every head x pooling x VIEWS on the cache, ranked, + learning
 		$(if $(SWEEP_BACKBONES),--backbones $(SWEEP_BACKBONES) --data $(DATA) --weights $(WEIGHTS) $(size_arg))
 
 report: $(STAMP) ## ARTIFACTS/report/report.{json,md,html} comparing every trained head
-	$(PY) -m pipeline report --artifacts $(ARTIFACTS)
+	$(PY) -m pipeline report --artifacts $(ARTIFACTS) $(if $(GALLERY),--gallery $(GALLERY))
 
 predict: $(STAMP) ## classify IMAGES (file or folder) into a CSV with a trained head
 	$(PY) -m pipeline predict --images "$(IMAGES)" --artifacts $(ARTIFACTS) $(run_arg) $(out_arg) $(tta_arg) \

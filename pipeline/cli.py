@@ -217,6 +217,11 @@ def parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "report", help="write report.json/.md/.html comparing every trained head", epilog=EPILOG
     )
+    p.add_argument(
+        "--gallery",
+        default=None,
+        help="also show the misclassified images of this run (or 'all'); the best run's always",
+    )
     _common(p)
 
     p = sub.add_parser("predict", help="classify new images with a trained head", epilog=EPILOG)
@@ -364,7 +369,7 @@ def run(args: argparse.Namespace) -> None:
     elif args.command == "report":
         from pipeline.report import build_report
 
-        build_report(args.artifacts, log=log)
+        build_report(args.artifacts, log=log, gallery_runs=args.gallery)
     elif args.command == "predict":
         from pipeline.predict import predict
 
