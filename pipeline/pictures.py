@@ -129,7 +129,7 @@ def learning_curve(curve: dict[str, Any], out: Path) -> None:
 
 
 def thumbnail(path: Path, size: int = 96) -> bytes | None:
-    """A small PNG of the image itself, through the same loader as the features (None: unreadable)."""
+    """A small PNG of the image, through the same loader as the features (None: unreadable)."""
     from PIL import Image
 
     from pipeline.images import ImageError, load_image

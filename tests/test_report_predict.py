@@ -281,3 +281,16 @@ def test_predict_with_test_time_augmentation(trained, tmp_path, quiet):
         proba = est.predict_proba(store.pool(maps.astype("float16"), r["pooling"])).mean(axis=0)
         assert row["label"] == r["classes"][int(est.classes_[proba.argmax()])]
         assert float(row["probability"]) == pytest.approx(float(proba.max()), abs=1e-5)
+
+
+def test_report_gallery_of_any_run(trained, quiet):
+    _, art = trained
+    log, _ = quiet
+    rep = build_report(art, log=log, gallery_runs="all")
+    assert [g["run"] for g in rep["galleries"]] == [e["run"] for e in rep["results"]]
+    for g in rep["galleries"]:
+        probs = [it["probability"] for it in g["items"]]
+        assert probs == sorted(probs, reverse=True)  # the most confident mistakes first
+        assert all(it["true"] != it["pred"] for it in g["items"])
+    with pytest.raises(UserError, match="GALLERY 'nope' is not a current run"):
+        build_report(art, log=log, gallery_runs="nope")
