@@ -32,11 +32,13 @@ FLAGS = [
 PROBE = """<script>
 window.__errors = [];
 window.addEventListener('error', e => window.__errors.push('error: ' + e.message), true);
-const _ce = console.error; console.error = (...a) => { window.__errors.push(a.join(' ')); _ce(...a); };
+const _ce = console.error;
+console.error = (...a) => { window.__errors.push(a.join(' ')); _ce(...a); };
 window.addEventListener('load', () => {
   const imgs = [...document.images].map(i => ({alt: i.alt, w: i.naturalWidth, ok: i.complete}));
   const ids = [...document.querySelectorAll('[id]')].map(e => e.id);
-  const out = {imgs, ids, errors: window.__errors, mistakes: document.querySelectorAll('.mistakes figure').length,
+  const out = {imgs, ids, errors: window.__errors,
+    mistakes: document.querySelectorAll('.mistakes figure').length,
     overflow: document.documentElement.scrollWidth - window.innerWidth,
     text: document.body.innerText.slice(0, 20000)};
   const pre = document.createElement('pre'); pre.id = '__result';
