@@ -123,5 +123,5 @@ lint: $(STAMP) ## ruff
 bench: $(STAMP) ## speed and memory figures: ARTIFACTS/bench/bench.json (BENCH_SIZE=small|default)
 	$(PY) -m pipeline.bench --artifacts $(ARTIFACTS)/bench $(if $(BENCH_SIZE),--size $(BENCH_SIZE))
 
-clean: ## remove generated output (keeps .venv)
-	rm -rf $(ARTIFACTS)
+clean: ## remove generated output (keeps .venv and artifacts/README.md)
+	find $(ARTIFACTS) -mindepth 1 -maxdepth 1 ! -name README.md ! -name report-screenshot.png -exec rm -rf {} + 2>/dev/null || true
