@@ -29,6 +29,8 @@ PARAMS    ?=
 IMAGES    ?=
 RUN       ?=
 OUT       ?=
+TOPK      ?=
+FORMAT    ?= npz
 SWEEP_HEADS ?= logreg,svm,dense
 SWEEP_POOLS ?= avg,max,flatten
 SWEEP_VIEWS ?= 0
@@ -44,8 +46,9 @@ tta_arg    = $(if $(TTA),--tta $(TTA))
 size_arg   = $(if $(SIZE),--size $(SIZE))
 layer_arg  = $(if $(LAYER),--layer $(LAYER))
 cluster_arg = $(if $(CLUSTER),--cluster $(CLUSTER))
+topk_arg   = $(if $(TOPK),--topk $(TOPK))
 
-.PHONY: help install features train-head train-all finetune sweep report predict demo test lint bench clean
+.PHONY: help install features train-head train-all finetune sweep report predict export demo test lint bench clean
 
 help: ## this list
 	@echo "Targets:"
@@ -53,6 +56,7 @@ help: ## this list
 	@echo
 	@echo "Settings (make TARGET NAME=value):"
 	@echo "  DATA=$(DATA)          images: DATA/train/<class>/ (+ DATA/validation/<class>/) or DATA/<class>/"
+	@echo "                     or a CSV file with a header path,label[,split] (paths relative to the CSV)"
 	@echo "  ARTIFACTS=$(ARTIFACTS)  caches, heads, report, predictions"
 	@echo "  BACKBONE=$(BACKBONE)     vgg16 vgg19 resnet50 resnet50v2 inceptionv3 efficientnetv2b0 convnext_tiny mobilenetv3large"
 	@echo "  WEIGHTS=$(WEIGHTS)     imagenet | none (random, seeded, flagged) | /path/to/<backbone> notop .h5"
@@ -67,6 +71,8 @@ help: ## this list
 	@echo "  MAPS=$(MAPS) (features)      0: pooled vectors only, for very large collections (no flatten/dense/finetune)"
 	@echo "  PARAMS=\"C=0.1\"     head settings, fixed instead of tuned (dense: learning_rate=1e-3 epochs=50 ...)"
 	@echo "  IMAGES=path RUN=name OUT=file.csv TTA=K   for predict (RUN: best head; TTA: views averaged)"
+	@echo "  TOPK=k (predict)    also the k best labels: label_2,probability_2,... (p_<class> always)"
+	@echo "  FORMAT=$(FORMAT) (export)  npz | csv; with POOL=avg|max|flatten (default avg) and OUT=file"
 	@echo "  SWEEP_HEADS=$(SWEEP_HEADS) SWEEP_POOLS=$(SWEEP_POOLS) SWEEP_VIEWS=$(SWEEP_VIEWS)  for sweep"
 	@echo "  SWEEP_BACKBONES=vgg16,resnet50   sweep: extract each once (from DATA), rank them all together"
 	@echo "  GALLERY=run|all   report: misclassified images of that run too (the best run's always)"
@@ -106,10 +112,13 @@ sweep: $(STAMP) ## every head x pooling x VIEWS on the cache, ranked, + learning
 report: $(STAMP) ## ARTIFACTS/report/report.{json,md,html} comparing every trained head
 	$(PY) -m pipeline report --artifacts $(ARTIFACTS) $(if $(GALLERY),--gallery $(GALLERY))
 
-predict: $(STAMP) ## classify IMAGES (file or folder) into a CSV with a trained head
-	$(PY) -m pipeline predict --images "$(IMAGES)" --artifacts $(ARTIFACTS) $(run_arg) $(out_arg) $(tta_arg) \
+predict: $(STAMP) ## classify IMAGES (file or folder) into a CSV: label, probability, every class's
+	$(PY) -m pipeline predict --images "$(IMAGES)" --artifacts $(ARTIFACTS) $(run_arg) $(out_arg) $(tta_arg) $(topk_arg) \
 		$(if $(filter-out imagenet,$(WEIGHTS)),--weights $(WEIGHTS)) \
 		$(if $(filter command line environment,$(origin BACKBONE)),--backbone $(BACKBONE))
+
+export: $(STAMP) ## the cache's pooled features + paths, labels, split as FORMAT=npz|csv for other tools
+	$(PY) -m pipeline export --artifacts $(ARTIFACTS) --format $(FORMAT) --pool $(or $(POOL),avg) $(out_arg)
 
 demo: $(STAMP) ## end to end on scikit-learn's digits as PNGs: features, 3 heads, report
 	$(PY) -m pipeline demo --artifacts $(ARTIFACTS)/demo --weights $(WEIGHTS)

@@ -9,7 +9,6 @@ import argparse
 import sys
 from pathlib import Path
 
-from pipeline import cluster
 from pipeline.errors import UserError
 
 EPILOG = "Every option has a Makefile variable of the same name in capitals (make help)."
@@ -73,16 +72,6 @@ def _param(p: argparse.ArgumentParser, help: str) -> None:
     )
 
 
-def _head_params(values: list[str]) -> dict[str, str]:
-    out = {}
-    for v in values:
-        if "=" not in v:
-            raise UserError(f"head setting '{v}' must look like name=value, e.g. C=0.1")
-        k, _, val = v.partition("=")
-        out[k.strip()] = val.strip()
-    return out
-
-
 def parser() -> argparse.ArgumentParser:
     from pipeline import heads
 
@@ -104,7 +93,8 @@ def parser() -> argparse.ArgumentParser:
         "--data",
         default="data",
         type=Path,
-        help="DATA/train/<class>/ (+ optional DATA/validation/<class>/) or DATA/<class>/",
+        help="DATA/train/<class>/ (+ optional DATA/validation/<class>/), DATA/<class>/, or a "
+        "CSV file path,label[,split] (paths relative to the CSV's folder)",
     )
     p.add_argument("--dtype", default="float16", help="stored feature type: float16 or float32")
     p.add_argument(
@@ -247,6 +237,40 @@ def parser() -> argparse.ArgumentParser:
         default=0,
         help="test-time augmentation: average over the image and K augmented views",
     )
+    p.add_argument(
+        "--topk",
+        type=int,
+        default=0,
+        help="also write the K best labels with their probabilities (label_2,probability_2,...)",
+    )
+    _common(p)
+
+    p = sub.add_parser(
+        "export",
+        help="write the cache's pooled features with paths, labels, split and SHA-256 "
+        "(NPZ or CSV) for other tools",
+        epilog=EPILOG,
+    )
+    p.add_argument(
+        "--format",
+        default="npz",
+        choices=("npz", "csv"),
+        help="npz: arrays X, y, labels, paths, split, sha256, classes; csv: one row per image, "
+        "path,label,split,sha256 then the features (default npz)",
+    )
+    p.add_argument("--pool", default="avg", help="avg, max or flatten (default avg)")
+    p.add_argument(
+        "--out",
+        default=None,
+        type=Path,
+        help="file to write (default ARTIFACTS/export/features-<pool>.<format>)",
+    )
+    p.add_argument(
+        "--features",
+        type=Path,
+        default=None,
+        help="cache file to export (default: the latest `features` run)",
+    )
     _common(p)
 
     p = sub.add_parser(
@@ -260,129 +284,99 @@ def parser() -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> None:
+    """Run one command through `pipeline.api`, the functions a script calls."""
+    from pipeline import api
+
     log = lambda s: print(s, flush=True)  # noqa: E731
     if args.command == "features":
-        from pipeline.backbone import BackboneSpec
-        from pipeline.features import extract
-
-        spec = BackboneSpec(
-            weights=args.weights,
-            layer=args.layer,
-            input_size=args.size,
-            seed=args.seed,
-            name=args.backbone,
-            precision=args.precision,
-        )
-        with cluster.client(args.cluster) as c:
-            extract(
-                args.data,
-                args.artifacts,
-                spec,
-                batch_size=args.batch,
-                dtype=args.dtype,
-                augment=args.augment,
-                rebuild=args.rebuild,
-                verify=args.verify,
-                maps=bool(args.maps),
-                log=log,
-                embedder_fn=cluster.embedder(c) if c is not None else None,
-            )
-    elif args.command == "train-head":
-        from pipeline.train import train_head
-
-        with cluster.client(args.cluster) as c:
-            train_head(
-                args.artifacts,
-                head=args.head,
-                pooling=args.pool,
-                folds=args.folds,
-                seed=args.seed,
-                params=_head_params(args.param),
-                features=args.features,
-                n_jobs=args.jobs,
-                views=args.views,
-                log=log,
-                client=c,
-            )
-    elif args.command == "finetune":
-        from pipeline.backbone import BackboneSpec, family
-        from pipeline.features import extract
-        from pipeline.train import train_head
-
-        start = family(args.backbone).finetune_from
-        if start is None:
-            raise UserError(
-                f"BACKBONE={args.backbone} has no last stage to fine-tune; use `make train-head`"
-            )
-        spec = BackboneSpec(
-            weights=args.weights,
-            layer=start,
-            input_size=args.size,
-            seed=args.seed,
-            name=args.backbone,
-            precision=args.precision,
-        )
-        with cluster.client(args.cluster) as c:
-            s = extract(
-                args.data,
-                args.artifacts,
-                spec,
-                batch_size=args.batch,
-                dtype=args.dtype,
-                set_current=False,
-                log=log,
-                embedder_fn=cluster.embedder(c) if c is not None else None,
-            )
-            train_head(
-                args.artifacts,
-                head="finetune",
-                folds=args.folds,
-                seed=args.seed,
-                params=_head_params(args.param),
-                features=s.cache,
-                log=log,
-                client=c,
-            )
-    elif args.command == "sweep":
-        from pipeline.sweep import run_sweep
-
-        with cluster.client(args.cluster) as c:
-            run_sweep(
-                args.artifacts,
-                args.heads,
-                args.pools,
-                args.views,
-                folds=args.folds,
-                seed=args.seed,
-                curve_points=args.points,
-                log=log,
-                client=c,
-                backbones=args.backbones,
-                extraction={
-                    "data": args.data,
-                    "weights": args.weights,
-                    "size": args.size,
-                    "batch": args.batch,
-                    "embedder_fn": cluster.embedder(c) if c is not None else None,
-                },
-            )
-    elif args.command == "report":
-        from pipeline.report import build_report
-
-        build_report(args.artifacts, log=log, gallery_runs=args.gallery)
-    elif args.command == "predict":
-        from pipeline.predict import predict
-
-        predict(
+        api.extract(
+            args.data,
             args.artifacts,
+            backbone=args.backbone,
+            weights=args.weights,
+            size=args.size,
+            layer=args.layer,
+            batch=args.batch,
+            dtype=args.dtype,
+            precision=args.precision,
+            augment=args.augment,
+            rebuild=args.rebuild,
+            verify=args.verify,
+            maps=bool(args.maps),
+            seed=args.seed,
+            cluster=args.cluster,
+            log=log,
+        )
+    elif args.command == "train-head":
+        api.train_head(
+            args.artifacts,
+            head=args.head,
+            pool=args.pool,
+            folds=args.folds,
+            seed=args.seed,
+            params=args.param,
+            views=args.views,
+            features=args.features,
+            jobs=args.jobs,
+            cluster=args.cluster,
+            log=log,
+        )
+    elif args.command == "finetune":
+        api.finetune(
+            args.data,
+            args.artifacts,
+            backbone=args.backbone,
+            weights=args.weights,
+            size=args.size,
+            batch=args.batch,
+            dtype=args.dtype,
+            precision=args.precision,
+            folds=args.folds,
+            seed=args.seed,
+            params=args.param,
+            cluster=args.cluster,
+            log=log,
+        )
+    elif args.command == "sweep":
+        api.sweep(
+            args.artifacts,
+            heads=args.heads,
+            pools=args.pools,
+            views=args.views,
+            folds=args.folds,
+            seed=args.seed,
+            points=args.points,
+            backbones=args.backbones,
+            data=args.data,
+            weights=args.weights,
+            size=args.size,
+            batch=args.batch,
+            cluster=args.cluster,
+            log=log,
+        )
+    elif args.command == "report":
+        api.report(args.artifacts, gallery=args.gallery, log=log)
+    elif args.command == "predict":
+        api.predict(
             args.images,
+            args.artifacts,
             run=args.run,
             out=args.out,
-            weights=args.weights,
-            batch_size=args.batch,
             tta=args.tta,
-            log=log,
+            topk=args.topk,
+            weights=args.weights,
             backbone=args.backbone,
+            batch=args.batch,
+            log=log,
+        )
+    elif args.command == "export":
+        api.export(
+            args.artifacts,
+            format=args.format,
+            pool=args.pool,
+            out=args.out,
+            features=args.features,
+            log=log,
         )
     elif args.command == "demo":
         from pipeline.demo import run_demo

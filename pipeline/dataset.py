@@ -1,14 +1,17 @@
 """Dataset scanning: class folders to (path, class, split); images are recognised later, by content.
 
-Layouts: `DATA/train/<class>/...` with optional `DATA/validation/<class>/...` (classic), or a flat
-`DATA/<class>/...`. Class names are the sorted folder names. Files in nested folders belong to their
-class folder. Hidden files and OS junk are ignored. One scan enters each folder once: a link to a
-folder already walked, to another class's folder or to a folder above them is not followed (a
-warning names it), so no image is embedded twice or under another class's label.
+Layouts: `DATA/train/<class>/...` with optional `DATA/validation/<class>/...` (classic), a flat
+`DATA/<class>/...`, or a CSV file `path,label[,split]` (paths relative to its folder; layout
+"csv"). Class names are the sorted folder names (a CSV's: its sorted distinct labels). Files in
+nested folders belong to their class folder. Hidden files and OS junk are ignored. One scan
+enters each folder once: a link to a folder already walked, to another class's folder or to a
+folder above them is not followed (a warning names it), so no image is embedded twice or under
+another class's label.
 """
 
 from __future__ import annotations
 
+import csv
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,6 +30,7 @@ class Item:
     path: str
     label: int
     split: str
+    problem: str = ""  # why it cannot be used (a CSV row's); listed as skipped, never dropped
 
 
 @dataclass
@@ -38,6 +42,7 @@ class Scan:
     classes: list[str]
     items: list[Item]
     warnings: list[str] = field(default_factory=list)
+    source: Path | None = None  # what DATA named, when not `root` itself (a CSV file)
 
     def count(self, split: str) -> int:
         return sum(1 for it in self.items if it.split == split)
@@ -141,12 +146,20 @@ def walk_files(
 
 
 def scan(root: str | os.PathLike[str]) -> Scan:
-    """Find the layout, the classes and every candidate file under `root`."""
+    """Find the layout, the classes and every candidate file under `root` (or in a CSV file)."""
     root = Path(root)
+    if root.suffix.lower() == ".csv" and not root.is_dir():
+        return scan_csv(root)
+    if root.is_file():
+        raise UserError(
+            f"DATA '{root}' is a file; set DATA to an image folder or to a path,label[,split] "
+            "CSV file named *.csv"
+        )
     if not root.is_dir():
         raise UserError(
             f"DATA folder '{root}' does not exist; set DATA=path/to/images "
-            "(class folders, or train/ and validation/ with class folders inside)"
+            "(class folders, train/ and validation/ with class folders inside, or a "
+            "path,label[,split] CSV file)"
         )
     if (root / "train").is_dir():
         layout, split_dirs = "classic", {s: root / s for s in SPLITS if (root / s).is_dir()}
@@ -206,3 +219,127 @@ def scan(root: str | os.PathLike[str]) -> Scan:
     if not items:
         raise UserError(f"DATA folder '{root}' has class folders but no files in them")
     return Scan(root=root, layout=layout, classes=classes, items=items, warnings=warnings)
+
+
+def _csv_fields(header: list[str] | None, csv_file: Path) -> dict[str, int]:
+    """Column index of path, label and split (optional) in a CSV header; UserError otherwise."""
+    names = [(h or "").strip().lower() for h in header or []]
+    if "path" not in names or "label" not in names:
+        first = ",".join(header or [])[:80] or "nothing"
+        raise UserError(
+            f"DATA CSV '{csv_file}' must start with a header row path,label[,split] "
+            f"(its first row is '{first}'); add that header"
+        )
+    return {k: names.index(k) for k in ("path", "label", "split") if k in names}
+
+
+def _cell(row: list[str], col: dict[str, int], name: str) -> str:
+    i = col.get(name)
+    return row[i].strip() if i is not None and i < len(row) else ""
+
+
+def _read_csv(csv_file: Path) -> list[tuple[int, str, str, str]]:
+    """(line, path, label, split as written) of every non-blank row; paths normalised."""
+    out = []
+    try:
+        with open(csv_file, newline="", encoding="utf-8-sig") as fh:
+            reader = csv.reader(fh)
+            col = _csv_fields(next(reader, None), csv_file)
+            for row in reader:
+                if not any(c.strip() for c in row):
+                    continue  # blank line
+                raw, label, split = (_cell(row, col, k) for k in ("path", "label", "split"))
+                path = Path(os.path.normpath(raw)).as_posix() if raw else ""
+                out.append((reader.line_num, path, label, split))
+    except UnicodeDecodeError:
+        raise UserError(f"DATA CSV '{csv_file}' is not UTF-8 text; save it as UTF-8") from None
+    except csv.Error as e:
+        raise UserError(f"DATA CSV '{csv_file}' cannot be parsed ({e}); fix that line") from None
+    except OSError as e:
+        raise UserError(f"cannot read DATA CSV '{csv_file}' ({e.strerror}); check it") from None
+    return out
+
+
+def scan_csv(csv_file: Path) -> Scan:
+    """The images a `path,label[,split]` CSV lists, as a scan rooted at the CSV's folder.
+
+    Paths are relative to the CSV's folder (absolute paths are taken as they are); split is
+    train (the default) or validation. No row is dropped: an empty path or label, an unknown
+    split, a file that does not exist or a path listed with two different labels or splits
+    becomes a skipped item whose reason names the CSV line, so `make features` and the report
+    list it with the unreadable files. Classes are the sorted distinct training labels. Items
+    are ordered like a folder scan's (split, class, path): the rows' order never changes the
+    cache.
+    """
+    if not csv_file.is_file():
+        raise UserError(
+            f"DATA CSV file '{csv_file}' does not exist; set DATA to a path,label[,split] CSV "
+            "file or an image folder"
+        )
+    root, name = csv_file.parent, csv_file.name
+    rows = _read_csv(csv_file)
+    if not rows:
+        raise UserError(
+            f"DATA CSV '{csv_file}' lists no image; list one image per row as path,label[,split]"
+        )
+    warnings: list[str] = []
+    problems: list[Item] = []
+    listed: dict[str, list[tuple[int, str, str]]] = {}
+    for line, path, label, given in rows:
+        split = given.lower() or "train"
+        where = f"line {line} of {name}"
+        if not path:
+            why, path = f"empty path on {where}", f"{name}:{line}"
+        elif not label:
+            why = f"empty label on {where}"
+        elif split not in SPLITS:
+            why = f"split '{given}' on {where} is neither train nor validation"
+        else:
+            listed.setdefault(path, []).append((line, label, split))
+            continue
+        problems.append(Item(path=path, label=-1, split="train", problem=why))
+    good: dict[str, tuple[str, str]] = {}
+    for path, entries in listed.items():
+        distinct = sorted({(lab, sp) for _, lab, sp in entries})
+        lines = ", ".join(str(n) for n, _, _ in entries)
+        if len(distinct) > 1:
+            said = " and ".join(f"{lab} ({sp})" for lab, sp in distinct)
+            why = f"listed as {said} on lines {lines} of {name}; keep one row"
+            problems.append(Item(path=path, label=-1, split="train", problem=why))
+            continue
+        if len(entries) > 1:
+            warnings.append(
+                f"'{display(path)}' is listed {len(entries)} times ({name} lines {lines})"
+            )
+        good[path] = distinct[0]
+    classes = sorted({lab for lab, sp in good.values() if sp == "train"})
+    extra = sorted({lab for lab, sp in good.values() if sp == "validation"} - set(classes))
+    if extra:
+        raise UserError(
+            f"validation labels {extra} in '{csv_file}' have no training row; validation "
+            "labels must also be training labels"
+        )
+    if len(classes) < 2:
+        raise UserError(
+            f"DATA CSV '{csv_file}' has {len(classes)} label "
+            f"({', '.join(repr(c) for c in classes) or 'none'}) in its usable training rows; "
+            "a classifier needs at least two labels"
+            + (f" (e.g. {problems[0].problem})" if problems else "")
+        )
+    label_of = {c: i for i, c in enumerate(classes)}
+    items = []
+    for path, (lab, sp) in good.items():
+        ok = os.path.lexists(root / path)
+        why = "" if ok else f"listed on line {listed[path][0][0]} of {name} but does not exist"
+        items.append(Item(path=path, label=label_of[lab], split=sp, problem=why))
+    order = {s: i for i, s in enumerate(SPLITS)}
+    items.sort(key=lambda it: (order[it.split], it.label, it.path))
+    problems.sort(key=lambda it: it.path)
+    return Scan(
+        root=root,
+        layout="csv",
+        classes=classes,
+        items=items + problems,
+        warnings=warnings,
+        source=csv_file,
+    )

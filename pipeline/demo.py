@@ -63,7 +63,7 @@ def run_demo(
     """Sample data, features, logreg + svm + dense heads, report; returns the report."""
     from pipeline.backbone import BackboneSpec
     from pipeline.features import RANDOM_BANNER, extract
-    from pipeline.report import build_report
+    from pipeline.reporting import build_report
     from pipeline.train import train_head
 
     artifacts = Path(artifacts)

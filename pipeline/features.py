@@ -103,6 +103,8 @@ def _hash_all(
     """
 
     def one(it: dataset.Item) -> tuple[str | None, str, Stat]:
+        if it.problem:  # a CSV row that names no usable file: listed as skipped with its reason
+            return None, it.problem, (0, 0, 0)
         st = file_stat(root / it.path)
         prev = known.get(dataset.display(it.path))
         if st is not None and prev is not None and prev[0] == st and prev[1]:
@@ -303,7 +305,8 @@ def _sync(
     todo: dict[str, Job] = {}
     for j in jobs:
         if (
-            j.ident not in old_where
+            j.sha256 is not None  # unreadable: listed with the reason its hashing gave
+            and j.ident not in old_where
             and j.ident not in shards.where
             and j.ident not in known_bad
             and j.ident not in todo
@@ -512,6 +515,7 @@ def _write(
         "feature_shape": list(shape),
         "layout": scan.layout,
         "data_root": str(Path(scan.root).resolve()),
+        "data": str(Path(scan.source or scan.root).resolve()),
         "environment": environment(),
     }
     if spec.random_weights:

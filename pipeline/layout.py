@@ -76,3 +76,8 @@ def report_dir(artifacts: Path) -> Path:
 
 def predictions_file(artifacts: Path) -> Path:
     return Path(artifacts) / "predictions.csv"
+
+
+def export_file(artifacts: Path, pooling: str, fmt: str) -> Path:
+    """Where `make export` writes when OUT is not given: ARTIFACTS/export/features-<pool>.<fmt>."""
+    return Path(artifacts) / "export" / f"features-{pooling}.{fmt}"

@@ -156,8 +156,8 @@ def test_framework_chatter_stays_out_of_the_output(capfd, caplog):
 
 
 def test_sweep_over_backbones_ranks_them_together_on_paired_folds(tmp_path, quiet):
-    from pipeline.report import build_report
-    from pipeline.sweep import run_sweep
+    from pipeline.reporting import build_report
+    from pipeline.sweeping import run_sweep
 
     log, lines = quiet
     data = make_dataset(tmp_path / "data", per_class=6)

@@ -68,7 +68,7 @@ def test_results_are_repeatable_with_a_seed(cached, quiet):
 def test_sklearn_heads_never_import_tensorflow(cached):
     code = (
         "import sys; from pathlib import Path; from pipeline.train import train_head; "
-        f"from pipeline.report import build_report; art = Path({str(cached)!r}); "
+        f"from pipeline.reporting import build_report; art = Path({str(cached)!r}); "
         "[train_head(art, h, folds=2, log=lambda s: None) for h in ('logreg', 'svm')]; "
         "build_report(art, log=lambda s: None); "
         "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('tensorflow', 'keras')); "

@@ -12,7 +12,7 @@ import pytest
 from conftest import make_dataset, write_image
 
 from pipeline.features import extract
-from pipeline.report import build_report
+from pipeline.reporting import build_report
 from pipeline.train import train_head
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")

@@ -13,8 +13,8 @@ from pipeline import cli, store
 from pipeline.backbone import BackboneSpec, build
 from pipeline.errors import UserError
 from pipeline.features import extract
-from pipeline.predict import predict
-from pipeline.report import build_report
+from pipeline.prediction import predict
+from pipeline.reporting import build_report
 from pipeline.train import train_head
 
 

@@ -8,8 +8,8 @@ from conftest import make_dataset
 
 from pipeline import backbone
 from pipeline.features import extract
-from pipeline.report import build_report
-from pipeline.sweep import advice, run_sweep
+from pipeline.reporting import build_report
+from pipeline.sweeping import advice, run_sweep
 
 
 def test_sweep_ranks_and_draws_a_learning_curve(tmp_path, spec, quiet, monkeypatch):

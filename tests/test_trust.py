@@ -22,8 +22,8 @@ from pipeline import cli, evaluate, features, heads, images, layout, runs, store
 from pipeline.backbone import BackboneSpec
 from pipeline.errors import UserError
 from pipeline.features import cache_settings, extract
-from pipeline.predict import predict
-from pipeline.report import build_report
+from pipeline.prediction import predict
+from pipeline.reporting import build_report
 from pipeline.train import train_head
 
 
@@ -322,7 +322,7 @@ def test_decoder_versions_are_recorded_per_row_and_never_mixed(tmp_path, spec, q
 def test_predict_says_when_decoders_differ(trained, tmp_path, monkeypatch, quiet):
     data, art, _ = trained
     log, lines = quiet
-    from pipeline import predict as predict_mod
+    from pipeline import prediction as predict_mod
 
     real = predict_mod.embedder()
     monkeypatch.setattr(predict_mod, "embedder", lambda: {**real, "tensorflow": "9.9"})
@@ -340,7 +340,14 @@ def test_only_layout_knows_the_artifacts_folders():
         if p.name in ("layout.py", "bench.py", "demo.py"):
             continue
         text = p.read_text()
-        for name in ('"heads"', '"features"', '"sweep"', '"report"', '"predictions.csv"'):
+        for name in (
+            '"heads"',
+            '"features"',
+            '"sweep"',
+            '"report"',
+            '"predictions.csv"',
+            '"export"',
+        ):
             assert f"/ {name}" not in text, f"{p.name} builds an ARTIFACTS path: {name}"
 
 

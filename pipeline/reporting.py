@@ -120,7 +120,7 @@ def header(artifacts: Path, idx: store.Index | None, entries: list[dict[str, Any
         if v == 0:
             counts[idx.classes[lab]][sp] += 1
     out.update(
-        data=a.get("data_root"),
+        data=a.get("data") or a.get("data_root"),
         layout=a.get("layout"),
         classes=[{"class": c, **n} for c, n in counts.items()],
         images={"train": sum(n["train"] for n in counts.values()),

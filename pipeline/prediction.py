@@ -3,7 +3,9 @@
 The run's whole cache key is recomputed from this installation (backbone, weights by content,
 layer, size, resize, preprocessing, loader version, dtype) and a mismatch is refused in one
 line, so a head never sees features made differently from the ones it was trained on. Decoder
-or framework versions that differ from the cache's are said. Writes `path,label,probability`.
+or framework versions that differ from the cache's are said. Writes `path,label,probability`,
+then with `topk=K` the next best labels (`label_2,probability_2,...`), then the probability of
+every class in class order (`p_<class>`).
 """
 
 from __future__ import annotations
@@ -59,6 +61,30 @@ def _views(item: _Item, arr: np.ndarray, k: int, seed: int) -> list[np.ndarray]:
     return [arr] + [images.augment(arr, images.view_rng(seed, sha, v)) for v in range(1, k + 1)]
 
 
+def columns(classes: list[str], topk: int = 0) -> list[str]:
+    """The CSV's header: path,label,probability, the k-1 next best, then `p_<class>` per class."""
+    top = [f"{c}_{i}" for i in range(2, topk + 1) for c in ("label", "probability")]
+    return ["path", "label", "probability", *top, *(f"p_{c}" for c in classes)]
+
+
+def _row(path: str, p: np.ndarray, classes: list[str], topk: int) -> dict[str, Any]:
+    """One prediction: best label, its probability, every class's, and the k best (descending)."""
+    best = np.argsort(-p, kind="stable")[: max(topk, 1)]  # ties keep class order
+    return {
+        "path": path,
+        "label": classes[int(best[0])],
+        "probability": float(p[best[0]]),
+        "probabilities": {c: float(v) for c, v in zip(classes, p, strict=True)},
+        "top": [(classes[int(i)], float(p[i])) for i in best],
+    }
+
+
+def _csv_row(r: dict[str, Any]) -> list[str]:
+    top = [x for lab, pr in r["top"][1:] for x in (lab, f"{pr:.6f}")]
+    rest = [f"{v:.6f}" for v in r["probabilities"].values()]
+    return [r["path"], r["label"], f"{r['probability']:.6f}", *top, *rest]
+
+
 def predict(
     artifacts: Path,
     images_path: Path,
@@ -69,14 +95,37 @@ def predict(
     tta: int = 0,
     log: Log = print,
     backbone: str | None = None,
+    topk: int = 0,
 ) -> Path:
-    """Classify every image under `images_path`; return the CSV's path.
+    """Classify every image under `images_path`; return the CSV's path (see `classify`)."""
+    return classify(
+        artifacts, images_path, run, out, weights, batch_size, tta, log, backbone, topk
+    )[1]
 
+
+def classify(
+    artifacts: Path,
+    images_path: Path,
+    run: str | None = None,
+    out: Path | None = None,
+    weights: str | None = None,
+    batch_size: int = 32,
+    tta: int = 0,
+    log: Log = print,
+    backbone: str | None = None,
+    topk: int = 0,
+) -> tuple[list[dict[str, Any]], Path]:
+    """Classify every image under `images_path`, write the CSV; return its rows and its path.
+
+    Each row: path, label, probability, `probabilities` (every class by name, in class order)
+    and `top` (the max(topk, 1) best (label, probability) pairs, most probable first).
     `tta=K` averages the head's probabilities over the image and K augmented views of it (the
     same augmentation as `make features AUGMENT=K`).
     """
     from pipeline import backbone as bb
 
+    if topk < 0:
+        raise UserError(f"TOPK must be 0 or a positive number of labels; got {topk}")
     images_path = Path(images_path)
     if not images_path.exists() and not images_path.is_symlink():
         raise UserError(f"IMAGES '{images_path}' does not exist; pass an image file or a folder")
@@ -111,7 +160,10 @@ def predict(
         raise UserError(f"IMAGES folder '{images_path}' has no files")
     model = bb.build(spec)
     classes = r["classes"]
-    rows: list[tuple[str, str, float]] = []
+    if topk > len(classes):
+        log(f"TOPK={topk} is more than the {len(classes)} classes: writing all {len(classes)}")
+        topk = len(classes)
+    rows: list[dict[str, Any]] = []
     bad: list[tuple[str, str]] = []
     progress = Progress(len(files), "predicting")
     todo = [_Item(dataset.display(f.relative_to(base).as_posix()), f) for f in files]
@@ -125,17 +177,17 @@ def predict(
             maps = np.asarray(model.predict_on_batch(x))
             proba = est.predict_proba(store.pool(maps.astype(settings["dtype"]), r["pooling"]))
             proba = proba.reshape(len(ok), tta + 1, -1).mean(axis=1)  # test-time averaging
-            for (j, _), p in zip(ok, proba, strict=True):
-                k = int(np.argmax(p))
-                rows.append((j.path, classes[int(est.classes_[k])], float(p[k])))
+            full = np.zeros((len(ok), len(classes)))  # a class the head never saw: 0
+            full[:, np.asarray(est.classes_, dtype=int)] = proba
+            rows += [_row(j.path, p, classes, topk) for (j, _), p in zip(ok, full, strict=True)]
         progress.update(len(jobs))
     out = Path(out) if out else layout.predictions_file(artifacts)
     out.parent.mkdir(parents=True, exist_ok=True)
     with open(out, "w", newline="", encoding="utf-8") as fh:
         w = csv.writer(fh)
-        w.writerow(["path", "label", "probability"])
-        w.writerows((p, lab, f"{pr:.6f}") for p, lab, pr in rows)
+        w.writerow(columns(classes, topk))
+        w.writerows(_csv_row(row) for row in rows)
     for p, reason in bad:
         log(f"could not read {p}: {reason}")
     log(f"predicted {len(rows)} images with head {r['run']}, {len(bad)} unreadable; wrote {out}")
-    return out
+    return rows, out

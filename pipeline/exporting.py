@@ -1,0 +1,85 @@
+"""`make export`: the pooled features of a cache as one NPZ or CSV file, for other tools.
+
+Every original image of the cache (train rows, then validation rows; no augmented view) with its
+path (relative to DATA), label (class name), split and content SHA-256. NPZ holds the arrays X
+(n, d) float32, y (n,) int into `classes`, labels, paths, split, sha256 and classes, all plain
+NumPy (no pickle: `np.load(file)` reads it). CSV holds one row per image:
+`path,label,split,sha256,f_0,...,f_<d-1>`, floats written with 9 significant digits, which
+reads back into exactly the same float32 values.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+
+from pipeline import dataset, layout, store
+from pipeline.errors import UserError
+
+Log = Callable[[str], None]
+FORMATS = ("npz", "csv")
+
+
+def cache_of(where: str | os.PathLike[str]) -> Path:
+    """A cache file itself, or the current cache of an ARTIFACTS folder."""
+    where = Path(where)
+    if where.is_dir():
+        return layout.current_cache(where)
+    if not where.is_file():
+        raise UserError(
+            f"'{where}' is neither a feature cache (.h5) nor an ARTIFACTS folder; run "
+            "`make features` first, or pass the cache file it printed"
+        )
+    return where
+
+
+def export(
+    artifacts: Path,
+    fmt: str = "npz",
+    pooling: str = "avg",
+    out: Path | None = None,
+    features: Path | None = None,
+    log: Log = print,
+) -> Path:
+    """Write the pooled features of the current cache (or `features`) to `out`; return it."""
+    if fmt not in FORMATS:
+        raise UserError(f"FORMAT must be one of {', '.join(FORMATS)}; got '{fmt}'")
+    cache = cache_of(features) if features else layout.current_cache(artifacts)
+    with store.reading(cache.parent), store.open_cache(cache) as f:
+        idx = store.index_of(f, cache)
+        parts = [store.features_of(f, idx, pooling, s) for s in dataset.SPLITS]
+    X = np.concatenate([p.X for p in parts])
+    y = np.concatenate([p.y for p in parts]).astype(np.int64)
+    split = [s for s, p in zip(dataset.SPLITS, parts, strict=True) for _ in p.paths]
+    paths = [q for p in parts for q in p.paths]
+    sha = [h for p in parts for h in p.sha256]
+    labels = [idx.classes[int(v)] for v in y]
+    d = X.shape[1]
+    out = Path(out) if out else layout.export_file(artifacts, pooling, fmt)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    with store.replacing(tmp, out):
+        if fmt == "npz":
+            with open(tmp, "wb") as fh:
+                np.savez(
+                    fh,
+                    X=X,
+                    y=y,
+                    labels=np.array(labels, dtype=str),
+                    paths=np.array(paths, dtype=str),
+                    split=np.array(split, dtype=str),
+                    sha256=np.array(sha, dtype=str),
+                    classes=np.array(idx.classes, dtype=str),
+                )
+        else:
+            with open(tmp, "w", newline="", encoding="utf-8") as fh:
+                w = csv.writer(fh)
+                w.writerow(["path", "label", "split", "sha256", *(f"f_{i}" for i in range(d))])
+                for i in range(len(y)):
+                    w.writerow([paths[i], labels[i], split[i], sha[i], *(f"{v:.9g}" for v in X[i])])
+    log(f"exported {len(y)} images x {d} {pooling}-pooled features of {cache.name} to {out}")
+    return out

@@ -1,0 +1,174 @@
+"""DATA as a CSV of path,label[,split]: the same scan, cache and checks as class folders; every
+problem row listed with its line, never dropped."""
+
+from __future__ import annotations
+
+import csv
+import json
+import random
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import make_dataset, write_image
+
+from pipeline import cli, dataset, layout, store
+from pipeline.errors import UserError
+from pipeline.features import extract
+from pipeline.reporting import build_report
+from pipeline.train import train_head
+
+
+def write_csv(path: Path, rows: list[list[str]], header: list[str] | None = None) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", newline="", encoding="utf-8") as fh:
+        w = csv.writer(fh)
+        w.writerow(header or ["path", "label", "split"])
+        w.writerows(rows)
+    return path
+
+
+def rows_of(data: Path, prefix: str = "") -> list[list[str]]:
+    """One CSV row per image of a classic-layout dataset, labelled by its class folder."""
+    return [
+        [prefix + p.relative_to(data).as_posix(), p.parent.name, p.parts[-3]]
+        for p in sorted(data.rglob("*.png"))
+    ]
+
+
+def test_a_csv_of_the_same_images_makes_the_same_cache_and_folds(tmp_path, spec, quiet):
+    log, _ = quiet
+    data = make_dataset(tmp_path / "data", per_class=6, validation=2)
+    rows = rows_of(data)
+    random.Random(0).shuffle(rows)  # the rows' order changes nothing
+    labels = write_csv(data / "labels.csv", rows)
+    a = extract(data, tmp_path / "a", spec, log=log)
+    b = extract(labels, tmp_path / "b", spec, log=log)
+    ia, ib = store.read_index(a.cache), store.read_index(b.cache)
+    assert ia.attrs["data_id"] == ib.attrs["data_id"]
+    assert ia.attrs["cache_key"] == ib.attrs["cache_key"]
+    assert ib.attrs["layout"] == "csv" and ib.attrs["data"] == str(labels.resolve())
+    assert ib.paths == ia.paths and ib.classes == ia.classes == ["class_0", "class_1", "class_2"]
+    fa = store.load_features(a.cache, "avg", "validation")
+    fb = store.load_features(b.cache, "avg", "validation")
+    assert np.array_equal(fa.X, fb.X) and fa.paths == fb.paths and len(fb.paths) == 6
+    ra = train_head(tmp_path / "a", "logreg", folds=3, log=log)
+    rb = train_head(tmp_path / "b", "logreg", folds=3, log=log)
+    assert ra["cv"]["fold_accuracies"] == rb["cv"]["fold_accuracies"]
+    assert ra["cv"]["folds_id"] == rb["cv"]["folds_id"]
+    assert ra["validation"] == rb["validation"]
+    # rewritten in another order: nothing to do
+    random.Random(1).shuffle(rows)
+    write_csv(labels, rows)
+    again = extract(labels, tmp_path / "b", spec, log=log)
+    assert again.new == 0 and not again.rewrote
+
+
+def test_problem_rows_are_listed_with_their_line_never_dropped(tmp_path, spec, quiet):
+    log, lines = quiet
+    imgs = tmp_path / "photos"
+    for c in range(2):
+        for i in range(9):
+            write_image(imgs / f"c{c}_{i}.png", c, seed=10 * c + i)
+    good = [[f"../photos/c{c}_{i}.png", f"cat{c}", ""] for c in range(2) for i in range(8)]
+    rows = [
+        *good,
+        good[0],  # the same row again: kept once, said
+        ["../photos/c0_8.png", ""],  # empty label
+        ["../photos/gone.png", "cat0"],  # no such file
+        ["", "cat1"],  # empty path
+        ["../photos/c1_8.png", "cat1", "test"],  # unknown split
+        ["../photos/c1_7.png", "cat0"],  # c1_3 is also listed as cat1 above
+        [str((imgs / "c0_0.png").resolve()), "cat0"],  # absolute: taken as it is
+    ]
+    labels = write_csv(tmp_path / "meta/labels.csv", rows)
+    s = extract(labels, tmp_path / "art", spec, log=log)
+    idx = store.read_index(s.cache)
+    assert idx.classes == ["cat0", "cat1"]
+    reasons = {sk["path"]: sk["reason"] for sk in idx.skipped}
+    assert reasons == {
+        "../photos/c0_8.png": "empty label on line 19 of labels.csv",
+        "../photos/gone.png": "listed on line 20 of labels.csv but does not exist",
+        "labels.csv:21": "empty path on line 21 of labels.csv",
+        "../photos/c1_8.png": "split 'test' on line 22 of labels.csv is neither train nor validation",
+        "../photos/c1_7.png": (
+            "listed as cat0 (train) and cat1 (train) on lines 17, 23 of labels.csv; keep one row"
+        ),
+    }
+    kept = sorted(idx.paths)
+    assert len(kept) == 16 and "../photos/c1_7.png" not in kept
+    assert str((imgs / "c0_0.png").resolve()) in kept  # the absolute row (same file, other path)
+    # every listed path is a cached row or a skipped one
+    listed = {r[0] or "labels.csv:21" for r in rows}
+    assert listed == set(kept) | set(reasons)
+    assert any(
+        "'../photos/c0_0.png' is listed 2 times (labels.csv lines 2, 18)" in x for x in lines
+    )
+    assert any(x.startswith("skipped ../photos/gone.png: listed on line 20") for x in lines)
+    train_head(tmp_path / "art", "logreg", folds=2, log=log)
+    rep = build_report(tmp_path / "art", log=log)
+    assert {sk["path"] for sk in rep["skipped"]} == set(reasons)
+    page = (layout.report_dir(tmp_path / "art") / "report.html").read_text()
+    assert "labels.csv" in page and "empty label on line 19" in page
+
+
+def test_validation_rows_and_a_file_that_appears_later(tmp_path, spec, quiet):
+    log, _ = quiet
+    data = make_dataset(tmp_path / "d", per_class=4, n_classes=2, validation=2)
+    rows = rows_of(data)
+    rows.append(["train/class_0/late.png", "class_0", "train"])
+    labels = write_csv(tmp_path / "d/labels.csv", rows)
+    s = extract(labels, tmp_path / "art", spec, log=log)
+    assert [sk["path"] for sk in s.skipped_rows] == ["train/class_0/late.png"]
+    r = train_head(tmp_path / "art", "logreg", folds=2, log=log)
+    assert r["n_train"] == 8 and r["n_validation"] == 4
+    write_image(data / "train/class_0/late.png", 0, seed=77)
+    s = extract(labels, tmp_path / "art", spec, log=log)
+    assert s.new == 1 and s.skipped == 0
+
+
+@pytest.mark.parametrize(
+    "text, match",
+    [
+        ("file,class\na.png,x\n", "must start with a header row path,label"),
+        ("path,label\na.png,x\nb.png,x\n", "has 1 label \\('x'\\).*at least two labels"),
+        ("path,label\n", "lists no image"),
+        (
+            "path,label,split\na.png,x,train\nb.png,y,train\nc.png,z,validation\n",
+            r"validation labels \['z'\].*have no training row",
+        ),
+    ],
+)
+def test_csv_user_errors(tmp_path, text, match):
+    f = tmp_path / "labels.csv"
+    f.write_text(text)
+    with pytest.raises(UserError, match=match):
+        dataset.scan(f)
+
+
+def test_csv_that_is_not_utf8_or_missing_or_not_csv(tmp_path, capsys):
+    f = tmp_path / "labels.csv"
+    f.write_bytes(b"path,label\n\xff\xfe.png,x\n")
+    with pytest.raises(UserError, match="is not UTF-8 text; save it as UTF-8"):
+        dataset.scan(f)
+    with pytest.raises(UserError, match="DATA CSV file .* does not exist"):
+        dataset.scan(tmp_path / "other.csv")
+    (tmp_path / "labels.txt").write_text("path,label\n")
+    with pytest.raises(UserError, match="is a file; set DATA to an image folder or to a"):
+        dataset.scan(tmp_path / "labels.txt")
+    f.write_text("path\na.png\n")
+    code = cli.main(["features", "--data", str(f), "--artifacts", str(tmp_path / "art")])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1 and "header row path,label" in err
+
+
+def test_the_label_column_may_come_first_and_extra_columns_are_ignored(tmp_path):
+    f = tmp_path / "labels.csv"
+    f.write_text("Label,notes,PATH\nb,hello,one.png\na,,two.png\n")
+    s = dataset.scan(f)
+    assert s.classes == ["a", "b"]
+    assert [(it.path, s.classes[it.label], it.problem) for it in s.items] == [
+        ("two.png", "a", "listed on line 3 of labels.csv but does not exist"),
+        ("one.png", "b", "listed on line 2 of labels.csv but does not exist"),
+    ]
+    assert json.dumps(s.layout) == '"csv"'

@@ -1,0 +1,262 @@
+"""The product as a Python library: the same files and numbers as the commands; predict's
+per-class columns and TOPK; `make export`; `load_features` for any scikit-learn estimator."""
+
+from __future__ import annotations
+
+import csv
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import SIZE, make_dataset, write_image
+
+import pipeline
+from pipeline import cli, layout, runs
+from pipeline.errors import UserError
+
+ROOT = Path(__file__).parents[1]
+
+
+def test_import_pipeline_loads_no_framework():
+    """`import pipeline` is instant: the functions import TensorFlow etc. only when they run."""
+    code = (
+        "import sys, pipeline\n"
+        "heavy = [m for m in ('tensorflow', 'keras', 'sklearn', 'h5py', 'jax', 'dask', 'PIL')"
+        " if m in sys.modules]\n"
+        "print(heavy)\n"
+        "print(sorted(n for n in pipeline.__all__ if callable(getattr(pipeline, n))))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True
+    ).stdout.splitlines()
+    assert out[0] == "[]"
+    names = eval(out[1])  # noqa: S307 (our own printed list)
+    for name in ("extract", "train_head", "report", "predict", "export", "load_features"):
+        assert name in names
+        assert getattr(pipeline, name).__doc__, f"{name} has no docstring"
+
+
+def test_functions_are_callable_after_their_modules_are_imported():
+    """No submodule shadows a command: `pipeline.predict` stays the function."""
+    import pipeline.prediction  # noqa: F401
+    import pipeline.reporting  # noqa: F401
+
+    assert pipeline.predict.__module__ == "pipeline.api"
+    assert pipeline.report.__module__ == "pipeline.api"
+
+
+@pytest.fixture(scope="module")
+def both(tmp_path_factory):
+    """The same job run twice: by the command line, and by the library functions."""
+    tmp = tmp_path_factory.mktemp("lib")
+    data = make_dataset(tmp / "data", per_class=8, validation=3)
+    new = tmp / "new"
+    for i, c in enumerate((0, 1, 2, 1)):
+        write_image(new / f"n{i}.png", c, seed=900 + i)
+    quiet = ["--weights", "none", "--size", str(SIZE)]
+    a, b = tmp / "cmd", tmp / "lib"
+    for args in (
+        ["features", "--data", str(data), "--artifacts", str(a), *quiet],
+        ["train-head", "--artifacts", str(a), "--head", "logreg", "--folds", "3"],
+        ["train-head", "--artifacts", str(a), "--head", "svm", "--folds", "3", "--param", "C=1"],
+        ["report", "--artifacts", str(a)],
+        ["predict", "--images", str(new), "--artifacts", str(a), "--topk", "2"],
+        ["export", "--artifacts", str(a), "--format", "npz"],
+        ["export", "--artifacts", str(a), "--format", "csv", "--pool", "max"],
+    ):
+        assert cli.main(args) == 0, args
+    log: list[str] = []
+    s = pipeline.extract(data, b, weights="none", size=SIZE, log=log.append)
+    r1 = pipeline.train_head(b, head="logreg", folds=3, log=log.append)
+    r2 = pipeline.train_head(b, head="svm", folds=3, params={"C": 1}, log=log.append)
+    rep = pipeline.report(b, log=log.append)
+    rows = pipeline.predict(new, b, topk=2, log=log.append)
+    npz = pipeline.export(b, format="npz", log=log.append)
+    csv_out = pipeline.export(b, format="csv", pool="max", log=log.append)
+    return {
+        "data": data,
+        "new": new,
+        "cmd": a,
+        "lib": b,
+        "summary": s,
+        "results": [r1, r2],
+        "report": rep,
+        "rows": rows,
+        "npz": npz,
+        "csv": csv_out,
+    }
+
+
+def _files(art: Path) -> list[str]:
+    return sorted(
+        p.relative_to(art).as_posix()
+        for p in art.rglob("*")
+        if p.is_file() and ".lock" not in p.name and "shards" not in p.parts
+    )
+
+
+def test_library_writes_the_same_files_and_numbers_as_the_commands(both):
+    a, b = both["cmd"], both["lib"]
+    assert _files(a) == _files(b)
+    assert both["summary"].cache == layout.current_cache(b)
+    for r in both["results"]:
+        same = json.loads((layout.heads_dir(a) / r["run"] / "result.json").read_text())
+        assert same["cv"]["fold_accuracies"] == r["cv"]["fold_accuracies"]
+        assert same["cv"]["oof_pred"] == r["cv"]["oof_pred"]
+        assert same["validation"] == r["validation"]
+        assert same["features"]["cache_key"] == r["features"]["cache_key"]
+    ra = json.loads((layout.report_dir(a) / "report.json").read_text())["results"]
+    rb = json.loads((layout.report_dir(b) / "report.json").read_text())["results"]
+    rl = json.loads(json.dumps(both["report"]["results"]))
+    timeless = [[{k: v for k, v in r.items() if k != "seconds"} for r in x] for x in (ra, rb, rl)]
+    assert timeless[0] == timeless[1] == timeless[2] and len(ra) == 2
+    pa = list(csv.reader(open(layout.predictions_file(a))))
+    pb = list(csv.reader(open(layout.predictions_file(b))))
+    assert pa == pb and len(pa) == 1 + len(both["rows"])
+    xa, xb = np.load(layout.export_file(a, "avg", "npz")), np.load(both["npz"])
+    for k in ("X", "y", "labels", "paths", "split", "sha256", "classes"):
+        assert np.array_equal(xa[k], xb[k]), k
+    assert (
+        layout.export_file(a, "max", "csv").read_bytes()
+        == layout.export_file(b, "max", "csv").read_bytes()
+    )
+
+
+def test_predict_rows_and_csv_name_every_class_and_sum_to_one(both):
+    b, rows = both["lib"], both["rows"]
+    best = runs.pick(b, None)
+    classes = best["classes"]
+    with open(layout.predictions_file(b), newline="") as fh:
+        header, *body = list(csv.reader(fh))
+    assert header[:3] == ["path", "label", "probability"]
+    assert header[3:5] == ["label_2", "probability_2"]
+    assert header[5:] == [f"p_{c}" for c in classes]
+    assert len(body) == len(rows) == 4
+    for line, row in zip(body, rows, strict=True):
+        p = np.array([float(v) for v in line[5:]])
+        assert p.sum() == pytest.approx(1.0, abs=1e-5)
+        assert line[1] == classes[int(np.argmax(p))] == row["label"]
+        assert float(line[2]) == pytest.approx(p.max(), abs=1e-6)
+        assert line[3] != line[1] and float(line[4]) <= float(line[2])
+        assert float(line[4]) == pytest.approx(np.sort(p)[-2], abs=1e-6)
+        assert list(row["probabilities"]) == classes
+        assert sum(row["probabilities"].values()) == pytest.approx(1.0, abs=1e-6)
+        assert [lab for lab, _ in row["top"]] == [line[1], line[3]]
+        assert line[0] == row["path"]
+
+
+def test_predict_probabilities_are_the_heads_on_the_features(both):
+    """p_<class> is the saved head's predict_proba on the image's features, class by class."""
+    b = both["lib"]
+    r = runs.pick(b, None)
+    est = runs.load_estimator(b, r)
+    img = both["data"] / "train/class_2/img_001.png"
+    (row,) = pipeline.predict(img, b, out=b / "one.csv", log=None)
+    X, _, paths, classes = pipeline.load_features(b, r["pooling"], "train")
+    p = est.predict_proba(X[paths.index("train/class_2/img_001.png")][None])[0]
+    got = np.array([row["probabilities"][c] for c in classes])
+    assert np.allclose(got, p, atol=1e-5)
+
+
+def test_topk_beyond_the_classes_and_negative(both, tmp_path):
+    b = both["lib"]
+    log: list[str] = []
+    rows = pipeline.predict(both["new"], b, out=tmp_path / "k.csv", topk=10, log=log.append)
+    header = next(csv.reader(open(tmp_path / "k.csv")))
+    n = len(runs.pick(b, None)["classes"])
+    assert (
+        header.count("label_2") == 1 and f"label_{n}" in header and f"label_{n + 1}" not in header
+    )
+    assert all(len(r["top"]) == n for r in rows)
+    assert any("more than the 3 classes" in s for s in log)
+    with pytest.raises(UserError, match="TOPK must be 0 or a positive"):
+        pipeline.predict(both["new"], b, out=tmp_path / "k.csv", topk=-1, log=None)
+
+
+def test_load_features_for_any_estimator(both):
+    from sklearn.linear_model import LogisticRegression
+
+    b = both["lib"]
+    X, y, paths, classes = pipeline.load_features(b, pooling="avg", split="train")
+    assert X.dtype == np.float32 and X.shape == (24, 512) and y.shape == (24,)
+    assert classes == ["class_0", "class_1", "class_2"]
+    assert paths[0].startswith("train/") and len(set(paths)) == 24
+    assert [classes[v] for v in y] == [p.split("/")[1] for p in paths]
+    # the cache file itself names the same features
+    same = pipeline.load_features(layout.current_cache(b), "avg", "train")
+    assert np.array_equal(same.X, X) and same.paths == paths
+    Xv, yv, pv, _ = pipeline.load_features(b, "max", "validation")
+    assert Xv.shape == (9, 512) and all(p.startswith("validation/") for p in pv)
+    clf = LogisticRegression(max_iter=2000).fit(X, y)
+    assert clf.score(Xv, yv) >= 0  # any estimator takes them as they are
+    with pytest.raises(UserError, match="split must be one of train, validation"):
+        pipeline.load_features(b, "avg", "test")
+    with pytest.raises(UserError, match="neither a feature cache"):
+        pipeline.load_features(b / "nothing.h5", "avg", "train")
+
+
+def test_export_npz_and_csv_hold_the_cached_features(both):
+    b = both["lib"]
+    z = np.load(both["npz"])  # plain arrays: no pickle needed
+    X, y, paths, classes = pipeline.load_features(b, "avg", "train")
+    Xv, yv, pv, _ = pipeline.load_features(b, "avg", "validation")
+    assert np.array_equal(z["X"], np.concatenate([X, Xv]))
+    assert z["paths"].tolist() == paths + pv
+    assert z["split"].tolist() == ["train"] * len(paths) + ["validation"] * len(pv)
+    assert z["labels"].tolist() == [classes[v] for v in np.concatenate([y, yv])]
+    assert z["classes"].tolist() == classes
+    with open(both["csv"], newline="") as fh:
+        header, *body = list(csv.reader(fh))
+    assert header[:4] == ["path", "label", "split", "sha256"] and len(header) == 4 + 512
+    Xm, ym, pm, _ = pipeline.load_features(b, "max", "train")
+    back = np.array([[float(v) for v in line[4:]] for line in body], dtype=np.float32)
+    assert np.array_equal(back[: len(pm)], Xm)  # 9 significant digits: float32 exactly
+    assert [line[0] for line in body[: len(pm)]] == pm
+    assert [line[1] for line in body[: len(pm)]] == [classes[v] for v in ym]
+    assert len({line[3] for line in body}) == len(body)
+    with pytest.raises(UserError, match="FORMAT must be one of npz, csv"):
+        pipeline.export(b, format="parquet", log=None)
+
+
+def test_make_export_and_topk_are_wired(tmp_path):
+    out = subprocess.run(
+        ["make", "-n", "export", "predict", "FORMAT=csv", "POOL=max", "TOPK=3", "IMAGES=x"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    assert "pipeline export" in out and "--format csv" in out and "--pool max" in out
+    assert "--topk 3" in out
+    assert (
+        "export"
+        in subprocess.run(
+            ["make", "help"], cwd=ROOT, capture_output=True, text=True, check=True
+        ).stdout
+    )
+
+
+def test_the_readme_example_calls_real_functions_with_real_settings():
+    """Every `pipeline.<name>(...)` call in the README's Python example binds to its signature."""
+    import ast
+    import inspect
+
+    text = (ROOT / "README.md").read_text()
+    blocks = [b.split("```", 1)[0] for b in text.split("```python\n")[1:]]
+    assert blocks, "the README has no Python example"
+    calls = [
+        n
+        for b in blocks
+        for n in ast.walk(ast.parse(b))
+        if isinstance(n, ast.Call)
+        and isinstance(n.func, ast.Attribute)
+        and isinstance(n.func.value, ast.Name)
+        and n.func.value.id == "pipeline"
+    ]
+    assert {c.func.attr for c in calls} >= {"extract", "train_head", "report", "predict"}
+    for c in calls:
+        sig = inspect.signature(getattr(pipeline, c.func.attr))
+        sig.bind(*[None] * len(c.args), **{k.arg: None for k in c.keywords})
