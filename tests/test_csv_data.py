@@ -90,7 +90,9 @@ def test_problem_rows_are_listed_with_their_line_never_dropped(tmp_path, spec, q
         "../photos/c0_8.png": "empty label on line 19 of labels.csv",
         "../photos/gone.png": "listed on line 20 of labels.csv but does not exist",
         "labels.csv:21": "empty path on line 21 of labels.csv",
-        "../photos/c1_8.png": "split 'test' on line 22 of labels.csv is neither train nor validation",
+        "../photos/c1_8.png": (
+            "split 'test' on line 22 of labels.csv is neither train nor validation"
+        ),
         "../photos/c1_7.png": (
             "listed as cat0 (train) and cat1 (train) on lines 17, 23 of labels.csv; keep one row"
         ),
