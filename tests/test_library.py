@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -260,3 +261,44 @@ def test_the_readme_example_calls_real_functions_with_real_settings():
     for c in calls:
         sig = inspect.signature(getattr(pipeline, c.func.attr))
         sig.bind(*[None] * len(c.args), **{k.arg: None for k in c.keywords})
+
+
+def _makefile_settings() -> dict[str, set[str]]:
+    """target -> the Makefile settings (upper-case variables) its recipe passes on."""
+    text = (ROOT / "Makefile").read_text().replace("\\\n", " ")
+    helpers = dict(re.findall(r"^([a-z_]+)\s*=\s*(.*)$", text, flags=re.M))
+
+    def names(s: str, depth: int = 0) -> set[str]:
+        out = set()
+        for v in re.findall(r"\$\(([A-Za-z_]+)\)", s):
+            if v in helpers and depth < 3:
+                out |= names(helpers[v], depth + 1)
+            elif v.isupper() and v not in ("PY", "MAKE", "STAMP", "VENV", "PYTHON"):
+                out.add(v)
+        return out
+
+    recipes = re.findall(r"^([a-z-]+):[^\n]*\n((?:\t[^\n]*\n)+)", text, flags=re.M)
+    return {t: names(body) for t, body in recipes}
+
+
+@pytest.mark.parametrize(
+    "target, function",
+    [
+        ("features", "extract"),
+        ("train-head", "train_head"),
+        ("finetune", "finetune"),
+        ("sweep", "sweep"),
+        ("report", "report"),
+        ("predict", "predict"),
+        ("export", "export"),
+    ],
+)
+def test_every_makefile_setting_is_a_parameter_of_its_function(target, function):
+    """Same names as the Makefile, in lower case (SWEEP_HEADS -> sweep(heads=...))."""
+    import inspect
+
+    settings = _makefile_settings()[target]
+    assert settings, f"no settings found for {target}"
+    params = set(inspect.signature(getattr(pipeline, function)).parameters)
+    wanted = {s.lower().removeprefix("sweep_") for s in settings}
+    assert wanted <= params, f"{function} lacks {sorted(wanted - params)}"
