@@ -36,12 +36,19 @@ def _log(log: Log | None) -> Log:
     return _quiet if log is None else log
 
 
+def _setting(v: Any) -> str:
+    """A value as PARAMS would spell it: 50.0 -> "50" (an integer setting accepts it)."""
+    if isinstance(v, float) and v.is_integer():
+        return str(int(v))
+    return str(v).strip()
+
+
 def head_params(params: Mapping[str, Any] | Iterable[str] | str | None) -> dict[str, str]:
     """PARAMS as the head reads them: "C=0.1 epochs=5", ["C=0.1"] or {"C": 0.1}."""
     if params is None:
         return {}
     if isinstance(params, Mapping):
-        return {str(k).strip(): str(v).strip() for k, v in params.items()}
+        return {str(k).strip(): _setting(v) for k, v in params.items()}
     items = params.split() if isinstance(params, str) else list(params)
     out = {}
     for v in items:
@@ -341,12 +348,13 @@ def load_features(cache: PathLike, pooling: str = "avg", split: str = "train") -
     train or validation. Original images only (no augmented view), in cache order.
     """
     from pipeline import dataset, store
-    from pipeline.exporting import cache_of
+    from pipeline.exporting import cache_of, check_not_views
 
     if split not in dataset.SPLITS:
         raise UserError(f"split must be one of {', '.join(dataset.SPLITS)}; got '{split}'")
     path = cache_of(cache)
     with store.reading(path.parent), store.open_cache(path) as f:
         idx = store.index_of(f, path)
+        check_not_views(idx, path)
         feats = store.features_of(f, idx, pooling, split)
     return Features(feats.X, feats.y, feats.paths, list(idx.classes))

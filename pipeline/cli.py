@@ -263,7 +263,7 @@ def parser() -> argparse.ArgumentParser:
         "--out",
         default=None,
         type=Path,
-        help="file to write (default ARTIFACTS/export/features-<pool>.<format>)",
+        help="file to write (default ARTIFACTS/export/<cache>-<pool>.<format>)",
     )
     p.add_argument(
         "--features",

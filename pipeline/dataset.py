@@ -12,7 +12,10 @@ another class's label.
 from __future__ import annotations
 
 import csv
+import hashlib
+import json
 import os
+import unicodedata
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -46,6 +49,47 @@ class Scan:
 
     def count(self, split: str) -> int:
         return sum(1 for it in self.items if it.split == split)
+
+
+SOURCE_ATTRS = ("layout", "data", "data_root", "data_sha256")
+
+
+def source_attrs(scan: Scan) -> dict[str, str]:
+    """What DATA was, recorded in the cache: layout, path, root of the paths, a CSV's SHA-256."""
+    source = Path(scan.source or scan.root)
+    sha = csv_digest(source) if scan.source is not None else ""
+    return {
+        "layout": scan.layout,
+        "data": str(source.resolve()),
+        "data_root": str(Path(scan.root).resolve()),
+        "data_sha256": sha,
+    }
+
+
+def csv_digest(csv_file: Path) -> str:
+    """SHA-256 of what a labels CSV says (its rows as a set): reordering rows changes nothing."""
+    rows = sorted({(p, lab, sp.lower() or "train") for _, p, lab, sp in _read_csv(csv_file)})
+    return hashlib.sha256(json.dumps(rows).encode()).hexdigest()
+
+
+def source_changed(attrs: dict[str, object]) -> str:
+    """Why the labels a cache was made from differ from DATA's now (a CSV edited since), or ""."""
+    sha = attrs.get("data_sha256")
+    if attrs.get("layout") != "csv" or not sha:
+        return ""
+    csv_file = Path(str(attrs.get("data")))
+    if not csv_file.is_file():
+        return ""  # moved or gone: the cache still holds the labels it was made with
+    try:
+        now = csv_digest(csv_file)
+    except UserError as e:
+        return f"{e} (the cache holds the labels it had when `make features` last read it)"
+    if now == sha:
+        return ""
+    return (
+        f"'{display(str(csv_file))}' changed since `make features` read it; the cache still "
+        f"holds its old labels: run `make features DATA={display(str(csv_file))}` again"
+    )
 
 
 def _ignored(name: str) -> bool:
@@ -239,8 +283,13 @@ def _cell(row: list[str], col: dict[str, int], name: str) -> str:
 
 
 def _read_csv(csv_file: Path) -> list[tuple[int, str, str, str]]:
-    """(line, path, label, split as written) of every non-blank row; paths normalised."""
+    """(line, path, label, split as written) of every non-blank row; paths normalised.
+
+    A path written with Windows separators (`imgs\\a.png`) that does not exist as written is
+    read with `/`.
+    """
     out = []
+    root = csv_file.parent
     try:
         with open(csv_file, newline="", encoding="utf-8-sig") as fh:
             reader = csv.reader(fh)
@@ -249,6 +298,8 @@ def _read_csv(csv_file: Path) -> list[tuple[int, str, str, str]]:
                 if not any(c.strip() for c in row):
                     continue  # blank line
                 raw, label, split = (_cell(row, col, k) for k in ("path", "label", "split"))
+                if "\\" in raw and not os.path.lexists(root / raw):
+                    raw = raw.replace("\\", "/")
                 path = Path(os.path.normpath(raw)).as_posix() if raw else ""
                 out.append((reader.line_num, path, label, split))
     except UnicodeDecodeError:
@@ -260,6 +311,32 @@ def _read_csv(csv_file: Path) -> list[tuple[int, str, str, str]]:
     return out
 
 
+def _lines(numbers: list[int]) -> str:
+    shown = ", ".join(str(n) for n in numbers[:5])
+    return (
+        f"line {shown}"
+        if len(numbers) == 1
+        else f"lines {shown}" + (f" and {len(numbers) - 5} more" if len(numbers) > 5 else "")
+    )
+
+
+def _same_label_spelled_twice(
+    csv_file: Path, good: dict[str, tuple[str, str]], listed: dict[str, list[tuple[int, str, str]]]
+) -> None:
+    """Refuse labels that differ only in case or Unicode form (`Cat`, `cat`): one class or two?"""
+    spellings: dict[str, dict[str, list[int]]] = {}
+    for path, (lab, _) in good.items():
+        norm = unicodedata.normalize("NFC", lab).casefold()
+        spellings.setdefault(norm, {}).setdefault(lab, []).extend(n for n, _, _ in listed[path])
+    for forms in spellings.values():
+        if len(forms) > 1:
+            said = ", ".join(f"'{f}' ({_lines(sorted(n))})" for f, n in sorted(forms.items()))
+            raise UserError(
+                f"DATA CSV '{csv_file}' spells one label {len(forms)} ways: {said}; labels are "
+                "case-sensitive, so write each class one way"
+            )
+
+
 def scan_csv(csv_file: Path) -> Scan:
     """The images a `path,label[,split]` CSV lists, as a scan rooted at the CSV's folder.
 
@@ -267,9 +344,9 @@ def scan_csv(csv_file: Path) -> Scan:
     train (the default) or validation. No row is dropped: an empty path or label, an unknown
     split, a file that does not exist or a path listed with two different labels or splits
     becomes a skipped item whose reason names the CSV line, so `make features` and the report
-    list it with the unreadable files. Classes are the sorted distinct training labels. Items
-    are ordered like a folder scan's (split, class, path): the rows' order never changes the
-    cache.
+    list it with the unreadable files. Classes are the sorted distinct training labels; labels
+    spelled two ways (`Cat`, `cat`) are refused. Items are ordered like a folder scan's (split,
+    class, path): the rows' order never changes the cache.
     """
     if not csv_file.is_file():
         raise UserError(
@@ -312,12 +389,14 @@ def scan_csv(csv_file: Path) -> Scan:
                 f"'{display(path)}' is listed {len(entries)} times ({name} lines {lines})"
             )
         good[path] = distinct[0]
+    _same_label_spelled_twice(csv_file, good, listed)
     classes = sorted({lab for lab, sp in good.values() if sp == "train"})
     extra = sorted({lab for lab, sp in good.values() if sp == "validation"} - set(classes))
     if extra:
+        lines = sorted(n for p, (lab, _) in good.items() if lab in extra for n, _, _ in listed[p])
         raise UserError(
-            f"validation labels {extra} in '{csv_file}' have no training row; validation "
-            "labels must also be training labels"
+            f"validation labels {extra} in '{csv_file}' ({_lines(lines)}) have no usable "
+            "training row; validation labels must also be training labels"
         )
     if len(classes) < 2:
         raise UserError(
@@ -326,11 +405,35 @@ def scan_csv(csv_file: Path) -> Scan:
             "a classifier needs at least two labels"
             + (f" (e.g. {problems[0].problem})" if problems else "")
         )
+    exists = {p: os.path.lexists(root / p) for p in good}
+    with_files = sorted({lab for p, (lab, sp) in good.items() if sp == "train" and exists[p]})
+    if len(with_files) < 2:
+        raise UserError(
+            f"only {len(with_files)} of the {len(classes)} labels in '{csv_file}' have a "
+            f"training image that exists under '{display(str(root.resolve()))}'; paths are "
+            "relative to the CSV's folder: fix them, a classifier needs at least two labels"
+        )
+    for lab in sorted(set(classes) - set(with_files)):
+        lines = sorted(n for p, (la, _) in good.items() if la == lab for n, _, _ in listed[p])
+        warnings.append(
+            f"label '{lab}' has no existing training image ({name} {_lines(lines)}); it stays a "
+            "class that no head can predict"
+        )
+    missing = sorted(p for p, ok in exists.items() if not ok)
+    if missing:
+        warnings.append(
+            f"{len(missing)} path(s) in {name} do not exist under "
+            f"'{display(str(root.resolve()))}' (e.g. '{display(missing[0])}'); paths are relative "
+            "to the CSV's folder; they are listed as skipped"
+        )
     label_of = {c: i for i, c in enumerate(classes)}
     items = []
     for path, (lab, sp) in good.items():
-        ok = os.path.lexists(root / path)
-        why = "" if ok else f"listed on line {listed[path][0][0]} of {name} but does not exist"
+        why = (
+            ""
+            if exists[path]
+            else f"listed on line {listed[path][0][0]} of {name} but does not exist"
+        )
         items.append(Item(path=path, label=label_of[lab], split=sp, problem=why))
     order = {s: i for i, s in enumerate(SPLITS)}
     items.sort(key=lambda it: (order[it.split], it.label, it.path))

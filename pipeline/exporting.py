@@ -1,24 +1,30 @@
 """`make export`: the pooled features of a cache as one NPZ or CSV file, for other tools.
 
 Every original image of the cache (train rows, then validation rows; no augmented view) with its
-path (relative to DATA), label (class name), split and content SHA-256. NPZ holds the arrays X
-(n, d) float32, y (n,) int into `classes`, labels, paths, split, sha256 and classes, all plain
+path as the cache records it (relative to DATA; a CSV's absolute paths stay absolute), label
+(class name), split and content SHA-256. NPZ holds the arrays X (n, d) float32, y (n,) int into
+`classes`, labels, paths, split, sha256, classes and `provenance` (one JSON string), all plain
 NumPy (no pickle: `np.load(file)` reads it). CSV holds one row per image:
-`path,label,split,sha256,f_0,...,f_<d-1>`, floats written with 9 significant digits, which
-reads back into exactly the same float32 values.
+`path,label,split,sha256,f_0,...,f_<d-1>`, floats written with 9 significant digits, which read
+back into exactly the same float32 values; its provenance goes beside it in `<file>.json`.
+The provenance says what made the features: cache file and key, data id, backbone settings,
+weights (random weights flagged), pooling, versions.
 """
 
 from __future__ import annotations
 
 import csv
+import json
 import os
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from pipeline import dataset, layout, store
 from pipeline.errors import UserError
+from pipeline.provenance import environment
 
 Log = Callable[[str], None]
 FORMATS = ("npz", "csv")
@@ -37,6 +43,33 @@ def cache_of(where: str | os.PathLike[str]) -> Path:
     return where
 
 
+def check_not_views(idx: store.Index, path: Path) -> None:
+    """Refuse a cache of augmented views: it holds no original image, only views of them."""
+    if "augment" in (idx.attrs.get("settings") or {}):
+        raise UserError(
+            f"'{path.name}' holds augmented views, not the images; pass the cache it belongs "
+            f"to ('{path.name.replace('-augmented.h5', '.h5')}') or its ARTIFACTS folder"
+        )
+
+
+def provenance(idx: store.Index, path: Path, pooling: str) -> dict[str, Any]:
+    """What made these features, to keep beside them."""
+    a = idx.attrs
+    return {
+        "cache": path.name,
+        "cache_key": a.get("cache_key"),
+        "data_id": a.get("data_id"),
+        "data": a.get("data") or a.get("data_root"),
+        "settings": a.get("settings"),
+        "weights": a.get("weights"),
+        "random_weights": bool(a.get("random_weights", False)),
+        "pooling": pooling,
+        "classes": list(idx.classes),
+        "embedders": a.get("embedders"),
+        "environment": environment(),
+    }
+
+
 def export(
     artifacts: Path,
     fmt: str = "npz",
@@ -51,6 +84,7 @@ def export(
     cache = cache_of(features) if features else layout.current_cache(artifacts)
     with store.reading(cache.parent), store.open_cache(cache) as f:
         idx = store.index_of(f, cache)
+        check_not_views(idx, cache)
         parts = [store.features_of(f, idx, pooling, s) for s in dataset.SPLITS]
     X = np.concatenate([p.X for p in parts])
     y = np.concatenate([p.y for p in parts]).astype(np.int64)
@@ -59,7 +93,8 @@ def export(
     sha = [h for p in parts for h in p.sha256]
     labels = [idx.classes[int(v)] for v in y]
     d = X.shape[1]
-    out = Path(out) if out else layout.export_file(artifacts, pooling, fmt)
+    meta = json.dumps(provenance(idx, cache, pooling), sort_keys=True, default=str)
+    out = Path(out) if out else layout.export_file(artifacts, cache, pooling, fmt)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     with store.replacing(tmp, out):
@@ -74,6 +109,7 @@ def export(
                     split=np.array(split, dtype=str),
                     sha256=np.array(sha, dtype=str),
                     classes=np.array(idx.classes, dtype=str),
+                    provenance=np.array(meta),
                 )
         else:
             with open(tmp, "w", newline="", encoding="utf-8") as fh:
@@ -81,5 +117,10 @@ def export(
                 w.writerow(["path", "label", "split", "sha256", *(f"f_{i}" for i in range(d))])
                 for i in range(len(y)):
                     w.writerow([paths[i], labels[i], split[i], sha[i], *(f"{v:.9g}" for v in X[i])])
+    if fmt == "csv":
+        side = out.with_name(out.name + ".json")
+        side_tmp = side.with_name(f".{side.name}.tmp-{os.getpid()}")
+        with store.replacing(side_tmp, side):
+            side_tmp.write_text(meta + "\n", encoding="utf-8")
     log(f"exported {len(y)} images x {d} {pooling}-pooled features of {cache.name} to {out}")
     return out

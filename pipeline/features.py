@@ -335,8 +335,13 @@ def _sync(
             ctx.log(f"skipped {sk['path']}: {sk['reason']}")
         raise UserError(
             f"none of the {len(jobs)} files under '{ctx.scan.root}' could be read as an image "
-            f"(e.g. {skipped[0]['path']}: {skipped[0]['reason']}); put JPEG, PNG, GIF, WebP, "
-            "BMP or TIFF images in the class folders"
+            f"(e.g. {skipped[0]['path']}: {skipped[0]['reason']}); "
+            + (
+                "list JPEG, PNG, GIF, WebP, BMP or TIFF images in the CSV, with paths relative "
+                "to its folder"
+                if ctx.scan.layout == "csv"
+                else "put JPEG, PNG, GIF, WebP, BMP or TIFF images in the class folders"
+            )
         )
     # existing rows keep their place (the shards' runs stay contiguous); new rows go last
     position = {h: i for i, h in enumerate(_idents(old))} if old else {}
@@ -366,6 +371,7 @@ def _sync(
         and [(s["path"], s["reason"]) for s in skipped]
         == [(s["path"], s["reason"]) for s in old.skipped]
         and old.classes == ctx.scan.classes
+        and {k: old.attrs.get(k) for k in dataset.SOURCE_ATTRS} == dataset.source_attrs(ctx.scan)
     )
     if not unchanged:
         where = {**{h: w for h, w in shards.where.items()}, **old_where}
@@ -513,9 +519,7 @@ def _write(
         "weights": spec.weights,
         "random_weights": spec.random_weights,
         "feature_shape": list(shape),
-        "layout": scan.layout,
-        "data_root": str(Path(scan.root).resolve()),
-        "data": str(Path(scan.source or scan.root).resolve()),
+        **dataset.source_attrs(scan),
         "environment": environment(),
     }
     if spec.random_weights:

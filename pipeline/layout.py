@@ -78,6 +78,6 @@ def predictions_file(artifacts: Path) -> Path:
     return Path(artifacts) / "predictions.csv"
 
 
-def export_file(artifacts: Path, pooling: str, fmt: str) -> Path:
-    """Where `make export` writes when OUT is not given: ARTIFACTS/export/features-<pool>.<fmt>."""
-    return Path(artifacts) / "export" / f"features-{pooling}.{fmt}"
+def export_file(artifacts: Path, cache: Path, pooling: str, fmt: str) -> Path:
+    """Where `make export` writes when OUT is not given: export/<cache name>-<pool>.<fmt>."""
+    return Path(artifacts) / "export" / f"{Path(cache).stem}-{pooling}.{fmt}"

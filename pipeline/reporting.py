@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from pipeline import duplicates, layout, pictures, runs, store
+from pipeline import dataset, duplicates, layout, pictures, runs, store
 from pipeline.errors import UserError
 from pipeline.features import RANDOM_BANNER
 from pipeline.provenance import environment
@@ -122,6 +122,7 @@ def header(artifacts: Path, idx: store.Index | None, entries: list[dict[str, Any
     out.update(
         data=a.get("data") or a.get("data_root"),
         layout=a.get("layout"),
+        labels_changed=dataset.source_changed(a) or None,
         classes=[{"class": c, **n} for c, n in counts.items()],
         images={"train": sum(n["train"] for n in counts.values()),
                 "validation": sum(n["validation"] for n in counts.values())},
@@ -243,6 +244,8 @@ def build_report(
         "skipped": skipped,
         "environment": environment(),
     }
+    if report["header"].get("labels_changed"):
+        log(f"warning: {report['header']['labels_changed']}")
     as_json = {
         **report,
         "galleries": [
@@ -366,6 +369,7 @@ def _header_rows(h: dict[str, Any]) -> list[tuple[str, str]]:
     rows = [
         ("DATA", h.get("data")),
         ("layout", h.get("layout")),
+        ("warning", h.get("labels_changed")),
         ("images", f"{h['images']['train']} train, {h['images']['validation']} validation"
          if "images" in h else None),
         ("skipped files", h.get("skipped")),

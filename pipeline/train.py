@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from pipeline import cluster, duplicates, evaluate, heads, layout, runs, store
+from pipeline import cluster, dataset, duplicates, evaluate, heads, layout, runs, store
 from pipeline.errors import UserError
 from pipeline.provenance import environment
 from pipeline.seeding import set_seeds
@@ -94,6 +94,8 @@ def train_head(
     classes = idx.classes
     if idx.attrs.get("random_weights"):
         log(f"*** {idx.attrs.get('banner', 'RANDOM WEIGHTS')} ***")
+    if changed := dataset.source_changed(idx.attrs):
+        log(f"warning: {changed}")
     context = {
         "weights": idx.attrs.get("weights"),
         "seed": int(idx.attrs.get("seed", 0)),

@@ -4,7 +4,6 @@ problem row listed with its line, never dropped."""
 from __future__ import annotations
 
 import csv
-import json
 import random
 from pathlib import Path
 
@@ -78,7 +77,7 @@ def test_problem_rows_are_listed_with_their_line_never_dropped(tmp_path, spec, q
         ["../photos/gone.png", "cat0"],  # no such file
         ["", "cat1"],  # empty path
         ["../photos/c1_8.png", "cat1", "test"],  # unknown split
-        ["../photos/c1_7.png", "cat0"],  # c1_3 is also listed as cat1 above
+        ["../photos/c1_7.png", "cat0"],  # c1_7 is also listed as cat1 above
         [str((imgs / "c0_0.png").resolve()), "cat0"],  # absolute: taken as it is
     ]
     labels = write_csv(tmp_path / "meta/labels.csv", rows)
@@ -137,7 +136,7 @@ def test_validation_rows_and_a_file_that_appears_later(tmp_path, spec, quiet):
         ("path,label\n", "lists no image"),
         (
             "path,label,split\na.png,x,train\nb.png,y,train\nc.png,z,validation\n",
-            r"validation labels \['z'\].*have no training row",
+            r"validation labels \['z'\] in .* \(line 4\) have no usable training row",
         ),
     ],
 )
@@ -166,11 +165,84 @@ def test_csv_that_is_not_utf8_or_missing_or_not_csv(tmp_path, capsys):
 
 def test_the_label_column_may_come_first_and_extra_columns_are_ignored(tmp_path):
     f = tmp_path / "labels.csv"
-    f.write_text("Label,notes,PATH\nb,hello,one.png\na,,two.png\n")
+    write_image(tmp_path / "one.png", 0, 1)
+    write_image(tmp_path / "two.png", 1, 2)
+    f.write_text('\ufeffLabel,notes,PATH\r\nb,"hello, world",one.png\r\na,,two.png\r\na,,3.png\r\n')
     s = dataset.scan(f)
-    assert s.classes == ["a", "b"]
+    assert s.classes == ["a", "b"] and s.layout == "csv" and s.source == f
     assert [(it.path, s.classes[it.label], it.problem) for it in s.items] == [
-        ("two.png", "a", "listed on line 3 of labels.csv but does not exist"),
-        ("one.png", "b", "listed on line 2 of labels.csv but does not exist"),
+        ("3.png", "a", "listed on line 4 of labels.csv but does not exist"),
+        ("two.png", "a", ""),
+        ("one.png", "b", ""),
     ]
-    assert json.dumps(s.layout) == '"csv"'
+
+
+def test_labels_spelled_two_ways_are_refused(tmp_path):
+    f = tmp_path / "labels.csv"
+    f.write_text("path,label\na.png,Cat\nb.png,dog\nc.png,cat\nd.png,cat\n")
+    with pytest.raises(
+        UserError, match=r"spells one label 2 ways: 'Cat' \(line 2\), 'cat' \(lines 4, 5\)"
+    ):
+        dataset.scan(f)
+
+
+def test_windows_separators_and_a_label_with_no_image(tmp_path, spec, quiet):
+    """`sub\\a.png` is found; a label whose files are all missing stays a class (said), and
+    predict gives it probability 0 in its own column."""
+    log, lines = quiet
+    for c in range(2):
+        for i in range(6):
+            write_image(tmp_path / f"imgs/c{c}/{i}.png", c, seed=30 * c + i)
+    rows = [[f"imgs\\c{c}\\{i}.png", f"k{c}", ""] for c in range(2) for i in range(6)]
+    rows.append(["imgs/fox.png", "fox", ""])
+    labels = write_csv(tmp_path / "labels.csv", rows)
+    s = extract(labels, tmp_path / "art", spec, log=log)
+    idx = store.read_index(s.cache)
+    assert idx.classes == ["fox", "k0", "k1"] and len(idx.paths) == 12
+    assert idx.paths[0].startswith("imgs/c0/")
+    assert any(
+        "label 'fox' has no existing training image (labels.csv line 14)" in x for x in lines
+    )
+    assert any("do not exist under" in x and str(tmp_path.resolve()) in x for x in lines)
+    train_head(tmp_path / "art", "logreg", folds=2, log=log)
+    from pipeline.prediction import classify
+
+    got, out = classify(tmp_path / "art", tmp_path / "imgs/c1", out=tmp_path / "p.csv", log=log)
+    header = next(csv.reader(open(out)))
+    assert header[3:] == ["p_fox", "p_k0", "p_k1"]
+    for r in got:
+        assert r["probabilities"]["fox"] == 0.0
+        assert sum(r["probabilities"].values()) == pytest.approx(1.0)
+        assert r["label"] == max(r["probabilities"], key=r["probabilities"].get)
+
+
+def test_an_edited_csv_is_said_until_features_runs_again(tmp_path, spec, quiet):
+    log, lines = quiet
+    data = make_dataset(tmp_path / "d", per_class=4, n_classes=2)
+    rows = rows_of(data)
+    labels = write_csv(data / "labels.csv", rows)
+    extract(data, tmp_path / "art", spec, log=log)  # the folders first, then the CSV of them
+    s = extract(labels, tmp_path / "art", spec, log=log)
+    assert s.rewrote and store.read_index(s.cache).attrs["layout"] == "csv"
+    r1 = train_head(tmp_path / "art", "logreg", folds=2, log=log)
+    assert not any("changed since" in x for x in lines)
+    rows[0][1] = "class_1"  # relabel one image
+    write_csv(labels, rows)
+    lines.clear()
+    train_head(tmp_path / "art", "logreg", folds=2, seed=1, log=log)
+    assert any("labels.csv' changed since `make features` read it" in x for x in lines)
+    rep = build_report(tmp_path / "art", log=log)
+    assert "changed since" in rep["header"]["labels_changed"]
+    s = extract(labels, tmp_path / "art", spec, log=log)
+    assert s.rewrote and s.new == 0  # same images: nothing embedded, labels updated
+    rep = build_report(tmp_path / "art", log=log)
+    assert rep["header"].get("labels_changed") is None
+    assert r1["run"] in {x["run"] for x in rep["stale"]}  # trained on the old labels
+
+
+def test_paths_that_exist_nowhere_are_one_clear_error(tmp_path):
+    f = tmp_path / "meta/labels.csv"
+    f.parent.mkdir()
+    f.write_text("path,label\nimgs/a.png,x\nimgs/b.png,y\n")
+    with pytest.raises(UserError, match=r"only 0 of the 2 labels .* exists under .*meta'; paths"):
+        dataset.scan(f)

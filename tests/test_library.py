@@ -15,7 +15,7 @@ import pytest
 from conftest import SIZE, make_dataset, write_image
 
 import pipeline
-from pipeline import cli, layout, runs
+from pipeline import layout, runs, store
 from pipeline.errors import UserError
 
 ROOT = Path(__file__).parents[1]
@@ -49,26 +49,28 @@ def test_functions_are_callable_after_their_modules_are_imported():
     assert pipeline.report.__module__ == "pipeline.api"
 
 
+def make(*args: str) -> None:
+    """One `make` target, as a user runs it."""
+    subprocess.run(["make", "-s", *args], cwd=ROOT, check=True, capture_output=True, text=True)
+
+
 @pytest.fixture(scope="module")
 def both(tmp_path_factory):
-    """The same job run twice: by the command line, and by the library functions."""
+    """The same job run twice: by `make` (the commands), and by the library functions."""
     tmp = tmp_path_factory.mktemp("lib")
     data = make_dataset(tmp / "data", per_class=8, validation=3)
     new = tmp / "new"
     for i, c in enumerate((0, 1, 2, 1)):
         write_image(new / f"n{i}.png", c, seed=900 + i)
-    quiet = ["--weights", "none", "--size", str(SIZE)]
     a, b = tmp / "cmd", tmp / "lib"
-    for args in (
-        ["features", "--data", str(data), "--artifacts", str(a), *quiet],
-        ["train-head", "--artifacts", str(a), "--head", "logreg", "--folds", "3"],
-        ["train-head", "--artifacts", str(a), "--head", "svm", "--folds", "3", "--param", "C=1"],
-        ["report", "--artifacts", str(a)],
-        ["predict", "--images", str(new), "--artifacts", str(a), "--topk", "2"],
-        ["export", "--artifacts", str(a), "--format", "npz"],
-        ["export", "--artifacts", str(a), "--format", "csv", "--pool", "max"],
-    ):
-        assert cli.main(args) == 0, args
+    art = f"ARTIFACTS={a}"
+    make("features", f"DATA={data}", art, "WEIGHTS=none", f"SIZE={SIZE}")
+    make("train-head", art, "HEAD=logreg", "FOLDS=3")
+    make("train-head", art, "HEAD=svm", "FOLDS=3", "PARAMS=C=1")
+    make("report", art)
+    make("predict", f"IMAGES={new}", art, "TOPK=2")
+    make("export", art, "FORMAT=npz")
+    make("export", art, "FORMAT=csv", "POOL=max")
     log: list[str] = []
     s = pipeline.extract(data, b, weights="none", size=SIZE, log=log.append)
     r1 = pipeline.train_head(b, head="logreg", folds=3, log=log.append)
@@ -117,12 +119,14 @@ def test_library_writes_the_same_files_and_numbers_as_the_commands(both):
     pa = list(csv.reader(open(layout.predictions_file(a))))
     pb = list(csv.reader(open(layout.predictions_file(b))))
     assert pa == pb and len(pa) == 1 + len(both["rows"])
-    xa, xb = np.load(layout.export_file(a, "avg", "npz")), np.load(both["npz"])
+    cache = layout.current_cache(a)
+    assert cache.name == layout.current_cache(b).name
+    xa, xb = np.load(layout.export_file(a, cache, "avg", "npz")), np.load(both["npz"])
     for k in ("X", "y", "labels", "paths", "split", "sha256", "classes"):
         assert np.array_equal(xa[k], xb[k]), k
     assert (
-        layout.export_file(a, "max", "csv").read_bytes()
-        == layout.export_file(b, "max", "csv").read_bytes()
+        layout.export_file(a, cache, "max", "csv").read_bytes()
+        == layout.export_file(b, cache, "max", "csv").read_bytes()
     )
 
 
@@ -218,6 +222,18 @@ def test_export_npz_and_csv_hold_the_cached_features(both):
     assert [line[0] for line in body[: len(pm)]] == pm
     assert [line[1] for line in body[: len(pm)]] == [classes[v] for v in ym]
     assert len({line[3] for line in body}) == len(body)
+    # what made them travels with them: inside the NPZ, beside the CSV
+    cache = layout.current_cache(b)
+    idx = store.read_index(cache)
+    for meta in (
+        json.loads(str(z["provenance"])),
+        json.loads(Path(str(both["csv"]) + ".json").read_text()),
+    ):
+        assert meta["cache"] == cache.name and meta["cache_key"] == idx.attrs["cache_key"]
+        assert meta["data_id"] == idx.attrs["data_id"] and meta["random_weights"] is True
+        assert meta["settings"]["name"] == "vgg16" and meta["classes"] == classes
+    assert json.loads(str(z["provenance"]))["pooling"] == "avg"
+    assert both["npz"].name == f"{cache.stem}-avg.npz"  # another cache: another file
     with pytest.raises(UserError, match="FORMAT must be one of npz, csv"):
         pipeline.export(b, format="parquet", log=None)
 
@@ -302,3 +318,27 @@ def test_every_makefile_setting_is_a_parameter_of_its_function(target, function)
     params = set(inspect.signature(getattr(pipeline, function)).parameters)
     wanted = {s.lower().removeprefix("sweep_") for s in settings}
     assert wanted <= params, f"{function} lacks {sorted(wanted - params)}"
+
+
+def test_load_features_refuses_the_views_file_and_an_empty_folder(tmp_path):
+    data = make_dataset(tmp_path / "d", per_class=3, n_classes=2)
+    s = pipeline.extract(data, tmp_path / "art", weights="none", size=SIZE, augment=1, log=None)
+    views = layout.augment_path(s.cache)
+    assert views.is_file()
+    with pytest.raises(UserError, match="holds augmented views, not the images; pass the cache"):
+        pipeline.load_features(views, "avg", "train")
+    with pytest.raises(UserError, match="holds augmented views"):
+        pipeline.export(tmp_path / "art", features=views, log=None)
+    assert len(pipeline.load_features(s.cache, "avg", "train").paths) == 6
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(UserError, match="run `make features` first"):
+        pipeline.load_features(tmp_path / "empty", "avg", "train")
+
+
+def test_params_as_a_mapping_read_like_the_makefiles():
+    from pipeline.api import head_params
+
+    assert head_params({"epochs": 50.0, "C": 0.1}) == {"epochs": "50", "C": "0.1"}
+    assert head_params("C=0.1 epochs=5") == head_params(["C=0.1", "epochs=5"])
+    with pytest.raises(UserError, match="must look like name=value"):
+        head_params("C")
