@@ -163,8 +163,18 @@ def extraction(work: Path, cfg: dict[str, int], model: Any, spec: Any, batch: in
     return res
 
 
+# Peak resident memory of the current process in KiB. VmHWM, not ru_maxrss: on Linux a child
+# started by a large parent reports the parent's ru_maxrss (kept across exec), not its own.
+PEAK_EXPR = (
+    "(int(next(ln for ln in open('/proc/self/status') if ln.startswith('VmHWM')).split()[1]) "
+    "if __import__('os').path.exists('/proc/self/status') else "
+    "__import__('resource').getrusage(__import__('resource').RUSAGE_SELF).ru_maxrss)"
+)
+
+
 def reruns(work: Path, cfg: dict[str, int], model: Any, spec: Any, batch: int) -> dict:
     """Full extraction, unchanged rerun, rerun with 1% new images (in-process, model built)."""
+    from pipeline import store
     from pipeline.features import extract
 
     quiet = lambda s: None  # noqa: E731
@@ -175,7 +185,11 @@ def reruns(work: Path, cfg: dict[str, int], model: Any, spec: Any, batch: int) -
     same = extract(data, art, spec, batch_size=batch, log=quiet, model=model)
     make_images(work / "rerun-data", max(1, n // 100), "png", seed=200)
     more = extract(data, art, spec, batch_size=batch, log=quiet, model=model)
-    size = full.cache.stat().st_size
+    # the whole cache: its index and its shard files, per row
+    size = full.cache.stat().st_size + sum(
+        f.stat().st_size for f in store.shards_dir(full.cache).rglob("*") if f.is_file()
+    )
+    rows = n + more.new
     cli = [
         sys.executable,
         "-m",
@@ -203,7 +217,8 @@ def reruns(work: Path, cfg: dict[str, int], model: Any, spec: Any, batch: int) -
         "added_fraction": more.seconds / full.seconds,
         "unchanged_cli_process_s": cli_same,
         "cache_bytes": size,
-        "bytes_per_image": size / n,
+        "bytes_per_image": size / rows,
+        "input_size": spec.input_size,
         "feature_bytes_per_image": int(np.prod((7, 7, 512))) * 2
         if spec.input_size == 224
         else None,
@@ -218,7 +233,7 @@ def peak_memory(work: Path, cfg: dict[str, int], spec: Any, batch: int) -> dict:
         data = make_images(work / f"mem-data-{n}", n, "png", seed=300 + mult)
         code = (
             "import resource, sys, json; from pipeline.cli import main; rc = main(sys.argv[1:]); "
-            "print('PEAK', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss); sys.exit(rc)"
+            f"print('PEAK', {PEAK_EXPR}); sys.exit(rc)"
         )
         p = subprocess.run(
             [
@@ -339,7 +354,7 @@ def scale(work: Path, cfg: dict[str, int]) -> dict[str, Any]:
         unchanged_s = time.perf_counter() - t
         code = (
             "import resource, sys; from pipeline.cli import main; rc = main(sys.argv[1:]); "
-            "print('PEAK', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss); sys.exit(rc)"
+            f"print('PEAK', {PEAK_EXPR}); sys.exit(rc)"
         )
         t = time.perf_counter()
         p = subprocess.run(
@@ -457,10 +472,10 @@ t = time.perf_counter()
 for _ in range(max(1, n // batch)):
     np.asarray(model.predict_on_batch(x))
 rate = max(1, n // batch) * batch / (time.perf_counter() - t)
-peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+peak = __PEAK__ / 1024
 print("RESULT", json.dumps({"images_per_s": rate, "peak_mib": peak, "size": spec.input_size,
       "shape": list(model.output.shape[1:])}))
-"""
+""".replace("__PEAK__", PEAK_EXPR)
 
 
 def backbones(cfg: dict[str, int], batch: int) -> dict[str, Any]:
@@ -619,7 +634,10 @@ def table(res: dict[str, Any]) -> str:
             f"| train-head {name} ({r['n']} images, {r['dim']}-d, 5 nested folds) | "
             f"{r['wall_s']:.1f} s (CV {r['cv_s']:.1f} s, final fit {r['final_fit_s']:.1f} s) | |"
         )
-    lines.append(f"| cache bytes per image ({rr['n']} images) | {rr['bytes_per_image']:.0f} | |")
+    lines.append(
+        f"| cache bytes per image, index + shards ({rr['n']} images, {rr['input_size']} px) "
+        f"| {rr['bytes_per_image']:.0f} | |"
+    )
     return "\n".join(lines)
 
 
