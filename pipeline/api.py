@@ -13,7 +13,7 @@ needs when it runs: `import pipeline` stays fast and never loads TensorFlow.
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple
 
@@ -272,7 +272,7 @@ def report(
 
 
 def predict(
-    images: PathLike,
+    images: PathLike | Sequence[PathLike],
     artifacts: PathLike = "artifacts",
     run: str | None = None,
     out: PathLike | None = None,
@@ -283,17 +283,19 @@ def predict(
     batch: int = 32,
     log: Log | None = print,
 ) -> list[dict[str, Any]]:
-    """`make predict`: classify an image file or a folder with a trained head (default: the best).
+    """`make predict`: classify images with a trained head (default: the best current run).
 
-    Writes the same CSV as the command (`out`, default ARTIFACTS/predictions.csv) and returns
-    its rows as dicts: `path`, `label`, `probability`, `probabilities` (every class by name, in
-    class order) and `top` (the max(topk, 1) best (label, probability) pairs, best first).
+    `images`: an image file, a folder (walked like IMAGES), or a list of image files. Writes
+    the same CSV as the command (`out`, default ARTIFACTS/predictions.csv) and returns one dict
+    per image, in order: `path`, `label`, `probability`, `probabilities` (every class by name,
+    in class order), `top` (the max(topk, 1) best (label, probability) pairs, best first) and
+    `error` ("" or why the file could not be read; then label and probabilities are None).
     """
     from pipeline.prediction import classify
 
     rows, _ = classify(
         Path(artifacts),
-        Path(images),
+        Path(images) if isinstance(images, (str, os.PathLike)) else list(images),
         run=run,
         out=Path(out) if out else None,
         weights=weights,

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import csv
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -76,6 +76,7 @@ def _row(path: str, p: np.ndarray, classes: list[str], topk: int) -> dict[str, A
         "probability": float(p[best[0]]),
         "probabilities": {c: float(v) for c, v in zip(classes, p, strict=True)},
         "top": [(classes[int(i)], float(p[i])) for i in best],
+        "error": "",
     }
 
 
@@ -105,7 +106,7 @@ def predict(
 
 def classify(
     artifacts: Path,
-    images_path: Path,
+    images_path: Path | Sequence[str | os.PathLike[str]],
     run: str | None = None,
     out: Path | None = None,
     weights: str | None = None,
@@ -115,10 +116,14 @@ def classify(
     backbone: str | None = None,
     topk: int = 0,
 ) -> tuple[list[dict[str, Any]], Path]:
-    """Classify every image under `images_path`, write the CSV; return its rows and its path.
+    """Classify every image under `images_path`, write the CSV; return every image's row and
+    the CSV's path.
 
-    Each row: path, label, probability, `probabilities` (every class by name, in class order)
-    and `top` (the max(topk, 1) best (label, probability) pairs, most probable first).
+    `images_path`: an image file, a folder, or a list of image files (paths kept as given).
+    Each row: path, label, probability, `probabilities` (every class by name, in class order),
+    `top` (the max(topk, 1) best (label, probability) pairs, most probable first) and `error`
+    ("" or, for a file that could not be read, why: then label and probabilities are None and
+    the CSV, which holds readable images only, leaves it out; the log says it).
     `tta=K` averages the head's probabilities over the image and K augmented views of it (the
     same augmentation as `make features AUGMENT=K`).
     """
@@ -126,8 +131,11 @@ def classify(
 
     if topk < 0:
         raise UserError(f"TOPK must be 0 or a positive number of labels; got {topk}")
-    images_path = Path(images_path)
-    if not images_path.exists() and not images_path.is_symlink():
+    listed = None if isinstance(images_path, (str, os.PathLike)) else [Path(p) for p in images_path]
+    if listed is not None and not listed:
+        raise UserError("IMAGES is an empty list; pass image files, a file or a folder")
+    images_path = Path(images_path) if listed is None else Path(".")
+    if listed is None and not images_path.exists() and not images_path.is_symlink():
         raise UserError(f"IMAGES '{images_path}' does not exist; pass an image file or a folder")
     r = runs.pick(artifacts, run)
     if not r["current"]:
@@ -151,9 +159,10 @@ def classify(
                 "cached features: `make features REBUILD=1` and retrain to align them"
             )
             break
-    if images_path.is_dir():
-        files = dataset.walk_files(images_path)
-        base = images_path
+    if listed is not None:  # a list (the library): each path as given, in the given order
+        files, base = listed, None
+    elif images_path.is_dir():
+        files, base = dataset.walk_files(images_path), images_path
     else:
         files, base = [images_path], images_path.parent
     if not files:
@@ -166,10 +175,15 @@ def classify(
     rows: list[dict[str, Any]] = []
     bad: list[tuple[str, str]] = []
     progress = Progress(len(files), "predicting")
-    todo = [_Item(dataset.display(f.relative_to(base).as_posix()), f) for f in files]
+    todo = [
+        _Item(dataset.display(str(f) if base is None else f.relative_to(base).as_posix()), f)
+        for f in files
+    ]
+    errors: dict[int, str] = {}
     workers = min(8, (os.cpu_count() or 2) + 2)
     for jobs, decoded in decoded_batches(todo, spec.input_size, batch_size, workers):
         bad += [(j.path, d) for j, d in zip(jobs, decoded, strict=True) if isinstance(d, str)]
+        errors.update((id(j), d) for j, d in zip(jobs, decoded, strict=True) if isinstance(d, str))
         ok = [(j, d) for j, d in zip(jobs, decoded, strict=True) if not isinstance(d, str)]
         if ok:
             stack = [v for j, d in ok for v in _views(j, d, tta, int(settings.get("seed", 0)))]
@@ -190,4 +204,19 @@ def classify(
     for p, reason in bad:
         log(f"could not read {p}: {reason}")
     log(f"predicted {len(rows)} images with head {r['run']}, {len(bad)} unreadable; wrote {out}")
-    return rows, out
+    readable = iter(rows)  # every image, in order; an unreadable one as a row with its error
+    everything = [
+        _failed(j.path, errors[id(j)]) if id(j) in errors else next(readable) for j in todo
+    ]
+    return everything, out
+
+
+def _failed(path: str, reason: str) -> dict[str, Any]:
+    return {
+        "path": path,
+        "label": None,
+        "probability": None,
+        "probabilities": None,
+        "top": [],
+        "error": reason,
+    }

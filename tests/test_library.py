@@ -342,3 +342,26 @@ def test_params_as_a_mapping_read_like_the_makefiles():
     assert head_params("C=0.1 epochs=5") == head_params(["C=0.1", "epochs=5"])
     with pytest.raises(UserError, match="must look like name=value"):
         head_params("C")
+
+
+def test_predict_takes_a_list_and_returns_every_image_in_order(both, tmp_path):
+    """A list of files, paths kept as given; an unreadable one is a row with its error, never
+    silently missing (the CSV holds the readable ones, like the command's)."""
+    b, new = both["lib"], both["new"]
+    junk = tmp_path / "junk.png"
+    junk.write_text("not an image")
+    asked = [new / "n2.png", junk, str(new / "n0.png"), tmp_path / "gone.png"]
+    rows = pipeline.predict(asked, b, out=tmp_path / "l.csv", log=None)
+    assert [r["path"] for r in rows] == [str(p) for p in asked]
+    assert [bool(r["error"]) for r in rows] == [False, True, False, True]
+    assert rows[1]["label"] is None and rows[1]["probabilities"] is None
+    assert "No such file" in rows[3]["error"]
+    by_folder = {r["path"]: r for r in both["rows"]}
+    for got, name in ((rows[0], "n2.png"), (rows[2], "n0.png")):
+        assert got["label"] == by_folder[name]["label"]
+        assert got["probabilities"] == pytest.approx(by_folder[name]["probabilities"], abs=1e-6)
+    with open(tmp_path / "l.csv", newline="") as fh:
+        body = list(csv.DictReader(fh))
+    assert [r["path"] for r in body] == [str(asked[0]), str(asked[2])]
+    with pytest.raises(UserError, match="IMAGES is an empty list"):
+        pipeline.predict([], b, log=None)
