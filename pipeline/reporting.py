@@ -386,6 +386,24 @@ def _header_rows(h: dict[str, Any]) -> list[tuple[str, str]]:
     return [(k, str(v)) for k, v in rows if v is not None]
 
 
+def _counts_table(e: dict[str, Any]) -> str:
+    """The confusion matrix's counts as a table (any number of classes; the picture writes
+    them in its cells up to 20 classes), folded under <details>."""
+    esc = html.escape
+    cm = e["validation_confusion"] or e["cv_confusion"]
+    src = "validation" if e["validation_confusion"] else "out-of-fold"
+    head = "".join(f"<th>{esc(c)}</th>" for c in e["classes"])
+    body = "".join(
+        f"<tr><td>{esc(c)}</td>" + "".join(f"<td>{int(v)}</td>" for v in row) + "</tr>"
+        for c, row in zip(e["classes"], cm, strict=True)
+    )
+    return (
+        f"<details class='counts'><summary>confusion counts ({src}; rows: true class, "
+        f"columns: predicted)</summary><div class='scroll'><table><tr><th>true \\ predicted"
+        f"</th>{head}</tr>{body}</table></div></details>"
+    )
+
+
 def _html(rep: dict[str, Any], folder: Path) -> str:
     esc = html.escape
     h = rep.get("header") or {}
@@ -488,6 +506,7 @@ def _html(rep: dict[str, Any], folder: Path) -> str:
             f"chosen: {esc(json.dumps(e['final_params']))}</p>"
         )
         parts.append(_img(folder, e["confusion_png"], f"confusion matrix of {e['run']}"))
+        parts.append(_counts_table(e))
         parts.append(
             f"<div class='scroll'><table><tr><th>class ({esc(e['per_class_source'])})</th>"
             "<th>precision</th><th>recall</th><th>F1</th><th>support</th></tr>"
