@@ -350,13 +350,12 @@ def load_features(cache: PathLike, pooling: str = "avg", split: str = "train") -
     train or validation. Original images only (no augmented view), in cache order.
     """
     from pipeline import dataset, store
-    from pipeline.exporting import cache_of, check_not_views
+    from pipeline.exporting import cache_of
 
     if split not in dataset.SPLITS:
         raise UserError(f"split must be one of {', '.join(dataset.SPLITS)}; got '{split}'")
     path = cache_of(cache)
     with store.reading(path.parent), store.open_cache(path) as f:
         idx = store.index_of(f, path)
-        check_not_views(idx, path)
         feats = store.features_of(f, idx, pooling, split)
     return Features(feats.X, feats.y, feats.paths, list(idx.classes))

@@ -14,17 +14,20 @@ from pipeline.errors import UserError
 EPILOG = "Every option has a Makefile variable of the same name in capitals (make help)."
 
 
-def _common(p: argparse.ArgumentParser) -> None:
+def _common(p: argparse.ArgumentParser, seed: bool = True) -> None:
     p.add_argument(
         "--artifacts",
         default="artifacts",
         type=Path,
         help="folder for caches, heads and reports (default: artifacts)",
     )
-    p.add_argument("--seed", type=int, default=0, help="seed for every random choice (default 0)")
+    if seed:
+        p.add_argument(
+            "--seed", type=int, default=0, help="seed for every random choice (default 0)"
+        )
 
 
-def _backbone(p: argparse.ArgumentParser) -> None:
+def _backbone(p: argparse.ArgumentParser, layer: bool = True) -> None:
     from pipeline.backbone import FAMILIES
 
     p.add_argument(
@@ -44,11 +47,12 @@ def _backbone(p: argparse.ArgumentParser) -> None:
         default=None,
         help="input size in pixels (default: the backbone's own, 224; 299 for inceptionv3)",
     )
-    p.add_argument(
-        "--layer",
-        default=None,
-        help="backbone layer to cache (default: its last feature stage, e.g. block5_pool)",
-    )
+    if layer:
+        p.add_argument(
+            "--layer",
+            default=None,
+            help="backbone layer to cache (default: its last feature stage, e.g. block5_pool)",
+        )
     p.add_argument("--batch", type=int, default=32, help="images per backbone batch (default 32)")
     p.add_argument(
         "--precision",
@@ -68,7 +72,12 @@ def _cluster(p: argparse.ArgumentParser) -> None:
 
 def _param(p: argparse.ArgumentParser, help: str) -> None:
     p.add_argument(
-        "--param", action="append", default=[], metavar="NAME=VALUE", help=help + "; repeatable"
+        "--param",
+        action="append",
+        default=[],
+        dest="params",
+        metavar="NAME=VALUE",
+        help=help + "; repeatable",
     )
 
 
@@ -171,7 +180,7 @@ def parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--data", default="data", type=Path, help="as for features")
     p.add_argument("--dtype", default="float16", help="stored feature type")
-    _backbone(p)
+    _backbone(p, layer=False)  # fine-tuning starts where the last stage does
     p.add_argument("--folds", type=int, default=5, help="cross-validation folds (default 5)")
     _param(
         p,
@@ -212,7 +221,7 @@ def parser() -> argparse.ArgumentParser:
         default=None,
         help="also show the misclassified images of this run (or 'all'); the best run's always",
     )
-    _common(p)
+    _common(p, seed=False)
 
     p = sub.add_parser("predict", help="classify new images with a trained head", epilog=EPILOG)
     p.add_argument("--images", required=True, type=Path, help="an image file or a folder")
@@ -243,7 +252,7 @@ def parser() -> argparse.ArgumentParser:
         default=0,
         help="also write the K best labels with their probabilities (label_2,probability_2,...)",
     )
-    _common(p)
+    _common(p, seed=False)
 
     p = sub.add_parser(
         "export",
@@ -271,7 +280,7 @@ def parser() -> argparse.ArgumentParser:
         default=None,
         help="cache file to export (default: the latest `features` run)",
     )
-    _common(p)
+    _common(p, seed=False)
 
     p = sub.add_parser(
         "demo", help="end to end on scikit-learn's digits, written as PNGs", epilog=EPILOG
@@ -279,109 +288,35 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--weights", default="imagenet", help="as for features")
     p.add_argument("--size", type=int, default=64, help="input size for the demo (default 64)")
     p.add_argument("--folds", type=int, default=5, help="cross-validation folds (default 5)")
-    _common(p)
+    _common(p, seed=False)
     return ap
 
 
+# each command's function in `pipeline.api`; its options are that function's parameters
+COMMANDS = {
+    "features": "extract",
+    "train-head": "train_head",
+    "finetune": "finetune",
+    "sweep": "sweep",
+    "report": "report",
+    "predict": "predict",
+    "export": "export",
+}
+
+
 def run(args: argparse.Namespace) -> None:
-    """Run one command through `pipeline.api`, the functions a script calls."""
+    """Run one command through `pipeline.api`, the functions a script calls, with its options
+    as keyword arguments (an option the function lacks is a TypeError, never ignored)."""
     from pipeline import api
 
     log = lambda s: print(s, flush=True)  # noqa: E731
-    if args.command == "features":
-        api.extract(
-            args.data,
-            args.artifacts,
-            backbone=args.backbone,
-            weights=args.weights,
-            size=args.size,
-            layer=args.layer,
-            batch=args.batch,
-            dtype=args.dtype,
-            precision=args.precision,
-            augment=args.augment,
-            rebuild=args.rebuild,
-            verify=args.verify,
-            maps=bool(args.maps),
-            seed=args.seed,
-            cluster=args.cluster,
-            log=log,
-        )
-    elif args.command == "train-head":
-        api.train_head(
-            args.artifacts,
-            head=args.head,
-            pool=args.pool,
-            folds=args.folds,
-            seed=args.seed,
-            params=args.param,
-            views=args.views,
-            features=args.features,
-            jobs=args.jobs,
-            cluster=args.cluster,
-            log=log,
-        )
-    elif args.command == "finetune":
-        api.finetune(
-            args.data,
-            args.artifacts,
-            backbone=args.backbone,
-            weights=args.weights,
-            size=args.size,
-            batch=args.batch,
-            dtype=args.dtype,
-            precision=args.precision,
-            folds=args.folds,
-            seed=args.seed,
-            params=args.param,
-            cluster=args.cluster,
-            log=log,
-        )
-    elif args.command == "sweep":
-        api.sweep(
-            args.artifacts,
-            heads=args.heads,
-            pools=args.pools,
-            views=args.views,
-            folds=args.folds,
-            seed=args.seed,
-            points=args.points,
-            backbones=args.backbones,
-            data=args.data,
-            weights=args.weights,
-            size=args.size,
-            batch=args.batch,
-            cluster=args.cluster,
-            log=log,
-        )
-    elif args.command == "report":
-        api.report(args.artifacts, gallery=args.gallery, log=log)
-    elif args.command == "predict":
-        api.predict(
-            args.images,
-            args.artifacts,
-            run=args.run,
-            out=args.out,
-            tta=args.tta,
-            topk=args.topk,
-            weights=args.weights,
-            backbone=args.backbone,
-            batch=args.batch,
-            log=log,
-        )
-    elif args.command == "export":
-        api.export(
-            args.artifacts,
-            format=args.format,
-            pool=args.pool,
-            out=args.out,
-            features=args.features,
-            log=log,
-        )
-    elif args.command == "demo":
+    settings = {k: v for k, v in vars(args).items() if k != "command"}
+    if args.command == "demo":
         from pipeline.demo import run_demo
 
-        run_demo(args.artifacts, weights=args.weights, size=args.size, folds=args.folds, log=log)
+        run_demo(**settings, log=log)
+    else:
+        getattr(api, COMMANDS[args.command])(**settings, log=log)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -46,30 +46,40 @@ class Scan:
     items: list[Item]
     warnings: list[str] = field(default_factory=list)
     source: Path | None = None  # what DATA named, when not `root` itself (a CSV file)
+    source_sha256: str = ""  # what that CSV says (`csv_digest`), read once by the scan
+    source_stat: tuple[int, int] = (0, 0)  # its size and mtime_ns when read
 
     def count(self, split: str) -> int:
         return sum(1 for it in self.items if it.split == split)
 
 
-SOURCE_ATTRS = ("layout", "data", "data_root", "data_sha256")
-
-
 def source_attrs(scan: Scan) -> dict[str, str]:
     """What DATA was, recorded in the cache: layout, path, root of the paths, a CSV's SHA-256."""
     source = Path(scan.source or scan.root)
-    sha = csv_digest(source) if scan.source is not None else ""
     return {
         "layout": scan.layout,
         "data": str(source.resolve()),
         "data_root": str(Path(scan.root).resolve()),
-        "data_sha256": sha,
+        "data_sha256": scan.source_sha256,
+        "data_stat": list(scan.source_stat),
     }
 
 
-def csv_digest(csv_file: Path) -> str:
+def csv_digest(rows: list[tuple[int, str, str, str]]) -> str:
     """SHA-256 of what a labels CSV says (its rows as a set): reordering rows changes nothing."""
-    rows = sorted({(p, lab, sp.lower() or "train") for _, p, lab, sp in _read_csv(csv_file)})
-    return hashlib.sha256(json.dumps(rows).encode()).hexdigest()
+    said = sorted({(p, lab, sp.lower() or "train") for _, p, lab, sp in rows})
+    return hashlib.sha256(json.dumps(said).encode()).hexdigest()
+
+
+def same_source(attrs: dict[str, object], scan: Scan) -> bool:
+    """Whether a cache's record of DATA still holds for `scan` (a CSV's touch alone: yes)."""
+    now = source_attrs(scan)
+    return all(attrs.get(k) == now[k] for k in ("layout", "data", "data_root", "data_sha256"))
+
+
+def _stat(path: Path) -> tuple[int, int]:
+    st = path.stat()
+    return st.st_size, st.st_mtime_ns
 
 
 def source_changed(attrs: dict[str, object]) -> str:
@@ -80,8 +90,10 @@ def source_changed(attrs: dict[str, object]) -> str:
     csv_file = Path(str(attrs.get("data")))
     if not csv_file.is_file():
         return ""  # moved or gone: the cache still holds the labels it was made with
+    if _stat(csv_file) == tuple(int(v) for v in attrs.get("data_stat") or ()):
+        return ""  # untouched since: not read again (a CSV may list millions of images)
     try:
-        now = csv_digest(csv_file)
+        now = csv_digest(_read_csv(csv_file))
     except UserError as e:
         return f"{e} (the cache holds the labels it had when `make features` last read it)"
     if now == sha:
@@ -354,6 +366,7 @@ def scan_csv(csv_file: Path) -> Scan:
             "file or an image folder"
         )
     root, name = csv_file.parent, csv_file.name
+    stat = _stat(csv_file)  # before reading: an edit while reading is seen next time
     rows = _read_csv(csv_file)
     if not rows:
         raise UserError(
@@ -445,4 +458,6 @@ def scan_csv(csv_file: Path) -> Scan:
         items=items + problems,
         warnings=warnings,
         source=csv_file,
+        source_sha256=csv_digest(rows),
+        source_stat=stat,
     )

@@ -43,15 +43,6 @@ def cache_of(where: str | os.PathLike[str]) -> Path:
     return where
 
 
-def check_not_views(idx: store.Index, path: Path) -> None:
-    """Refuse a cache of augmented views: it holds no original image, only views of them."""
-    if "augment" in (idx.attrs.get("settings") or {}):
-        raise UserError(
-            f"'{path.name}' holds augmented views, not the images; pass the cache it belongs "
-            f"to ('{path.name.replace('-augmented.h5', '.h5')}') or its ARTIFACTS folder"
-        )
-
-
 def provenance(idx: store.Index, path: Path, pooling: str) -> dict[str, Any]:
     """What made these features, to keep beside them."""
     a = idx.attrs
@@ -84,7 +75,6 @@ def export(
     cache = cache_of(features) if features else layout.current_cache(artifacts)
     with store.reading(cache.parent), store.open_cache(cache) as f:
         idx = store.index_of(f, cache)
-        check_not_views(idx, cache)
         parts = [store.features_of(f, idx, pooling, s) for s in dataset.SPLITS]
     X = np.concatenate([p.X for p in parts])
     y = np.concatenate([p.y for p in parts]).astype(np.int64)

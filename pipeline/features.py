@@ -371,7 +371,7 @@ def _sync(
         and [(s["path"], s["reason"]) for s in skipped]
         == [(s["path"], s["reason"]) for s in old.skipped]
         and old.classes == ctx.scan.classes
-        and {k: old.attrs.get(k) for k in dataset.SOURCE_ATTRS} == dataset.source_attrs(ctx.scan)
+        and dataset.same_source(old.attrs, ctx.scan)
     )
     if not unchanged:
         where = {**{h: w for h, w in shards.where.items()}, **old_where}

@@ -86,24 +86,6 @@ def _csv_row(r: dict[str, Any]) -> list[str]:
     return [r["path"], r["label"], f"{r['probability']:.6f}", *top, *rest]
 
 
-def predict(
-    artifacts: Path,
-    images_path: Path,
-    run: str | None = None,
-    out: Path | None = None,
-    weights: str | None = None,
-    batch_size: int = 32,
-    tta: int = 0,
-    log: Log = print,
-    backbone: str | None = None,
-    topk: int = 0,
-) -> Path:
-    """Classify every image under `images_path`; return the CSV's path (see `classify`)."""
-    return classify(
-        artifacts, images_path, run, out, weights, batch_size, tta, log, backbone, topk
-    )[1]
-
-
 def classify(
     artifacts: Path,
     images_path: Path | Sequence[str | os.PathLike[str]],
@@ -172,19 +154,20 @@ def classify(
     if topk > len(classes):
         log(f"TOPK={topk} is more than the {len(classes)} classes: writing all {len(classes)}")
         topk = len(classes)
-    rows: list[dict[str, Any]] = []
-    bad: list[tuple[str, str]] = []
     progress = Progress(len(files), "predicting")
     todo = [
         _Item(dataset.display(str(f) if base is None else f.relative_to(base).as_posix()), f)
         for f in files
     ]
-    errors: dict[int, str] = {}
+    done: dict[int, dict[str, Any]] = {}  # id of a todo item -> its row
     workers = min(8, (os.cpu_count() or 2) + 2)
     for jobs, decoded in decoded_batches(todo, spec.input_size, batch_size, workers):
-        bad += [(j.path, d) for j, d in zip(jobs, decoded, strict=True) if isinstance(d, str)]
-        errors.update((id(j), d) for j, d in zip(jobs, decoded, strict=True) if isinstance(d, str))
-        ok = [(j, d) for j, d in zip(jobs, decoded, strict=True) if not isinstance(d, str)]
+        ok = []
+        for j, d in zip(jobs, decoded, strict=True):
+            if isinstance(d, str):
+                done[id(j)] = _failed(j.path, d)
+            else:
+                ok.append((j, d))
         if ok:
             stack = [v for j, d in ok for v in _views(j, d, tta, int(settings.get("seed", 0)))]
             x = bb.preprocess(np.stack(stack), spec.name)
@@ -193,21 +176,23 @@ def classify(
             proba = proba.reshape(len(ok), tta + 1, -1).mean(axis=1)  # test-time averaging
             full = np.zeros((len(ok), len(classes)))  # a class the head never saw: 0
             full[:, np.asarray(est.classes_, dtype=int)] = proba
-            rows += [_row(j.path, p, classes, topk) for (j, _), p in zip(ok, full, strict=True)]
+            done.update(
+                (id(j), _row(j.path, p, classes, topk)) for (j, _), p in zip(ok, full, strict=True)
+            )
         progress.update(len(jobs))
+    everything = [done[id(j)] for j in todo]  # every image, in order
+    rows = [row for row in everything if not row["error"]]
     out = Path(out) if out else layout.predictions_file(artifacts)
     out.parent.mkdir(parents=True, exist_ok=True)
     with open(out, "w", newline="", encoding="utf-8") as fh:
         w = csv.writer(fh)
         w.writerow(columns(classes, topk))
         w.writerows(_csv_row(row) for row in rows)
-    for p, reason in bad:
-        log(f"could not read {p}: {reason}")
-    log(f"predicted {len(rows)} images with head {r['run']}, {len(bad)} unreadable; wrote {out}")
-    readable = iter(rows)  # every image, in order; an unreadable one as a row with its error
-    everything = [
-        _failed(j.path, errors[id(j)]) if id(j) in errors else next(readable) for j in todo
-    ]
+    for row in everything:
+        if row["error"]:
+            log(f"could not read {row['path']}: {row['error']}")
+    n_bad = len(everything) - len(rows)
+    log(f"predicted {len(rows)} images with head {r['run']}, {n_bad} unreadable; wrote {out}")
     return everything, out
 
 

@@ -213,8 +213,7 @@ def build_report(
     out = layout.report_dir(artifacts)
     out.mkdir(parents=True, exist_ok=True)
     for i, e in enumerate(entries):
-        cm = e["validation_confusion"] or e["cv_confusion"]
-        src = "validation" if e["validation_confusion"] else "out-of-fold"
+        cm, src = _confusion_of(e)
         png = out / f"confusion-{i}.png"
         pictures.confusion(cm, e["classes"], f"{e['run']} ({src})", png)
         e["confusion_png"] = png.name
@@ -386,12 +385,18 @@ def _header_rows(h: dict[str, Any]) -> list[tuple[str, str]]:
     return [(k, str(v)) for k, v in rows if v is not None]
 
 
+def _confusion_of(e: dict[str, Any]) -> tuple[list[list[int]], str]:
+    """The confusion matrix a run is shown with: on validation when it has one, else out-of-fold."""
+    if e["validation_confusion"]:
+        return e["validation_confusion"], "validation"
+    return e["cv_confusion"], "out-of-fold"
+
+
 def _counts_table(e: dict[str, Any]) -> str:
     """The confusion matrix's counts as a table (any number of classes; the picture writes
     them in its cells up to 20 classes), folded under <details>."""
     esc = html.escape
-    cm = e["validation_confusion"] or e["cv_confusion"]
-    src = "validation" if e["validation_confusion"] else "out-of-fold"
+    cm, src = _confusion_of(e)
     head = "".join(f"<th>{esc(c)}</th>" for c in e["classes"])
     body = "".join(
         f"<tr><td>{esc(c)}</td>" + "".join(f"<td>{int(v)}</td>" for v in row) + "</tr>"

@@ -371,6 +371,12 @@ def features_of(f: h5py.File, idx: Index, pooling: str, split: str, max_view: in
     result is filled into one preallocated array, block by block: no second copy at peak.
     """
     pool(np.zeros((1, 1, 1, 1), np.float32), pooling)  # validates the name first
+    if max_view == 0 and "augment" in (idx.attrs.get("settings") or {}):
+        name = Path(idx.path).name
+        raise CacheError(
+            f"'{name}' holds augmented views, not the images; pass the cache it belongs "
+            f"to ('{name.replace('-augmented.h5', '.h5')}') or its ARTIFACTS folder"
+        )
     keep = np.array(
         [s == split and v <= max_view for s, v in zip(idx.split, idx.view, strict=True)], bool
     )

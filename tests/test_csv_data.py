@@ -4,6 +4,7 @@ problem row listed with its line, never dropped."""
 from __future__ import annotations
 
 import csv
+import os
 import random
 from pathlib import Path
 
@@ -246,3 +247,22 @@ def test_paths_that_exist_nowhere_are_one_clear_error(tmp_path):
     f.write_text("path,label\nimgs/a.png,x\nimgs/b.png,y\n")
     with pytest.raises(UserError, match=r"only 0 of the 2 labels .* exists under .*meta'; paths"):
         dataset.scan(f)
+
+
+def test_labels_changed_reads_the_csv_only_when_touched(tmp_path, monkeypatch):
+    """Untouched: not read again; touched but saying the same: not changed; edited: said."""
+    for i in range(2):
+        write_image(tmp_path / f"{i}.png", i, i)
+    f = tmp_path / "labels.csv"
+    f.write_text("path,label\n0.png,a\n1.png,b\n")
+    attrs = dataset.source_attrs(dataset.scan(f))
+    reads = []
+    real = dataset._read_csv
+    monkeypatch.setattr(dataset, "_read_csv", lambda p: reads.append(p) or real(p))
+    assert dataset.source_changed(attrs) == "" and reads == []
+    st = f.stat()
+    os.utime(f, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+    f.write_text("path,label\n1.png,b\n0.png,a\n")  # the same rows, reordered
+    assert dataset.source_changed(attrs) == "" and len(reads) == 1
+    f.write_text("path,label\n0.png,b\n1.png,b\n")
+    assert "changed since `make features` read it" in dataset.source_changed(attrs)

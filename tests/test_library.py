@@ -365,3 +365,20 @@ def test_predict_takes_a_list_and_returns_every_image_in_order(both, tmp_path):
     assert [r["path"] for r in body] == [str(asked[0]), str(asked[2])]
     with pytest.raises(UserError, match="IMAGES is an empty list"):
         pipeline.predict([], b, log=None)
+
+
+def test_every_command_line_option_is_a_parameter_of_its_function():
+    """cli.run passes the parsed options as keywords: each must be a parameter, by name."""
+    import argparse
+    import inspect
+
+    from pipeline import cli
+    from pipeline.demo import run_demo
+
+    sub = next(a for a in cli.parser()._actions if isinstance(a, argparse._SubParsersAction))
+    assert set(sub.choices) == set(cli.COMMANDS) | {"demo"}
+    for name, p in sub.choices.items():
+        fn = run_demo if name == "demo" else getattr(pipeline, cli.COMMANDS[name])
+        options = {a.dest for a in p._actions if a.dest != "help"}
+        params = set(inspect.signature(fn).parameters)
+        assert options <= params, f"{name}: {sorted(options - params)}"

@@ -13,7 +13,7 @@ from pipeline import cli, store
 from pipeline.backbone import BackboneSpec, build
 from pipeline.errors import UserError
 from pipeline.features import extract
-from pipeline.prediction import predict
+from pipeline.prediction import classify
 from pipeline.reporting import build_report
 from pipeline.train import train_head
 
@@ -76,7 +76,7 @@ def test_predict_uses_the_features_code_path(trained, tmp_path, quiet):
     for i, c in enumerate((0, 1, 2, 2)):
         write_image(new / f"n{i}.png", c, seed=500 + i)
     (new / "junk.png").write_text("text")
-    out = predict(art, new, out=tmp_path / "p.csv", log=log)
+    out = classify(art, new, out=tmp_path / "p.csv", log=log)[1]
     rows = list(csv.DictReader(open(out)))
     assert [r["path"] for r in rows] == ["n0.png", "n1.png", "n2.png", "n3.png"]
     assert all(r["label"] in ("class_0", "class_1", "class_2") for r in rows)
@@ -84,7 +84,7 @@ def test_predict_uses_the_features_code_path(trained, tmp_path, quiet):
     assert any("could not read junk.png" in s for s in lines)
 
     # a training image predicted through `predict` matches the head on its cached features
-    one = predict(art, data / "train/class_1/img_000.png", out=tmp_path / "one.csv", log=log)
+    one = classify(art, data / "train/class_1/img_000.png", out=tmp_path / "one.csv", log=log)[1]
     got = list(csv.DictReader(open(one)))[0]
     from pipeline import runs
 
@@ -105,7 +105,7 @@ def test_predict_refuses_other_weights(trained, tmp_path):
     w = tmp_path / "other.weights.h5"
     m.save_weights(w)
     with pytest.raises(UserError, match="are not the weights the cache was made with"):
-        predict(art, tmp_path, weights=str(w), log=print)
+        classify(art, tmp_path, weights=str(w), log=print)
 
 
 def test_offline_imagenet_is_one_clear_error(monkeypatch):
@@ -261,8 +261,8 @@ def test_demo_dataset_is_classic_layout(tmp_path):
 def test_predict_with_test_time_augmentation(trained, tmp_path, quiet):
     data, art = trained
     log, _ = quiet
-    plain = predict(art, data / "validation", out=tmp_path / "a.csv", log=log)
-    tta = predict(art, data / "validation", out=tmp_path / "b.csv", tta=3, log=log)
+    plain = classify(art, data / "validation", out=tmp_path / "a.csv", log=log)[1]
+    tta = classify(art, data / "validation", out=tmp_path / "b.csv", tta=3, log=log)[1]
     a, b = list(csv.DictReader(open(plain))), list(csv.DictReader(open(tta)))
     assert [r["path"] for r in a] == [r["path"] for r in b] and len(a) == 9
     # TTA is the mean of the head's probabilities over the image and its 3 seeded views,

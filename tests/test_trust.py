@@ -22,7 +22,7 @@ from pipeline import cli, evaluate, features, heads, images, layout, runs, store
 from pipeline.backbone import BackboneSpec
 from pipeline.errors import UserError
 from pipeline.features import cache_settings, extract
-from pipeline.prediction import predict
+from pipeline.prediction import classify
 from pipeline.reporting import build_report
 from pipeline.train import train_head
 
@@ -252,7 +252,7 @@ def test_tampered_head_is_refused(trained, tmp_path):
     path = layout.heads_dir(art) / r["run"] / "head.joblib"
     path.write_bytes(path.read_bytes() + b"\0")
     with pytest.raises(UserError, match="SHA-256 differs or missing.*refusing to load"):
-        predict(art, data / "validation", out=tmp_path / "p.csv", log=print)
+        classify(art, data / "validation", out=tmp_path / "p.csv", log=print)
 
 
 def test_train_head_reads_one_version_of_the_cache(trained, monkeypatch, quiet):
@@ -296,7 +296,7 @@ def test_predict_refuses_features_made_differently(trained, tmp_path, monkeypatc
     v = images.LOADER_VERSION
     monkeypatch.setattr(images, "LOADER_VERSION", v + 1)
     with pytest.raises(UserError, match=rf"no longer makes \(loader_version {v} -> {v + 1}\)"):
-        predict(art, data / "validation", out=tmp_path / "p.csv", log=print)
+        classify(art, data / "validation", out=tmp_path / "p.csv", log=print)
 
 
 def test_decoder_versions_are_recorded_per_row_and_never_mixed(tmp_path, spec, quiet, monkeypatch):
@@ -326,7 +326,7 @@ def test_predict_says_when_decoders_differ(trained, tmp_path, monkeypatch, quiet
 
     real = predict_mod.embedder()
     monkeypatch.setattr(predict_mod, "embedder", lambda: {**real, "tensorflow": "9.9"})
-    out = predict(art, data / "validation", out=tmp_path / "p.csv", log=log)
+    out = classify(art, data / "validation", out=tmp_path / "p.csv", log=log)[1]
     assert len(list(csv.DictReader(open(out)))) == 6
     assert any("tensorflow" in s and "-> 9.9" in s for s in lines)
 
@@ -455,7 +455,7 @@ def test_predict_works_on_a_pooled_only_cache(tmp_path, spec, quiet):
     art = tmp_path / "art"
     extract(data, art, spec, log=log, maps=False)
     train_head(art, "logreg", folds=2, log=log)
-    out = predict(art, data / "validation", out=tmp_path / "p.csv", log=log)
+    out = classify(art, data / "validation", out=tmp_path / "p.csv", log=log)[1]
     assert len(list(csv.DictReader(open(out)))) == 6
 
 
@@ -471,7 +471,7 @@ def test_predict_refuses_any_other_setting(trained, tmp_path, monkeypatch, setti
 
     monkeypatch.setattr(features, "cache_settings", changed)
     with pytest.raises(UserError, match=rf"no longer makes \(.*{setting}"):
-        predict(art, data / "validation", out=tmp_path / "p.csv", log=print)
+        classify(art, data / "validation", out=tmp_path / "p.csv", log=print)
 
 
 def test_rebuild_with_other_versions_makes_runs_and_views_stale(tmp_path, spec, quiet, monkeypatch):
