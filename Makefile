@@ -14,7 +14,7 @@ SIZE      ?=
 LAYER     ?=
 BATCH     ?= 32
 DTYPE     ?= float16
-PRECISION ?= float32
+PRECISION ?= auto
 AUGMENT   ?= 0
 REBUILD   ?= 0
 VERIFY    ?= 0
@@ -36,6 +36,10 @@ SWEEP_POOLS ?= avg,max,flatten
 SWEEP_VIEWS ?= 0
 SWEEP_BACKBONES ?=
 GALLERY   ?=
+VERBOSE   ?= 0
+
+# VERBOSE=1: TensorFlow's own start-up and C++ lines are shown (pipeline/progress.py)
+export PIPELINE_VERBOSE := $(VERBOSE)
 
 comma := ,
 pool_arg   = $(if $(POOL),--pool $(POOL))
@@ -61,7 +65,8 @@ help: ## this list
 	@echo "  BACKBONE=$(BACKBONE)     vgg16 vgg19 resnet50 resnet50v2 inceptionv3 efficientnetv2b0 convnext_tiny mobilenetv3large"
 	@echo "  WEIGHTS=$(WEIGHTS)     imagenet | none (random, seeded, flagged) | /path/to/<backbone> notop .h5"
 	@echo "  SIZE= LAYER= BATCH=$(BATCH) DTYPE=$(DTYPE)   input size, cached layer (default: the backbone's), batch, stored type"
-	@echo "  PRECISION=$(PRECISION)   float32 | mixed_float16 | mixed_bfloat16 (GPU; its own cache)"
+	@echo "  PRECISION=$(PRECISION)   auto: mixed_bfloat16 where the CPU has avx512_bf16/AMX (2x VGG16), the GPU's choice,"
+	@echo "                     float32 elsewhere | float32 | mixed_float16 | mixed_bfloat16 (each its own cache)"
 	@echo "  HEAD=$(HEAD)       logreg | svm | svm-linear | svm-nystroem | dense;  POOL=avg|max|flatten"
 	@echo "  FOLDS=$(FOLDS) SEED=$(SEED)    cross-validation folds, seed for every random choice"
 	@echo "  AUGMENT=K (features) VIEWS=K (train-head)   cache / train on K augmented views per image"
@@ -76,6 +81,7 @@ help: ## this list
 	@echo "  SWEEP_HEADS=$(SWEEP_HEADS) SWEEP_POOLS=$(SWEEP_POOLS) SWEEP_VIEWS=$(SWEEP_VIEWS)  for sweep"
 	@echo "  SWEEP_BACKBONES=vgg16,resnet50   sweep: extract each once (from DATA), rank them all together"
 	@echo "  GALLERY=run|all   report: misclassified images of that run too (the best run's always)"
+	@echo "  VERBOSE=1           also TensorFlow's own lines (start-up, CUDA, oneDNN); default: progress, results, warnings"
 	@echo "Full reference: $(PY) -m pipeline --help, and $(PY) -m pipeline COMMAND --help"
 
 $(STAMP): pyproject.toml
@@ -107,7 +113,7 @@ finetune: $(STAMP) ## cache block4_pool once, then cross-validate block5 + head 
 sweep: $(STAMP) ## every head x pooling x VIEWS on the cache, ranked, + learning curve
 	$(PY) -m pipeline sweep --artifacts $(ARTIFACTS) --folds $(FOLDS) --seed $(SEED) \
 		--heads $(SWEEP_HEADS) --pools $(SWEEP_POOLS) --views $(SWEEP_VIEWS) $(cluster_arg) \
-		$(if $(SWEEP_BACKBONES),--backbones $(SWEEP_BACKBONES) --data $(DATA) --weights $(WEIGHTS) $(size_arg))
+		$(if $(SWEEP_BACKBONES),--backbones $(SWEEP_BACKBONES) --data $(DATA) --weights $(WEIGHTS) $(size_arg) --precision $(PRECISION))
 
 report: $(STAMP) ## ARTIFACTS/report/report.{json,md,html} comparing every trained head
 	$(PY) -m pipeline report --artifacts $(ARTIFACTS) $(if $(GALLERY),--gallery $(GALLERY))

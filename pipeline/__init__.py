@@ -8,8 +8,11 @@ function imports what it needs when it runs.
 
 import os as _os
 
-# Quiet TensorFlow's C++ start-up chatter and pin Keras 3 to TensorFlow before anything imports it.
-_os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+# Pin Keras 3 to TensorFlow, and keep TensorFlow's C++ lines below ERROR quiet, before anything
+# imports it (its start-up lines are held back by pipeline.progress.quiet_frameworks); VERBOSE=1
+# (PIPELINE_VERBOSE=1) shows them all.
+_verbose = _os.environ.get("PIPELINE_VERBOSE", "").strip() not in ("", "0")
+_os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "0" if _verbose else "2")
 _os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 
 from pipeline.api import (  # noqa: E402  (light: imports nothing heavy until called)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple
 
@@ -34,6 +35,16 @@ def _quiet(_: str) -> None:
 
 def _log(log: Log | None) -> Log:
     return _quiet if log is None else log
+
+
+def _progress(log: Log | None) -> AbstractContextManager[None]:
+    """Progress lines ("embedding 224/640 ...") go to `log` too; `log=None`: nothing is printed.
+
+    The command line keeps its own choice (progress on stderr, results on stdout).
+    """
+    from pipeline.progress import lines_to
+
+    return lines_to(log, keep_outer=True)
 
 
 def _setting(v: Any) -> str:
@@ -73,7 +84,7 @@ def extract(
     layer: str | None = None,
     batch: int = 32,
     dtype: str = "float16",
-    precision: str = "float32",
+    precision: str = "auto",
     augment: int = 0,
     rebuild: bool = False,
     verify: bool = False,
@@ -87,6 +98,9 @@ def extract(
     `data` is an image folder (class folders, or train/ and validation/ with class folders) or
     a `path,label[,split]` CSV file. Reruns embed only new or changed images. Returns what the
     run did (`.cache` is the cache file, `.skipped_rows` the files that could not be read).
+    `precision="auto"` computes in bfloat16 where the processor does so natively (AVX512-BF16 or
+    AMX; on a GPU, its own choice) and in float32 elsewhere; the precision it resolves to is in
+    the cache key and the first line logged. `log=None` prints nothing, progress included.
     """
     from pipeline import cluster as dask_cluster
     from pipeline.backbone import BackboneSpec
@@ -100,7 +114,7 @@ def extract(
         name=backbone,
         precision=precision,
     )
-    with dask_cluster.client(cluster) as c:
+    with _progress(log), dask_cluster.client(cluster) as c:
         return run(
             Path(data),
             Path(artifacts),
@@ -137,7 +151,7 @@ def train_head(
     from pipeline import cluster as dask_cluster
     from pipeline.train import train_head as run
 
-    with dask_cluster.client(cluster) as c:
+    with _progress(log), dask_cluster.client(cluster) as c:
         return run(
             Path(artifacts),
             head=head,
@@ -161,7 +175,7 @@ def finetune(
     size: int | None = None,
     batch: int = 32,
     dtype: str = "float16",
-    precision: str = "float32",
+    precision: str = "auto",
     folds: int = 5,
     seed: int = 0,
     params: Mapping[str, Any] | Iterable[str] | str | None = None,
@@ -190,7 +204,7 @@ def finetune(
         name=backbone,
         precision=precision,
     )
-    with dask_cluster.client(cluster) as c:
+    with _progress(log), dask_cluster.client(cluster) as c:
         s = run_extract(
             Path(data),
             Path(artifacts),
@@ -226,6 +240,7 @@ def sweep(
     weights: str = "imagenet",
     size: int | None = None,
     batch: int = 32,
+    precision: str = "auto",
     cluster: str = "",
     log: Log | None = print,
 ) -> dict[str, Any]:
@@ -237,7 +252,7 @@ def sweep(
     from pipeline import cluster as dask_cluster
     from pipeline.sweeping import run_sweep
 
-    with dask_cluster.client(cluster) as c:
+    with _progress(log), dask_cluster.client(cluster) as c:
         return run_sweep(
             Path(artifacts),
             _names(heads),
@@ -254,6 +269,7 @@ def sweep(
                 "weights": weights,
                 "size": size,
                 "batch": batch,
+                "precision": precision,
                 "embedder_fn": dask_cluster.embedder(c) if c is not None else None,
             },
         )
@@ -268,7 +284,8 @@ def report(
     """
     from pipeline.reporting import build_report
 
-    return build_report(Path(artifacts), log=_log(log), gallery_runs=gallery)
+    with _progress(log):
+        return build_report(Path(artifacts), log=_log(log), gallery_runs=gallery)
 
 
 def predict(
@@ -293,18 +310,19 @@ def predict(
     """
     from pipeline.prediction import classify
 
-    rows, _ = classify(
-        Path(artifacts),
-        Path(images) if isinstance(images, (str, os.PathLike)) else list(images),
-        run=run,
-        out=Path(out) if out else None,
-        weights=weights,
-        batch_size=batch,
-        tta=tta,
-        log=_log(log),
-        backbone=backbone,
-        topk=topk,
-    )
+    with _progress(log):
+        rows, _ = classify(
+            Path(artifacts),
+            Path(images) if isinstance(images, (str, os.PathLike)) else list(images),
+            run=run,
+            out=Path(out) if out else None,
+            weights=weights,
+            batch_size=batch,
+            tta=tta,
+            log=_log(log),
+            backbone=backbone,
+            topk=topk,
+        )
     return rows
 
 

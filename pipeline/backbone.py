@@ -14,6 +14,8 @@ from __future__ import annotations
 import functools
 import hashlib
 import os
+import sys
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -23,8 +25,14 @@ import numpy as np
 from pipeline.errors import UserError
 
 OUTPUT = "output"  # the model's own last layer, where its name is not stable across sessions
-# mixed precision computes in 16 bits on a GPU (tensor cores); its accuracy cost is measured
+# Compute precision of the forward pass (the stored type is DTYPE). Mixed policies compute in 16
+# bits (weights and accumulation stay float32): on GPU tensor cores, and on x86 CPUs with native
+# bfloat16 (AVX512-BF16, AMX), about twice as fast as float32 there; its accuracy cost is measured
+# (tests/test_precision.py, `make bench`). `auto` resolves to one of these before anything is
+# hashed, so a cache, a run and a report only ever name a concrete one.
 PRECISIONS = ("float32", "mixed_float16", "mixed_bfloat16")
+AUTO = "auto"
+BF16_CPU_FLAGS = ("avx512_bf16", "amx_bf16", "amx_tile")  # /proc/cpuinfo names, x86
 PREPROCESSING = {
     "caffe": "RGB->BGR, ImageNet mean subtracted, no scaling (caffe)",
     "tf": "scaled to [-1, 1] (tf)",
@@ -110,10 +118,14 @@ class BackboneSpec:
     input_size: int | None = None
     seed: int = 0
     name: str = "vgg16"
-    precision: str = "float32"
+    precision: str = "float32"  # or "auto": resolved here, for this machine (see resolve)
 
     def __post_init__(self) -> None:
         fam = family(self.name)
+        if self.precision == AUTO:  # before anything is hashed: settings() never says "auto"
+            chosen, why = resolve(AUTO)
+            object.__setattr__(self, "precision", chosen)
+            object.__setattr__(self, "precision_reason", why)
         if self.layer is None:
             object.__setattr__(self, "layer", fam.layers[0])
         if self.input_size is None:
@@ -130,7 +142,7 @@ class BackboneSpec:
             )
         if self.precision not in PRECISIONS:
             raise UserError(
-                f"PRECISION must be one of {', '.join(PRECISIONS)}; got '{self.precision}'"
+                f"PRECISION must be one of {AUTO}, {', '.join(PRECISIONS)}; got '{self.precision}'"
             )
         kind = self.weights_kind
         if kind == "file" and not Path(self.weights).is_file():
@@ -142,6 +154,13 @@ class BackboneSpec:
     @property
     def family(self) -> Family:
         return family(self.name)
+
+    def describe(self) -> str:
+        """`vgg16 block5_pool 224px, precision mixed_bfloat16 (auto: this CPU has avx512_bf16)`."""
+        why = getattr(self, "precision_reason", "")
+        return f"{self.name} {self.layer} {self.input_size}px, precision {self.precision}" + (
+            f" ({why})" if why else ""
+        )
 
     @property
     def weights_kind(self) -> str:
@@ -175,6 +194,97 @@ class BackboneSpec:
         if not self.random_weights:
             d.pop("seed")  # the seed only matters for random weights
         return d
+
+
+def cpu_flags(cpuinfo: str | os.PathLike[str] = "/proc/cpuinfo") -> frozenset[str]:
+    """The processor's feature flags as Linux lists them (x86: `flags`); empty elsewhere."""
+    try:
+        with open(cpuinfo, encoding="utf-8", errors="replace") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                if key.strip() in ("flags", "Features"):
+                    return frozenset(value.split())
+    except OSError:
+        pass
+    return frozenset()
+
+
+def visible_gpu() -> dict[str, Any] | None:
+    """TensorFlow's details of the first GPU it can use ({"device_name", "compute_capability"}).
+
+    Cheap where there is no NVIDIA driver (no /proc/driver/nvidia, no /dev/nvidia0, or
+    CUDA_VISIBLE_DEVICES empty or -1): TensorFlow is not imported to say "none". Where there is
+    one, TensorFlow, which will run the backbone anyway, says whether it can use it.
+    """
+    if os.environ.get("CUDA_VISIBLE_DEVICES") in ("", "-1"):
+        return None
+    driver = Path("/proc/driver/nvidia/version").exists() or Path("/dev/nvidia0").exists()
+    if not driver and "tensorflow" not in sys.modules:
+        return None
+    if os.environ.get("KERAS_BACKEND", "tensorflow") != "tensorflow":
+        return None
+    from pipeline.progress import quiet_frameworks
+
+    quiet_frameworks()
+    import tensorflow as tf
+
+    gpus = tf.config.list_physical_devices("GPU")
+    if not gpus:
+        return None
+    details = dict(tf.config.experimental.get_device_details(gpus[0]))
+    details.setdefault("device_name", gpus[0].name)
+    return details
+
+
+@functools.lru_cache(maxsize=1)
+def _this_machine() -> tuple[frozenset[str], dict[str, Any] | None]:
+    return cpu_flags(), visible_gpu()
+
+
+def choose_precision(flags: Iterable[str], gpu: dict[str, Any] | None) -> tuple[str, str]:
+    """What `auto` means on a machine with these CPU flags and this GPU: (precision, why).
+
+    A GPU decides when there is one: bfloat16 from compute capability 8.0 (Ampere and later),
+    float16 on 7.x (tensor cores, float16 only), float32 below (no tensor cores: no gain). Else
+    bfloat16 where the CPU computes it natively (AVX512-BF16 or AMX), float32 everywhere else
+    (emulated bfloat16 is slower than float32).
+    """
+    if gpu is not None:
+        cc = tuple(int(v) for v in gpu.get("compute_capability") or (0, 0))
+        name = gpu.get("device_name") or "GPU"
+        where = f"auto: {name}, compute capability {cc[0]}.{cc[1]}"
+        if cc >= (8, 0):
+            return "mixed_bfloat16", where
+        if cc >= (7, 0):
+            return "mixed_float16", where
+        return "float32", where + ", no tensor cores"
+    have = [f for f in BF16_CPU_FLAGS if f in set(flags)]
+    if have:
+        return "mixed_bfloat16", f"auto: this CPU has {have[0]}"
+    return "float32", "auto: no GPU, and no native bfloat16 in this CPU: no avx512_bf16, no AMX"
+
+
+def resolve(
+    requested: str, flags: Iterable[str] | None = None, gpu: dict[str, Any] | None = None
+) -> tuple[str, str]:
+    """(concrete precision, why) for PRECISION=`requested`; see `resolve_precision`."""
+    if requested != AUTO:
+        return requested, ""
+    if flags is None and gpu is None:
+        flags, gpu = _this_machine()
+    return choose_precision(flags or (), gpu)
+
+
+def resolve_precision(
+    requested: str, cpu_flags: Iterable[str] | None = None, gpu: dict[str, Any] | None = None
+) -> str:
+    """The concrete precision PRECISION=`requested` means: `auto` is chosen for a machine.
+
+    `cpu_flags` (/proc/cpuinfo's names) and `gpu` (TensorFlow's device details, with
+    `compute_capability`) describe the machine; pass either (the other then means none) to
+    describe another one; neither: this one. Any other value is returned as it is.
+    """
+    return resolve(requested, cpu_flags, gpu)[0]
 
 
 def spec_from_settings(
@@ -227,8 +337,18 @@ def seeded_init(model: Any, seed: int) -> None:
             layer.set_weights(new)
 
 
+def _keras() -> Any:
+    """Keras, with TensorFlow's start-up lines held back (pipeline.progress.quiet_frameworks)."""
+    from pipeline.progress import quiet_frameworks
+
+    quiet_frameworks()
+    import keras
+
+    return keras
+
+
 def _constructor(fam: Family) -> Any:
-    import keras  # TensorFlow's log level and the backend are set in pipeline/__init__.py
+    keras = _keras()
 
     return getattr(keras.applications, fam.constructor)
 
@@ -306,11 +426,7 @@ def cut(base: Any, layer: str) -> Any:
 
 def build(spec: BackboneSpec) -> Any:
     """The frozen backbone, cut at `spec.layer`, as a Keras model taking preprocessed float32."""
-    import keras
-
-    from pipeline.progress import quiet_frameworks
-
-    quiet_frameworks()
+    keras = _keras()
     previous = keras.config.dtype_policy()
     keras.config.set_dtype_policy(spec.precision)
     try:
@@ -330,6 +446,7 @@ def preprocess(batch: np.ndarray, name: str = "vgg16") -> np.ndarray:
     """
     import importlib
 
+    _keras()
     mod = importlib.import_module(f"keras.applications.{family(name).module}")
     return np.asarray(mod.preprocess_input(batch.astype(np.float32)), dtype=np.float32)
 

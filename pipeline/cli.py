@@ -54,10 +54,16 @@ def _backbone(p: argparse.ArgumentParser, layer: bool = True) -> None:
             help="backbone layer to cache (default: its last feature stage, e.g. block5_pool)",
         )
     p.add_argument("--batch", type=int, default=32, help="images per backbone batch (default 32)")
+    _precision(p)
+
+
+def _precision(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--precision",
-        default="float32",
-        help="float32, or mixed_float16 / mixed_bfloat16 for a GPU (a separate cache)",
+        default="auto",
+        help="compute precision of the backbone: auto (default: mixed_bfloat16 where the CPU "
+        "has avx512_bf16 or AMX, on a GPU its choice, float32 elsewhere), float32, "
+        "mixed_float16 or mixed_bfloat16; each its own cache",
     )
 
 
@@ -210,6 +216,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--weights", default="imagenet", help="weights, for --backbones")
     p.add_argument("--size", type=int, default=None, help="input size, for --backbones")
     p.add_argument("--batch", type=int, default=32, help="images per batch, for --backbones")
+    _precision(p)
     _cluster(p)
     _common(p)
 
@@ -308,15 +315,17 @@ def run(args: argparse.Namespace) -> None:
     """Run one command through `pipeline.api`, the functions a script calls, with its options
     as keyword arguments (an option the function lacks is a TypeError, never ignored)."""
     from pipeline import api
+    from pipeline.progress import lines_to
 
     log = lambda s: print(s, flush=True)  # noqa: E731
     settings = {k: v for k, v in vars(args).items() if k != "command"}
-    if args.command == "demo":
-        from pipeline.demo import run_demo
+    with lines_to(lambda s: print(s, file=sys.stderr, flush=True)):  # progress: stderr
+        if args.command == "demo":
+            from pipeline.demo import run_demo
 
-        run_demo(**settings, log=log)
-    else:
-        getattr(api, COMMANDS[args.command])(**settings, log=log)
+            run_demo(**settings, log=log)
+        else:
+            getattr(api, COMMANDS[args.command])(**settings, log=log)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -197,6 +197,7 @@ def extract(
         raise UserError(f"AUGMENT must be 0 or a positive number of views; got {augment}")
     settings = cache_settings(spec, dtype, maps)
     key = store.cache_key(settings)
+    log(spec.describe())  # first: what computes the features (precision: its resolved value)
     scan = dataset.scan(data)
     for w in scan.warnings:
         log(f"warning: {w}")

@@ -20,11 +20,11 @@ from sklearn.model_selection import StratifiedGroupKFold, train_test_split
 
 
 def _keras() -> Any:
-    import keras
-
     from pipeline.progress import quiet_frameworks
 
     quiet_frameworks()
+    import keras
+
     return keras
 
 

@@ -1,10 +1,53 @@
-"""Progress on long work: count, rate and ETA, printed to stderr at most every `every` seconds."""
+"""Progress on long work (count, rate and ETA), and a terminal free of the frameworks' chatter.
+
+Progress lines go where the caller says (`lines_to`): the library's functions send them to
+their `log` (none with `log=None`), the command line to stderr. `quiet_frameworks` keeps
+TensorFlow's C++ start-up lines and absl's notices out of a user's output; `VERBOSE=1`
+(PIPELINE_VERBOSE=1) shows them.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import os
 import sys
+import tempfile
 import time
+from collections.abc import Callable, Iterator
+from contextvars import ContextVar
 from typing import TextIO
+
+Log = Callable[[str], None]
+
+
+def _stderr(line: str) -> None:
+    sys.stderr.write(line + "\n")
+    sys.stderr.flush()
+
+
+def _nowhere(line: str) -> None:
+    pass
+
+
+# where Progress lines go; None: nobody said (stderr)
+_sink: ContextVar[Log | None] = ContextVar("pipeline_progress_sink", default=None)
+
+
+@contextlib.contextmanager
+def lines_to(log: Log | None, keep_outer: bool = False) -> Iterator[None]:
+    """Progress lines made inside go to `log` (None: nowhere).
+
+    `keep_outer`: an outer `lines_to` (the command line's, to stderr) keeps its say, except that
+    `log=None` always silences.
+    """
+    if keep_outer and log is not None and _sink.get() is not None:
+        yield
+        return
+    token = _sink.set(_nowhere if log is None else log)
+    try:
+        yield
+    finally:
+        _sink.reset(token)
 
 
 def _fmt_seconds(s: float) -> str:
@@ -15,7 +58,10 @@ def _fmt_seconds(s: float) -> str:
 
 
 class Progress:
-    """A throttled progress line: `label 120/640 (18.8%) 14.2 img/s ETA 00:37`."""
+    """A throttled progress line: `label 120/640 (18.8%) 14.2 img/s ETA 00:37`.
+
+    Printed to `stream` if given, else where `lines_to` says (by default stderr).
+    """
 
     def __init__(
         self,
@@ -26,7 +72,8 @@ class Progress:
         stream: TextIO | None = None,
     ) -> None:
         self.total, self.label, self.unit, self.every = total, label, unit, every
-        self.stream = stream if stream is not None else sys.stderr
+        self.stream = stream
+        self.say: Log = _sink.get() or _stderr
         self.done = 0
         self.start = time.perf_counter()
         self._last = 0.0
@@ -37,8 +84,11 @@ class Progress:
         now = time.perf_counter()
         if now - self._last >= self.every or self.done >= self.total:
             self._last = now
-            self.stream.write(self.line(now) + "\n")
-            self.stream.flush()
+            if self.stream is not None:
+                self.stream.write(self.line(now) + "\n")
+                self.stream.flush()
+            else:
+                self.say(self.line(now))
 
     def rate(self, now: float | None = None) -> float:
         elapsed = (now if now is not None else time.perf_counter()) - self.start
@@ -55,12 +105,57 @@ class Progress:
         )
 
 
-def quiet_frameworks() -> None:
-    """Keep TensorFlow's and absl's chatter (retracing notices, ...) out of a user's output.
+def verbose() -> bool:
+    """VERBOSE=1 (PIPELINE_VERBOSE=1 in the environment): the frameworks' own lines are shown."""
+    return os.environ.get("PIPELINE_VERBOSE", "").strip() not in ("", "0")
 
-    Errors still show. Called wherever Keras is imported; TensorFlow's C++ start-up lines are
-    governed by TF_CPP_MIN_LOG_LEVEL, set in pipeline/__init__.py.
+
+@contextlib.contextmanager
+def held_stderr() -> Iterator[None]:
+    """File descriptor 2 into a temporary file for the duration; given back to stderr only if
+    the block fails (C++ libraries write there before Python's logging can say anything)."""
+    try:
+        sys.stderr.flush()
+        saved = os.dup(2)
+    except (OSError, ValueError):  # no fd 2 to hold (closed, or not a real file)
+        saved = -1
+    if saved < 0:
+        yield
+        return
+    with tempfile.TemporaryFile() as held:
+        os.dup2(held.fileno(), 2)
+        failed = False
+        try:
+            yield
+        except BaseException:
+            failed = True
+            raise
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            if failed:
+                held.seek(0)
+                sys.stderr.write(held.read().decode("utf-8", "replace"))
+                sys.stderr.flush()
+
+
+def quiet_frameworks() -> None:
+    """Import TensorFlow without its C++ start-up lines; keep absl's and TensorFlow's Python
+    notices (retracing, ...) out of a user's output. Errors still show.
+
+    Called before Keras is imported (`backbone._keras`, `keras_heads._keras`). TensorFlow prints
+    "Could not find cuda drivers", "failed call to cuInit" and the like from C++ while it loads
+    and finds its devices, before any log level applies to them: both happen here, with fd 2
+    held (and its content dropped unless the import fails). Later C++ lines below ERROR are
+    governed by TF_CPP_MIN_LOG_LEVEL (set in pipeline/__init__.py). VERBOSE=1: nothing held.
     """
+    if verbose():
+        return
+    if "tensorflow" not in sys.modules and os.environ.get("KERAS_BACKEND") in (None, "tensorflow"):
+        with held_stderr():
+            import tensorflow as tf
+
+            tf.config.list_physical_devices()  # initialises the platforms (cuInit) here
     import logging
 
     for name in ("tensorflow", "absl", "h5py", "distributed.utils_perf"):

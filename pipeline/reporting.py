@@ -134,6 +134,7 @@ def header(artifacts: Path, idx: store.Index | None, entries: list[dict[str, Any
         input_size=st.get("input_size"),
         layer=st.get("layer"),
         preprocessing=st.get("preprocessing"),
+        precision=st.get("precision", "float32"),  # the resolved one (never "auto")
         dtype=st.get("dtype"),
         seeds=sorted({e["seed"] for e in entries if e.get("seed") is not None}),
         cache=idx.path.name,
@@ -377,6 +378,7 @@ def _header_rows(h: dict[str, Any]) -> list[tuple[str, str]]:
         ("input size", h.get("input_size")),
         ("layer", h.get("layer")),
         ("preprocessing", h.get("preprocessing")),
+        ("compute precision", h.get("precision")),
         ("stored type", h.get("dtype")),
         ("seeds", ", ".join(str(v) for v in h.get("seeds", [])) or None),
         ("cache", h.get("cache")),

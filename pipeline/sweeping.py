@@ -42,8 +42,8 @@ def run_sweep(
     """Train every combination, rank them, and write the best one's learning curve.
 
     With `backbones` (e.g. "vgg16,resnet50") and `extraction` (data, weights, size, batch,
-    dtype, augment for `features.extract`), each backbone is extracted once into its own
-    incremental cache first, and the ranking spans backbone x head x pooling x views.
+    precision, dtype, augment for `features.extract`), each backbone is extracted once into its
+    own incremental cache first, and the ranking spans backbone x head x pooling x views.
     """
     names, pool_list, view_list = _split(heads_list, str), _split(pools, str), _split(views, int)
     caches: list[tuple[str, Path | None]] = [("", None)]
@@ -64,6 +64,7 @@ def run_sweep(
                 name=b,
                 input_size=extraction.get("size"),
                 seed=seed,
+                precision=extraction.get("precision", "float32"),
             )
             s = extract(
                 Path(extraction["data"]),

@@ -60,7 +60,7 @@ def test_the_header_says_what_was_evaluated(reported):
         "float16",
     )
     assert h["weights"] == "none" and h["random_weights"] is True and h["seeds"] == [0]
-    assert h["preprocessing"] and h["weights_id"]
+    assert h["preprocessing"] and h["weights_id"] and h["precision"] == "float32"
     datetime.fromisoformat(h["date"].replace("Z", "+00:00"))
     assert "numpy" in h["versions"] and "scikit-learn" in h["versions"]
     page = html.unescape((layout.report_dir(art) / "report.html").read_text())
@@ -69,6 +69,7 @@ def test_the_header_says_what_was_evaluated(reported):
         "block5_pool",
         "float16",
         "18 train, 6 validation",
+        "compute precision",
         "package versions",
         h["versions"]["numpy"],
         h["date"],
