@@ -52,7 +52,7 @@ layer_arg  = $(if $(LAYER),--layer $(LAYER))
 cluster_arg = $(if $(CLUSTER),--cluster $(CLUSTER))
 topk_arg   = $(if $(TOPK),--topk $(TOPK))
 
-.PHONY: help install features train-head train-all finetune sweep report predict export demo test lint bench clean
+.PHONY: help install features train-head train-all finetune sweep report predict export demo test lint bench bench-gpu clean
 
 help: ## this list
 	@echo "Targets:"
@@ -136,7 +136,10 @@ lint: $(STAMP) ## ruff
 	$(PY) -m ruff check pipeline tests
 
 bench: $(STAMP) ## speed and memory figures: ARTIFACTS/bench/bench.json (BENCH_SIZE=small|default)
-	$(PY) -m pipeline.bench --artifacts $(ARTIFACTS)/bench $(if $(BENCH_SIZE),--size $(BENCH_SIZE))
+	$(PY) -m pipeline.bench --artifacts $(ARTIFACTS)/bench $(if $(BENCH_SIZE),--size $(BENCH_SIZE)) --precision $(PRECISION)
+
+bench-gpu: $(STAMP) ## on a GPU machine: float32 vs mixed, batch 64-512, XLA, decode threads (ARTIFACTS/bench-gpu)
+	$(PY) -m pipeline.bench --artifacts $(ARTIFACTS)/bench-gpu --only gpu $(if $(BENCH_SIZE),--size $(BENCH_SIZE))
 
 clean: ## remove generated output (keeps .venv and artifacts/README.md)
 	find $(ARTIFACTS) -mindepth 1 -maxdepth 1 ! -name README.md ! -name report-screenshot.png -exec rm -rf {} + 2>/dev/null || true

@@ -6,8 +6,14 @@
 2-3. an unchanged rerun and a rerun after adding 1% new images, as fractions of the full run;
 4. peak memory of extraction (a fresh process each) at N and 4N images;
 5. `make train-head` wall time and start-up time per head on synthetic cached features;
-6. bytes of cache per image.
-Writes ARTIFACTS/bench/bench.json and prints a table. The size is a setting (--size).
+6. bytes of cache per image;
+7. every backbone's images/s and peak memory in float32 and at PRECISION=auto (what it resolves
+   to here), with the per-image correlation of their pooled features;
+8. (`--only gpu`, `make bench-gpu`, where a GPU is) the accelerator: float32 vs mixed precision at
+   batch 64-512, plain and XLA-compiled forward pass, decode threads needed to feed it.
+Writes ARTIFACTS/bench/bench.json and prints a table. The size is a setting (--size). Parts 1-2
+run at --precision (default auto, resolved as `make features` does) for both the pipeline and the
+bare pass.
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ import statistics
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +48,7 @@ SIZES: dict[str, dict[str, int]] = {
         scale_n=200,
         cluster_n=16,
         gpu_n=64,
+        gpu_reps=3,
         backbone_n=8,
     ),
     "default": dict(
@@ -54,6 +62,7 @@ SIZES: dict[str, dict[str, int]] = {
         scale_n=2000,
         cluster_n=32,
         gpu_n=512,
+        gpu_reps=10,
         backbone_n=16,
     ),
     "full": dict(
@@ -67,6 +76,7 @@ SIZES: dict[str, dict[str, int]] = {
         scale_n=10000,
         cluster_n=96,
         gpu_n=2048,
+        gpu_reps=20,
         backbone_n=64,
     ),
 }
@@ -95,19 +105,23 @@ def make_images(folder: Path, n: int, kind: str, seed: int = 0) -> Path:
     return folder
 
 
-def bare_rates(model: Any, n_images: int, size: int, batches: tuple[int, ...]) -> dict[str, float]:
+def bare_rates(
+    model: Any, n_images: int, size: int, batches: tuple[int, ...], name: str = "vgg16"
+) -> dict[str, float]:
     """Images/s of the backbone alone on preprocessed tensors, per call style and batch size."""
     return {
-        f"{style}@{b}": bare_rates_single(model, style, b, n_images, size)
+        f"{style}@{b}": bare_rates_single(model, style, b, n_images, size, name)
         for b in batches
         for style in ("predict_on_batch", "call")
     }
 
 
-def bare_rates_single(model: Any, style: str, b: int, n: int, size: int) -> float:
+def bare_rates_single(
+    model: Any, style: str, b: int, n: int, size: int, name: str = "vgg16"
+) -> float:
     from pipeline.backbone import preprocess
 
-    x = preprocess(np.random.default_rng(b).integers(0, 255, (b, size, size, 3), np.uint8))
+    x = preprocess(np.random.default_rng(b).integers(0, 255, (b, size, size, 3), np.uint8), name)
     fn = (
         (lambda: model(x, training=False))
         if style == "call"
@@ -126,10 +140,17 @@ def extraction(work: Path, cfg: dict[str, int], model: Any, spec: Any, batch: in
     from pipeline.features import extract
 
     quiet = lambda s: None  # noqa: E731
-    search = bare_rates(model, 16, spec.input_size, (1, 16, 32))
+    search = bare_rates(model, 16, spec.input_size, (1, 16, 32), spec.name)
     best = max(search, key=search.get)
     _say(f"  bare pass search: {', '.join(f'{k} {v:.1f}' for k, v in search.items())} img/s")
-    res: dict[str, Any] = {"bare_search": search, "bare_best": best, "kinds": {}}
+    res: dict[str, Any] = {
+        "backbone": spec.name,
+        "input_size": spec.input_size,
+        "precision": spec.precision,  # both sides: the pipeline's model is the bare pass's
+        "bare_search": search,
+        "bare_best": best,
+        "kinds": {},
+    }
     for kind in ("png", "jpeg"):
         pipe, bare = [], []
         for r in range(cfg["rounds"]):
@@ -144,6 +165,7 @@ def extraction(work: Path, cfg: dict[str, int], model: Any, spec: Any, batch: in
                     int(best.split("@")[1]),
                     cfg["per_round"],
                     spec.input_size,
+                    spec.name,
                 )
             )
             _say(
@@ -203,6 +225,10 @@ def reruns(work: Path, cfg: dict[str, int], model: Any, spec: Any, batch: int) -
         spec.weights,
         "--size",
         str(spec.input_size),
+        "--backbone",
+        spec.name,
+        "--precision",
+        spec.precision,
     ]
     t = time.perf_counter()
     subprocess.run(cli, check=True, capture_output=True)
@@ -254,6 +280,10 @@ def peak_memory(work: Path, cfg: dict[str, int], spec: Any, batch: int) -> dict:
                 spec.weights,
                 "--size",
                 str(spec.input_size),
+                "--backbone",
+                spec.name,
+                "--precision",
+                spec.precision,
                 "--batch",
                 str(batch),
             ],
@@ -405,7 +435,8 @@ def cluster_extraction(work: Path, cfg: dict[str, int], spec: Any, batch: int) -
         t = time.perf_counter()
         cmd = [sys.executable, "-m", "pipeline", "features", "--data", str(data),
                "--artifacts", str(work / f"cluster-art-{name}"), "--weights", spec.weights,
-               "--size", str(spec.input_size), "--batch", str(batch)]  # fmt: skip
+               "--size", str(spec.input_size), "--batch", str(batch), "--backbone", spec.name,
+               "--precision", spec.precision]  # fmt: skip
         if value:
             cmd += ["--cluster", value]
         subprocess.run(cmd, check=True, capture_output=True, text=True)
@@ -416,50 +447,124 @@ def cluster_extraction(work: Path, cfg: dict[str, int], spec: Any, batch: int) -
     return out
 
 
-def gpu_extraction(work: Path, n: int, batch: int) -> dict[str, Any]:
-    """On an accelerator: bare forward pass and the `make features` path, float32 vs mixed.
+def _timed_calls(fn: Any, x: Any, reps: int) -> float:
+    """Images/s of `reps` calls of `fn` on the batch `x`, after one warm-up (compiling) call."""
+    np.asarray(fn(x))
+    t = time.perf_counter()
+    for _ in range(reps):
+        np.asarray(fn(x))
+    return reps * len(x) / (time.perf_counter() - t)
 
-    Run where a GPU is at hand (`--only gpu`); Keras runs on whichever backend is installed
-    there (KERAS_BACKEND). The features path decodes in threads while the GPU runs.
+
+def decode_rate(todo: list[Any], size: int, workers: int, batch: int) -> float:
+    """Images/s of the features path's decoding alone (files to resized uint8 batches)."""
+    from pipeline.batches import decoded_batches
+
+    t = time.perf_counter()
+    for _ in decoded_batches(todo, size, batch, workers):
+        pass
+    return len(todo) / (time.perf_counter() - t)
+
+
+@dataclass(frozen=True)
+class _File:
+    """A file for `decoded_batches` (the image itself: no view, no hash needed)."""
+
+    abspath: Path
+    sha256: str | None = None
+    view: int = 0
+
+
+GPU_BATCHES = (64, 128, 256, 512)
+GPU_THREADS = (1, 2, 4, 8, 16)
+
+
+def gpu_extraction(
+    work: Path,
+    n: int,
+    reps: int,
+    batches: tuple[int, ...] = GPU_BATCHES,
+    threads: tuple[int, ...] = GPU_THREADS,
+    size: int = 224,
+    name: str = "vgg16",
+) -> dict[str, Any]:
+    """On an accelerator: what extraction can do there, and what it takes to feed it.
+
+    - the bare forward pass (`predict_on_batch` on preprocessed host tensors, as the pipeline
+      calls it) in float32 and mixed precision (float16; bfloat16 from compute capability 8.0)
+      at each batch size, and the XLA-compiled pass (`jit_compile=True`) at PRECISION=auto;
+    - decoding alone (PNG, ~2 MP JPEG) with 1-16 threads, and the threads needed to match the
+      best forward pass;
+    - the `make features` path at PRECISION=auto, best batch, with enough threads, against it.
+    Run as `make bench-gpu` (one command) where a GPU is at hand.
     """
-    import keras
-
-    from pipeline.backbone import BackboneSpec, build, preprocess
+    from pipeline.backbone import BackboneSpec, build, preprocess, resolve, visible_gpu
     from pipeline.features import extract
 
-    out: dict[str, Any] = {"backend": keras.backend.backend(), "images": n, "batch": batch}
-    try:
-        import jax
+    quiet = lambda m: None  # noqa: E731
+    gpu = visible_gpu()
+    auto, why = resolve("auto")
+    out: dict[str, Any] = {
+        "device": gpu,
+        "images": n,
+        "auto": auto,
+        "auto_reason": why,
+        "batches": list(batches),
+    }
+    cc = tuple((gpu or {}).get("compute_capability") or (0, 0))
+    precisions = ["float32", "mixed_float16"] + (["mixed_bfloat16"] if cc >= (8, 0) else [])
+    if auto not in precisions:
+        precisions.append(auto)
+    rng = np.random.default_rng(0)
+    big = preprocess(rng.integers(0, 255, (max(batches), size, size, 3), np.uint8), name)
+    models: dict[str, Any] = {}
+    bare: dict[str, dict[str, float]] = {}
+    for precision in precisions:
+        models[precision] = build(BackboneSpec("none", name=name, input_size=size,
+                                               precision=precision))  # fmt: skip
+        m = models[precision]
+        bare[precision] = {str(b): _timed_calls(m.predict_on_batch, big[:b], reps) for b in batches}
+        _say(f"  bare {precision}: " + ", ".join(f"batch {b} {v:.0f}" for b, v in
+                                                   bare[precision].items()) + " img/s")  # fmt: skip
+    out["bare_images_per_s"] = bare
+    import tensorflow as tf
 
-        out["device"] = str(jax.devices()[0])
-    except Exception:  # noqa: BLE001 - another backend: say what TensorFlow sees
-        import tensorflow as tf
-
-        out["device"] = str(tf.config.list_physical_devices("GPU"))
+    xla_fn = tf.function(lambda x: models[auto](x, training=False), jit_compile=True)
+    xla = {str(b): _timed_calls(xla_fn, tf.constant(big[:b]), reps) for b in batches}
+    out["xla_images_per_s"] = {auto: xla}
+    _say(f"  XLA {auto}: " + ", ".join(f"batch {b} {v:.0f}" for b, v in xla.items()) + " img/s")
+    best_b = max(bare[auto], key=bare[auto].get)
+    target = bare[auto][best_b]
+    out["best"] = {"precision": auto, "batch": int(best_b), "images_per_s": target,
+                   "xla_images_per_s": xla[best_b]}  # fmt: skip
     kinds = {k: make_images(work / f"gpu-{k}", n, k, seed=11) for k in ("png", "jpeg")}
-    for precision in ("float32", "mixed_float16"):
-        spec = BackboneSpec("none", input_size=224, precision=precision)
-        model = build(spec)
-        x = preprocess(np.random.default_rng(0).integers(0, 255, (batch, 224, 224, 3), np.uint8))
-        np.asarray(model.predict_on_batch(x))  # compile
-        t = time.perf_counter()
-        for _ in range(10):
-            np.asarray(model.predict_on_batch(x))
-        row: dict[str, Any] = {"bare_images_per_s": 10 * batch / (time.perf_counter() - t)}
-        for kind, data in kinds.items():
-            for workers in (8, 16):
-                art = work / f"gpu-art-{precision}-{kind}-{workers}"
-                extract(data, art, spec, batch_size=batch, workers=workers, log=lambda m: None,
-                        model=model)  # fmt: skip
-                shutil.rmtree(art)  # the first run compiled the last batch's shape
-                t = time.perf_counter()
-                extract(data, art, spec, batch_size=batch, workers=workers, log=lambda m: None,
-                        model=model)  # fmt: skip
-                row[f"features_{kind}_{workers}_threads_images_per_s"] = n / (
-                    time.perf_counter() - t
-                )
-        out[precision] = row
-        _say(f"  {precision}: " + ", ".join(f"{k} {v:.0f}" for k, v in row.items()))
+    out["decode_images_per_s"], out["threads_needed"], out["features"] = {}, {}, {}
+    for kind, data in kinds.items():
+        files = sorted(p for p in data.rglob("*") if p.is_file())
+        todo = [_File(f) for f in files]
+        rates = {str(w): decode_rate(todo, size, w, int(best_b)) for w in threads}
+        out["decode_images_per_s"][kind] = rates
+        enough = [w for w in threads if rates[str(w)] >= target]
+        needed = enough[0] if enough else None
+        out["threads_needed"][kind] = needed
+        _say(
+            f"  decode {kind}: " + ", ".join(f"{w} threads {v:.0f}" for w, v in rates.items())
+            + f" img/s; threads to feed {target:.0f} img/s: {needed or f'> {max(threads)}'}"
+        )  # fmt: skip
+        workers = needed or max(threads)
+        art = work / f"gpu-art-{kind}"
+        spec = BackboneSpec("none", name=name, input_size=size, precision=auto)
+        extract(data, art, spec, batch_size=int(best_b), workers=workers, log=quiet,
+                model=models[auto])  # fmt: skip
+        shutil.rmtree(art)  # the first run traced the last (partial) batch's shape
+        s = extract(data, art, spec, batch_size=int(best_b), workers=workers, log=quiet,
+                    model=models[auto])  # fmt: skip
+        rate = s.new / s.seconds
+        out["features"][kind] = {"workers": workers, "images_per_s": rate,
+                                 "ratio_to_bare": rate / target}  # fmt: skip
+        _say(f"  make features path, {kind}, {workers} threads: {rate:.0f} img/s = "
+             f"{rate / target:.2f} of the bare pass")  # fmt: skip
+        shutil.rmtree(data, ignore_errors=True)
     return out
 
 
@@ -467,39 +572,88 @@ BACKBONE_CODE = """
 import json, resource, sys, time
 import numpy as np
 from pipeline.backbone import BackboneSpec, build, preprocess
-name, n, batch = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
-spec = BackboneSpec("none", name=name)
+name, n, batch, precision, dump = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), *sys.argv[4:6]
+spec = BackboneSpec("none", name=name, precision=precision)
 model = build(spec)
-x = preprocess(np.random.default_rng(0).integers(0, 255, (batch,) + (spec.input_size,) * 2 + (3,),
-               np.uint8), name)
-np.asarray(model.predict_on_batch(x))  # warm-up
+# images with structure (stripes of varying period and direction, noise), not noise alone
+s = spec.input_size
+yy, xx = np.mgrid[0:s, 0:s]
+rng = np.random.default_rng(0)
+imgs = []
+for i in range(batch):
+    base = (((xx if i % 2 else yy) // (4 + 3 * (i % 5))) % 2) * 150 + 40
+    noise = rng.integers(0, 60, (s, s))
+    imgs.append(np.stack([base + noise, base * 0.7 + noise, base * 0.4 + noise], -1))
+x = preprocess(np.clip(np.stack(imgs), 0, 255).astype(np.uint8), name)
+first = np.asarray(model.predict_on_batch(x), np.float32)  # warm-up
+np.save(dump, first.reshape(len(first), -1, first.shape[-1]).mean(axis=1))  # avg-pooled
 t = time.perf_counter()
 for _ in range(max(1, n // batch)):
     np.asarray(model.predict_on_batch(x))
 rate = max(1, n // batch) * batch / (time.perf_counter() - t)
 peak = __PEAK__ / 1024
 print("RESULT", json.dumps({"images_per_s": rate, "peak_mib": peak, "size": spec.input_size,
-      "shape": list(model.output.shape[1:])}))
+      "shape": list(model.output.shape[1:]), "precision": spec.precision}))
 """.replace("__PEAK__", PEAK_EXPR)
 
 
-def backbones(cfg: dict[str, int], batch: int) -> dict[str, Any]:
-    """images/s and peak memory of every registered backbone (fresh process each, its size)."""
-    from pipeline.backbone import FAMILIES
+def correlation(a: np.ndarray, b: np.ndarray) -> dict[str, float]:
+    """Per-image Pearson correlation of two sets of pooled vectors: min and median."""
+    c = [float(np.corrcoef(u, v)[0, 1]) for u, v in zip(a, b, strict=True)]
+    return {"min": min(c), "median": float(statistics.median(c))}
 
-    out: dict[str, Any] = {}
-    for name, fam in FAMILIES.items():
+
+def backbones(
+    cfg: dict[str, int], batch: int, work: Path, versus: str = "auto", names: str = ""
+) -> dict[str, Any]:
+    """Every registered backbone (fresh process each, its own input size): images/s and peak
+    memory in float32 and at `versus` (PRECISION=auto by default, resolved here), and the
+    per-image correlation of the two precisions' pooled features on the same images.
+
+    Where `versus` resolves to float32 (no native bfloat16 here), float32 is measured once.
+    """
+    from pipeline.backbone import FAMILIES, resolve
+
+    other, why = resolve(versus)
+    out: dict[str, Any] = {"versus": versus, "resolved": other, "reason": why, "runs": {}}
+
+    def run(name: str, precision: str) -> tuple[dict[str, Any], np.ndarray]:
+        dump = work / f"backbone-{name}-{precision}.npy"
         p = subprocess.run(
-            [sys.executable, "-c", BACKBONE_CODE, name, str(cfg["backbone_n"]), str(batch)],
+            [sys.executable, "-c", BACKBONE_CODE, name, str(cfg["backbone_n"]), str(batch),
+             precision, str(dump)],
             check=True, capture_output=True, text=True,
         )  # fmt: skip
-        row = json.loads([ln for ln in p.stdout.splitlines() if ln.startswith("RESULT")][0][7:])
+        line = [ln for ln in p.stdout.splitlines() if ln.startswith("RESULT")][0]
+        return json.loads(line[7:]), np.load(dump)
+
+    wanted = names.split(",") if names else list(FAMILIES)
+    for name in wanted:
+        fam = FAMILIES[name]
+        row, f32 = run(name, "float32")
         row.update(gmac=fam.gmac, imagenet_top1=fam.top1)
-        out[name] = row
+        if other != "float32":
+            o, feats = run(name, other)
+            row[other] = {
+                "images_per_s": o["images_per_s"],
+                "peak_mib": o["peak_mib"],
+                "speedup": o["images_per_s"] / row["images_per_s"],
+                "correlation": correlation(f32, feats),
+            }
+        out["runs"][name] = row
+        extra = ""
+        if other != "float32":
+            o = row[other]
+            extra = (
+                f"; {other} {o['images_per_s']:.2f} img/s ({o['speedup']:.2f}x), "
+                f"correlation with float32 min {o['correlation']['min']:.5f}"
+            )
         _say(
-            f"  {name}: {row['images_per_s']:.2f} img/s at {row['size']} px, "
-            f"{row['peak_mib']:.0f} MiB peak, {fam.gmac} GMAC, top-1 {fam.top1:.1%}"
+            f"  {name}: float32 {row['images_per_s']:.2f} img/s at {row['size']} px, "
+            f"{row['peak_mib']:.0f} MiB peak, {fam.gmac} GMAC, top-1 {fam.top1:.1%}{extra}"
         )
+    if other == "float32":
+        _say(f"  PRECISION={versus} is float32 here ({why}): one column")
     return out
 
 
@@ -611,7 +765,8 @@ def table(res: dict[str, Any]) -> str:
     for kind, label, target in (("png", "small PNGs", "≥ 0.95"), ("jpeg", "2 MP JPEGs", "≥ 0.90")):
         k = ex["kinds"][kind]
         lines.append(
-            f"| extraction, {label}: pipeline / bare ({ex['bare_best']}) | "
+            f"| extraction, {label}: pipeline / bare ({ex['bare_best']}, "
+            f"{ex.get('precision', 'float32')}) | "
             f"{k['pipeline_median']:.2f} / {k['bare_median']:.2f} img/s, median per-round ratio "
             f"{k['ratio']:.2f} "
             f"| {target} |"
@@ -644,6 +799,18 @@ def table(res: dict[str, Any]) -> str:
         f"| cache bytes per image, index + shards ({rr['n']} images, {rr['input_size']} px) "
         f"| {rr['bytes_per_image']:.0f} | |"
     )
+    bb = res.get("backbones")
+    if bb:
+        other = bb["resolved"]
+        for name, r in bb["runs"].items():
+            o = r.get(other)
+            vs = (
+                f"; {other} {o['images_per_s']:.1f} img/s ({o['speedup']:.2f}x), "
+                f"correlation min {o['correlation']['min']:.5f}"
+                if o
+                else f"; auto = {other} here"
+            )
+            lines.append(f"| {name} float32 | {r['images_per_s']:.1f} img/s{vs} | |")
     return "\n".join(lines)
 
 
@@ -652,12 +819,28 @@ def _save(folder: Path, res: dict[str, Any]) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from pipeline.progress import lines_to
+
+    with lines_to(None):  # the bench prints its figures, not the runs' progress lines
+        return _main(argv)
+
+
+def _main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m pipeline.bench", description=__doc__)
     ap.add_argument("--artifacts", type=Path, default=Path("artifacts/bench"))
     ap.add_argument("--size", choices=list(SIZES), default="default")
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--only", default="extraction,reruns,memory,heads,scale,cluster,backbones")
     ap.add_argument("--gpu-rate", type=float, default=None, help="measured GPU img/s, if any")
+    ap.add_argument(
+        "--precision",
+        default="auto",
+        help="the extraction parts' precision, pipeline and bare pass alike (default auto, "
+        "resolved as `make features` does); the backbones part compares float32 with it",
+    )
+    ap.add_argument("--backbone", default="vgg16", help="the extraction parts' backbone")
+    ap.add_argument("--input-size", type=int, default=224, help="the extraction parts' size")
+    ap.add_argument("--backbones", default="", help="the backbones part's (default: all)")
     args = ap.parse_args(argv)
     cfg = SIZES[args.size]
     work = args.artifacts / "work"
@@ -666,7 +849,9 @@ def main(argv: list[str] | None = None) -> int:
     from pipeline import backbone
     from pipeline.backbone import BackboneSpec
 
-    spec = BackboneSpec(weights="none", input_size=224)
+    spec = BackboneSpec(
+        weights="none", name=args.backbone, input_size=args.input_size, precision=args.precision
+    )
     import platform
 
     res: dict[str, Any] = {
@@ -674,8 +859,15 @@ def main(argv: list[str] | None = None) -> int:
         "config": cfg,
         "batch": args.batch,
         "machine": f"{platform.machine()}, {os.cpu_count()} cores, {platform.platform()}",
+        "extraction_spec": spec.describe(),
     }
     parts = args.only.split(",")
+    if "extraction" in parts or "reruns" in parts:
+        _say(f"extraction parts: {spec.describe()}")
+    if "gpu" in parts and backbone.visible_gpu() is None:
+        _say("no GPU that TensorFlow can use here (`--only gpu` needs one: an NVIDIA driver and "
+             "`pip install 'tensorflow[and-cuda]'` in this environment)")  # fmt: skip
+        return 3
     t0 = time.perf_counter()
     if "extraction" in parts or "reruns" in parts:
         model = backbone.build(spec)
@@ -703,13 +895,16 @@ def main(argv: list[str] | None = None) -> int:
         _say("extraction in one process and on CLUSTER=local:2 (same images):")
         res["cluster"] = cluster_extraction(work, cfg, spec, args.batch)
     if "backbones" in parts:
-        _say("backbones (random weights, each at its own input size, batch of 8):")
-        res["backbones"] = backbones(cfg, 8)
+        _say("backbones (random weights, each at its own input size, batch of 8), float32 and "
+             f"PRECISION={args.precision}:")  # fmt: skip
+        res["backbones"] = backbones(cfg, 8, work, args.precision, args.backbones)
         _save(args.artifacts, res)
     if "gpu" in parts:
         _say("extraction on the accelerator:")
-        res["gpu"] = gpu_extraction(work, cfg["gpu_n"], args.batch)
-    res["projection"] = projection(res, args.gpu_rate)
+        res["gpu"] = gpu_extraction(work, cfg["gpu_n"], cfg["gpu_reps"])
+        _save(args.artifacts, res)
+    gpu_rate = args.gpu_rate or res.get("gpu", {}).get("best", {}).get("images_per_s")
+    res["projection"] = projection(res, gpu_rate)
     res["total_s"] = time.perf_counter() - t0
     out = args.artifacts / "bench.json"
     out.write_text(json.dumps(res, indent=1))  # also written after each part, below
