@@ -27,16 +27,19 @@ class Source(Protocol):
     def view(self) -> int: ...
 
 
-def decode(src: Source, size: int, augment_seed: int) -> np.ndarray | str:
-    """The (size, size, 3) array of one item, or the reason it cannot be read."""
+def decode(src: Source, size: int, augment_seed: int) -> np.ndarray | images.Unreadable:
+    """The (size, size, 3) array of one item, or the reason it cannot be read.
+
+    The reason says whether the bytes are at fault (`content`): only those are remembered.
+    """
     try:
         arr = images.load_image(src.abspath, size)
     except images.ImageError as e:
-        return str(e)
+        return images.Unreadable(str(e), e.content)
     except MemoryError:
-        return "image too large to decode in memory"
+        return images.Unreadable("image too large to decode in memory", False)
     except Exception as e:  # any decoder bug skips this one file; the run goes on
-        return f"could not decode ({type(e).__name__}: {str(e)[:160]})"
+        return images.Unreadable(f"could not decode ({type(e).__name__}: {str(e)[:160]})", True)
     if src.view:
         arr = images.augment(arr, images.view_rng(augment_seed, src.sha256 or "", src.view))
     return arr

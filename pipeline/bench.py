@@ -382,7 +382,7 @@ def scale(work: Path, cfg: dict[str, int]) -> dict[str, Any]:
         add_s = time.perf_counter() - t
         add_bytes = _written(fdir, before)
         untouched = all(
-            _files(fdir).get(k) == v for k, v in before.items() if "/s" in k and ".shards" in k
+            _files(fdir).get(k) == v for k, v in before.items() if "/g" in k and ".shards" in k
         )
         t = time.perf_counter()
         again = extract(data, art, spec, batch_size=256, log=lambda m: None, model=model)
@@ -408,7 +408,7 @@ def scale(work: Path, cfg: dict[str, int]) -> dict[str, Any]:
             "added_bytes_written": add_bytes,
             "added_bytes_per_row": add_bytes / add,
             "added_s": add_s,
-            "existing_shards_untouched": untouched,
+            "existing_segments_untouched": untouched,
             "unchanged_rerun_s": unchanged_s,
             "unchanged_rerun_new": again.new,
             "train_head_logreg_avg_s": head_s,
@@ -830,7 +830,14 @@ def _main(argv: list[str] | None = None) -> int:
     ap.add_argument("--artifacts", type=Path, default=Path("artifacts/bench"))
     ap.add_argument("--size", choices=list(SIZES), default="default")
     ap.add_argument("--batch", type=int, default=32)
-    ap.add_argument("--only", default="extraction,reruns,memory,heads,scale,cluster,backbones")
+    ap.add_argument(
+        "--only", default="extraction,reruns,memory,heads,scale,store,cluster,backbones"
+    )
+    ap.add_argument(
+        "--store-sizes",
+        default="",
+        help="rows of the store-at-scale part (default 100000,1000000; small: 10000,30000)",
+    )
     ap.add_argument("--gpu-rate", type=float, default=None, help="measured GPU img/s, if any")
     ap.add_argument(
         "--precision",
@@ -890,6 +897,18 @@ def _main(argv: list[str] | None = None) -> int:
     if "scale" in parts:
         _say("scale: the store at N and 10N rows (random 7x7x512 maps, no backbone):")
         res["scale"] = scale(work, cfg)
+        _save(args.artifacts, res)
+    if "store" in parts:
+        from pipeline.bench_store import store_at_scale
+
+        default = "10000,30000" if args.size == "small" else "100000,1000000"
+        sizes = tuple(int(v) for v in (args.store_sizes or default).split(","))
+        shown = ", ".join(f"{n:,}" for n in sizes)
+        _say(
+            f"store at scale: {shown} rows, MAPS=0, batch 32, +1 % ten times "
+            "(synthetic pooled vectors through the store's write path):"
+        )
+        res["store"] = store_at_scale(work, sizes)
         _save(args.artifacts, res)
     if "cluster" in parts:
         _say("extraction in one process and on CLUSTER=local:2 (same images):")

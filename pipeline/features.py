@@ -2,9 +2,10 @@
 
 A rerun reads no image whose size, mtime and inode are unchanged since it was hashed (`verify`
 hashes every file again), embeds only content it has not seen under the same settings, and
-writes only new shards plus a new index: existing rows are never rewritten, removed rows cost
-nothing but the index. A crashed run's shards are resumed. Decoding runs in threads, overlapped
-with the backbone; batches stream to shards, so memory does not grow with the dataset.
+writes only new segments plus a new index (`pipeline.store`): existing rows are never embedded
+again, and merges keep the number of files small. A killed run's batches are resumed. Decoding
+runs in threads, overlapped with the backbone; batches stream to segments, so memory does not
+grow with the dataset.
 """
 
 from __future__ import annotations
@@ -25,7 +26,8 @@ from pipeline.batches import decoded_batches
 from pipeline.errors import UserError
 from pipeline.progress import Progress
 from pipeline.provenance import difference, embedder, environment
-from pipeline.shards import ShardSet, pooled
+from pipeline.store.segments import Failure, Meta, pooled
+from pipeline.store.writer import Row, Writer
 
 DTYPES = ("float16", "float32")
 RANDOM_BANNER = (
@@ -118,13 +120,9 @@ def _hash_all(
         return list(ex.map(one, items))
 
 
-def _known_hashes(path: Path, key: str) -> dict[str, tuple[Stat, str]]:
+def _known_hashes(idx: store.Index | None) -> dict[str, tuple[Stat, str]]:
     """path -> (stat, sha256) of every file the existing cache hashed (readable or not)."""
-    if not path.is_file():
-        return {}
-    try:
-        idx = store.read_index(path, expect_key=key)
-    except store.CacheError:
+    if idx is None:
         return {}
     out: dict[str, tuple[Stat, str]] = {}
     if idx.stat is not None:
@@ -198,6 +196,7 @@ def extract(
     settings = cache_settings(spec, dtype, maps)
     key = store.cache_key(settings)
     log(spec.describe())  # first: what computes the features (precision: its resolved value)
+    data, artifacts = Path(data).absolute(), Path(artifacts).absolute()  # workers see these
     scan = dataset.scan(data)
     for w in scan.warnings:
         log(f"warning: {w}")
@@ -206,16 +205,18 @@ def extract(
     if spec.random_weights:
         log(f"*** {RANDOM_BANNER} ***")
     ctx = _Ctx(spec, batch_size, dtype, workers, log, model, scan, rebuild, maps, embedder_fn)
+    stamp = embedder()
     with store.exclusive(fdir):
         for stale in fdir.glob("*.tmp-*"):
             stale.unlink(missing_ok=True)
-        known = {} if (verify or rebuild) else _known_hashes(path, key)
+        w = Writer(path, key, stamp, maps, dtype, log, rebuild=rebuild, verify=verify)
+        known = {} if (verify or rebuild) else _known_hashes(w.old)
         hashes = _hash_all(scan.root, scan.items, known)
         jobs = [
             Job(dataset.display(it.path), scan.root / it.path, it.label, it.split, h, 0, why, st)
             for it, (h, why, st) in zip(scan.items, hashes, strict=True)
         ]
-        summary, rows = _sync(path, key, settings, jobs, ctx)
+        summary, rows = _sync(w, settings, jobs, ctx)
         if set_current:
             layout.set_current(artifacts, path)
         for sk in summary.skipped_rows:
@@ -235,14 +236,15 @@ def extract(
         if augment:
             aset = augment_settings(settings, spec.seed)
             akey = store.cache_key(aset)
-            apath = layout.augment_path(path)
+            apath = layout.augment_path(path, spec.seed)
             ajobs = [
                 Job(r.path, r.abspath, r.label, r.split, r.sha256, v, "", r.stat)
                 for r in rows
                 if r.split == "train"
                 for v in range(1, augment + 1)
             ]
-            asum, _ = _sync(apath, akey, aset, ajobs, ctx, augment_seed=spec.seed)
+            aw = Writer(apath, akey, stamp, maps, dtype, log, rebuild=rebuild, verify=verify)
+            asum, _ = _sync(aw, aset, ajobs, ctx, augment_seed=spec.seed)
             log(f"augmented views ({augment} per training image): {asum.line()}")
             summary.augmented = asum
     summary.seconds = time.perf_counter() - t0
@@ -264,70 +266,44 @@ class _Ctx:
 
 
 def _sync(
-    path: Path,
-    key: str,
+    w: Writer,
     settings: dict[str, Any],
     jobs: list[Job],
     ctx: _Ctx,
     augment_seed: int = 0,
 ) -> tuple[Summary, list[Job]]:
-    """Make the cache at `path` hold exactly `jobs`, embedding only what no shard has.
-
-    Writes new shards for new content and, when anything changed, a new index; shards no
-    index refers to afterwards are deleted.
-    """
+    """Make the cache `w` writes hold exactly `jobs`, embedding only what no segment has."""
     t0 = time.perf_counter()
-    stamp = embedder()
-    stamp_key = store.cache_key(stamp)
-    old = None if ctx.rebuild else _read_old(path, key, ctx.log)
-    referenced = set(old.shard) if old else set()
-    shards = ShardSet(store.shards_dir(path), key, keep=referenced)
-    # unfinished work of a crashed run is resumed only when made by these same versions
-    shards.forget(
-        {n for n, st in shards.stamp_of.items() if n not in referenced and st != stamp_key}
-    )
-    if ctx.rebuild:  # nothing is reused; the old shards go once the new index is in place
-        shards.where.clear()
-        shards.skipped.clear()
-    old_where = (
-        {h: (s, r) for h, s, r in zip(_idents(old), old.shard, old.shard_row, strict=True)}
-        if old
-        else {}
-    )
-    lost = {h for h, (n, _) in old_where.items() if n not in shards.rows}
-    if lost:  # rows whose shard file is gone are embedded again, never served as NaN
-        ctx.log(f"warning: {len(lost)} cached row(s) lost their shard file; embedding them again")
-        old_where = {h: w for h, w in old_where.items() if h not in lost}
-    known_bad = {s["sha256"]: s["reason"] for s in (old.skipped if old else []) if s["sha256"]}
-    known_bad.update(shards.skipped)
-    pending = {h for h, (n, _) in shards.where.items() if n not in referenced}
-    resumed = pending - set(old_where)
-
     todo: dict[str, Job] = {}
     for j in jobs:
         if (
             j.sha256 is not None  # unreadable: listed with the reason its hashing gave
-            and j.ident not in old_where
-            and j.ident not in shards.where
-            and j.ident not in known_bad
+            and not w.has(j.ident)
+            and w.failure(j.ident) is None
             and j.ident not in todo
         ):
             todo[j.ident] = j
     embed_s = 0.0
-    if todo and old is not None:
-        _refuse_mixing(path, old, stamp, len(todo))
+    if todo and w.old is not None and not w.rebuild:
+        _refuse_mixing(w.path, w.old, w.stamp, len(todo))
+    now: dict[str, Failure] = {}
     if todo:
-        embed_s = _embed(list(todo.values()), ctx, shards, augment_seed, stamp_key)
+        embed_s = _embed(list(todo.values()), ctx, w, augment_seed, now)
 
     rows: list[Job] = []
     skipped: list[dict[str, Any]] = []
-    bad = {**known_bad, **shards.skipped}
     for j in jobs:
-        if j.sha256 is None and j.ident not in bad:
-            bad[j.ident] = j.reason or "could not be read"
-        if j.ident in bad:
+        fail = now.get(j.ident) or (w.failure(j.ident) if j.sha256 else None)
+        if j.sha256 is None or fail is not None or not w.has(j.ident):
             skipped.append(
-                {"path": j.path, "reason": bad[j.ident], "sha256": j.sha256 or "", "stat": j.stat}
+                {
+                    "path": j.path,
+                    "reason": fail.reason if fail else (j.reason or "could not be read"),
+                    "sha256": j.sha256 or "",
+                    "stat": j.stat,
+                    "content": bool(fail and fail.content),
+                    "stamp_key": w.stamp_key,
+                }
             )
         else:
             rows.append(j)
@@ -344,69 +320,33 @@ def _sync(
                 else "put JPEG, PNG, GIF, WebP, BMP or TIFF images in the class folders"
             )
         )
-    # existing rows keep their place (the shards' runs stay contiguous); new rows go last
-    position = {h: i for i, h in enumerate(_idents(old))} if old else {}
-    rows.sort(key=lambda r: position.get(r.ident, len(position)))
+    old = w.old
     new_paths = {(r.path, r.view) for r in rows}
     removed = (
         len({(p, v) for p, v in zip(old.paths, old.view, strict=True)} - new_paths) if old else 0
     )
-    n_new = sum(1 for r in rows if r.ident in todo)
-    n_resumed = sum(1 for r in rows if r.ident in resumed)
-    unchanged = (
-        old is not None
-        and not todo
-        and not resumed
-        and [(r.path, r.sha256, r.label, r.split, r.view, r.stat) for r in rows]
-        == list(
-            zip(
-                old.paths,
-                old.sha256,
-                old.labels.tolist(),
-                old.split,
-                old.view,
-                [tuple(s) for s in old.stat.tolist()],
-                strict=True,
-            )
-        )
-        and [(s["path"], s["reason"]) for s in skipped]
-        == [(s["path"], s["reason"]) for s in old.skipped]
-        and old.classes == ctx.scan.classes
-        and dataset.same_source(old.attrs, ctx.scan)
+    classes = ctx.scan.classes
+    done = w.commit(
+        [Row(r.path, r.ident, classes[r.label], r.split, r.view, r.stat) for r in rows],
+        classes,
+        skipped,
+        _attrs(w, rows, ctx, settings),
+        same_source=old is not None and dataset.same_source(old.attrs, ctx.scan),
     )
-    if not unchanged:
-        where = {**{h: w for h, w in shards.where.items()}, **old_where}
-        _write(path, rows, skipped, old, where, shards, ctx, settings, key, stamp, stamp_key)
-        used = {where[r.ident][0] for r in rows}
-        with store.reading(path.parent, exclusive_=True):  # no reader mid-way through a read
-            shards.forget(set(shards.rows) - used)
+    n_new = sum(1 for r in rows if r.ident in todo)
     summary = Summary(
-        cache=path,
+        cache=w.path,
         new=n_new,
         cached=len(rows) - n_new,
         removed=removed,
         skipped=len(skipped),
-        resumed=n_resumed,
+        resumed=sum(1 for r in rows if r.ident in done.resumed and r.ident not in todo),
         seconds=time.perf_counter() - t0,
         embed_seconds=embed_s,
-        rewrote=not unchanged,
+        rewrote=done.rewrote,
         skipped_rows=skipped,
     )
     return summary, rows
-
-
-def _shard_shape(shards: ShardSet, name: str) -> tuple[int, ...]:
-    """The feature shape one shard holds: its maps' shape, or (1, 1, C) from its pooled vectors."""
-    try:
-        return shards.shape(name, "features")[1:]
-    except KeyError:  # MAPS=0: no maps; only the channel count is known and needed
-        return (1, 1) + shards.shape(name, "pooled/avg")[1:]
-
-
-def _idents(idx: store.Index | None) -> list[str]:
-    if idx is None:
-        return []
-    return [store.ident(h, v) for h, v in zip(idx.sha256, idx.view, strict=True)]
 
 
 def _refuse_mixing(path: Path, old: store.Index, stamp: dict[str, Any], n_new: int) -> None:
@@ -423,22 +363,10 @@ def _refuse_mixing(path: Path, old: store.Index, stamp: dict[str, Any], n_new: i
     )
 
 
-def _read_old(path: Path, key: str, log: Log) -> store.Index | None:
-    if not path.exists():
-        return None
-    try:
-        return store.read_index(path, expect_key=key)
-    except store.CacheError as e:
-        aside = path.with_name(path.name + f".damaged-{int(time.time())}")
-        os.replace(path, aside)
-        log(f"warning: {e}; moved aside to '{aside.name}' and rebuilding")
-        return None
-
-
 def _embed(
-    todo: list[Job], ctx: _Ctx, shards: ShardSet, augment_seed: int, stamp_key: str
+    todo: list[Job], ctx: _Ctx, w: Writer, augment_seed: int, failures: dict[str, Failure]
 ) -> float:
-    """Embed `todo` batch by batch (here, or on a cluster); each batch becomes one shard."""
+    """Embed `todo` batch by batch (here, or on a cluster); each batch is staged as a segment."""
     workers = ctx.workers or min(8, (os.cpu_count() or 2) + 2)
     progress = Progress(
         len(todo),
@@ -449,10 +377,23 @@ def _embed(
         batches = ctx.embedder_fn(ctx.spec, todo, ctx.batch_size, augment_seed)
     else:
         batches = _local_batches(todo, ctx, workers, augment_seed)
+    classes = ctx.scan.classes
     for chunk, reasons, maps in batches:
-        ok = [j.ident for j in chunk if j.ident not in reasons]
+        ok = [j for j in chunk if j.ident not in reasons]
         maps = np.asarray(maps).astype(ctx.dtype)
-        shards.add(ok, maps if ctx.maps else None, pooled(maps), reasons, stamp_key)
+        meta = Meta(
+            [j.ident for j in ok],
+            [j.path for j in ok],
+            [classes[j.label] for j in ok],
+            [j.split for j in ok],
+            [j.view for j in ok],
+            [j.stat for j in ok],
+        )
+        fails = [
+            Failure(h, str(r), bool(getattr(r, "content", False))) for h, r in reasons.items()
+        ]
+        w.add_batch(meta, pooled(maps), maps, fails)
+        failures.update({x.ident: x for x in fails})
         progress.update(len(chunk))
     return time.perf_counter() - t0
 
@@ -476,37 +417,12 @@ def _local_batches(
         yield chunk, bad, feats
 
 
-def _write(
-    path: Path,
-    rows: list[Job],
-    skipped: list[dict[str, Any]],
-    old: store.Index | None,
-    where: dict[str, tuple[str, int]],
-    shards: ShardSet,
-    ctx: _Ctx,
-    settings: dict[str, Any],
-    key: str,
-    stamp: dict[str, Any],
-    stamp_key: str,
-) -> None:
-    """Write the index: every row pointing at its shard row; no feature is copied."""
-    old_embedders = (old.attrs.get("embedders") or []) if old else []
-    embedders = [stamp] + [e for e in old_embedders if e != stamp]
-    old_stamp = {}
-    if old:
-        old_stamp = {
-            ident: embedders.index(old_embedders[e]) if e < len(old_embedders) else 0
-            for ident, e in zip(_idents(old), old.embedded_with, strict=True)
-        }
-    made_with = [old_stamp.get(r.ident, 0) for r in rows]
-    used = sorted(set(made_with))
-    embedders = [embedders[i] for i in used]
-    made_with = [used.index(i) for i in made_with]
+def _attrs(w: Writer, rows: list[Job], ctx: _Ctx, settings: dict[str, Any]) -> dict[str, Any]:
+    """The index's attributes: settings, the rows' content id, DATA's record, versions."""
     spec, scan = ctx.spec, ctx.scan
-    # the shape the shards hold (read from a shard: no model is built when nothing was embedded)
-    shape = _shard_shape(shards, where[rows[0].ident][0]) if rows else output_shape(spec)
+    shape = w.feature_shape() or output_shape(spec)
     attrs = {
-        "cache_key": key,
+        "cache_key": w.key,
         "data_id": store.data_id(
             [r.path for r in rows],
             [r.sha256 or "" for r in rows],
@@ -514,38 +430,15 @@ def _write(
             [r.split for r in rows],
             scan.classes,
         ),
-        "embedders": embedders,
         "settings": settings,
         **{k: v for k, v in settings.items() if isinstance(v, (str, int, float, bool))},
         "weights": spec.weights,
         "random_weights": spec.random_weights,
         "feature_shape": list(shape),
+        "maps": ctx.maps,
         **dataset.source_attrs(scan),
         "environment": environment(),
     }
     if spec.random_weights:
         attrs["banner"] = RANDOM_BANNER
-    store.write_index(
-        path,
-        [
-            {
-                "path": r.path,
-                "sha256": r.sha256,
-                "label": r.label,
-                "split": r.split,
-                "view": r.view,
-                "embedded_with": e,
-                "stat": r.stat,
-                "shard": where[r.ident][0],
-                "shard_row": where[r.ident][1],
-            }
-            for r, e in zip(rows, made_with, strict=True)
-        ],
-        dict(shards.rows),
-        shape,
-        ctx.dtype,
-        ctx.maps,
-        scan.classes,
-        skipped,
-        attrs,
-    )
+    return attrs

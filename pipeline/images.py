@@ -16,7 +16,7 @@ import hashlib
 import os
 import stat
 import warnings
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -37,7 +37,30 @@ _KINDS = (
 
 
 class ImageError(Exception):
-    """A file that cannot be used as an image; the message is the reason shown to the user."""
+    """A file that cannot be used as an image; the message is the reason shown to the user.
+
+    `content` is True when the bytes themselves are at fault (not an image, corrupt,
+    truncated, a decompression bomb): the same bytes fail the same way under the same decoder,
+    so the store may remember it. Anything else (I/O, permission, memory) is retried next run.
+    """
+
+    def __init__(self, message: str, content: bool = False) -> None:
+        super().__init__(message)
+        self.content = content
+
+
+class Unreadable(str):
+    """The reason a file could not be decoded (a str), with whether its bytes are at fault."""
+
+    content: bool = False
+
+    def __new__(cls, reason: str, content: bool = False) -> Unreadable:
+        obj = super().__new__(cls, reason)
+        obj.content = content
+        return obj
+
+    def __reduce__(self) -> tuple[Any, ...]:  # keep `content` across processes (Dask)
+        return (Unreadable, (str(self), self.content))
 
 
 def _not_regular(mode: int) -> str:
@@ -116,7 +139,7 @@ def load_image(path: str | os.PathLike[str], size: int) -> np.ndarray:
 def _decode(f: BinaryIO, size: int) -> np.ndarray:
     """`load_image` on an open regular file: any decoder failure becomes an ImageError."""
     if os.fstat(f.fileno()).st_size == 0:
-        raise ImageError("empty file (0 bytes)")
+        raise ImageError("empty file (0 bytes)", content=True)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
@@ -125,7 +148,8 @@ def _decode(f: BinaryIO, size: int) -> np.ndarray:
                 if w * h > MAX_PIXELS:
                     raise ImageError(
                         f"image too large ({w}x{h} = {w * h:,} pixels > {MAX_PIXELS:,}); "
-                        "rejected as a possible decompression bomb"
+                        "rejected as a possible decompression bomb",
+                        content=True,
                     )
                 if getattr(im, "n_frames", 1) > 1:
                     im.seek(0)
@@ -140,21 +164,30 @@ def _decode(f: BinaryIO, size: int) -> np.ndarray:
     except ImageError:
         raise
     except UnidentifiedImageError:
-        raise ImageError(f"not an image in a supported format ({', '.join(FORMATS)})") from None
+        raise ImageError(
+            f"not an image in a supported format ({', '.join(FORMATS)})", content=True
+        ) from None
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
-        raise ImageError(f"rejected as a possible decompression bomb ({e})") from None
-    except (OSError, SyntaxError, ValueError, EOFError) as e:
+        raise ImageError(f"rejected as a possible decompression bomb ({e})", content=True) from None
+    except OSError as e:
+        if e.errno is not None:  # the disk or the network, not the bytes: retried next run
+            raise ImageError(f"cannot read file ({e.strerror or e})") from None
         msg = str(e) or type(e).__name__
         if "truncated" in msg.lower():
-            raise ImageError("truncated image (file ends before the image data does)") from None
-        raise ImageError(f"corrupt image data ({msg})") from None
+            raise ImageError(
+                "truncated image (file ends before the image data does)", content=True
+            ) from None
+        raise ImageError(f"corrupt image data ({msg})", content=True) from None
+    except (SyntaxError, ValueError, EOFError) as e:
+        msg = str(e) or type(e).__name__
+        raise ImageError(f"corrupt image data ({msg})", content=True) from None
     except MemoryError:
         raise ImageError("image too large to decode in memory") from None
     except Exception as e:  # a plugin's own bug on one file must not end the run
         detail = f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
-        raise ImageError(f"could not decode ({detail})") from None
+        raise ImageError(f"could not decode ({detail})", content=True) from None
     if arr.shape != (size, size, 3):
-        raise ImageError(f"unexpected decoded shape {arr.shape}")
+        raise ImageError(f"unexpected decoded shape {arr.shape}", content=True)
     return arr
 
 

@@ -1,7 +1,8 @@
 """Where things live in ARTIFACTS: the one module that knows the folder conventions.
 
 ARTIFACTS/
-  features/<backbone>-<layer>-<size>-<key12>.h5   a feature cache (+ `-augmented.h5` views)
+  features/<backbone>-<layer>-<size>-<key12>.h5   a feature cache (+ `-augmented-seed<S>.h5` views)
+  features/<...>.shards/g*.h5                       its segments (rows and features)
   features/current                                 name of the cache the latest `features` wrote
   heads/<run>/                                     one trained head: result.json + saved files
   sweep/sweep.json                                 the latest sweep's ranking and learning curve
@@ -26,10 +27,13 @@ def cache_path(artifacts: Path, name: str, layer: str, size: int, key: str) -> P
     return features_dir(artifacts) / f"{name}-{layer}-{size}-{key[:12]}.h5"
 
 
-def augment_path(cache: Path) -> Path:
-    """Where the augmented views of the cache at `cache` live."""
+def augment_path(cache: Path, seed: int = 0) -> Path:
+    """Where the augmented views of the cache at `cache`, drawn with `seed`, live.
+
+    Each seed has its own file: changing SEED never discards the views of another.
+    """
     cache = Path(cache)
-    return cache.with_name(cache.stem + "-augmented.h5")
+    return cache.with_name(f"{cache.stem}-augmented-seed{int(seed)}.h5")
 
 
 def journal_path(cache: Path) -> Path:

@@ -43,7 +43,7 @@ class Loaded:
     augmented: dict[str, Any] | None
 
 
-def load(path: Path, pooling: str, views: int = 0) -> Loaded:
+def load(path: Path, pooling: str, views: int = 0, seed: int = 0) -> Loaded:
     """Read the cache once (one open file: a concurrent `make features` cannot mix versions)."""
     with store.reading(path.parent), store.open_cache(path) as f:
         idx = store.index_of(f, path)
@@ -59,7 +59,7 @@ def load(path: Path, pooling: str, views: int = 0) -> Loaded:
     )
     aug = None
     if views:
-        ts, aug = _with_views(path, idx, ts, pooling, views)
+        ts, aug = _with_views(path, idx, ts, pooling, views, seed)
     return Loaded(index=idx, train=ts, validation=va, augmented=aug)
 
 
@@ -89,7 +89,7 @@ def train_head(
     path = Path(features) if features else layout.current_cache(artifacts)
     if info.needs_layer and pooling != "flatten":
         raise UserError(f"HEAD={head} takes the whole map: POOL must be flatten, not {pooling}")
-    data = load(path, pooling, views)
+    data = load(path, pooling, views, seed)
     idx, ts, va = data.index, data.train, data.validation
     classes = idx.classes
     if idx.attrs.get("random_weights"):
@@ -208,7 +208,7 @@ def train_head(
 
 
 def _with_views(
-    path: Path, idx: store.Index, ts: evaluate.TrainSet, pooling: str, views: int
+    path: Path, idx: store.Index, ts: evaluate.TrainSet, pooling: str, views: int, seed: int = 0
 ) -> tuple[evaluate.TrainSet, dict[str, Any]]:
     """Originals plus views 1..`views` of each, labelled by their image in the current cache.
 
@@ -217,8 +217,8 @@ def _with_views(
     """
     from pipeline.features import augment_settings
 
-    apath = layout.augment_path(path)
-    fix = f"run `make features AUGMENT={views}` (same settings as the cache)"
+    apath = layout.augment_path(path, seed)
+    fix = f"run `make features AUGMENT={views} SEED={seed}` (same settings as the cache)"
     if not apath.is_file():
         raise UserError(f"VIEWS={views} needs cached augmented views; {fix}")
     with store.reading(apath.parent), store.open_cache(apath) as f:
@@ -231,7 +231,7 @@ def _with_views(
                 "REBUILD=1`"
             )
         aset = aidx.attrs.get("settings", {})
-        if aset != augment_settings(idx.attrs["settings"], aset.get("augment_seed", -1)):
+        if aset != augment_settings(idx.attrs["settings"], seed):
             raise UserError(
                 f"the augmented views in '{apath.name}' were made with other settings "
                 f"than '{path.name}' or another augmentation; {fix}"

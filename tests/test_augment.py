@@ -90,7 +90,7 @@ def test_train_with_views(augmented, quiet):
     assert r["views"] == 2 and r["n_train"] == 18 and r["n_train_rows"] == 54
     assert len(r["cv"]["oof_pred"]) == 18
     assert r["run"].startswith("logreg-avg-views=2--")
-    with pytest.raises(UserError, match="run `make features AUGMENT=5`"):
+    with pytest.raises(UserError, match="run `make features AUGMENT=5 SEED=0`"):
         train_head(art, "logreg", folds=3, views=5, log=log)
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import h5py
 import numpy as np
 import pytest
 from conftest import make_dataset
@@ -27,10 +26,11 @@ def test_every_backbone_caches_the_shape_its_model_gives(name, tiny, tmp_path, q
         spec = BackboneSpec("none", name=name, input_size=size, layer=layer)
         model = build(spec)
         s = extract(tiny, tmp_path / "art", spec, log=log, model=model)
-        with h5py.File(s.cache) as f:
-            assert f["features"].shape == (4,) + tuple(model.output.shape[1:])
-            assert f.attrs["name"] == name and f.attrs["layer"] == layer
-            assert f["pooled/avg"].shape == (4, model.output.shape[-1])
+        shape = tuple(model.output.shape[1:])
+        assert store.read_column(s.cache, "features").shape == (4,) + shape
+        attrs = store.read_attrs(s.cache)
+        assert attrs["name"] == name and attrs["layer"] == layer
+        assert store.read_column(s.cache, "pooled/avg").shape == (4, shape[-1])
     assert BackboneSpec("none", name=name).input_size == fam.default_size
 
 

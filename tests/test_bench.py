@@ -20,3 +20,14 @@ def test_peak_memory_of_a_child_is_its_own_not_its_parents():
     child_mib = int(out.stdout)
     assert 0 < child_mib < 200, child_mib
     assert big.sum() > 0
+
+
+def test_the_store_at_scale_part_measures_through_the_store(tmp_path):
+    from pipeline.bench_store import store_at_scale
+
+    res = store_at_scale(tmp_path, (600, 1200), batch=32, heads=False)
+    small, big = res["sizes"]["600"], res["sizes"]["1200"]
+    assert (small["batches"], big["batches"]) == (19, 38)
+    assert big["peak_open_files_reading"] - big["open_files_before_reading"] <= 3
+    assert len(big["plus_1pct_bytes"]) == 10 and all(b > 0 for b in big["plus_1pct_bytes"])
+    assert res["rows_growth"] == 2

@@ -5,7 +5,6 @@ from __future__ import annotations
 import threading
 import time
 
-import h5py
 import numpy as np
 import pytest
 from conftest import make_dataset
@@ -19,14 +18,19 @@ distributed = pytest.importorskip("distributed")
 
 
 def _same_cache(a, b) -> None:
+    """The same rows and features (in any order: batches come back in completion order)."""
     ia, ib = store.read_index(a), store.read_index(b)
-    assert ia.paths == ib.paths and ia.sha256 == ib.sha256 and (ia.labels == ib.labels).all()
+    assert sorted(zip(ia.paths, ia.sha256, ia.labels.tolist(), strict=False)) == sorted(
+        zip(ib.paths, ib.sha256, ib.labels.tolist(), strict=False)
+    )
     assert len(set(zip(ib.sha256, ib.view, strict=True))) == len(ib.paths)  # no row twice
-    with h5py.File(a) as f, h5py.File(b) as g:
-        np.testing.assert_allclose(f["features"][()], g["features"][()], rtol=1e-3, atol=1e-3)
-        np.testing.assert_allclose(f["pooled/avg"][()], g["pooled/avg"][()], rtol=1e-3, atol=1e-3)
-        assert f.attrs["cache_key"] == g.attrs["cache_key"]
-        assert f.attrs["data_id"] == g.attrs["data_id"]
+    oa, ob = np.argsort(ia.paths), np.argsort(ib.paths)
+    for name in ("features", "pooled/avg"):
+        np.testing.assert_allclose(
+            store.read_column(a, name)[oa], store.read_column(b, name)[ob], rtol=1e-3, atol=1e-3
+        )
+    fa, ga = store.read_attrs(a), store.read_attrs(b)
+    assert fa["cache_key"] == ga["cache_key"] and fa["data_id"] == ga["data_id"]
 
 
 @pytest.fixture(scope="module")
@@ -125,3 +129,43 @@ def test_cluster_setting_is_checked():
     with pytest.raises(UserError, match="cannot reach the Dask scheduler at tcp://127.0.0.1:9"):
         with cluster.client("tcp://127.0.0.1:9"):
             pass
+
+
+def test_a_worker_with_other_weights_is_refused_by_name(tmp_path, quiet, two_workers, monkeypatch):
+    import keras
+
+    from pipeline.backbone import BackboneSpec
+
+    log, _ = quiet
+    model = keras.applications.VGG16(weights=None, include_top=False, input_shape=(32, 32, 3))
+    w = tmp_path / "w.weights.h5"
+    model.save_weights(w)
+    data = make_dataset(tmp_path / "data", per_class=2, n_classes=2)
+    spec = BackboneSpec(str(w), input_size=32)
+    # this machine's weights differ from the workers' file at the same path (which they hash)
+    monkeypatch.setattr(BackboneSpec, "weights_id", lambda self: "file:sha256=" + "0" * 64)
+    with pytest.raises(
+        UserError, match=r"Dask worker tcp://\S+ has other weights at '.*w\.weights\.h5'"
+    ):
+        extract(data, tmp_path / "art", spec, log=log, embedder_fn=cluster.embedder(two_workers))
+
+
+def test_a_worker_that_cannot_see_data_is_named(tmp_path, spec, quiet, two_workers, monkeypatch):
+    log, _ = quiet
+    data = make_dataset(tmp_path / "data", per_class=2, n_classes=2)
+    gone = tmp_path / "elsewhere"
+    fn = cluster.embedder(two_workers)
+
+    def moved(spec, todo, batch, seed):  # the workers are sent paths they do not have
+        import dataclasses
+
+        todo = [dataclasses.replace(j, abspath=gone / j.path) for j in todo]
+        yield from fn(spec, todo, batch, seed)
+
+    with pytest.raises(
+        UserError, match=r"Dask worker tcp://\S+ cannot see '.*elsewhere.*' .*same absolute path"
+    ):
+        extract(data, tmp_path / "art", spec, log=log, embedder_fn=moved)
+    # nothing was remembered as unreadable: with the data where workers see it, all is embedded
+    s = extract(data, tmp_path / "art", spec, log=log, embedder_fn=fn)
+    assert s.new == 4 and s.skipped == 0

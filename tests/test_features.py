@@ -16,39 +16,51 @@ from pipeline.features import cache_settings, extract
 from pipeline.layout import current_cache
 
 
+def readme_reader():
+    """The README's plain-h5py reader, run as the README prints it."""
+    text = (Path(__file__).parents[1] / "README.md").read_text(encoding="utf-8")
+    code = text.split("<!-- reader -->", 1)[1].split("<!-- /reader -->", 1)[0]
+    code = code.split("```python", 1)[1].rsplit("```", 1)[0]
+    scope: dict = {}
+    exec(compile(code, "README.md", "exec"), scope)
+    return scope["read_cache"]
+
+
 def test_cache_layout_is_plain_h5py(dataset, tmp_path, spec, quiet):
     log, _ = quiet
     s = extract(dataset, tmp_path / "art", spec, log=log)
     assert s.new == 3 * 8 + 3 * 3 and s.cached == 0 and s.skipped == 0
+    X, labels, paths, split, classes = readme_reader()(s.cache)
+    idx = store.read_index(s.cache)
+    assert paths == idx.paths and paths[0] == "train/class_0/img_000.png"
+    assert classes == ["class_0", "class_1", "class_2"] and list(labels[:3]) == [0, 0, 0]
+    assert (labels == idx.labels).all() and set(split) == {"train", "validation"}
+    ref = store.load_features(s.cache, "avg", "train")
+    np.testing.assert_array_equal(X[np.array(split) == "train"], ref.X)
+    # the maps, as stored (float16), pool to the stored vectors
     with h5py.File(s.cache, "r") as f:
-        paths = [p.decode() for p in f["paths"][()]]
-        assert paths[0] == "train/class_0/img_000.png"
-        assert f["features"].shape == (33, 1, 1, 512)
-        assert f["features"].dtype == np.float16
-        assert list(f["labels"][:3]) == [0, 0, 0]
-        assert [c.decode() for c in f["classes"][()]] == ["class_0", "class_1", "class_2"]
-        assert set(v.decode() for v in f["split"][()]) == {"train", "validation"}
-        assert len(f["sha256"][0]) == 64
+        seg = store.shards_dir(s.cache) / f["segments/name"].asstr()[0]
         for k in ("cache_key", "layer", "input_size", "weights_id", "preprocessing", "resize"):
             assert k in f.attrs, k
         assert f.attrs["layer"] == "block5_pool" and f.attrs["input_size"] == SIZE
         assert "caffe" in f.attrs["preprocessing"]
         assert json.loads(f.attrs["settings"])["weights_id"].startswith("random:seed=0")
         assert f.attrs["random_weights"]
+    with h5py.File(seg, "r") as g:
+        assert g["features"].dtype == np.float16 and g["features"].shape[1:] == (1, 1, 512)
+        assert len(g["ident"][0]) == 64
     assert current_cache(tmp_path / "art") == s.cache
 
 
 def test_rerun_embeds_nothing(dataset, tmp_path, spec, quiet):
     log, lines = quiet
     first = extract(dataset, tmp_path / "art", spec, log=log)
-    with h5py.File(first.cache) as f:
-        before = f["features"][()]
+    before = store.read_column(first.cache, "features")
     again = extract(dataset, tmp_path / "art", spec, log=log)
     assert (again.new, again.cached, again.removed, again.skipped) == (0, 33, 0, 0)
     assert not again.rewrote
     assert "embedded 0 new, 33 cached, 0 removed, 0 skipped" in lines
-    with h5py.File(again.cache) as f:
-        np.testing.assert_array_equal(f["features"][()], before)
+    np.testing.assert_array_equal(store.read_column(again.cache, "features"), before)
 
 
 def test_add_change_delete_recompute_exactly_one(dataset, tmp_path, spec, quiet):
@@ -56,8 +68,8 @@ def test_add_change_delete_recompute_exactly_one(dataset, tmp_path, spec, quiet)
     art = tmp_path / "art"
     first = extract(dataset, art, spec, log=log)
     old = store.read_index(first.cache)
-    with h5py.File(first.cache) as f:
-        old_feats = {p: f["features"][i] for i, p in enumerate(old.paths)}
+    maps = store.read_column(first.cache, "features")
+    old_feats = {p: maps[i] for i, p in enumerate(old.paths)}
 
     write_image(dataset / "train/class_1/new.png", 1, seed=999)
     s = extract(dataset, art, spec, log=log)
@@ -73,11 +85,11 @@ def test_add_change_delete_recompute_exactly_one(dataset, tmp_path, spec, quiet)
 
     idx = store.read_index(s.cache)
     assert "train/class_0/img_001.png" not in idx.paths
-    with h5py.File(s.cache) as f:
-        for i, p in enumerate(idx.paths):
-            if p not in ("train/class_1/new.png", "train/class_2/img_000.png"):
-                np.testing.assert_array_equal(f["features"][i], old_feats[p])
-        changed = f["features"][idx.paths.index("train/class_2/img_000.png")]
+    maps = store.read_column(s.cache, "features")
+    for i, p in enumerate(idx.paths):
+        if p not in ("train/class_1/new.png", "train/class_2/img_000.png"):
+            np.testing.assert_array_equal(maps[i], old_feats[p])
+    changed = maps[idx.paths.index("train/class_2/img_000.png")]
     assert not np.array_equal(changed, old_feats["train/class_2/img_000.png"])
 
 
@@ -96,8 +108,7 @@ def test_other_settings_never_mix(dataset, tmp_path, spec, quiet):
     c = extract(dataset, tmp_path / "art", BackboneSpec("none", input_size=SIZE, seed=1), log=log)
     assert len({a.cache, b.cache, c.cache}) == 3
     assert b.new == 33 and c.new == 33
-    with h5py.File(b.cache) as f:
-        assert f["features"].shape[1:] == (2, 2, 512)
+    assert store.read_column(b.cache, "features").shape[1:] == (2, 2, 512)
     back = extract(dataset, tmp_path / "art", spec, log=log)
     assert back.cache == a.cache and back.new == 0
 

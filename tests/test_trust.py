@@ -304,8 +304,8 @@ def test_decoder_versions_are_recorded_per_row_and_never_mixed(tmp_path, spec, q
     data = make_dataset(tmp_path / "data", per_class=3)
     art = tmp_path / "art"
     s = extract(data, art, spec, log=log)
+    assert store.read_index(s.cache).embedded_with == [0] * 9
     with h5py.File(s.cache) as f:
-        assert list(f["embedded_with"][()]) == [0] * 9
         assert json.loads(f.attrs["embedders"])[0]["pillow"]
     real = features.embedder()
     monkeypatch.setattr(features, "embedder", lambda: {**real, "pillow": "99.0"})
@@ -441,11 +441,12 @@ def test_a_missing_shard_is_refused_then_embedded_again(tmp_path, spec, quiet):
     data = make_dataset(tmp_path / "data", per_class=6)
     art = tmp_path / "art"
     s = extract(data, art, spec, batch_size=8, log=log)
-    (store.shards_dir(s.cache) / "s00000000.h5").unlink()
-    with pytest.raises(UserError, match="missing shard file.*rerun `make features`"):
+    first = store.read_index(s.cache).entries[0]
+    (store.shards_dir(s.cache) / first.name).unlink()
+    with pytest.raises(UserError, match="missing segment file.*rerun `make features`"):
         train_head(art, "logreg", folds=2, log=log)
     again = extract(data, art, spec, batch_size=8, log=log)
-    assert again.new == 8 and any("lost their shard file" in x for x in lines)
+    assert again.new == first.live and any("missing segment" in x for x in lines)
     assert train_head(art, "logreg", folds=2, log=log)["cv"]["folds"] == 2
 
 

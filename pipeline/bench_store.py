@@ -1,0 +1,296 @@
+"""`make bench`, the store at scale: synthetic caches of 100,000 and 1,000,000 rows.
+
+Built through the store's own write path (`store.writer.Writer`: staged batch segments, merges,
+commit) with random pooled vectors, MAPS=0 and the default batch of 32 (so 100,000 rows are
+3,125 batches), then grown by +1 % ten times. No image is decoded and no backbone runs: the
+figures are the store's alone. Printed and returned: build seconds, files in the cache folder,
+peak open files while reading, seconds to read every pooled row through the store and the same
+bytes from one plain HDF5 dataset (same run), seconds and bytes written per +1 %, seconds for an
+unchanged rerun, and the peak memory of `train-head logreg` on `avg`.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+CHANNELS = 512
+CLASSES = [f"c{i}" for i in range(10)]
+STAMP = {"bench": "synthetic pooled vectors"}
+
+
+def _say(msg: str) -> None:
+    print(msg, flush=True)
+
+
+def _rows(lo: int, hi: int) -> list[Any]:
+    from pipeline.store.writer import Row
+
+    return [
+        Row(f"c{i % 10}/{i:08d}.jpg", f"{i:064x}", CLASSES[i % 10], "train", 0, (i, i, i))
+        for i in range(lo, hi)
+    ]
+
+
+def _vectors(idents: list[str]) -> np.ndarray:
+    """Pooled vectors with a class signal (first 8 hex digits: the row number)."""
+    n = np.array([int(h[-8:], 16) for h in idents])
+    rng = np.random.default_rng(int(n[0]) if len(n) else 0)
+    x = rng.gamma(1.0, 1.0, (len(n), CHANNELS)).astype(np.float32)
+    x[np.arange(len(n)), (n % 10) * 7] += 3.0
+    return x
+
+
+def _settings() -> dict[str, Any]:
+    from pipeline.backbone import BackboneSpec
+    from pipeline.features import cache_settings
+
+    return cache_settings(BackboneSpec("none", input_size=224), "float16", maps=False)
+
+
+def _attrs(key: str, rows: list[Any]) -> dict[str, Any]:
+    from pipeline import store
+    from pipeline.provenance import environment
+
+    settings = _settings()
+    return {
+        "cache_key": key,
+        "data_id": store.data_id(
+            [r.path for r in rows],
+            [r.ident for r in rows],
+            [CLASSES.index(r.label) for r in rows],
+            [r.split for r in rows],
+            CLASSES,
+        ),
+        "settings": settings,
+        **{k: v for k, v in settings.items() if isinstance(v, (str, int, float, bool))},
+        "weights": "none",
+        "random_weights": True,
+        "feature_shape": [1, 1, CHANNELS],
+        "maps": False,
+        "layout": "flat",
+        "data": "/synthetic",
+        "data_root": "/synthetic",
+        "data_sha256": "",
+        "data_stat": [0, 0],
+        "environment": environment(),
+    }
+
+
+def sync(path: Path, want: list[Any], batch: int = 32) -> tuple[Any, int]:
+    """One `make features` run's store work: stage the missing rows batch by batch, commit."""
+    from pipeline.store.segments import Meta
+    from pipeline.store.writer import Writer
+
+    key = _key()
+    w = Writer(path, key, STAMP, maps=False, dtype="float16", log=lambda s: None)
+    todo = [r for r in want if not w.has(r.ident)]
+    for a in range(0, len(todo), batch):
+        part = todo[a : a + batch]
+        v = _vectors([r.ident for r in part])
+        meta = Meta(
+            [r.ident for r in part], [r.path for r in part], [r.label for r in part],
+            [r.split for r in part], [r.view for r in part], [r.stat for r in part],
+        )  # fmt: skip
+        w.add_batch(meta, {"avg": v, "max": v * 2}, None, [])
+    done = w.commit(want, CLASSES, [], _attrs(key, want), same_source=True)
+    return done, len(todo)
+
+
+def _key() -> str:
+    from pipeline import store
+
+    return store.cache_key(_settings())
+
+
+def _tree(folder: Path) -> dict[str, tuple[int, int, int]]:
+    out = {}
+    for p in folder.rglob("*"):
+        if p.is_file():
+            st = p.stat()
+            out[str(p)] = (st.st_ino, st.st_mtime_ns, st.st_size)
+    return out
+
+
+def _written(before: dict[str, tuple[int, int, int]], after: dict[str, tuple[int, int, int]]):
+    return sum(v[2] for k, v in after.items() if before.get(k) != v)
+
+
+class OpenFiles:
+    """The most file descriptors this process held while the block ran (sampled every ms)."""
+
+    def __enter__(self) -> OpenFiles:
+        self.peak, self._stop = 0, False
+
+        def sample() -> None:
+            while not self._stop:
+                self.peak = max(self.peak, len(os.listdir("/proc/self/fd")))
+                time.sleep(0.001)
+
+        self._t = threading.Thread(target=sample, daemon=True)
+        self._t.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop = True
+        self._t.join()
+
+
+def _read_store(path: Path) -> tuple[float, int, np.ndarray]:
+    from pipeline import store
+
+    with OpenFiles() as of:
+        t = time.perf_counter()
+        with store.open_cache(path) as f:
+            idx = store.index_of(f, path)
+            X = store.features_of(f, idx, "avg", "train").X
+        s = time.perf_counter() - t
+    return s, of.peak, X
+
+
+def _read_plain(path: Path) -> float:
+    import h5py
+
+    t = time.perf_counter()
+    with h5py.File(path, "r") as f:
+        f["x"][()]
+    return time.perf_counter() - t
+
+
+def at_size(work: Path, n: int, batch: int, heads: bool) -> dict[str, Any]:
+    import h5py
+
+    from pipeline.store import shards_dir
+
+    folder = work / f"store-{n}"
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "cache.h5"
+    want = _rows(0, n)
+    t = time.perf_counter()
+    sync(path, want, batch)
+    build_s = time.perf_counter() - t
+    files = len(list(shards_dir(path).iterdir())) + 1
+    fds0 = len(os.listdir("/proc/self/fd"))
+    _read_store(path)  # warm the page cache, as for the plain file below
+    read_s, peak_fds, X = _read_store(path)
+    plain = folder / "plain.h5"
+    with h5py.File(plain, "w") as f:
+        f.create_dataset("x", data=X)
+    _read_plain(plain)
+    plain_s = _read_plain(plain)
+    plain.unlink()
+    del X
+    grow = []
+    step = max(1, n // 100)
+    for k in range(10):
+        more = want + _rows(n + k * step, n + (k + 1) * step)
+        before = _tree(folder)
+        t = time.perf_counter()
+        done, embedded = sync(path, more, batch)
+        s = time.perf_counter() - t
+        grow.append(
+            {
+                "s": s,
+                "bytes": _written(before, _tree(folder)),
+                "rows": embedded,
+                "merges": done.merges,
+            }
+        )
+        want = more
+    before = _tree(folder)
+    t = time.perf_counter()
+    done, embedded = sync(path, want, batch)
+    unchanged_s = time.perf_counter() - t
+    assert embedded == 0 and not done.rewrote and _tree(folder) == before
+    row: dict[str, Any] = {
+        "rows": n,
+        "batches": -(-n // batch),
+        "build_s": build_s,
+        "files": files,
+        "files_after_growth": len(list(shards_dir(path).iterdir())) + 1,
+        "cache_bytes": sum(v[2] for v in _tree(folder).values()),
+        "read_pooled_s": read_s,
+        "read_plain_dataset_s": plain_s,
+        "peak_open_files_reading": peak_fds,
+        "open_files_before_reading": fds0,
+        "plus_1pct_s": [g["s"] for g in grow],
+        "plus_1pct_bytes": [g["bytes"] for g in grow],
+        "plus_1pct_merges": [g["merges"] for g in grow],
+        "plus_1pct_bytes_per_row": sum(g["bytes"] for g in grow) / sum(g["rows"] for g in grow),
+        "plus_1pct_s_mean": sum(g["s"] for g in grow) / len(grow),
+        "unchanged_rerun_s": unchanged_s,
+    }
+    _say(
+        f"  {n:,} rows ({row['batches']:,} batches of {batch}): built in {build_s:.1f} s, "
+        f"{row['files']} files; read all pooled rows {read_s:.2f} s (one plain dataset: "
+        f"{plain_s:.2f} s), peak {peak_fds} open fds ({fds0} before); +1 % x10: "
+        f"{row['plus_1pct_s_mean']:.2f} s and {row['plus_1pct_bytes_per_row']:,.0f} B written "
+        f"per added row (merges {sum(row['plus_1pct_merges'])}); unchanged rerun "
+        f"{unchanged_s:.2f} s; {row['files_after_growth']} files after growth"
+    )
+    if heads:
+        from pipeline.bench import PEAK_EXPR
+
+        code = (
+            "import resource, sys; from pipeline.cli import main; rc = main(sys.argv[1:]); "
+            f"print('PEAK', {PEAK_EXPR}); sys.exit(rc)"
+        )
+        t = time.perf_counter()
+        p = subprocess.run(
+            [sys.executable, "-c", code, "train-head", "--head", "logreg", "--pool", "avg",
+             "--features", str(path), "--artifacts", str(folder / "art"), "--folds", "2",
+             "--param", "C=1"],
+            capture_output=True, text=True,
+        )  # fmt: skip
+        if p.returncode != 0:
+            raise RuntimeError(p.stderr[-2000:])
+        row["train_head_logreg_avg_s"] = time.perf_counter() - t
+        kib = int([ln for ln in p.stdout.splitlines() if ln.startswith("PEAK")][0].split()[1])
+        row["train_head_logreg_avg_peak_mib"] = kib / 1024
+        _say(
+            f"    train-head logreg avg (FOLDS=2, C=1): {row['train_head_logreg_avg_s']:.0f} s, "
+            f"{kib / 1024:,.0f} MiB peak"
+        )
+    return row
+
+
+def store_at_scale(work: Path, sizes: tuple[int, ...], batch: int = 32, heads: bool = True) -> dict:
+    """The store at each size; growth ratios between the first and the last."""
+    import shutil
+
+    out: dict[str, Any] = {"channels": CHANNELS, "batch": batch, "sizes": {}}
+    for n in sizes:
+        out["sizes"][str(n)] = at_size(work, n, batch, heads)
+        shutil.rmtree(work / f"store-{n}", ignore_errors=True)
+    if len(sizes) > 1:
+        a, b = out["sizes"][str(sizes[0])], out["sizes"][str(sizes[-1])]
+        out["read_growth"] = b["read_pooled_s"] / a["read_pooled_s"]
+        out["rows_growth"] = sizes[-1] / sizes[0]
+        out["write_per_row_growth"] = b["plus_1pct_bytes_per_row"] / a["plus_1pct_bytes_per_row"]
+        _say(
+            f"  {sizes[0]:,} -> {sizes[-1]:,} rows: reads x{out['read_growth']:.1f} "
+            f"(rows x{out['rows_growth']:.0f}, target <= ~10), bytes written per added row "
+            f"x{out['write_per_row_growth']:.2f} (target <= 2)"
+        )
+    return out
+
+
+if __name__ == "__main__":
+    import argparse
+
+    ap = argparse.ArgumentParser(prog="python -m pipeline.bench_store", description=__doc__)
+    ap.add_argument("--work", type=Path, default=Path("artifacts/bench/work"))
+    ap.add_argument("--sizes", default="100000,1000000")
+    ap.add_argument("--no-heads", action="store_true")
+    a = ap.parse_args()
+    import json
+
+    res = store_at_scale(a.work, tuple(int(v) for v in a.sizes.split(",")), heads=not a.no_heads)
+    print(json.dumps(res, indent=1))

@@ -1,0 +1,68 @@
+"""The feature store: one small index per backbone setting over few large immutable segments.
+
+Modules, one concern each: `format` (conventions, keys, atomic writes), `segments` (the files
+holding rows and features), `manifest` (the index file naming them), `reader` (features for a
+head, one open file at a time), `merging` (when segments merge), `writer` (a run's staging,
+commit and garbage collection), `locks` (one writer, readers that keep their files).
+"""
+
+from pipeline.errors import UserError
+from pipeline.store.format import (
+    FORMAT_VERSION,
+    POOLINGS,
+    STR,
+    CacheError,
+    cache_key,
+    data_id,
+    disk_error,
+    ident,
+    replacing,
+)
+from pipeline.store.locks import exclusive, reading
+from pipeline.store.manifest import (
+    Entry,
+    Index,
+    index_of,
+    open_cache,
+    read_attrs,
+    read_index,
+    shards_dir,
+)
+from pipeline.store.reader import (
+    Features,
+    f_shape,
+    features_of,
+    load_features,
+    pool,
+    read_column,
+)
+from pipeline.store.segments import missing_maps
+
+__all__ = [
+    "FORMAT_VERSION",
+    "POOLINGS",
+    "STR",
+    "CacheError",
+    "Entry",
+    "Features",
+    "Index",
+    "UserError",
+    "cache_key",
+    "data_id",
+    "disk_error",
+    "exclusive",
+    "f_shape",
+    "features_of",
+    "ident",
+    "index_of",
+    "load_features",
+    "missing_maps",
+    "open_cache",
+    "pool",
+    "read_attrs",
+    "read_column",
+    "read_index",
+    "reading",
+    "replacing",
+    "shards_dir",
+]

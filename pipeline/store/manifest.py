@@ -1,0 +1,360 @@
+"""The index file: a small manifest naming a cache's segments, its removed rows and its facts.
+
+Layout of `<cache>.h5` (readable with plain h5py; README "Reading a cache without this package"):
+  /segments/name (S), /segments/rows, /segments/stamp_key   the segments, in row order
+  /dead/segment, /dead/row        rows of those segments that are no longer in the cache
+  /classes (C,) UTF-8             class names; a row's label is its class name's position
+  /skipped/paths, reasons, sha256, stat, content, stamp_key    files not cached this time, why
+  attrs: format_version, cache_key, data_id, settings (JSON), embedders (JSON), feature_shape,
+         maps, rows, each setting by name, environment
+The rows themselves (path, label, split, content hash, stat, features) live in the segments
+(`<cache>.shards/g*.h5`). The manifest grows with the number of segments and of removed rows not
+yet merged away, never with the collection; it is replaced whole (write, fsync, rename).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import h5py
+import numpy as np
+
+from pipeline.errors import UserError
+from pipeline.store.format import (
+    FORMAT_VERSION,
+    CacheError,
+    fsync,
+    open_files_error,
+    read_attrs_of,
+    replacing,
+    str_ds,
+    strs,
+    too_many_open_files,
+    write_attrs,
+)
+from pipeline.store.segments import decoded, open_segment
+
+
+@dataclass
+class Entry:
+    """One segment of a cache: its name, row count, versions stamp and removed rows."""
+
+    name: str
+    rows: int
+    stamp_key: str
+    dead: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
+
+    @property
+    def live(self) -> int:
+        return self.rows - len(self.dead)
+
+
+def shards_dir(path: Path) -> Path:
+    """The folder of a cache's segments, next to its index."""
+    path = Path(path)
+    return path.with_name(path.stem + ".shards")
+
+
+def write_manifest(
+    path: Path,
+    entries: list[Entry],
+    classes: list[str],
+    skipped: list[dict[str, Any]],
+    attrs: dict[str, Any],
+) -> None:
+    """Write the index atomically: readers see the old manifest or the new one, never a mix."""
+    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+    with replacing(tmp, path):
+        with h5py.File(tmp, "w") as f:
+            f.create_dataset(
+                "segments/name", data=np.array([e.name.encode() for e in entries], "S40")
+            )
+            f.create_dataset("segments/rows", data=np.array([e.rows for e in entries], np.int64))
+            f.create_dataset(
+                "segments/stamp_key", data=np.array([e.stamp_key.encode() for e in entries], "S64")
+            )
+            seg = [np.full(len(e.dead), i, np.int32) for i, e in enumerate(entries)]
+            f.create_dataset(
+                "dead/segment", data=np.concatenate(seg) if seg else np.zeros(0, np.int32)
+            )
+            f.create_dataset(
+                "dead/row",
+                data=np.concatenate([e.dead for e in entries])
+                if entries
+                else np.zeros(0, np.int64),
+            )
+            str_ds(f, "classes", classes)
+            g = f.create_group("skipped")
+            for name, key in (("paths", "path"), ("reasons", "reason"), ("sha256", "sha256")):
+                str_ds(g, name, [s.get(key, "") for s in skipped])
+            g.create_dataset(
+                "stat",
+                data=np.array([s.get("stat", (0, 0, 0)) for s in skipped], np.int64).reshape(-1, 3),
+            )
+            g.create_dataset(
+                "content", data=np.array([bool(s.get("content")) for s in skipped], bool)
+            )
+            g.create_dataset(
+                "stamp_key",
+                data=np.array([s.get("stamp_key", "").encode() for s in skipped], "S64"),
+            )
+            write_attrs(f, attrs)
+            f.attrs["rows"] = sum(e.live for e in entries)
+            f.attrs["format_version"] = FORMAT_VERSION
+        fsync(tmp)
+
+
+def read_entries(f: h5py.File) -> list[Entry]:
+    names = f["segments/name"][()].astype(str).tolist()
+    rows = f["segments/rows"][()].tolist()
+    stamps = f["segments/stamp_key"][()].astype(str).tolist()
+    dseg, drow = f["dead/segment"][()], f["dead/row"][()].astype(np.int64)
+    order = np.lexsort((drow, dseg))
+    dseg, drow = dseg[order], drow[order]
+    cut = np.searchsorted(dseg, np.arange(len(names) + 1))
+    return [
+        Entry(n, int(r), s, drow[cut[i] : cut[i + 1]])
+        for i, (n, r, s) in enumerate(zip(names, rows, stamps, strict=True))
+    ]
+
+
+def read_skipped(f: h5py.File) -> list[dict[str, Any]]:
+    sk = f["skipped"]
+    return [
+        {
+            "path": p,
+            "reason": r,
+            "sha256": h,
+            "stat": tuple(int(v) for v in st),
+            "content": bool(c),
+            "stamp_key": k,
+        }
+        for p, r, h, st, c, k in zip(
+            strs(sk["paths"]),
+            strs(sk["reasons"]),
+            strs(sk["sha256"]),
+            sk["stat"][()],
+            sk["content"][()].tolist(),
+            sk["stamp_key"][()].astype(str).tolist(),
+            strict=True,
+        )
+    ]
+
+
+class Index:
+    """A cache's live rows and attributes, without the features: NumPy columns, one per field.
+
+    `seg` and `seg_row` say where each row's features are: segment entries[seg], row seg_row.
+    Python lists (`paths`, `sha256`, `split`, `view`, ...) are made on first use only, so that
+    reading features for a head costs NumPy work per row, not Python objects per row.
+    """
+
+    def __init__(
+        self,
+        path: Path,
+        classes: list[str],
+        skipped: list[dict[str, Any]],
+        attrs: dict[str, Any],
+        entries: list[Entry],
+        ident: np.ndarray,
+        paths: np.ndarray,
+        labels: np.ndarray,
+        split: np.ndarray,
+        view: np.ndarray,
+        stat: np.ndarray,
+        made: np.ndarray,
+        seg: np.ndarray,
+        seg_row: np.ndarray,
+    ) -> None:
+        self.path, self.classes, self.skipped, self.attrs = Path(path), classes, skipped, attrs
+        self.entries = entries
+        self.ident_col, self.path_col, self.labels = ident, paths, labels
+        self.split_col, self.view_col, self.stat = split, view, stat
+        self.made_col, self.seg, self.seg_row = made, seg, seg_row
+        self._lists: dict[str, list[Any]] = {}
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def _list(self, name: str, make: Any) -> list[Any]:
+        if name not in self._lists:
+            self._lists[name] = make()
+        return self._lists[name]
+
+    @property
+    def paths(self) -> list[str]:
+        return self._list("paths", lambda: decoded(self.path_col))
+
+    @property
+    def idents(self) -> list[str]:
+        return self._list("idents", lambda: self.ident_col.astype(str).tolist())
+
+    @property
+    def sha256(self) -> list[str]:
+        return self._list("sha256", lambda: [h.split("#", 1)[0] for h in self.idents])
+
+    @property
+    def split(self) -> list[str]:
+        return self._list("split", lambda: self.split_col.astype(str).tolist())
+
+    @property
+    def view(self) -> list[int]:
+        return self._list("view", lambda: self.view_col.astype(int).tolist())
+
+    @property
+    def embedded_with(self) -> list[int]:
+        return self._list("made", lambda: self.made_col.astype(int).tolist())
+
+    @property
+    def labels_by_name(self) -> list[str]:
+        return self._list("names", lambda: [self.classes[i] for i in self.labels.tolist()])
+
+    def mask(self, split: str, max_view: int = 0) -> np.ndarray:
+        """Rows of `split` with views up to `max_view` (0: the images themselves)."""
+        return (self.split_col == split.encode()) & (self.view_col <= max_view)
+
+
+def _cat_bytes(parts: list[np.ndarray]) -> np.ndarray:
+    """Concatenate fixed-width byte columns of different widths (the widest wins)."""
+    if not parts:
+        return np.zeros(0, "S1")
+    width = max(p.dtype.itemsize for p in parts)
+    return np.concatenate([p.astype(f"S{width}") for p in parts])
+
+
+def _not_a_cache(f: h5py.File, path: Path) -> CacheError | None:
+    if "stamp_key" in f.attrs and "ident" in f:  # a segment given instead of its cache
+        folder = Path(path).resolve().parent
+        cache = folder.with_name(folder.name.removesuffix(".shards") + ".h5")
+        return CacheError(
+            f"'{Path(path).name}' is one segment of the feature cache '{cache.name}', not a "
+            f"cache; pass '{cache}' (or its ARTIFACTS folder) instead"
+        )
+    if f.attrs.get("format_version") != FORMAT_VERSION or "segments/name" not in f:
+        return CacheError(
+            f"'{path}' is not a feature cache of format {FORMAT_VERSION} (made by another "
+            "version of the pipeline, or not a cache); rerun `make features` (it writes a new one)"
+        )
+    return None
+
+
+@contextmanager
+def open_cache(path: Path) -> Iterator[h5py.File]:
+    """Open a cache's index read-only; a damaged or foreign file is a CacheError naming the fix."""
+    try:
+        f = h5py.File(path, "r")
+    except FileNotFoundError:
+        raise UserError(
+            f"feature cache '{path}' does not exist; run `make features` first"
+        ) from None
+    except OSError as e:
+        if too_many_open_files(e):
+            raise open_files_error(path) from None
+        if not Path(path).exists():
+            raise UserError(
+                f"feature cache '{path}' does not exist; run `make features` first"
+            ) from None
+        raise CacheError(
+            f"feature cache '{path}' is damaged ({str(e).splitlines()[0][:120]}); rerun "
+            "`make features` (it rebuilds the index from the segments, embedding nothing again)"
+        ) from None
+    try:
+        err = _not_a_cache(f, path)
+        if err is not None:
+            raise err
+        yield f
+    finally:
+        f.close()
+
+
+def read_attrs(path: Path) -> dict[str, Any]:
+    """A cache's attributes alone (cheap: no rows are read)."""
+    with open_cache(path) as f:
+        return read_attrs_of(f)
+
+
+def read_index(path: Path, expect_key: str | None = None) -> Index:
+    """Read a cache's rows and attributes; check its key when one is expected."""
+    with open_cache(path) as f:
+        return index_of(f, path, expect_key)
+
+
+def index_of(f: h5py.File, path: Path, expect_key: str | None = None) -> Index:
+    """The live rows of the open cache `f`, read segment by segment (one file open at a time)."""
+    attrs = read_attrs_of(f)
+    if expect_key is not None and attrs.get("cache_key") != expect_key:
+        raise CacheError(
+            f"feature cache '{path}' was made with other settings "
+            f"(key {str(attrs.get('cache_key'))[:12]}, expected {expect_key[:12]})"
+        )
+    try:
+        entries = read_entries(f)
+        classes = strs(f["classes"])
+        skipped = read_skipped(f)
+    except (KeyError, OSError, ValueError) as e:
+        raise CacheError(
+            f"feature cache '{path}' is damaged ({e}); rerun `make features` (it rebuilds the "
+            "index from the segments, embedding nothing again)"
+        ) from None
+    embedders = attrs.get("embedders") or []
+    class_of = {c: i for i, c in enumerate(classes)}
+    folder = shards_dir(path)
+    cols: dict[str, list[np.ndarray]] = {
+        k: [] for k in ("ident", "path", "label", "split", "view", "stat", "made", "seg", "row")
+    }
+    for k, e in enumerate(entries):
+        with open_segment(folder / e.name) as g:
+            try:
+                live = np.ones(e.rows, bool)
+                live[e.dead] = False
+                own = strs(g["classes"])
+                remap = np.array([class_of.get(c, -1) for c in own] + [-1], np.int64)
+                stamp = read_attrs_of(g).get("stamp") or {}
+                cols["ident"].append(g["ident"][()][live])
+                raw = g["path"][()]
+                cols["path"].append(raw.astype(f"S{max(1, raw.dtype.itemsize)}")[live])
+                cols["label"].append(remap[g["label"][()][live]])
+                cols["split"].append(g["split"][()][live])
+                cols["view"].append(g["view"][()][live].astype(np.int16))
+                cols["stat"].append(g["stat"][()][live])
+            except (KeyError, OSError, ValueError, IndexError) as err:
+                raise CacheError(
+                    f"segment '{folder / e.name}' of the cache cannot be read ({err}); move it "
+                    "out of the folder and rerun `make features` (its rows are embedded again)"
+                ) from None
+        n = int(live.sum())
+        made = embedders.index(stamp) if stamp in embedders else 0
+        cols["made"].append(np.full(n, made, np.int16))
+        cols["seg"].append(np.full(n, k, np.int32))
+        cols["row"].append(np.flatnonzero(live).astype(np.int64))
+
+    def cat(name: str, empty: np.ndarray) -> np.ndarray:
+        return np.concatenate(cols[name]) if cols[name] else empty
+
+    labels = cat("label", np.zeros(0, np.int64))
+    if (labels < 0).any():
+        raise CacheError(
+            f"feature cache '{path}' is damaged (a row's label is not among its classes); "
+            "rerun `make features`"
+        )
+    return Index(
+        path=Path(path),
+        classes=classes,
+        skipped=skipped,
+        attrs=attrs,
+        entries=entries,
+        ident=cat("ident", np.zeros(0, "S80")),
+        paths=_cat_bytes(cols["path"]),
+        labels=labels,
+        split=cat("split", np.zeros(0, "S10")),
+        view=cat("view", np.zeros(0, np.int16)),
+        stat=cat("stat", np.zeros((0, 3), np.int64)).reshape(-1, 3),
+        made=cat("made", np.zeros(0, np.int16)),
+        seg=cat("seg", np.zeros(0, np.int32)),
+        seg_row=cat("row", np.zeros(0, np.int64)),
+    )

@@ -1,0 +1,129 @@
+"""Reading features: the rows a head needs, segment by segment, into one preallocated array.
+
+One segment file is open at a time, read in contiguous blocks of about 64 MB, so reading costs
+what reading the same bytes from one plain dataset costs, whatever the number of segments.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import h5py
+import numpy as np
+
+from pipeline.errors import UserError
+from pipeline.store.format import POOLINGS, CacheError
+from pipeline.store.manifest import Index, index_of, open_cache, shards_dir
+from pipeline.store.segments import BLOCK_BYTES, decoded, missing_maps, open_segment, read_rows
+
+
+def pool(block: np.ndarray, pooling: str) -> np.ndarray:
+    """Pool (n, h, w, c) maps to (n, d) float32: global average, global max, or flatten."""
+    if pooling == "avg":
+        return block.astype(np.float32).mean(axis=(1, 2))
+    if pooling == "max":
+        return block.max(axis=(1, 2)).astype(np.float32)
+    if pooling == "flatten":
+        return block.reshape(len(block), -1).astype(np.float32)
+    raise UserError(f"POOL must be one of {', '.join(POOLINGS)}; got '{pooling}'")
+
+
+@dataclass
+class Features:
+    """Pooled features of one split, ready for a head."""
+
+    X: np.ndarray
+    y: np.ndarray
+    paths: list[str]
+    sha256: list[str]
+    view: np.ndarray
+
+
+def f_shape(idx: Index) -> tuple[int, ...]:
+    return tuple(int(v) for v in idx.attrs["feature_shape"])
+
+
+def load_features(path: Path, pooling: str, split: str, max_view: int = 0) -> Features:
+    """Read and pool the rows of `split` (views up to `max_view`)."""
+    with open_cache(path) as f:
+        return features_of(f, index_of(f, path), pooling, split, max_view)
+
+
+def features_of(
+    f: h5py.File | None, idx: Index, pooling: str, split: str, max_view: int = 0
+) -> Features:
+    """Rows of `split` of the cache `idx` (one consistent version), as float32.
+
+    avg and max read the stored pooled vectors (never the maps); flatten reads the maps. Rows
+    are filled into one preallocated array, one segment and one block at a time.
+    """
+    pool(np.zeros((1, 1, 1, 1), np.float32), pooling)  # validates the name first
+    if max_view == 0 and "augment" in (idx.attrs.get("settings") or {}):
+        name = Path(idx.path).name
+        base = name.split("-augmented", 1)[0] + ".h5"
+        raise CacheError(
+            f"'{name}' holds augmented views, not the images; pass the cache it belongs "
+            f"to ('{base}') or its ARTIFACTS folder"
+        )
+    rows = np.flatnonzero(idx.mask(split, max_view))
+    shape = f_shape(idx)
+    if pooling in ("avg", "max"):
+        name, d = f"pooled/{pooling}", shape[-1]
+    else:
+        if not idx.attrs.get("maps", True):
+            raise missing_maps("POOL=flatten")
+        name, d = "features", int(np.prod(shape))
+    X = np.empty((len(rows), d), np.float32)
+    folder = shards_dir(idx.path)
+    seg = idx.seg[rows]  # rows are in segment order: each segment's rows are one run
+    bounds = np.searchsorted(seg, np.arange(len(idx.entries) + 1))
+    done = 0
+    for k, e in enumerate(idx.entries):
+        mine = rows[bounds[k] : bounds[k + 1]]
+        if not len(mine):
+            continue
+        srows = idx.seg_row[mine]
+        with open_segment(folder / e.name) as g:
+            if name not in g:
+                raise missing_maps("POOL=flatten")
+            ds = g[name]
+            if name != "features":  # long runs of rows go straight into X: no copy
+                cuts = np.flatnonzero(np.diff(srows) != 1) + 1
+                if len(cuts) < max(1, len(srows) // 256):
+                    for run in np.split(srows, cuts):
+                        a, n = int(run[0]), len(run)
+                        ds.read_direct(X, np.s_[a : a + n], np.s_[done : done + n])
+                        done += n
+                    continue
+            step = max(1, BLOCK_BYTES // max(1, int(np.prod(ds.shape[1:])) * ds.dtype.itemsize))
+            for a in range(0, len(srows), step):
+                block = read_rows(ds, srows[a : a + step])
+                X[done : done + len(block)] = pool(block, pooling) if name == "features" else block
+                done += len(block)
+    return Features(
+        X=X,
+        y=idx.labels[rows] if len(rows) else np.zeros(0, np.int64),
+        paths=decoded(idx.path_col[rows]),
+        sha256=[h.split("#", 1)[0] for h in idx.ident_col[rows].astype(str).tolist()],
+        view=idx.view_col[rows].astype(np.int64),
+    )
+
+
+def read_column(path: Path, name: str) -> np.ndarray:
+    """Every row of one segment dataset (`features`, `pooled/avg`, ...) in index order, as stored.
+
+    For tests and tools that want a whole column; heads use `features_of`.
+    """
+    with open_cache(path) as f:
+        idx = index_of(f, path)
+    folder = shards_dir(path)
+    parts = []
+    for k, e in enumerate(idx.entries):
+        with open_segment(folder / e.name) as g:
+            if name not in g:
+                raise KeyError(name)
+            parts.append(read_rows(g[name], idx.seg_row[idx.seg == k]))
+    if not parts:
+        return np.zeros((0,), np.float32)
+    return np.concatenate(parts)

@@ -1,0 +1,488 @@
+"""Writing a cache: a run's new rows staged in segments, one commit, merges, garbage collection.
+
+A run of `make features` (one writer per artifacts folder) goes:
+1. `Writer(...)` reads the current index and finds the segments no index names yet: a killed
+   run's work, resumed when made by the same versions (and, during a REBUILD, by that rebuild).
+2. `add_batch` writes each embedded batch as a small segment (crash-safe on return) and merges
+   staged segments as they accumulate, so a run of any length keeps few files.
+3. `commit` places every wanted row: kept where it is, taken from a staged segment as it is, or
+   copied under new metadata (a moved or relabelled file); writes the new index atomically;
+   then merges the index's segments (`merging`), writing the index after each merge; and only
+   then deletes the files no index names, while no reader is between opening and reading.
+Until the new index is renamed into place, the old one and all its segments stay readable, so
+an interrupted run, merge or REBUILD loses nothing and resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from pipeline.store import merging
+from pipeline.store.format import CacheError, cache_key
+from pipeline.store.locks import reading
+from pipeline.store.manifest import Entry, Index, read_index, shards_dir, write_manifest
+from pipeline.store.segments import (
+    Failure,
+    Meta,
+    SegInfo,
+    copy_rows,
+    max_rows,
+    read_info,
+    write_segment,
+)
+
+Log = Callable[[str], None]
+
+
+@dataclass(frozen=True)
+class Row:
+    """A row the cache should hold: which file, which content and view, its label and split."""
+
+    path: str
+    ident: str
+    label: str
+    split: str
+    view: int
+    stat: tuple[int, int, int]
+
+    def key(self) -> tuple[Any, ...]:
+        return (self.path, self.view, self.ident, self.label, self.split, tuple(self.stat))
+
+
+@dataclass
+class Committed:
+    """What a commit did."""
+
+    rewrote: bool
+    resumed: set[str]
+    copied: int
+    merges: int
+
+
+def rebuild_marker(path: Path) -> Path:
+    return Path(path).with_name(Path(path).name + ".rebuild")
+
+
+class Writer:
+    """The one writer of the cache at `path` for this run (the caller holds `locks.exclusive`)."""
+
+    def __init__(
+        self,
+        path: Path,
+        key: str,
+        stamp: dict[str, Any],
+        maps: bool,
+        dtype: str,
+        log: Log = print,
+        rebuild: bool = False,
+        verify: bool = False,
+    ) -> None:
+        self.path, self.key, self.stamp = Path(path), key, stamp
+        self.stamp_key = cache_key(stamp)
+        self.maps, self.dtype, self.log = maps, dtype, log
+        self.folder = shards_dir(self.path)
+        self.old = self._read_old()
+        marker = rebuild_marker(self.path)
+        self.rebuild_id = ""
+        if marker.is_file():
+            self.rebuild_id = marker.read_text().strip()
+            if not rebuild:
+                log("resuming an interrupted REBUILD=1 (the rows it embedded are kept)")
+            rebuild = True
+        elif rebuild:
+            self.rebuild_id = secrets.token_hex(8)
+            tmp = marker.with_name(marker.name + f".tmp-{os.getpid()}")
+            tmp.write_text(self.rebuild_id + "\n")
+            os.replace(tmp, marker)
+        self.rebuild = rebuild
+        referenced = {e.name for e in self.old.entries} if self.old else set()
+        self.unreadable: set[str] = set()
+        self.staged: dict[str, SegInfo] = {}  # segments no index names: resumable or new
+        if self.folder.is_dir():
+            for p in self.folder.glob(".tmp-*"):  # a killed writer's half-made file
+                p.unlink(missing_ok=True)
+            for p in sorted(self.folder.glob("g*.h5")):
+                if p.name in referenced:
+                    continue
+                try:
+                    info = read_info(p, key)
+                except ValueError:
+                    continue  # another cache's segment: garbage, collected after the commit
+                except (CacheError, OSError, KeyError) as e:
+                    self.unreadable.add(p.name)  # maybe passing (a network filesystem): kept
+                    log(f"warning: cannot read segment '{p.name}' now ({e}); it is kept, unused")
+                    continue
+                if info.stamp_key != self.stamp_key or (
+                    self.rebuild and info.rebuild != self.rebuild_id
+                ):
+                    continue  # other versions' or an older run's work: garbage
+                self.staged[p.name] = info
+        # what a killed run embedded, resumed now (idents survive merges; names do not)
+        self.resumable = {h for info in self.staged.values() for h in info.meta.ident}
+        self.where: dict[str, tuple[str, int]] = {}
+        self.bad: dict[str, Failure] = {}
+        for name, info in self.staged.items():
+            self._index_staged(name, info)
+        if self.old is not None and not rebuild:
+            for i, h in enumerate(self.old.idents):
+                self.where.setdefault(
+                    h, (self.old.entries[self.old.seg[i]].name, int(self.old.seg_row[i]))
+                )
+            if not verify:
+                for s in self.old.skipped:
+                    if s.get("content") and s.get("stamp_key") == self.stamp_key and s["sha256"]:
+                        self.bad.setdefault(s["sha256"], Failure(s["sha256"], s["reason"], True))
+        if verify:
+            self.bad = {}
+        self.limit: int | None = None
+
+    # -- reading what is there -------------------------------------------------------------
+    def _read_old(self) -> Index | None:
+        if not self.path.exists():
+            return None
+        try:
+            return read_index(self.path, expect_key=self.key)
+        except CacheError as e:
+            import time
+
+            aside = self.path.with_name(self.path.name + f".damaged-{int(time.time())}")
+            os.replace(self.path, aside)
+            self.log(f"warning: {e}; moved aside to '{aside.name}' and rebuilding")
+            return None
+
+    def _index_staged(self, name: str, info: SegInfo) -> None:
+        for i, h in enumerate(info.meta.ident):
+            self.where.setdefault(h, (name, i))
+        for x in info.failures:
+            if x.content:
+                self.bad.setdefault(x.ident, x)
+
+    def feature_shape(self) -> tuple[int, ...] | None:
+        """The (h, w, c) the rows hold: maps' shape, or (1, 1, c) with MAPS=0."""
+        for info in self.staged.values():
+            return info.maps_shape or (1, 1, info.channels)
+        if self.old is not None and self.old.attrs.get("feature_shape"):
+            return tuple(int(v) for v in self.old.attrs["feature_shape"])
+        return None
+
+    def has(self, ident: str) -> bool:
+        """Whether the features of `ident` are on disk for this run (nothing to embed)."""
+        return ident in self.where
+
+    def failure(self, ident: str) -> Failure | None:
+        """A remembered content failure of `ident` under these versions (not with VERIFY)."""
+        return self.bad.get(ident) or self.bad.get(ident.split("#", 1)[0])
+
+    # -- staging ---------------------------------------------------------------------------
+    def add_batch(
+        self,
+        meta: Meta,
+        pooled: dict[str, np.ndarray],
+        maps: np.ndarray | None,
+        failures: list[Failure],
+    ) -> None:
+        """Write one embedded batch as a segment (complete on disk when this returns)."""
+        channels = int(pooled["avg"].shape[1])
+        shape = tuple(maps.shape[1:]) if (maps is not None and self.maps) else None
+        name = write_segment(
+            self.folder,
+            self.key,
+            meta,
+            pooled,
+            maps if shape else None,
+            list(failures),
+            self.stamp,
+            self.stamp_key,
+            self.rebuild_id,
+        )
+        info = SegInfo(
+            name,
+            len(meta),
+            self.stamp,
+            self.stamp_key,
+            self.rebuild_id,
+            meta,
+            list(failures),
+            channels,
+            shape,
+            self.dtype,
+        )
+        self.staged[name] = info
+        self._index_staged(name, info)
+        if self.limit is None and len(meta):
+            self.limit = max_rows(channels, shape, self.dtype)
+        self._merge_staged()
+
+    def _merge_staged(self) -> None:
+        """Merge this run's staged segments like the index's (no index names them yet)."""
+        if self.limit is None:
+            return
+        while True:
+            names = [n for n in self.staged if n not in self.unreadable]
+            # a batch that failed whole is an empty segment: it merges like a one-row one
+            sizes = [
+                merging.Size(
+                    max(1, self.staged[n].rows),
+                    max(1, self.staged[n].rows),
+                    self.staged[n].stamp_key,
+                )
+                for n in names
+            ]
+            group = [names[i] for i in merging.next_merge(sizes, self.limit)]
+            if not group:
+                return
+            infos = [self.staged[n] for n in group]
+            fails = [x for i in infos for x in i.failures]
+            out = copy_rows(
+                self.folder,
+                self.key,
+                [(n, np.arange(self.staged[n].rows), None) for n in group],
+                self.stamp,
+                self.stamp_key,
+                self.rebuild_id,
+                self.limit,
+                fails,
+                known={i.name: i.meta for i in infos},
+            )
+            if not out and fails:  # only failures: keep them in one empty segment
+                empty = {p: np.zeros((0, infos[0].channels), np.float32) for p in ("avg", "max")}
+                out = [
+                    (
+                        write_segment(
+                            self.folder,
+                            self.key,
+                            Meta(),
+                            empty,
+                            None,
+                            fails,
+                            self.stamp,
+                            self.stamp_key,
+                            self.rebuild_id,
+                        ),
+                        0,
+                    )
+                ]
+            meta = Meta()
+            for i in infos:
+                meta.extend(i.meta)
+            moved: dict[tuple[str, int], tuple[str, int]] = {}
+            pos = 0
+            srcs = [(i.name, r) for i in infos for r in range(i.rows)]
+            new_infos = []
+            for k, (name, n) in enumerate(out):
+                part = meta.take(range(pos, pos + n))
+                new_infos.append(
+                    SegInfo(
+                        name,
+                        n,
+                        self.stamp,
+                        self.stamp_key,
+                        self.rebuild_id,
+                        part,
+                        fails if k == 0 else [],
+                        infos[0].channels,
+                        infos[0].maps_shape,
+                        infos[0].maps_dtype,
+                    )
+                )
+                for r in range(n):
+                    moved[srcs[pos + r]] = (name, r)
+                pos += n
+            for i in infos:  # only the merged rows' entries change: cost of the merge, not N
+                for r, h in enumerate(i.meta.ident):
+                    if self.where.get(h) == (i.name, r):
+                        self.where[h] = moved[(i.name, r)]
+            for n in group:
+                del self.staged[n]
+                (self.folder / n).unlink(missing_ok=True)  # no index names it: no reader has it
+            for info in new_infos:
+                self.staged[info.name] = info
+
+    # -- committing ------------------------------------------------------------------------
+    def commit(
+        self,
+        rows: list[Row],
+        classes: list[str],
+        skipped: list[dict[str, Any]],
+        attrs: dict[str, Any],
+        same_source: bool,
+    ) -> Committed:
+        """Make the index hold exactly `rows` (in their order where new); see the module doc."""
+        old = None if self.rebuild else self.old
+        resumed: set[str] = set()
+        old_pos: dict[tuple[str, int], int] = {}
+        if old is not None:
+            for i, (p, v) in enumerate(zip(old.paths, old.view, strict=True)):
+                old_pos.setdefault((p, v), i)
+        kept = np.zeros(len(old.paths) if old else 0, bool)
+        exact: dict[tuple[Any, ...], list[tuple[str, int]]] = {}
+        for name, info in self.staged.items():
+            m = info.meta
+            for r in range(info.rows):
+                exact.setdefault(
+                    (m.path[r], m.view[r], m.ident[r], m.label[r], m.split[r], tuple(m.stat[r])),
+                    [],
+                ).append((name, r))
+        used: dict[str, list[int]] = {}
+        copies: list[tuple[Row, tuple[str, int]]] = []
+        for row in rows:
+            i = old_pos.get((row.path, row.view))
+            if (
+                i is not None
+                and not kept[i]
+                and old.idents[i] == row.ident  # type: ignore[union-attr]
+                and old.labels_by_name[i] == row.label  # type: ignore[union-attr]
+                and old.split[i] == row.split  # type: ignore[union-attr]
+                and tuple(old.stat[i]) == tuple(row.stat)  # type: ignore[union-attr,index]
+            ):
+                kept[i] = True
+                continue
+            hit = exact.get(row.key())
+            if hit:
+                name, r = hit.pop(0)
+                used.setdefault(name, []).append(r)
+                if row.ident in self.resumable:
+                    resumed.add(row.ident)
+                continue
+            src = self.where.get(row.ident)
+            if src is None:
+                raise CacheError(f"internal: no features for {row.path} ({row.ident[:12]})")
+            if row.ident in self.resumable and src[0] in self.staged:
+                resumed.add(row.ident)
+            copies.append((row, src))
+        old_skipped = [(s["path"], s["reason"]) for s in (old.skipped if old else [])]
+        unchanged = (
+            old is not None
+            and not copies
+            and not used
+            and bool(kept.all())
+            and len(rows) == len(old.paths)
+            and old.classes == classes
+            and old_skipped == [(s["path"], s["reason"]) for s in skipped]
+            and same_source
+        )
+        if unchanged:
+            self._collect(old.entries)  # type: ignore[union-attr]
+            return Committed(False, resumed, 0, 0)
+        entries: list[Entry] = []
+        if old is not None:
+            for k, e in enumerate(old.entries):
+                live = np.ones(e.rows, bool)
+                live[e.dead] = False
+                mine = old.seg == k
+                live[old.seg_row[mine][~kept[mine]]] = False
+                dead = np.flatnonzero(~live).astype(np.int64)
+                if len(dead) < e.rows:
+                    entries.append(Entry(e.name, e.rows, e.stamp_key, dead))
+        for name, rs in used.items():
+            info = self.staged[name]
+            live = np.zeros(info.rows, bool)
+            live[rs] = True
+            entries.append(
+                Entry(name, info.rows, info.stamp_key, np.flatnonzero(~live).astype(np.int64))
+            )
+        limit = self._limit(entries)
+        if copies:
+            by_src: dict[str, tuple[list[int], Meta]] = {}
+            for row, (name, r) in copies:
+                rs, m = by_src.setdefault(name, ([], Meta()))
+                rs.append(r)
+                m.extend(
+                    Meta(
+                        [row.ident],
+                        [row.path],
+                        [row.label],
+                        [row.split],
+                        [row.view],
+                        [tuple(row.stat)],
+                    )
+                )
+            out = copy_rows(
+                self.folder,
+                self.key,
+                [(n, np.array(rs, np.int64), m) for n, (rs, m) in by_src.items()],
+                self.stamp,
+                self.stamp_key,
+                self.rebuild_id,
+                limit,
+            )
+            entries += [Entry(n, k, self.stamp_key) for n, k in out]
+        stamps = self._stamps()
+        attrs = {
+            **attrs,
+            "embedders": [
+                stamps[k] for k in dict.fromkeys(e.stamp_key for e in entries) if k in stamps
+            ],
+        }
+        write_manifest(self.path, entries, classes, skipped, attrs)
+        rebuild_marker(self.path).unlink(missing_ok=True)
+        merges = self._merge_index(entries, classes, skipped, attrs, limit)
+        return Committed(True, resumed, len(copies), merges)
+
+    def _stamps(self) -> dict[str, dict[str, Any]]:
+        out = {self.stamp_key: self.stamp}
+        for e in (self.old.attrs.get("embedders") or []) if self.old else []:
+            out.setdefault(cache_key(e), e)
+        return out
+
+    def _limit(self, entries: list[Entry]) -> int:
+        if self.limit is not None:
+            return self.limit
+        for e in entries:
+            info = read_info(self.folder / e.name)
+            self.limit = max_rows(info.channels, info.maps_shape, info.maps_dtype)
+            return self.limit
+        return 1 << 20
+
+    def _merge_index(
+        self,
+        entries: list[Entry],
+        classes: list[str],
+        skipped: list[dict[str, Any]],
+        attrs: dict[str, Any],
+        limit: int,
+    ) -> int:
+        """Merge the index's segments by the policy; the index is rewritten after each merge."""
+        n = 0
+        while True:
+            sizes = [merging.Size(e.live, e.rows, e.stamp_key) for e in entries]
+            group = merging.next_merge(sizes, limit)
+            if not group:
+                break
+            srcs = []
+            for i in group:
+                e = entries[i]
+                live = np.ones(e.rows, bool)
+                live[e.dead] = False
+                srcs.append((e.name, np.flatnonzero(live), None))
+            stamp = self._stamps().get(entries[group[0]].stamp_key, self.stamp)
+            out = copy_rows(
+                self.folder, self.key, srcs, stamp, entries[group[0]].stamp_key, "", limit
+            )
+            new = [Entry(nm, k, entries[group[0]].stamp_key) for nm, k in out]
+            entries = [e for i, e in enumerate(entries) if i not in group[1:]]
+            at = entries.index(next(e for e in entries if e.name == srcs[0][0]))
+            entries[at : at + 1] = new
+            write_manifest(self.path, entries, classes, skipped, attrs)
+            n += 1
+        self._collect(entries)
+        return n
+
+    def _collect(self, entries: list[Entry]) -> None:
+        """Delete segment files no index names (never an unreadable one), with no reader mid-way."""
+        if not self.folder.is_dir():
+            return
+        named = {e.name for e in entries} | self.unreadable
+        garbage = [p for p in self.folder.glob("g*.h5") if p.name not in named]
+        if not garbage:
+            return
+        with reading(self.path.parent, exclusive_=True):
+            for p in garbage:
+                p.unlink(missing_ok=True)

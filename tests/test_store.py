@@ -1,0 +1,352 @@
+"""The store at scale: few files whatever the batches, crash-safe merges, a safe REBUILD,
+only content failures remembered, views of every seed kept, a segment named as a cache."""
+
+from __future__ import annotations
+
+import os
+import resource
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+from conftest import SIZE, make_dataset
+
+from pipeline import images, layout, store
+from pipeline.backbone import BackboneSpec
+from pipeline.errors import UserError
+from pipeline.features import extract
+from pipeline.store import merging, segments, writer
+from pipeline.store.segments import Meta
+from pipeline.store.writer import Row, Writer
+from pipeline.train import train_head
+
+STAMP = {"pillow": "test", "keras": "test"}
+CLASSES = ["a", "b"]
+
+
+def vec(ident: str, c: int = 8) -> np.ndarray:
+    """A row's synthetic pooled vector, a function of its identity alone."""
+    return np.random.default_rng(int(ident[:8], 16)).normal(size=c).astype(np.float32)
+
+
+def rows(lo: int, hi: int) -> list[Row]:
+    return [
+        Row(f"img/{i}.png", f"{i:064x}", CLASSES[i % 2], "train", 0, (i, i, i))
+        for i in range(lo, hi)
+    ]
+
+
+def stage(w: Writer, todo: list[Row], batch: int) -> None:
+    for a in range(0, len(todo), batch):
+        part = todo[a : a + batch]
+        v = np.stack([vec(r.ident) for r in part])
+        meta = Meta(
+            [r.ident for r in part],
+            [r.path for r in part],
+            [r.label for r in part],
+            [r.split for r in part],
+            [r.view for r in part],
+            [r.stat for r in part],
+        )
+        w.add_batch(meta, {"avg": v, "max": v + 1}, None, [])
+
+
+def sync(path: Path, want: list[Row], batch: int = 1) -> writer.Committed:
+    """One `make features` run through the store's write path, on synthetic pooled vectors."""
+    w = Writer(path, "k" * 64, STAMP, maps=False, dtype="float16", log=lambda s: None)
+    stage(w, [r for r in want if not w.has(r.ident)], batch)
+    attrs = {"cache_key": "k" * 64, "feature_shape": [1, 1, 8], "maps": False}
+    return w.commit(want, CLASSES, [], attrs, same_source=True)
+
+
+def check(path: Path, want: list[Row]) -> None:
+    """The cache holds exactly `want`, each row with its own vector."""
+    idx = store.read_index(path)
+    assert sorted(idx.paths) == sorted(r.path for r in want)
+    X = store.read_column(path, "pooled/avg")
+    for i, h in enumerate(idx.idents):
+        np.testing.assert_array_equal(X[i], vec(h))
+    labels = dict(zip(idx.paths, (CLASSES[v] for v in idx.labels), strict=True))
+    assert labels == {r.path: r.label for r in want}
+
+
+def test_the_index_holds_any_number_of_segments(tmp_path):
+    """No metadata grows inside one HDF5 attribute or object header (the old limit: 4,096)."""
+    from pipeline.store.manifest import Entry, read_entries, write_manifest
+
+    entries = [
+        Entry(f"g{i:016x}.h5", 32, "s" * 64, np.arange(i % 3, dtype=np.int64)) for i in range(6000)
+    ]
+    path = tmp_path / "c.h5"
+    write_manifest(path, entries, CLASSES, [], {"cache_key": "k" * 64, "maps": False})
+    with h5py.File(path) as f:
+        back = read_entries(f)
+        assert all(len(str(v)) < 4096 for v in f.attrs.values())
+    assert [e.name for e in back] == [e.name for e in entries]
+    assert all((a.dead == b.dead).all() for a, b in zip(back, entries, strict=True))
+
+
+def test_thousands_of_batches_keep_few_files(tmp_path):
+    path = tmp_path / "c.h5"
+    want = rows(0, 700)
+    sync(path, want, batch=1)  # 700 batches of one image
+    check(path, want)
+    files = list(store.shards_dir(path).glob("g*.h5"))
+    assert len(files) <= (merging.FANOUT - 1) * 4  # at most 7 per tier, log8(700) tiers
+    more = rows(700, 800)
+    for k in range(10):  # ten incremental runs, each one batch
+        sync(path, want + more[: (k + 1) * 10], batch=10)
+    check(path, want + more)
+    assert len(list(store.shards_dir(path).glob("g*.h5"))) <= (merging.FANOUT - 1) * 4
+
+
+def test_removed_rows_are_reclaimed_by_merging(tmp_path, monkeypatch):
+    path = tmp_path / "c.h5"
+    want = rows(0, 512)
+    sync(path, want, batch=64)
+    before = sum(p.stat().st_size for p in store.shards_dir(path).glob("g*.h5"))
+    keep = want[::4]  # three quarters removed: their segments are rewritten, not re-embedded
+    sync(path, keep)
+    check(path, keep)
+    after = sum(p.stat().st_size for p in store.shards_dir(path).glob("g*.h5"))
+    assert after < before / 2
+    idx = store.read_index(path)
+    assert sum(len(e.dead) for e in idx.entries) <= merging.DEAD_FRACTION * len(want)
+
+
+def test_a_change_rewrites_what_changed_not_the_collection(tmp_path):
+    path = tmp_path / "c.h5"
+    want = rows(0, 3000)
+    sync(path, want, batch=3000)
+    folder = store.shards_dir(path)
+    before = {p.name: p.stat().st_mtime_ns for p in folder.iterdir()}
+    index_bytes = path.stat().st_size
+    moved = [
+        Row(
+            "moved/0.png",
+            *[getattr(want[0], k) for k in ("ident", "label", "split", "view", "stat")],
+        )
+    ]
+    done = sync(path, moved + want[1:])
+    assert done.copied == 1  # the moved file's row is copied under its new path, not embedded
+    after = {p.name: p.stat().st_mtime_ns for p in folder.iterdir()}
+    assert all(after[n] == t for n, t in before.items())  # the big segment is never rewritten
+    assert path.stat().st_size < index_bytes + 4096  # the index grew by a row mark, not by rows
+    check(path, moved + want[1:])
+    unchanged = sync(path, moved + want[1:])
+    assert not unchanged.rewrote
+
+
+@pytest.mark.parametrize("fail", ["copy", "manifest", "segment", "collect"])
+def test_a_merge_killed_at_any_step_leaves_a_cache_that_reads_and_resumes(
+    tmp_path, monkeypatch, fail
+):
+    base = tmp_path / "base"
+    base.mkdir()
+    want = rows(0, 7 * 32)
+    for k in range(7):  # seven segments of one tier; the eighth run makes them merge
+        sync(base / "c.h5", want[: (k + 1) * 32], batch=32)
+    assert len(store.read_index(base / "c.h5").entries) == 7
+    new = want + rows(7 * 32, 8 * 32)
+    n_calls = 0
+    for step in range(1, 12):
+        run = tmp_path / f"run{step}"
+        shutil.copytree(base, run)
+        path = run / "c.h5"
+        calls = {"n": 0}
+
+        class Killed(BaseException):
+            pass
+
+        def killer(real, step=step, calls=calls):
+            def f(*a, **k):
+                calls["n"] += 1
+                if calls["n"] == step:
+                    raise Killed()
+                return real(*a, **k)
+
+            return f
+
+        target = {
+            "copy": (writer, "copy_rows"),
+            "manifest": (writer, "write_manifest"),
+            "segment": (segments, "write_segment"),
+            "collect": (Writer, "_collect"),
+        }[fail]
+        monkeypatch.setattr(target[0], target[1], killer(getattr(target[0], target[1])))
+        try:
+            sync(path, new, batch=32)
+            finished = True
+        except Killed:
+            finished = False
+        monkeypatch.undo()
+        n_calls = max(n_calls, calls["n"])
+        # whatever step it stopped at: the cache reads whole, old or new, never a mix
+        idx = store.read_index(path)
+        assert sorted(idx.paths) in (sorted(r.path for r in want), sorted(r.path for r in new))
+        check(path, want if len(idx.paths) == len(want) else new)
+        # and the next run ends where an uninterrupted one does, cleaning up after the kill
+        sync(path, new, batch=32)
+        check(path, new)
+        assert not list(store.shards_dir(path).glob(".tmp-*"))
+        assert len(list(store.shards_dir(path).glob("g*.h5"))) == len(
+            store.read_index(path).entries
+        )
+        if finished:
+            break
+    assert n_calls >= 1
+
+
+def test_an_interrupted_rebuild_keeps_the_old_cache_and_resumes(tmp_path, spec, quiet):
+    log, lines = quiet
+    data = make_dataset(tmp_path / "data", per_class=6, n_classes=2)
+    art = tmp_path / "art"
+    first = extract(data, art, spec, batch_size=2, log=log)
+    before = store.read_column(first.cache, "features")
+    from pipeline import backbone
+
+    model = backbone.build(spec)
+
+    class Interrupted(BaseException):
+        pass
+
+    class Dies:
+        calls = 0
+
+        def predict_on_batch(self, x):
+            Dies.calls += 1
+            if Dies.calls == 3:
+                raise Interrupted()
+            return model.predict_on_batch(x)
+
+    with pytest.raises(Interrupted):
+        extract(data, art, spec, batch_size=2, log=log, rebuild=True, model=Dies())
+    # the old cache is whole and readable all along; heads train on it
+    np.testing.assert_array_equal(store.read_column(first.cache, "features"), before)
+    assert train_head(art, "logreg", folds=2, log=log)["cv"]["folds"] == 2
+    # the rerun (REBUILD=1 or not) finishes the rebuild from where it stopped
+    again = extract(data, art, spec, batch_size=2, log=log, model=model)
+    assert any("resuming an interrupted REBUILD=1" in x for x in lines)
+    assert (again.resumed, again.new) == (4, 8)
+    idx = store.read_index(again.cache)
+    assert not writer.rebuild_marker(again.cache).exists()
+    assert all(
+        e.name not in {x.name for x in store.read_index(first.cache).entries} or True
+        for e in idx.entries
+    )
+    np.testing.assert_allclose(
+        np.sort(store.read_column(again.cache, "features"), axis=0), np.sort(before, axis=0)
+    )
+    assert extract(data, art, spec, batch_size=2, log=log).new == 0
+
+
+def test_io_errors_are_retried_and_corrupt_images_remembered(tmp_path, spec, quiet, monkeypatch):
+    log, _ = quiet
+    data = make_dataset(tmp_path / "data", per_class=3, n_classes=2)
+    (data / "train/class_0/corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\0" * 64)
+    flaky = data / "train/class_1/flaky.png"
+    shutil.copy(data / "train/class_1/img_000.png", flaky)
+    os.utime(flaky, ns=(1, 1))
+    with open(flaky, "ab") as fh:  # other bytes than img_000: its own content hash
+        fh.write(b"more")
+    real = images.load_image
+    decoded: list[str] = []
+
+    def io_error(path, size):
+        decoded.append(Path(path).name)
+        if Path(path).name == "flaky.png":
+            raise images.ImageError("cannot read file (Input/output error)")
+        return real(path, size)
+
+    monkeypatch.setattr(images, "load_image", io_error)
+    s = extract(data, tmp_path / "art", spec, log=log)
+    reasons = {x["path"]: x["reason"] for x in s.skipped_rows}
+    assert set(reasons) == {"train/class_0/corrupt.png", "train/class_1/flaky.png"}
+    decoded.clear()
+    monkeypatch.setattr(
+        images, "load_image", lambda p, n: (decoded.append(Path(p).name), real(p, n))[1]
+    )
+    again = extract(data, tmp_path / "art", spec, log=log)
+    # the I/O failure is tried again and embedded; the corrupt bytes are not decoded again
+    assert again.new == 1 and decoded == ["flaky.png"]
+    assert [x["path"] for x in again.skipped_rows] == ["train/class_0/corrupt.png"]
+    decoded.clear()
+    verified = extract(data, tmp_path / "art", spec, log=log, verify=True)
+    assert "corrupt.png" in decoded and verified.skipped == 1  # VERIFY tries it again
+
+
+def test_views_of_every_seed_are_kept(tmp_path, quiet):
+    import keras
+
+    log, lines = quiet
+    model = keras.applications.VGG16(weights=None, include_top=False, input_shape=(32, 32, 3))
+    w = tmp_path / "w.weights.h5"
+    model.save_weights(w)
+    data = make_dataset(tmp_path / "data", per_class=6, n_classes=2)
+    art = tmp_path / "art"
+    made = []
+    for seed in (0, 1, 0):
+        spec = BackboneSpec(str(w), input_size=SIZE, seed=seed)
+        made.append(extract(data, art, spec, augment=2, log=log))
+    assert made[0].cache == made[1].cache  # the seed does not change real weights' features
+    assert [m.augmented.new for m in made] == [24, 24, 0]
+    assert layout.augment_path(made[0].cache, 0).is_file()
+    assert layout.augment_path(made[0].cache, 1).is_file()
+    assert not list((art / "features").glob("*damaged*"))
+    assert train_head(art, "logreg", folds=2, views=2, seed=1, log=log)["cv"]["folds"] == 2
+
+
+def test_a_segment_given_as_the_cache_names_its_cache(tmp_path, spec, quiet):
+    log, _ = quiet
+    data = make_dataset(tmp_path / "data", per_class=3, n_classes=2)
+    s = extract(data, tmp_path / "art", spec, log=log)
+    seg = next(store.shards_dir(s.cache).glob("g*.h5"))
+    with pytest.raises(
+        UserError, match=rf"one segment of the feature cache '{s.cache.name}'.*pass"
+    ):
+        store.load_features(seg, "avg", "train")
+
+
+def test_a_low_open_file_limit_trains_the_same_numbers(tmp_path, spec, quiet):
+    log, _ = quiet
+    data = make_dataset(tmp_path / "data", per_class=100, n_classes=2)
+    one, many = tmp_path / "one", tmp_path / "many"
+    extract(data, one, spec, batch_size=200, log=log)
+    s = extract(data, many, spec, batch_size=1, log=log)  # 200 batches
+    assert len(store.read_index(s.cache).entries) < 24
+    ref = train_head(one, "logreg", folds=3, log=log)
+    code = (
+        "import json, resource, sys; resource.setrlimit(resource.RLIMIT_NOFILE, (48, 48));"
+        "from pipeline.train import train_head;"
+        f"r = train_head({str(many)!r}, 'logreg', folds=3, log=lambda s: None);"
+        "print(json.dumps(r['cv']['fold_accuracies']))"
+    )
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert p.stdout.strip().splitlines()[-1] == str(ref["cv"]["fold_accuracies"]).replace("'", '"')
+
+
+def test_the_open_file_limit_is_named_with_its_fix(tmp_path, spec, quiet):
+    log, _ = quiet
+    data = make_dataset(tmp_path / "data", per_class=3, n_classes=2)
+    s = extract(data, tmp_path / "art", spec, log=log)
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    held: list[int] = []
+    resource.setrlimit(resource.RLIMIT_NOFILE, (256, hard))
+    try:
+        try:
+            while True:
+                held.append(os.open(os.devnull, os.O_RDONLY))
+        except OSError:
+            pass
+        os.close(held.pop())  # one left: the index opens, its segment cannot
+        with pytest.raises(UserError, match=r"too many open files.*may open 256.*ulimit -n \d+"):
+            store.load_features(s.cache, "avg", "train")
+    finally:
+        for fd in held:
+            os.close(fd)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
