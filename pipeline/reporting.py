@@ -204,7 +204,8 @@ def build_report(
     dups = None
     try:
         cache = layout.current_cache(artifacts)
-        idx = store.read_index(cache)
+        with store.reading(cache.parent):  # no segment deleted mid-read by `make features`
+            idx = store.read_index(cache)
         current = idx.attrs
         skipped = [{"path": s["path"], "reason": s["reason"]} for s in idx.skipped]
         dups = duplicates.find(idx.paths, idx.sha256, idx.labels.tolist(), idx.split, idx.classes)

@@ -207,6 +207,8 @@ def test_an_interrupted_rebuild_keeps_the_old_cache_and_resumes(tmp_path, spec, 
     art = tmp_path / "art"
     first = extract(data, art, spec, batch_size=2, log=log)
     before = store.read_column(first.cache, "features")
+    old_segments = {e.name for e in store.read_index(first.cache).entries}
+    folder = store.shards_dir(first.cache)
     from pipeline import backbone
 
     model = backbone.build(spec)
@@ -227,17 +229,17 @@ def test_an_interrupted_rebuild_keeps_the_old_cache_and_resumes(tmp_path, spec, 
         extract(data, art, spec, batch_size=2, log=log, rebuild=True, model=Dies())
     # the old cache is whole and readable all along; heads train on it
     np.testing.assert_array_equal(store.read_column(first.cache, "features"), before)
+    assert {e.name for e in store.read_index(first.cache).entries} == old_segments
+    assert all((folder / n).is_file() for n in old_segments)
     assert train_head(art, "logreg", folds=2, log=log)["cv"]["folds"] == 2
     # the rerun (REBUILD=1 or not) finishes the rebuild from where it stopped
     again = extract(data, art, spec, batch_size=2, log=log, model=model)
     assert any("resuming an interrupted REBUILD=1" in x for x in lines)
     assert (again.resumed, again.new) == (4, 8)
-    idx = store.read_index(again.cache)
     assert not writer.rebuild_marker(again.cache).exists()
-    assert all(
-        e.name not in {x.name for x in store.read_index(first.cache).entries} or True
-        for e in idx.entries
-    )
+    now = {e.name for e in store.read_index(again.cache).entries}
+    assert not now & old_segments  # every row was embedded again, into new segments
+    assert not any((folder / n).exists() for n in old_segments)  # the old ones went after
     np.testing.assert_allclose(
         np.sort(store.read_column(again.cache, "features"), axis=0), np.sort(before, axis=0)
     )
@@ -311,15 +313,17 @@ def test_a_segment_given_as_the_cache_names_its_cache(tmp_path, spec, quiet):
         store.load_features(seg, "avg", "train")
 
 
-def test_a_low_open_file_limit_trains_the_same_numbers(tmp_path, spec, quiet):
+def test_a_low_open_file_limit_trains_the_same_numbers(tmp_path, spec, quiet, monkeypatch):
     log, _ = quiet
     data = make_dataset(tmp_path / "data", per_class=100, n_classes=2)
     one, many = tmp_path / "one", tmp_path / "many"
     extract(data, one, spec, batch_size=200, log=log)
-    s = extract(data, many, spec, batch_size=1, log=log)  # 200 batches
-    assert len(store.read_index(s.cache).entries) < 24
+    monkeypatch.setattr(merging, "FANOUT", 10**6)  # no merging: one segment per batch
+    s = extract(data, many, spec, batch_size=1, log=log)  # 200 batches, 200 segments
+    monkeypatch.undo()
+    assert len(store.read_index(s.cache).entries) == 200
     ref = train_head(one, "logreg", folds=3, log=log)
-    code = (
+    code = (  # 48 open files: far fewer than the segments, if they were all held open
         "import json, resource, sys; resource.setrlimit(resource.RLIMIT_NOFILE, (48, 48));"
         "from pipeline.train import train_head;"
         f"r = train_head({str(many)!r}, 'logreg', folds=3, log=lambda s: None);"
@@ -328,6 +332,9 @@ def test_a_low_open_file_limit_trains_the_same_numbers(tmp_path, spec, quiet):
     p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stderr[-2000:]
     assert p.stdout.strip().splitlines()[-1] == str(ref["cv"]["fold_accuracies"]).replace("'", '"')
+    # and the next run merges them: few files, the same rows
+    merged = extract(data, many, spec, batch_size=1, log=log)
+    assert merged.new == 0 and len(list(store.shards_dir(s.cache).glob("g*.h5"))) <= 8
 
 
 def test_the_open_file_limit_is_named_with_its_fix(tmp_path, spec, quiet):
@@ -350,3 +357,85 @@ def test_the_open_file_limit_is_named_with_its_fix(tmp_path, spec, quiet):
         for fd in held:
             os.close(fd)
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+def test_failed_batches_never_drop_the_maps_of_merged_rows(tmp_path):
+    from pipeline.store.segments import Failure
+
+    w = Writer(tmp_path / "c.h5", "k" * 64, STAMP, maps=True, dtype="float16", log=lambda s: None)
+    shape, want = (2, 2, 4), []
+    for i in range(23):  # eight good batches, eight that fail whole, seven good: merges mix them
+        if 8 <= i < 16:
+            e = np.zeros((0, 4), np.float32)
+            fail = [Failure(f"{1000 + i:064x}", "corrupt", True)]
+            w.add_batch(Meta(), {"avg": e, "max": e}, np.zeros((0,) + shape, np.float16), fail)
+            continue
+        r = Row(f"a/{i}.png", f"{i:064x}", "a", "train", 0, (i, i, i))
+        want.append(r)
+        m = np.full((1,) + shape, i, np.float16)
+        p = m.astype(np.float32).mean(axis=(1, 2))
+        meta = Meta([r.ident], [r.path], ["a"], ["train"], [0], [r.stat])
+        w.add_batch(meta, {"avg": p, "max": p}, m, [])
+    attrs = {"cache_key": "k" * 64, "feature_shape": list(shape), "maps": True}
+    w.commit(want, ["a"], [], attrs, True)
+    idx = store.read_index(tmp_path / "c.h5")
+    maps = store.read_column(tmp_path / "c.h5", "features")
+    assert maps.shape == (15,) + shape
+    assert [int(m[0, 0, 0]) for m in maps] == [int(p.split("/")[1][:-4]) for p in idx.paths]
+
+
+def test_a_passing_read_error_changes_nothing(tmp_path, spec, quiet, monkeypatch):
+    import errno
+
+    log, _ = quiet
+    data = make_dataset(tmp_path / "data", per_class=3, n_classes=2)
+    s = extract(data, tmp_path / "art", spec, log=log)
+    before = s.cache.read_bytes()
+    seg = store.shards_dir(s.cache) / store.read_index(s.cache).entries[0].name
+    real = h5py.File
+
+    def eio(path, *a, **k):
+        if Path(path) == seg:
+            raise OSError(errno.EIO, "Input/output error")
+        return real(path, *a, **k)
+
+    monkeypatch.setattr(h5py, "File", eio)
+    with pytest.raises(UserError, match=r"cannot be read .*nothing was changed.*rerun"):
+        extract(data, tmp_path / "art", spec, log=log)
+    monkeypatch.undo()
+    assert s.cache.read_bytes() == before and seg.is_file()
+    assert not list(s.cache.parent.glob("*damaged*"))
+    assert extract(data, tmp_path / "art", spec, log=log).new == 0
+
+
+def test_a_rebuild_killed_after_its_index_embeds_nothing_again(tmp_path, spec, quiet):
+    log, _ = quiet
+    data = make_dataset(tmp_path / "data", per_class=3, n_classes=2)
+    art = tmp_path / "art"
+    extract(data, art, spec, log=log)
+    s = extract(data, art, spec, log=log, rebuild=True)
+    # killed between the new index and removing the marker: the marker names that rebuild
+    rid = store.read_attrs(s.cache)["rebuild_id"]
+    writer.rebuild_marker(s.cache).write_text(rid + "\n")
+    again = extract(data, art, spec, log=log)
+    assert again.new == 0 and not writer.rebuild_marker(s.cache).exists()
+
+
+def test_touched_files_rewrite_no_segment_and_are_not_hashed_again(
+    tmp_path, spec, quiet, monkeypatch
+):
+    log, _ = quiet
+    data = make_dataset(tmp_path / "data", per_class=4, n_classes=2)
+    s = extract(data, tmp_path / "art", spec, log=log)
+    folder = store.shards_dir(s.cache)
+    before = {p.name: p.stat().st_mtime_ns for p in folder.iterdir()}
+    for p in data.rglob("*.png"):  # `touch` (or a copy to another disk): new stat, same bytes
+        os.utime(p, ns=(10**18, 10**18))
+    again = extract(data, tmp_path / "art", spec, log=log)
+    assert again.new == 0 and again.rewrote
+    assert {p.name: p.stat().st_mtime_ns for p in folder.iterdir()} == before
+    hashed: list[str] = []
+    real = images.content_sha256
+    monkeypatch.setattr(images, "content_sha256", lambda p: (hashed.append(p), real(p))[1])
+    third = extract(data, tmp_path / "art", spec, log=log)
+    assert hashed == [] and not third.rewrote  # the new stats were recorded

@@ -48,6 +48,10 @@ class Entry:
     rows: int
     stamp_key: str
     dead: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
+    # rows whose file changed only its stat (touched, copied): the new stat, kept here until
+    # the segment is rewritten, so that a `touch` never rewrites features
+    restat_rows: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
+    restat: np.ndarray = field(default_factory=lambda: np.zeros((0, 3), np.int64))
 
     @property
     def live(self) -> int:
@@ -81,6 +85,23 @@ def write_manifest(
             seg = [np.full(len(e.dead), i, np.int32) for i, e in enumerate(entries)]
             f.create_dataset(
                 "dead/segment", data=np.concatenate(seg) if seg else np.zeros(0, np.int32)
+            )
+            rseg = [np.full(len(e.restat_rows), i, np.int32) for i, e in enumerate(entries)]
+            f.create_dataset(
+                "restat/segment",
+                data=np.concatenate(rseg) if rseg else np.zeros(0, np.int32),
+            )
+            f.create_dataset(
+                "restat/row",
+                data=np.concatenate([e.restat_rows for e in entries])
+                if entries
+                else np.zeros(0, np.int64),
+            )
+            f.create_dataset(
+                "restat/stat",
+                data=np.concatenate([e.restat.reshape(-1, 3) for e in entries])
+                if entries
+                else np.zeros((0, 3), np.int64),
             )
             f.create_dataset(
                 "dead/row",
@@ -117,10 +138,18 @@ def read_entries(f: h5py.File) -> list[Entry]:
     order = np.lexsort((drow, dseg))
     dseg, drow = dseg[order], drow[order]
     cut = np.searchsorted(dseg, np.arange(len(names) + 1))
-    return [
+    out = [
         Entry(n, int(r), s, drow[cut[i] : cut[i + 1]])
         for i, (n, r, s) in enumerate(zip(names, rows, stamps, strict=True))
     ]
+    if "restat" in f:
+        rseg, rrow, rst = f["restat/segment"][()], f["restat/row"][()], f["restat/stat"][()]
+        order = np.lexsort((rrow, rseg))
+        rseg, rrow, rst = rseg[order], rrow[order].astype(np.int64), rst[order]
+        cut = np.searchsorted(rseg, np.arange(len(names) + 1))
+        for i, e in enumerate(out):
+            e.restat_rows, e.restat = rrow[cut[i] : cut[i + 1]], rst[cut[i] : cut[i + 1]]
+    return out
 
 
 def read_skipped(f: h5py.File) -> list[dict[str, Any]]:
@@ -219,14 +248,6 @@ class Index:
         return (self.split_col == split.encode()) & (self.view_col <= max_view)
 
 
-def _cat_bytes(parts: list[np.ndarray]) -> np.ndarray:
-    """Concatenate fixed-width byte columns of different widths (the widest wins)."""
-    if not parts:
-        return np.zeros(0, "S1")
-    width = max(p.dtype.itemsize for p in parts)
-    return np.concatenate([p.astype(f"S{width}") for p in parts])
-
-
 def _not_a_cache(f: h5py.File, path: Path) -> CacheError | None:
     if "stamp_key" in f.attrs and "ident" in f:  # a segment given instead of its cache
         folder = Path(path).resolve().parent
@@ -278,13 +299,19 @@ def read_attrs(path: Path) -> dict[str, Any]:
         return read_attrs_of(f)
 
 
-def read_index(path: Path, expect_key: str | None = None) -> Index:
-    """Read a cache's rows and attributes; check its key when one is expected."""
+def read_index(path: Path, expect_key: str | None = None, drop_missing: bool = False) -> Index:
+    """Read a cache's rows and attributes; check its key when one is expected.
+
+    `drop_missing`: leave out the rows of segments that are not on disk (the writer embeds
+    them again) instead of refusing.
+    """
     with open_cache(path) as f:
-        return index_of(f, path, expect_key)
+        return index_of(f, path, expect_key, drop_missing)
 
 
-def index_of(f: h5py.File, path: Path, expect_key: str | None = None) -> Index:
+def index_of(
+    f: h5py.File, path: Path, expect_key: str | None = None, drop_missing: bool = False
+) -> Index:
     """The live rows of the open cache `f`, read segment by segment (one file open at a time)."""
     attrs = read_attrs_of(f)
     if expect_key is not None and attrs.get("cache_key") != expect_key:
@@ -307,6 +334,12 @@ def index_of(f: h5py.File, path: Path, expect_key: str | None = None) -> Index:
     cols: dict[str, list[np.ndarray]] = {
         k: [] for k in ("ident", "path", "label", "split", "view", "stat", "made", "seg", "row")
     }
+    if drop_missing:
+        gone = [e for e in entries if not (folder / e.name).is_file()]
+        if gone:
+            names = {e.name for e in gone}
+            entries = [e for e in entries if e.name not in names]
+            attrs["lost_rows"] = sum(e.live for e in gone)
     for k, e in enumerate(entries):
         with open_segment(folder / e.name) as g:
             try:
@@ -316,12 +349,14 @@ def index_of(f: h5py.File, path: Path, expect_key: str | None = None) -> Index:
                 remap = np.array([class_of.get(c, -1) for c in own] + [-1], np.int64)
                 stamp = read_attrs_of(g).get("stamp") or {}
                 cols["ident"].append(g["ident"][()][live])
-                raw = g["path"][()]
-                cols["path"].append(raw.astype(f"S{max(1, raw.dtype.itemsize)}")[live])
+                cols["path"].append(np.array(g["path"][()][live].tolist(), dtype=object))
                 cols["label"].append(remap[g["label"][()][live]])
                 cols["split"].append(g["split"][()][live])
                 cols["view"].append(g["view"][()][live].astype(np.int16))
-                cols["stat"].append(g["stat"][()][live])
+                stat = g["stat"][()]
+                if len(e.restat_rows):
+                    stat[e.restat_rows] = e.restat
+                cols["stat"].append(stat[live])
             except (KeyError, OSError, ValueError, IndexError) as err:
                 raise CacheError(
                     f"segment '{folder / e.name}' of the cache cannot be read ({err}); move it "
@@ -349,7 +384,7 @@ def index_of(f: h5py.File, path: Path, expect_key: str | None = None) -> Index:
         attrs=attrs,
         entries=entries,
         ident=cat("ident", np.zeros(0, "S80")),
-        paths=_cat_bytes(cols["path"]),
+        paths=cat("path", np.zeros(0, object)),
         labels=labels,
         split=cat("split", np.zeros(0, "S10")),
         view=cat("view", np.zeros(0, np.int16)),

@@ -112,12 +112,24 @@ def new_name() -> str:
     return f"g{secrets.token_hex(8)}.h5"
 
 
+class SegmentMissing(CacheError):
+    """A segment an index names is not on disk."""
+
+
+class SegmentUnreadable(CacheError):
+    """A segment that exists but cannot be read now (maybe passing: a network filesystem)."""
+
+
+class ForeignSegment(Exception):
+    """A segment of another cache (another key): never used here."""
+
+
 def open_segment(path: Path) -> h5py.File:
     """Open a segment read-only; a missing one, the open-file limit and damage are named."""
     try:
         return h5py.File(path, "r")
     except FileNotFoundError:
-        raise CacheError(
+        raise SegmentMissing(
             f"feature cache points at a missing segment file '{path.name}' in "
             f"'{path.parent.name}'; rerun `make features` (it embeds the missing rows again)"
         ) from None
@@ -125,14 +137,16 @@ def open_segment(path: Path) -> h5py.File:
         if too_many_open_files(e):
             raise open_files_error(path) from None
         if not path.exists():
-            raise CacheError(
+            raise SegmentMissing(
                 f"feature cache points at a missing segment file '{path.name}' in "
                 f"'{path.parent.name}'; rerun `make features` (it embeds the missing rows "
                 "again)"
             ) from None
-        raise CacheError(
+        raise SegmentUnreadable(
             f"segment '{path}' of the cache cannot be read ({str(e).splitlines()[0][:120]}); "
-            "move it out of the folder and rerun `make features` (its rows are embedded again)"
+            "nothing was changed: if this passes (a network filesystem), rerun; if the file is "
+            "damaged, move it out of the folder and rerun `make features` (its rows are "
+            "embedded again)"
         ) from None
 
 
@@ -151,6 +165,7 @@ class SegmentWriter:
         stamp_key: str,
         rebuild: str = "",
         path_len: int = 256,
+        origin: str = "batch",
     ) -> None:
         folder.mkdir(parents=True, exist_ok=True)
         self.name = new_name()
@@ -162,7 +177,16 @@ class SegmentWriter:
         try:
             self.f = h5py.File(self.tmp, "w")
             f = self.f
-            write_attrs(f, {"key": key, "stamp": stamp, "stamp_key": stamp_key, "rebuild": rebuild})
+            write_attrs(
+                f,
+                {
+                    "key": key,
+                    "stamp": stamp,
+                    "stamp_key": stamp_key,
+                    "rebuild": rebuild,
+                    "origin": origin,
+                },
+            )
             f.attrs["rows"] = n
             f.create_dataset("ident", (n,), "S80")
             f.create_dataset("path", (n,), path_dtype(np.zeros(0, f"S{path_len}")))
@@ -251,6 +275,7 @@ def write_segment(
     stamp: dict[str, Any],
     stamp_key: str,
     rebuild: str = "",
+    origin: str = "batch",
 ) -> str:
     """Write a whole segment in one go (a batch, or a small merge); return its name.
 
@@ -263,7 +288,16 @@ def write_segment(
     labels = np.array([classes.setdefault(c, len(classes)) for c in meta.label], np.int32)
     try:
         with h5py.File(tmp, "w") as f:
-            write_attrs(f, {"key": key, "stamp": stamp, "stamp_key": stamp_key, "rebuild": rebuild})
+            write_attrs(
+                f,
+                {
+                    "key": key,
+                    "stamp": stamp,
+                    "stamp_key": stamp_key,
+                    "rebuild": rebuild,
+                    "origin": origin,
+                },
+            )
             f.attrs["rows"] = len(meta)
             f.create_dataset("ident", data=np.array([h.encode() for h in meta.ident], "S80"))
             enc = encoded(meta.path)
@@ -310,6 +344,7 @@ class SegInfo:
     channels: int
     maps_shape: tuple[int, ...] | None
     maps_dtype: str
+    origin: str = "batch"
 
 
 def read_info(path: Path, key: str | None = None) -> SegInfo:
@@ -321,7 +356,7 @@ def read_info(path: Path, key: str | None = None) -> SegInfo:
 def info_of(f: h5py.File, name: str, key: str | None = None) -> SegInfo:
     a = read_attrs_of(f)
     if key is not None and a.get("key") != key:
-        raise ValueError("another cache's segment")
+        raise ForeignSegment(name)
     classes = strs(f["classes"])
     labels = f["label"][()]
     meta = Meta(
@@ -348,6 +383,7 @@ def info_of(f: h5py.File, name: str, key: str | None = None) -> SegInfo:
         stamp=a.get("stamp") or {},
         stamp_key=str(a.get("stamp_key", "")),
         rebuild=str(a.get("rebuild", "")),
+        origin=str(a.get("origin", "batch")),
         meta=meta,
         failures=failures,
         channels=int(f["pooled/avg"].shape[1]),
@@ -395,6 +431,7 @@ def copy_rows(
     limit: int,
     failures: list[Failure] | None = None,
     known: dict[str, Meta] | None = None,
+    origin: str = "merge",
 ) -> list[tuple[str, int]]:
     """New segments holding the given rows of existing ones, in order; at most `limit` rows each.
 
@@ -407,7 +444,8 @@ def copy_rows(
     out: list[tuple[str, int]] = []
     if total == 0:
         return out
-    with open_segment(folder / sources[0][0]) as f:
+    first = next(name for name, rows, _ in sources if len(rows))  # empty ones may lack maps
+    with open_segment(folder / first) as f:
         channels = int(f["pooled/avg"].shape[1])
         maps_shape = tuple(f["features"].shape[1:]) if "features" in f else None
         maps_dtype = str(f["features"].dtype) if maps_shape else "float16"
@@ -460,6 +498,7 @@ def copy_rows(
             stamp,
             stamp_key,
             rebuild,
+            origin,
         )
         return [(name, total)]
     w: SegmentWriter | None = None
@@ -480,6 +519,7 @@ def copy_rows(
                         stamp_key,
                         rebuild,
                         path_len,
+                        origin,
                     )
                 take = min(len(m) - k, w.n - w.done)
                 w.write(

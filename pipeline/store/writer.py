@@ -24,14 +24,17 @@ from typing import Any
 
 import numpy as np
 
+from pipeline.errors import UserError
 from pipeline.store import merging
-from pipeline.store.format import CacheError, cache_key
+from pipeline.store.format import CacheError, cache_key, replacing
 from pipeline.store.locks import reading
 from pipeline.store.manifest import Entry, Index, read_index, shards_dir, write_manifest
 from pipeline.store.segments import (
     Failure,
+    ForeignSegment,
     Meta,
     SegInfo,
+    SegmentUnreadable,
     copy_rows,
     max_rows,
     read_info,
@@ -39,6 +42,7 @@ from pipeline.store.segments import (
 )
 
 Log = Callable[[str], None]
+RESUMABLE = ("batch", "staged")  # unreferenced segments of these origins are a run's work
 
 
 @dataclass(frozen=True)
@@ -92,15 +96,19 @@ class Writer:
         marker = rebuild_marker(self.path)
         self.rebuild_id = ""
         if marker.is_file():
-            self.rebuild_id = marker.read_text().strip()
-            if not rebuild:
-                log("resuming an interrupted REBUILD=1 (the rows it embedded are kept)")
-            rebuild = True
-        elif rebuild:
+            mid = marker.read_text().strip()
+            if self.old is not None and self.old.attrs.get("rebuild_id") == mid:
+                marker.unlink(missing_ok=True)  # that rebuild's index is in place: it finished
+            else:
+                self.rebuild_id = mid
+                if not rebuild:
+                    log("resuming an interrupted REBUILD=1 (the rows it embedded are kept)")
+                rebuild = True
+        if rebuild and not self.rebuild_id:
             self.rebuild_id = secrets.token_hex(8)
             tmp = marker.with_name(marker.name + f".tmp-{os.getpid()}")
-            tmp.write_text(self.rebuild_id + "\n")
-            os.replace(tmp, marker)
+            with replacing(tmp, marker):
+                tmp.write_text(self.rebuild_id + "\n")
         self.rebuild = rebuild
         referenced = {e.name for e in self.old.entries} if self.old else set()
         self.unreadable: set[str] = set()
@@ -113,16 +121,18 @@ class Writer:
                     continue
                 try:
                     info = read_info(p, key)
-                except ValueError:
+                except ForeignSegment:
                     continue  # another cache's segment: garbage, collected after the commit
                 except (CacheError, OSError, KeyError) as e:
                     self.unreadable.add(p.name)  # maybe passing (a network filesystem): kept
                     log(f"warning: cannot read segment '{p.name}' now ({e}); it is kept, unused")
                     continue
-                if info.stamp_key != self.stamp_key or (
-                    self.rebuild and info.rebuild != self.rebuild_id
+                if (
+                    info.stamp_key != self.stamp_key
+                    or (self.rebuild and info.rebuild != self.rebuild_id)
+                    or info.origin not in RESUMABLE
                 ):
-                    continue  # other versions' or an older run's work: garbage
+                    continue  # other versions', an older run's or a killed merge's: garbage
                 self.staged[p.name] = info
         # what a killed run embedded, resumed now (idents survive merges; names do not)
         self.resumable = {h for info in self.staged.values() for h in info.meta.ident}
@@ -145,10 +155,23 @@ class Writer:
 
     # -- reading what is there -------------------------------------------------------------
     def _read_old(self) -> Index | None:
+        """The current index; a missing segment's rows are left out (and embedded again).
+
+        A segment that cannot be read now stops the run with nothing changed (it may pass);
+        only an index that is itself damaged or of other settings is moved aside.
+        """
         if not self.path.exists():
             return None
         try:
-            return read_index(self.path, expect_key=self.key)
+            idx = read_index(self.path, expect_key=self.key, drop_missing=True)
+            if idx.attrs.get("lost_rows"):
+                self.log(
+                    f"warning: {idx.attrs['lost_rows']} cached row(s) lost their segment file "
+                    "(a missing segment); embedding them again"
+                )
+            return idx
+        except SegmentUnreadable as e:
+            raise UserError(str(e)) from None
         except CacheError as e:
             import time
 
@@ -250,9 +273,12 @@ class Writer:
                 self.limit,
                 fails,
                 known={i.name: i.meta for i in infos},
+                origin="staged",
             )
             if not out and fails:  # only failures: keep them in one empty segment
                 empty = {p: np.zeros((0, infos[0].channels), np.float32) for p in ("avg", "max")}
+                shape = next((i.maps_shape for i in infos if i.maps_shape), None)
+                zero_maps = np.zeros((0,) + shape, self.dtype) if shape else None
                 out = [
                     (
                         write_segment(
@@ -260,11 +286,12 @@ class Writer:
                             self.key,
                             Meta(),
                             empty,
-                            None,
+                            zero_maps,
                             fails,
                             self.stamp,
                             self.stamp_key,
                             self.rebuild_id,
+                            "staged",
                         ),
                         0,
                     )
@@ -288,7 +315,7 @@ class Writer:
                         part,
                         fails if k == 0 else [],
                         infos[0].channels,
-                        infos[0].maps_shape,
+                        next((i.maps_shape for i in infos if i.maps_shape), None),
                         infos[0].maps_dtype,
                     )
                 )
@@ -332,6 +359,7 @@ class Writer:
                 ).append((name, r))
         used: dict[str, list[int]] = {}
         copies: list[tuple[Row, tuple[str, int]]] = []
+        restat: dict[int, tuple[int, int, int]] = {}  # old row -> its file's new stat
         for row in rows:
             i = old_pos.get((row.path, row.view))
             if (
@@ -340,9 +368,10 @@ class Writer:
                 and old.idents[i] == row.ident  # type: ignore[union-attr]
                 and old.labels_by_name[i] == row.label  # type: ignore[union-attr]
                 and old.split[i] == row.split  # type: ignore[union-attr]
-                and tuple(old.stat[i]) == tuple(row.stat)  # type: ignore[union-attr,index]
             ):
                 kept[i] = True
+                if tuple(old.stat[i]) != tuple(row.stat):  # type: ignore[union-attr,index]
+                    restat[i] = tuple(row.stat)  # touched or copied: no feature is rewritten
                 continue
             hit = exact.get(row.key())
             if hit:
@@ -362,15 +391,24 @@ class Writer:
             old is not None
             and not copies
             and not used
+            and not restat
             and bool(kept.all())
             and len(rows) == len(old.paths)
             and old.classes == classes
             and old_skipped == [(s["path"], s["reason"]) for s in skipped]
             and same_source
         )
-        if unchanged:
-            self._collect(old.entries)  # type: ignore[union-attr]
-            return Committed(False, resumed, 0, 0)
+        if unchanged:  # nothing written, unless a merge is due (one stopped earlier)
+            es = old.entries  # type: ignore[union-attr]
+            limit = self._limit(es)
+            sizes = [merging.Size(e.live, e.rows, e.stamp_key) for e in es]
+            merges = 0
+            if merging.next_merge(sizes, limit):
+                keep = {k: v for k, v in old.attrs.items() if k not in ("rows", "format_version")}  # type: ignore[union-attr]
+                merges = self._merge_index(list(es), old.classes, old.skipped, keep, limit)  # type: ignore[union-attr]
+            else:
+                self._collect(es)
+            return Committed(False, resumed, 0, merges)
         entries: list[Entry] = []
         if old is not None:
             for k, e in enumerate(old.entries):
@@ -379,8 +417,17 @@ class Writer:
                 mine = old.seg == k
                 live[old.seg_row[mine][~kept[mine]]] = False
                 dead = np.flatnonzero(~live).astype(np.int64)
-                if len(dead) < e.rows:
-                    entries.append(Entry(e.name, e.rows, e.stamp_key, dead))
+                if len(dead) == e.rows:
+                    continue
+                pairs = zip(e.restat_rows.tolist(), e.restat.tolist(), strict=True)
+                over = {int(r): tuple(st) for r, st in pairs}
+                for i in np.flatnonzero(mine):
+                    if int(i) in restat:
+                        over[int(old.seg_row[i])] = restat[int(i)]
+                over = {r: st for r, st in over.items() if live[r]}
+                rr = np.array(sorted(over), np.int64)
+                st = np.array([over[r] for r in rr.tolist()], np.int64).reshape(-1, 3)
+                entries.append(Entry(e.name, e.rows, e.stamp_key, dead, rr, st))
         for name, rs in used.items():
             info = self.staged[name]
             live = np.zeros(info.rows, bool)
@@ -412,6 +459,7 @@ class Writer:
                 self.stamp_key,
                 self.rebuild_id,
                 limit,
+                origin="copy",
             )
             entries += [Entry(n, k, self.stamp_key) for n, k in out]
         stamps = self._stamps()
@@ -421,9 +469,15 @@ class Writer:
                 stamps[k] for k in dict.fromkeys(e.stamp_key for e in entries) if k in stamps
             ],
         }
+        attrs["rebuild_id"] = self.rebuild_id if self.rebuild else ""
         write_manifest(self.path, entries, classes, skipped, attrs)
         rebuild_marker(self.path).unlink(missing_ok=True)
-        merges = self._merge_index(entries, classes, skipped, attrs, limit)
+        self._collect(entries)  # the old rows go now that the new index is in place
+        try:
+            merges = self._merge_index(entries, classes, skipped, attrs, limit)
+        except (UserError, OSError) as e:  # the cache is complete; merging is retried later
+            self.log(f"warning: merging segments stopped ({e}); the cache is complete as it is")
+            merges = 0
         return Committed(True, resumed, len(copies), merges)
 
     def _stamps(self) -> dict[str, dict[str, Any]]:
@@ -456,19 +510,26 @@ class Writer:
             group = merging.next_merge(sizes, limit)
             if not group:
                 break
-            srcs = []
+            srcs: list[tuple[str, np.ndarray, Meta | None]] = []
             for i in group:
                 e = entries[i]
                 live = np.ones(e.rows, bool)
                 live[e.dead] = False
-                srcs.append((e.name, np.flatnonzero(live), None))
+                rows_live = np.flatnonzero(live)
+                meta = None
+                if len(e.restat_rows):  # fold the new stats into the merged rows
+                    meta = read_info(self.folder / e.name).meta.take(rows_live)
+                    pos = np.searchsorted(rows_live, e.restat_rows)
+                    for p, st in zip(pos.tolist(), e.restat.tolist(), strict=True):
+                        meta.stat[p] = tuple(st)
+                srcs.append((e.name, rows_live, meta))
             stamp = self._stamps().get(entries[group[0]].stamp_key, self.stamp)
             out = copy_rows(
                 self.folder, self.key, srcs, stamp, entries[group[0]].stamp_key, "", limit
             )
             new = [Entry(nm, k, entries[group[0]].stamp_key) for nm, k in out]
             entries = [e for i, e in enumerate(entries) if i not in group[1:]]
-            at = entries.index(next(e for e in entries if e.name == srcs[0][0]))
+            at = next(i for i, e in enumerate(entries) if e.name == srcs[0][0])
             entries[at : at + 1] = new
             write_manifest(self.path, entries, classes, skipped, attrs)
             n += 1
