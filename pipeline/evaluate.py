@@ -23,6 +23,7 @@ from sklearn.metrics import confusion_matrix, precision_recall_fscore_support
 from sklearn.model_selection import StratifiedGroupKFold
 from sklearn.utils.parallel import Parallel, delayed
 
+from pipeline import views
 from pipeline.errors import UserError
 from pipeline.heads import chosen_params, fit
 from pipeline.progress import Progress
@@ -123,7 +124,7 @@ def splits(ts: TrainSet, k: int, seed: int) -> tuple[list[tuple[np.ndarray, np.n
     sorted_groups = groups_of([ts.sha256[i] for i in orig])
     fold_o = outer_folds(ts.y[orig], sorted_groups, k, seed)
     fold_of_group = dict(zip(ts.groups[orig].tolist(), fold_o.tolist(), strict=True))
-    row_fold = np.array([fold_of_group.get(int(g), -1) for g in ts.groups])
+    row_fold = np.array([fold_of_group.get(int(g), -1) for g in views.content(ts.groups)])
     out = [(np.flatnonzero((row_fold != i) & (row_fold >= 0)), orig[fold_o == i]) for i in range(k)]
     return out, folds_id([ts.sha256[i] for i in orig], fold_o)
 

@@ -11,6 +11,7 @@ when a Keras head is fitted or loaded, never by the scikit-learn heads.
 
 from __future__ import annotations
 
+import inspect
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -35,6 +36,7 @@ from sklearn.preprocessing import StandardScaler
 from sklearn.svm import SVC, LinearSVC
 from sklearn.utils.metadata_routing import get_routing_for_object
 
+from pipeline import views
 from pipeline.errors import UserError
 from pipeline.keras_heads import DenseHead, FineTuneHead, KerasClassifier
 
@@ -50,7 +52,8 @@ class InnerCV(BaseCrossValidator):
     """The folds inside a training fold: stratified, group-aware, as many as the data allows.
 
     Up to `n_splits` folds, fewer when a class has fewer groups in this training fold (never
-    below 2); with `groups`, no group is on both sides of a split.
+    below 2); with `groups`, no content is on both sides of a split, and a test fold holds
+    original images only (augmented views, marked in `groups`, train only: `pipeline.views`).
     """
 
     __metadata_request__split = {"groups": True}  # noqa: RUF012 (scikit-learn's convention)
@@ -64,7 +67,7 @@ class InnerCV(BaseCrossValidator):
             return self.n_splits
         yi = np.unique(y, return_inverse=True)[1]
         if groups is not None:  # distinct contents per class: copies never split
-            yi = np.unique(np.stack([yi, np.asarray(groups)]), axis=1)[0]
+            yi = np.unique(np.stack([yi, views.content(groups)]), axis=1)[0]
         least = int(np.bincount(yi).min())
         return max(2, min(self.n_splits, least))
 
@@ -77,7 +80,10 @@ class InnerCV(BaseCrossValidator):
                 yield from cv.split(X, y)
             else:
                 cv = StratifiedGroupKFold(k, shuffle=True, random_state=self.random_state)
-                yield from cv.split(X, y, groups)
+                orig = views.originals(groups)
+                for tr, te in cv.split(X, y, views.content(groups)):
+                    # scored on originals; a fold of views alone (a subsample) stays as it is
+                    yield tr, (te[orig[te]] if orig[te].any() else te)
 
 
 def consumes_groups(est: Any) -> bool:
@@ -116,19 +122,26 @@ class TuneThenCalibrate(ClassifierMixin, BaseEstimator):
         best = tuned.best_estimator_ if isinstance(tuned, GridSearchCV) else tuned
         # The folds are drawn here, with the groups: with ensemble=False, scikit-learn (1.9)
         # calls the splitter without the routed groups, so a splitter object would ignore them.
-        folds = list(self.cv.split(X, y, groups)) if hasattr(self.cv, "split") else self.cv
+        # They must be a partition (cross_val_predict): views stay in the test folds, with
+        # their images, and weigh nothing in the calibration, which fits on originals only.
+        contents = None if groups is None else views.content(groups)
+        folds = list(self.cv.split(X, y, contents)) if hasattr(self.cv, "split") else self.cv
+        weight = None
+        if groups is not None and not views.originals(groups).all():
+            weight = views.originals(groups).astype(np.float64)
         # every fold's training side must hold every class (calibration predicts on a partition)
         n_classes = len(np.unique(y))
         if all(len(np.unique(y[tr])) == n_classes for tr, _ in folds):
-            self.calibrated_ = CalibratedClassifierCV(clone(best), cv=folds, ensemble=False)
-            self.calibrated_.fit(X, y)
+            base = _unweighted(clone(best))
+            self.calibrated_ = CalibratedClassifierCV(base, cv=folds, ensemble=False)
+            self.calibrated_.fit(X, y, sample_weight=weight)
             self.calibration_ = "inner folds"
         else:  # a class with too few distinct images: calibrated on the training data itself
             from sklearn.frozen import FrozenEstimator
 
             fitted = clone(best).fit(X, y)
             self.calibrated_ = CalibratedClassifierCV(FrozenEstimator(fitted), ensemble=False)
-            self.calibrated_.fit(X, y)
+            self.calibrated_.fit(X, y, sample_weight=weight)
             self.calibration_ = "training data (a class has too few distinct images for folds)"
         self.classes_ = self.calibrated_.classes_
         return self
@@ -138,6 +151,14 @@ class TuneThenCalibrate(ClassifierMixin, BaseEstimator):
 
     def predict(self, X: np.ndarray) -> np.ndarray:
         return self.classes_[np.argmax(self.predict_proba(X), axis=1)]
+
+
+def _unweighted(est: Any) -> Any:
+    """`est` with every step fitted without sample weights: they are the calibrator's alone."""
+    for _, step in est.steps if isinstance(est, Pipeline) else [(None, est)]:
+        if "sample_weight" in inspect.signature(step.fit).parameters:
+            step.set_fit_request(sample_weight=False)
+    return est
 
 
 @dataclass(frozen=True)

@@ -18,6 +18,8 @@ import numpy as np
 from sklearn.base import BaseEstimator, ClassifierMixin
 from sklearn.model_selection import StratifiedGroupKFold, train_test_split
 
+from pipeline import views
+
 
 def _keras() -> Any:
     from pipeline.progress import quiet_frameworks
@@ -47,7 +49,8 @@ class KerasClassifier(ClassifierMixin, BaseEstimator):
     """Shared mechanics: label encoding, inner early-stopping split, batched predict, pickling.
 
     `fit(X, y, groups=...)` keeps each group (an image, its views, its identical copies) on one
-    side of the early-stopping split; metadata routing passes `groups` through a Pipeline.
+    side of the early-stopping split, which stops on original images only (views are marked in
+    `groups`: `pipeline.views`); metadata routing passes `groups` through a Pipeline.
     """
 
     __metadata_request__fit = {"groups": True}  # noqa: RUF012 (scikit-learn's convention)
@@ -69,7 +72,8 @@ class KerasClassifier(ClassifierMixin, BaseEstimator):
                 X, yi, test_size=n_val, stratify=yi, random_state=self.random_state
             )
             return fX, fy, (vX, vy)
-        pairs = np.unique(np.stack([yi, np.asarray(groups)]), axis=1)
+        contents = views.content(groups)
+        pairs = np.unique(np.stack([yi, contents]), axis=1)
         least = int(np.bincount(pairs[0]).min())  # distinct contents in the smallest class
         k = min(int(round(1 / self.validation_fraction)), least)
         if k < 2:
@@ -77,7 +81,10 @@ class KerasClassifier(ClassifierMixin, BaseEstimator):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)  # tiny classes: fewer groups than k
             cv = StratifiedGroupKFold(k, shuffle=True, random_state=self.random_state)
-            fit_idx, val_idx = next(cv.split(X, yi, groups))
+            fit_idx, val_idx = next(cv.split(X, yi, contents))
+        orig = views.originals(groups)[val_idx]
+        if orig.any():  # stopped on original images only; their views are held out, unused
+            val_idx = val_idx[orig]
         return X[fit_idx], yi[fit_idx], (X[val_idx], yi[val_idx])
 
     def _train(self, model: Any, X: Any, y: Any, val: Any, lr: float, epochs: int) -> int:

@@ -7,7 +7,8 @@ Its name carries a short id of the cache key, the cache's content, the seed and 
 runs on different caches never share a folder.
 
 A run is *current* when the cache it was trained on is still on disk unchanged (same key, same
-content) and describes the same images, labels and splits as the latest `make features`;
+content) and describes the same images, labels and splits as the latest `make features`, and,
+for a run with VIEWS, its augmented-views cache is too (same key, content and versions);
 otherwise it is *stale*: shown apart, never ranked with current runs, never picked by default.
 """
 
@@ -133,6 +134,35 @@ def status(
         return (
             False,
             "its features were embedded again since, with other decoder/framework versions",
+        )
+    return _views_status(feats.get("augmented"), artifacts)
+
+
+def _views_status(views: dict[str, Any] | None, artifacts: Path) -> tuple[bool, str]:
+    """A VIEWS run is bound to its views cache by key and content, like to its cache."""
+    if not views:
+        return True, ""
+    if "data_id" not in views:
+        return False, "made by an older version of the pipeline (no views cache identity recorded)"
+    fix = "rerun `make train-head` with its VIEWS"
+    try:
+        attrs = store.read_attrs(layout.cache_by_name(artifacts, views["file"]))
+    except UserError:
+        return False, f"its augmented views cache '{views['file']}' is gone or damaged; {fix}"
+    if attrs.get("cache_key") != views["cache_key"]:
+        return False, (
+            f"its augmented views in '{views['file']}' were embedded again since with other "
+            f"settings or another augmentation; {fix}"
+        )
+    if attrs.get("data_id") != views["data_id"]:
+        return False, (
+            f"its augmented views cache '{views['file']}' holds other views since (`make "
+            f"features AUGMENT=...` embedded views of other images or another number); {fix}"
+        )
+    if attrs.get("embedders") != views.get("embedders"):
+        return False, (
+            f"its augmented views in '{views['file']}' were embedded again since, with other "
+            f"decoder/framework versions; {fix}"
         )
     return True, ""
 

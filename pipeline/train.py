@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 
 from pipeline import cluster, dataset, duplicates, evaluate, heads, layout, runs, store
+from pipeline import views as views_of
 from pipeline.errors import UserError
 from pipeline.provenance import environment
 from pipeline.seeding import set_seeds
@@ -259,10 +260,15 @@ def _with_views(
     both = evaluate.TrainSet(
         X=np.concatenate([ts.X, aug.X[vrows_a]]) if len(vrows_a) else ts.X,
         y=np.concatenate([ts.y, ts.y[src_a]]),
-        groups=np.concatenate([ts.groups, ts.groups[src_a]]),
+        groups=np.concatenate([ts.groups, views_of.mark(ts.groups[src_a])]),  # marked: views
         original=np.concatenate([ts.original, np.zeros(len(src_a), dtype=bool)]),
         sha256=ts.sha256 + [ts.sha256[i] for i in src],
         paths=(ts.paths or []) + [(ts.paths or [""] * len(ts.sha256))[i] for i in src],
     )
-    info = {"file": apath.name, "cache_key": aidx.attrs.get("cache_key")}
+    info = {  # the views by key and content: embedded again, the run is stale (runs.status)
+        "file": apath.name,
+        "cache_key": aidx.attrs.get("cache_key"),
+        "data_id": aidx.attrs.get("data_id"),
+        "embedders": aidx.attrs.get("embedders"),
+    }
     return both, info
