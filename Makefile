@@ -52,6 +52,48 @@ layer_arg  = $(if $(LAYER),--layer $(LAYER))
 cluster_arg = $(if $(CLUSTER),--cluster $(CLUSTER))
 topk_arg   = $(if $(TOPK),--topk $(TOPK))
 
+# Settings a target does not use are refused: `make predict HEAD=logreg` stops with one line
+# (exit status 2) instead of running the best run. takes.<target> lists what each target uses
+# (tests/test_library.py checks the lists against the recipes); PYTHON, VENV and VERBOSE are
+# every target's. Any other setting given on the command line, a misspelt one too, stops make.
+takes.help       :=
+takes.install    :=
+takes.features   := DATA ARTIFACTS BACKBONE WEIGHTS SIZE LAYER BATCH DTYPE PRECISION SEED AUGMENT REBUILD VERIFY MAPS CLUSTER
+takes.train-head := HEAD POOL FOLDS SEED VIEWS PARAMS CLUSTER ARTIFACTS
+takes.train-all  := POOL FOLDS SEED VIEWS PARAMS CLUSTER ARTIFACTS
+takes.finetune   := DATA ARTIFACTS BACKBONE WEIGHTS SIZE BATCH DTYPE PRECISION SEED FOLDS PARAMS CLUSTER
+takes.sweep       = ARTIFACTS FOLDS SEED SWEEP_HEADS SWEEP_POOLS SWEEP_VIEWS SWEEP_BACKBONES CLUSTER $(if $(SWEEP_BACKBONES),DATA WEIGHTS SIZE PRECISION)
+takes.report     := ARTIFACTS GALLERY
+takes.predict    := IMAGES RUN OUT TTA TOPK WEIGHTS BACKBONE ARTIFACTS
+takes.export     := ARTIFACTS FORMAT POOL OUT
+takes.demo       := ARTIFACTS WEIGHTS
+takes.test       :=
+takes.lint       :=
+takes.bench      := ARTIFACTS BENCH_SIZE PRECISION
+takes.bench-gpu  := ARTIFACTS BENCH_SIZE
+takes.clean      := ARTIFACTS
+everyones_settings := PYTHON VENV VERBOSE
+hint.predict.HEAD := ; pick a run with RUN=<name> (make report lists them)
+hint.predict.POOL := ; pick a run with RUN=<name> (make report lists them)
+hint.train-all.HEAD := ; it trains logreg, svm and dense (make train-head HEAD=... for one)
+$(foreach v,DATA WEIGHTS SIZE PRECISION,$(eval hint.sweep.$(v) := ; $(v) goes with SWEEP_BACKBONES (each backbone extracted from DATA)))
+hint.sweep.HEAD := ; SWEEP_HEADS=logreg,svm picks the heads
+hint.sweep.POOL := ; SWEEP_POOLS=avg,max picks the poolings
+hint.sweep.VIEWS := ; SWEEP_VIEWS=0,4 picks the views
+
+space := $(subst ,, )
+listed = $(if $(strip $(1)),$(subst $(space),$(comma) ,$(strip $(1))),no setting)
+goals := $(or $(MAKECMDGOALS),help)
+given := $(foreach v,$(.VARIABLES),$(if $(filter command line,$(origin $(v))),$(v)))
+# unknown targets are left to make ("No rule to make target")
+ifeq ($(filter undefined,$(foreach g,$(goals),$(origin takes.$(g)))),)
+  unused := $(sort $(filter-out $(everyones_settings) $(foreach g,$(goals),$(takes.$(g))),$(given)))
+  ifneq ($(unused),)
+    takes_of = $(patsubst %@@,%,$(subst @@ ,; ,$(foreach g,$(goals),$(g) takes $(call listed,$(takes.$(g)))@@)))
+    $(error make $(goals) does not use $(call listed,$(unused)) ($(if $(word 2,$(goals)),$(takes_of),it takes $(call listed,$(takes.$(goals)))))$(strip $(foreach g,$(goals),$(hint.$(g).$(firstword $(unused))))))
+  endif
+endif
+
 .PHONY: help install features train-head train-all finetune sweep report predict export demo test lint bench bench-gpu clean
 
 help: ## this list
@@ -82,6 +124,7 @@ help: ## this list
 	@echo "  SWEEP_BACKBONES=vgg16,resnet50   sweep: extract each once (from DATA), rank them all together"
 	@echo "  GALLERY=run|all   report: misclassified images of that run too (the best run's always)"
 	@echo "  VERBOSE=1           also TensorFlow's own lines (start-up, CUDA, oneDNN); default: progress, results, warnings"
+	@echo "A setting the target does not use stops it with what it takes (make predict HEAD=svm: use RUN=)"
 	@echo "Full reference: $(PY) -m pipeline --help, and $(PY) -m pipeline COMMAND --help"
 
 $(STAMP): pyproject.toml

@@ -320,6 +320,68 @@ def test_every_makefile_setting_is_a_parameter_of_its_function(target, function)
     assert wanted <= params, f"{function} lacks {sorted(wanted - params)}"
 
 
+EVERYONES = {"PYTHON", "VENV", "VERBOSE"}
+
+
+def _makefile_takes() -> dict[str, set[str]]:
+    """target -> the settings its `takes.<target>` line says it uses (conditional ones too)."""
+    text = (ROOT / "Makefile").read_text()
+    lines = re.findall(r"^takes\.([a-z-]+)\s*:?=(.*)$", text, flags=re.M)
+    return {t: set(re.findall(r"\b[A-Z][A-Z_]+\b", body)) for t, body in lines}
+
+
+def test_every_target_lists_exactly_the_settings_its_recipe_uses():
+    """The refusal's lists cannot drift from the recipes: a setting passed on is listed, and a
+    listed one is passed on (train-all: train-head's, HEAD aside; help shows every default)."""
+    takes, recipes = _makefile_takes(), _makefile_settings()
+    targets = set(re.findall(r"^([a-z][a-z-]*):", (ROOT / "Makefile").read_text(), flags=re.M))
+    assert targets == set(takes), f"targets without a takes. line: {targets ^ set(takes)}"
+    for target, used in recipes.items():
+        if target == "help":
+            continue
+        if target == "train-all":
+            used = recipes["train-head"] - {"HEAD"}
+        assert used - EVERYONES == takes[target], f"{target}: {used ^ takes[target]}"
+
+
+def _make_n(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(["make", "-n", *args], cwd=ROOT, capture_output=True, text=True)
+
+
+def test_a_setting_the_target_does_not_use_stops_it_in_one_line(tmp_path):
+    # old code: `make predict HEAD=logreg` ran the best run (an SVM) without a word
+    art = f"ARTIFACTS={tmp_path}"
+    r = _make_n("predict", "HEAD=logreg", "IMAGES=x", art)
+    assert r.returncode == 2 and r.stdout == "", r.stdout
+    (line,) = r.stderr.strip().splitlines()
+    assert (
+        "make predict does not use HEAD (it takes IMAGES, RUN, OUT, TTA, TOPK, WEIGHTS, "
+        "BACKBONE, ARTIFACTS); pick a run with RUN=<name> (make report lists them)" in line
+    )
+    for args, said in (
+        (["train-head", "HEADS=svm"], "make train-head does not use HEADS (it takes HEAD, POOL"),
+        (["sweep", "DATA=x"], "make sweep does not use DATA (it takes ARTIFACTS, FOLDS"),
+        (["train-all", "HEAD=svm"], "make train-all does not use HEAD (it takes POOL,"),
+        (["test", "SEED=1"], "make test does not use ARTIFACTS, SEED (it takes no setting)"),
+        (["features", "report", "RUN=x"], "(features takes DATA, ARTIFACTS"),
+    ):
+        r = _make_n(*args, art)
+        assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
+        assert said in r.stderr, r.stderr
+
+
+def test_settings_a_target_uses_still_reach_its_command(tmp_path):
+    art = f"ARTIFACTS={tmp_path}"
+    r = _make_n("predict", "RUN=logreg-avg", "IMAGES=x", "TOPK=2", "VERBOSE=1", art)
+    assert r.returncode == 0 and "--run logreg-avg" in r.stdout and "--topk 2" in r.stdout
+    r = _make_n("sweep", "SWEEP_BACKBONES=vgg16", "DATA=photos", art)  # DATA goes with it
+    assert r.returncode == 0 and "--backbones vgg16 --data photos" in r.stdout, r.stderr
+    # train-all runs make again per head: its settings arrive there and are taken
+    r = _make_n("train-all", "FOLDS=3", "POOL=max", art)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.count("--folds 3") == 3 and r.stdout.count("--pool max") == 3
+
+
 def test_load_features_refuses_the_views_file_and_an_empty_folder(tmp_path):
     data = make_dataset(tmp_path / "d", per_class=3, n_classes=2)
     s = pipeline.extract(data, tmp_path / "art", weights="none", size=SIZE, augment=1, log=None)
