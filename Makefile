@@ -24,6 +24,7 @@ VIEWS     ?= 0
 HEAD      ?= logreg
 POOL      ?=
 FOLDS     ?= 5
+REPEATS   ?=
 SEED      ?= 0
 PARAMS    ?=
 IMAGES    ?=
@@ -51,6 +52,7 @@ size_arg   = $(if $(SIZE),--size $(SIZE))
 layer_arg  = $(if $(LAYER),--layer $(LAYER))
 cluster_arg = $(if $(CLUSTER),--cluster $(CLUSTER))
 topk_arg   = $(if $(TOPK),--topk $(TOPK))
+repeats_arg = $(if $(REPEATS),--repeats $(REPEATS))
 
 # Settings a target does not use are refused: `make predict HEAD=logreg` stops with one line
 # (exit status 2) instead of running the best run. takes.<target> lists what each target uses
@@ -59,10 +61,10 @@ topk_arg   = $(if $(TOPK),--topk $(TOPK))
 takes.help       :=
 takes.install    :=
 takes.features   := DATA ARTIFACTS BACKBONE WEIGHTS SIZE LAYER BATCH DTYPE PRECISION SEED AUGMENT REBUILD VERIFY MAPS CLUSTER
-takes.train-head := HEAD POOL FOLDS SEED VIEWS PARAMS CLUSTER ARTIFACTS
-takes.train-all  := POOL FOLDS SEED VIEWS PARAMS CLUSTER ARTIFACTS
+takes.train-head := HEAD POOL FOLDS REPEATS SEED VIEWS PARAMS CLUSTER ARTIFACTS
+takes.train-all  := POOL FOLDS REPEATS SEED VIEWS PARAMS CLUSTER ARTIFACTS
 takes.finetune   := DATA ARTIFACTS BACKBONE WEIGHTS SIZE BATCH DTYPE PRECISION SEED FOLDS PARAMS CLUSTER
-takes.sweep       = ARTIFACTS FOLDS SEED SWEEP_HEADS SWEEP_POOLS SWEEP_VIEWS SWEEP_BACKBONES CLUSTER $(if $(SWEEP_BACKBONES),DATA WEIGHTS SIZE PRECISION)
+takes.sweep       = ARTIFACTS FOLDS REPEATS SEED SWEEP_HEADS SWEEP_POOLS SWEEP_VIEWS SWEEP_BACKBONES CLUSTER $(if $(SWEEP_BACKBONES),DATA WEIGHTS SIZE PRECISION)
 takes.report     := ARTIFACTS GALLERY
 takes.predict    := IMAGES RUN OUT TTA TOPK WEIGHTS BACKBONE ARTIFACTS
 takes.export     := ARTIFACTS FORMAT POOL OUT
@@ -111,6 +113,8 @@ help: ## this list
 	@echo "                     float32 elsewhere | float32 | mixed_float16 | mixed_bfloat16 (each its own cache)"
 	@echo "  HEAD=$(HEAD)       logreg | svm | svm-linear | svm-nystroem | dense;  POOL=avg|max|flatten"
 	@echo "  FOLDS=$(FOLDS) SEED=$(SEED)    cross-validation folds, seed for every random choice"
+	@echo "  REPEATS=r          train-head, sweep: r seeded k-fold partitions (default by size: 10 up to"
+	@echo "                     1,000 training images, 5 up to 5,000, 3 up to 20,000, then 1)"
 	@echo "  AUGMENT=K (features) VIEWS=K (train-head)   cache / train on K augmented views per image"
 	@echo "  CLUSTER=local:N | tcp://host:8786   features, finetune, train-head, sweep on Dask (README)"
 	@echo "  REBUILD=1 (features)  embed every image again, e.g. after a Pillow/TensorFlow upgrade"
@@ -143,7 +147,7 @@ features: $(STAMP) ## embed every image once into ARTIFACTS/features/*.h5 (rerun
 		$(if $(filter 1,$(REBUILD)),--rebuild) $(if $(filter 1,$(VERIFY)),--verify) --maps $(MAPS) $(cluster_arg)
 
 train-head: $(STAMP) ## cross-validate + save HEAD on the cached features (backbone never runs)
-	$(PY) -m pipeline train-head --head $(HEAD) $(pool_arg) --folds $(FOLDS) --seed $(SEED) \
+	$(PY) -m pipeline train-head --head $(HEAD) $(pool_arg) --folds $(FOLDS) $(repeats_arg) --seed $(SEED) \
 		--artifacts $(ARTIFACTS) --views $(VIEWS) $(param_args) $(cluster_arg)
 
 train-all: $(STAMP) ## train-head for logreg, svm and dense
@@ -154,7 +158,7 @@ finetune: $(STAMP) ## cache block4_pool once, then cross-validate block5 + head 
 		--backbone $(BACKBONE) $(size_arg) --batch $(BATCH) --dtype $(DTYPE) --seed $(SEED) --precision $(PRECISION) --folds $(FOLDS) $(param_args) $(cluster_arg)
 
 sweep: $(STAMP) ## every head x pooling x VIEWS on the cache, ranked, + learning curve
-	$(PY) -m pipeline sweep --artifacts $(ARTIFACTS) --folds $(FOLDS) --seed $(SEED) \
+	$(PY) -m pipeline sweep --artifacts $(ARTIFACTS) --folds $(FOLDS) $(repeats_arg) --seed $(SEED) \
 		--heads $(SWEEP_HEADS) --pools $(SWEEP_POOLS) --views $(SWEEP_VIEWS) $(cluster_arg) \
 		$(if $(SWEEP_BACKBONES),--backbones $(SWEEP_BACKBONES) --data $(DATA) --weights $(WEIGHTS) $(size_arg) --precision $(PRECISION))
 

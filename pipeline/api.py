@@ -142,8 +142,12 @@ def train_head(
     jobs: int | None = None,
     cluster: str = "",
     log: Log | None = print,
+    repeats: int | None = None,
 ) -> dict[str, Any]:
     """`make train-head`: cross-validate, validate and save one head on the cached features.
+
+    `repeats` partitions of `folds` folds (default: chosen by the number of training images,
+    see the README), each run's mean with its 95 % interval in `result["cv"]`.
 
     Returns the run's result (as in `heads/<run>/result.json`): `result["cv"]` holds the fold
     accuracies and out-of-fold predictions, `result["validation"]` the validation scores.
@@ -164,6 +168,7 @@ def train_head(
             views=views,
             log=_log(log),
             client=c,
+            repeats=repeats,
         )
 
 
@@ -243,6 +248,7 @@ def sweep(
     precision: str = "auto",
     cluster: str = "",
     log: Log | None = print,
+    repeats: int | None = None,
 ) -> dict[str, Any]:
     """`make sweep`: every head x pooling x views (x backbone) on the cache, ranked.
 
@@ -261,6 +267,7 @@ def sweep(
             folds=folds,
             seed=seed,
             curve_points=points,
+            repeats=repeats,
             log=_log(log),
             client=c,
             backbones=_names(backbones),

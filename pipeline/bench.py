@@ -32,6 +32,8 @@ from typing import Any
 
 import numpy as np
 
+from pipeline import outputs
+
 # rounds: interleaved pipeline/bare rounds; per_round: images per round and kind; rerun_n: the
 # rerun dataset; mem_n: N of the memory check (and 4N); *_n: images for train-head timings.
 # A kernel SVM's nested CV grows as n^2 or worse, the dense head's with epochs: 10,000 images
@@ -815,7 +817,7 @@ def table(res: dict[str, Any]) -> str:
 
 
 def _save(folder: Path, res: dict[str, Any]) -> None:
-    (folder / "bench.json").write_text(json.dumps(res, indent=1))
+    outputs.write_text(folder / "bench.json", json.dumps(res, indent=1))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -926,7 +928,7 @@ def _main(argv: list[str] | None = None) -> int:
     res["projection"] = projection(res, gpu_rate)
     res["total_s"] = time.perf_counter() - t0
     out = args.artifacts / "bench.json"
-    out.write_text(json.dumps(res, indent=1))  # also written after each part, below
+    outputs.write_text(out, json.dumps(res, indent=1))  # also written after each part, above
     if all(k in res for k in ("extraction", "reruns", "memory", "heads")):
         _say(table(res))
     _say(f"total {res['total_s']:.0f} s; wrote {out}")

@@ -76,6 +76,16 @@ def _cluster(p: argparse.ArgumentParser) -> None:
     )
 
 
+def _repeats(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--repeats",
+        type=int,
+        default=None,
+        help="repeated CV: this many seeded k-fold partitions (default: by the number of "
+        "training images: 10 up to 1,000, 5 up to 5,000, 3 up to 20,000, then 1)",
+    )
+
+
 def _param(p: argparse.ArgumentParser, help: str) -> None:
     p.add_argument(
         "--param",
@@ -156,6 +166,7 @@ def parser() -> argparse.ArgumentParser:
         help="avg, max or flatten (default: avg for logreg/svm, flatten for dense)",
     )
     p.add_argument("--folds", type=int, default=5, help="cross-validation folds (default 5)")
+    _repeats(p)
     _param(p, "head setting (e.g. C=0.1, learning_rate=1e-4); fixed instead of tuned")
     p.add_argument(
         "--features",
@@ -205,6 +216,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--pools", default="avg,max,flatten", help="comma-separated poolings")
     p.add_argument("--views", default="0", help="comma-separated augmented views, e.g. 0,4")
     p.add_argument("--folds", type=int, default=5, help="cross-validation folds (default 5)")
+    _repeats(p)
     p.add_argument("--points", type=int, default=5, help="learning-curve points (default 5)")
     p.add_argument(
         "--backbones",

@@ -142,6 +142,29 @@ def _fold(
     return est.classes_[np.argmax(proba, axis=1)], proba.max(axis=1), chosen_params(est)
 
 
+def repeat_seed(seed: int, r: int) -> int:
+    """The seed of the r-th partition (r = 0 is SEED itself: one partition keeps its folds)."""
+    return seed if r == 0 else seed + 1_000_003 * r
+
+
+def partitions(
+    ts: TrainSet, k: int, seed: int, repeats: int
+) -> tuple[list[tuple[np.ndarray, np.ndarray]], str]:
+    """`repeats` different seeded, group-aware k-fold partitions: r·k (train, test) pairs.
+
+    The same seed and repeats give the same r·k folds on any cache of the same images, so
+    runs stay paired fold by fold; the fingerprint covers every partition.
+    """
+    out: list[tuple[np.ndarray, np.ndarray]] = []
+    ids = []
+    for r in range(repeats):
+        cv, fid = splits(ts, k, repeat_seed(seed, r))
+        out += cv
+        ids.append(fid)
+    fid = ids[0] if repeats == 1 else hashlib.sha256(json.dumps(ids).encode()).hexdigest()
+    return out, fid
+
+
 def cross_validate(
     estimator: Any,
     ts: TrainSet,
@@ -150,30 +173,51 @@ def cross_validate(
     seed: int,
     n_jobs: int = 1,
     log: Log = print,
+    repeats: int = 1,
 ) -> dict[str, Any]:
-    """Outer CV of the configured `estimator`: per-fold accuracy, out-of-fold predictions."""
+    """Outer CV of the configured `estimator` over `repeats` partitions of k folds.
+
+    Returns every fold's accuracy (r·k of them, partition by partition), their mean with its
+    corrected resampled t interval (`pipeline.stats`), and the out-of-fold predictions of the
+    first partition (the confusion matrix, per-class figures and the gallery come from it).
+    """
+    from pipeline import stats
+
+    if repeats < 1:
+        raise UserError(f"REPEATS must be 1 or more; got {repeats}")
     k = choose_folds(ts.y[ts.original], classes, folds, log, ts.groups[ts.original])
-    cv, fid = splits(ts, k, seed)
-    progress = Progress(k, f"cross-validation ({k} folds)", unit="folds", every=0.0)
+    cv, fid = partitions(ts, k, seed, repeats)
+    label = (
+        f"cross-validation ({repeats}x{k} folds)"
+        if repeats > 1
+        else f"cross-validation ({k} folds)"
+    )
+    progress = Progress(len(cv), label, unit="folds", every=0.0)
     jobs = Parallel(n_jobs=n_jobs, return_as="generator")(
         delayed(_fold)(estimator, ts.X, ts.y, ts.groups, tr, te) for tr, te in cv
     )
     oof = np.full(len(ts.y), -1, dtype=np.int64)
     oof_p = np.zeros(len(ts.y), dtype=np.float64)
     fold_acc, fold_params = [], []
-    for (_, te), (pred, prob, params) in zip(cv, jobs, strict=True):
-        oof[te] = pred
-        oof_p[te] = prob
+    for j, ((_, te), (pred, prob, params)) in enumerate(zip(cv, jobs, strict=True)):
+        if j < k:  # the first partition's out-of-fold predictions
+            oof[te] = pred
+            oof_p[te] = prob
         fold_acc.append(float(np.mean(pred == ts.y[te])))
         fold_params.append(params)
         progress.update(1)
     scored = oof >= 0
+    ci = stats.corrected_t(fold_acc, k)
     return {
         "folds": k,
+        "repeats": repeats,
         "folds_id": fid,
         "fold_accuracies": fold_acc,
         "accuracy_mean": float(np.mean(fold_acc)),
         "accuracy_std": float(np.std(fold_acc)),
+        "accuracy_low": ci["low"],
+        "accuracy_high": ci["high"],
+        "interval": stats.CV_INTERVAL,
         "fold_params": fold_params,
         "oof_pred": oof[scored].tolist(),
         "oof_sha256": [ts.sha256[i] for i in np.flatnonzero(scored)],

@@ -81,16 +81,22 @@ def comparison(entries: list[dict[str, Any]], out: Path) -> None:
     for i, e in enumerate(entries):
         accs = e["cv_fold_accuracies"]
         ax.scatter([i] * len(accs), accs, s=14, color="0.45", zorder=2)
+        m = e["cv_accuracy_mean"]
+        lo, hi = e.get("cv_low"), e.get("cv_high")
+        err = [[m - lo], [hi - m]] if lo is not None else [[0.0], [0.0]]
+        tied = e.get("tied_with_best")
         ax.errorbar(
             i,
-            e["cv_accuracy_mean"],
-            yerr=e["cv_accuracy_std"],
-            fmt="o",
-            color="C0",
+            m,
+            yerr=err,
+            fmt="o" if tied or e.get("is_best") else "s",
+            color="C0" if tied or e.get("is_best") else "C7",
             capsize=4,
             zorder=3,
-            label="CV mean ± std of folds" if i == 0 else None,
+            label="CV mean, 95 % interval (blue: best or tied with it)" if i == 0 else None,
         )
+        if e.get("validation_low") is not None:
+            ax.vlines(i + 0.18, e["validation_low"], e["validation_high"], color="C3", lw=1)
         if e.get("validation_accuracy") is not None:
             ax.scatter(
                 i + 0.18,
@@ -98,7 +104,7 @@ def comparison(entries: list[dict[str, Any]], out: Path) -> None:
                 marker="D",
                 color="C3",
                 zorder=3,
-                label="validation" if i == 0 else None,
+                label="validation, 95 % Wilson interval" if i == 0 else None,
             )
     ax.set_xticks(xs, [e["run"].split("--")[0] for e in entries], rotation=35, ha="right")
     ax.tick_params(axis="x", labelsize=7)
@@ -117,8 +123,15 @@ def learning_curve(curve: dict[str, Any], out: Path) -> None:
     m = np.array([p["accuracy_mean"] for p in pts])
     s = np.array([p["accuracy_std"] for p in pts])
     fig, ax = plt.subplots(figsize=(5, 3.5), dpi=100)
+    lo = np.array(
+        [p["low"] if p.get("low") is not None else v for p, v in zip(pts, m - s, strict=False)]
+    )
+    hi = np.array(
+        [p["high"] if p.get("high") is not None else v for p, v in zip(pts, m + s, strict=False)]
+    )
     ax.plot(x, m, "o-")
-    ax.fill_between(x, m - s, m + s, alpha=0.2)
+    ax.fill_between(x, lo, hi, alpha=0.2, label="95 % interval (corrected resampled t)")
+    ax.legend(fontsize=7, loc="lower right")
     ax.set_xscale("log", base=2)
     ax.set_xlabel("training images per class")
     ax.set_ylabel("cross-validated accuracy")

@@ -14,11 +14,14 @@ otherwise it is *stale*: shown apart, never ranked with current runs, never pick
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
+import secrets
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -36,9 +39,12 @@ def file_sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def run_name(base: str, cache_key: str, data_id: str, seed: int, folds: int) -> str:
+def run_name(
+    base: str, cache_key: str, data_id: str, seed: int, folds: int, repeats: int = 1
+) -> str:
     """`<head>-<pooling>[-settings][-views=K]--<id>`, the id from the cache and the CV settings."""
-    rid = hashlib.sha256(json.dumps([cache_key, data_id, seed, folds]).encode()).hexdigest()
+    ident: list[Any] = [cache_key, data_id, seed, folds] + ([repeats] if repeats != 1 else [])
+    rid = hashlib.sha256(json.dumps(ident).encode()).hexdigest()
     return f"{base}--{rid[:10]}"
 
 
@@ -52,9 +58,8 @@ def write_run(
     """Write a run whole: `save(folder)` writes the head's files, then result.json with hashes."""
     hdir = layout.heads_dir(artifacts)
     hdir.mkdir(parents=True, exist_ok=True)
-    _recover(hdir)
-    tmp = hdir / f".tmp-{name}-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
+    # each writer its own folder (two train-heads of one run, in two processes or threads)
+    tmp = hdir / f".tmp-{name}.{secrets.token_hex(4)}-{os.getpid()}"
     tmp.mkdir()
     final, old = hdir / name, hdir / f".old-{name}-{os.getpid()}"
     try:
@@ -64,19 +69,29 @@ def write_run(
             fh.write(json.dumps(result, indent=1))
             fh.flush()
             os.fsync(fh.fileno())
-        if final.exists():
-            os.rename(final, old)
-        try:
-            os.rename(tmp, final)
-        except OSError:  # another train-head put the same run in place at this very moment
-            raise UserError(
-                f"another train-head wrote run '{name}' at the same moment; rerun this one"
-            ) from None
+        with _one_at_a_time(hdir):  # a second writer waits here: the last one's run stays
+            _recover(hdir)
+            if final.exists():
+                os.rename(final, old)
+            try:
+                os.rename(tmp, final)
+            except OSError:  # a writer that does not take turns (NFS without locks)
+                raise UserError(
+                    f"another train-head wrote run '{name}' at the same moment; rerun this one"
+                ) from None
+            shutil.rmtree(old, ignore_errors=True)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+@contextmanager
+def _one_at_a_time(hdir: Path) -> Iterator[None]:
+    """Run writers take turns for the renames that put a run in place (an exclusive flock)."""
+    with open(hdir / ".lock", "a+") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)  # released when the file closes, or the process dies
+        yield
 
 
 def _alive(pid: int) -> bool:

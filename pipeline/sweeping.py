@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from pipeline import evaluate, heads, layout, store
+from pipeline import evaluate, heads, layout, outputs, stats, store
 from pipeline.errors import UserError
 from pipeline.train import load, train_head
 
@@ -38,6 +38,7 @@ def run_sweep(
     client: Any = None,
     backbones: str = "",
     extraction: dict[str, Any] | None = None,
+    repeats: int | None = None,
 ) -> dict[str, Any]:
     """Train every combination, rank them, and write the best one's learning curve.
 
@@ -84,6 +85,7 @@ def run_sweep(
     for p in pool_list:
         store.pool(np.zeros((1, 1, 1, 1), np.float32), p)
     results = []
+    full_results: list[dict[str, Any]] = []
     for b, cache in caches:
         for v in view_list:
             for h in names:
@@ -99,13 +101,33 @@ def run_sweep(
                         log=log,
                         client=client,
                         features=cache,
+                        repeats=repeats,
                     )
                     results.append(_row(r, h, p, v))
+                    full_results.append(r)
     results.sort(key=lambda r: (-r["cv_accuracy_mean"], r["run"]))  # ties: by name
     best = results[0]
+    by_run = {r["run"]: r["cv"] for r in full_results}
+    top = by_run[best["run"]]
+    for row in results:  # who the data cannot tell from the best (paired, corrected interval)
+        c = by_run[row["run"]]
+        row["cv_low"], row["cv_high"] = c.get("accuracy_low"), c.get("accuracy_high")
+        row["tied_with_best"] = (
+            True
+            if row is best
+            else stats.paired(top["fold_accuracies"], c["fold_accuracies"], top["folds"])["tied"]
+            if c.get("folds_id") == top.get("folds_id")
+            else None
+        )
+    tied = [r["run"] for r in results[1:] if r["tied_with_best"]]
+    if tied:
+        log(f"tied with the best (paired 95 % interval includes 0): {', '.join(tied)}")
     log(f"best: {best['run']} {best['cv_accuracy_mean']:.4f} ± {best['cv_accuracy_std']:.4f}")
     cache = layout.cache_by_name(artifacts, best["cache"])
-    curve = learning_curve(cache, best["head"], best["pooling"], folds, seed, curve_points)
+    ranked = next(r for r in full_results if r["run"] == best["run"])
+    curve = learning_curve(
+        cache, best["head"], best["pooling"], folds, seed, curve_points, run=ranked
+    )
     attrs = store.read_attrs(cache)
     out = {
         "ranking": results,
@@ -118,7 +140,7 @@ def run_sweep(
     }
     path = layout.sweep_file(artifacts)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(out, indent=1))
+    outputs.write_text(path, json.dumps(out, indent=1))  # whole or not at all
     for pt in curve["points"]:
         log(
             f"learning curve: {pt['per_class']:>5} images/class -> "
@@ -143,39 +165,87 @@ def _row(r: dict[str, Any], h: str, p: str, v: int) -> dict[str, Any]:
 
 
 def learning_curve(
-    cache: Path, head: str, pooling: str, folds: int, seed: int, points: int = 5
+    cache: Path,
+    head: str,
+    pooling: str,
+    folds: int,
+    seed: int,
+    points: int = 5,
+    run: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """CV accuracy of `head` when each class gets only n training images, for growing n.
+    """CV accuracy of the ranked run's head on growing fractions of each training fold.
 
-    Scored on the same group-aware outer folds as every run on this cache and seed.
+    The last point IS the ranked run's own figure (same folds and repeats, same per-class
+    counts, same views, its interval): no refit. Smaller points subsample each training fold
+    by class (whole content groups: an image with its views), seeded, and are scored on the
+    same test folds with the same head settings, each with its corrected 95 % interval.
     """
+    from pipeline import stats
+
     info = heads.get(head)
-    ts = load(cache, pooling).train
-    counts = np.bincount(ts.y)
+    cvr = (run or {}).get("cv") or {}
+    views = int((run or {}).get("views", 0))
+    repeats = int(cvr.get("repeats", 1))
+    params = (run or {}).get("params") or {}
+    ts = load(cache, pooling, views, seed).train
+    orig = ts.original
+    counts = np.bincount(ts.y[orig])
     counts = counts[counts > 0]
-    k = int(min(folds, counts.min()))
-    largest = int(counts.min() * (k - 1) / k)  # images per class available in every fold
-    sizes = sorted({int(round(v)) for v in np.geomspace(min(3, largest), largest, points)})
-    sizes = [s for s in sizes if s >= 2]
+    k = int(cvr.get("folds") or min(folds, counts.min()))
+    cv, fid = evaluate.partitions(ts, k, seed, repeats)
+    full = int(np.median(counts) * (k - 1) / k)  # images per class in a training fold
+    smallest = max(2 / max(1, counts.min() * (k - 1) / k), 1 / max(1, full))
+    fracs = [float(f) for f in np.geomspace(min(1.0, smallest), 1.0, max(2, points))]
+    fracs = sorted({round(f, 4) for f in fracs if f < 0.999})
     rng = np.random.default_rng(seed)
-    splits, _ = evaluate.splits(ts, k, seed)
+    est = heads.make(info, params, seed)
     pts = []
-    for n in sizes:
+    for f in fracs:
         accs = []
-        for train_idx, test_idx in splits:
-            sub = np.concatenate(
-                [rng.permutation(train_idx[ts.y[train_idx] == c])[:n] for c in np.unique(ts.y)]
-            )
-            est = heads.fit(heads.make(info, {}, seed), ts.X[sub], ts.y[sub], ts.groups[sub])
-            accs.append(float(np.mean(est.predict(ts.X[test_idx]) == ts.y[test_idx])))
+        for tr, te in cv:
+            keep_groups = []
+            for c in np.unique(ts.y[tr]):
+                g = np.unique(ts.groups[tr][(ts.y[tr] == c) & orig[tr]])
+                n = max(2, int(round(f * len(g))))
+                keep_groups.append(rng.permutation(g)[:n])
+            sub = tr[np.isin(ts.groups[tr], np.concatenate(keep_groups))]
+            pred, _, _ = evaluate._fold(est, ts.X, ts.y, ts.groups, sub, te)
+            accs.append(float(np.mean(pred == ts.y[te])))
+        ci = stats.corrected_t(accs, k)
         pts.append(
             {
-                "per_class": n,
+                "fraction": f,
+                "per_class": max(2, int(round(f * full))),
                 "accuracy_mean": float(np.mean(accs)),
                 "accuracy_std": float(np.std(accs)),
+                "low": ci["low"],
+                "high": ci["high"],
             }
         )
-    return {"head": head, "pooling": pooling, "folds": k, "points": pts, "advice": advice(pts)}
+    if cvr:  # the ranked run itself: its folds, its figure
+        same = cvr.get("folds_id") == fid
+        pts.append(
+            {
+                "fraction": 1.0,
+                "per_class": full,
+                "accuracy_mean": cvr["accuracy_mean"],
+                "accuracy_std": cvr["accuracy_std"],
+                "low": cvr.get("accuracy_low"),
+                "high": cvr.get("accuracy_high"),
+                "the_ranked_run": True,
+                "same_folds": same,
+            }
+        )
+    return {
+        "head": head,
+        "pooling": pooling,
+        "views": views,
+        "folds": k,
+        "repeats": repeats,
+        "run": (run or {}).get("run"),
+        "points": pts,
+        "advice": advice(pts),
+    }
 
 
 def advice(pts: list[dict[str, Any]]) -> str:
@@ -186,7 +256,10 @@ def advice(pts: list[dict[str, Any]]) -> str:
     gain = (b["accuracy_mean"] - a["accuracy_mean"]) / max(
         np.log2(b["per_class"] / a["per_class"]), 1e-9
     )
-    noise = max(a["accuracy_std"], b["accuracy_std"]) / 2
+    widths = [(p["high"] - p["low"]) / 2 for p in (a, b) if p.get("low") is not None] or [
+        max(a["accuracy_std"], b["accuracy_std"])
+    ]
+    noise = max(widths) / 2
     if gain > max(0.01, noise):
         return (
             f"still rising: about +{gain:.1%} accuracy per doubling of images per class at "

@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from pipeline import cluster, dataset, duplicates, evaluate, heads, layout, runs, store
+from pipeline import cluster, dataset, duplicates, evaluate, heads, layout, runs, stats, store
 from pipeline import views as views_of
 from pipeline.errors import UserError
 from pipeline.provenance import environment
@@ -76,6 +76,7 @@ def train_head(
     views: int = 0,
     log: Log = print,
     client: Any = None,
+    repeats: int | None = None,
 ) -> dict[str, Any]:
     """Cross-validate, validate and save one head; return its result (also in result.json).
 
@@ -134,18 +135,23 @@ def train_head(
         + (f" (+{len(ts.y) - n_orig} augmented views)" if views else "")
         + f", {len(va.y)} validation images, {len(classes)} classes"
     )
+    if repeats is None:  # by cost: more partitions where the noise is largest, fits cheapest
+        repeats = stats.default_repeats(n_orig, slow=not info.parallel_folds)
     t_cv = time.perf_counter()
     # on a cluster: the outer folds, then the final fit's grid search, on one scatter of the data
     with cluster.joblib_backend(client, ts.X, ts.y, ts.groups):
         cv = evaluate.cross_validate(
-            heads.make(info, p, seed, context), ts, classes, folds, seed, n_jobs=n_jobs, log=log
+            heads.make(info, p, seed, context),
+            ts,
+            classes,
+            folds,
+            seed,
+            n_jobs=n_jobs,
+            log=log,
+            repeats=repeats,
         )
         cv_s = time.perf_counter() - t_cv
-        log(
-            f"cross-validated accuracy {cv['accuracy_mean']:.4f} ± {cv['accuracy_std']:.4f} "
-            f"(± = standard deviation of the {cv['folds']} fold accuracies): "
-            f"{', '.join(f'{a:.3f}' for a in cv['fold_accuracies'])}"
-        )
+        log(f"cross-validated accuracy {stats.cv_line(cv)}")
         t_fit = time.perf_counter()
         grid_jobs = -1 if client is not None else 1
         final = heads.fit(
@@ -166,11 +172,18 @@ def train_head(
             }
             for i in range(len(va.y))
         ]
-        log(f"validation accuracy {validation['accuracy']:.4f} on {len(va.y)} images")
+        right = int(np.sum(pred == va.y))
+        w = stats.wilson(right, len(va.y))
+        validation["accuracy_low"], validation["accuracy_high"] = w["low"], w["high"]
+        validation["interval"] = stats.VALIDATION_INTERVAL
+        log(
+            f"validation accuracy {validation['accuracy']:.4f} on {len(va.y)} images "
+            f"(95 % interval {w['low']:.3f} to {w['high']:.3f}, Wilson)"
+        )
     key, did = idx.attrs.get("cache_key"), idx.attrs.get("data_id")
     bb = context["backbone"]
     base = (f"{bb}-" if bb != "vgg16" else "") + run_base(head, pooling, p, views)
-    name = runs.run_name(base, key, did, seed, folds)
+    name = runs.run_name(base, key, did, seed, folds, repeats)
     result = {
         "head": head,
         "description": info.description,
@@ -179,6 +192,7 @@ def train_head(
         "final_params": heads.chosen_params(final),
         "seed": seed,
         "folds_asked": folds,
+        "repeats": repeats,
         "classes": classes,
         "n_train": n_orig,
         "views": views,
@@ -270,5 +284,6 @@ def _with_views(
         "cache_key": aidx.attrs.get("cache_key"),
         "data_id": aidx.attrs.get("data_id"),
         "embedders": aidx.attrs.get("embedders"),
+        "seed": seed,  # the views' augmentation seed: predict's TTA draws its views with it
     }
     return both, info

@@ -11,6 +11,9 @@ from PIL import Image
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("KERAS_BACKEND", "tensorflow")
+# one CV partition unless a test asks for REPEATS: the automatic choice (up to 10 for small
+# collections) would multiply every test's fits; the tests of repeats pass it explicitly
+os.environ.setdefault("PIPELINE_MAX_REPEATS", "1")
 
 from pipeline.backbone import BackboneSpec  # noqa: E402
 

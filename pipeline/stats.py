@@ -1,0 +1,129 @@
+"""Uncertainty of the figures: intervals for CV and validation accuracy, paired comparisons.
+
+- Cross-validated accuracy over r repeats of k folds: the corrected resampled t interval of
+  Nadeau and Bengio (2003, "Inference for the Generalization Error", Machine Learning 52),
+  as corrected for repeated k-fold CV by Bouckaert and Frank (2004): the variance of the r·k
+  fold figures is inflated by (1/(r·k) + n_test/n_train), since the training sets overlap,
+  with a t distribution of r·k - 1 degrees of freedom.
+- The difference of two runs on the same folds: the same interval on the fold-by-fold
+  differences (paired).
+- Validation accuracy: the Wilson score interval (Wilson, 1927).
+- Two runs on the same validation images: McNemar's exact test on the images one run gets
+  right and the other wrong (McNemar, 1947; exact binomial form).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+
+LEVEL = 0.95
+CV_INTERVAL = (
+    "95 % interval of the mean over repeated k-fold CV: corrected resampled t "
+    "(Nadeau & Bengio 2003; Bouckaert & Frank 2004)"
+)
+VALIDATION_INTERVAL = "95 % Wilson score interval"
+
+
+def corrected_t(values: list[float] | np.ndarray, folds: int, level: float = LEVEL) -> dict:
+    """Mean of r·k fold figures with its corrected resampled t interval (Nadeau & Bengio).
+
+    `folds` is k: each test fold is 1/k of the data, so n_test/n_train = 1/(k-1).
+    """
+    from scipy import stats as st
+
+    v = np.asarray(values, dtype=np.float64)
+    j = len(v)
+    mean = float(v.mean()) if j else float("nan")
+    if j < 2 or folds < 2:
+        return {"mean": mean, "low": None, "high": None, "half_width": None, "n": j}
+    var = float(v.var(ddof=1)) * (1.0 / j + 1.0 / (folds - 1))
+    half = float(st.t.ppf(0.5 + level / 2, j - 1)) * math.sqrt(var)
+    t_stat = mean / math.sqrt(var) if var > 0 else (math.inf if mean else 0.0)
+    p = float(2 * st.t.sf(abs(t_stat), j - 1)) if var > 0 else (0.0 if mean else 1.0)
+    return {
+        "mean": mean,
+        "low": mean - half,
+        "high": mean + half,
+        "half_width": half,
+        "n": j,
+        "p_value": p,
+    }
+
+
+def wilson(correct: int, n: int, level: float = LEVEL) -> dict[str, Any]:
+    """The Wilson score interval of a proportion correct/n."""
+    from scipy import stats as st
+
+    if n == 0:
+        return {"mean": None, "low": None, "high": None, "n": 0}
+    z = float(st.norm.ppf(0.5 + level / 2))
+    p = correct / n
+    denom = 1 + z * z / n
+    centre = (p + z * z / (2 * n)) / denom
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
+    return {"mean": p, "low": max(0.0, centre - half), "high": min(1.0, centre + half), "n": n}
+
+
+def mcnemar(a_right: np.ndarray, b_right: np.ndarray) -> dict[str, Any]:
+    """McNemar's exact test: do runs a and b differ on the same images?
+
+    b01: images a gets wrong and b right; b10: the reverse. Two-sided exact binomial p-value.
+    """
+    from scipy import stats as st
+
+    a, b = np.asarray(a_right, bool), np.asarray(b_right, bool)
+    only_b, only_a = int((~a & b).sum()), int((a & ~b).sum())
+    n = only_a + only_b
+    p = 1.0 if n == 0 else float(min(1.0, 2 * st.binom.cdf(min(only_a, only_b), n, 0.5)))
+    return {"only_a_right": only_a, "only_b_right": only_b, "p_value": p}
+
+
+def paired(best: list[float], other: list[float], folds: int) -> dict[str, Any]:
+    """best - other fold by fold, with its corrected interval; tied when it includes 0."""
+    d = np.asarray(best, np.float64) - np.asarray(other, np.float64)
+    ci = corrected_t(d, folds)
+    tied = ci["low"] is None or (ci["low"] <= 0 <= ci["high"])
+    return {
+        "diff_mean": ci["mean"],
+        "diff_low": ci["low"],
+        "diff_high": ci["high"],
+        "p_value": ci.get("p_value"),
+        "better_folds": int((d > 0).sum()),
+        "worse_folds": int((d < 0).sum()),
+        "folds": len(d),
+        "tied": bool(tied),
+    }
+
+
+def default_repeats(n_train: int, slow: bool = False) -> int:
+    """Repeated CV by cost: more partitions where the noise is largest and fitting cheapest.
+
+    10 up to 1,000 training images, 5 up to 5,000, 3 up to 20,000, then 1; a third of that
+    (at least 1) for heads that train a network. PIPELINE_MAX_REPEATS caps it.
+    """
+    import os
+
+    r = 10 if n_train <= 1000 else 5 if n_train <= 5000 else 3 if n_train <= 20000 else 1
+    if slow:
+        r = max(1, r // 3)
+    cap = os.environ.get("PIPELINE_MAX_REPEATS")
+    return max(1, min(r, int(cap))) if cap else r
+
+
+def cv_line(cv: dict[str, Any]) -> str:
+    """One line for a CV result: mean, its interval, what it is, the fold figures' spread."""
+    what = (
+        f"{cv.get('repeats', 1)}x{cv['folds']} folds"
+        if cv.get("repeats", 1) > 1
+        else (f"{cv['folds']} folds")
+    )
+    if cv.get("accuracy_low") is None:
+        return f"{cv['accuracy_mean']:.4f} ({what})"
+    return (
+        f"{cv['accuracy_mean']:.4f}, 95 % interval {cv['accuracy_low']:.3f} to "
+        f"{cv['accuracy_high']:.3f} ({what}; corrected resampled t), fold sd "
+        f"{cv['accuracy_std']:.3f}"
+    )

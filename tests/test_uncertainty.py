@@ -1,0 +1,159 @@
+"""Numbers with their uncertainty: repeated CV, intervals that cover, ties said as ties."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from conftest import make_dataset
+from scipy import stats as st
+from sklearn.model_selection import StratifiedKFold
+
+from pipeline import evaluate, stats
+from pipeline.features import extract
+from pipeline.reporting import build_report
+from pipeline.sweeping import run_sweep
+from pipeline.train import train_head
+
+
+def test_the_wilson_interval_covers_about_95_percent():
+    rng = np.random.default_rng(0)
+    hits, wald = [], []
+    for _ in range(4000):  # accuracies and validation sizes as users have them
+        p, n = rng.uniform(0.5, 0.97), int(rng.integers(20, 200))
+        k = int(rng.binomial(n, p))
+        w = stats.wilson(k, n)
+        hits.append(w["low"] <= p <= w["high"])
+        h = 1.96 * np.sqrt(k / n * (1 - k / n) / n)
+        wald.append(k / n - h <= p <= k / n + h)
+    assert 0.93 <= np.mean(hits) <= 0.97
+    assert np.mean(wald) < np.mean(hits) - 0.01  # the naive interval under-covers here
+
+
+def test_the_corrected_cv_interval_covers_the_true_accuracy():
+    """A known learner on a known distribution: its expected accuracy when trained on 4/5 of
+    the data is computed on a large sample; ~95 % of the repeated-CV intervals contain it,
+    where the uncorrected t interval (folds taken as independent) covers far less."""
+    rng = np.random.default_rng(0)
+    d, mu, n, k, r = 5, 0.35, 60, 5, 3
+
+    def draw(m):
+        y = rng.integers(0, 2, m)
+        return rng.normal(size=(m, d)) + np.where(y[:, None] == 1, mu, -mu), y
+
+    def fit_predict(Xtr, ytr, Xte):  # nearest centroid
+        c0, c1 = Xtr[ytr == 0].mean(0), Xtr[ytr == 1].mean(0)
+        return (((Xte - c1) ** 2).sum(1) < ((Xte - c0) ** 2).sum(1)).astype(int)
+
+    Xb, yb = draw(20000)
+    true = np.mean([np.mean(fit_predict(*draw(n * (k - 1) // k), Xb) == yb) for _ in range(600)])
+    hit = naive = 0
+    sims = 300
+    for _ in range(sims):
+        X, y = draw(n)
+        accs = [
+            np.mean(fit_predict(X[tr], y[tr], X[te]) == y[te])
+            for rep in range(r)
+            for tr, te in StratifiedKFold(k, shuffle=True, random_state=rep).split(X, y)
+        ]
+        ci = stats.corrected_t(accs, k)
+        hit += ci["low"] <= true <= ci["high"]
+        a = np.array(accs)
+        h = st.t.ppf(0.975, len(a) - 1) * a.std(ddof=1) / np.sqrt(len(a))
+        naive += a.mean() - h <= true <= a.mean() + h
+    assert 0.90 <= hit / sims <= 0.99
+    assert naive / sims < 0.85
+
+
+def test_mcnemar_counts_the_images_the_runs_disagree_on():
+    a = np.array([1, 1, 1, 1, 1, 1, 1, 1, 0, 0], bool)
+    b = np.array([1, 1, 0, 0, 0, 0, 0, 0, 0, 1], bool)
+    m = stats.mcnemar(a, b)
+    assert (m["only_a_right"], m["only_b_right"]) == (6, 1)
+    assert m["p_value"] == pytest.approx(2 * st.binom.cdf(1, 7, 0.5))
+    assert stats.mcnemar(a, a)["p_value"] == 1.0
+
+
+@pytest.fixture(scope="module")
+def cached(tmp_path_factory):
+    from conftest import SIZE
+
+    from pipeline.backbone import BackboneSpec
+
+    tmp = tmp_path_factory.mktemp("unc")
+    data = make_dataset(tmp / "data", per_class=30, validation=4)
+    for c in range(3):  # label noise: a tenth of each class filed under the next one
+        for i in range(3):
+            src = data / f"train/class_{c}/img_{i:03d}.png"
+            src.rename(data / f"train/class_{(c + 1) % 3}/noisy_{c}_{i}.png")
+    art = tmp / "art"
+    extract(data, art, BackboneSpec("none", input_size=SIZE), log=lambda s: None)
+    return art
+
+
+def test_repeats_draw_other_partitions_and_keep_runs_paired(cached):
+    q = lambda s: None  # noqa: E731
+    a = train_head(cached, "logreg", folds=3, repeats=3, params={"C": "1"}, log=q)
+    b = train_head(cached, "logreg", folds=3, repeats=3, params={"C": "0.5"}, log=q)
+    one = train_head(cached, "logreg", folds=3, repeats=1, params={"C": "1"}, log=q)
+    assert a["cv"]["repeats"] == 3 and len(a["cv"]["fold_accuracies"]) == 9
+    assert a["cv"]["folds_id"] == b["cv"]["folds_id"] != one["cv"]["folds_id"]
+    assert a["run"] != one["run"]  # another evaluation: another run
+    # the first partition is REPEATS=1's, the others are different partitions
+    assert a["cv"]["fold_accuracies"][:3] == one["cv"]["fold_accuracies"]
+    from pipeline.train import load
+
+    ts = load(next((cached / "features").glob("*.h5")), "avg").train
+    folds, _ = evaluate.partitions(ts, 3, 0, 3)
+    tests = [frozenset(te.tolist()) for _, te in folds]
+    assert len(set(tests)) == 9
+    lo, hi = a["cv"]["accuracy_low"], a["cv"]["accuracy_high"]
+    assert lo < a["cv"]["accuracy_mean"] < hi
+    ref = stats.corrected_t(a["cv"]["fold_accuracies"], 3)
+    assert (lo, hi) == (ref["low"], ref["high"])
+    v = a["validation"]
+    w = stats.wilson(round(v["accuracy"] * 12), 12)
+    assert (v["accuracy_low"], v["accuracy_high"]) == (w["low"], w["high"])
+
+
+def test_the_report_says_which_runs_are_tied_with_the_best(cached):
+    import shutil
+
+    q = lambda s: None  # noqa: E731
+    shutil.rmtree(cached / "heads", ignore_errors=True)  # only this test's runs
+    for c in ("1", "1.0001"):  # the same model twice: any difference is chance
+        train_head(cached, "logreg", folds=5, repeats=2, params={"C": c}, log=q)
+    # a crippled one: a network that barely moves from its random start, near chance
+    crippled = {"learning_rate": "1e-9", "epochs": "1"}
+    train_head(cached, "dense", "avg", folds=5, repeats=2, params=crippled, log=q)
+    rep = build_report(cached, log=q)
+    res = {str(float(e["params"].get("C", 1e-7))): e for e in rep["results"]}
+    best = rep["results"][0]
+    assert best["is_best"] and best["tied_with_best"]
+    twin = res["1.0"] if best is res["1.0001"] else res["1.0001"]
+    assert twin["tied_with_best"] is True
+    assert res["1e-07"]["tied_with_best"] is False
+    v = res["1e-07"]["vs_best"]
+    assert v["low"] > 0  # the best is better, all through the interval
+    d = np.array(best["cv_fold_accuracies"]) - np.array(res["1e-07"]["cv_fold_accuracies"])
+    assert v["mean_difference"] == pytest.approx(d.mean())
+    ref = stats.corrected_t(d, 5)
+    assert (v["low"], v["high"]) == pytest.approx((ref["low"], ref["high"]))
+    assert v["validation_mcnemar"]["images"] == 12
+    assert twin["run"] in rep["ties"] and res["1e-07"]["run"] not in rep["ties"]
+    html = (cached / "report" / "report.html").read_text()
+    assert "tied with the best" in html and "worse than the best" in html
+
+
+def test_the_learning_curve_ends_at_the_ranked_figure(cached):
+    out = run_sweep(
+        cached, "logreg", "avg", "0", folds=3, seed=0, curve_points=3, repeats=2,
+        log=lambda s: None,
+    )  # fmt: skip
+    top, curve = out["ranking"][0], out["learning_curve"]
+    last = curve["points"][-1]
+    assert last["the_ranked_run"] and last["same_folds"]
+    assert last["accuracy_mean"] == top["cv_accuracy_mean"]
+    assert (last["low"], last["high"]) == (top["cv_low"], top["cv_high"])
+    smaller = curve["points"][:-1]
+    assert smaller and all(p["low"] < p["high"] for p in smaller)
+    assert all(p["fraction"] < 1 for p in smaller)
