@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from pipeline import dataset, images, layout, runs, store
+from pipeline import dataset, images, layout, outputs, runs, store
 from pipeline.backbone import BackboneSpec, spec_from_settings
 from pipeline.batches import decoded_batches
 from pipeline.errors import UserError
@@ -59,6 +59,21 @@ def _views(item: _Item, arr: np.ndarray, k: int, seed: int) -> list[np.ndarray]:
         return [arr]
     sha = images.content_sha256(item.abspath)
     return [arr] + [images.augment(arr, images.view_rng(seed, sha, v)) for v in range(1, k + 1)]
+
+
+def tta_seed(r: dict[str, Any]) -> int:
+    """The seed of TTA's views: that of the views the run trained on, else of the cache.
+
+    The cache's settings hold a seed for random weights only; a run without views then draws
+    them as `make features AUGMENT=K SEED=<the run's seed>` would, never with a seed of 0.
+    """
+    feats = r["features"]
+    views = feats.get("augmented") or {}
+    if "seed" in views:
+        return int(views["seed"])
+    if "seed" in (feats.get("settings") or {}):
+        return int(feats["settings"]["seed"])
+    return int(r.get("seed", 0))
 
 
 def columns(classes: list[str], topk: int = 0) -> list[str]:
@@ -154,6 +169,7 @@ def classify(
     if topk > len(classes):
         log(f"TOPK={topk} is more than the {len(classes)} classes: writing all {len(classes)}")
         topk = len(classes)
+    seed = tta_seed(r)
     progress = Progress(len(files), "predicting")
     todo = [
         _Item(dataset.display(str(f) if base is None else f.relative_to(base).as_posix()), f)
@@ -169,7 +185,7 @@ def classify(
             else:
                 ok.append((j, d))
         if ok:
-            stack = [v for j, d in ok for v in _views(j, d, tta, int(settings.get("seed", 0)))]
+            stack = [v for j, d in ok for v in _views(j, d, tta, seed)]
             x = bb.preprocess(np.stack(stack), spec.name)
             maps = np.asarray(model.predict_on_batch(x))
             proba = est.predict_proba(store.pool(maps.astype(settings["dtype"]), r["pooling"]))
@@ -183,8 +199,7 @@ def classify(
     everything = [done[id(j)] for j in todo]  # every image, in order
     rows = [row for row in everything if not row["error"]]
     out = Path(out) if out else layout.predictions_file(artifacts)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with open(out, "w", newline="", encoding="utf-8") as fh:
+    with outputs.written(out) as tmp, open(tmp, "w", newline="", encoding="utf-8") as fh:
         w = csv.writer(fh)
         w.writerow(columns(classes, topk))
         w.writerows(_csv_row(row) for row in rows)

@@ -1,0 +1,166 @@
+"""Nothing half-written: outputs renamed into place whole, runs written by one writer at a time,
+TTA's views drawn with the seed of the cache's views."""
+
+from __future__ import annotations
+
+import csv
+import json
+import threading
+import time
+
+import numpy as np
+import pytest
+from conftest import SIZE, make_dataset
+
+from pipeline import images, layout, outputs, prediction, runs
+from pipeline.backbone import BackboneSpec
+from pipeline.features import extract
+from pipeline.prediction import classify
+from pipeline.train import train_head
+
+
+def _quiet(line: str) -> None:
+    pass
+
+
+def _leftovers(folder):
+    return sorted(p.name for p in folder.iterdir() if ".tmp" in p.name or p.name.startswith(".old"))
+
+
+def test_an_output_is_replaced_whole_or_not_at_all(tmp_path):
+    path = tmp_path / "out" / "sweep.json"
+    outputs.write_text(path, '{"old": 1}')
+    with pytest.raises(RuntimeError), outputs.written(path) as tmp:
+        tmp.write_text('{"half": ')
+        assert path.read_text() == '{"old": 1}'  # readers still see the old file meanwhile
+        raise RuntimeError("killed mid-write")
+    assert json.loads(path.read_text()) == {"old": 1} and _leftovers(path.parent) == []
+    outputs.write_text(path, '{"new": 2}')
+    assert json.loads(path.read_text()) == {"new": 2} and _leftovers(path.parent) == []
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("outputs")
+    data = make_dataset(tmp / "data", per_class=5, validation=2)
+    art = tmp / "art"
+    extract(data, art, BackboneSpec("none", input_size=SIZE, seed=0), log=_quiet)
+    train_head(art, "logreg", folds=2, log=_quiet, n_jobs=1)
+    return data, art
+
+
+def test_predictions_csv_is_never_half_written(trained, tmp_path, monkeypatch):
+    # old code: open(out, "w") truncated the previous CSV, then died after the first row
+    data, art = trained
+    out = tmp_path / "p.csv"
+    classify(art, data / "validation", out=out, log=_quiet)
+    before = out.read_text()
+    assert len(list(csv.DictReader(before.splitlines()))) == 6
+    real, n = prediction._csv_row, []
+
+    def dies_on_the_second_row(row):
+        n.append(1)
+        if len(n) == 2:
+            raise KeyboardInterrupt
+        return real(row)
+
+    monkeypatch.setattr(prediction, "_csv_row", dies_on_the_second_row)
+    with pytest.raises(KeyboardInterrupt):
+        classify(art, data / "validation", out=out, topk=2, log=_quiet)
+    assert out.read_text() == before and _leftovers(tmp_path) == []
+
+
+@pytest.fixture
+def slow_renames(monkeypatch):
+    """Every rename of a run's folder takes 0.2 s: concurrent writers overlap for sure."""
+    real_rename = runs.os.rename
+
+    def slow_rename(a, b):
+        time.sleep(0.2)
+        real_rename(a, b)
+
+    monkeypatch.setattr(runs.os, "rename", slow_rename)
+
+
+def test_two_writers_of_one_run_never_fail(trained, slow_renames):
+    """Three threads (one process id: the old temporary folder was shared) write the same run,
+    renames slowed down so that they overlap; all finish and the run is whole."""
+    _, art = trained
+    r = runs.pick(art)
+    hdir = layout.heads_dir(art)
+    errors: list[BaseException] = []
+
+    def write(i: int) -> None:
+        def save(folder):
+            time.sleep(0.1)
+            (folder / "head.joblib").write_bytes(b"head %d" % i)
+            return [folder / "head.joblib"]
+
+        try:
+            runs.write_run(art, "same--run", {k: v for k, v in r.items() if k != "run"}, save)
+        except BaseException as e:  # noqa: BLE001 - any failure fails the test
+            errors.append(e)
+
+    threads = [threading.Thread(target=write, args=(i,)) for i in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    done = json.loads((hdir / "same--run" / "result.json").read_text())
+    assert (hdir / "same--run" / "head.joblib").read_bytes() in {b"head 0", b"head 1", b"head 2"}
+    runs.verify(art, done)  # the files are the ones its result.json names, not a mix
+    assert _leftovers(hdir) == []
+
+
+def test_two_train_heads_of_one_run_at_once(trained, slow_renames):
+    _, art = trained
+    results, errors = [], []
+
+    def train():
+        try:
+            results.append(train_head(art, "logreg", folds=2, log=_quiet, n_jobs=1))
+        except BaseException as e:  # noqa: BLE001
+            errors.append(e)
+
+    threads = [threading.Thread(target=train) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == [] and results[0]["run"] == results[1]["run"]
+    runs.verify(art, runs.pick(art, results[0]["run"]))
+    assert _leftovers(layout.heads_dir(art)) == []
+
+
+def test_tta_views_are_drawn_with_the_seed_of_the_cache_views(tmp_path, monkeypatch):
+    """A weights file: the cache's settings hold no seed (only random weights have one), so
+    the old code drew TTA's views with seed 0, whatever SEED made the cached views."""
+    import keras
+
+    weights = tmp_path / "w.weights.h5"
+    keras.applications.VGG16(
+        weights=None, include_top=False, input_shape=(SIZE, SIZE, 3)
+    ).save_weights(weights)
+    data = make_dataset(tmp_path / "data", per_class=4, validation=1)
+    art = tmp_path / "art"
+    extract(data, art, BackboneSpec(str(weights), input_size=SIZE, seed=7), augment=1, log=_quiet)
+    r = train_head(art, "logreg", folds=2, seed=7, views=1, log=_quiet, n_jobs=1)
+    assert "seed" not in r["features"]["settings"]
+    seeds: list[int] = []
+    real = images.view_rng
+
+    def spy(seed, sha, view):
+        seeds.append(seed)
+        return real(seed, sha, view)
+
+    monkeypatch.setattr(images, "view_rng", spy)
+    classify(art, data / "validation", run=r["run"], out=tmp_path / "p.csv", tta=2, log=_quiet)
+    assert seeds and set(seeds) == {7}
+    # and view 1 of a training image is the very one the cache holds (same seed, same draw)
+    path = next((data / "train").rglob("*.png"))
+    arr = images.load_image(path, SIZE)
+    sha = images.content_sha256(path)
+    a = images.augment(arr, real(7, sha, 1))
+    b = images.augment(arr, real(prediction.tta_seed(r), sha, 1))
+    np.testing.assert_array_equal(a, b)
