@@ -399,6 +399,43 @@ def test_load_features_refuses_the_views_file_and_an_empty_folder(tmp_path):
         pipeline.load_features(tmp_path / "empty", "avg", "train")
 
 
+def test_a_segment_given_as_the_cache_names_its_cache(tmp_path):
+    """load_features, train_head and the command: one line naming the cache file to pass."""
+    data = make_dataset(tmp_path / "d", per_class=3, n_classes=2)
+    art = tmp_path / "art"
+    s = pipeline.extract(data, art, weights="none", size=SIZE, log=None)
+    seg = next(store.shards_dir(s.cache).glob("g*.h5"))
+    want = (
+        f"'{seg.name}' is one segment of the feature cache '{s.cache.name}', not a cache; "
+        f"pass '{s.cache.resolve()}'"
+    )
+    with pytest.raises(UserError, match=re.escape(want)):
+        pipeline.load_features(seg, "avg", "train")
+    with pytest.raises(UserError, match=re.escape(want)):
+        pipeline.train_head(art, features=seg, log=None)
+    r = subprocess.run(
+        [sys.executable, "-m", "pipeline", "train-head", "--artifacts", str(art)]
+        + ["--features", str(seg)],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+    )
+    assert r.returncode == 2 and r.stdout == ""
+    (line,) = r.stderr.strip().splitlines()
+    assert line.startswith("error: ") and want in line
+
+
+def test_no_message_tells_to_delete_or_move_part_of_a_cache():
+    """Messages name a command that repairs (REBUILD=1, a rerun), never surgery on a cache."""
+    pattern = re.compile(r"\b(delete|remove|move) (it|the file|the segment|the shard)\b", re.I)
+    found = [
+        f"{p.name}: {m.group(0)}"
+        for p in (ROOT / "pipeline").rglob("*.py")
+        for m in pattern.finditer(p.read_text())
+    ]
+    assert found == []
+
+
 def test_params_as_a_mapping_read_like_the_makefiles():
     from pipeline.api import head_params
 

@@ -408,6 +408,24 @@ def test_a_passing_read_error_changes_nothing(tmp_path, spec, quiet, monkeypatch
     assert extract(data, tmp_path / "art", spec, log=log).new == 0
 
 
+def test_a_damaged_segment_is_repaired_by_a_rebuild(tmp_path, spec, quiet):
+    """The message names a command that repairs it (old: move the file out of the folder)."""
+    log, lines = quiet
+    data = make_dataset(tmp_path / "data", per_class=3, n_classes=2)
+    art = tmp_path / "art"
+    s = extract(data, art, spec, log=log)
+    seg = store.shards_dir(s.cache) / store.read_index(s.cache).entries[0].name
+    seg.write_bytes(b"not hdf5" * 64)
+    fix = r"if the file is damaged, `make features REBUILD=1` embeds every image again"
+    with pytest.raises(UserError, match=fix):
+        store.load_features(s.cache, "avg", "train")
+    with pytest.raises(UserError, match=fix):
+        extract(data, art, spec, log=log)
+    again = extract(data, art, spec, log=log, rebuild=True)
+    assert again.new == 6 and any("REBUILD goes on" in x for x in lines)
+    assert len(store.load_features(s.cache, "avg", "train").paths) == 6
+
+
 def test_a_rebuild_killed_after_its_index_embeds_nothing_again(tmp_path, spec, quiet):
     log, _ = quiet
     data = make_dataset(tmp_path / "data", per_class=3, n_classes=2)

@@ -359,8 +359,9 @@ def index_of(
                 cols["stat"].append(stat[live])
             except (KeyError, OSError, ValueError, IndexError) as err:
                 raise CacheError(
-                    f"segment '{folder / e.name}' of the cache cannot be read ({err}); move it "
-                    "out of the folder and rerun `make features` (its rows are embedded again)"
+                    f"segment '{folder / e.name}' of the cache cannot be read ({err}); rerun "
+                    "`make features`: it sets the damaged index aside and embeds only the rows "
+                    "no readable segment holds"
                 ) from None
         n = int(live.sum())
         made = embedders.index(stamp) if stamp in embedders else 0

@@ -119,6 +119,10 @@ class SegmentMissing(CacheError):
 class SegmentUnreadable(CacheError):
     """A segment that exists but cannot be read now (maybe passing: a network filesystem)."""
 
+    def __init__(self, message: str, reason: str = "") -> None:
+        super().__init__(message)
+        self.reason = reason or message  # the error alone, for a warning of one line
+
 
 class ForeignSegment(Exception):
     """A segment of another cache (another key): never used here."""
@@ -142,11 +146,12 @@ def open_segment(path: Path) -> h5py.File:
                 f"'{path.parent.name}'; rerun `make features` (it embeds the missing rows "
                 "again)"
             ) from None
+        reason = str(e).splitlines()[0][:120]
         raise SegmentUnreadable(
-            f"segment '{path}' of the cache cannot be read ({str(e).splitlines()[0][:120]}); "
+            f"segment '{path}' of the cache cannot be read ({reason}); "
             "nothing was changed: if this passes (a network filesystem), rerun; if the file is "
-            "damaged, move it out of the folder and rerun `make features` (its rows are "
-            "embedded again)"
+            "damaged, `make features REBUILD=1` embeds every image again without it",
+            reason,
         ) from None
 
 

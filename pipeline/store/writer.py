@@ -92,7 +92,7 @@ class Writer:
         self.stamp_key = cache_key(stamp)
         self.maps, self.dtype, self.log = maps, dtype, log
         self.folder = shards_dir(self.path)
-        self.old = self._read_old()
+        self.old = self._read_old(rebuild)
         marker = rebuild_marker(self.path)
         self.rebuild_id = ""
         if marker.is_file():
@@ -125,7 +125,8 @@ class Writer:
                     continue  # another cache's segment: garbage, collected after the commit
                 except (CacheError, OSError, KeyError) as e:
                     self.unreadable.add(p.name)  # maybe passing (a network filesystem): kept
-                    log(f"warning: cannot read segment '{p.name}' now ({e}); it is kept, unused")
+                    why = getattr(e, "reason", e)
+                    log(f"warning: cannot read segment '{p.name}' now ({why}); it is kept, unused")
                     continue
                 if (
                     info.stamp_key != self.stamp_key
@@ -154,11 +155,12 @@ class Writer:
         self.limit: int | None = None
 
     # -- reading what is there -------------------------------------------------------------
-    def _read_old(self) -> Index | None:
+    def _read_old(self, rebuild: bool = False) -> Index | None:
         """The current index; a missing segment's rows are left out (and embedded again).
 
-        A segment that cannot be read now stops the run with nothing changed (it may pass);
-        only an index that is itself damaged or of other settings is moved aside.
+        A segment that cannot be read now stops the run with nothing changed (it may pass),
+        unless REBUILD embeds every image again anyway (it is then left unused); only an index
+        that is itself damaged or of other settings is moved aside.
         """
         if not self.path.exists():
             return None
@@ -171,13 +173,17 @@ class Writer:
                 )
             return idx
         except SegmentUnreadable as e:
-            raise UserError(str(e)) from None
+            if not rebuild:
+                raise UserError(str(e)) from None
+            self.log(f"warning: the old cache cannot be read ({e.reason}); REBUILD goes on")
+            return None
         except CacheError as e:
             import time
 
             aside = self.path.with_name(self.path.name + f".damaged-{int(time.time())}")
             os.replace(self.path, aside)
-            self.log(f"warning: {e}; moved aside to '{aside.name}' and rebuilding")
+            why = str(e).split("; rerun `make features`")[0]  # this is that rerun
+            self.log(f"warning: {why}; moved aside to '{aside.name}' and rebuilding")
             return None
 
     def _index_staged(self, name: str, info: SegInfo) -> None:
