@@ -36,10 +36,6 @@ def augment_path(cache: Path, seed: int = 0) -> Path:
     return cache.with_name(f"{cache.stem}-augmented-seed{int(seed)}.h5")
 
 
-def journal_path(cache: Path) -> Path:
-    return Path(cache).with_suffix(".journal")
-
-
 def current_cache(artifacts: Path) -> Path:
     """The cache written by the latest `make features` in this artifacts folder."""
     ptr = features_dir(artifacts) / "current"

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import signal
 import threading
 import time
 
@@ -74,18 +76,21 @@ def test_a_worker_killed_mid_run_still_yields_the_complete_cache(tmp_path, spec,
     clean = extract(data, tmp_path / "clean", spec, batch_size=2, log=log)
     with cluster.client("local:2") as c:
         killed: list[str] = []
+        lost: list[str] = []  # the batches (task keys) the killed worker held when it died
         fn = cluster.embedder(c, window=8)
 
         def kill_one_worker() -> None:
             deadline = time.time() + 60
             while time.time() < deadline:
-                busy = [w for w, t in c.processing().items() if t]
+                busy = [(w, t) for w, t in c.processing().items() if t]
                 if busy:
-                    killed.append(busy[0])
-                    try:  # the worker dies mid-call: the call may report the lost connection
-                        c.run(lambda: __import__("os")._exit(1), workers=[busy[0]], wait=False)
-                    except Exception:  # noqa: BLE001
-                        pass
+                    # SIGKILL by process id, as an OOM killer would (old: `c.run(os._exit,
+                    # wait=False)` failed with "Combination not supported": nothing died)
+                    w, keys = busy[0]
+                    pid = c.run(os.getpid, workers=[w])[w]
+                    killed.append(w)
+                    lost.extend(keys)
+                    os.kill(pid, signal.SIGKILL)
                     return
                 time.sleep(0.05)
 
@@ -100,7 +105,20 @@ def test_a_worker_killed_mid_run_still_yields_the_complete_cache(tmp_path, spec,
                 yield out
 
         s = extract(data, tmp_path / "killed", spec, batch_size=2, log=log, embedder_fn=slow)
-    assert killed, "no worker was killed"
+        deadline = time.time() + 30
+        while killed and killed[0] in c.scheduler_info()["workers"] and time.time() < deadline:
+            time.sleep(0.2)
+        alive = set(c.scheduler_info()["workers"])
+        # where each lost batch was sent: a second time on "processing" is a batch run again
+        sent = c.run_on_scheduler(
+            lambda keys, dask_scheduler=None: [
+                t[0] for t in dask_scheduler.story(*keys) if t[2] == "processing"
+            ],
+            lost,
+        )
+    assert killed and lost, "no worker was killed while it held a batch"
+    assert killed[0] not in alive, "the killed worker is still there: it never died"
+    assert any(sent.count(k) >= 2 for k in lost), "no batch of the dead worker ran again"
     assert s.new == 36 and s.skipped == 0
     _same_cache(clean.cache, s.cache)
 

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from conftest import SIZE, make_dataset, write_image
 
-from pipeline import layout, pictures
+from pipeline import layout, pictures, runs, store
 from pipeline.features import extract
 from pipeline.reporting import build_report
 from pipeline.train import train_head
@@ -33,6 +33,9 @@ def reported(tmp_path_factory, request):
     quiet = lambda s: None  # noqa: E731
     data = make_dataset(tmp / "data", per_class=6, validation=2)
     (data / "train/class_0/broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really")
+    # two validation images of another class's pattern: the counts have mistakes to show
+    write_image(data / "validation/class_0/img_000.png", 1, 800)
+    write_image(data / "validation/class_2/img_001.png", 0, 801)
     art = tmp / "art"
     extract(data, art, spec, log=quiet)
     train_head(art, "logreg", folds=3, log=quiet)
@@ -77,18 +80,47 @@ def test_the_header_says_what_was_evaluated(reported):
         assert shown in page, shown
 
 
+def _counted(art: Path, run: str) -> tuple[np.ndarray, list[tuple[float, float, float, int]]]:
+    """The run's validation confusion and per-class figures, computed here from its saved
+    head's own predictions on the cached features (not from the report's JSON)."""
+    r = runs.pick(art, run)
+    cache = layout.cache_by_name(art, r["features"]["file"])
+    va = store.load_features(cache, r["pooling"], "validation")
+    pred = runs.load_estimator(art, r).predict(va.X)
+    k = len(r["classes"])
+    cm = np.zeros((k, k), dtype=int)
+    for t, p in zip(va.y, pred, strict=True):
+        cm[int(t), int(p)] += 1
+    rows = []
+    for c in range(k):
+        tp, col, row = cm[c, c], cm[:, c].sum(), cm[c, :].sum()
+        prec, rec = (tp / col if col else 0.0), (tp / row if row else 0.0)
+        rows.append((prec, rec, 2 * prec * rec / (prec + rec) if prec + rec else 0.0, int(row)))
+    return cm, rows
+
+
 def test_per_class_and_confusion_counts_for_every_run(reported):
     rep, art = reported["rep"], reported["art"]
     page = (layout.report_dir(art) / "report.html").read_text()
     runs_part = page[page.index("<section id='runs'>") :]
-    assert runs_part.count("<th>precision</th>") == len(rep["results"]) == 2
-    tables = re.findall(r"<details class='counts'>(.*?)</details>", runs_part, flags=re.S)
-    assert len(tables) == 2
-    for e, t in zip(rep["results"], tables, strict=True):
-        cm = e["validation_confusion"] or e["cv_confusion"]
-        cells = [int(v) for v in re.findall(r"<td>(\d+)</td>", t)]
-        assert cells == [v for row in cm for v in row]
-        assert sum(cells) == 6  # the validation images
+    counts = re.findall(r"<details class='counts'>(.*?)</details>", runs_part, flags=re.S)
+    per_class = re.findall(r"<th>precision</th>.*?</table>", runs_part, flags=re.S)
+    assert len(counts) == len(per_class) == len(rep["results"]) == 2
+    mistakes = 0
+    for e, t, pc in zip(rep["results"], counts, per_class, strict=True):
+        cm, rows = _counted(art, e["run"])
+        mistakes += int(cm.sum() - np.trace(cm))
+        assert [int(v) for v in re.findall(r"<td>(\d+)</td>", t)] == cm.ravel().tolist()
+        shown = re.findall(
+            r"<tr><td>(class_\d)</td><td>([\d.]+)</td><td>([\d.]+)</td><td>([\d.]+)</td>"
+            r"<td>(\d+)</td></tr>",
+            pc,
+        )
+        assert shown == [
+            (f"class_{c}", f"{p:.3f}", f"{r:.3f}", f"{f:.3f}", str(n))
+            for c, (p, r, f, n) in enumerate(rows)
+        ]
+    assert mistakes >= 2  # off the diagonal: a swapped row or column would show
 
 
 def test_the_gallery_shows_out_of_fold_mistakes_most_confident_first(reported):

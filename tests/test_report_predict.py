@@ -30,6 +30,16 @@ def trained(tmp_path, spec, quiet):
     return data, art
 
 
+def _validation_accuracy(art, run: str) -> float:
+    """The run's saved head on the cached validation features, counted here."""
+    from pipeline import layout, runs
+
+    r = runs.pick(art, run)
+    cache = layout.cache_by_name(art, r["features"]["file"])
+    va = store.load_features(cache, r["pooling"], "validation")
+    return float(np.mean(runs.load_estimator(art, r).predict(va.X) == va.y))
+
+
 def test_report_schema(trained, quiet):
     _, art = trained
     log, _ = quiet
@@ -51,7 +61,7 @@ def test_report_schema(trained, quiet):
         ):
             assert k in r, k
         assert r["n_train"] == 24 and r["n_validation"] == 9 and r["cv_folds"] == 3
-        assert 0 <= r["validation_accuracy"] <= 1
+        assert r["validation_accuracy"] == pytest.approx(_validation_accuracy(art, r["run"]))
     means = [r["cv_accuracy_mean"] for r in on_disk["results"]]
     assert means == sorted(means, reverse=True)
     assert on_disk["skipped"] == [
@@ -66,7 +76,12 @@ def test_report_schema(trained, quiet):
     thumbs = sum(len(g["items"]) for g in rep["galleries"])  # 2 confusion, 1 comparison
     assert page.count("data:image/png;base64,") == 3 + thumbs and "RANDOM WEIGHTS" in page
     assert "broken.jpg" in page
-    assert "| 1 |" in (art / "report/report.md").read_text()
+    # the markdown ranking: rank, run, ..., CV mean, ..., validation accuracy, counts
+    md = (art / "report/report.md").read_text().splitlines()
+    for i, r in enumerate(on_disk["results"], start=1):
+        (line,) = [ln for ln in md if ln.startswith(f"| {i} | {r['run']} | vgg16 | {r['head']} |")]
+        assert f" | {r['cv_accuracy_mean']:.4f} [" in line and line.endswith(" | 24 | 9 |")
+        assert f" | {_validation_accuracy(art, r['run']):.4f} [" in line
 
 
 def test_predict_uses_the_features_code_path(trained, tmp_path, quiet):
@@ -80,7 +95,10 @@ def test_predict_uses_the_features_code_path(trained, tmp_path, quiet):
     rows = list(csv.DictReader(open(out)))
     assert [r["path"] for r in rows] == ["n0.png", "n1.png", "n2.png", "n3.png"]
     assert all(r["label"] in ("class_0", "class_1", "class_2") for r in rows)
-    assert all(0 < float(r["probability"]) <= 1 for r in rows)
+    for r in rows:  # the label is the most probable class, its probability that class's
+        ps = [float(r[f"p_class_{c}"]) for c in range(3)]
+        assert r["label"] == f"class_{int(np.argmax(ps))}" and float(r["probability"]) == max(ps)
+        assert sum(ps) == pytest.approx(1, abs=1e-5)
     assert any("could not read junk.png" in s for s in lines)
 
     # a training image predicted through `predict` matches the head on its cached features
@@ -283,14 +301,34 @@ def test_predict_with_test_time_augmentation(trained, tmp_path, quiet):
         assert float(row["probability"]) == pytest.approx(float(proba.max()), abs=1e-5)
 
 
-def test_report_gallery_of_any_run(trained, quiet):
-    _, art = trained
+def test_report_gallery_of_any_run(tmp_path, spec, quiet):
+    """Every run's gallery holds exactly its validation mistakes, most confident first: checked
+    against the saved heads' own probabilities (the old data had no mistake: empty galleries
+    passed any ordering)."""
+    from pipeline import layout, runs
+
     log, _ = quiet
+    data = make_dataset(tmp_path / "data", per_class=8, validation=3)
+    for i, (c, other) in enumerate(((0, 1), (1, 2), (2, 0), (0, 2))):
+        write_image(data / f"validation/class_{c}/img_{i % 3:03d}.png", other, 900 + i)
+    art = tmp_path / "art"
+    extract(data, art, spec, log=log)
+    train_head(art, "logreg", folds=3, log=log)
+    train_head(art, "svm", folds=3, log=log)
     rep = build_report(art, log=log, gallery_runs="all")
     assert [g["run"] for g in rep["galleries"]] == [e["run"] for e in rep["results"]]
     for g in rep["galleries"]:
-        probs = [it["probability"] for it in g["items"]]
-        assert probs == sorted(probs, reverse=True)  # the most confident mistakes first
+        r = runs.pick(art, g["run"])
+        cache = layout.cache_by_name(art, r["features"]["file"])
+        va = store.load_features(cache, "avg", "validation")
+        proba = runs.load_estimator(art, r).predict_proba(va.X)
+        pred = proba.argmax(axis=1)
+        wrong = sorted(
+            (-float(proba[i].max()), va.paths[i]) for i in range(len(pred)) if pred[i] != va.y[i]
+        )
+        assert len(wrong) >= 2 and g["source"] == "validation" and g["mistakes"] == len(wrong)
+        assert [it["path"] for it in g["items"]] == [p for _, p in wrong]
+        assert [it["probability"] for it in g["items"]] == pytest.approx([-q for q, _ in wrong])
         assert all(it["true"] != it["pred"] for it in g["items"])
     with pytest.raises(UserError, match="GALLERY 'nope' is not a current run"):
         build_report(art, log=log, gallery_runs="nope")

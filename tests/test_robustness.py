@@ -113,8 +113,18 @@ def test_animated_gif_first_frame(tmp_path):
     assert px[0] > 200 and px[2] < 50
 
 
-def test_large_jpeg_is_decoded_at_reduced_scale(tmp_path, monkeypatch):
-    Image.new("RGB", (4000, 3000), (120, 60, 30)).save(tmp_path / "big.jpg", quality=90)
+@pytest.mark.parametrize(
+    "size, decoded",
+    [
+        ((4000, 3000), (500, 375)),  # 1/8: the smallest scale JPEG offers, still >= 224
+        ((1200, 900), (300, 225)),  # 1/4: 1/8 (150x112) would be smaller than 224 and blur
+        ((300, 200), (300, 200)),  # already small: decoded whole
+    ],
+)
+def test_large_jpeg_is_decoded_at_reduced_scale(tmp_path, monkeypatch, size, decoded):
+    """The largest reduction that keeps both sides at least the input size: never more (the
+    image would be upsampled from too few pixels), never less (4000 px decoded for nothing)."""
+    Image.new("RGB", size, (120, 60, 30)).save(tmp_path / "big.jpg", quality=90)
     sizes = []
     real = Image.Image.load
 
@@ -126,7 +136,8 @@ def test_large_jpeg_is_decoded_at_reduced_scale(tmp_path, monkeypatch):
     monkeypatch.setattr(Image.Image, "load", spy)
     arr = images.load_image(tmp_path / "big.jpg", 224)
     assert arr.shape == (224, 224, 3)
-    assert sizes and sizes[0][0] <= 1000, sizes  # 1/4 or 1/8 scale, not 4000 pixels wide
+    assert sizes[0] == decoded, sizes
+    np.testing.assert_allclose(arr.reshape(-1, 3).mean(axis=0), (120, 60, 30), atol=3)
 
 
 def test_bomb_rejected_before_allocation(tmp_path):

@@ -460,19 +460,37 @@ def test_predict_works_on_a_pooled_only_cache(tmp_path, spec, quiet):
     assert len(list(csv.DictReader(open(out)))) == 6
 
 
-@pytest.mark.parametrize("setting", ["resize", "background", "loader_version", "maps", "dtype"])
-def test_predict_refuses_any_other_setting(trained, tmp_path, monkeypatch, setting):
+@pytest.mark.parametrize(
+    "setting, constant, other",
+    [
+        ("resize", "RESIZE_POLICY", "pil-bicubic-crop"),
+        ("background", "BACKGROUND", (0, 0, 0)),
+        ("loader_version", "LOADER_VERSION", 99),
+    ],
+)
+def test_predict_refuses_any_other_setting(
+    trained, tmp_path, monkeypatch, setting, constant, other
+):
+    """The installation changes where the setting comes from (the loader's own constant), not
+    cache_settings: a setting left out of the key would go unnoticed, and this test fails."""
     data, art, r = trained
-    real = features.cache_settings
-
-    def changed(*a, **k):
-        s = real(*a, **k)
-        s[setting] = "something else"
-        return s
-
-    monkeypatch.setattr(features, "cache_settings", changed)
+    monkeypatch.setattr(images, constant, other)
     with pytest.raises(UserError, match=rf"no longer makes \(.*{setting}"):
         classify(art, data / "validation", out=tmp_path / "p.csv", log=print)
+
+
+@pytest.mark.parametrize("setting, other", [("dtype", "float32"), ("maps", False)])
+def test_the_recorded_storage_settings_are_in_the_key(trained, setting, other):
+    """dtype and maps come from the run's record: one changed there no longer matches the
+    recorded key (had the key left it out, the record would still pass)."""
+    from pipeline.prediction import check_features
+
+    _, _, r = trained
+    check_features(r)  # as recorded: accepted
+    tampered = json.loads(json.dumps(r))
+    tampered["features"]["settings"][setting] = other
+    with pytest.raises(UserError, match="no longer makes"):
+        check_features(tampered)
 
 
 def test_rebuild_with_other_versions_makes_runs_and_views_stale(tmp_path, spec, quiet, monkeypatch):
