@@ -330,7 +330,7 @@ def _sync(
         [Row(r.path, r.ident, classes[r.label], r.split, r.view, r.stat) for r in rows],
         classes,
         skipped,
-        _attrs(w, rows, ctx, settings),
+        lambda: _attrs(w, rows, ctx, settings),  # data_id hashes every row: only when written
         same_source=old is not None and dataset.same_source(old.attrs, ctx.scan),
     )
     n_new = sum(1 for r in rows if r.ident in todo)

@@ -12,6 +12,8 @@ from typing import Any
 
 import numpy as np
 
+from pipeline import outputs
+
 
 def _plt() -> Any:
     import matplotlib
@@ -50,7 +52,8 @@ def confusion(cm: list[list[int]], classes: list[str], title: str, out: Path) ->
                         color="white" if norm[i, j] > 0.5 else "black",
                     )
     fig.tight_layout()
-    fig.savefig(out)
+    with outputs.written(out) as tmp:
+        fig.savefig(tmp, format="png")
     plt.close(fig)
 
 
@@ -112,7 +115,8 @@ def comparison(entries: list[dict[str, Any]], out: Path) -> None:
     ax.set_title("runs, best first (grey: fold accuracies; lines join the same fold)", fontsize=9)
     ax.legend(fontsize=7, loc="lower left")
     fig.tight_layout()
-    fig.savefig(out)
+    with outputs.written(out) as tmp:
+        fig.savefig(tmp, format="png")
     plt.close(fig)
 
 
@@ -137,7 +141,8 @@ def learning_curve(curve: dict[str, Any], out: Path) -> None:
     ax.set_ylabel("cross-validated accuracy")
     ax.set_title(f"learning curve: {curve['head']}, {curve['pooling']} pooling", fontsize=9)
     fig.tight_layout()
-    fig.savefig(out)
+    with outputs.written(out) as tmp:
+        fig.savefig(tmp, format="png")
     plt.close(fig)
 
 

@@ -13,14 +13,13 @@ from __future__ import annotations
 import base64
 import html
 import json
-import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from pipeline import dataset, duplicates, layout, pictures, runs, stats, store
+from pipeline import dataset, duplicates, layout, outputs, pictures, runs, stats, store
 from pipeline.errors import UserError
 from pipeline.features import RANDOM_BANNER
 from pipeline.provenance import environment
@@ -324,9 +323,7 @@ def build_report(
 
 
 def _write(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+    outputs.write_text(path, text)  # whole or not at all; two reports never share a temp name
 
 
 def _folds(e: dict[str, Any]) -> str:

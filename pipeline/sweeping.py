@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 
 from pipeline import evaluate, heads, layout, outputs, stats, store
+from pipeline import views as views_mod
 from pipeline.errors import UserError
 from pipeline.train import load, train_head
 
@@ -208,7 +209,8 @@ def learning_curve(
                 g = np.unique(ts.groups[tr][(ts.y[tr] == c) & orig[tr]])
                 n = max(2, int(round(f * len(g))))
                 keep_groups.append(rng.permutation(g)[:n])
-            sub = tr[np.isin(ts.groups[tr], np.concatenate(keep_groups))]
+            # an image's augmented views follow it (their groups are marked: views.content)
+            sub = tr[np.isin(views_mod.content(ts.groups[tr]), np.concatenate(keep_groups))]
             pred, _, _ = evaluate._fold(est, ts.X, ts.y, ts.groups, sub, te)
             accs.append(float(np.mean(pred == ts.y[te])))
         ci = stats.corrected_t(accs, k)

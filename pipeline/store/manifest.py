@@ -191,7 +191,7 @@ class Index:
         attrs: dict[str, Any],
         entries: list[Entry],
         ident: np.ndarray,
-        paths: np.ndarray,
+        paths: list[np.ndarray],
         labels: np.ndarray,
         split: np.ndarray,
         view: np.ndarray,
@@ -202,13 +202,36 @@ class Index:
     ) -> None:
         self.path, self.classes, self.skipped, self.attrs = Path(path), classes, skipped, attrs
         self.entries = entries
-        self.ident_col, self.path_col, self.labels = ident, paths, labels
+        self.ident_col, self.path_parts, self.labels = ident, paths, labels
+        self._path_col: np.ndarray | None = None
         self.split_col, self.view_col, self.stat = split, view, stat
         self.made_col, self.seg, self.seg_row = made, seg, seg_row
         self._lists: dict[str, list[Any]] = {}
 
     def __len__(self) -> int:
         return len(self.labels)
+
+    @property
+    def path_col(self) -> np.ndarray:
+        """Every row's path as UTF-8 bytes (made on first use: per segment until then)."""
+        if self._path_col is None:
+            parts = [p.astype(object) for p in self.path_parts]
+            self._path_col = np.concatenate(parts) if parts else np.zeros(0, object)
+        return self._path_col
+
+    def paths_of(self, rows: np.ndarray) -> list[str]:
+        """The paths of `rows` (sorted), decoded from their segments' columns only."""
+        if self._path_col is not None or not len(rows):
+            return decoded(self.path_col[rows]) if len(rows) else []
+        starts = np.searchsorted(self.seg, np.arange(len(self.path_parts) + 1))
+        out: list[str] = []
+        seg = self.seg[rows]
+        cut = np.searchsorted(seg, np.arange(len(self.path_parts) + 1))
+        for k, part in enumerate(self.path_parts):
+            mine = rows[cut[k] : cut[k + 1]]
+            if len(mine):
+                out += decoded(part[mine - starts[k]])
+        return out
 
     def _list(self, name: str, make: Any) -> list[Any]:
         if name not in self._lists:
@@ -349,7 +372,7 @@ def index_of(
                 remap = np.array([class_of.get(c, -1) for c in own] + [-1], np.int64)
                 stamp = read_attrs_of(g).get("stamp") or {}
                 cols["ident"].append(g["ident"][()][live])
-                cols["path"].append(np.array(g["path"][()][live].tolist(), dtype=object))
+                cols["path"].append(g["path"][()][live])
                 cols["label"].append(remap[g["label"][()][live]])
                 cols["split"].append(g["split"][()][live])
                 cols["view"].append(g["view"][()][live].astype(np.int16))
@@ -385,7 +408,7 @@ def index_of(
         attrs=attrs,
         entries=entries,
         ident=cat("ident", np.zeros(0, "S80")),
-        paths=cat("path", np.zeros(0, object)),
+        paths=cols["path"],
         labels=labels,
         split=cat("split", np.zeros(0, "S10")),
         view=cat("view", np.zeros(0, np.int16)),

@@ -15,7 +15,7 @@ import numpy as np
 from pipeline.errors import UserError
 from pipeline.store.format import POOLINGS, CacheError
 from pipeline.store.manifest import Index, index_of, open_cache, shards_dir
-from pipeline.store.segments import BLOCK_BYTES, decoded, missing_maps, open_segment, read_rows
+from pipeline.store.segments import BLOCK_BYTES, missing_maps, open_segment, read_rows
 
 
 def pool(block: np.ndarray, pooling: str) -> np.ndarray:
@@ -104,7 +104,7 @@ def features_of(
     return Features(
         X=X,
         y=idx.labels[rows] if len(rows) else np.zeros(0, np.int64),
-        paths=decoded(idx.path_col[rows]),
+        paths=idx.paths_of(rows),
         sha256=[h.split("#", 1)[0] for h in idx.ident_col[rows].astype(str).tolist()],
         view=idx.view_col[rows].astype(np.int64),
     )

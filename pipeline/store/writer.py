@@ -344,7 +344,7 @@ class Writer:
         rows: list[Row],
         classes: list[str],
         skipped: list[dict[str, Any]],
-        attrs: dict[str, Any],
+        attrs: dict[str, Any] | Callable[[], dict[str, Any]],
         same_source: bool,
     ) -> Committed:
         """Make the index hold exactly `rows` (in their order where new); see the module doc."""
@@ -470,7 +470,7 @@ class Writer:
             entries += [Entry(n, k, self.stamp_key) for n, k in out]
         stamps = self._stamps()
         attrs = {
-            **attrs,
+            **(attrs() if callable(attrs) else attrs),  # made only when something is written
             "embedders": [
                 stamps[k] for k in dict.fromkeys(e.stamp_key for e in entries) if k in stamps
             ],
