@@ -86,7 +86,7 @@ def comparison(entries: list[dict[str, Any]], out: Path) -> None:
         ax.scatter([i] * len(accs), accs, s=14, color="0.45", zorder=2)
         m = e["cv_accuracy_mean"]
         lo, hi = e.get("cv_low"), e.get("cv_high")
-        err = [[m - lo], [hi - m]] if lo is not None else [[0.0], [0.0]]
+        err = [[max(0.0, m - lo)], [max(0.0, hi - m)]] if lo is not None else [[0.0], [0.0]]
         tied = e.get("tied_with_best")
         ax.errorbar(
             i,

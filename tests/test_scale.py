@@ -106,7 +106,14 @@ def test_pooled_heads_never_read_the_maps(tmp_path, spec, quiet, monkeypatch):
         read.append(self.name)
         return real(self, key)
 
+    real_direct = h5py.Dataset.read_direct
+
+    def spy_direct(self, *a, **k):
+        read.append(self.name)
+        return real_direct(self, *a, **k)
+
     monkeypatch.setattr(h5py.Dataset, "__getitem__", spy)
+    monkeypatch.setattr(h5py.Dataset, "read_direct", spy_direct)
     train_head(art, "logreg", "avg", folds=2, log=log)
     assert "/pooled/avg" in read and "/features" not in read
     read.clear()
