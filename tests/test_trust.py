@@ -226,7 +226,7 @@ def test_report_ranks_current_runs_by_cv_and_keeps_stale_apart(trained, quiet):
     ]
     assert [e["run"] for e in rep["stale"]] == ["stale--x"]
     page = (art / "report/report.html").read_text()
-    assert "standard deviation of the k outer-fold accuracies" in page
+    assert "corrected resampled t test" in page and "tied with the best" in page
     assert "optimistic" in page and "validation split" in page
     assert page.index("Stale runs") > page.index("fake0--x")
 
