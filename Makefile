@@ -121,7 +121,8 @@ help: ## this list
 	@echo "  VERIFY=1 (features)   hash every file again (default: unchanged size+mtime+inode are trusted)"
 	@echo "  MAPS=$(MAPS) (features)      0: pooled vectors only, for very large collections (no flatten/dense/finetune)"
 	@echo "  PARAMS=\"C=0.1\"     head settings, fixed instead of tuned (dense: learning_rate=1e-3 epochs=50 ...)"
-	@echo "  IMAGES=path RUN=name OUT=file.csv TTA=K   for predict (RUN: best head; TTA: views averaged)"
+	@echo "  IMAGES=path RUN=name OUT=file.csv TTA=K   for predict (IMAGES: file, folder or .txt/.csv list;"
+	@echo "                      RUN: best head; TTA: views averaged)"
 	@echo "  TOPK=k (predict)    also the k best labels: label_2,probability_2,... (p_<class> always)"
 	@echo "  FORMAT=$(FORMAT) (export)  npz | csv; with POOL=avg|max|flatten (default avg) and OUT=file"
 	@echo "  SWEEP_HEADS=$(SWEEP_HEADS) SWEEP_POOLS=$(SWEEP_POOLS) SWEEP_VIEWS=$(SWEEP_VIEWS)  for sweep"
@@ -165,7 +166,7 @@ sweep: $(STAMP) ## every head x pooling x VIEWS on the cache, ranked, + learning
 report: $(STAMP) ## ARTIFACTS/report/report.{json,md,html} comparing every trained head
 	$(PY) -m pipeline report --artifacts $(ARTIFACTS) $(if $(GALLERY),--gallery $(GALLERY))
 
-predict: $(STAMP) ## classify IMAGES (file or folder) into a CSV: label, probability, every class's
+predict: $(STAMP) ## classify IMAGES (file, folder, .txt/.csv list) into a CSV, streamed, resumable
 	$(PY) -m pipeline predict --images "$(IMAGES)" --artifacts $(ARTIFACTS) $(run_arg) $(out_arg) $(tta_arg) $(topk_arg) \
 		$(if $(filter-out imagenet,$(WEIGHTS)),--weights $(WEIGHTS)) \
 		$(if $(filter command line environment,$(origin BACKBONE)),--backbone $(BACKBONE))

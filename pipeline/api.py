@@ -13,7 +13,7 @@ needs when it runs: `import pipeline` stays fast and never loads TensorFlow.
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple
@@ -309,16 +309,39 @@ def predict(
 ) -> list[dict[str, Any]]:
     """`make predict`: classify images with a trained head (default: the best current run).
 
-    `images`: an image file, a folder (walked like IMAGES), or a list of image files. Writes
-    the same CSV as the command (`out`, default ARTIFACTS/predictions.csv) and returns one dict
-    per image, in order: `path`, `label`, `probability`, `probabilities` (every class by name,
-    in class order), `top` (the max(topk, 1) best (label, probability) pairs, best first) and
-    `error` ("" or why the file could not be read; then label and probabilities are None).
+    `images`: an image file, a folder (walked like IMAGES), a `.txt`/`.lst` file of paths (one
+    per line, relative to its folder; blank lines and `#` comments ignored), a `.csv` file with
+    a `path` column, or a list of image files. Writes the same CSV as the command (`out`,
+    default ARTIFACTS/predictions.csv) and returns one dict per image, in order: `path`,
+    `label`, `probability`, `probabilities` (every class by name, in class order), `top` (the
+    max(topk, 1) best (label, probability) pairs, best first) and `error` ("" or why the file
+    could not be read; then label and probabilities are None). `predict_rows` gives the same
+    rows one at a time, never holding them all.
     """
-    from pipeline.prediction import classify
+    return list(predict_rows(images, artifacts, run, out, tta, topk, weights, backbone, batch, log))
+
+
+def predict_rows(
+    images: PathLike | Sequence[PathLike],
+    artifacts: PathLike = "artifacts",
+    run: str | None = None,
+    out: PathLike | None = None,
+    tta: int = 0,
+    topk: int = 0,
+    weights: str | None = None,
+    backbone: str | None = None,
+    batch: int = 32,
+    log: Log | None = print,
+) -> Iterator[dict[str, Any]]:
+    """`predict`'s rows one at a time, as `make predict` makes them: the CSV is written as they
+    come (`out + ".partial"`, renamed onto `out` after the last one) and memory stays flat in
+    the number of images. A killed run, rerun with the same settings, resumes: only images not
+    yet in the partial file are predicted (see `pipeline.prediction.stream`).
+    """
+    from pipeline.prediction import stream
 
     with _progress(log):
-        rows, _ = classify(
+        yield from stream(
             Path(artifacts),
             Path(images) if isinstance(images, (str, os.PathLike)) else list(images),
             run=run,
@@ -330,7 +353,6 @@ def predict(
             backbone=backbone,
             topk=topk,
         )
-    return rows
 
 
 def export(

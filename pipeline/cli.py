@@ -243,7 +243,13 @@ def parser() -> argparse.ArgumentParser:
     _common(p, seed=False)
 
     p = sub.add_parser("predict", help="classify new images with a trained head", epilog=EPILOG)
-    p.add_argument("--images", required=True, type=Path, help="an image file or a folder")
+    p.add_argument(
+        "--images",
+        required=True,
+        type=Path,
+        help="an image file, a folder, or a .txt/.lst (one path per line) or .csv (a path "
+        "column) file listing images, paths relative to its folder",
+    )
     p.add_argument("--run", default=None, help="trained head to use (default: best CV accuracy)")
     p.add_argument(
         "--out", default=None, type=Path, help="CSV to write (default ARTIFACTS/predictions.csv)"
@@ -336,6 +342,9 @@ def run(args: argparse.Namespace) -> None:
             from pipeline.demo import run_demo
 
             run_demo(**settings, log=log)
+        elif args.command == "predict":  # row by row, none kept: memory flat in the images
+            for _ in api.predict_rows(**settings, log=log):
+                pass
         else:
             getattr(api, COMMANDS[args.command])(**settings, log=log)
 

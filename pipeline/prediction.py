@@ -11,15 +11,18 @@ every class in class order (`p_<class>`).
 from __future__ import annotations
 
 import csv
+import hashlib
+import json
 import os
-from collections.abc import Callable, Sequence
+from collections import Counter
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from pipeline import dataset, images, layout, outputs, runs, store
+from pipeline import dataset, images, layout, runs, store
 from pipeline.backbone import BackboneSpec, spec_from_settings
 from pipeline.batches import decoded_batches
 from pipeline.errors import UserError
@@ -101,6 +104,55 @@ def _csv_row(r: dict[str, Any]) -> list[str]:
     return [r["path"], r["label"], f"{r['probability']:.6f}", *top, *rest]
 
 
+def listed_images(f: Path) -> list[tuple[str, Path]] | None:
+    """(path as written, file) of each image a list file names, or None if `f` is no list.
+
+    A `.txt`/`.lst` file of text holds one path per line (blank lines and `#` comments
+    ignored); a `.csv` file has a header row with a `path` column (other columns ignored, as
+    in DATA's CSV). Paths are relative to the list's folder (absolute ones taken as they are).
+    A file of another name, or one whose bytes are not text (an image named `.txt`), is None.
+    """
+    suffix = f.suffix.lower()
+    if suffix not in (".txt", ".lst", ".csv") or not f.is_file():
+        return None
+    try:
+        raw = f.read_bytes()
+    except OSError as e:
+        raise UserError(f"cannot read IMAGES list '{f}' ({e.strerror}); check it") from None
+    if b"\0" in raw[:8192]:
+        return None  # binary: an image with an odd name, read (or refused) as one
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError:
+        raise UserError(f"IMAGES list '{f}' is not UTF-8 text; save it as UTF-8") from None
+    if suffix == ".csv":
+        try:
+            reader = csv.reader(text.splitlines())
+            header = [(h or "").strip().lower() for h in next(reader, None) or []]
+            if "path" not in header:
+                first = ",".join(header)[:80] or "nothing"
+                raise UserError(
+                    f"IMAGES CSV '{f}' must start with a header row naming a path column "
+                    f"(its first row is '{first}'); add that header"
+                )
+            col = header.index("path")
+            written = [row[col].strip() for row in reader if col < len(row) and row[col].strip()]
+        except csv.Error as e:
+            raise UserError(f"IMAGES CSV '{f}' cannot be parsed ({e}); fix that line") from None
+    else:
+        written = [ln.strip() for ln in text.splitlines()]
+        written = [ln for ln in written if ln and not ln.startswith("#")]
+    if not written:
+        raise UserError(f"IMAGES list '{f}' names no image; write one path per line")
+    root, out = f.parent, []
+    for w in written:
+        if "\\" in w and not os.path.lexists(root / w):
+            w = w.replace("\\", "/")
+        w = Path(os.path.normpath(w)).as_posix()
+        out.append((dataset.display(w), root / w))
+    return out
+
+
 def classify(
     artifacts: Path,
     images_path: Path | Sequence[str | os.PathLike[str]],
@@ -113,19 +165,130 @@ def classify(
     backbone: str | None = None,
     topk: int = 0,
 ) -> tuple[list[dict[str, Any]], Path]:
-    """Classify every image under `images_path`, write the CSV; return every image's row and
-    the CSV's path.
+    """Every row of `stream` in a list, and the CSV's path (`out` or the default)."""
+    rows = list(
+        stream(artifacts, images_path, run, out, weights, batch_size, tta, log, backbone, topk)
+    )
+    return rows, Path(out) if out else layout.predictions_file(artifacts)
 
-    `images_path`: an image file, a folder, or a list of image files (paths kept as given).
-    Each row: path, label, probability, `probabilities` (every class by name, in class order),
-    `top` (the max(topk, 1) best (label, probability) pairs, most probable first) and `error`
-    ("" or, for a file that could not be read, why: then label and probabilities are None and
-    the CSV, which holds readable images only, leaves it out; the log says it).
-    `tta=K` averages the head's probabilities over the image and K augmented views of it (the
-    same augmentation as `make features AUGMENT=K`).
+
+PARTIAL = "partial-predictions/1"  # the sidecar's format
+
+
+def partial_paths(out: Path) -> tuple[Path, Path]:
+    """The CSV being written next to `out`, and its sidecar (what made it; unreadable images)."""
+    return out.with_name(out.name + ".partial"), out.with_name(out.name + ".partial.jsonl")
+
+
+def _digest(todo: list[_Item]) -> str:
+    h = hashlib.sha256()
+    for j in todo:
+        h.update(f"{j.path}\0{os.path.abspath(j.abspath)}\n".encode("utf-8", "surrogateescape"))
+    return h.hexdigest()
+
+
+def _resume(partial: Path, side: Path, made: dict[str, Any], log: Log) -> tuple[Counter, dict]:
+    """(path -> count of rows already in `partial`, path -> reason of images found unreadable)
+    if `partial` was made by the same settings; otherwise both empty and both files gone."""
+    if not partial.exists() and not side.exists():
+        return Counter(), {}
+    try:
+        _cut_torn_row(side)
+        with open(side, encoding="utf-8") as fh:
+            first = json.loads(fh.readline() or "null")
+            failed = {}
+            for line in fh:
+                e = json.loads(line)
+                failed[e["path"]] = e["error"]
+        if first != made:
+            raise ValueError("made by other settings")
+        _cut_torn_row(partial)  # a row cut by the kill is predicted again
+        done: Counter = Counter()
+        with open(partial, newline="", encoding="utf-8") as fh:  # streamed: one row at a time
+            rows = csv.reader(fh)
+            if next(rows, None) != made["columns"]:
+                raise ValueError("its header is not this CSV's")
+            for row in rows:
+                if len(row) != len(made["columns"]):
+                    raise ValueError("a row is not this CSV's")
+                done[row[0]] += 1
+    except (OSError, ValueError, KeyError, TypeError, csv.Error) as e:
+        why = str(e) if type(e) is ValueError else "it cannot be read"
+        log(
+            f"starting over: '{partial}' is not this predict's ({why}); resuming needs the same "
+            "run, TOPK, TTA and images"
+        )
+        partial.unlink(missing_ok=True)
+        side.unlink(missing_ok=True)
+        return Counter(), {}
+    log(f"resuming '{partial}': {sum(done.values()) + len(failed)} images already predicted")
+    return done, failed
+
+
+def _cut_torn_row(path: Path) -> None:
+    """Truncate `path` after its last newline (what a kill in the middle of a write leaves)."""
+    with open(path, "r+b") as fh:
+        end = fh.seek(0, os.SEEK_END)
+        pos = end
+        while pos > 0:
+            start = max(0, pos - (1 << 16))
+            fh.seek(start)
+            nl = fh.read(pos - start).rfind(b"\n")
+            if nl >= 0:
+                if start + nl + 1 != end:
+                    fh.truncate(start + nl + 1)
+                return
+            pos = start
+        fh.truncate(0)
+
+
+def _from_csv(row: list[str], classes: list[str], topk: int) -> dict[str, Any]:
+    """A row written by an earlier, killed run: the CSV's 6-digit figures."""
+    k = max(topk, 1)
+    top = [(row[1], float(row[2]))] + [
+        (row[3 + 2 * i], float(row[4 + 2 * i])) for i in range(k - 1)
+    ]
+    p = [float(v) for v in row[3 + 2 * (k - 1) :]]
+    return {
+        "path": row[0],
+        "label": row[1],
+        "probability": float(row[2]),
+        "probabilities": dict(zip(classes, p, strict=True)),
+        "top": top,
+        "error": "",
+    }
+
+
+def stream(
+    artifacts: Path,
+    images_path: Path | Sequence[str | os.PathLike[str]],
+    run: str | None = None,
+    out: Path | None = None,
+    weights: str | None = None,
+    batch_size: int = 32,
+    tta: int = 0,
+    log: Log = print,
+    backbone: str | None = None,
+    topk: int = 0,
+) -> Iterator[dict[str, Any]]:
+    """Classify every image of `images_path`, one row at a time, in order, writing the CSV as
+    the rows are made (memory stays flat in the number of images).
+
+    `images_path`: an image file, a folder, a list file (`listed_images`), or a list of image
+    files (paths kept as given). Each row: path, label, probability, `probabilities` (every
+    class by name, in class order), `top` (the max(topk, 1) best (label, probability) pairs,
+    most probable first) and `error` ("" or, for a file that could not be read, why: then
+    label and probabilities are None and the CSV, which holds readable images only, leaves it
+    out; the log says it). `tta=K` averages the head's probabilities over the image and K
+    augmented views of it (the same augmentation as `make features AUGMENT=K`).
+
+    Rows go to `<out>.partial`, flushed batch by batch and renamed onto `out` when every image
+    is done; its sidecar `<out>.partial.jsonl` says what made it (run and its files, TOPK,
+    TTA, the image list) and lists the unreadable images. A killed run, rerun with the same
+    settings, predicts only the images not in the partial file (their rows come back from it,
+    with the CSV's 6 digits); other settings start over, said in one line. When no image
+    could be read, nothing is written and it is a UserError.
     """
-    from pipeline import backbone as bb
-
     if topk < 0:
         raise UserError(f"TOPK must be 0 or a positive number of labels; got {topk}")
     listed = None if isinstance(images_path, (str, os.PathLike)) else [Path(p) for p in images_path]
@@ -144,7 +307,6 @@ def classify(
             "with RUN=, or leave BACKBONE out"
         )
     est = runs.load_estimator(artifacts, r)
-    settings = r["features"]["settings"]
     if r["features"]["random_weights"]:
         log("*** RANDOM WEIGHTS: this head was trained on features of an untrained VGG16 ***")
     now = embedder()
@@ -157,58 +319,149 @@ def classify(
             )
             break
     if listed is not None:  # a list (the library): each path as given, in the given order
-        files, base = listed, None
+        todo = [_Item(dataset.display(str(f)), f) for f in listed]
     elif images_path.is_dir():
-        files, base = dataset.walk_files(images_path), images_path
+        files = dataset.walk_files(images_path)
+        if not files:
+            raise UserError(f"IMAGES folder '{images_path}' has no files")
+        todo = [_Item(dataset.display(f.relative_to(images_path).as_posix()), f) for f in files]
     else:
-        files, base = [images_path], images_path.parent
-    if not files:
-        raise UserError(f"IMAGES folder '{images_path}' has no files")
-    model = bb.build(spec)
+        named = listed_images(images_path)
+        if named is None:
+            named = [(dataset.display(images_path.name), images_path)]
+        todo = [_Item(p, f) for p, f in named]
     classes = r["classes"]
     if topk > len(classes):
         log(f"TOPK={topk} is more than the {len(classes)} classes: writing all {len(classes)}")
         topk = len(classes)
+    out = Path(out) if out else layout.predictions_file(artifacts)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    partial, side = partial_paths(out)
+    made = {
+        "format": PARTIAL,
+        "run": r["run"],
+        "files": r.get("files") or {},
+        "tta": tta,
+        "topk": topk,
+        "columns": columns(classes, topk),
+        "images": _digest(todo),
+        "n": len(todo),
+    }
+    done, failed = _resume(partial, side, made, log)
     seed = tta_seed(r)
-    progress = Progress(len(files), "predicting")
-    todo = [
-        _Item(dataset.display(str(f) if base is None else f.relative_to(base).as_posix()), f)
-        for f in files
-    ]
-    done: dict[int, dict[str, Any]] = {}  # id of a todo item -> its row
-    workers = min(8, (os.cpu_count() or 2) + 2)
-    for jobs, decoded in decoded_batches(todo, spec.input_size, batch_size, workers):
-        ok = []
-        for j, d in zip(jobs, decoded, strict=True):
-            if isinstance(d, str):
-                done[id(j)] = _failed(j.path, d)
+    left = Counter(done)
+    remaining = []
+    for j in todo:
+        if left[j.path] > 0:
+            left[j.path] -= 1
+        elif j.path not in failed:
+            remaining.append(j)
+    try:
+        if not partial.exists():
+            with open(side, "w", encoding="utf-8") as fh:
+                fh.write(json.dumps(made) + "\n")
+            with open(partial, "w", newline="", encoding="utf-8") as fh:
+                csv.writer(fh).writerow(made["columns"])
+        old = open(partial, newline="", encoding="utf-8")
+        fh = open(partial, "a", newline="", encoding="utf-8")
+        errs = open(side, "a", encoding="utf-8")
+    except OSError as e:
+        raise store.disk_error(e, partial) or e from None
+    n_ok = n_bad = 0
+    first_bad: dict[str, Any] | None = None
+    try:
+        earlier = csv.reader(old)
+        next(earlier)  # the header
+        fresh = _predicted(
+            remaining, spec, r, est, classes, topk, tta, seed, batch_size, fh, errs, log
+        )
+        left = Counter(done)
+        for j in todo:
+            if left[j.path] > 0:
+                left[j.path] -= 1
+                row = _from_csv(next(earlier), classes, topk)
+            elif j.path in failed:
+                row = _failed(j.path, failed[j.path])
             else:
-                ok.append((j, d))
+                row = next(fresh)
+            n_ok += not row["error"]
+            n_bad += bool(row["error"])
+            first_bad = first_bad or (row if row["error"] else None)
+            yield row
+        for _ in fresh:  # its last batch written and flushed
+            pass
+    finally:
+        for h in (old, fh, errs):
+            h.close()
+    if not n_ok:
+        partial.unlink(missing_ok=True)
+        side.unlink(missing_ok=True)
+        assert first_bad is not None
+        where = f"IMAGES '{images_path}'" if listed is None else "the IMAGES list"
+        raise UserError(
+            f"none of the {len(todo)} images in {where} could be read (e.g. "
+            f"{first_bad['path']}: {first_bad['error']}); pass JPEG, PNG, GIF, WebP, BMP or TIFF "
+            "images, a folder of them, or a .txt/.csv file listing them"
+        )
+    try:
+        with open(partial, "rb") as done_fh:
+            os.fsync(done_fh.fileno())  # on disk before it takes OUT's name
+        os.replace(partial, out)
+    except OSError as e:
+        raise store.disk_error(e, out) or e from None
+    side.unlink(missing_ok=True)
+    log(f"predicted {n_ok} images with head {r['run']}, {n_bad} unreadable; wrote {out}")
+
+
+def _predicted(
+    todo: list[_Item],
+    spec: BackboneSpec,
+    r: dict[str, Any],
+    est: Any,
+    classes: list[str],
+    topk: int,
+    tta: int,
+    seed: int,
+    batch_size: int,
+    fh: Any,
+    errs: Any,
+    log: Log,
+) -> Iterator[dict[str, Any]]:
+    """The rows of `todo` in order, each batch's written to `fh` (and its unreadable images to
+    `errs`) and flushed before any of them is yielded."""
+    from pipeline import backbone as bb
+
+    if not todo:
+        return
+    model = bb.build(spec)
+    dtype = r["features"]["settings"]["dtype"]
+    progress = Progress(len(todo), "predicting")
+    workers = min(8, (os.cpu_count() or 2) + 2)
+    w = csv.writer(fh)
+    for jobs, decoded in decoded_batches(todo, spec.input_size, batch_size, workers):
+        ok = [(j, d) for j, d in zip(jobs, decoded, strict=True) if not isinstance(d, str)]
+        full = np.zeros((len(ok), len(classes)))  # a class the head never saw: 0
         if ok:
             stack = [v for j, d in ok for v in _views(j, d, tta, seed)]
             x = bb.preprocess(np.stack(stack), spec.name)
             maps = np.asarray(model.predict_on_batch(x))
-            proba = est.predict_proba(store.pool(maps.astype(settings["dtype"]), r["pooling"]))
+            proba = est.predict_proba(store.pool(maps.astype(dtype), r["pooling"]))
             proba = proba.reshape(len(ok), tta + 1, -1).mean(axis=1)  # test-time averaging
-            full = np.zeros((len(ok), len(classes)))  # a class the head never saw: 0
             full[:, np.asarray(est.classes_, dtype=int)] = proba
-            done.update(
-                (id(j), _row(j.path, p, classes, topk)) for (j, _), p in zip(ok, full, strict=True)
-            )
+        probs = iter(full)
+        rows = [
+            _failed(j.path, d) if isinstance(d, str) else _row(j.path, next(probs), classes, topk)
+            for j, d in zip(jobs, decoded, strict=True)
+        ]
+        w.writerows(_csv_row(row) for row in rows if not row["error"])
+        fh.flush()
+        for row in rows:
+            if row["error"]:
+                errs.write(json.dumps({"path": row["path"], "error": row["error"]}) + "\n")
+                log(f"could not read {row['path']}: {row['error']}")
+        errs.flush()
         progress.update(len(jobs))
-    everything = [done[id(j)] for j in todo]  # every image, in order
-    rows = [row for row in everything if not row["error"]]
-    out = Path(out) if out else layout.predictions_file(artifacts)
-    with outputs.written(out) as tmp, open(tmp, "w", newline="", encoding="utf-8") as fh:
-        w = csv.writer(fh)
-        w.writerow(columns(classes, topk))
-        w.writerows(_csv_row(row) for row in rows)
-    for row in everything:
-        if row["error"]:
-            log(f"could not read {row['path']}: {row['error']}")
-    n_bad = len(everything) - len(rows)
-    log(f"predicted {len(rows)} images with head {r['run']}, {n_bad} unreadable; wrote {out}")
-    return everything, out
+        yield from rows
 
 
 def _failed(path: str, reason: str) -> dict[str, Any]:
