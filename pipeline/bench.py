@@ -359,6 +359,20 @@ def _files(folder: Path) -> dict[str, tuple[int, int]]:
     }
 
 
+def cli_peak(args: list[str]) -> tuple[float, int]:
+    """Run `python -m pipeline ARGS` in a fresh process: (seconds, its own peak memory in KiB)."""
+    code = (
+        "import resource, sys; from pipeline.cli import main; rc = main(sys.argv[1:]); "
+        f"print('PEAK', {PEAK_EXPR}); sys.exit(rc)"
+    )
+    t = time.perf_counter()
+    p = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True)
+    if p.returncode != 0:
+        raise RuntimeError(p.stderr[-2000:])
+    kib = int([ln for ln in p.stdout.splitlines() if ln.startswith("PEAK")][0].split()[1])
+    return time.perf_counter() - t, kib
+
+
 def scale(work: Path, cfg: dict[str, int]) -> dict[str, Any]:
     """The store at N and 10N rows (224 px maps, random, no backbone): +1 %, reruns, train-head."""
     from pipeline.backbone import BackboneSpec
@@ -389,19 +403,10 @@ def scale(work: Path, cfg: dict[str, int]) -> dict[str, Any]:
         t = time.perf_counter()
         again = extract(data, art, spec, batch_size=256, log=lambda m: None, model=model)
         unchanged_s = time.perf_counter() - t
-        code = (
-            "import resource, sys; from pipeline.cli import main; rc = main(sys.argv[1:]); "
-            f"print('PEAK', {PEAK_EXPR}); sys.exit(rc)"
-        )
-        t = time.perf_counter()
-        p = subprocess.run(
-            [sys.executable, "-c", code, "train-head", "--head", "logreg", "--pool", "avg",
-             "--features", str(plus.cache), "--artifacts", str(work / f"scale-heads-{n}"),
-             "--folds", "5"],
-            check=True, capture_output=True, text=True,
+        head_s, kib = cli_peak(
+            ["train-head", "--head", "logreg", "--pool", "avg", "--features", str(plus.cache),
+             "--artifacts", str(work / f"scale-heads-{n}"), "--folds", "5"]
         )  # fmt: skip
-        head_s = time.perf_counter() - t
-        kib = int([ln for ln in p.stdout.splitlines() if ln.startswith("PEAK")][0].split()[1])
         row = {
             "rows": n,
             "full_build_s": build_s,

@@ -12,8 +12,6 @@ unchanged rerun, and the peak memory of `train-head logreg` on `avg`.
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -252,23 +250,12 @@ def at_size(work: Path, n: int, batch: int, heads: bool) -> dict[str, Any]:
         f"{unchanged_s:.2f} s; {row['files_after_growth']} files after growth"
     )
     if heads:
-        from pipeline.bench import PEAK_EXPR
+        from pipeline.bench import cli_peak
 
-        code = (
-            "import resource, sys; from pipeline.cli import main; rc = main(sys.argv[1:]); "
-            f"print('PEAK', {PEAK_EXPR}); sys.exit(rc)"
-        )
-        t = time.perf_counter()
-        p = subprocess.run(
-            [sys.executable, "-c", code, "train-head", "--head", "logreg", "--pool", "avg",
-             "--features", str(path), "--artifacts", str(folder / "art"), "--folds", "2",
-             "--param", "C=1"],
-            capture_output=True, text=True,
+        row["train_head_logreg_avg_s"], kib = cli_peak(
+            ["train-head", "--head", "logreg", "--pool", "avg", "--features", str(path),
+             "--artifacts", str(folder / "art"), "--folds", "2", "--param", "C=1"]
         )  # fmt: skip
-        if p.returncode != 0:
-            raise RuntimeError(p.stderr[-2000:])
-        row["train_head_logreg_avg_s"] = time.perf_counter() - t
-        kib = int([ln for ln in p.stdout.splitlines() if ln.startswith("PEAK")][0].split()[1])
         row["train_head_logreg_avg_peak_mib"] = kib / 1024
         _say(
             f"    train-head logreg avg (FOLDS=2, C=1): {row['train_head_logreg_avg_s']:.0f} s, "

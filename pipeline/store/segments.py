@@ -155,6 +155,14 @@ def open_segment(path: Path) -> h5py.File:
         ) from None
 
 
+def _header(
+    f: h5py.File, key: str, stamp: dict[str, Any], stamp_key: str, rebuild: str, origin: str
+) -> None:
+    """What made a segment: its cache, versions, rebuild and origin (batch, staged, merge...)."""
+    meta = {"key": key, "stamp": stamp, "stamp_key": stamp_key, "rebuild": rebuild}
+    write_attrs(f, {**meta, "origin": origin})
+
+
 class SegmentWriter:
     """Write one segment of a known number of rows, block by block, then commit it atomically."""
 
@@ -182,16 +190,7 @@ class SegmentWriter:
         try:
             self.f = h5py.File(self.tmp, "w")
             f = self.f
-            write_attrs(
-                f,
-                {
-                    "key": key,
-                    "stamp": stamp,
-                    "stamp_key": stamp_key,
-                    "rebuild": rebuild,
-                    "origin": origin,
-                },
-            )
+            _header(f, key, stamp, stamp_key, rebuild, origin)
             f.attrs["rows"] = n
             f.create_dataset("ident", (n,), "S80")
             f.create_dataset("path", (n,), path_dtype(np.zeros(0, f"S{path_len}")))
@@ -293,16 +292,7 @@ def write_segment(
     labels = np.array([classes.setdefault(c, len(classes)) for c in meta.label], np.int32)
     try:
         with h5py.File(tmp, "w") as f:
-            write_attrs(
-                f,
-                {
-                    "key": key,
-                    "stamp": stamp,
-                    "stamp_key": stamp_key,
-                    "rebuild": rebuild,
-                    "origin": origin,
-                },
-            )
+            _header(f, key, stamp, stamp_key, rebuild, origin)
             f.attrs["rows"] = len(meta)
             f.create_dataset("ident", data=np.array([h.encode() for h in meta.ident], "S80"))
             enc = encoded(meta.path)
