@@ -148,7 +148,7 @@ def repeat_seed(seed: int, r: int) -> int:
 
 
 def partitions(
-    ts: TrainSet, k: int, seed: int, repeats: int
+    ts: TrainSet, k: int, seed: int, repeats: int, ids: list[str] | None = None
 ) -> tuple[list[tuple[np.ndarray, np.ndarray]], str]:
     """`repeats` different seeded, group-aware k-fold partitions: r·k (train, test) pairs.
 
@@ -156,12 +156,14 @@ def partitions(
     runs stay paired fold by fold; the fingerprint covers every partition.
     """
     out: list[tuple[np.ndarray, np.ndarray]] = []
-    ids = []
+    got: list[str] = []
     for r in range(repeats):
         cv, fid = splits(ts, k, repeat_seed(seed, r))
         out += cv
-        ids.append(fid)
-    fid = ids[0] if repeats == 1 else hashlib.sha256(json.dumps(ids).encode()).hexdigest()
+        got.append(fid)
+    if ids is not None:  # each partition's own fingerprint: runs pair on their common ones
+        ids[:] = got
+    fid = got[0] if repeats == 1 else hashlib.sha256(json.dumps(got).encode()).hexdigest()
     return out, fid
 
 
@@ -186,7 +188,8 @@ def cross_validate(
     if repeats < 1:
         raise UserError(f"REPEATS must be 1 or more; got {repeats}")
     k = choose_folds(ts.y[ts.original], classes, folds, log, ts.groups[ts.original])
-    cv, fid = partitions(ts, k, seed, repeats)
+    part_ids: list[str] = []
+    cv, fid = partitions(ts, k, seed, repeats, part_ids)
     label = (
         f"cross-validation ({repeats}x{k} folds)"
         if repeats > 1
@@ -212,6 +215,7 @@ def cross_validate(
         "folds": k,
         "repeats": repeats,
         "folds_id": fid,
+        "partition_ids": part_ids,
         "fold_accuracies": fold_acc,
         "accuracy_mean": float(np.mean(fold_acc)),
         "accuracy_std": float(np.std(fold_acc)),

@@ -82,6 +82,7 @@ def _entry(r: dict[str, Any]) -> dict[str, Any]:
         "cv_accuracy_std": r["cv"]["accuracy_std"],
         "cv_folds": r["cv"]["folds"],
         "cv_folds_id": r["cv"].get("folds_id"),
+        "cv_partition_ids": r["cv"].get("partition_ids"),
         "cv_fold_accuracies": r["cv"]["fold_accuracies"],
         "cv_repeats": r["cv"].get("repeats", 1),
         "cv_low": r["cv"].get("accuracy_low"),
@@ -110,9 +111,23 @@ def _entry(r: dict[str, Any]) -> dict[str, Any]:
 def paired(best: dict[str, Any], other: dict[str, Any]) -> dict[str, Any] | None:
     """`best` - `other` fold by fold with its corrected 95 % interval, when both were scored on
     the same folds; and McNemar's test on the validation images both predicted."""
-    if not best["cv_folds_id"] or best["cv_folds_id"] != other["cv_folds_id"]:
+    shared = stats.common_folds(
+        {
+            "partition_ids": best.get("cv_partition_ids"),
+            "folds": best["cv_folds"],
+            "folds_id": best["cv_folds_id"],
+            "fold_accuracies": best["cv_fold_accuracies"],
+        },
+        {
+            "partition_ids": other.get("cv_partition_ids"),
+            "folds": other["cv_folds"],
+            "folds_id": other["cv_folds_id"],
+            "fold_accuracies": other["cv_fold_accuracies"],
+        },
+    )
+    if shared is None:
         return None
-    a, b = np.array(best["cv_fold_accuracies"]), np.array(other["cv_fold_accuracies"])
+    a, b = np.array(shared[0]), np.array(shared[1])
     d = a - b
     pv = stats.paired(a, b, best["cv_folds"])
     out = {

@@ -127,3 +127,23 @@ def cv_line(cv: dict[str, Any]) -> str:
         f"{cv['accuracy_high']:.3f} ({what}; corrected resampled t), fold sd "
         f"{cv['accuracy_std']:.3f}"
     )
+
+
+def common_folds(a: dict[str, Any], b: dict[str, Any]) -> tuple[list[float], list[float]] | None:
+    """The fold accuracies two CV results share (the same partitions, in order), or None.
+
+    Partition r of a seed is the same in every run, so a run with 5 repeats and one with 1
+    are paired on their first partition's k folds.
+    """
+    pa, pb = a.get("partition_ids"), b.get("partition_ids")
+    k = a.get("folds")
+    if pa and pb and k == b.get("folds"):
+        n = 0
+        while n < min(len(pa), len(pb)) and pa[n] == pb[n]:
+            n += 1
+        if n == 0:
+            return None
+        return list(a["fold_accuracies"][: n * k]), list(b["fold_accuracies"][: n * k])
+    if a.get("folds_id") and a.get("folds_id") == b.get("folds_id"):
+        return list(a["fold_accuracies"]), list(b["fold_accuracies"])
+    return None

@@ -113,11 +113,12 @@ def run_sweep(
     for row in results:  # who the data cannot tell from the best (paired, corrected interval)
         c = by_run[row["run"]]
         row["cv_low"], row["cv_high"] = c.get("accuracy_low"), c.get("accuracy_high")
+        shared = stats.common_folds(top, c)
         row["tied_with_best"] = (
             True
             if row is best
-            else stats.paired(top["fold_accuracies"], c["fold_accuracies"], top["folds"])["tied"]
-            if c.get("folds_id") == top.get("folds_id")
+            else stats.paired(shared[0], shared[1], top["folds"])["tied"]
+            if shared is not None
             else None
         )
     tied = [r["run"] for r in results[1:] if r["tied_with_best"]]

@@ -157,3 +157,21 @@ def test_the_learning_curve_ends_at_the_ranked_figure(cached):
     smaller = curve["points"][:-1]
     assert smaller and all(p["low"] < p["high"] for p in smaller)
     assert all(p["fraction"] < 1 for p in smaller)
+
+
+def test_runs_with_other_repeats_pair_on_their_common_partitions(cached):
+    import shutil
+
+    q = lambda s: None  # noqa: E731
+    shutil.rmtree(cached / "heads", ignore_errors=True)
+    many = train_head(cached, "logreg", folds=3, repeats=3, params={"C": "1"}, log=q)
+    one = train_head(cached, "logreg", folds=3, repeats=1, params={"C": "0.5"}, log=q)
+    assert many["cv"]["partition_ids"][0] == one["cv"]["partition_ids"][0]
+    rep = build_report(cached, log=q)
+    other = rep["results"][1]
+    v = other["vs_best"]
+    assert v is not None and v["folds"] == 3  # the first partition, shared by both
+    a, b = (many, one) if rep["results"][0]["run"] == many["run"] else (one, many)
+    d = np.array(a["cv"]["fold_accuracies"][:3]) - np.array(b["cv"]["fold_accuracies"][:3])
+    assert v["mean_difference"] == pytest.approx(d.mean())
+    assert isinstance(other["tied_with_best"], bool)
