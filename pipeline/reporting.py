@@ -520,7 +520,7 @@ def _html(rep: dict[str, Any], folder: Path) -> str:
         "td,th{border:1px solid #ccc;padding:3px 7px;text-align:right}th{background:#f3f3f3}"
         "td:first-child,td:nth-child(2),th:first-child{text-align:left}"
         ".banner{background:#fdd;border:2px solid #c00;padding:1em;font-weight:bold;color:#900}"
-        ".stale{color:#777}img{max-width:100%;height:auto}"
+        ".stale{color:#777}img{max-width:100%;height:auto}.ties{overflow-wrap:anywhere}"
         ".gallery{display:grid;grid-template-columns:repeat(auto-fill,minmax(130px,1fr));gap:.6em}"
         ".gallery figure{margin:0;border:1px solid #ddd;padding:4px;font-size:12px;"
         "overflow-wrap:anywhere}.gallery img{width:96px;height:96px;image-rendering:pixelated}"

@@ -99,5 +99,5 @@ def test_report_in_a_real_browser(tmp_path, spec, quiet):
     assert got["overflow"] <= 2, got["overflow"]  # readable at a phone's width
     shown = got["text"]
     for needle in ("What was evaluated", "vgg16", "class_0", evil, "broken.jpg", "Mistakes of",
-                   "predicted", "± is the standard deviation"):  # fmt: skip
+                   "predicted", "corrected resampled t test"):  # fmt: skip
         assert needle in shown, needle
