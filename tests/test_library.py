@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import re
 import subprocess
 import sys
@@ -351,7 +352,10 @@ def test_every_target_lists_exactly_the_settings_its_recipe_uses():
 
 
 def _make_n(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(["make", "-n", *args], cwd=ROOT, capture_output=True, text=True)
+    # a make of its own, as a user types it (not a sub-make of `make test`, which would say
+    # which folder it enters and inherit the parent's flags)
+    env = {k: v for k, v in os.environ.items() if k not in ("MAKELEVEL", "MAKEFLAGS", "MFLAGS")}
+    return subprocess.run(["make", "-n", *args], cwd=ROOT, capture_output=True, text=True, env=env)
 
 
 def test_a_setting_the_target_does_not_use_stops_it_in_one_line(tmp_path):
