@@ -408,6 +408,17 @@ def read_rows(ds: h5py.Dataset, rows: np.ndarray, out: np.ndarray | None = None)
     return out
 
 
+def limit_of(path: Path) -> int:
+    """How many rows a full segment of the same shape as the one at `path` holds (header only)."""
+    with open_segment(path) as f:
+        has = "features" in f
+        return max_rows(
+            int(f["pooled/avg"].shape[1]),
+            tuple(f["features"].shape[1:]) if has else None,
+            str(f["features"].dtype) if has else "float16",
+        )
+
+
 def max_rows(channels: int, maps_shape: tuple[int, ...] | None, maps_dtype: str) -> int:
     """How many rows a full segment holds (segment_bytes() of features and pooled vectors)."""
     row = 2 * 4 * channels + 200
@@ -541,13 +552,3 @@ def missing_maps(what: str) -> UserError:
         f"{what} needs the feature maps, and this cache holds pooled vectors only (MAPS=0); "
         "rerun `make features MAPS=1` (another cache) or use POOL=avg / POOL=max"
     )
-
-
-def info(folder: Path) -> dict[str, Any]:
-    """Segment count and bytes on disk, for the bench and the waste check."""
-    files = list(folder.glob("g*.h5")) if folder.is_dir() else []
-    return {
-        "shards": len(files),
-        "segments": len(files),
-        "bytes": sum(p.stat().st_size for p in files),
-    }

@@ -36,6 +36,7 @@ from pipeline.store.segments import (
     SegInfo,
     SegmentUnreadable,
     copy_rows,
+    limit_of,
     max_rows,
     read_info,
     write_segment,
@@ -495,9 +496,8 @@ class Writer:
     def _limit(self, entries: list[Entry]) -> int:
         if self.limit is not None:
             return self.limit
-        for e in entries:
-            info = read_info(self.folder / e.name)
-            self.limit = max_rows(info.channels, info.maps_shape, info.maps_dtype)
+        for e in entries:  # the first segment's header says the row size; its rows are not read
+            self.limit = limit_of(self.folder / e.name)
             return self.limit
         return 1 << 20
 
