@@ -23,7 +23,7 @@ CLUSTER   ?=
 VIEWS     ?= 0
 HEAD      ?= logreg
 POOL      ?=
-FOLDS     ?= 5
+FOLDS     ?=
 REPEATS   ?=
 SEED      ?= 0
 PARAMS    ?=
@@ -53,6 +53,7 @@ layer_arg  = $(if $(LAYER),--layer $(LAYER))
 cluster_arg = $(if $(CLUSTER),--cluster $(CLUSTER))
 topk_arg   = $(if $(TOPK),--topk $(TOPK))
 repeats_arg = $(if $(REPEATS),--repeats $(REPEATS))
+folds_arg  = $(if $(FOLDS),--folds $(FOLDS))
 
 # Settings a target does not use are refused: `make predict HEAD=logreg` stops with one line
 # (exit status 2) instead of running the best run. takes.<target> lists what each target uses
@@ -66,7 +67,7 @@ takes.train-all  := POOL FOLDS REPEATS SEED VIEWS PARAMS CLUSTER ARTIFACTS
 takes.finetune   := DATA ARTIFACTS BACKBONE WEIGHTS SIZE BATCH DTYPE PRECISION SEED FOLDS PARAMS CLUSTER
 takes.sweep       = ARTIFACTS FOLDS REPEATS SEED SWEEP_HEADS SWEEP_POOLS SWEEP_VIEWS SWEEP_BACKBONES CLUSTER $(if $(SWEEP_BACKBONES),DATA WEIGHTS SIZE PRECISION)
 takes.report     := ARTIFACTS GALLERY
-takes.predict    := IMAGES RUN OUT TTA TOPK WEIGHTS BACKBONE ARTIFACTS
+takes.predict    := IMAGES RUN OUT TTA TOPK WEIGHTS BACKBONE ARTIFACTS CLUSTER
 takes.export     := ARTIFACTS FORMAT POOL OUT
 takes.demo       := ARTIFACTS WEIGHTS
 takes.test       :=
@@ -111,12 +112,14 @@ help: ## this list
 	@echo "  SIZE= LAYER= BATCH=$(BATCH) DTYPE=$(DTYPE)   input size, cached layer (default: the backbone's), batch, stored type"
 	@echo "  PRECISION=$(PRECISION)   auto: mixed_bfloat16 where the CPU has avx512_bf16/AMX (2x VGG16), the GPU's choice,"
 	@echo "                     float32 elsewhere | float32 | mixed_float16 | mixed_bfloat16 (each its own cache)"
-	@echo "  HEAD=$(HEAD)       logreg | svm | svm-linear | svm-nystroem | dense;  POOL=avg|max|flatten"
-	@echo "  FOLDS=$(FOLDS) SEED=$(SEED)    cross-validation folds, seed for every random choice"
+	@echo "  HEAD=$(HEAD)       logreg | svm | svm-linear | svm-nystroem | sgd | dense;  POOL=avg|max|flatten"
+	@echo "                     sgd: streamed over the cache, flat memory, any size (README: which head for which size)"
+	@echo "  FOLDS=k            k-fold CV (default: 5 folds up to 200,000 training images, one held-out split above)"
+	@echo "  SEED=$(SEED)             seed for every random choice"
 	@echo "  REPEATS=r          train-head, sweep: r seeded k-fold partitions (default by size: 10 up to"
 	@echo "                     1,000 training images, 5 up to 5,000, 3 up to 20,000, then 1)"
 	@echo "  AUGMENT=K (features) VIEWS=K (train-head)   cache / train on K augmented views per image"
-	@echo "  CLUSTER=local:N | tcp://host:8786   features, finetune, train-head, sweep on Dask (README)"
+	@echo "  CLUSTER=local:N | tcp://host:8786   features, finetune, train-head, sweep, predict on Dask (README)"
 	@echo "  REBUILD=1 (features)  embed every image again, e.g. after a Pillow/TensorFlow upgrade"
 	@echo "  VERIFY=1 (features)   hash every file again (default: unchanged size+mtime+inode are trusted)"
 	@echo "  MAPS=$(MAPS) (features)      0: pooled vectors only, for very large collections (no flatten/dense/finetune)"
@@ -148,7 +151,7 @@ features: $(STAMP) ## embed every image once into ARTIFACTS/features/*.h5 (rerun
 		$(if $(filter 1,$(REBUILD)),--rebuild) $(if $(filter 1,$(VERIFY)),--verify) --maps $(MAPS) $(cluster_arg)
 
 train-head: $(STAMP) ## cross-validate + save HEAD on the cached features (backbone never runs)
-	$(PY) -m pipeline train-head --head $(HEAD) $(pool_arg) --folds $(FOLDS) $(repeats_arg) --seed $(SEED) \
+	$(PY) -m pipeline train-head --head $(HEAD) $(pool_arg) $(folds_arg) $(repeats_arg) --seed $(SEED) \
 		--artifacts $(ARTIFACTS) --views $(VIEWS) $(param_args) $(cluster_arg)
 
 train-all: $(STAMP) ## train-head for logreg, svm and dense
@@ -156,10 +159,10 @@ train-all: $(STAMP) ## train-head for logreg, svm and dense
 
 finetune: $(STAMP) ## cache block4_pool once, then cross-validate block5 + head fine-tuned from it
 	$(PY) -m pipeline finetune --data $(DATA) --artifacts $(ARTIFACTS) --weights $(WEIGHTS) \
-		--backbone $(BACKBONE) $(size_arg) --batch $(BATCH) --dtype $(DTYPE) --seed $(SEED) --precision $(PRECISION) --folds $(FOLDS) $(param_args) $(cluster_arg)
+		--backbone $(BACKBONE) $(size_arg) --batch $(BATCH) --dtype $(DTYPE) --seed $(SEED) --precision $(PRECISION) --folds $(or $(FOLDS),5) $(param_args) $(cluster_arg)
 
 sweep: $(STAMP) ## every head x pooling x VIEWS on the cache, ranked, + learning curve
-	$(PY) -m pipeline sweep --artifacts $(ARTIFACTS) --folds $(FOLDS) $(repeats_arg) --seed $(SEED) \
+	$(PY) -m pipeline sweep --artifacts $(ARTIFACTS) --folds $(or $(FOLDS),5) $(repeats_arg) --seed $(SEED) \
 		--heads $(SWEEP_HEADS) --pools $(SWEEP_POOLS) --views $(SWEEP_VIEWS) $(cluster_arg) \
 		$(if $(SWEEP_BACKBONES),--backbones $(SWEEP_BACKBONES) --data $(DATA) --weights $(WEIGHTS) $(size_arg) --precision $(PRECISION))
 
@@ -167,7 +170,7 @@ report: $(STAMP) ## ARTIFACTS/report/report.{json,md,html} comparing every train
 	$(PY) -m pipeline report --artifacts $(ARTIFACTS) $(if $(GALLERY),--gallery $(GALLERY))
 
 predict: $(STAMP) ## classify IMAGES (file, folder, .txt/.csv list) into a CSV, streamed, resumable
-	$(PY) -m pipeline predict --images "$(IMAGES)" --artifacts $(ARTIFACTS) $(run_arg) $(out_arg) $(tta_arg) $(topk_arg) \
+	$(PY) -m pipeline predict --images "$(IMAGES)" --artifacts $(ARTIFACTS) $(run_arg) $(out_arg) $(tta_arg) $(topk_arg) $(cluster_arg) \
 		$(if $(filter-out imagenet,$(WEIGHTS)),--weights $(WEIGHTS)) \
 		$(if $(filter command line environment,$(origin BACKBONE)),--backbone $(BACKBONE))
 

@@ -134,7 +134,7 @@ def train_head(
     artifacts: PathLike = "artifacts",
     head: str = "logreg",
     pool: str | None = None,
-    folds: int = 5,
+    folds: int | None = None,
     seed: int = 0,
     params: Mapping[str, Any] | Iterable[str] | str | None = None,
     views: int = 0,
@@ -147,7 +147,9 @@ def train_head(
     """`make train-head`: cross-validate, validate and save one head on the cached features.
 
     `repeats` partitions of `folds` folds (default: chosen by the number of training images,
-    see the README), each run's mean with its 95 % interval in `result["cv"]`.
+    see the README), each run's mean with its 95 % interval in `result["cv"]`. `folds=None`
+    sizes the evaluation to the data: 5 folds up to 200,000 training images, one held-out
+    split above (`result["cv"]["protocol"]` says which, and why).
 
     Returns the run's result (as in `heads/<run>/result.json`): `result["cv"]` holds the fold
     accuracies and out-of-fold predictions, `result["validation"]` the validation scores.

@@ -37,13 +37,15 @@ def _rows(lo: int, hi: int) -> list[Any]:
     ]
 
 
-def _vectors(idents: list[str]) -> np.ndarray:
-    """Pooled vectors with a class signal (first 8 hex digits: the row number)."""
+def _vectors(idents: list[str], channels: int = CHANNELS, signal: float = 0.1) -> np.ndarray:
+    """Pooled vectors like a backbone's (non-negative, skewed) with a class signal spread over
+    every channel, weak enough that a linear head errs on some rows (the last 8 hex digits of
+    an ident: the row number; its class is the number mod 10)."""
     n = np.array([int(h[-8:], 16) for h in idents])
     rng = np.random.default_rng(int(n[0]) if len(n) else 0)
-    x = rng.gamma(1.0, 1.0, (len(n), CHANNELS)).astype(np.float32)
-    x[np.arange(len(n)), (n % 10) * 7] += 3.0
-    return x
+    means = np.random.default_rng(1234).gamma(2.0, 0.5, (len(CLASSES), channels))
+    x = rng.gamma(1.0, 1.0, (len(n), channels)) * (1 + signal * (means[n % len(CLASSES)] - 1))
+    return x.astype(np.float32)
 
 
 def _settings() -> dict[str, Any]:
@@ -53,7 +55,7 @@ def _settings() -> dict[str, Any]:
     return cache_settings(BackboneSpec("none", input_size=224), "float16", maps=False)
 
 
-def _attrs(key: str, rows: list[Any]) -> dict[str, Any]:
+def _attrs(key: str, rows: list[Any], channels: int = CHANNELS) -> dict[str, Any]:
     from pipeline import store
     from pipeline.provenance import environment
 
@@ -71,7 +73,7 @@ def _attrs(key: str, rows: list[Any]) -> dict[str, Any]:
         **{k: v for k, v in settings.items() if isinstance(v, (str, int, float, bool))},
         "weights": "none",
         "random_weights": True,
-        "feature_shape": [1, 1, CHANNELS],
+        "feature_shape": [1, 1, channels],
         "maps": False,
         "layout": "flat",
         "data": "/synthetic",
@@ -82,7 +84,9 @@ def _attrs(key: str, rows: list[Any]) -> dict[str, Any]:
     }
 
 
-def sync(path: Path, want: list[Any], batch: int = 32) -> tuple[Any, int]:
+def sync(
+    path: Path, want: list[Any], batch: int = 32, channels: int = CHANNELS, signal: float = 0.1
+) -> tuple[Any, int]:
     """One `make features` run's store work: stage the missing rows batch by batch, commit."""
     from pipeline.store.segments import Meta
     from pipeline.store.writer import Writer
@@ -92,13 +96,13 @@ def sync(path: Path, want: list[Any], batch: int = 32) -> tuple[Any, int]:
     todo = [r for r in want if not w.has(r.ident)]
     for a in range(0, len(todo), batch):
         part = todo[a : a + batch]
-        v = _vectors([r.ident for r in part])
+        v = _vectors([r.ident for r in part], channels, signal)
         meta = Meta(
             [r.ident for r in part], [r.path for r in part], [r.label for r in part],
             [r.split for r in part], [r.view for r in part], [r.stat for r in part],
         )  # fmt: skip
         w.add_batch(meta, {"avg": v, "max": v * 2}, None, [])
-    done = w.commit(want, CLASSES, [], _attrs(key, want), same_source=True)
+    done = w.commit(want, CLASSES, [], _attrs(key, want, channels), same_source=True)
     return done, len(todo)
 
 

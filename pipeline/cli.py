@@ -165,7 +165,13 @@ def parser() -> argparse.ArgumentParser:
         default=None,
         help="avg, max or flatten (default: avg for logreg/svm, flatten for dense)",
     )
-    p.add_argument("--folds", type=int, default=5, help="cross-validation folds (default 5)")
+    p.add_argument(
+        "--folds",
+        type=int,
+        default=None,
+        help="k-fold cross-validation with k folds (default: 5 folds up to 200,000 training "
+        "images, one held-out split above; see the README)",
+    )
     _repeats(p)
     _param(p, "head setting (e.g. C=0.1, learning_rate=1e-4); fixed instead of tuned")
     p.add_argument(
@@ -277,6 +283,7 @@ def parser() -> argparse.ArgumentParser:
         default=0,
         help="also write the K best labels with their probabilities (label_2,probability_2,...)",
     )
+    _cluster(p)
     _common(p, seed=False)
 
     p = sub.add_parser(

@@ -12,6 +12,7 @@ when a Keras head is fitted or loaded, never by the scikit-learn heads.
 from __future__ import annotations
 
 import inspect
+import os
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -36,9 +37,10 @@ from sklearn.preprocessing import StandardScaler
 from sklearn.svm import SVC, LinearSVC
 from sklearn.utils.metadata_routing import get_routing_for_object
 
-from pipeline import views
+from pipeline import streaming, views
 from pipeline.errors import UserError
 from pipeline.keras_heads import DenseHead, FineTuneHead, KerasClassifier
+from pipeline.streaming import StreamingSGD
 
 sklearn.set_config(enable_metadata_routing=True)  # `groups` reach every inner split
 
@@ -175,6 +177,7 @@ class HeadInfo:
     needs_layer: str | None = None
     calibrate: bool = False  # wrap in TuneThenCalibrate: probabilities for a classifier without
     max_rows: int | None = None  # above this, the head says it is impractical (PARAMS max_rows=)
+    streams: bool = False  # learns from rows read block by block (`store.Rows`), never all
 
 
 def _logreg(p: dict[str, Any], seed: int, ctx: dict[str, Any]) -> Any:
@@ -229,6 +232,15 @@ def _svm_nystroem(p: dict[str, Any], seed: int, ctx: dict[str, Any]) -> Any:
             ),
             ("clf", LinearSVC(C=p.get("C", 1.0), max_iter=p.get("max_iter", 5000))),
         ]
+    )
+
+
+def _sgd(p: dict[str, Any], seed: int, ctx: dict[str, Any]) -> Any:
+    return StreamingSGD(
+        alpha=p.get("alpha"),
+        epochs=p.get("epochs", 5),
+        tune_rows=p.get("tune_rows", streaming.TUNE_ROWS),
+        random_state=seed,
     )
 
 
@@ -299,6 +311,17 @@ HEADS: dict[str, HeadInfo] = {
             calibrate=True,
         ),
         HeadInfo(
+            "sgd",
+            "logistic regression by averaged SGD, streamed over the cache block by block "
+            "(scaler in one pass, alpha tuned by inner CV on a sample): any size, flat memory",
+            "avg",
+            {"alpha": float, "epochs": int, "tune_rows": int},
+            {},
+            True,
+            _sgd,
+            streams=True,
+        ),
+        HeadInfo(
             "dense",
             "Keras Flatten-Dense(512, relu)-Dropout-softmax, Adam, early stopping",
             "flatten",
@@ -356,6 +379,37 @@ def check_size(info: HeadInfo, n_rows: int, params: dict[str, Any]) -> None:
         f"would run for hours on {n_rows:,} training rows (limit {limit:,}); use "
         "HEAD=svm-nystroem (the same RBF kernel, approximated, linear in n) or HEAD=svm-linear, "
         f'or PARAMS="max_rows={n_rows}" to run it anyway'
+    )
+
+
+MEMORY_FACTOR = 4  # a head in memory peaks at about 4x its features (copies: fold, scaler, fit)
+
+
+def available_memory() -> int:
+    """Bytes this machine can give now (MemAvailable), or its physical memory."""
+    try:
+        with open("/proc/meminfo") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def check_memory(info: HeadInfo, n_rows: int, dim: int) -> None:
+    """A head that holds the features says when they would not fit, and names HEAD=sgd."""
+    if info.streams:
+        return
+    need = MEMORY_FACTOR * n_rows * dim * 4
+    have = available_memory()
+    if need <= have:
+        return
+    raise UserError(
+        f"HEAD={info.name} holds the features in memory: {n_rows:,} rows of {dim:,} floats "
+        f"need about {need / 2**30:,.1f} GiB while fitting, more than the "
+        f"{have / 2**30:,.1f} GiB available; use HEAD=sgd (logistic regression streamed over "
+        "the cache, flat memory), or a smaller POOL"
     )
 
 
@@ -420,6 +474,8 @@ def chosen_params(est: Any) -> dict[str, Any]:
         return est.chosen_params_
     if isinstance(est, GridSearchCV):
         return {k.removeprefix("clf__"): v for k, v in est.best_params_.items()}
+    if isinstance(est, StreamingSGD):
+        return {"alpha": est.alpha_}
     return {}
 
 

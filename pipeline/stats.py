@@ -81,6 +81,44 @@ def mcnemar(a_right: np.ndarray, b_right: np.ndarray) -> dict[str, Any]:
     return {"only_a_right": only_a, "only_b_right": only_b, "p_value": p}
 
 
+def pack_bits(right: np.ndarray) -> str:
+    """Booleans as base64 text: a held-out split's per-image results, 1 bit each."""
+    import base64
+
+    return base64.b64encode(np.packbits(np.asarray(right, bool)).tobytes()).decode()
+
+
+def unpack_bits(text: str, n: int) -> np.ndarray:
+    import base64
+
+    return np.unpackbits(np.frombuffer(base64.b64decode(text), np.uint8))[:n].astype(bool)
+
+
+def paired_holdout(best: np.ndarray, other: np.ndarray) -> dict[str, Any]:
+    """best - other on the same held-out images: the difference of paired proportions with
+    its 95 % interval (Wald, from the discordant pairs) and McNemar's exact p; tied when the
+    interval includes 0."""
+    from scipy import stats as st
+
+    best, other = np.asarray(best, bool), np.asarray(other, bool)
+    n = len(best)
+    only_b, only_o = int((best & ~other).sum()), int((other & ~best).sum())
+    d = (only_b - only_o) / n if n else 0.0
+    se = np.sqrt(max(0.0, only_b + only_o - (only_b - only_o) ** 2 / n)) / n if n else 0.0
+    z = float(st.norm.ppf(0.5 + LEVEL / 2))
+    low, high = d - z * se, d + z * se
+    return {
+        "diff_mean": float(d),
+        "diff_low": float(low),
+        "diff_high": float(high),
+        "p_value": mcnemar(best, other)["p_value"],
+        "better_folds": int(d > 0),
+        "worse_folds": int(d < 0),
+        "folds": 1,
+        "tied": bool(low <= 0 <= high),
+    }
+
+
 def paired(best: list[float], other: list[float], folds: int) -> dict[str, Any]:
     """best - other fold by fold, with its corrected interval; tied when it includes 0."""
     d = np.asarray(best, np.float64) - np.asarray(other, np.float64)
@@ -115,6 +153,12 @@ def default_repeats(n_train: int, slow: bool = False) -> int:
 
 def cv_line(cv: dict[str, Any]) -> str:
     """One line for a CV result: mean, its interval, what it is, the fold figures' spread."""
+    if cv.get("protocol") == "holdout":
+        return (
+            f"{cv['accuracy_mean']:.4f}, 95 % interval {cv['accuracy_low']:.3f} to "
+            f"{cv['accuracy_high']:.3f} (held-out split of {cv['holdout_images']:,} training "
+            "images; Wilson)"
+        )
     what = (
         f"{cv.get('repeats', 1)}x{cv['folds']} folds"
         if cv.get("repeats", 1) > 1

@@ -7,6 +7,7 @@ import TensorFlow. Each run is written whole by `pipeline.runs`: the fitted head
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import time
@@ -44,12 +45,27 @@ class Loaded:
     augmented: dict[str, Any] | None
 
 
-def load(path: Path, pooling: str, views: int = 0, seed: int = 0) -> Loaded:
-    """Read the cache once (one open file: a concurrent `make features` cannot mix versions)."""
+def load(
+    path: Path,
+    pooling: str,
+    views: int = 0,
+    seed: int = 0,
+    lazy: bool = False,
+    fits: Callable[[int, int], None] | None = None,
+) -> Loaded:
+    """Read the cache once (one open file: a concurrent `make features` cannot mix versions).
+
+    `lazy`: the features stay in the cache, named by `store.Rows` (read block by block by a
+    streaming head, or by a cluster's workers); the caller holds `store.reading` meanwhile.
+    `fits(rows, dim)` may refuse before anything is read into memory.
+    """
     with store.reading(path.parent), store.open_cache(path) as f:
         idx = store.index_of(f, path)
-        tr = store.features_of(f, idx, pooling, "train")
-        va = store.features_of(f, idx, pooling, "validation")
+        if fits is not None and not lazy:
+            n = int(idx.mask("train", views).sum() + idx.mask("validation").sum())
+            fits(n, store.width(idx, pooling))
+        tr = store.features_of(f, idx, pooling, "train", lazy=lazy)
+        va = store.features_of(f, idx, pooling, "validation", lazy=lazy)
     ts = evaluate.TrainSet(
         X=tr.X,
         y=tr.y,
@@ -60,7 +76,7 @@ def load(path: Path, pooling: str, views: int = 0, seed: int = 0) -> Loaded:
     )
     aug = None
     if views:
-        ts, aug = _with_views(path, idx, ts, pooling, views, seed)
+        ts, aug = _with_views(path, idx, ts, pooling, views, seed, lazy)
     return Loaded(index=idx, train=ts, validation=va, augmented=aug)
 
 
@@ -68,7 +84,7 @@ def train_head(
     artifacts: Path,
     head: str = "logreg",
     pooling: str | None = None,
-    folds: int = 5,
+    folds: int | None = None,
     seed: int = 0,
     params: dict[str, str] | None = None,
     features: Path | None = None,
@@ -80,8 +96,12 @@ def train_head(
 ) -> dict[str, Any]:
     """Cross-validate, validate and save one head; return its result (also in result.json).
 
-    With a Dask `client` (CLUSTER), the folds run on the cluster through joblib's Dask
-    backend, the features scattered to the workers once.
+    `folds=None` sizes the evaluation to the data (`evaluate.protocol`): k-fold up to
+    HOLDOUT_ABOVE training images, one held-out split above; a number asks for k-fold.
+    A streaming head (sgd) reads the cache block by block and never holds the features; the
+    others hold them in memory and refuse, naming sgd, when they would not fit. With a Dask
+    `client` (CLUSTER), the folds and the final fit run on the workers through joblib's Dask
+    backend, each reading its rows from the cache on shared storage: no feature matrix is sent.
     """
     t0 = time.perf_counter()
     info = heads.get(head)
@@ -91,7 +111,34 @@ def train_head(
     path = Path(features) if features else layout.current_cache(artifacts)
     if info.needs_layer and pooling != "flatten":
         raise UserError(f"HEAD={head} takes the whole map: POOL must be flatten, not {pooling}")
-    data = load(path, pooling, views, seed)
+    lazy = info.streams or client is not None
+    with contextlib.ExitStack() as held:
+        if lazy:  # the rows are read while training: no merge may delete their segments
+            held.enter_context(store.reading(path.parent))
+        return _train(
+            artifacts, head, info, p, pooling, folds, seed, path, n_jobs, views, log, client,
+            repeats, lazy, t0,
+        )  # fmt: skip
+
+
+def _train(
+    artifacts: Path,
+    head: str,
+    info: heads.HeadInfo,
+    p: dict[str, Any],
+    pooling: str,
+    folds: int | None,
+    seed: int,
+    path: Path,
+    n_jobs: int | None,
+    views: int,
+    log: Log,
+    client: Any,
+    repeats: int | None,
+    lazy: bool,
+    t0: float,
+) -> dict[str, Any]:
+    data = load(path, pooling, views, seed, lazy, lambda n, d: heads.check_memory(info, n, d))
     idx, ts, va = data.index, data.train, data.validation
     classes = idx.classes
     if idx.attrs.get("random_weights"):
@@ -122,6 +169,9 @@ def train_head(
         # the weights file must still be the same
         spec_from_settings(idx.attrs["settings"], hint=idx.attrs.get("weights"))
     heads.check_size(info, len(ts.y), p)
+    n_orig = int(ts.original.sum())
+    protocol = evaluate.protocol(n_orig, folds)
+    folds = protocol["folds"]
     dups = duplicates.find(idx.paths, idx.sha256, idx.labels.tolist(), idx.split, classes)
     for w in duplicates.lines(dups):
         log(w)
@@ -129,7 +179,6 @@ def train_head(
         n_jobs = min(folds, os.cpu_count() or 1) if info.parallel_folds else 1
     if client is not None:
         n_jobs = folds
-    n_orig = int(ts.original.sum())
     log(
         f"{head} on {pooling} features {ts.X.shape[1]}-d: {n_orig} train"
         + (f" (+{len(ts.y) - n_orig} augmented views)" if views else "")
@@ -137,9 +186,10 @@ def train_head(
     )
     if repeats is None:  # by cost: more partitions where the noise is largest, fits cheapest
         repeats = stats.default_repeats(n_orig, slow=not info.parallel_folds)
+    log(f"evaluation: {protocol['reason']}")
     t_cv = time.perf_counter()
-    # on a cluster: the outer folds, then the final fit's grid search, on one scatter of the data
-    with cluster.joblib_backend(client, ts.X, ts.y, ts.groups):
+    # on a cluster: the outer folds on the workers, each reading its rows from the cache
+    with cluster.joblib_backend(client, ts.y, ts.groups):
         cv = evaluate.cross_validate(
             heads.make(info, p, seed, context),
             ts,
@@ -149,18 +199,23 @@ def train_head(
             n_jobs=n_jobs,
             log=log,
             repeats=repeats,
+            holdout=protocol["holdout"],
         )
-        cv_s = time.perf_counter() - t_cv
-        log(f"cross-validated accuracy {stats.cv_line(cv)}")
-        t_fit = time.perf_counter()
-        grid_jobs = -1 if client is not None else 1
-        final = heads.fit(
-            heads.make(info, p, seed, context, n_jobs=grid_jobs), ts.X, ts.y, ts.groups
-        )
-        fit_s = time.perf_counter() - t_fit
+    cv["protocol_reason"] = protocol["reason"]
+    cv_s = time.perf_counter() - t_cv
+    log(f"{'held-out' if protocol['holdout'] else 'cross-validated'} accuracy {stats.cv_line(cv)}")
+    t_fit = time.perf_counter()
+    est = heads.make(info, p, seed, context)
+    if client is not None:  # on a worker, which reads the rows itself
+        final = client.submit(fit_on, est, ts.X, ts.y, ts.groups, pure=False).result()
+    else:
+        final = fit_on(est, ts.X, ts.y, ts.groups)
+    fit_s = time.perf_counter() - t_fit
+    if tuning := getattr(final, "tuning_", None):
+        cv["tuning"] = tuning
     validation = None
     if len(va.y):
-        proba = final.predict_proba(va.X)
+        proba = final.predict_proba(evaluate.for_head(final, va.X))
         pred = final.classes_[np.argmax(proba, axis=1)]
         validation = evaluate.metrics(va.y, pred, classes)
         validation["predictions"] = [
@@ -183,7 +238,9 @@ def train_head(
     key, did = idx.attrs.get("cache_key"), idx.attrs.get("data_id")
     bb = context["backbone"]
     base = (f"{bb}-" if bb != "vgg16" else "") + run_base(head, pooling, p, views)
-    name = runs.run_name(base, key, did, seed, folds, repeats)
+    name = runs.run_name(
+        base, key, did, seed, f"holdout-{folds}" if protocol["holdout"] else folds, repeats
+    )
     result = {
         "head": head,
         "description": info.description,
@@ -191,7 +248,7 @@ def train_head(
         "params": p,
         "final_params": heads.chosen_params(final),
         "seed": seed,
-        "folds_asked": folds,
+        "folds_asked": protocol["asked"],
         "repeats": repeats,
         "classes": classes,
         "n_train": n_orig,
@@ -223,7 +280,13 @@ def train_head(
 
 
 def _with_views(
-    path: Path, idx: store.Index, ts: evaluate.TrainSet, pooling: str, views: int, seed: int = 0
+    path: Path,
+    idx: store.Index,
+    ts: evaluate.TrainSet,
+    pooling: str,
+    views: int,
+    seed: int = 0,
+    lazy: bool = False,
 ) -> tuple[evaluate.TrainSet, dict[str, Any]]:
     """Originals plus views 1..`views` of each, labelled by their image in the current cache.
 
@@ -251,7 +314,7 @@ def _with_views(
                 f"the augmented views in '{apath.name}' were made with other settings "
                 f"than '{path.name}' or another augmentation; {fix}"
             )
-        aug = store.features_of(f, aidx, pooling, "train", max_view=views)
+        aug = store.features_of(f, aidx, pooling, "train", max_view=views, lazy=lazy)
     row_of = {
         store.ident(h, int(v)): i for i, (h, v) in enumerate(zip(aug.sha256, aug.view, strict=True))
     }
@@ -272,7 +335,7 @@ def _with_views(
         )
     src_a, vrows_a = np.array(src, dtype=np.int64), np.array(vrows, dtype=np.int64)
     both = evaluate.TrainSet(
-        X=np.concatenate([ts.X, aug.X[vrows_a]]) if len(vrows_a) else ts.X,
+        X=_concat(ts.X, aug.X[vrows_a]) if len(vrows_a) else ts.X,
         y=np.concatenate([ts.y, ts.y[src_a]]),
         groups=np.concatenate([ts.groups, views_of.mark(ts.groups[src_a])]),  # marked: views
         original=np.concatenate([ts.original, np.zeros(len(src_a), dtype=bool)]),
@@ -287,3 +350,15 @@ def _with_views(
         "seed": seed,  # the views' augmentation seed: predict's TTA draws its views with it
     }
     return both, info
+
+
+def _concat(a: Any, b: Any) -> Any:
+    """Rows of the cache then of its views: named (`store.Rows`) or in memory."""
+    if isinstance(a, store.Rows):
+        return store.Rows.concat(a, b)
+    return np.concatenate([a, b])
+
+
+def fit_on(est: Any, X: Any, y: np.ndarray, groups: np.ndarray) -> Any:
+    """Fit the saved head on all training rows (here, or on a cluster's worker)."""
+    return heads.fit(est, evaluate.for_head(est, X), y, groups)

@@ -31,7 +31,7 @@ def cached(tmp_path, spec, quiet):
     return art
 
 
-@pytest.mark.parametrize("head", ["logreg", "svm", "dense"])
+@pytest.mark.parametrize("head", ["logreg", "svm", "sgd", "dense"])
 def test_each_head_learns_and_is_saved(cached, head, quiet):
     log, _ = quiet
     params = FAST_DENSE if head == "dense" else {}

@@ -35,7 +35,9 @@ from pipeline.store.reader import (
     load_features,
     pool,
     read_column,
+    width,
 )
+from pipeline.store.rows import Rows, materialize
 from pipeline.store.segments import missing_maps
 
 __all__ = [
@@ -46,6 +48,7 @@ __all__ = [
     "Entry",
     "Features",
     "Index",
+    "Rows",
     "UserError",
     "cache_key",
     "data_id",
@@ -56,6 +59,7 @@ __all__ = [
     "ident",
     "index_of",
     "load_features",
+    "materialize",
     "missing_maps",
     "open_cache",
     "pool",
@@ -65,4 +69,5 @@ __all__ = [
     "reading",
     "replacing",
     "shards_dir",
+    "width",
 ]

@@ -32,6 +32,29 @@ def reading(folder: Path, exclusive_: bool = False) -> Iterator[None]:
 
 
 @contextmanager
+def no_readers(folder: Path) -> Iterator[bool]:
+    """Exclusive against readers if no reader holds the cache now (True), else at once False.
+
+    A streaming head reads for hours: the writer never waits for it; it leaves the old
+    segment files and the next run deletes them.
+    """
+    try:
+        fh = open(folder / ".readers", "a+")
+    except OSError:
+        yield True
+        return
+    try:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            yield False
+            return
+        yield True
+    finally:
+        fh.close()
+
+
+@contextmanager
 def exclusive(folder: Path, what: str = "make features") -> Iterator[None]:
     """One writer per artifacts folder: a second one stops with a clear message."""
     try:

@@ -15,6 +15,7 @@ import numpy as np
 from pipeline.errors import UserError
 from pipeline.store.format import POOLINGS, CacheError
 from pipeline.store.manifest import Index, index_of, open_cache, shards_dir
+from pipeline.store.rows import Rows
 from pipeline.store.segments import BLOCK_BYTES, missing_maps, open_segment, read_rows
 
 
@@ -50,13 +51,25 @@ def load_features(path: Path, pooling: str, split: str, max_view: int = 0) -> Fe
         return features_of(f, index_of(f, path), pooling, split, max_view)
 
 
+def width(idx: Index, pooling: str) -> int:
+    """How many floats a row of `idx` has under `pooling`."""
+    shape = f_shape(idx)
+    return int(shape[-1]) if pooling in ("avg", "max") else int(np.prod(shape))
+
+
 def features_of(
-    f: h5py.File | None, idx: Index, pooling: str, split: str, max_view: int = 0
+    f: h5py.File | None,
+    idx: Index,
+    pooling: str,
+    split: str,
+    max_view: int = 0,
+    lazy: bool = False,
 ) -> Features:
     """Rows of `split` of the cache `idx` (one consistent version), as float32.
 
     avg and max read the stored pooled vectors (never the maps); flatten reads the maps. Rows
-    are filled into one preallocated array, one segment and one block at a time.
+    are filled into one preallocated array, one segment and one block at a time. `lazy`: X
+    names the rows (`Rows`) and nothing is read.
     """
     pool(np.zeros((1, 1, 1, 1), np.float32), pooling)  # validates the name first
     if max_view == 0 and "augment" in (idx.attrs.get("settings") or {}):
@@ -67,6 +80,14 @@ def features_of(
             f"to ('{base}') or its ARTIFACTS folder"
         )
     rows = np.flatnonzero(idx.mask(split, max_view))
+    if lazy:
+        return Features(
+            X=Rows.of_index(idx, rows, pooling),  # type: ignore[arg-type]
+            y=idx.labels[rows] if len(rows) else np.zeros(0, np.int64),
+            paths=idx.paths_of(rows),
+            sha256=[h.split("#", 1)[0] for h in idx.ident_col[rows].astype(str).tolist()],
+            view=idx.view_col[rows].astype(np.int64),
+        )
     shape = f_shape(idx)
     if pooling in ("avg", "max"):
         name, d = f"pooled/{pooling}", shape[-1]

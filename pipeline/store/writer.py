@@ -27,7 +27,7 @@ import numpy as np
 from pipeline.errors import UserError
 from pipeline.store import merging
 from pipeline.store.format import CacheError, cache_key, replacing
-from pipeline.store.locks import reading
+from pipeline.store.locks import no_readers
 from pipeline.store.manifest import Entry, Index, read_index, shards_dir, write_manifest
 from pipeline.store.segments import (
     Failure,
@@ -550,6 +550,12 @@ class Writer:
         garbage = [p for p in self.folder.glob("g*.h5") if p.name not in named]
         if not garbage:
             return
-        with reading(self.path.parent, exclusive_=True):
+        with no_readers(self.path.parent) as free:
+            if not free:
+                self.log(
+                    f"{len(garbage)} replaced segment file(s) kept while another process reads "
+                    "the cache (a train-head); the next `make features` deletes them"
+                )
+                return
             for p in garbage:
                 p.unlink(missing_ok=True)

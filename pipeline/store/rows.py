@@ -1,0 +1,185 @@
+"""Rows named, not read: what a streaming head and a cluster's workers learn from.
+
+A `Rows` says where each row's features are (cache, segment, row in the segment, which pooled
+dataset) and reads them only when asked, one segment file open at a time and at most about
+64 MB at once, so a head can pass over ten million rows holding one block. It pickles small
+(the names and a few integers per row): a cluster's workers read the rows themselves from
+shared storage instead of receiving a feature matrix through the scheduler.
+
+A shuffled pass reads randomly chosen contiguous chunks from anywhere in the collection into a
+bounded buffer and shuffles the buffer (WebDataset's and tf.data's shuffle buffer over
+interleaved shards), so every block mixes classes even when segments hold rows in folder order.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from pipeline.store.manifest import Index, shards_dir
+from pipeline.store.segments import missing_maps, open_segment
+
+BUFFER_BYTES = 64 << 20  # one block of a pass
+CHUNK_ROWS = 1024  # contiguous rows read together in a shuffled pass
+GAP = 256  # rows closer than this are read in one slice (a dead row does not split a read)
+READ = {"rows": 0, "blocks": 0}  # what this process has read through `Rows` (benches, tests)
+
+
+@dataclass(frozen=True)
+class Part:
+    """One cache's segments and the dataset read from them."""
+
+    folder: str  # the cache's segment folder, absolute
+    names: tuple[str, ...]  # segment file names, by the rows' `seg` numbers
+    dataset: str  # pooled/avg, pooled/max or features
+    pooling: str
+    dim: int
+
+
+def _pool(block: np.ndarray, pooling: str) -> np.ndarray:
+    from pipeline.store.reader import pool
+
+    return block if block.ndim == 2 and pooling != "flatten" else pool(block, pooling)
+
+
+class Rows:
+    """Features of chosen rows of one or more caches, read block by block when asked.
+
+    Indexing with integer arrays, a boolean mask or a slice gives another `Rows` (nothing is
+    read); `blocks()` yields (positions, float32 features) a block at a time; `load()` reads
+    them all (for a head that needs them in memory).
+    """
+
+    ndim = 2
+    dtype = np.dtype(np.float32)
+
+    def __init__(
+        self, parts: tuple[Part, ...], part: np.ndarray, seg: np.ndarray, row: np.ndarray
+    ) -> None:
+        self.parts = parts
+        self.part = np.asarray(part, np.int8)
+        self.seg = np.asarray(seg, np.int32)
+        self.row = np.asarray(row, np.int64)
+
+    @classmethod
+    def of_index(cls, idx: Index, rows: np.ndarray, pooling: str) -> Rows:
+        """Rows `rows` of the cache `idx` (one consistent version of it) under `pooling`."""
+        from pipeline.store.reader import f_shape, pool
+
+        pool(np.zeros((1, 1, 1, 1), np.float32), pooling)  # validates the name
+        shape = f_shape(idx)
+        if pooling in ("avg", "max"):
+            name, d = f"pooled/{pooling}", shape[-1]
+        else:
+            if not idx.attrs.get("maps", True):
+                raise missing_maps("POOL=flatten")
+            name, d = "features", int(np.prod(shape))
+        part = Part(
+            str(shards_dir(idx.path).resolve()),
+            tuple(e.name for e in idx.entries),
+            name,
+            pooling,
+            int(d),
+        )
+        rows = np.asarray(rows, np.int64)
+        return cls((part,), np.zeros(len(rows), np.int8), idx.seg[rows], idx.seg_row[rows])
+
+    @staticmethod
+    def concat(a: Rows, b: Rows) -> Rows:
+        """The rows of `a`, then those of `b` (another cache: the augmented views)."""
+        if a.shape[1] != b.shape[1]:
+            raise ValueError("rows of different widths")
+        return Rows(
+            a.parts + b.parts,
+            np.concatenate([a.part, b.part + len(a.parts)]),
+            np.concatenate([a.seg, b.seg]),
+            np.concatenate([a.row, b.row]),
+        )
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (len(self.row), self.parts[0].dim if self.parts else 0)
+
+    def __len__(self) -> int:
+        return len(self.row)
+
+    def __getitem__(self, key: Any) -> Rows:
+        return Rows(self.parts, self.part[key], self.seg[key], self.row[key])
+
+    def block_rows(self) -> int:
+        """Rows per block: about BUFFER_BYTES of float32 features."""
+        return max(1, BUFFER_BYTES // max(1, 4 * self.shape[1]))
+
+    def _order(self) -> np.ndarray:
+        """Positions sorted by file and row: the order that reads each file once, forwards."""
+        return np.lexsort((self.row, self.seg, self.part))
+
+    def _read(self, pos: np.ndarray) -> np.ndarray:
+        """Features of positions `pos` (sorted by file and row), one segment open at a time."""
+        d = self.shape[1]
+        out = np.empty((len(pos), d), np.float32)
+        if not len(pos):
+            return out
+        READ["rows"] += len(pos)
+        READ["blocks"] += 1
+        key = self.part[pos].astype(np.int64) << 32 | self.seg[pos].astype(np.int64)
+        cuts = np.flatnonzero(np.diff(key)) + 1
+        done = 0
+        for run in np.split(np.arange(len(pos)), cuts):
+            p = self.parts[int(self.part[pos[run[0]]])]
+            name = p.names[int(self.seg[pos[run[0]]])]
+            rows = self.row[pos[run]]
+            with open_segment(Path(p.folder) / name) as g:
+                if p.dataset not in g:
+                    raise missing_maps("POOL=flatten")
+                ds = g[p.dataset]
+                spans = np.split(rows, np.flatnonzero(np.diff(rows) > GAP) + 1)
+                for span in spans:
+                    a, b = int(span[0]), int(span[-1]) + 1
+                    block = ds[a:b]
+                    if b - a != len(span):
+                        block = block[span - a]
+                    out[done : done + len(span)] = _pool(block, p.pooling)
+                    done += len(span)
+        return out
+
+    def blocks(self, shuffle: int | None = None) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """(positions, features) about 64 MB at a time, every row once.
+
+        `shuffle=None` reads forwards, file by file; `shuffle=seed` reads seeded random chunks of
+        contiguous rows from anywhere into each block and shuffles the block.
+        """
+        order = self._order()
+        per = self.block_rows()
+        if shuffle is None:
+            for a in range(0, len(order), per):
+                pos = order[a : a + per]
+                yield pos, self._read(pos)
+            return
+        rng = np.random.default_rng(shuffle)
+        chunk = max(1, min(CHUNK_ROWS, per // 8))
+        chunks = np.arange(0, len(order), chunk)
+        rng.shuffle(chunks)
+        per_block = max(1, per // chunk)
+        for a in range(0, len(chunks), per_block):
+            pos = np.concatenate([order[c : c + chunk] for c in chunks[a : a + per_block]])
+            pos = pos[np.lexsort((self.row[pos], self.seg[pos], self.part[pos]))]
+            X = self._read(pos)
+            mix = rng.permutation(len(pos))
+            yield pos[mix], X[mix]
+
+    def load(self) -> np.ndarray:
+        """Every row's features in this order, in memory."""
+        X = np.empty(self.shape, np.float32)
+        for pos, block in self.blocks():
+            X[pos] = block
+        return X
+
+
+def materialize(X: Any) -> np.ndarray:
+    """`X` as an array: the rows read when it names them, else as it is."""
+    return X.load() if isinstance(X, Rows) else X

@@ -1,0 +1,138 @@
+"""HEAD=sgd: logistic regression learnt one block of rows at a time, for any number of rows.
+
+A scikit-learn estimator like every head. `fit` takes features in memory or a `store.Rows`
+(rows named in the cache, read when needed): a `StandardScaler` is fitted in one streamed pass
+(`partial_fit`), the regularisation `alpha` is chosen by a grid search on group-aware inner
+folds of a bounded sample of the training rows (all of them up to `tune_rows`), then an
+`SGDClassifier(loss="log_loss")` (averaged SGD) makes `epochs` passes with `partial_fit`, each
+over the rows in a seeded shuffled order read block by block. Memory holds one block
+(about 64 MB), the sample, and a few integers per row; never the collection.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+from sklearn.base import BaseEstimator, ClassifierMixin
+from sklearn.exceptions import ConvergenceWarning
+from sklearn.linear_model import SGDClassifier
+from sklearn.model_selection import GridSearchCV
+from sklearn.preprocessing import StandardScaler
+
+from pipeline import views
+from pipeline.store.rows import BUFFER_BYTES, Rows
+
+ALPHAS = (1e-6, 1e-5, 1e-4, 1e-3, 1e-2)
+TUNE_ROWS = 20_000  # the grid search's sample: all rows up to this, a sample of groups above
+
+
+def blocks(X: Any, shuffle: int | None = None) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """(positions, float32 features) about 64 MB at a time, from a `Rows` or an array."""
+    if isinstance(X, Rows):
+        yield from X.blocks(shuffle)
+        return
+    n = len(X)
+    per = max(1, BUFFER_BYTES // max(1, 4 * X.shape[1]))
+    order = np.arange(n) if shuffle is None else np.random.default_rng(shuffle).permutation(n)
+    for a in range(0, n, per):
+        pos = order[a : a + per]
+        yield pos, np.asarray(X[pos], np.float32)
+
+
+def read(X: Any, rows: np.ndarray) -> np.ndarray:
+    """Features of `rows` (sorted) in memory."""
+    return X[rows].load() if isinstance(X, Rows) else np.asarray(X[rows], np.float32)
+
+
+def tuning_sample(y: np.ndarray, groups: np.ndarray | None, limit: int, seed: int) -> np.ndarray:
+    """Sorted rows of a seeded sample of whole content groups, about `limit` rows in all.
+
+    Every row when there are at most `limit`; views come with their image; every class keeps
+    at least two contents (an inner split needs them) when it has them.
+    """
+    n = len(y)
+    if n <= limit:
+        return np.arange(n)
+    content = views.content(groups) if groups is not None else np.arange(n)
+    uniq, inv = np.unique(content, return_inverse=True)
+    prio = np.random.default_rng(seed).random(len(uniq))
+    take = prio[inv] < limit / n
+    for c in np.unique(y):  # the two lowest-priority contents of every class, whatever the draw
+        mine = np.unique(inv[y == c])
+        keep = mine[np.argsort(prio[mine])[:2]]
+        take |= np.isin(inv, keep)
+    return np.flatnonzero(take)
+
+
+class StreamingSGD(ClassifierMixin, BaseEstimator):
+    """Multiclass logistic regression by averaged SGD over blocks of rows (HEAD=sgd)."""
+
+    __metadata_request__fit = {"groups": True}  # noqa: RUF012 (scikit-learn's convention)
+    accepts_rows = True  # fit and predict_proba take a `store.Rows` as it is
+
+    def __init__(
+        self,
+        alpha: float | None = None,
+        epochs: int = 5,
+        tune_rows: int = TUNE_ROWS,
+        alphas: tuple[float, ...] = ALPHAS,
+        random_state: int = 0,
+    ) -> None:
+        self.alpha = alpha
+        self.epochs = epochs
+        self.tune_rows = tune_rows
+        self.alphas = alphas
+        self.random_state = random_state
+
+    def _sgd(self, alpha: float) -> SGDClassifier:
+        return SGDClassifier(
+            loss="log_loss", alpha=alpha, average=True, random_state=self.random_state
+        )
+
+    def fit(self, X: Any, y: np.ndarray, groups: np.ndarray | None = None) -> StreamingSGD:
+        from pipeline.heads import INNER_FOLDS, InnerCV, fit
+
+        y = np.asarray(y)
+        self.classes_ = np.unique(y)
+        self.scaler_ = StandardScaler()
+        for _, block in blocks(X):  # one streamed pass
+            self.scaler_.partial_fit(block)
+        self.tuning_ = {"rows": len(y), "sample": len(y), "alpha": "fixed"}
+        alpha = self.alpha
+        if alpha is None:
+            rows = tuning_sample(y, groups, self.tune_rows, self.random_state)
+            grid = GridSearchCV(
+                self._sgd(ALPHAS[0]).set_params(max_iter=self.epochs, tol=None),
+                {"alpha": list(self.alphas)},
+                cv=InnerCV(INNER_FOLDS, self.random_state),
+                scoring="accuracy",
+            )
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", ConvergenceWarning)
+                fit(
+                    grid,
+                    self.scaler_.transform(read(X, rows)),
+                    y[rows],
+                    None if groups is None else np.asarray(groups)[rows],
+                )
+            alpha = float(grid.best_params_["alpha"])
+            self.tuning_ = {"rows": len(y), "sample": len(rows), "alpha": "inner folds"}
+        self.alpha_ = alpha
+        self.clf_ = self._sgd(alpha)
+        for epoch in range(self.epochs):
+            seed = self.random_state * 1_000 + epoch
+            for pos, block in blocks(X, shuffle=seed):
+                self.clf_.partial_fit(self.scaler_.transform(block), y[pos], classes=self.classes_)
+        return self
+
+    def predict_proba(self, X: Any) -> np.ndarray:
+        out = np.empty((len(X), len(self.classes_)), np.float64)
+        for pos, block in blocks(X):
+            out[pos] = self.clf_.predict_proba(self.scaler_.transform(block))
+        return out
+
+    def predict(self, X: Any) -> np.ndarray:
+        return self.classes_[np.argmax(self.predict_proba(X), axis=1)]

@@ -1,0 +1,182 @@
+"""Heads at scale: a head that streams the cache, an evaluation sized to the data, no matrix
+held (sgd) or sent (cluster), and a head in memory that says when it would not fit."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from pipeline import bench_store, evaluate, heads, layout, reporting, stats, store
+from pipeline.errors import UserError
+from pipeline.store import reader, rows
+from pipeline.train import train_head
+
+
+def synthetic(tmp_path, n: int, channels: int = 48, signal: float = 0.6):
+    """A cache of `n` rows of backbone-like pooled vectors (non-negative, skewed, class signal
+    spread over every channel, not separable), written by the store's own writer."""
+    path = layout.features_dir(tmp_path / "art") / "synthetic.h5"
+    path.parent.mkdir(parents=True)
+    bench_store.sync(path, bench_store._rows(0, n), batch=97, channels=channels, signal=signal)
+    layout.set_current(tmp_path / "art", path)  # the ARTIFACTS folder's cache
+    return path
+
+
+@pytest.fixture
+def big(tmp_path):
+    return synthetic(tmp_path, 3000)
+
+
+def test_sgd_streams_block_by_block_and_matches_logistic_regression(big, tmp_path, monkeypatch):
+    """sgd reaches logreg's accuracy on the same folds, reading at most one small block of rows
+    at a time and never the whole cache (a spy on the reader)."""
+    art = tmp_path / "art"
+    logreg = train_head(art, "logreg", features=big, folds=3, repeats=1, log=lambda s: 0)
+    monkeypatch.setattr(rows, "BUFFER_BYTES", 128 * 48 * 4)  # 128 rows per block
+    reads: list[int] = []
+    real_read = rows.Rows._read
+
+    def spy(self, pos):
+        reads.append(len(pos))
+        return real_read(self, pos)
+
+    def never(*a, **k):
+        if not k.get("lazy"):
+            raise AssertionError("the streaming head read the whole split into memory")
+        return real_features_of(*a, **k)
+
+    real_features_of = reader.features_of
+    monkeypatch.setattr(rows.Rows, "_read", spy)
+    monkeypatch.setattr(store, "features_of", never)
+    sgd = train_head(art, "sgd", features=big, folds=3, repeats=1, n_jobs=1, log=lambda s: 0)
+    assert sgd["cv"]["folds_id"] == logreg["cv"]["folds_id"]  # paired: the same folds
+    assert 0.6 < logreg["cv"]["accuracy_mean"] < 0.99  # a problem with mistakes to make
+    assert sgd["cv"]["accuracy_mean"] >= logreg["cv"]["accuracy_mean"] - 0.03, (sgd, logreg)
+    assert reads and max(reads) <= 128 < 3000
+    # scaler pass + epochs over every training row, per fold and for the saved head
+    assert sum(reads) >= 3000 * 5
+    assert sgd["final_params"]["alpha"] in heads.streaming.ALPHAS
+    assert sgd["cv"]["tuning"] == {"rows": 3000, "sample": 3000, "alpha": "inner folds"}
+
+
+def test_sgd_tunes_on_a_bounded_sample_of_whole_groups_and_says_so(tmp_path):
+    y = np.repeat(np.arange(3), 400)
+    groups = np.arange(1200) // 2  # pairs of identical copies
+    pick = heads.streaming.tuning_sample(y, groups, 300, seed=0)
+    assert 200 < len(pick) < 420 and np.all(np.diff(pick) > 0)
+    chosen = set(groups[pick].tolist())
+    assert all(
+        (groups == g).sum() == np.isin(pick, np.flatnonzero(groups == g)).sum() for g in chosen
+    )
+    assert set(y[pick].tolist()) == {0, 1, 2}
+    # the whole set below the limit
+    assert len(heads.streaming.tuning_sample(y, groups, 5000, seed=0)) == 1200
+    path = synthetic(tmp_path, 900)
+    r = train_head(tmp_path / "art", "sgd", features=path, folds=2, repeats=1,
+                   params={"tune_rows": "200"}, log=lambda s: 0)  # fmt: skip
+    assert r["cv"]["tuning"]["sample"] < r["cv"]["tuning"]["rows"] == 900
+    text = reporting._protocol(reporting._entry({**r, "current": True, "stale_reason": None}))
+    assert "sample of" in text and "900 training rows" in text
+
+
+def test_the_evaluation_is_sized_to_the_data_unless_folds_are_asked(tmp_path, monkeypatch):
+    path = synthetic(tmp_path, 600)
+    art = tmp_path / "art"
+    small = train_head(art, "logreg", features=path, repeats=1, log=lambda s: 0)
+    assert small["cv"]["protocol"] == "k-fold" and small["cv"]["folds"] == 5
+    monkeypatch.setenv("PIPELINE_HOLDOUT_ABOVE", "500")
+    said: list[str] = []
+    held = train_head(art, "logreg", features=path, log=said.append)
+    cv = held["cv"]
+    assert cv["protocol"] == "holdout" and cv["folds"] == 1 and len(cv["fold_accuracies"]) == 1
+    assert any("held-out split" in s and "600 training images" in s for s in said)
+    # the held-out images are the k-fold run's first test fold, scored by one fit
+    assert 110 <= cv["holdout_images"] <= 130  # 1/5 of 600, by content group and class
+    right = stats.unpack_bits(cv["holdout_right"], cv["holdout_images"])
+    w = stats.wilson(int(right.sum()), len(right))
+    assert cv["accuracy_mean"] == pytest.approx(right.mean())
+    assert (cv["accuracy_low"], cv["accuracy_high"]) == (w["low"], w["high"])
+    assert held["run"] != small["run"]
+    # FOLDS asked: k-fold at any size
+    asked = train_head(art, "logreg", features=path, folds=3, repeats=1, log=lambda s: 0)
+    assert asked["cv"]["protocol"] == "k-fold" and asked["cv"]["folds"] == 3
+    assert "FOLDS=3 asked" in asked["cv"]["protocol_reason"]
+    # the report says which protocol made each number, and why
+    rep = reporting.build_report(art, log=lambda s: 0)
+    md = (art / "report" / "report.md").read_text()
+    html = (art / "report" / "report.html").read_text()
+    assert "one held-out split" in md and "FOLDS=3 asked" in md
+    assert "one held-out split" in html and "held-out split (" in html
+    assert rep["results"]
+
+
+def test_held_out_runs_are_paired_image_by_image(tmp_path, monkeypatch):
+    path = synthetic(tmp_path, 600)
+    monkeypatch.setenv("PIPELINE_HOLDOUT_ABOVE", "100")
+    art = tmp_path / "art"
+    a = train_head(art, "logreg", features=path, log=lambda s: 0)
+    b = train_head(art, "sgd", features=path, log=lambda s: 0)
+    assert a["cv"]["folds_id"] == b["cv"]["folds_id"]
+    ea, eb = (reporting._entry({**r, "current": True, "stale_reason": None}) for r in (a, b))
+    p = reporting.paired(ea, eb)
+    n = a["cv"]["holdout_images"]
+    ra = stats.unpack_bits(a["cv"]["holdout_right"], n)
+    rb = stats.unpack_bits(b["cv"]["holdout_right"], n)
+    assert p["mean_difference"] == pytest.approx(ra.mean() - rb.mean())
+    assert p["low"] < p["mean_difference"] < p["high"]  # an interval, not one fold's figure
+    assert p["p_value"] == stats.mcnemar(ra, rb)["p_value"]
+    # identical runs: difference 0, tied
+    same = reporting.paired(ea, ea)
+    assert same["mean_difference"] == 0 and same["tied"]
+
+
+def test_a_head_in_memory_says_when_the_features_would_not_fit(big, tmp_path, monkeypatch):
+    monkeypatch.setattr(heads, "available_memory", lambda: 1 << 20)  # 1 MiB free
+    with pytest.raises(UserError, match=r"HEAD=logreg holds the features in memory.*HEAD=sgd"):
+        train_head(tmp_path / "art", "logreg", features=big, folds=2, log=lambda s: 0)
+    r = train_head(tmp_path / "art", "sgd", features=big, folds=2, repeats=1, log=lambda s: 0)
+    assert r["cv"]["accuracy_mean"] > 0.5
+
+
+def test_a_run_keeps_a_bounded_record_of_out_of_fold_predictions(tmp_path, monkeypatch):
+    path = synthetic(tmp_path, 600, signal=0.3)
+    monkeypatch.setattr(evaluate, "OOF_ROWS_KEPT", 100)
+    monkeypatch.setattr(evaluate, "OOF_MISTAKES_KEPT", 10)
+    r = train_head(tmp_path / "art", "logreg", features=path, folds=3, repeats=1, log=lambda s: 0)
+    cv = r["cv"]
+    wrong = cv["oof_mistakes"]
+    assert cv["oof_scored"] == 600 and wrong > 10
+    assert len(cv["oof_pred"]) == 10 and all(p != t for p, t in zip(cv["oof_pred"], cv["oof_true"]))
+    assert np.array(cv["confusion"]).sum() == 600  # the figures cover every image
+    assert round(np.trace(np.array(cv["confusion"])) / 600, 6) == round(1 - wrong / 600, 6)
+    g = reporting.gallery({**r, "validation": None}, None, limit=5)
+    assert g["mistakes"] == wrong and len(g["items"]) == 5
+    probs = [it["probability"] for it in g["items"]]
+    assert probs == sorted(probs, reverse=True)
+
+
+def _reads() -> int:
+    from pipeline.store import rows as r
+
+    return r.READ["rows"]
+
+
+@pytest.mark.parametrize("head", ["sgd", "logreg"])
+def test_on_a_cluster_the_workers_read_the_rows_from_the_cache(tmp_path, head):
+    """Folds and the final fit run on the workers, each reading its rows from the cache on
+    (here: local, shared) storage; the client reads none and sends no feature matrix."""
+    from pipeline import cluster
+
+    synthetic(tmp_path, 600)
+    art = tmp_path / "art"
+    here = train_head(art, head, folds=3, repeats=1, params={"C": "1"} if head == "logreg" else {},
+                      log=lambda s: 0)  # fmt: skip
+    with cluster.client("local:2") as c:
+        before = _reads()
+        there = train_head(art, head, folds=3, repeats=1, client=c, log=lambda s: 0,
+                           params={"C": "1"} if head == "logreg" else {})  # fmt: skip
+        on_workers = c.run(_reads)
+    assert _reads() == before  # the client read no feature row
+    # every fold's training and test rows and the saved head's rows, read by the workers
+    assert sum(on_workers.values()) >= 600 * 3
+    assert there["cv"]["fold_accuracies"] == pytest.approx(here["cv"]["fold_accuracies"])
