@@ -180,3 +180,27 @@ def test_on_a_cluster_the_workers_read_the_rows_from_the_cache(tmp_path, head):
     # every fold's training and test rows and the saved head's rows, read by the workers
     assert sum(on_workers.values()) >= 600 * 3
     assert there["cv"]["fold_accuracies"] == pytest.approx(here["cv"]["fold_accuracies"])
+
+
+def test_a_writer_never_waits_for_a_long_reader(tmp_path):
+    """A streaming head holds the cache for hours: `make features` meanwhile commits, keeps the
+    files it replaced (the reader may need them), and the next run deletes them."""
+    import threading
+
+    path = synthetic(tmp_path, 200)
+    import shutil
+
+    stray = store.shards_dir(path) / "g0000replaced.h5"  # a segment no index names any more
+    shutil.copy(next(store.shards_dir(path).glob("g*.h5")), stray)
+    done: list[object] = []
+    with store.reading(path.parent):  # a train-head reading
+        t = threading.Thread(
+            target=lambda: done.append(bench_store.sync(path, bench_store._rows(0, 210), 97, 48))
+        )
+        t.start()
+        t.join(timeout=120)
+        assert not t.is_alive() and done  # committed without waiting for the reader
+        assert stray.exists()  # kept while read
+        assert len(store.read_index(path)) == 210
+    bench_store.sync(path, bench_store._rows(0, 210), 97, 48)  # no reader now
+    assert not stray.exists()
