@@ -307,6 +307,7 @@ def predict(
     weights: str | None = None,
     backbone: str | None = None,
     batch: int = 32,
+    cluster: str = "",
     log: Log | None = print,
 ) -> list[dict[str, Any]]:
     """`make predict`: classify images with a trained head (default: the best current run).
@@ -316,11 +317,14 @@ def predict(
     a `path` column, or a list of image files. Writes the same CSV as the command (`out`,
     default ARTIFACTS/predictions.csv) and returns one dict per image, in order: `path`,
     `label`, `probability`, `probabilities` (every class by name, in class order), `top` (the
-    max(topk, 1) best (label, probability) pairs, best first) and `error` ("" or why the file
-    could not be read; then label and probabilities are None). `predict_rows` gives the same
-    rows one at a time, never holding them all.
+    max(topk, 1) best (label, probability) pairs, best first), `backbone_ran` (False when the
+    image's features were found cached: in the run's cache, or from an earlier predict) and
+    `error` ("" or why the file could not be read; then label and probabilities are None).
+    `cluster="local:N"` or a scheduler address embeds the new images on Dask workers, as for
+    `extract`. `predict_rows` gives the same rows one at a time, never holding them all.
     """
-    return list(predict_rows(images, artifacts, run, out, tta, topk, weights, backbone, batch, log))
+    args = (images, artifacts, run, out, tta, topk, weights, backbone, batch, cluster, log)
+    return list(predict_rows(*args))
 
 
 def predict_rows(
@@ -333,6 +337,7 @@ def predict_rows(
     weights: str | None = None,
     backbone: str | None = None,
     batch: int = 32,
+    cluster: str = "",
     log: Log | None = print,
 ) -> Iterator[dict[str, Any]]:
     """`predict`'s rows one at a time, as `make predict` makes them: the CSV is written as they
@@ -340,9 +345,10 @@ def predict_rows(
     the number of images. A killed run, rerun with the same settings, resumes: only images not
     yet in the partial file are predicted (see `pipeline.prediction.stream`).
     """
+    from pipeline import cluster as dask_cluster
     from pipeline.prediction import stream
 
-    with _progress(log):
+    with _progress(log), dask_cluster.client(cluster) as c:
         yield from stream(
             Path(artifacts),
             Path(images) if isinstance(images, (str, os.PathLike)) else list(images),
@@ -354,6 +360,7 @@ def predict_rows(
             log=_log(log),
             backbone=backbone,
             topk=topk,
+            client=c,
         )
 
 

@@ -6,7 +6,8 @@ the next batch decoding while the caller runs the backbone on the current one.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import itertools
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Protocol
@@ -46,18 +47,30 @@ def decode(src: Source, size: int, augment_seed: int) -> np.ndarray | images.Unr
 
 
 def decoded_batches(
-    todo: list[Any], size: int, batch: int, workers: int, augment_seed: int = 0
-) -> Iterator[tuple[list[Any], list[np.ndarray | str]]]:
-    """Decoded batches in order; the next batch decodes in threads while the caller embeds."""
+    todo: Iterable[Any],
+    size: int,
+    batch: int,
+    workers: int,
+    augment_seed: int = 0,
+    wanted: Callable[[Any], bool] | None = None,
+) -> Iterator[tuple[list[Any], list[np.ndarray | str | None]]]:
+    """Decoded batches in order; the next batch decodes in threads while the caller embeds.
+
+    `todo` may be any iterable: it is read one batch ahead of the caller, as batches are
+    needed. An item for which `wanted(item)` is false is not decoded: None in its place.
+    """
+    items = iter(todo)
     with ThreadPoolExecutor(max_workers=workers) as ex:
-        chunks = [todo[i : i + batch] for i in range(0, len(todo), batch)]
 
-        def submit(chunk: list[Any]) -> list[Any]:
-            return [ex.submit(decode, j, size, augment_seed) for j in chunk]
+        def submit() -> tuple[list[Any], list[Any]]:
+            chunk = list(itertools.islice(items, batch))
+            return chunk, [
+                ex.submit(decode, j, size, augment_seed) if wanted is None or wanted(j) else None
+                for j in chunk
+            ]
 
-        pending = submit(chunks[0]) if chunks else []
-        for k, chunk in enumerate(chunks):
-            current = pending
-            if k + 1 < len(chunks):
-                pending = submit(chunks[k + 1])
-            yield chunk, [f.result() for f in current]
+        chunk, pending = submit()
+        while chunk:
+            current, futures = chunk, pending
+            chunk, pending = submit()
+            yield current, [f.result() if f is not None else None for f in futures]

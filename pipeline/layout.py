@@ -4,6 +4,7 @@ ARTIFACTS/
   features/<backbone>-<layer>-<size>-<key12>.h5   a feature cache (+ `-augmented-seed<S>.h5` views)
   features/<...>.shards/g*.h5                       its segments (rows and features)
   features/current                                 name of the cache the latest `features` wrote
+  features/predicted/<cache name>.h5 (+ .shards/)  features of predicted images, by content
   heads/<run>/                                     one trained head: result.json + saved files
   sweep/sweep.json                                 the latest sweep's ranking and learning curve
   report/report.{json,md,html}                     the report
@@ -34,6 +35,17 @@ def augment_path(cache: Path, seed: int = 0) -> Path:
     """
     cache = Path(cache)
     return cache.with_name(f"{cache.stem}-augmented-seed{int(seed)}.h5")
+
+
+def predicted_path(cache: Path) -> Path:
+    """Where the features of images predicted with the settings of the cache at `cache` live.
+
+    A content store (`store.content`) in a folder of its own beside the caches, so that nothing
+    that lists the caches (`features/*.h5`) takes it for one; its name is the cache's (same
+    key). The views of TTA live beside it: `augment_path(predicted_path(cache), seed)`.
+    """
+    cache = Path(cache)
+    return cache.parent / "predicted" / cache.name
 
 
 def current_cache(artifacts: Path) -> Path:

@@ -5,24 +5,32 @@ layer, size, resize, preprocessing, loader version, dtype) and a mismatch is ref
 line, so a head never sees features made differently from the ones it was trained on. Decoder
 or framework versions that differ from the cache's are said. Writes `path,label,probability`,
 then with `topk=K` the next best labels (`label_2,probability_2,...`), then the probability of
-every class in class order (`p_<class>`).
+every class in class order (`p_<class>`), then `backbone_ran` (yes/no).
+
+The backbone runs once per image content, for prediction too: an image found in the run's cache
+or among the images predicted before (`pipeline.predicted`) is classified from its cached
+features, and when every image is found the backbone is never built. New images are embedded
+here, batch by batch, or on Dask workers (`client`), their rows written in order all the same.
 """
 
 from __future__ import annotations
 
 import csv
+import dataclasses
 import hashlib
 import json
 import os
-from collections import Counter
-from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+import uuid
+from collections import Counter, deque
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import Executor, ThreadPoolExecutor
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from pipeline import dataset, images, layout, runs, store
+from pipeline import dataset, images, layout, predicted, runs, store
 from pipeline.backbone import BackboneSpec, spec_from_settings
 from pipeline.batches import decoded_batches
 from pipeline.errors import UserError
@@ -38,6 +46,50 @@ class _Item:
     abspath: Path
     sha256: str | None = None
     view: int = 0
+
+
+@dataclass
+class _Planned:
+    """One image to classify, hashed and looked up: its views' features found, or None."""
+
+    item: _Item
+    sha256: str | None = None
+    reason: str = ""  # why it cannot be read (no sha256)
+    stat: tuple[int, int, int] = (0, 0, 0)
+    found: list[np.ndarray | None] = field(default_factory=list)  # views 0..TTA
+    view: int = 0  # what `batches.decode` reads: the image itself; its views are drawn here
+
+    @property
+    def abspath(self) -> Path:
+        return self.item.abspath
+
+    @property
+    def missing(self) -> list[int]:
+        """The views to embed now (none for an image that cannot be read)."""
+        return [] if self.reason else [v for v, f in enumerate(self.found) if f is None]
+
+
+@dataclass(frozen=True)
+class _ViewJob:
+    """One view of one image, for a Dask worker (`cluster.embed_batch`)."""
+
+    abspath: Path
+    sha256: str
+    view: int
+
+    @property
+    def ident(self) -> str:
+        return store.ident(self.sha256, self.view)
+
+
+@dataclass
+class _Batch:
+    """A batch of planned images after embedding what was missing."""
+
+    plans: list[_Planned]
+    reasons: dict[int, str]  # image (position in plans) -> why it could not be read
+    jobs: list[tuple[int, int]]  # (image, view) of each row embedded now
+    maps: np.ndarray | None  # their maps, in that order
 
 
 def check_features(r: dict[str, Any], weights: str | None = None) -> BackboneSpec:
@@ -57,13 +109,6 @@ def check_features(r: dict[str, Any], weights: str | None = None) -> BackboneSpe
     return spec
 
 
-def _views(item: _Item, arr: np.ndarray, k: int, seed: int) -> list[np.ndarray]:
-    if not k:
-        return [arr]
-    sha = images.content_sha256(item.abspath)
-    return [arr] + [images.augment(arr, images.view_rng(seed, sha, v)) for v in range(1, k + 1)]
-
-
 def tta_seed(r: dict[str, Any]) -> int:
     """The seed of TTA's views: that of the views the run trained on, else of the cache.
 
@@ -80,12 +125,15 @@ def tta_seed(r: dict[str, Any]) -> int:
 
 
 def columns(classes: list[str], topk: int = 0) -> list[str]:
-    """The CSV's header: path,label,probability, the k-1 next best, then `p_<class>` per class."""
+    """The CSV's header: path,label,probability, the k-1 next best, `p_<class>` per class, and
+    whether the backbone ran for the image (`backbone_ran`: no when its features were cached)."""
     top = [f"{c}_{i}" for i in range(2, topk + 1) for c in ("label", "probability")]
-    return ["path", "label", "probability", *top, *(f"p_{c}" for c in classes)]
+    return ["path", "label", "probability", *top, *(f"p_{c}" for c in classes), "backbone_ran"]
 
 
-def _row(path: str, p: np.ndarray, classes: list[str], topk: int) -> dict[str, Any]:
+def _row(
+    path: str, p: np.ndarray, classes: list[str], topk: int, ran: bool = True
+) -> dict[str, Any]:
     """One prediction: best label, its probability, every class's, and the k best (descending)."""
     best = np.argsort(-p, kind="stable")[: max(topk, 1)]  # ties keep class order
     return {
@@ -94,6 +142,7 @@ def _row(path: str, p: np.ndarray, classes: list[str], topk: int) -> dict[str, A
         "probability": float(p[best[0]]),
         "probabilities": {c: float(v) for c, v in zip(classes, p, strict=True)},
         "top": [(classes[int(i)], float(p[i])) for i in best],
+        "backbone_ran": ran,
         "error": "",
     }
 
@@ -101,7 +150,8 @@ def _row(path: str, p: np.ndarray, classes: list[str], topk: int) -> dict[str, A
 def _csv_row(r: dict[str, Any]) -> list[str]:
     top = [x for lab, pr in r["top"][1:] for x in (lab, f"{pr:.6f}")]
     rest = [f"{v:.6f}" for v in r["probabilities"].values()]
-    return [r["path"], r["label"], f"{r['probability']:.6f}", *top, *rest]
+    ran = "yes" if r["backbone_ran"] else "no"
+    return [r["path"], r["label"], f"{r['probability']:.6f}", *top, *rest, ran]
 
 
 def listed_images(f: Path) -> list[tuple[str, Path]] | None:
@@ -164,10 +214,13 @@ def classify(
     log: Log = print,
     backbone: str | None = None,
     topk: int = 0,
+    client: Any = None,
 ) -> tuple[list[dict[str, Any]], Path]:
     """Every row of `stream` in a list, and the CSV's path (`out` or the default)."""
     rows = list(
-        stream(artifacts, images_path, run, out, weights, batch_size, tta, log, backbone, topk)
+        stream(
+            artifacts, images_path, run, out, weights, batch_size, tta, log, backbone, topk, client
+        )
     )
     return rows, Path(out) if out else layout.predictions_file(artifacts)
 
@@ -248,13 +301,14 @@ def _from_csv(row: list[str], classes: list[str], topk: int) -> dict[str, Any]:
     top = [(row[1], float(row[2]))] + [
         (row[3 + 2 * i], float(row[4 + 2 * i])) for i in range(k - 1)
     ]
-    p = [float(v) for v in row[3 + 2 * (k - 1) :]]
+    p = [float(v) for v in row[3 + 2 * (k - 1) : -1]]
     return {
         "path": row[0],
         "label": row[1],
         "probability": float(row[2]),
         "probabilities": dict(zip(classes, p, strict=True)),
         "top": top,
+        "backbone_ran": row[-1] == "yes",
         "error": "",
     }
 
@@ -270,6 +324,7 @@ def stream(
     log: Log = print,
     backbone: str | None = None,
     topk: int = 0,
+    client: Any = None,
 ) -> Iterator[dict[str, Any]]:
     """Classify every image of `images_path`, one row at a time, in order, writing the CSV as
     the rows are made (memory stays flat in the number of images).
@@ -277,10 +332,16 @@ def stream(
     `images_path`: an image file, a folder, a list file (`listed_images`), or a list of image
     files (paths kept as given). Each row: path, label, probability, `probabilities` (every
     class by name, in class order), `top` (the max(topk, 1) best (label, probability) pairs,
-    most probable first) and `error` ("" or, for a file that could not be read, why: then
-    label and probabilities are None and the CSV, which holds readable images only, leaves it
-    out; the log says it). `tta=K` averages the head's probabilities over the image and K
-    augmented views of it (the same augmentation as `make features AUGMENT=K`).
+    most probable first), `backbone_ran` (False when every feature it needed was cached) and
+    `error` ("" or, for a file that could not be read, why: then label and probabilities are
+    None and the CSV, which holds readable images only, leaves it out; the log says it).
+    `tta=K` averages the head's probabilities over the image and K augmented views of it (the
+    same augmentation as `make features AUGMENT=K`).
+
+    Features are found by content before anything is embedded (`pipeline.predicted`): in the
+    run's cache, then among the images predicted before; what is embedded is kept for the
+    next time. `client`: a Dask client (`pipeline.cluster.client`) that embeds the new images
+    on its workers, at most a few batches per worker in flight; rows still come in order.
 
     Rows go to `<out>.partial`, flushed batch by batch and renamed onto `out` when every image
     is done; its sidecar `<out>.partial.jsonl` says what made it (run and its files, TOPK,
@@ -367,14 +428,15 @@ def stream(
         errs = open(side, "a", encoding="utf-8")
     except OSError as e:
         raise store.disk_error(e, partial) or e from None
-    n_ok = n_bad = 0
+    n_ok = n_bad = n_ran = 0
     first_bad: dict[str, Any] | None = None
     try:
         earlier = csv.reader(old)
         next(earlier)  # the header
         fresh = _predicted(
-            remaining, spec, r, est, classes, topk, tta, seed, batch_size, fh, errs, log
-        )
+            remaining, spec, r, est, classes, topk, tta, seed, batch_size, fh, errs, log,
+            artifacts, client,
+        )  # fmt: skip
         left = Counter(done)
         for j in todo:
             if left[j.path] > 0:
@@ -386,6 +448,7 @@ def stream(
                 row = next(fresh)
             n_ok += not row["error"]
             n_bad += bool(row["error"])
+            n_ran += bool(row["backbone_ran"])
             first_bad = first_bad or (row if row["error"] else None)
             yield row
         for _ in fresh:  # its last batch written and flushed
@@ -410,7 +473,10 @@ def stream(
     except OSError as e:
         raise store.disk_error(e, out) or e from None
     side.unlink(missing_ok=True)
-    log(f"predicted {n_ok} images with head {r['run']}, {n_bad} unreadable; wrote {out}")
+    log(
+        f"predicted {n_ok} images with head {r['run']} (the backbone ran for {n_ran}, "
+        f"{n_ok - n_ran} cached), {n_bad} unreadable; wrote {out}"
+    )
 
 
 def _predicted(
@@ -426,42 +492,219 @@ def _predicted(
     fh: Any,
     errs: Any,
     log: Log,
+    artifacts: Path,
+    client: Any = None,
 ) -> Iterator[dict[str, Any]]:
     """The rows of `todo` in order, each batch's written to `fh` (and its unreadable images to
-    `errs`) and flushed before any of them is yielded."""
-    from pipeline import backbone as bb
+    `errs`) and flushed before any of them is yielded.
 
+    Each batch is hashed and looked up first (`predicted.Cache`); only the views not found are
+    decoded and embedded, here (the backbone built at the first of them) or on `client`'s
+    workers; what is embedded is kept for the next predict.
+    """
     if not todo:
         return
-    model = bb.build(spec)
     dtype = r["features"]["settings"]["dtype"]
     progress = Progress(len(todo), "predicting")
-    workers = min(8, (os.cpu_count() or 2) + 2)
     w = csv.writer(fh)
-    for jobs, decoded in decoded_batches(todo, spec.input_size, batch_size, workers):
-        ok = [(j, d) for j, d in zip(jobs, decoded, strict=True) if not isinstance(d, str)]
-        full = np.zeros((len(ok), len(classes)))  # a class the head never saw: 0
-        if ok:
-            stack = [v for j, d in ok for v in _views(j, d, tta, seed)]
-            x = bb.preprocess(np.stack(stack), spec.name)
-            maps = np.asarray(model.predict_on_batch(x))
-            proba = est.predict_proba(store.pool(maps.astype(dtype), r["pooling"]))
-            proba = proba.reshape(len(ok), tta + 1, -1).mean(axis=1)  # test-time averaging
-            full[:, np.asarray(est.classes_, dtype=int)] = proba
-        probs = iter(full)
-        rows = [
-            _failed(j.path, d) if isinstance(d, str) else _row(j.path, next(probs), classes, topk)
-            for j, d in zip(jobs, decoded, strict=True)
+    cache = predicted.Cache(artifacts, r, tta, seed, log)
+    finished = False
+    try:
+        with ThreadPoolExecutor(max_workers=4) as hashing:
+            plans = _plans(todo, cache, batch_size, tta, hashing)
+            if client is None:
+                batches = _local_batches(plans, spec, batch_size, seed)
+            else:
+                batches = _cluster_batches(client, plans, spec, seed)
+            for b in batches:
+                rows = _classified(b, cache, est, classes, topk, tta, dtype, r["pooling"])
+                w.writerows(_csv_row(row) for row in rows if not row["error"])
+                fh.flush()
+                for row in rows:
+                    if row["error"]:
+                        errs.write(json.dumps({"path": row["path"], "error": row["error"]}) + "\n")
+                        log(f"could not read {row['path']}: {row['error']}")
+                errs.flush()
+                progress.update(len(rows))
+                yield from rows
+        finished = True
+    finally:
+        cache.close(merge=finished)  # stopped: what was embedded is kept, merging waits
+
+
+def _hashed(item: _Item) -> tuple[str | None, str, tuple[int, int, int]]:
+    """(content SHA-256, "", stat) of an image, or (None, why it cannot be read, stat)."""
+    try:
+        st = os.stat(item.abspath)
+        stat = (st.st_size, st.st_mtime_ns, st.st_ino)
+    except OSError:
+        stat = (0, 0, 0)
+    try:
+        return images.content_sha256(item.abspath), "", stat
+    except images.ImageError as e:
+        return None, str(e), stat
+
+
+def _plans(
+    todo: list[_Item], cache: predicted.Cache, batch_size: int, tta: int, hashing: Executor
+) -> Iterator[list[_Planned]]:
+    """Batches of `todo`, hashed and looked up, one batch at a time (memory: one batch)."""
+    for a in range(0, len(todo), batch_size):
+        chunk = todo[a : a + batch_size]
+        hashed = list(hashing.map(_hashed, chunk))
+        found = cache.find([h for h, _, _ in hashed], tta)
+        yield [
+            _Planned(j, h, why, st, f)
+            for j, (h, why, st), f in zip(chunk, hashed, found, strict=True)
         ]
-        w.writerows(_csv_row(row) for row in rows if not row["error"])
-        fh.flush()
-        for row in rows:
-            if row["error"]:
-                errs.write(json.dumps({"path": row["path"], "error": row["error"]}) + "\n")
-                log(f"could not read {row['path']}: {row['error']}")
-        errs.flush()
-        progress.update(len(jobs))
-        yield from rows
+
+
+def _wanted(p: _Planned) -> bool:
+    return bool(p.missing)
+
+
+def _local_batches(
+    plans: Iterable[list[_Planned]], spec: BackboneSpec, batch_size: int, seed: int
+) -> Iterator[_Batch]:
+    """Each batch with its missing views embedded here; the next batch is planned and decoded
+    in threads while this one runs; the backbone is built at the first view to embed."""
+    from pipeline import backbone as bb
+
+    model = None
+    workers = min(8, (os.cpu_count() or 2) + 2)
+    items = (p for chunk in plans for p in chunk)  # read a batch ahead: the same batches
+    for chunk, decoded in decoded_batches(
+        items, spec.input_size, batch_size, workers, wanted=_wanted
+    ):
+        reasons: dict[int, str] = {}
+        jobs: list[tuple[int, int]] = []
+        arrays: list[np.ndarray] = []
+        for i, (p, d) in enumerate(zip(chunk, decoded, strict=True)):
+            if p.reason or isinstance(d, str):
+                reasons[i] = p.reason or str(d)
+            elif d is not None:
+                for v in p.missing:
+                    jobs.append((i, v))
+                    arrays.append(
+                        d if v == 0 else images.augment(d, images.view_rng(seed, p.sha256 or "", v))
+                    )
+        maps = None
+        if arrays:
+            if model is None:
+                model = bb.build(spec)
+            maps = np.asarray(model.predict_on_batch(bb.preprocess(np.stack(arrays), spec.name)))
+        yield _Batch(chunk, reasons, jobs, maps)
+
+
+def _cluster_batches(
+    client: Any, plans: Iterable[list[_Planned]], spec: BackboneSpec, seed: int
+) -> Iterator[_Batch]:
+    """Each batch with its missing views embedded on the Dask workers, in the order given.
+
+    A batch goes to the workers as soon as it is planned, at most two per worker in flight
+    (memory stays bounded); results are taken in order, so rows are written in order. A batch
+    with nothing missing passes through without a task. Workers refusing the weights, unable
+    to see an image, or with other versions stop the predict in one line, as for features.
+    """
+    from pipeline import cluster
+
+    limit = 2 * max(1, len(client.scheduler_info().get("workers", {})))
+    if spec.weights_kind == "file":  # workers resolve no relative path of the client's
+        spec = dataclasses.replace(spec, weights=str(Path(spec.weights).absolute()))
+    weights_id = spec.weights_id()
+    here = embedder()
+    call = uuid.uuid4().hex[:12]
+    spec_f = None
+    queue: deque[tuple[list[_Planned], list[tuple[int, int]], Any]] = deque()
+
+    def done(chunk: list[_Planned], jobs: list[tuple[int, int]], fut: Any) -> _Batch:
+        reasons = {i: p.reason for i, p in enumerate(chunk) if p.reason}
+        if fut is None:
+            return _Batch(chunk, reasons, [], None)
+        out = fut.result()
+        fut.release()
+        if "refused" in out:
+            raise UserError(out["refused"])
+        if "unseen" in out:
+            raise UserError(
+                f"Dask worker {out['worker']} cannot see '{out['unseen'][0]}' (and "
+                f"{len(out['unseen']) - 1} more of its batch), which this machine reads: put "
+                "IMAGES on a filesystem every worker shares, at the same absolute path"
+            )
+        if out["versions"] != here:
+            raise UserError(
+                f"Dask worker {out['worker']} decodes or embeds with other versions than this "
+                f"machine ({difference(here, out['versions'])}); install the same versions on "
+                "every worker"
+            )
+        bad = out["reasons"]
+        ok = []
+        for i, v in jobs:
+            why = bad.get(store.ident(chunk[i].sha256 or "", v))
+            if why is None:
+                ok.append((i, v))
+            else:
+                reasons.setdefault(i, str(why))
+        return _Batch(chunk, reasons, ok, out["maps"])
+
+    for k, chunk in enumerate(plans):
+        jobs = [(i, v) for i, p in enumerate(chunk) for v in p.missing]
+        fut = None
+        if jobs:
+            if spec_f is None:
+                spec_f = client.scatter(spec, broadcast=True)
+            views = [
+                _ViewJob(Path(os.path.abspath(chunk[i].abspath)), chunk[i].sha256 or "", v)
+                for i, v in jobs
+            ]
+            fut = client.submit(
+                cluster.embed_batch, spec_f, views, seed, weights_id, key=f"predict-{call}-{k}"
+            )
+        queue.append((chunk, jobs, fut))
+        while queue and (len(queue) > limit or queue[0][2] is None):
+            yield done(*queue.popleft())
+    while queue:
+        yield done(*queue.popleft())
+
+
+def _classified(
+    b: _Batch,
+    cache: predicted.Cache,
+    est: Any,
+    classes: list[str],
+    topk: int,
+    tta: int,
+    dtype: str,
+    pooling: str,
+) -> list[dict[str, Any]]:
+    """The rows of one batch: the head on each image's features (cached, or embedded now and
+    kept), averaged over its views."""
+    ran = {i for i, _ in b.jobs}
+    if b.jobs:
+        maps = np.asarray(b.maps).astype(dtype)
+        fresh = store.pool(maps, pooling)
+        cache.add(
+            [
+                (b.plans[i].item.path, b.plans[i].sha256 or "", v, b.plans[i].stat)
+                for i, v in b.jobs
+            ],
+            maps,
+        )
+        for (i, v), x in zip(b.jobs, fresh, strict=True):
+            b.plans[i].found[v] = x
+    ok = [i for i in range(len(b.plans)) if i not in b.reasons]
+    full = np.zeros((len(ok), len(classes)))  # a class the head never saw: 0
+    if ok:
+        x = np.stack([f for i in ok for f in b.plans[i].found])  # type: ignore[misc]
+        proba = est.predict_proba(x).reshape(len(ok), tta + 1, -1).mean(axis=1)  # TTA: mean
+        full[:, np.asarray(est.classes_, dtype=int)] = proba
+    probs = iter(full)
+    return [
+        _failed(p.item.path, b.reasons[i])
+        if i in b.reasons
+        else _row(p.item.path, next(probs), classes, topk, i in ran)
+        for i, p in enumerate(b.plans)
+    ]
 
 
 def _failed(path: str, reason: str) -> dict[str, Any]:
@@ -471,5 +714,6 @@ def _failed(path: str, reason: str) -> dict[str, Any]:
         "probability": None,
         "probabilities": None,
         "top": [],
+        "backbone_ran": False,
         "error": reason,
     }

@@ -141,10 +141,11 @@ def test_predict_rows_and_csv_name_every_class_and_sum_to_one(both):
         header, *body = list(csv.reader(fh))
     assert header[:3] == ["path", "label", "probability"]
     assert header[3:5] == ["label_2", "probability_2"]
-    assert header[5:] == [f"p_{c}" for c in classes]
+    assert header[5:-1] == [f"p_{c}" for c in classes] and header[-1] == "backbone_ran"
     assert len(body) == len(rows) == 4
     for line, row in zip(body, rows, strict=True):
-        p = np.array([float(v) for v in line[5:]])
+        assert line[-1] == "yes" and row["backbone_ran"]  # new images: embedded
+        p = np.array([float(v) for v in line[5:-1]])
         assert p.sum() == pytest.approx(1.0, abs=1e-5)
         assert line[1] == classes[int(np.argmax(p))] == row["label"]
         assert float(line[2]) == pytest.approx(p.max(), abs=1e-6)

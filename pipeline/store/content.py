@@ -1,0 +1,378 @@
+"""Content stores: features found by content alone (the images `make predict` embedded).
+
+A content store has a cache's files and format (an index over immutable segments, under the
+cache key of the features it holds: `read_index` reads it) but no labels: a row is found by its
+identity (content hash and view, `format.ident`) and nothing else; its path, label ("") and
+split ("predicted") are only a note of where it was first seen. It only grows: an identity is
+added once and never replaced. It holds the rows of one decoder/framework versions stamp:
+opened by other versions, it starts afresh (their rows would be other features).
+
+Writes are crash-safe like a cache's: new rows are gathered up to one block (about 64 MB) and
+written as one segment (temporary name, fsync, rename), then the index naming it is replaced
+whole (write, fsync, rename). A writer killed between the two leaves a segment that no index
+names: the next writer adopts it (rows it already holds are marked removed there), so nothing
+embedded is lost and no identity is held twice; a damaged index is moved aside and rebuilt from
+the segments the same way. Segments merge by the caches' policy (`merging`) when a writer
+closes, and a file no index names is deleted only when no reader holds the folder (otherwise
+the next writer does it). One writer per store (`locks.exclusive` on its shards folder).
+
+Finding rows reads each segment's identity column once, never features: a `Lookup` keeps the
+live rows' identities in one sorted bytes array (about 80 bytes a row), and features are read
+for the rows found only, one segment file open at a time.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from pipeline.store import merging
+from pipeline.store.format import POOLED, CacheError, cache_key, read_attrs_of
+from pipeline.store.locks import reading
+from pipeline.store.manifest import Entry, open_cache, read_entries, shards_dir, write_manifest
+from pipeline.store.segments import (
+    BLOCK_BYTES,
+    ForeignSegment,
+    Meta,
+    copy_rows,
+    limit_of,
+    open_segment,
+    pooled,
+    read_info,
+    read_rows,
+    write_segment,
+)
+
+Log = Callable[[str], None]
+Where = tuple[str, int]  # (segment name, row in it)
+SPLIT = "predicted"
+
+
+def _quiet(_: str) -> None:
+    pass
+
+
+def read_entries_of(path: Path, key: str) -> list[Entry]:
+    """The segments an index names; CacheError if it is damaged or of another cache key."""
+    with open_cache(path) as f:
+        if read_attrs_of(f).get("cache_key") != key:
+            raise CacheError(f"'{path}' was made with other settings (another cache key)")
+        try:
+            return read_entries(f)
+        except (KeyError, OSError, ValueError) as e:
+            raise CacheError(f"'{path}' is damaged ({e})") from None
+
+
+class Lookup:
+    """Where the live rows of given identities are among the segments `entries` in `folder`.
+
+    Only segments made with the versions stamp `stamp_key` are read (other decoders or
+    frameworks make other features); a segment that cannot be read now is left out, said once.
+    """
+
+    def __init__(
+        self, folder: Path, entries: list[Entry], stamp_key: str, log: Log = _quiet
+    ) -> None:
+        self.folder = Path(folder)
+        self.names: list[str] = []
+        ids, seg, row = [], [], []
+        with reading(self.folder.parent):
+            for e in entries:
+                if e.stamp_key != stamp_key:
+                    continue
+                try:
+                    with open_segment(self.folder / e.name) as g:
+                        col = g["ident"][()]
+                except (CacheError, KeyError, OSError) as err:
+                    log(f"warning: segment '{e.name}' cannot be read now ({err}); not used")
+                    continue
+                live = np.ones(e.rows, bool)
+                live[e.dead] = False
+                rows = np.flatnonzero(live)
+                ids.append(col[rows])
+                seg.append(np.full(len(rows), len(self.names), np.int32))
+                row.append(rows.astype(np.int64))
+                self.names.append(e.name)
+        all_ids = np.concatenate(ids) if ids else np.zeros(0, "S1")
+        width = max(1, int(np.char.str_len(all_ids).max(initial=1)))
+        all_ids = all_ids.astype(f"S{width}")  # sha256s: 64 bytes, not the segments' 80
+        order = np.argsort(all_ids, kind="stable")
+        self.ids = all_ids[order]
+        self.seg = np.concatenate(seg)[order] if seg else np.zeros(0, np.int32)
+        self.row = np.concatenate(row)[order] if row else np.zeros(0, np.int64)
+        self.extra: dict[str, Where] = {}  # rows added since (a writer's)
+
+    @classmethod
+    def of(cls, path: Path, key: str, stamp_key: str, log: Log = _quiet) -> Lookup:
+        """The lookup of the cache or content store at `path` (CacheError if it is unusable)."""
+        return cls(shards_dir(path), read_entries_of(path, key), stamp_key, log)
+
+    def __len__(self) -> int:
+        return len(self.ids) + len(self.extra)
+
+    def find(self, idents: Sequence[str]) -> list[Where | None]:
+        """(segment, row) of each identity's live row, or None where there is none."""
+        out: list[Where | None] = [self.extra.get(h) for h in idents]
+        width = self.ids.dtype.itemsize
+        ask = [i for i, h in enumerate(idents) if out[i] is None and len(h) <= width]
+        if not ask or not len(self.ids):
+            return out
+        q = np.array([idents[i].encode() for i in ask], f"S{width}")
+        pos = np.minimum(np.searchsorted(self.ids, q), len(self.ids) - 1)
+        for i, p, ok in zip(ask, pos.tolist(), (self.ids[pos] == q).tolist(), strict=True):
+            if ok:
+                out[i] = (self.names[self.seg[p]], int(self.row[p]))
+        return out
+
+    def read(self, where: Sequence[Where], dataset: str) -> tuple[np.ndarray | None, np.ndarray]:
+        """The rows `where` of one segment dataset ("pooled/avg", "features"...), in order, and
+        which of them could be read (a segment gone or unreadable since: False)."""
+        ok = np.zeros(len(where), bool)
+        out: np.ndarray | None = None
+        by_seg: dict[str, list[int]] = {}
+        for i, (name, _) in enumerate(where):
+            by_seg.setdefault(name, []).append(i)
+        with reading(self.folder.parent):
+            for name, idx in by_seg.items():
+                rows = np.array([where[i][1] for i in idx], np.int64)
+                order = np.argsort(rows, kind="stable")
+                try:
+                    with open_segment(self.folder / name) as g:
+                        block = read_rows(g[dataset], rows[order])
+                except (CacheError, KeyError, OSError):
+                    continue  # merged away or unreadable since the lookup: embedded again
+                if out is None:
+                    out = np.zeros((len(where),) + block.shape[1:], block.dtype)
+                out[np.asarray(idx)[order]] = block
+                ok[idx] = True
+        return out, ok
+
+
+def _no_readers_then(folder: Path, fn: Callable[[], None]) -> bool:
+    """Run `fn` holding the readers' lock of `folder` exclusively, if no reader holds it now."""
+    try:
+        fh = open(folder / ".readers", "a+")
+    except OSError:
+        fn()
+        return True
+    with fh:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return False
+        fn()
+        return True
+
+
+class ContentStore:
+    """The one writer of the content store at `path` (the caller holds `locks.exclusive` on
+    `shards_dir(path)`): rows found by identity, rows added by identity, see the module doc.
+
+    `attrs` are written into the index (settings, weights...); `maps` says whether rows keep
+    their feature maps (as the cache of the same key does) or the pooled vectors only.
+    """
+
+    def __init__(
+        self,
+        path: Path,
+        key: str,
+        stamp: dict[str, Any],
+        maps: bool,
+        dtype: str,
+        attrs: dict[str, Any],
+        log: Log = print,
+    ) -> None:
+        self.path, self.folder, self.key = Path(path), shards_dir(path), key
+        self.stamp, self.stamp_key = stamp, cache_key(stamp)
+        self.maps, self.dtype, self.attrs, self.log = maps, dtype, attrs, log
+        self.unreadable: set[str] = set()
+        self.shape: tuple[int, ...] | None = None
+        self.pending: list[tuple[Meta, dict[str, np.ndarray], np.ndarray | None]] = []
+        self.pending_ids: set[str] = set()
+        self.pending_bytes = 0
+        self.entries, changed = self._entries()
+        self.lookup = Lookup(self.folder, self.entries, self.stamp_key, log)
+        changed |= self._adopt()
+        if changed:
+            self._write_index()
+        self._collect()
+
+    # -- opening ---------------------------------------------------------------------------
+    def _entries(self) -> tuple[list[Entry], bool]:
+        """The index's segments of this versions stamp that are on disk, and whether that is
+        fewer than it names (the index is then written again)."""
+        if not self.path.exists():
+            return [], False
+        try:
+            entries = read_entries_of(self.path, self.key)
+        except CacheError as e:
+            aside = self.path.with_name(self.path.name + f".damaged-{int(time.time())}")
+            os.replace(self.path, aside)
+            self.log(
+                f"warning: {e}; moved aside to '{aside.name}', its segments are taken up again"
+            )
+            return [], True
+        keep = [
+            e for e in entries if e.stamp_key == self.stamp_key and (self.folder / e.name).is_file()
+        ]
+        if any(e.stamp_key != self.stamp_key for e in entries):
+            self.log(
+                f"the features in '{self.path.name}' were embedded with other decoder/framework "
+                "versions: they are not used, and embedded again as needed"
+            )
+        return keep, len(keep) != len(entries)
+
+    def _adopt(self) -> bool:
+        """Take up the segments no index names that hold rows of this store (a killed writer's
+        last batch, or a damaged index's segments); rows already held are marked removed."""
+        if not self.folder.is_dir():
+            return False
+        named = {e.name for e in self.entries}
+        adopted = False
+        for p in sorted(self.folder.glob("g*.h5")):
+            if p.name in named:
+                continue
+            try:
+                info = read_info(p, self.key)
+            except ForeignSegment:
+                continue  # garbage: collected
+            except (CacheError, KeyError, OSError):
+                self.unreadable.add(p.name)  # maybe passing: kept, unused
+                continue
+            if info.stamp_key != self.stamp_key:
+                continue
+            found = self.lookup.find(info.meta.ident)
+            dead = [i for i, w in enumerate(found) if w is not None]
+            if len(dead) == info.rows:
+                continue  # nothing new (a killed merge's output): garbage
+            for i, h in enumerate(info.meta.ident):
+                if found[i] is None:
+                    if h in self.lookup.extra:
+                        dead.append(i)  # twice in the segments no index named
+                    else:
+                        self.lookup.extra[h] = (p.name, i)
+            self.entries.append(
+                Entry(p.name, info.rows, self.stamp_key, np.array(sorted(dead), np.int64))
+            )
+            adopted = True
+        return adopted
+
+    # -- writing ---------------------------------------------------------------------------
+    def add(
+        self,
+        idents: list[str],
+        paths: list[str],
+        stats: list[tuple[int, int, int]],
+        maps: np.ndarray,
+    ) -> None:
+        """Keep the rows of identities not held yet (maps of stored type, (n, h, w, c)); they
+        are on disk after the next `flush` (when a block's worth is gathered, and at close)."""
+        keep = []
+        for i, (h, there) in enumerate(zip(idents, self.lookup.find(idents), strict=True)):
+            if there is None and h not in self.pending_ids:
+                keep.append(i)
+                self.pending_ids.add(h)
+        if not keep:
+            return
+        m = np.asarray(maps)[keep].astype(self.dtype)
+        self.shape = self.shape or tuple(m.shape[1:])
+        meta = Meta(
+            [idents[i] for i in keep],
+            [paths[i] for i in keep],
+            [""] * len(keep),
+            [SPLIT] * len(keep),
+            [_view_of(idents[i]) for i in keep],
+            [tuple(stats[i]) for i in keep],
+        )
+        vectors = pooled(m)
+        self.pending.append((meta, vectors, m if self.maps else None))
+        self.pending_bytes += sum(v.nbytes for v in vectors.values()) + m.nbytes * self.maps
+        if self.pending_bytes >= BLOCK_BYTES:
+            self.flush()
+
+    def flush(self) -> None:
+        """Write the gathered rows as one segment, then the index naming it."""
+        if not self.pending:
+            return
+        meta = Meta()
+        for m, _, _ in self.pending:
+            meta.extend(m)
+        vectors = {p: np.concatenate([v[p] for _, v, _ in self.pending]) for p in POOLED}
+        maps = (
+            np.concatenate([m for _, _, m in self.pending if m is not None]) if self.maps else None
+        )
+        name = write_segment(
+            self.folder, self.key, meta, vectors, maps, [], self.stamp, self.stamp_key
+        )
+        self.entries.append(Entry(name, len(meta), self.stamp_key))
+        for i, h in enumerate(meta.ident):
+            self.lookup.extra[h] = (name, i)
+        self.pending, self.pending_ids, self.pending_bytes = [], set(), 0
+        self._write_index()
+
+    def close(self, merge: bool = True) -> None:
+        """Write what is gathered; then (`merge`) merge segments by the policy and delete the
+        files no index names."""
+        self.flush()
+        if merge:
+            self._merge()
+            self._collect()
+
+    def _write_index(self) -> None:
+        attrs = {
+            **self.attrs,
+            "cache_key": self.key,
+            "content_store": True,
+            "embedders": [self.stamp] if self.entries else [],
+            "maps": self.maps,
+        }
+        if self.shape is not None:
+            attrs["feature_shape"] = list(self.shape if self.maps else (1, 1, self.shape[-1]))
+        write_manifest(self.path, self.entries, [""], [], attrs)
+
+    def _merge(self) -> None:
+        if not self.entries:
+            return
+        limit = limit_of(self.folder / self.entries[0].name)
+        while True:
+            sizes = [merging.Size(e.live, e.rows, e.stamp_key) for e in self.entries]
+            group = merging.next_merge(sizes, limit)
+            if not group:
+                return
+            srcs = []
+            for i in group:
+                e = self.entries[i]
+                live = np.ones(e.rows, bool)
+                live[e.dead] = False
+                srcs.append((e.name, np.flatnonzero(live), None))
+            out = copy_rows(self.folder, self.key, srcs, self.stamp, self.stamp_key, "", limit)
+            new = [Entry(n, k, self.stamp_key) for n, k in out]
+            first = self.entries[group[0]].name
+            self.entries = [e for i, e in enumerate(self.entries) if i not in group[1:]]
+            at = next(i for i, e in enumerate(self.entries) if e.name == first)
+            self.entries[at : at + 1] = new
+            self._write_index()
+
+    def _collect(self) -> None:
+        """Delete the segment files no index names (never an unreadable one) and half-made
+        files, if no reader holds the folder now (else the next writer does)."""
+        if not self.folder.is_dir():
+            return
+        named = {e.name for e in self.entries} | self.unreadable
+        garbage = [p for p in self.folder.glob("g*.h5") if p.name not in named]
+        garbage += list(self.folder.glob(".tmp-*"))  # a killed writer's half-made segment
+        garbage += list(self.path.parent.glob(f"{self.path.name}.tmp-*"))  # ... or index
+        if garbage:
+            _no_readers_then(
+                self.folder.parent, lambda: [p.unlink(missing_ok=True) for p in garbage]
+            )
+
+
+def _view_of(ident: str) -> int:
+    return int(ident.split("#", 1)[1]) if "#" in ident else 0

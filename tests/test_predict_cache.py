@@ -1,0 +1,323 @@
+"""The backbone runs once per image, for prediction too: the features of predicted images are
+kept by content, images of the training cache are never embedded again, a changed file is, and
+CLUSTER embeds the new images on Dask workers with the same CSV."""
+
+from __future__ import annotations
+
+import csv
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import make_dataset, write_image
+
+from pipeline import backbone, batches, layout, runs, store
+from pipeline.features import extract
+from pipeline.prediction import classify
+from pipeline.store.content import ContentStore, Lookup
+from pipeline.train import train_head
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _quiet(_: str) -> None:
+    pass
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory):
+    """A cache with views (AUGMENT=2) and two runs on it (avg and max pooling): made once."""
+    tmp = tmp_path_factory.mktemp("predict-cache")
+    from pipeline.backbone import BackboneSpec
+
+    spec = BackboneSpec(weights="none", input_size=32, seed=0)
+    data = make_dataset(tmp / "data", per_class=6, validation=1)
+    art = tmp / "art"
+    quiet = lambda s: None  # noqa: E731
+    extract(data, art, spec, augment=2, log=quiet)
+    avg = train_head(art, "logreg", folds=3, log=quiet)["run"]
+    mx = train_head(art, "logreg", pooling="max", folds=3, log=quiet)["run"]
+    new = tmp / "new"
+    for i in range(5):
+        write_image(new / f"n{i}.png", i % 3, seed=800 + i)
+    return {"data": data, "art": art, "new": new, "runs": (avg, mx)}
+
+
+@pytest.fixture
+def art(base, tmp_path):
+    """The trained artifacts, copied: no predict has kept anything in them yet."""
+    return Path(shutil.copytree(base["art"], tmp_path / "art"))
+
+
+@pytest.fixture
+def no_backbone():
+    """`no_backbone()`: from then on, building the backbone or loading Keras for it
+    (preprocessing, output shapes) fails; `no_backbone.undo()` allows it again."""
+    mp = pytest.MonkeyPatch()
+
+    def refuse(*a, **k):
+        raise AssertionError("the backbone was built or Keras loaded for it")
+
+    def arm():
+        mp.setattr(backbone, "build", refuse)
+        mp.setattr(backbone, "_keras", refuse)
+
+    arm.undo = mp.undo
+    yield arm
+    mp.undo()
+
+
+@pytest.fixture
+def decoded(monkeypatch):
+    seen: list[str] = []
+    real = batches.decode
+
+    def spy(src, *a, **k):
+        seen.append(src.abspath.name)
+        return real(src, *a, **k)
+
+    monkeypatch.setattr(batches, "decode", spy)
+    return seen
+
+
+def _csv(path: Path) -> list[dict[str, str]]:
+    with open(path, newline="") as fh:
+        return list(csv.DictReader(fh))
+
+
+def _probabilities(rows: list[dict[str, str]]) -> np.ndarray:
+    return np.array([[float(v) for k, v in r.items() if k.startswith("p_")] for r in rows])
+
+
+def test_a_second_predict_runs_no_backbone_and_gives_the_same_probabilities(
+    base, art, tmp_path, no_backbone, decoded
+):
+    avg, mx = base["runs"]
+    fresh = Path(shutil.copytree(art, tmp_path / "fresh"))  # nothing kept: every image embedded
+    first = classify(art, base["new"], run=avg, out=tmp_path / "1.csv", batch_size=2, log=_quiet)[0]
+    assert all(r["backbone_ran"] for r in first) and len(decoded) == 5
+    # the max-pooling run's reference, on artifacts where nothing was kept
+    ref = classify(fresh, base["new"], run=mx, out=tmp_path / "ref.csv", log=_quiet)[0]
+    assert all(r["backbone_ran"] for r in ref)
+    kept = layout.predicted_path(layout.current_cache(art))
+    assert kept.is_file() and len(store.read_index(kept)) == 5
+
+    no_backbone()
+    decoded.clear()
+    again = classify(art, base["new"], run=avg, out=tmp_path / "2.csv", batch_size=2, log=_quiet)[0]
+    other = classify(art, base["new"], run=mx, out=tmp_path / "3.csv", log=_quiet)[0]
+    assert decoded == []
+    for rows, want in ((again, first), (other, ref)):
+        assert [r["path"] for r in rows] == [r["path"] for r in want]
+        assert not any(r["backbone_ran"] for r in rows)
+        for got, exp in zip(rows, want, strict=True):
+            assert got["label"] == exp["label"]
+            assert got["probabilities"] == pytest.approx(exp["probabilities"], abs=1e-6)
+    # the CSV says it, and differs in nothing else
+    one, two = _csv(tmp_path / "1.csv"), _csv(tmp_path / "2.csv")
+    assert [r.pop("backbone_ran") for r in one] == ["yes"] * 5
+    assert [r.pop("backbone_ran") for r in two] == ["no"] * 5
+    assert one == two
+    assert list(_csv(tmp_path / "3.csv")[0])[-1] == "backbone_ran"
+
+
+def test_images_of_the_training_cache_are_never_embedded(base, art, tmp_path, no_backbone, decoded):
+    data = base["data"]
+    avg, _ = base["runs"]
+    no_backbone()
+    rows = classify(art, data / "validation", run=avg, out=tmp_path / "v.csv", log=_quiet)[0]
+    assert len(rows) == 3 and not any(r["backbone_ran"] for r in rows) and decoded == []
+    assert {r["backbone_ran"] for r in _csv(tmp_path / "v.csv")} == {"no"}
+    # the head on the cached features, row for row
+    r = runs.pick(art, avg)
+    est = runs.load_estimator(art, r)
+    va = store.load_features(layout.current_cache(art), "avg", "validation")
+    for row in rows:
+        i = va.paths.index(f"validation/{row['path']}")
+        p = est.predict_proba(va.X[i : i + 1])[0]
+        assert list(row["probabilities"].values()) == pytest.approx(p.tolist(), abs=1e-6)
+    # TTA's views too: the training images' views are in the cache's views (AUGMENT=2)
+    rows = classify(
+        art, data / "train/class_1", run=avg, out=tmp_path / "t.csv", tta=2, log=_quiet
+    )[0]
+    assert len(rows) == 6 and not any(r["backbone_ran"] for r in rows) and decoded == []
+    assert not (layout.predicted_path(layout.current_cache(art))).exists()  # nothing new kept
+
+    # a mix: only the new image is embedded, and its row alone says the backbone ran
+    mixed = tmp_path / "mixed"
+    shutil.copytree(data / "train/class_2", mixed)
+    write_image(mixed / "zz_new.png", 2, seed=4242)
+    no_backbone.undo()  # the backbone may run now
+    rows = classify(art, mixed, run=avg, out=tmp_path / "m.csv", batch_size=4, log=_quiet)[0]
+    assert decoded == ["zz_new.png"]
+    assert [r["backbone_ran"] for r in rows] == [False] * 6 + [True]
+
+
+def test_a_changed_file_is_embedded_again_and_a_touched_one_is_not(base, art, tmp_path, decoded):
+    avg, _ = base["runs"]
+    images = tmp_path / "images"
+    shutil.copytree(base["new"], images)
+    fresh = Path(shutil.copytree(art, tmp_path / "fresh"))
+    before = classify(art, images, run=avg, out=tmp_path / "a.csv", log=_quiet)[0]
+    write_image(images / "n0.png", 2, seed=4321)  # same path, new content
+    (images / "n1.png").touch()  # same content, new mtime
+    decoded.clear()
+    after = classify(art, images, run=avg, out=tmp_path / "b.csv", log=_quiet)[0]
+    assert decoded == ["n0.png"]
+    assert [r["backbone_ran"] for r in after] == [True] + [False] * 4
+    assert after[0]["probabilities"] != pytest.approx(before[0]["probabilities"], abs=1e-6)
+    # the new content's prediction is that of a predict that kept nothing
+    ref = classify(fresh, images / "n0.png", run=avg, out=tmp_path / "c.csv", log=_quiet)[0]
+    assert after[0]["probabilities"] == pytest.approx(ref[0]["probabilities"], abs=1e-6)
+
+
+def test_views_of_predicted_images_are_kept_per_content_and_view(
+    base, art, tmp_path, no_backbone, decoded
+):
+    avg, _ = base["runs"]
+    one = classify(art, base["new"], run=avg, out=tmp_path / "1.csv", tta=2, log=_quiet)[0]
+    assert all(r["backbone_ran"] for r in one) and len(decoded) == 5
+    cache = layout.current_cache(art)
+    views = layout.augment_path(layout.predicted_path(cache), 0)
+    assert len(store.read_index(views)) == 10  # 5 images x views 1 and 2
+    no_backbone()
+    decoded.clear()
+    two = classify(art, base["new"], run=avg, out=tmp_path / "2.csv", tta=2, log=_quiet)[0]
+    assert decoded == [] and not any(r["backbone_ran"] for r in two)
+    for a, b in zip(one, two, strict=True):
+        assert a["probabilities"] == pytest.approx(b["probabilities"], abs=1e-6)
+
+
+def test_predict_on_a_cluster_gives_the_same_csv(base, art, tmp_path, no_backbone):
+    pytest.importorskip("distributed")
+    import pipeline
+
+    avg, _ = base["runs"]
+    images = tmp_path / "images"
+    shutil.copytree(base["new"], images)
+    shutil.copy(base["data"] / "train/class_0/img_000.png", images / "from_train.png")
+    (images / "junk.png").write_text("not an image")
+    there = Path(shutil.copytree(art, tmp_path / "there"))
+    here = pipeline.predict(images, art, run=avg, out=tmp_path / "here.csv", batch=2, log=None)
+    no_backbone()  # from now on, only the workers may embed
+    rows = pipeline.predict(
+        images, there, run=avg, out=tmp_path / "there.csv", batch=2, cluster="local:1", log=None
+    )
+    assert [r["path"] for r in rows] == [r["path"] for r in here]  # in order
+    assert [r["error"] != "" for r in rows] == [r["error"] != "" for r in here]
+    a, b = _csv(tmp_path / "here.csv"), _csv(tmp_path / "there.csv")
+    assert [(r["path"], r["label"], r["backbone_ran"]) for r in a] == [
+        (r["path"], r["label"], r["backbone_ran"]) for r in b
+    ]
+    assert [r["backbone_ran"] for r in b] == ["no"] + ["yes"] * 5  # from_train: cached
+    np.testing.assert_allclose(_probabilities(a), _probabilities(b), atol=2e-6)
+    # and what the workers embedded is kept like the rest
+    kept = layout.predicted_path(layout.current_cache(there))
+    assert len(store.read_index(kept)) == 5
+
+
+def test_make_predict_takes_cluster():
+    out = subprocess.run(
+        ["make", "-n", "predict", "IMAGES=x", "CLUSTER=local:2"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    assert "--cluster local:2" in out
+
+
+# -- the content store itself: crash-safe, never two rows of one content, one key ----------
+
+
+def _add(s: ContentStore, idents: list[str], value: float, paths=None, stat=(1, 1, 1)) -> None:
+    """Rows of (1, 1, 4) maps of `value` under `idents`."""
+    maps = np.full((len(idents), 1, 1, 4), value, np.float16)
+    s.add(idents, paths or ["x.png"] * len(idents), [stat] * len(idents), maps)
+
+
+def _store(path: Path, key: str = "k" * 64) -> ContentStore:
+    return ContentStore(path, key, {"v": 1}, True, "float16", {}, log=lambda s: None)
+
+
+def test_a_killed_writer_loses_nothing_and_holds_no_row_twice(tmp_path, monkeypatch):
+    from pipeline.store import content
+
+    path = tmp_path / "predicted" / "c.h5"
+    real = content.write_manifest
+
+    def kill_at(n):  # the n-th index write (from 1) is killed; the segments are on disk
+        calls = []
+
+        def write(*a, **k):
+            calls.append(1)
+            if len(calls) == n:
+                raise KeyboardInterrupt
+            return real(*a, **k)
+
+        monkeypatch.setattr(content, "write_manifest", write)
+
+    for i in range(8):  # eight one-row segments: the eighth close merges them
+        s = _store(path)
+        _add(s, [f"h{i}"], float(i))
+        if i == 7:
+            kill_at(2)  # the merged segment is written, the index naming it is not
+            with pytest.raises(KeyboardInterrupt):
+                s.close()
+            monkeypatch.undo()
+        else:
+            s.close()
+    assert len(store.read_index(path).entries) == 8  # the old index: readable, whole
+    s = _store(path)  # the merge's output holds nothing new: deleted, not taken up
+    _add(s, ["late"], 9.0)
+    kill_at(1)  # killed between a segment and its index
+    with pytest.raises(KeyboardInterrupt):
+        s.flush()
+    monkeypatch.undo()
+    s = _store(path)  # the next writer takes the orphan segment up
+    want = [f"h{i}" for i in range(8)] + ["late"]
+    found = s.lookup.find([*want, "never"])
+    assert found[-1] is None
+    block, ok = s.lookup.read(found[:-1], "pooled/avg")
+    assert ok.all() and block[:, 0].tolist() == [*map(float, range(8)), 9.0]
+    s.close()
+    idx = store.read_index(path)
+    assert sorted(idx.idents) == sorted(want)  # each once
+    assert len(idx.entries) <= 2
+    assert {p.name for p in store.shards_dir(path).glob("g*.h5")} == {e.name for e in idx.entries}
+
+
+def test_a_damaged_index_is_rebuilt_from_its_segments_and_another_key_is_never_used(tmp_path):
+    path = tmp_path / "predicted" / "c.h5"
+    s = _store(path)
+    _add(s, ["a", "b"], 3.0)
+    s.close()
+    with pytest.raises(store.CacheError):
+        Lookup.of(path, "x" * 64, s.stamp_key)
+    path.write_bytes(b"garbage")
+    s = _store(path)
+    assert [w is not None for w in s.lookup.find(["a", "b"])] == [True, True]
+    s.close()
+    assert sorted(store.read_index(path).idents) == ["a", "b"]
+    # a store of another key at that path is moved aside, its rows never found
+    other = _store(path, key="o" * 64)
+    assert other.lookup.find(["a", "b"]) == [None, None]
+    other.close()
+    # and rows of other decoder/framework versions are never found either
+    again = ContentStore(path, "o" * 64, {"v": 2}, True, "float16", {}, log=lambda s: None)
+    _add(again, ["a"], 5.0)
+    again.close()
+    assert Lookup.of(path, "o" * 64, other.stamp_key).find(["a"]) == [None]
+    assert Lookup.of(path, "o" * 64, again.stamp_key).find(["a"]) != [None]
+
+
+def test_a_kept_row_says_where_it_was_seen(tmp_path):
+    path = tmp_path / "predicted" / "c.h5"
+    s = _store(path)
+    _add(s, ["a", "a#1"], 1.0, ["x/a.png"] * 2, (5, 6, 7))
+    s.close()
+    idx = store.read_index(path)
+    assert idx.paths == ["x/a.png"] * 2 and idx.view == [0, 1]
+    assert idx.split == ["predicted"] * 2 and idx.stat.tolist() == [[5, 6, 7]] * 2
