@@ -9,7 +9,9 @@
 6. bytes of cache per image;
 7. every backbone's images/s and peak memory in float32 and at PRECISION=auto (what it resolves
    to here), with the per-image correlation of their pooled features;
-8. (`--only gpu`, `make bench-gpu`, where a GPU is) the accelerator: float32 vs mixed precision at
+8. `make predict` images/s on new images (the backbone built and run in the call, as in a
+   `make predict` process) and on the same images again (their features kept: no backbone);
+9. (`--only gpu`, `make bench-gpu`, where a GPU is) the accelerator: float32 vs mixed precision at
    batch 64-512, plain and XLA-compiled forward pass, decode threads needed to feed it.
 Writes ARTIFACTS/bench/bench.json and prints a table. The size is a setting (--size). Parts 1-2
 run at --precision (default auto, resolved as `make features` does) for both the pipeline and the
@@ -49,6 +51,7 @@ SIZES: dict[str, dict[str, int]] = {
         dense_n=500,
         scale_n=200,
         cluster_n=16,
+        predict_n=16,
         gpu_n=64,
         gpu_reps=3,
         backbone_n=8,
@@ -63,6 +66,7 @@ SIZES: dict[str, dict[str, int]] = {
         dense_n=2000,
         scale_n=2000,
         cluster_n=32,
+        predict_n=64,
         gpu_n=512,
         gpu_reps=10,
         backbone_n=16,
@@ -77,6 +81,7 @@ SIZES: dict[str, dict[str, int]] = {
         dense_n=10000,
         scale_n=10000,
         cluster_n=96,
+        predict_n=256,
         gpu_n=2048,
         gpu_reps=20,
         backbone_n=64,
@@ -454,6 +459,35 @@ def cluster_extraction(work: Path, cfg: dict[str, int], spec: Any, batch: int) -
     return out
 
 
+def predict_rates(work: Path, cfg: dict[str, int], spec: Any, batch: int) -> dict[str, Any]:
+    """`make predict` images/s (in-process) on new images, then on the same images again.
+
+    The first call builds the backbone and embeds every image (as a `make predict` process
+    does); the second finds every image's features kept by the first and builds none. The head
+    is a logistic regression on 8 training images (its cost is not what is measured).
+    """
+    from pipeline.features import extract
+    from pipeline.prediction import classify
+    from pipeline.train import train_head
+
+    quiet = lambda s: None  # noqa: E731
+    n = cfg["predict_n"]
+    art = work / "predict-art"
+    extract(make_images(work / "predict-train", 8, "png", seed=300), art, spec, log=quiet)
+    train_head(art, "logreg", folds=2, log=quiet)
+    new = make_images(work / "predict-new", n, "png", seed=301)
+    out: dict[str, Any] = {"images": n, "batch": batch}
+    for name in ("new", "again"):
+        t = time.perf_counter()
+        rows, _ = classify(art, new, out=work / f"predict-{name}.csv", batch_size=batch, log=quiet)
+        wall = time.perf_counter() - t
+        ran = sum(bool(r["backbone_ran"]) for r in rows)
+        out[name] = {"wall_s": wall, "images_per_s": n / wall, "backbone_ran": ran}
+        _say(f"  {name}: {n / wall:.2f} img/s ({wall:.2f} s, the backbone ran for {ran} of {n})")
+    out["speedup_again"] = out["again"]["images_per_s"] / out["new"]["images_per_s"]
+    return out
+
+
 def _timed_calls(fn: Any, x: Any, reps: int) -> float:
     """Images/s of `reps` calls of `fn` on the batch `x`, after one warm-up (compiling) call."""
     np.asarray(fn(x))
@@ -806,6 +840,13 @@ def table(res: dict[str, Any]) -> str:
         f"| cache bytes per image, index + shards ({rr['n']} images, {rr['input_size']} px) "
         f"| {rr['bytes_per_image']:.0f} | |"
     )
+    pr = res.get("predict")
+    if pr:
+        lines.append(
+            f"| predict ({pr['images']} images): new / the same again (features kept, no "
+            f"backbone) | {pr['new']['images_per_s']:.1f} / {pr['again']['images_per_s']:.1f} "
+            f"img/s ({pr['speedup_again']:.0f}x) | |"
+        )
     bb = res.get("backbones")
     if bb:
         other = bb["resolved"]
@@ -838,7 +879,7 @@ def _main(argv: list[str] | None = None) -> int:
     ap.add_argument("--size", choices=list(SIZES), default="default")
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument(
-        "--only", default="extraction,reruns,memory,heads,scale,store,cluster,backbones"
+        "--only", default="extraction,reruns,memory,heads,scale,store,cluster,predict,backbones"
     )
     ap.add_argument(
         "--store-sizes",
@@ -920,6 +961,10 @@ def _main(argv: list[str] | None = None) -> int:
     if "cluster" in parts:
         _say("extraction in one process and on CLUSTER=local:2 (same images):")
         res["cluster"] = cluster_extraction(work, cfg, spec, args.batch)
+    if "predict" in parts:
+        _say(f"make predict on {cfg['predict_n']} new images, then the same images again:")
+        res["predict"] = predict_rates(work, cfg, spec, args.batch)
+        _save(args.artifacts, res)
     if "backbones" in parts:
         _say("backbones (random weights, each at its own input size, batch of 8), float32 and "
              f"PRECISION={args.precision}:")  # fmt: skip

@@ -31,6 +31,9 @@ from pipeline.store.content import ContentStore, Lookup
 
 Log = Callable[[str], None]
 Stat = tuple[int, int, int]
+# what a store that cannot be written now raises (a full disk, a read-only folder, a file that
+# HDF5 cannot read): said, and predict goes on without keeping features
+FAILURES = (UserError, OSError, KeyError, ValueError)
 
 
 class Cache:
@@ -96,7 +99,7 @@ class Cache:
                 attrs,
                 self.log,
             )
-        except (UserError, OSError) as e:
+        except FAILURES as e:
             self.log(f"the features of new images are not kept this time ({e})")
             if ppath.is_file():
                 try:
@@ -146,7 +149,7 @@ class Cache:
                     [rows[k][3] for k in mine],
                     maps[mine],
                 )
-            except (UserError, OSError) as e:
+            except FAILURES as e:
                 self._drop(kind, e)
 
     def _drop(self, kind: int, e: BaseException) -> None:
@@ -166,7 +169,7 @@ class Cache:
                 if st is not None:
                     try:
                         st.close(merge)
-                    except (UserError, OSError) as e:
+                    except FAILURES as e:
                         self._drop(kind, e)
         finally:
             self.locks.close()

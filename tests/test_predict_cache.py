@@ -7,6 +7,7 @@ from __future__ import annotations
 import csv
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -121,6 +122,18 @@ def test_a_second_predict_runs_no_backbone_and_gives_the_same_probabilities(
     assert [r.pop("backbone_ran") for r in two] == ["no"] * 5
     assert one == two
     assert list(_csv(tmp_path / "3.csv")[0])[-1] == "backbone_ran"
+    # a fresh process predicting cached images never imports TensorFlow or Keras
+    code = (
+        "import sys; from pipeline import api; "
+        f"rows = api.predict({str(base['new'])!r}, {str(art)!r}, run={mx!r}, "
+        f"out={str(tmp_path / '4.csv')!r}, log=None); "
+        "print([m for m in ('tensorflow', 'keras') if m in sys.modules], "
+        "sum(r['backbone_ran'] for r in rows))"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True
+    )
+    assert done.stdout.split() == ["[]", "0"], done.stdout + done.stderr
 
 
 def test_images_of_the_training_cache_are_never_embedded(base, art, tmp_path, no_backbone, decoded):
