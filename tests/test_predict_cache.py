@@ -311,6 +311,7 @@ def test_a_damaged_index_is_rebuilt_from_its_segments_and_another_key_is_never_u
         Lookup.of(path, "x" * 64, s.stamp_key)
     path.write_bytes(b"garbage")
     s = _store(path)
+    assert store.read_attrs(path)["feature_shape"] == [1, 1, 4]  # rebuilt at once, whole
     assert [w is not None for w in s.lookup.find(["a", "b"])] == [True, True]
     s.close()
     assert sorted(store.read_index(path).idents) == ["a", "b"]

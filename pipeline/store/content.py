@@ -332,6 +332,12 @@ class ContentStore:
             "embedders": [self.stamp] if self.entries else [],
             "maps": self.maps,
         }
+        if self.shape is None and self.entries:  # nothing added yet: the segments say it
+            with open_segment(self.folder / self.entries[0].name) as g:
+                has = "features" in g
+                self.shape = (
+                    tuple(g["features"].shape[1:]) if has else (1, 1, g["pooled/avg"].shape[1])
+                )
         if self.shape is not None:
             attrs["feature_shape"] = list(self.shape if self.maps else (1, 1, self.shape[-1]))
         write_manifest(self.path, self.entries, [""], [], attrs)
