@@ -43,6 +43,22 @@ def find(
     }
 
 
+def of_index(idx: Any) -> dict[str, Any]:
+    """`find` over a cache's rows, in NumPy: Python objects only for the rows with a twin,
+    so a cache of ten million distinct images costs one sort of its hashes."""
+    import numpy as np
+
+    _, inv, counts = np.unique(idx.ident_col, return_inverse=True, return_counts=True)
+    rows = np.flatnonzero(counts[inv] > 1)
+    return find(
+        idx.paths_of(rows),
+        [h.split("#", 1)[0] for h in idx.ident_col[rows].astype(str).tolist()],
+        idx.labels[rows].tolist(),
+        idx.split_col[rows].astype(str).tolist(),
+        idx.classes,
+    )
+
+
 def _example(group: dict[str, Any]) -> str:
     return " = ".join(f"{f['path']} ({f['class']}, {f['split']})" for f in group["files"][:3])
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -20,7 +21,7 @@ from typing import Any
 import numpy as np
 from sklearn.base import clone
 from sklearn.metrics import confusion_matrix, precision_recall_fscore_support
-from sklearn.model_selection import StratifiedGroupKFold
+from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold
 from sklearn.utils.parallel import Parallel, delayed
 
 from pipeline import views
@@ -44,10 +45,15 @@ class TrainSet:
     paths: list[str] | None = None  # per row, for the report's gallery of mistakes
 
 
-def groups_of(sha256: list[str]) -> np.ndarray:
-    """One integer group per distinct content hash."""
-    ids: dict[str, int] = {}
-    return np.array([ids.setdefault(h, len(ids)) for h in sha256], dtype=np.int64)
+def groups_of(sha256: Any) -> np.ndarray:
+    """One integer group per distinct content hash, numbered in order of first appearance."""
+    keys = np.asarray(sha256)
+    if not len(keys):
+        return np.zeros(0, np.int64)
+    _, first, inv = np.unique(keys, return_index=True, return_inverse=True)
+    rank = np.empty(len(first), np.int64)
+    rank[np.argsort(first, kind="stable")] = np.arange(len(first))
+    return rank[inv.reshape(-1)]
 
 
 def distinct_per_class(y: np.ndarray, groups: np.ndarray | None, n: int) -> np.ndarray:
@@ -143,18 +149,40 @@ def protocol(n_train: int, folds: int | None) -> dict[str, Any]:
 
 
 def outer_folds(y: np.ndarray, groups: np.ndarray, k: int, seed: int) -> np.ndarray:
-    """The fold number of every row: stratified by label, a group never in two folds."""
+    """The fold number of every row: stratified by label, a group never in two folds.
+
+    Every row its own content: StratifiedKFold (linear; the same constraint), else
+    StratifiedGroupKFold (it loops over the groups in Python: minutes at a million).
+    """
     fold = np.full(len(y), -1, dtype=np.int64)
-    cv = StratifiedGroupKFold(k, shuffle=True, random_state=seed)
-    for i, (_, te) in enumerate(cv.split(np.zeros(len(y)), y, groups)):
-        fold[te] = i
+    distinct = len(np.unique(groups)) == len(groups)
+    cv = (StratifiedKFold if distinct else StratifiedGroupKFold)(k, shuffle=True, random_state=seed)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # "least populated class": said elsewhere
+        for i, (_, te) in enumerate(cv.split(np.zeros(len(y)), y, groups)):
+            fold[te] = i
     return fold
 
 
-def folds_id(sha256: list[str], fold: np.ndarray) -> str:
-    """Fingerprint of a fold assignment by content: equal ids mean runs are paired fold by fold."""
-    pairs = sorted({(h, int(f)) for h, f in zip(sha256, fold, strict=True)})
-    return hashlib.sha256(json.dumps(pairs).encode()).hexdigest()
+def folds_id(sha256: Any, fold: np.ndarray) -> str:
+    """Fingerprint of a fold assignment by content: equal ids mean runs are paired fold by fold.
+
+    The SHA-256 of the JSON list of sorted (content hash, fold) pairs, written in pieces.
+    """
+    keys = np.asarray(sha256)
+    _, first = np.unique(keys, return_index=True)  # sorted contents; one fold per content
+    h = hashlib.sha256(b"[")
+    step = 65536
+    for a in range(0, len(first), step):
+        part = first[a : a + step]
+        names = keys[part].tolist()
+        text = ", ".join(
+            f'["{x.decode() if isinstance(x, bytes) else x}", {int(f)}]'
+            for x, f in zip(names, fold[part], strict=True)
+        )
+        h.update(((", " if a else "") + text).encode())
+    h.update(b"]")
+    return h.hexdigest()
 
 
 def splits(ts: TrainSet, k: int, seed: int) -> tuple[list[tuple[np.ndarray, np.ndarray]], str]:
@@ -164,17 +192,19 @@ def splits(ts: TrainSet, k: int, seed: int) -> tuple[list[tuple[np.ndarray, np.n
     the images, labels and seed alone, never on a cache's row order: every cache of the same
     images (another layer, backbone, or one grown incrementally) gets the same folds. Every
     view follows its image's group. A training fold holds the originals and views of its
-    groups; a test fold only originals.
+    groups; a test fold only originals. NumPy throughout: a million rows cost a sort.
     """
     orig = np.flatnonzero(ts.original)
-    order = sorted(orig.tolist(), key=lambda i: (ts.sha256[i], int(ts.y[i])))
-    orig = np.array(order, dtype=np.int64)
-    sorted_groups = groups_of([ts.sha256[i] for i in orig])
+    keys = np.asarray(ts.sha256)
+    orig = orig[np.lexsort((ts.y[orig], keys[orig]))]  # stable: as sorted() by (hash, label)
+    sorted_groups = groups_of(keys[orig])
     fold_o = outer_folds(ts.y[orig], sorted_groups, k, seed)
-    fold_of_group = dict(zip(ts.groups[orig].tolist(), fold_o.tolist(), strict=True))
-    row_fold = np.array([fold_of_group.get(int(g), -1) for g in views.content(ts.groups)])
+    content = views.content(ts.groups)
+    fold_of_group = np.full(int(content.max()) + 1 if len(content) else 0, -1, np.int64)
+    fold_of_group[ts.groups[orig]] = fold_o
+    row_fold = fold_of_group[content]
     out = [(np.flatnonzero((row_fold != i) & (row_fold >= 0)), orig[fold_o == i]) for i in range(k)]
-    return out, folds_id([ts.sha256[i] for i in orig], fold_o)
+    return out, folds_id(keys[orig], fold_o)
 
 
 def _fold(
@@ -306,6 +336,10 @@ def cross_validate(
     return out
 
 
+def _text(h: Any) -> str:
+    return h.decode() if isinstance(h, bytes) else str(h)
+
+
 OOF_ROWS_KEPT = 100_000  # above this many scored images, a run keeps its mistakes' rows only
 OOF_MISTAKES_KEPT = 1_000
 
@@ -323,7 +357,7 @@ def _oof(ts: TrainSet, oof: np.ndarray, oof_p: np.ndarray, scored: np.ndarray) -
     return {
         **out,
         "oof_pred": oof[keep].tolist(),
-        "oof_sha256": [ts.sha256[i] for i in keep],
+        "oof_sha256": [_text(ts.sha256[i]) for i in keep],
         "oof_probability": oof_p[keep].round(6).tolist(),
         "oof_true": ts.y[keep].tolist(),
         "oof_paths": [ts.paths[i] for i in keep] if ts.paths else None,

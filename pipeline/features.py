@@ -389,9 +389,7 @@ def _embed(
             [j.view for j in ok],
             [j.stat for j in ok],
         )
-        fails = [
-            Failure(h, str(r), bool(getattr(r, "content", False))) for h, r in reasons.items()
-        ]
+        fails = [Failure(h, str(r), bool(getattr(r, "content", False))) for h, r in reasons.items()]
         w.add_batch(meta, pooled(maps), maps, fails)
         failures.update({x.ident: x for x in fails})
         progress.update(len(chunk))

@@ -300,7 +300,7 @@ def build_report(
             idx = store.read_index(cache)
         current = idx.attrs
         skipped = [{"path": s["path"], "reason": s["reason"]} for s in idx.skipped]
-        dups = duplicates.find(idx.paths, idx.sha256, idx.labels.tolist(), idx.split, idx.classes)
+        dups = duplicates.of_index(idx)
     except UserError as e:
         log(f"warning: {e}")
     random_w = any(e["random_weights"] for e in entries)
@@ -372,14 +372,11 @@ def _protocol(e: dict[str, Any]) -> str:
     out = e.get("cv_protocol_reason") or f"{_folds(e)}-fold cross-validation"
     t = e.get("tuning") or {}
     if t.get("alpha") == "inner folds":
-        out += (
-            f"; alpha tuned by group-aware inner {3}-fold CV on "
-            + (
-                f"a sample of {t['sample']:,} of the {t['rows']:,} training rows (the full grid "
-                "on every row would take hours)"
-                if t["sample"] < t["rows"]
-                else f"all {t['rows']:,} training rows"
-            )
+        out += f"; alpha tuned by group-aware inner {3}-fold CV on " + (
+            f"a sample of {t['sample']:,} of the {t['rows']:,} training rows (the full grid "
+            "on every row would take hours)"
+            if t["sample"] < t["rows"]
+            else f"all {t['rows']:,} training rows"
         )
     return out
 

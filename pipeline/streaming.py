@@ -4,13 +4,15 @@ A scikit-learn estimator like every head. `fit` takes features in memory or a `s
 (rows named in the cache, read when needed): a `StandardScaler` is fitted in one streamed pass
 (`partial_fit`), the regularisation `alpha` is chosen by a grid search on group-aware inner
 folds of a bounded sample of the training rows (all of them up to `tune_rows`), then an
-`SGDClassifier(loss="log_loss")` (averaged SGD) makes `epochs` passes with `partial_fit`, each
-over the rows in a seeded shuffled order read block by block. Memory holds one block
+`SGDClassifier(loss="log_loss")` (averaged SGD) makes `epochs` passes with `partial_fit` (more
+on a small set: at least MIN_UPDATES rows' updates), each over the rows in a seeded shuffled
+order read block by block. Memory holds one block
 (about 64 MB), the sample, and a few integers per row; never the collection.
 """
 
 from __future__ import annotations
 
+import os
 import warnings
 from collections.abc import Iterator
 from typing import Any
@@ -25,8 +27,11 @@ from sklearn.preprocessing import StandardScaler
 from pipeline import views
 from pipeline.store.rows import BUFFER_BYTES, Rows
 
-ALPHAS = (1e-6, 1e-5, 1e-4, 1e-3, 1e-2)
-TUNE_ROWS = 20_000  # the grid search's sample: all rows up to this, a sample of groups above
+# strongest first: a tie in the grid search goes to the more regularised head
+ALPHAS = (1e-1, 1e-2, 1e-3, 1e-4)  # below 1e-4 averaged SGD over-fits unstably here
+TUNE_ROWS = 10_000  # the grid search's sample: all rows up to this, a sample of groups above
+TUNE_EPOCHS = 3  # passes per candidate in the grid search (more on a small sample, see below)
+MIN_UPDATES = 100_000  # small sets get more passes: at least this many rows' updates in all
 
 
 def blocks(X: Any, shuffle: int | None = None) -> Iterator[tuple[np.ndarray, np.ndarray]]:
@@ -67,6 +72,11 @@ def tuning_sample(y: np.ndarray, groups: np.ndarray | None, limit: int, seed: in
     return np.flatnonzero(take)
 
 
+def passes(epochs: int, rows: int) -> int:
+    """`epochs`, or more on a small set: at least MIN_UPDATES rows' updates in all."""
+    return max(epochs, -(-MIN_UPDATES // max(1, rows)))
+
+
 class StreamingSGD(ClassifierMixin, BaseEstimator):
     """Multiclass logistic regression by averaged SGD over blocks of rows (HEAD=sgd)."""
 
@@ -88,8 +98,12 @@ class StreamingSGD(ClassifierMixin, BaseEstimator):
         self.random_state = random_state
 
     def _sgd(self, alpha: float) -> SGDClassifier:
-        return SGDClassifier(
-            loss="log_loss", alpha=alpha, average=True, random_state=self.random_state
+        return SGDClassifier(  # one-vs-rest over the classes in threads (the GIL released)
+            loss="log_loss",
+            alpha=alpha,
+            average=True,
+            random_state=self.random_state,
+            n_jobs=os.cpu_count(),
         )
 
     def fit(self, X: Any, y: np.ndarray, groups: np.ndarray | None = None) -> StreamingSGD:
@@ -105,7 +119,10 @@ class StreamingSGD(ClassifierMixin, BaseEstimator):
         if alpha is None:
             rows = tuning_sample(y, groups, self.tune_rows, self.random_state)
             grid = GridSearchCV(
-                self._sgd(ALPHAS[0]).set_params(max_iter=self.epochs, tol=None),
+                self._sgd(ALPHAS[0]).set_params(
+                    max_iter=passes(TUNE_EPOCHS, len(rows) * 2 // 3),
+                    tol=None,
+                ),
                 {"alpha": list(self.alphas)},
                 cv=InnerCV(INNER_FOLDS, self.random_state),
                 scoring="accuracy",
@@ -122,7 +139,8 @@ class StreamingSGD(ClassifierMixin, BaseEstimator):
             self.tuning_ = {"rows": len(y), "sample": len(rows), "alpha": "inner folds"}
         self.alpha_ = alpha
         self.clf_ = self._sgd(alpha)
-        for epoch in range(self.epochs):
+        self.passes_ = passes(self.epochs, len(y))
+        for epoch in range(self.passes_):
             seed = self.random_state * 1_000 + epoch
             for pos, block in blocks(X, shuffle=seed):
                 self.clf_.partial_fit(self.scaler_.transform(block), y[pos], classes=self.classes_)

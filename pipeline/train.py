@@ -172,9 +172,12 @@ def _train(
     n_orig = int(ts.original.sum())
     protocol = evaluate.protocol(n_orig, folds)
     folds = protocol["folds"]
-    dups = duplicates.find(idx.paths, idx.sha256, idx.labels.tolist(), idx.split, classes)
+    dups = duplicates.of_index(idx)
     for w in duplicates.lines(dups):
         log(w)
+    augmented = data.augmented
+    del data
+    idx = idx.summary()  # the rows' columns go: a streaming head keeps a few bytes per row
     if n_jobs is None:
         n_jobs = min(folds, os.cpu_count() or 1) if info.parallel_folds else 1
     if client is not None:
@@ -268,7 +271,7 @@ def _train(
             "embedders": idx.attrs.get("embedders"),
             "random_weights": bool(idx.attrs.get("random_weights", False)),
             "n_skipped": len(idx.skipped),
-            "augmented": data.augmented,
+            "augmented": augmented,
         },
         "timing_s": {"cv": cv_s, "final_fit": fit_s, "total": time.perf_counter() - t0},
         "environment": environment(),
@@ -295,6 +298,9 @@ def _with_views(
     """
     from pipeline.features import augment_settings
 
+    if lazy:  # views: per-row Python lists again (the views' rows still stay in the cache)
+        ts.sha256 = [h.decode() if isinstance(h, bytes) else h for h in ts.sha256]
+        ts.paths = [ts.paths[i] for i in range(len(ts.paths or []))]
     apath = layout.augment_path(path, seed)
     fix = f"run `make features AUGMENT={views} SEED={seed}` (same settings as the cache)"
     if not apath.is_file():
@@ -315,6 +321,8 @@ def _with_views(
                 f"than '{path.name}' or another augmentation; {fix}"
             )
         aug = store.features_of(f, aidx, pooling, "train", max_view=views, lazy=lazy)
+    if lazy:
+        aug.sha256 = [h.decode() for h in aug.sha256]
     row_of = {
         store.ident(h, int(v)): i for i, (h, v) in enumerate(zip(aug.sha256, aug.view, strict=True))
     }

@@ -84,16 +84,16 @@ def test_every_split_inside_a_fold_keeps_views_together(monkeypatch):
             heads.make(heads.get(name), {}, 0), ts, ["a", "b", "c"], 3, 0, log=lambda s: None
         )
         assert inner, f"{name}: no inner split ran"
-        assert all(
-            not set(views.content(a)) & set(views.content(b)) for a, b in inner
-        ), f"{name}: an image (or one of its views) on both sides"
+        assert all(not set(views.content(a)) & set(views.content(b)) for a, b in inner), (
+            f"{name}: an image (or one of its views) on both sides"
+        )
         marked = [(a, b) for a, b in inner if (a < 0).any()]  # the grid search's splits
         assert marked, f"{name}: views left out of the inner training folds"
         assert all((b >= 0).all() for _, b in marked), f"{name}: an inner fold scored a view"
         if name == "svm":  # calibration: a partition (views in it), views weighing nothing
-            assert weights and all(
-                w is not None and 0 < w.sum() == len(w) / k for w in weights
-            ), "the calibration was fitted on views"
+            assert weights and all(w is not None and 0 < w.sum() == len(w) / k for w in weights), (
+                "the calibration was fitted on views"
+            )
         assert all(len(p) == 1 and "C" in p for p in cv["fold_params"])  # tuned in every fold
         assert len(cv["oof_pred"]) == n  # scored on originals only
         assert cv["accuracy_mean"] < 0.6  # chance is 1/3; leaking views would give ~1.0

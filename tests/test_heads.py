@@ -133,7 +133,7 @@ def test_folds_below_two_is_an_error():
 def test_unknown_head_lists_valid_ones():
     with pytest.raises(
         UserError,
-        match="HEAD must be one of logreg, svm, svm-linear, svm-nystroem, dense, finetune; "
+        match="HEAD must be one of logreg, svm, svm-linear, svm-nystroem, sgd, dense, finetune; "
         "got .knn.",
     ):
         heads.get("knn")

@@ -186,7 +186,7 @@ def run_cli(args, capsys):
         (
             None,
             ["train-head", "--head", "knn"],
-            "HEAD must be one of logreg, svm, svm-linear, svm-nystroem, dense, finetune",
+            "HEAD must be one of logreg, svm, svm-linear, svm-nystroem, sgd, dense, finetune",
         ),
         (None, ["train-head", "--param", "C"], "must look like name=value"),
         (None, ["report", "--artifacts", "{t}/art"], "run `make train-head` first"),

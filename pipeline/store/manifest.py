@@ -211,6 +211,15 @@ class Index:
     def __len__(self) -> int:
         return len(self.labels)
 
+    def summary(self) -> Index:
+        """This cache's attributes, classes, skipped files and segments, without its rows'
+        columns: what a long reader keeps once it has taken the rows it needs."""
+        return Index(
+            self.path, self.classes, self.skipped, self.attrs, self.entries,
+            self.ident_col[:0], [], self.labels[:0], self.split_col[:0], self.view_col[:0],
+            self.stat[:0], self.made_col[:0], self.seg[:0], self.seg_row[:0],
+        )  # fmt: skip
+
     @property
     def path_col(self) -> np.ndarray:
         """Every row's path as UTF-8 bytes (made on first use: per segment until then)."""

@@ -41,6 +41,23 @@ class Features:
     view: np.ndarray
 
 
+class PathsOf:
+    """The paths of some rows of a cache, decoded one by one when asked (no list of them all)."""
+
+    def __init__(self, idx: Index, rows: np.ndarray) -> None:
+        starts = np.searchsorted(idx.seg, np.arange(len(idx.path_parts) + 1))
+        self.parts = idx.path_parts
+        self.seg = idx.seg[rows]
+        self.local = rows - starts[self.seg] if len(rows) else rows
+
+    def __len__(self) -> int:
+        return len(self.seg)
+
+    def __getitem__(self, i: int) -> str:
+        raw = self.parts[int(self.seg[i])][int(self.local[i])]
+        return raw.decode("utf-8", "surrogateescape") if isinstance(raw, bytes) else str(raw)
+
+
 def f_shape(idx: Index) -> tuple[int, ...]:
     return tuple(int(v) for v in idx.attrs["feature_shape"])
 
@@ -80,12 +97,14 @@ def features_of(
             f"to ('{base}') or its ARTIFACTS folder"
         )
     rows = np.flatnonzero(idx.mask(split, max_view))
-    if lazy:
+    if lazy:  # a few bytes per row: hashes as one bytes array, paths decoded when asked
         return Features(
             X=Rows.of_index(idx, rows, pooling),  # type: ignore[arg-type]
             y=idx.labels[rows] if len(rows) else np.zeros(0, np.int64),
-            paths=idx.paths_of(rows),
-            sha256=[h.split("#", 1)[0] for h in idx.ident_col[rows].astype(str).tolist()],
+            paths=PathsOf(idx, rows),  # type: ignore[arg-type]
+            sha256=np.char.partition(idx.ident_col[rows], b"#")[:, 0].astype("S64")
+            if len(rows)
+            else np.zeros(0, "S64"),  # type: ignore[arg-type]
             view=idx.view_col[rows].astype(np.int64),
         )
     shape = f_shape(idx)
