@@ -146,7 +146,9 @@ def test_a_run_keeps_a_bounded_record_of_out_of_fold_predictions(tmp_path, monke
     cv = r["cv"]
     wrong = cv["oof_mistakes"]
     assert cv["oof_scored"] == 600 and wrong > 10
-    assert len(cv["oof_pred"]) == 10 and all(p != t for p, t in zip(cv["oof_pred"], cv["oof_true"]))
+    assert len(cv["oof_pred"]) == 10 and all(
+        p != t for p, t in zip(cv["oof_pred"], cv["oof_true"], strict=True)
+    )
     assert np.array(cv["confusion"]).sum() == 600  # the figures cover every image
     assert round(np.trace(np.array(cv["confusion"])) / 600, 6) == round(1 - wrong / 600, 6)
     g = reporting.gallery({**r, "validation": None}, None, limit=5)
@@ -172,7 +174,7 @@ def test_on_a_cluster_the_workers_read_the_rows_from_the_cache(tmp_path, head):
 
     synthetic(tmp_path, 600)
     art = tmp_path / "art"
-    here = train_head(art, head, folds=3, repeats=1, params=FIXED[head], log=lambda s: 0)  # fmt: skip
+    here = train_head(art, head, folds=3, repeats=1, params=FIXED[head], log=lambda s: 0)
     with cluster.client("local:2") as c:
         before = _reads()
         there = train_head(art, head, folds=3, repeats=1, client=c, log=lambda s: 0,
