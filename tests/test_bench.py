@@ -31,3 +31,18 @@ def test_the_store_at_scale_part_measures_through_the_store(tmp_path):
     assert big["peak_open_files_reading"] - big["open_files_before_reading"] <= 3
     assert len(big["plus_1pct_bytes"]) == 10 and all(b > 0 for b in big["plus_1pct_bytes"])
     assert res["rows_growth"] == 2
+
+
+def test_the_heads_part_measures_each_head_in_one_process(tmp_path):
+    """logreg and sgd through the command, each alone (--jobs 1): seconds, peak, protocol."""
+    from pipeline import bench_store
+
+    path = tmp_path / "cache.h5"
+    bench_store.sync(path, bench_store._rows(0, 400), batch=200, channels=16, signal=0.6)
+    res = bench_store.heads_on(path, tmp_path / "art")
+    for head in ("logreg", "sgd"):
+        r = res[f"train_head_{head}"]
+        assert r["s"] > 0 and 30 < r["peak_mib"] < 4000
+        assert r["protocol"] == "k-fold" and r["low"] <= r["accuracy"] <= r["high"]
+    runs = {p.name.split("-")[0] for p in (tmp_path / "art" / "heads").glob("*-*")}
+    assert runs == {"logreg", "sgd"}
