@@ -45,9 +45,26 @@ class TrainSet:
     paths: list[str] | None = None  # per row, for the report's gallery of mistakes
 
 
+def _sortable(sha256: Any) -> np.ndarray:
+    """Hashes as an array that sorts and groups like them: a bytes array (a streamed cache's)
+    as its 64-bit prefixes (8 bytes a row) when equal prefixes mean equal hashes, a list of
+    strings as it is."""
+    from pipeline.store.format import prefix64
+
+    keys = np.asarray(sha256)
+    if keys.dtype.kind != "S" or not len(keys):
+        return keys
+    p = prefix64(keys)
+    o = np.argsort(p, kind="stable")
+    tie = np.flatnonzero(p[o][1:] == p[o][:-1])  # equal prefixes: the same content, or not?
+    if len(tie) and (keys[o[tie]] != keys[o[tie + 1]]).any():
+        return keys  # two contents share a prefix (not real SHA-256s): the full hashes
+    return p
+
+
 def groups_of(sha256: Any) -> np.ndarray:
     """One integer group per distinct content hash, numbered in order of first appearance."""
-    keys = np.asarray(sha256)
+    keys = _sortable(sha256)
     if not len(keys):
         return np.zeros(0, np.int64)
     _, first, inv = np.unique(keys, return_index=True, return_inverse=True)
@@ -164,23 +181,32 @@ def outer_folds(y: np.ndarray, groups: np.ndarray, k: int, seed: int) -> np.ndar
     return fold
 
 
-def folds_id(sha256: Any, fold: np.ndarray) -> str:
+def folds_id(sha256: Any, fold: np.ndarray, rows: np.ndarray | None = None) -> str:
     """Fingerprint of a fold assignment by content: equal ids mean runs are paired fold by fold.
 
     The SHA-256 of the JSON list of sorted (content hash, fold) pairs, written in pieces.
+    `rows`: the rows of `sha256` that `fold` is about, sorted by content (no copy of them all).
     """
     keys = np.asarray(sha256)
-    _, first = np.unique(keys, return_index=True)  # sorted contents; one fold per content
+    if rows is None:
+        rows = np.argsort(_sortable(keys), kind="stable")
+        fold = fold[rows]
+    sk = _sortable(keys[rows]) if keys.dtype.kind != "S" else None
     h = hashlib.sha256(b"[")
     step = 65536
-    for a in range(0, len(first), step):
-        part = first[a : a + step]
-        names = keys[part].tolist()
-        text = ", ".join(
-            f'["{x.decode() if isinstance(x, bytes) else x}", {int(f)}]'
-            for x, f in zip(names, fold[part], strict=True)
-        )
-        h.update(((", " if a else "") + text).encode())
+    prev: Any = None
+    started = False
+    for a in range(0, len(rows), step):
+        names = keys[rows[a : a + step]]
+        key = sk[a : a + step] if sk is not None else names
+        for x, k, f in zip(names.tolist(), key.tolist(), fold[a : a + step].tolist(), strict=True):
+            if started and k == prev:  # one pair per content (copies share a fold)
+                continue
+            h.update(
+                ((", " if started else "") + f'["{x.decode() if isinstance(x, bytes) else x}", '
+                 f"{int(f)}]").encode()
+            )  # fmt: skip
+            prev, started = k, True
     h.update(b"]")
     return h.hexdigest()
 
@@ -196,15 +222,16 @@ def splits(ts: TrainSet, k: int, seed: int) -> tuple[list[tuple[np.ndarray, np.n
     """
     orig = np.flatnonzero(ts.original)
     keys = np.asarray(ts.sha256)
-    orig = orig[np.lexsort((ts.y[orig], keys[orig]))]  # stable: as sorted() by (hash, label)
-    sorted_groups = groups_of(keys[orig])
+    sk = _sortable(keys)
+    orig = orig[np.lexsort((ts.y[orig], sk[orig]))]  # stable: as sorted() by (hash, label)
+    sorted_groups = groups_of(sk[orig])
     fold_o = outer_folds(ts.y[orig], sorted_groups, k, seed)
     content = views.content(ts.groups)
     fold_of_group = np.full(int(content.max()) + 1 if len(content) else 0, -1, np.int64)
     fold_of_group[ts.groups[orig]] = fold_o
     row_fold = fold_of_group[content]
     out = [(np.flatnonzero((row_fold != i) & (row_fold >= 0)), orig[fold_o == i]) for i in range(k)]
-    return out, folds_id(keys[orig], fold_o)
+    return out, folds_id(keys, fold_o, orig)
 
 
 def _fold(

@@ -22,6 +22,7 @@ from sklearn.base import BaseEstimator, ClassifierMixin
 from sklearn.exceptions import ConvergenceWarning
 from sklearn.linear_model import SGDClassifier
 from sklearn.model_selection import GridSearchCV
+from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import StandardScaler
 
 from pipeline import views
@@ -118,12 +119,12 @@ class StreamingSGD(ClassifierMixin, BaseEstimator):
         alpha = self.alpha
         if alpha is None:
             rows = tuning_sample(y, groups, self.tune_rows, self.random_state)
-            grid = GridSearchCV(
-                self._sgd(ALPHAS[0]).set_params(
-                    max_iter=passes(TUNE_EPOCHS, len(rows) * 2 // 3),
-                    tol=None,
-                ),
-                {"alpha": list(self.alphas)},
+            sgd = self._sgd(ALPHAS[0]).set_params(
+                max_iter=passes(TUNE_EPOCHS, len(rows) * 2 // 3), tol=None
+            )
+            grid = GridSearchCV(  # the scaler learns inside every inner split, as for logreg
+                Pipeline([("scale", StandardScaler()), ("clf", sgd)]),
+                {"clf__alpha": list(self.alphas)},
                 cv=InnerCV(INNER_FOLDS, self.random_state),
                 scoring="accuracy",
             )
@@ -131,11 +132,11 @@ class StreamingSGD(ClassifierMixin, BaseEstimator):
                 warnings.simplefilter("ignore", ConvergenceWarning)
                 fit(
                     grid,
-                    self.scaler_.transform(read(X, rows)),
+                    read(X, rows),
                     y[rows],
                     None if groups is None else np.asarray(groups)[rows],
                 )
-            alpha = float(grid.best_params_["alpha"])
+            alpha = float(grid.best_params_["clf__alpha"])
             self.tuning_ = {"rows": len(y), "sample": len(rows), "alpha": "inner folds"}
         self.alpha_ = alpha
         self.clf_ = self._sgd(alpha)

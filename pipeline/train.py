@@ -61,9 +61,9 @@ def load(
     """
     with store.reading(path.parent), store.open_cache(path) as f:
         idx = store.index_of(f, path)
-        if fits is not None and not lazy:
-            n = int(idx.mask("train", views).sum() + idx.mask("validation").sum())
-            fits(n, store.width(idx, pooling))
+        if fits is not None:  # views come from their own cache: K more rows per image
+            n_train, n_val = int(idx.mask("train").sum()), int(idx.mask("validation").sum())
+            fits(n_train * (1 + views) + n_val, store.width(idx, pooling))
         tr = store.features_of(f, idx, pooling, "train", lazy=lazy)
         va = store.features_of(f, idx, pooling, "validation", lazy=lazy)
     ts = evaluate.TrainSet(

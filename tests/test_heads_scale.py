@@ -208,3 +208,35 @@ def test_a_writer_never_waits_for_a_long_reader(tmp_path):
         assert len(store.read_index(path)) == 210
     bench_store.sync(path, bench_store._rows(0, 210), 97, 48)  # no reader now
     assert not stray.exists()
+
+
+def test_rows_named_twice_or_scattered_are_read_as_named(tmp_path):
+    """A row named twice (two identical images' views) and scattered rows read exactly those
+    rows, and a few scattered rows cost their bytes, not the blocks around them."""
+    import h5py
+
+    from pipeline.store.segments import read_rows
+
+    folder = tmp_path / "c.shards"
+    folder.mkdir()
+    data = np.arange(300 * 4, dtype=np.float32).reshape(300, 4)
+    with h5py.File(folder / "g1.h5", "w") as f:
+        f.create_dataset("pooled/avg", data=data)
+    part = rows.Part(str(folder), ("g1.h5",), "pooled/avg", "avg", 4)
+    for want in ([5, 5, 7], [0, 299], [3, 4, 4, 6], list(range(10, 20))):
+        r = rows.Rows((part,), np.zeros(len(want)), np.zeros(len(want)), np.array(want))
+        np.testing.assert_array_equal(r.load(), data[want])
+    big = np.zeros((400_000, 4), np.float32)  # rows more than 1 MB apart are read one by one
+    with h5py.File(tmp_path / "big.h5", "w") as f:
+        ds = f.create_dataset("x", data=big)
+        calls: list[slice] = []
+
+        class Spy:
+            shape, dtype = ds.shape, ds.dtype
+
+            def __getitem__(self, key):
+                calls.append(key)
+                return ds[key]
+
+        read_rows(Spy(), np.array([1, 200_000, 399_999]))
+    assert sum(k.stop - k.start for k in calls) == 3

@@ -363,48 +363,55 @@ def index_of(
     embedders = attrs.get("embedders") or []
     class_of = {c: i for i, c in enumerate(classes)}
     folder = shards_dir(path)
-    cols: dict[str, list[np.ndarray]] = {
-        k: [] for k in ("ident", "path", "label", "split", "view", "stat", "made", "seg", "row")
-    }
     if drop_missing:
         gone = [e for e in entries if not (folder / e.name).is_file()]
         if gone:
             names = {e.name for e in gone}
             entries = [e for e in entries if e.name not in names]
             attrs["lost_rows"] = sum(e.live for e in gone)
+    # every column allocated once at its final size and filled segment by segment: reading
+    # the index costs its bytes, never twice them (no list of parts to concatenate)
+    total = sum(max(0, e.live) for e in entries)
+    ident = np.zeros(total, "S80")
+    labels = np.zeros(total, np.int64)
+    split = np.zeros(total, "S10")
+    view = np.zeros(total, np.int16)
+    stat_col = np.zeros((total, 3), np.int64)
+    made_col = np.zeros(total, np.int16)
+    seg_col = np.zeros(total, np.int32)
+    row_col = np.zeros(total, np.int64)
+    path_parts: list[np.ndarray] = []
+    at = 0
     for k, e in enumerate(entries):
         with open_segment(folder / e.name) as g:
             try:
                 live = np.ones(e.rows, bool)
                 live[e.dead] = False
+                n = int(live.sum())
+                if at + n > total:
+                    raise ValueError("more live rows than the index says")
                 own = strs(g["classes"])
                 remap = np.array([class_of.get(c, -1) for c in own] + [-1], np.int64)
                 stamp = read_attrs_of(g).get("stamp") or {}
-                cols["ident"].append(g["ident"][()][live])
-                cols["path"].append(g["path"][()][live])
-                cols["label"].append(remap[g["label"][()][live]])
-                cols["split"].append(g["split"][()][live])
-                cols["view"].append(g["view"][()][live].astype(np.int16))
+                ident[at : at + n] = g["ident"][()][live]
+                path_parts.append(g["path"][()][live])
+                labels[at : at + n] = remap[g["label"][()][live]]
+                split[at : at + n] = g["split"][()][live]
+                view[at : at + n] = g["view"][()][live]
                 stat = g["stat"][()]
                 if len(e.restat_rows):
                     stat[e.restat_rows] = e.restat
-                cols["stat"].append(stat[live])
+                stat_col[at : at + n] = stat[live]
             except (KeyError, OSError, ValueError, IndexError) as err:
                 raise CacheError(
                     f"segment '{folder / e.name}' of the cache cannot be read ({err}); rerun "
                     "`make features`: it sets the damaged index aside and embeds only the rows "
                     "no readable segment holds"
                 ) from None
-        n = int(live.sum())
-        made = embedders.index(stamp) if stamp in embedders else 0
-        cols["made"].append(np.full(n, made, np.int16))
-        cols["seg"].append(np.full(n, k, np.int32))
-        cols["row"].append(np.flatnonzero(live).astype(np.int64))
-
-    def cat(name: str, empty: np.ndarray) -> np.ndarray:
-        return np.concatenate(cols[name]) if cols[name] else empty
-
-    labels = cat("label", np.zeros(0, np.int64))
+        made_col[at : at + n] = embedders.index(stamp) if stamp in embedders else 0
+        seg_col[at : at + n] = k
+        row_col[at : at + n] = np.flatnonzero(live)
+        at += n
     if (labels < 0).any():
         raise CacheError(
             f"feature cache '{path}' is damaged (a row's label is not among its classes); "
@@ -416,13 +423,13 @@ def index_of(
         skipped=skipped,
         attrs=attrs,
         entries=entries,
-        ident=cat("ident", np.zeros(0, "S80")),
-        paths=cols["path"],
-        labels=labels,
-        split=cat("split", np.zeros(0, "S10")),
-        view=cat("view", np.zeros(0, np.int16)),
-        stat=cat("stat", np.zeros((0, 3), np.int64)).reshape(-1, 3),
-        made=cat("made", np.zeros(0, np.int16)),
-        seg=cat("seg", np.zeros(0, np.int32)),
-        seg_row=cat("row", np.zeros(0, np.int64)),
+        ident=ident[:at],
+        paths=path_parts,
+        labels=labels[:at],
+        split=split[:at],
+        view=view[:at],
+        stat=stat_col[:at],
+        made=made_col[:at],
+        seg=seg_col[:at],
+        seg_row=row_col[:at],
     )

@@ -141,7 +141,7 @@ class Rows:
                 for span in spans:
                     a, b = int(span[0]), int(span[-1]) + 1
                     block = ds[a:b]
-                    if b - a != len(span):
+                    if b - a != len(span) or (np.diff(span) != 1).any():  # gaps or repeats
                         block = block[span - a]
                     out[done : done + len(span)] = _pool(block, p.pooling)
                     done += len(span)

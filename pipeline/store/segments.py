@@ -388,23 +388,29 @@ def info_of(f: h5py.File, name: str, key: str | None = None) -> SegInfo:
 
 
 def read_rows(ds: h5py.Dataset, rows: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
-    """Rows `rows` (sorted) of a dataset, read in contiguous blocks of about 64 MB."""
+    """Rows `rows` (sorted) of a dataset, read in contiguous blocks of at most about 64 MB.
+
+    Rows further apart than about 1 MB are read separately: a few scattered rows cost their
+    own bytes, not the blocks around them.
+    """
     row_bytes = int(np.prod(ds.shape[1:], dtype=np.int64)) * ds.dtype.itemsize
     step = max(1, BLOCK_BYTES // max(1, row_bytes))
+    gap = max(1, (1 << 20) // max(1, row_bytes))
     if out is None:
         out = np.empty((len(rows),) + ds.shape[1:], ds.dtype)
     if not len(rows):
         return out
     done = 0
-    lo, hi = int(rows[0]), int(rows[-1]) + 1
-    for a in range(lo, hi, step):
-        b = min(hi, a + step)
-        i, j = np.searchsorted(rows, [a, b])
-        if i == j:
-            continue
-        block = ds[a:b]
-        out[done : done + (j - i)] = block[rows[i:j] - a]
-        done += j - i
+    for span in np.split(rows, np.flatnonzero(np.diff(rows) > gap) + 1):
+        lo, hi = int(span[0]), int(span[-1]) + 1
+        for a in range(lo, hi, step):
+            b = min(hi, a + step)
+            i, j = np.searchsorted(span, [a, b])
+            if i == j:
+                continue
+            block = ds[a:b]
+            out[done : done + (j - i)] = block[span[i:j] - a]
+            done += j - i
     return out
 
 
