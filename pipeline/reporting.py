@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from pipeline import dataset, duplicates, layout, outputs, pictures, runs, stats, store
+from pipeline import dataset, duplicates, heads, layout, outputs, pictures, runs, stats, store
 from pipeline.errors import UserError
 from pipeline.features import RANDOM_BANNER
 from pipeline.provenance import environment
@@ -372,7 +372,7 @@ def _protocol(e: dict[str, Any]) -> str:
     out = e.get("cv_protocol_reason") or f"{_folds(e)}-fold cross-validation"
     t = e.get("tuning") or {}
     if t.get("alpha") == "inner folds":
-        out += f"; alpha tuned by group-aware inner {3}-fold CV on " + (
+        out += f"; alpha tuned by group-aware inner {heads.INNER_FOLDS}-fold CV on " + (
             f"a sample of {t['sample']:,} of the {t['rows']:,} training rows (the full grid "
             "on every row would take hours)"
             if t["sample"] < t["rows"]

@@ -187,6 +187,10 @@ def _train(
         + (f" (+{len(ts.y) - n_orig} augmented views)" if views else "")
         + f", {len(va.y)} validation images, {len(classes)} classes"
     )
+    if protocol["holdout"]:  # one split: nothing to repeat
+        if repeats not in (None, 1):
+            log(f"REPEATS={repeats} ignored: one held-out split (FOLDS=k for repeated k-fold)")
+        repeats = 1
     if repeats is None:  # by cost: more partitions where the noise is largest, fits cheapest
         repeats = stats.default_repeats(n_orig, slow=not info.parallel_folds)
     log(f"evaluation: {protocol['reason']}")

@@ -86,8 +86,9 @@ def test_the_evaluation_is_sized_to_the_data_unless_folds_are_asked(tmp_path, mo
     assert small["cv"]["protocol"] == "k-fold" and small["cv"]["folds"] == 5
     monkeypatch.setenv("PIPELINE_HOLDOUT_ABOVE", "500")
     said: list[str] = []
-    held = train_head(art, "logreg", features=path, log=said.append)
+    held = train_head(art, "logreg", features=path, repeats=3, log=said.append)
     cv = held["cv"]
+    assert held["repeats"] == cv["repeats"] == 1 and any("REPEATS=3 ignored" in s for s in said)
     assert cv["protocol"] == "holdout" and cv["folds"] == 1 and len(cv["fold_accuracies"]) == 1
     assert any("held-out split" in s and "600 training images" in s for s in said)
     # the held-out images are the k-fold run's first test fold, scored by one fit
