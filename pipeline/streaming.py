@@ -73,9 +73,9 @@ def tuning_sample(y: np.ndarray, groups: np.ndarray | None, limit: int, seed: in
     return np.flatnonzero(take)
 
 
-def passes(epochs: int, rows: int) -> int:
-    """`epochs`, or more on a small set: at least MIN_UPDATES rows' updates in all."""
-    return max(epochs, -(-MIN_UPDATES // max(1, rows)))
+def passes(epochs: int, rows: int, updates: int = MIN_UPDATES) -> int:
+    """`epochs`, or more on a small set: at least `updates` rows' updates in all."""
+    return max(epochs, -(-updates // max(1, rows)))
 
 
 class StreamingSGD(ClassifierMixin, BaseEstimator):
@@ -120,13 +120,14 @@ class StreamingSGD(ClassifierMixin, BaseEstimator):
         if alpha is None:
             rows = tuning_sample(y, groups, self.tune_rows, self.random_state)
             sgd = self._sgd(ALPHAS[0]).set_params(
-                max_iter=passes(TUNE_EPOCHS, len(rows) * 2 // 3), tol=None
+                max_iter=passes(TUNE_EPOCHS, len(rows) * 2 // 3, MIN_UPDATES // 2), tol=None
             )
             grid = GridSearchCV(  # the scaler learns inside every inner split, as for logreg
                 Pipeline([("scale", StandardScaler()), ("clf", sgd)]),
                 {"clf__alpha": list(self.alphas)},
                 cv=InnerCV(INNER_FOLDS, self.random_state),
                 scoring="accuracy",
+                refit=False,  # only the choice is needed: the head is fitted on every row next
             )
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", ConvergenceWarning)
