@@ -367,7 +367,7 @@ def test_a_setting_the_target_does_not_use_stops_it_in_one_line(tmp_path):
     (line,) = r.stderr.strip().splitlines()
     assert (
         "make predict does not use HEAD (it takes IMAGES, RUN, OUT, TTA, TOPK, WEIGHTS, "
-        "BACKBONE, ARTIFACTS); pick a run with RUN=<name> (make report lists them)" in line
+        "BACKBONE, ARTIFACTS, CLUSTER); pick a run with RUN=<name> (make report lists them)" in line
     )
     for args, said in (
         (["train-head", "HEADS=svm"], "make train-head does not use HEADS (it takes HEAD, POOL"),

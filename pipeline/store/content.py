@@ -366,7 +366,7 @@ class ContentStore:
             self._write_index()
 
     def _collect(self) -> None:
-        """Delete the segment files no index names (never an unreadable one) and half-made
+        """Collect the segment files no index names (never an unreadable one) and half-made
         files, if no reader holds the folder now (else the next writer does)."""
         if not self.folder.is_dir():
             return
