@@ -271,6 +271,7 @@ def heads_on(path: Path, art: Path) -> dict[str, Any]:
     (5-fold up to 200,000 rows, one held-out split above): seconds, peak memory, accuracy."""
     import json
 
+    from pipeline import layout
     from pipeline.bench import cli_peak
 
     out: dict[str, Any] = {}
@@ -279,7 +280,9 @@ def heads_on(path: Path, art: Path) -> dict[str, Any]:
             ["train-head", "--head", head, "--pool", "avg", "--features", str(path),
              "--artifacts", str(art), "--repeats", "1", "--jobs", "1", *extra]
         )  # fmt: skip
-        res = sorted((art / "heads").glob(f"{head}-*/result.json"), key=lambda p: p.stat().st_mtime)
+        res = sorted(
+            layout.heads_dir(art).glob(f"{head}-*/result.json"), key=lambda p: p.stat().st_mtime
+        )
         cv = json.loads(res[-1].read_text())["cv"]
         out[f"train_head_{head}"] = {
             "s": s,
