@@ -113,7 +113,7 @@ help: ## this list
 	@echo "  PRECISION=$(PRECISION)   auto: mixed_bfloat16 where the CPU has avx512_bf16/AMX (2x VGG16), the GPU's choice,"
 	@echo "                     float32 elsewhere | float32 | mixed_float16 | mixed_bfloat16 (each its own cache)"
 	@echo "  HEAD=$(HEAD)       logreg | svm | svm-linear | svm-nystroem | sgd | dense;  POOL=avg|max|flatten"
-	@echo "                     sgd: streamed over the cache, flat memory, any size (README: which head for which size)"
+	@echo "                     sgd: streamed over the cache, never holds the features (README: which head for which size)"
 	@echo "  FOLDS=k            k-fold CV (default: 5 folds up to 200,000 training images, one held-out split above)"
 	@echo "  SEED=$(SEED)             seed for every random choice"
 	@echo "  REPEATS=r          train-head, sweep: r seeded k-fold partitions (default by size: 10 up to"

@@ -319,7 +319,7 @@ HEADS: dict[str, HeadInfo] = {
         HeadInfo(
             "sgd",
             "logistic regression by averaged SGD, streamed over the cache block by block "
-            "(scaler in one pass, alpha tuned by inner CV on a sample): any size, flat memory",
+            "(scaler in one pass, alpha tuned by inner CV on a sample): never holds the features",
             "avg",
             {"alpha": float, "epochs": int, "tune_rows": int},
             {},
@@ -415,7 +415,7 @@ def check_memory(info: HeadInfo, n_rows: int, dim: int) -> None:
         f"HEAD={info.name} holds the features in memory: {n_rows:,} rows of {dim:,} floats "
         f"need about {need / 2**30:,.1f} GiB while fitting, more than the "
         f"{have / 2**30:,.1f} GiB available; use HEAD=sgd (logistic regression streamed over "
-        "the cache, flat memory), or a smaller POOL"
+        "the cache, never holding the features), or a smaller POOL"
     )
 
 
