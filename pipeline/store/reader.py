@@ -76,6 +76,16 @@ def load_features(path: Path, pooling: str, split: str, max_view: int = 0) -> Fe
         return features_of(f, index_of(f, path), pooling, split, max_view)
 
 
+def dataset_of(idx: Index, pooling: str) -> tuple[str, int]:
+    """The segment dataset a pooling reads (stored pooled vectors, or the maps) and its width."""
+    shape = f_shape(idx)
+    if pooling in ("avg", "max"):
+        return f"pooled/{pooling}", int(shape[-1])
+    if not idx.attrs.get("maps", True):
+        raise missing_maps("POOL=flatten")
+    return "features", int(np.prod(shape))
+
+
 def width(idx: Index, pooling: str) -> int:
     """How many floats a row of `idx` has under `pooling`."""
     shape = f_shape(idx)
@@ -113,13 +123,7 @@ def features_of(
             sha256=_hashes(idx.ident_col, rows),  # type: ignore[arg-type]
             view=idx.view_col[rows].astype(np.int64),
         )
-    shape = f_shape(idx)
-    if pooling in ("avg", "max"):
-        name, d = f"pooled/{pooling}", shape[-1]
-    else:
-        if not idx.attrs.get("maps", True):
-            raise missing_maps("POOL=flatten")
-        name, d = "features", int(np.prod(shape))
+    name, d = dataset_of(idx, pooling)
     X = np.empty((len(rows), d), np.float32)
     folder = shards_dir(idx.path)
     seg = idx.seg[rows]  # rows are in segment order: each segment's rows are one run

@@ -68,16 +68,10 @@ class Rows:
     @classmethod
     def of_index(cls, idx: Index, rows: np.ndarray, pooling: str) -> Rows:
         """Rows `rows` of the cache `idx` (one consistent version of it) under `pooling`."""
-        from pipeline.store.reader import f_shape, pool
+        from pipeline.store.reader import dataset_of, pool
 
         pool(np.zeros((1, 1, 1, 1), np.float32), pooling)  # validates the name
-        shape = f_shape(idx)
-        if pooling in ("avg", "max"):
-            name, d = f"pooled/{pooling}", shape[-1]
-        else:
-            if not idx.attrs.get("maps", True):
-                raise missing_maps("POOL=flatten")
-            name, d = "features", int(np.prod(shape))
+        name, d = dataset_of(idx, pooling)
         part = Part(
             str(shards_dir(idx.path).resolve()),
             tuple(e.name for e in idx.entries),
