@@ -192,32 +192,39 @@ def embedder(c: Any, window: int | None = None) -> Any:
         for _ in range(limit):
             if not submit_next():
                 break
-        from pipeline.provenance import difference
         from pipeline.provenance import embedder as versions
 
         here = versions()
         for f in ac:
-            out = f.result()
-            if "refused" in out:
-                raise UserError(out["refused"])
-            if "unseen" in out:
-                raise UserError(
-                    f"Dask worker {out['worker']} cannot see '{out['unseen'][0]}' (and "
-                    f"{len(out['unseen']) - 1} more of its batch), which this machine reads: "
-                    "put DATA on a filesystem every worker shares, at the same absolute path"
-                )
-            if out["versions"] != here:
-                raise UserError(
-                    f"Dask worker {out['worker']} decodes or embeds with other versions than "
-                    f"this machine ({difference(here, out['versions'])}); install the same "
-                    "versions on every worker (one cache never mixes two)"
-                )
+            out = checked(f.result(), here, "DATA")
             chunk = chunk_of.pop(f.key)
             f.release()
             submit_next()
             yield chunk, out["reasons"], out["maps"]
 
     return run
+
+
+def checked(out: dict[str, Any], here: dict[str, Any], what: str) -> dict[str, Any]:
+    """A worker's batch result, or the one-line refusal it carries: other weights, an image it
+    cannot see (`what`: DATA or IMAGES), other decoder/framework versions."""
+    from pipeline.provenance import difference
+
+    if "refused" in out:
+        raise UserError(out["refused"])
+    if "unseen" in out:
+        raise UserError(
+            f"Dask worker {out['worker']} cannot see '{out['unseen'][0]}' (and "
+            f"{len(out['unseen']) - 1} more of its batch), which this machine reads: "
+            f"put {what} on a filesystem every worker shares, at the same absolute path"
+        )
+    if out["versions"] != here:
+        raise UserError(
+            f"Dask worker {out['worker']} decodes or embeds with other versions than "
+            f"this machine ({difference(here, out['versions'])}); install the same "
+            "versions on every worker (one cache never mixes two)"
+        )
+    return out
 
 
 @contextmanager

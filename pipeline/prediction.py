@@ -621,22 +621,8 @@ def _cluster_batches(
         reasons = {i: p.reason for i, p in enumerate(chunk) if p.reason}
         if fut is None:
             return _Batch(chunk, reasons, [], None)
-        out = fut.result()
+        out = cluster.checked(fut.result(), here, "IMAGES")
         fut.release()
-        if "refused" in out:
-            raise UserError(out["refused"])
-        if "unseen" in out:
-            raise UserError(
-                f"Dask worker {out['worker']} cannot see '{out['unseen'][0]}' (and "
-                f"{len(out['unseen']) - 1} more of its batch), which this machine reads: put "
-                "IMAGES on a filesystem every worker shares, at the same absolute path"
-            )
-        if out["versions"] != here:
-            raise UserError(
-                f"Dask worker {out['worker']} decodes or embeds with other versions than this "
-                f"machine ({difference(here, out['versions'])}); install the same versions on "
-                "every worker"
-            )
         bad = out["reasons"]
         ok = []
         for i, v in jobs:

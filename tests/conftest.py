@@ -72,3 +72,19 @@ def dataset(tmp_path: Path) -> Path:
 def quiet():
     lines: list[str] = []
     return lines.append, lines
+
+
+@pytest.fixture
+def decoded(monkeypatch):
+    """The paths the loader decodes, in order."""
+    from pipeline import batches
+
+    seen: list[str] = []
+    real = batches.decode
+
+    def spy(src, *a, **k):
+        seen.append(src.abspath.name)
+        return real(src, *a, **k)
+
+    monkeypatch.setattr(batches, "decode", spy)
+    return seen

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from conftest import make_dataset, write_image
 
-from pipeline import backbone, batches, layout, runs, store
+from pipeline import backbone, layout, runs, store
 from pipeline.features import extract
 from pipeline.prediction import classify
 from pipeline.store.content import ContentStore, Lookup
@@ -68,19 +68,6 @@ def no_backbone():
     arm.undo = mp.undo
     yield arm
     mp.undo()
-
-
-@pytest.fixture
-def decoded(monkeypatch):
-    seen: list[str] = []
-    real = batches.decode
-
-    def spy(src, *a, **k):
-        seen.append(src.abspath.name)
-        return real(src, *a, **k)
-
-    monkeypatch.setattr(batches, "decode", spy)
-    return seen
 
 
 def _csv(path: Path) -> list[dict[str, str]]:

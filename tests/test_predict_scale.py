@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 from conftest import make_dataset, write_image
 
-from pipeline import batches, cli, prediction
+from pipeline import cli, prediction
 from pipeline.features import extract
 from pipeline.prediction import classify
 from pipeline.train import train_head
@@ -35,20 +35,6 @@ def trained(tmp_path, spec, quiet):
     for i in range(N_NEW):
         write_image(new / f"n{i}.png", i % 3, seed=700 + i)
     return art, new
-
-
-@pytest.fixture
-def decoded(monkeypatch):
-    """The paths the loader decodes, in order."""
-    seen: list[str] = []
-    real = batches.decode
-
-    def spy(src, *a, **k):
-        seen.append(src.abspath.name)
-        return real(src, *a, **k)
-
-    monkeypatch.setattr(batches, "decode", spy)
-    return seen
 
 
 def _batches_then(monkeypatch, at_each):
