@@ -10,7 +10,8 @@
 7. every backbone's images/s and peak memory in float32 and at PRECISION=auto (what it resolves
    to here), with the per-image correlation of their pooled features;
 8. `make predict` images/s on new images (the backbone built and run in the call, as in a
-   `make predict` process) and on the same images again (their features kept: no backbone);
+   `make predict` process) and on the same images again (their features kept: no backbone),
+   with the identity values its lookup by content read (in proportion to the images asked);
 9. (`--only gpu`, `make bench-gpu`, where a GPU is) the accelerator: float32 vs mixed precision at
    batch 64-512, plain and XLA-compiled forward pass, decode threads needed to feed it.
 Writes ARTIFACTS/bench/bench.json and prints a table. The size is a setting (--size). Parts 1-2
@@ -468,6 +469,7 @@ def predict_rates(work: Path, cfg: dict[str, int], spec: Any, batch: int) -> dic
     """
     from pipeline.features import extract
     from pipeline.prediction import classify
+    from pipeline.store import keys
     from pipeline.train import train_head
 
     quiet = lambda s: None  # noqa: E731
@@ -478,12 +480,24 @@ def predict_rates(work: Path, cfg: dict[str, int], spec: Any, batch: int) -> dic
     new = make_images(work / "predict-new", n, "png", seed=301)
     out: dict[str, Any] = {"images": n, "batch": batch}
     for name in ("new", "again"):
+        keys.READ.update(idents=0, keys=0)
         t = time.perf_counter()
         rows, _ = classify(art, new, out=work / f"predict-{name}.csv", batch_size=batch, log=quiet)
         wall = time.perf_counter() - t
         ran = sum(bool(r["backbone_ran"]) for r in rows)
-        out[name] = {"wall_s": wall, "images_per_s": n / wall, "backbone_ran": ran}
-        _say(f"  {name}: {n / wall:.2f} img/s ({wall:.2f} s, the backbone ran for {ran} of {n})")
+        out[name] = {
+            "wall_s": wall,
+            "images_per_s": n / wall,
+            "backbone_ran": ran,
+            # what finding the images by content read: in proportion to the images, not the
+            # rows held (identity values of candidate rows; key-table entries)
+            "lookup_idents_read": keys.READ["idents"],
+            "lookup_keys_read": keys.READ["keys"],
+        }
+        _say(
+            f"  {name}: {n / wall:.2f} img/s ({wall:.2f} s, the backbone ran for {ran} of {n}; "
+            f"the lookup read {keys.READ['idents']} identities)"
+        )
     out["speedup_again"] = out["again"]["images_per_s"] / out["new"]["images_per_s"]
     return out
 

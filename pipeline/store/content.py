@@ -16,9 +16,9 @@ the segments the same way. Segments merge by the caches' policy (`merging`) when
 closes, and a file no index names is deleted only when no reader holds the folder (otherwise
 the next writer does it). One writer per store (`locks.exclusive` on its shards folder).
 
-Finding rows reads each segment's identity column once, never features: a `Lookup` keeps the
-live rows' identities in one sorted bytes array (about 80 bytes a row), and features are read
-for the rows found only, one segment file open at a time.
+Finding rows never reads a whole identity column, nor features: a `Lookup` reads, per segment,
+only the chunks of its key table (`keys`) that the asked identities fall in and those rows'
+identities, and features are read for the rows found only, one segment file open at a time.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.store import merging
+from pipeline.store import keys, merging
 from pipeline.store.format import POOLED, CacheError, cache_key, read_attrs_of
 from pipeline.store.locks import reading
 from pipeline.store.manifest import Entry, open_cache, read_entries, shards_dir, write_manifest
@@ -74,38 +74,20 @@ class Lookup:
 
     Only segments made with the versions stamp `stamp_key` are read (other decoders or
     frameworks make other features); a segment that cannot be read now is left out, said once.
+    Nothing is read when it is made: `find` reads, per segment, its key table's fence (once),
+    the table's chunks the asked identities fall in and those rows' identities (`keys`), so a
+    lookup costs in proportion to the identities asked, never to the rows held.
     """
 
     def __init__(
         self, folder: Path, entries: list[Entry], stamp_key: str, log: Log = _quiet
     ) -> None:
         self.folder = Path(folder)
-        self.names: list[str] = []
-        ids, seg, row = [], [], []
-        with reading(self.folder.parent):
-            for e in entries:
-                if e.stamp_key != stamp_key:
-                    continue
-                try:
-                    with open_segment(self.folder / e.name) as g:
-                        col = g["ident"][()]
-                except (CacheError, KeyError, OSError) as err:
-                    log(f"warning: segment '{e.name}' cannot be read now ({err}); not used")
-                    continue
-                live = np.ones(e.rows, bool)
-                live[e.dead] = False
-                rows = np.flatnonzero(live)
-                ids.append(col[rows])
-                seg.append(np.full(len(rows), len(self.names), np.int32))
-                row.append(rows.astype(np.int64))
-                self.names.append(e.name)
-        all_ids = np.concatenate(ids) if ids else np.zeros(0, "S1")
-        width = max(1, int(np.char.str_len(all_ids).max(initial=1)))
-        all_ids = all_ids.astype(f"S{width}")  # sha256s: 64 bytes, not the segments' 80
-        order = np.argsort(all_ids, kind="stable")
-        self.ids = all_ids[order]
-        self.seg = np.concatenate(seg)[order] if seg else np.zeros(0, np.int32)
-        self.row = np.concatenate(row)[order] if row else np.zeros(0, np.int64)
+        self.entries = [e for e in entries if e.stamp_key == stamp_key]
+        self.names = [e.name for e in self.entries]
+        self.log = log
+        self.tables: dict[str, keys.Table] = {}  # per segment, read at its first use
+        self.unusable: set[str] = set()
         self.extra: dict[str, Where] = {}  # rows added since (a writer's)
 
     @classmethod
@@ -114,20 +96,37 @@ class Lookup:
         return cls(shards_dir(path), read_entries_of(path, key), stamp_key, log)
 
     def __len__(self) -> int:
-        return len(self.ids) + len(self.extra)
+        return sum(e.live for e in self.entries if e.name not in self.unusable) + len(self.extra)
 
     def find(self, idents: Sequence[str]) -> list[Where | None]:
-        """(segment, row) of each identity's live row, or None where there is none."""
+        """(segment, row) of each identity's live row, or None where there is none (the first
+        segment holding it, its lowest row, as the entries are ordered)."""
         out: list[Where | None] = [self.extra.get(h) for h in idents]
-        width = self.ids.dtype.itemsize
-        ask = [i for i, h in enumerate(idents) if out[i] is None and len(h) <= width]
-        if not ask or not len(self.ids):
+        raw = keys.lookup_keys(idents)
+        ask = [i for i, h in enumerate(idents) if out[i] is None and raw[i] is not None]
+        if not ask or not self.entries:
             return out
-        q = np.array([idents[i].encode() for i in ask], f"S{width}")
-        pos = np.minimum(np.searchsorted(self.ids, q), len(self.ids) - 1)
-        for i, p, ok in zip(ask, pos.tolist(), (self.ids[pos] == q).tolist(), strict=True):
-            if ok:
-                out[i] = (self.names[self.seg[p]], int(self.row[p]))
+        with reading(self.folder.parent):
+            for e in self.entries:
+                if not ask:
+                    break
+                if e.name in self.unusable:
+                    continue
+                try:
+                    with open_segment(self.folder / e.name) as g:
+                        table = self.tables.get(e.name)
+                        if table is None:
+                            table = self.tables[e.name] = keys.Table.of(g)
+                        rows = table.find(g, [raw[i] or b"" for i in ask], e.dead)
+                except (CacheError, KeyError, OSError, ValueError) as err:
+                    self.unusable.add(e.name)
+                    self.tables.pop(e.name, None)
+                    self.log(f"warning: segment '{e.name}' cannot be read now ({err}); not used")
+                    continue
+                for i, r in zip(ask, rows, strict=True):
+                    if r is not None:
+                        out[i] = (e.name, r)
+                ask = [i for i in ask if out[i] is None]
         return out
 
     def read(self, where: Sequence[Where], dataset: str) -> tuple[np.ndarray | None, np.ndarray]:

@@ -6,6 +6,12 @@ its identity (content hash and view), path, label, split, file stat, its pooled 
 max) and, unless MAPS=0, its feature maps. A segment also lists the files of its batch whose
 bytes could not be decoded (content failures), so a killed run's work is resumed whole.
 
+Datasets (plain h5py reads them): `ident` (S80), `path`, `label` (into `classes`), `split`,
+`view`, `stat` (size, mtime_ns, inode), `pooled/avg` and `pooled/max` (float32), `features` (the
+maps, unless MAPS=0), `skipped/ident|reason|content`, and the key table `keys/prefix`,
+`keys/row`, `keys/fence` (`pipeline.store.keys`: rows found by identity reading only the chunks
+asked for; segments written before it have none and still work).
+
 Readers open one segment at a time (`open_segment`), so a cache of any size needs one open file.
 """
 
@@ -21,6 +27,7 @@ import h5py
 import numpy as np
 
 from pipeline.errors import UserError
+from pipeline.store import keys
 from pipeline.store.format import (
     POOLED,
     STR,
@@ -185,6 +192,7 @@ class SegmentWriter:
         self.path = folder / self.name
         self.tmp = folder / f".tmp-{self.name}-{os.getpid()}"
         self.n, self.done = n, 0
+        self.keys = np.zeros(n, np.uint64)  # the key table's, written at close (8 bytes a row)
         self.classes: dict[str, int] = {}
         self.failures: list[Failure] = []
         try:
@@ -215,7 +223,9 @@ class SegmentWriter:
             return
         f = self.f
         try:
-            f["ident"][a:b] = np.array([h.encode() for h in meta.ident], "S80")
+            ids = np.array([h.encode() for h in meta.ident], "S80")
+            f["ident"][a:b] = ids
+            self.keys[a:b] = keys.key_of(ids)
             f["path"][a:b] = encoded(meta.path)
             labels = [self.classes.setdefault(c, len(self.classes)) for c in meta.label]
             f["label"][a:b] = np.array(labels, np.int32)
@@ -251,6 +261,7 @@ class SegmentWriter:
             f.create_dataset(
                 "skipped/content", data=np.array([x.content for x in self.failures], bool)
             )
+            keys.write_table(f, self.keys)
             f.close()
             fsync(self.tmp)
             os.replace(self.tmp, self.path)
@@ -294,7 +305,9 @@ def write_segment(
         with h5py.File(tmp, "w") as f:
             _header(f, key, stamp, stamp_key, rebuild, origin)
             f.attrs["rows"] = len(meta)
-            f.create_dataset("ident", data=np.array([h.encode() for h in meta.ident], "S80"))
+            ids = np.array([h.encode() for h in meta.ident], "S80")
+            f.create_dataset("ident", data=ids)
+            keys.write_table(f, keys.key_of(ids))
             enc = encoded(meta.path)
             f.create_dataset("path", data=enc, dtype=path_dtype(enc))
             f.create_dataset("label", data=labels)
