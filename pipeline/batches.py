@@ -28,13 +28,23 @@ class Source(Protocol):
     def view(self) -> int: ...
 
 
-def decode(src: Source, size: int, augment_seed: int) -> np.ndarray | images.Unreadable:
+def decode(
+    src: Source, size: int, augment_seed: int, check: bool = False
+) -> np.ndarray | images.Unreadable:
     """The (size, size, 3) array of one item, or the reason it cannot be read.
 
     The reason says whether the bytes are at fault (`content`): only those are remembered.
+    `check`: the bytes decoded are hashed too, and if they are not those of `src.sha256` (the
+    file was rewritten since it was hashed) the answer is an `images.Changed`, never an array
+    that the caller would keep under the old hash.
     """
     try:
-        arr = images.load_image(src.abspath, size)
+        if check and src.sha256:
+            arr, sha = images.load_image_hashed(src.abspath, size)
+            if sha != src.sha256:
+                return images.Changed(images.CHANGED, sha, arr)
+        else:
+            arr = images.load_image(src.abspath, size)
     except images.ImageError as e:
         return images.Unreadable(str(e), e.content)
     except MemoryError:
@@ -53,11 +63,13 @@ def decoded_batches(
     workers: int,
     augment_seed: int = 0,
     wanted: Callable[[Any], bool] | None = None,
+    check: bool = False,
 ) -> Iterator[tuple[list[Any], list[np.ndarray | str | None]]]:
     """Decoded batches in order; the next batch decodes in threads while the caller embeds.
 
     `todo` may be any iterable: it is read one batch ahead of the caller, as batches are
     needed. An item for which `wanted(item)` is false is not decoded: None in its place.
+    `check`: see `decode` (a file rewritten since it was hashed comes back `images.Changed`).
     """
     items = iter(todo)
     with ThreadPoolExecutor(max_workers=workers) as ex:
@@ -65,7 +77,9 @@ def decoded_batches(
         def submit() -> tuple[list[Any], list[Any]]:
             chunk = list(itertools.islice(items, batch))
             return chunk, [
-                ex.submit(decode, j, size, augment_seed) if wanted is None or wanted(j) else None
+                ex.submit(decode, j, size, augment_seed, check)
+                if wanted is None or wanted(j)
+                else None
                 for j in chunk
             ]
 

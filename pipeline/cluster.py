@@ -120,12 +120,14 @@ def _model(spec: Any, weights_id: str) -> Any:
 
 
 def embed_batch(
-    spec: Any, jobs: list[Any], augment_seed: int, weights_id: str = ""
+    spec: Any, jobs: list[Any], augment_seed: int, weights_id: str = "", check: bool = False
 ) -> dict[str, Any]:
     """On a worker: decode and embed one batch; the reasons of unreadable files, and the maps.
 
     Files this worker cannot see at all (the client could: it hashed them) come back apart,
     so that the client says which worker and which path instead of skipping the images.
+    `check`: a file whose bytes are not those of its job's hash any more (rewritten since the
+    client hashed it) is not embedded; its reason is an `images.Changed` naming the new hash.
     """
     from concurrent.futures import ThreadPoolExecutor
 
@@ -143,7 +145,7 @@ def embed_batch(
     except WorkerRefused as e:
         return {**out, "refused": str(e)}
     with ThreadPoolExecutor(max_workers=4) as ex:
-        decoded = list(ex.map(lambda j: decode(j, spec.input_size, augment_seed), jobs))
+        decoded = list(ex.map(lambda j: decode(j, spec.input_size, augment_seed, check), jobs))
     ok = [d for d in decoded if not isinstance(d, str)]
     reasons = {j.ident: d for j, d in zip(jobs, decoded, strict=True) if isinstance(d, str)}
     maps = np.zeros((0,) + output_shape(spec), np.float32)

@@ -15,8 +15,9 @@ from __future__ import annotations
 import hashlib
 import os
 import stat
+import tempfile
 import warnings
-from typing import Any, BinaryIO
+from typing import IO, Any
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -27,6 +28,7 @@ RESIZE_POLICY = "pil-bilinear-stretch"
 LOADER_VERSION = 2  # bump when decoding changes features (2: only the listed formats)
 FORMATS = ("JPEG", "PNG", "GIF", "WEBP", "BMP", "TIFF")  # the README's formats; no other plugin
 CHUNK = 1 << 20  # bytes read at a time when hashing
+SPOOL = 32 << 20  # a file decoded from its hashed copy is held in memory up to this size
 _KINDS = (
     (stat.S_ISFIFO, "FIFO"),
     (stat.S_ISSOCK, "socket"),
@@ -61,6 +63,30 @@ class Unreadable(str):
 
     def __reduce__(self) -> tuple[Any, ...]:  # keep `content` across processes (Dask)
         return (Unreadable, (str(self), self.content))
+
+
+class Changed(Unreadable):
+    """A file whose bytes are no longer those hashed before it was decoded (rewritten in
+    between): `sha256` is the hash of the bytes read now, `array` those bytes decoded (kept in
+    this process only). Never remembered: the file is fine, it was read at a bad moment."""
+
+    sha256: str = ""
+    array: np.ndarray | None = None
+
+    def __new__(cls, reason: str, sha256: str, array: np.ndarray | None = None) -> Changed:
+        obj = super().__new__(cls, reason, False)
+        obj.sha256 = sha256
+        obj.array = array
+        return obj
+
+    def __reduce__(self) -> tuple[Any, ...]:  # across processes (Dask): the hash, not the pixels
+        return (Changed, (str(self), self.sha256))
+
+
+CHANGED = (
+    "the file changed while it was read (its bytes are not the ones hashed a moment before); "
+    "rerun when nothing writes it any more"
+)
 
 
 def _not_regular(mode: int) -> str:
@@ -136,9 +162,30 @@ def load_image(path: str | os.PathLike[str], size: int) -> np.ndarray:
         return _decode(f, size)
 
 
-def _decode(f: BinaryIO, size: int) -> np.ndarray:
-    """`load_image` on an open regular file: any decoder failure becomes an ImageError."""
-    if os.fstat(f.fileno()).st_size == 0:
+def load_image_hashed(path: str | os.PathLike[str], size: int) -> tuple[np.ndarray, str]:
+    """`load_image`, and the SHA-256 of exactly the bytes decoded: they are read once, hashed
+    and decoded from a private copy (in memory up to `SPOOL` bytes, beyond in an unnamed
+    temporary file), so the hash names the pixels even if the file is rewritten meanwhile."""
+    fd = _open_regular(os.fspath(path))
+    h = hashlib.sha256()
+    with tempfile.SpooledTemporaryFile(max_size=SPOOL) as copy:
+        n = 0
+        try:
+            with os.fdopen(fd, "rb") as f:
+                while block := f.read(CHUNK):
+                    h.update(block)
+                    copy.write(block)
+                    n += len(block)
+            copy.seek(0)
+        except OSError as e:
+            raise ImageError(f"cannot read file ({e.strerror or e})") from None
+        return _decode(copy, size, n), h.hexdigest()
+
+
+def _decode(f: IO[bytes], size: int, nbytes: int | None = None) -> np.ndarray:
+    """`load_image` on an open regular file (or its bytes, `nbytes` long): any decoder failure
+    becomes an ImageError."""
+    if (os.fstat(f.fileno()).st_size if nbytes is None else nbytes) == 0:
         raise ImageError("empty file (0 bytes)", content=True)
     try:
         with warnings.catch_warnings():

@@ -11,6 +11,8 @@ The backbone runs once per image content, for prediction too: an image found in 
 or among the images predicted before (`pipeline.predicted`) is classified from its cached
 features, and when every image is found the backbone is never built. New images are embedded
 here, batch by batch, or on Dask workers (`client`), their rows written in order all the same.
+The bytes decoded are hashed again: a file rewritten after it was hashed is classified and kept
+as the bytes decoded, under their own hash, never under the old bytes' hash.
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ from pipeline.progress import Progress
 from pipeline.provenance import difference, embedder
 
 Log = Callable[[str], None]
+REDO = 2  # times an image whose file keeps changing while it is read is embedded again
 
 
 @dataclass(frozen=True)
@@ -513,9 +516,9 @@ def _predicted(
         with ThreadPoolExecutor(max_workers=4) as hashing:
             plans = _plans(todo, cache, batch_size, tta, hashing)
             if client is None:
-                batches = _local_batches(plans, spec, batch_size, seed)
+                batches = _local_batches(plans, spec, batch_size, seed, cache, tta)
             else:
-                batches = _cluster_batches(client, plans, spec, seed)
+                batches = _cluster_batches(client, plans, spec, seed, cache, tta)
             for b in batches:
                 rows = _classified(b, cache, est, classes, topk, tta, dtype, r["pooling"])
                 w.writerows(_csv_row(row) for row in rows if not row["error"])
@@ -532,17 +535,31 @@ def _predicted(
         cache.close(merge=finished)  # stopped: what was embedded is kept, merging waits
 
 
+def _stat(path: Path) -> tuple[int, int, int]:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return (0, 0, 0)
+    return (st.st_size, st.st_mtime_ns, st.st_ino)
+
+
 def _hashed(item: _Item) -> tuple[str | None, str, tuple[int, int, int]]:
     """(content SHA-256, "", stat) of an image, or (None, why it cannot be read, stat)."""
-    try:
-        st = os.stat(item.abspath)
-        stat = (st.st_size, st.st_mtime_ns, st.st_ino)
-    except OSError:
-        stat = (0, 0, 0)
+    stat = _stat(item.abspath)
     try:
         return images.content_sha256(item.abspath), "", stat
     except images.ImageError as e:
         return None, str(e), stat
+
+
+def _replanned(p: _Planned, sha256: str, cache: predicted.Cache, tta: int) -> None:
+    """`p` as its file is now, after it was rewritten since it was hashed: its content hash
+    `sha256` (of the bytes read last), its stat, and its views looked up again under that hash.
+    Nothing found or embedded for the old bytes is used for its row or kept under the new hash.
+    """
+    p.sha256 = sha256
+    p.stat = _stat(p.abspath)
+    p.found = cache.find([sha256], tta)[0]
 
 
 def _plans(
@@ -564,22 +581,34 @@ def _wanted(p: _Planned) -> bool:
 
 
 def _local_batches(
-    plans: Iterable[list[_Planned]], spec: BackboneSpec, batch_size: int, seed: int
+    plans: Iterable[list[_Planned]],
+    spec: BackboneSpec,
+    batch_size: int,
+    seed: int,
+    cache: predicted.Cache,
+    tta: int,
 ) -> Iterator[_Batch]:
     """Each batch with its missing views embedded here; the next batch is planned and decoded
-    in threads while this one runs; the backbone is built at the first view to embed."""
+    in threads while this one runs; the backbone is built at the first view to embed.
+
+    The bytes decoded are hashed again: a file rewritten since it was hashed is classified and
+    kept as the bytes decoded, under their own hash (`_replanned`), never under the old one.
+    """
     from pipeline import backbone as bb
 
     model = None
     workers = min(8, (os.cpu_count() or 2) + 2)
     items = (p for chunk in plans for p in chunk)  # read a batch ahead: the same batches
     for chunk, decoded in decoded_batches(
-        items, spec.input_size, batch_size, workers, wanted=_wanted
+        items, spec.input_size, batch_size, workers, wanted=_wanted, check=True
     ):
         reasons: dict[int, str] = {}
         jobs: list[tuple[int, int]] = []
         arrays: list[np.ndarray] = []
         for i, (p, d) in enumerate(zip(chunk, decoded, strict=True)):
+            if isinstance(d, images.Changed) and d.array is not None:
+                _replanned(p, d.sha256, cache, tta)
+                d = d.array
             if p.reason or isinstance(d, str):
                 reasons[i] = p.reason or str(d)
             elif d is not None:
@@ -597,7 +626,12 @@ def _local_batches(
 
 
 def _cluster_batches(
-    client: Any, plans: Iterable[list[_Planned]], spec: BackboneSpec, seed: int
+    client: Any,
+    plans: Iterable[list[_Planned]],
+    spec: BackboneSpec,
+    seed: int,
+    cache: predicted.Cache,
+    tta: int,
 ) -> Iterator[_Batch]:
     """Each batch with its missing views embedded on the Dask workers, in the order given.
 
@@ -605,6 +639,9 @@ def _cluster_batches(
     (memory stays bounded); results are taken in order, so rows are written in order. A batch
     with nothing missing passes through without a task. Workers refusing the weights, unable
     to see an image, or with other versions stop the predict in one line, as for features.
+    Workers hash the bytes they decode: an image whose file was rewritten since the client
+    hashed it is looked up and embedded again under the new bytes' hash (`_replanned`), at
+    most `REDO` times, then its row names the reason; its old views are neither used nor kept.
     """
     from pipeline import cluster
 
@@ -615,38 +652,54 @@ def _cluster_batches(
     here = embedder()
     call = uuid.uuid4().hex[:12]
     spec_f = None
-    queue: deque[tuple[list[_Planned], list[tuple[int, int]], Any]] = deque()
+    queue: deque[tuple[list[_Planned], list[tuple[int, int]], Any, int]] = deque()
 
-    def done(chunk: list[_Planned], jobs: list[tuple[int, int]], fut: Any) -> _Batch:
+    def submit(chunk: list[_Planned], jobs: list[tuple[int, int]], tag: str) -> Any:
+        nonlocal spec_f
+        if spec_f is None:
+            spec_f = client.scatter(spec, broadcast=True)
+        views = [
+            _ViewJob(Path(os.path.abspath(chunk[i].abspath)), chunk[i].sha256 or "", v)
+            for i, v in jobs
+        ]
+        return client.submit(
+            cluster.embed_batch, spec_f, views, seed, weights_id, True, key=f"predict-{call}-{tag}"
+        )
+
+    def done(chunk: list[_Planned], jobs: list[tuple[int, int]], fut: Any, k: int) -> _Batch:
         reasons = {i: p.reason for i, p in enumerate(chunk) if p.reason}
-        if fut is None:
-            return _Batch(chunk, reasons, [], None)
-        out = cluster.checked(fut.result(), here, "IMAGES")
-        fut.release()
-        bad = out["reasons"]
-        ok = []
-        for i, v in jobs:
-            why = bad.get(store.ident(chunk[i].sha256 or "", v))
-            if why is None:
-                ok.append((i, v))
-            else:
-                reasons.setdefault(i, str(why))
-        return _Batch(chunk, reasons, ok, out["maps"])
+        ok: list[tuple[int, int]] = []
+        maps: list[np.ndarray] = []
+        attempt = 0
+        while fut is not None:
+            out = cluster.checked(fut.result(), here, "IMAGES")
+            fut.release()
+            bad = out["reasons"]
+            whys = [bad.get(store.ident(chunk[i].sha256 or "", v)) for i, v in jobs]
+            changed: dict[int, str] = {}
+            for (i, _), why in zip(jobs, whys, strict=True):
+                if isinstance(why, images.Changed) and attempt < REDO:
+                    changed.setdefault(i, why.sha256)
+                elif why is not None:
+                    reasons.setdefault(i, str(why))
+            embedded = [job for job, why in zip(jobs, whys, strict=True) if why is None]
+            keep = [n for n, (i, _) in enumerate(embedded) if i not in changed]
+            ok += [embedded[n] for n in keep]
+            maps.append(np.asarray(out["maps"])[keep])
+            fut = None
+            if changed:  # their bytes are not those hashed: looked up and embedded anew
+                attempt += 1
+                for i, sha in changed.items():
+                    _replanned(chunk[i], sha, cache, tta)
+                jobs = [(i, v) for i in changed for v in chunk[i].missing]
+                if jobs:
+                    fut = submit(chunk, jobs, f"{k}-again{attempt}")
+        return _Batch(chunk, reasons, ok, np.concatenate(maps) if maps else None)
 
     for k, chunk in enumerate(plans):
         jobs = [(i, v) for i, p in enumerate(chunk) for v in p.missing]
-        fut = None
-        if jobs:
-            if spec_f is None:
-                spec_f = client.scatter(spec, broadcast=True)
-            views = [
-                _ViewJob(Path(os.path.abspath(chunk[i].abspath)), chunk[i].sha256 or "", v)
-                for i, v in jobs
-            ]
-            fut = client.submit(
-                cluster.embed_batch, spec_f, views, seed, weights_id, key=f"predict-{call}-{k}"
-            )
-        queue.append((chunk, jobs, fut))
+        fut = submit(chunk, jobs, str(k)) if jobs else None
+        queue.append((chunk, jobs, fut, k))
         while queue and (len(queue) > limit or queue[0][2] is None):
             yield done(*queue.popleft())
     while queue:

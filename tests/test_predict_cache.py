@@ -9,6 +9,7 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -322,3 +323,134 @@ def test_a_kept_row_says_where_it_was_seen(tmp_path):
     idx = store.read_index(path)
     assert idx.paths == ["x/a.png"] * 2 and idx.view == [0, 1]
     assert idx.split == ["predicted"] * 2 and idx.stat.tolist() == [[5, 6, 7]] * 2
+
+
+# -- a file rewritten between its hash and its decoding: features never under the old hash --
+
+
+def _rewritten_after_hashing(monkeypatch, name: str) -> None:
+    """The first time predict hashes the file `name`, it is rewritten right after (another
+    image: class 2, another seed), so the bytes decoded are not the bytes hashed."""
+    from pipeline import prediction
+
+    real = prediction._hashed
+    done: list[int] = []
+
+    def hashed(item):
+        out = real(item)
+        if item.abspath.name == name and not done:
+            done.append(1)
+            write_image(item.abspath, 2, seed=4321)
+        return out
+
+    monkeypatch.setattr(prediction, "_hashed", hashed)
+
+
+def _sha(path: Path) -> str:
+    import hashlib
+
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+@pytest.mark.parametrize("cluster", ["", "local:1"])
+def test_a_file_rewritten_after_hashing_is_kept_under_the_bytes_decoded(
+    base, art, tmp_path, monkeypatch, cluster
+):
+    if cluster:
+        pytest.importorskip("distributed")
+    import pipeline
+
+    avg, _ = base["runs"]
+    images = tmp_path / "images"
+    shutil.copytree(base["new"], images)
+    old = tmp_path / "old" / "n0.png"  # the content hashed, kept aside
+    old.parent.mkdir()
+    shutil.copy(images / "n0.png", old)
+    fresh = Path(shutil.copytree(art, tmp_path / "fresh"))  # references: nothing kept there
+    _rewritten_after_hashing(monkeypatch, "n0.png")
+    rows = pipeline.predict(
+        images, art, run=avg, out=tmp_path / "a.csv", tta=1, cluster=cluster, log=None
+    )
+    monkeypatch.undo()
+    new_sha, old_sha = _sha(images / "n0.png"), _sha(old)
+    assert new_sha != old_sha
+    # kept under the hash of the bytes decoded, never under the hash of the old bytes
+    cache = layout.current_cache(art)
+    kept = store.read_index(layout.predicted_path(cache)).idents
+    views = store.read_index(layout.augment_path(layout.predicted_path(cache), 0)).idents
+    assert new_sha in kept and old_sha not in kept
+    assert f"{new_sha}#1" in views and f"{old_sha}#1" not in views
+    # its row is that of the file as decoded (the new image), as a predict keeping nothing says
+    want = pipeline.predict(
+        images / "n0.png", fresh, run=avg, out=tmp_path / "r.csv", tta=1, log=None
+    )
+    assert rows[0]["backbone_ran"] and rows[0]["error"] == ""
+    assert rows[0]["probabilities"] == pytest.approx(want[0]["probabilities"], abs=1e-6)
+    # and the old content, predicted later, is embedded for itself, not given the new image's
+    got = pipeline.predict(old, art, run=avg, out=tmp_path / "b.csv", tta=1, log=None)[0]
+    ref = pipeline.predict(old, fresh, run=avg, out=tmp_path / "c.csv", tta=1, log=None)[0]
+    assert got["backbone_ran"]
+    assert got["probabilities"] == pytest.approx(ref["probabilities"], abs=1e-6)
+    assert ref["probabilities"] != pytest.approx(want[0]["probabilities"], abs=1e-3)
+
+
+def test_a_checked_decoding_says_when_the_bytes_are_not_those_hashed(tmp_path):
+    import pickle
+
+    from pipeline import batches, images
+    from pipeline.prediction import _ViewJob
+
+    p = write_image(tmp_path / "a.png", 0, seed=1)
+    job = _ViewJob(p, _sha(p), 1)
+    first = batches.decode(job, 32, 0, check=True)
+    assert isinstance(first, np.ndarray) and first.shape == (32, 32, 3)
+    write_image(p, 2, seed=2)
+    d = batches.decode(job, 32, 0, check=True)
+    assert isinstance(d, images.Changed) and d.sha256 == _sha(p) and not d.content
+    assert d.array is not None and (d.array == images.load_image(p, 32)).all()
+    back = pickle.loads(pickle.dumps(d))  # from a Dask worker: the hash, not the pixels
+    assert isinstance(back, images.Changed) and back.sha256 == d.sha256 and back.array is None
+    assert str(back) == str(d) and "changed while it was read" in str(d)
+    assert isinstance(batches.decode(job, 32, 0), np.ndarray)  # unchecked: what is there
+
+
+class _HereClient:
+    """A Dask client that runs each task in this process at once (its one 'worker')."""
+
+    def scheduler_info(self):
+        return {"workers": {"here": {}}}
+
+    def scatter(self, x, broadcast=False):
+        return x
+
+    def submit(self, fn, *args, key=""):
+        out = fn(*args)
+        return SimpleNamespace(result=lambda: out, release=lambda: None)
+
+
+def test_a_file_that_keeps_changing_on_the_workers_is_named_and_never_kept(
+    base, art, tmp_path, monkeypatch
+):
+    from pipeline import images as loader
+
+    avg, _ = base["runs"]
+    folder = tmp_path / "images"
+    shutil.copytree(base["new"], folder)
+    real = loader.load_image_hashed
+    shas = [_sha(folder / "n0.png")]
+
+    def rewritten_then_read(path, size):  # every read of n0.png finds other bytes
+        if Path(path).name == "n0.png":
+            write_image(Path(path), 2, seed=5000 + len(shas))
+            shas.append(_sha(Path(path)))
+        return real(path, size)
+
+    monkeypatch.setattr(loader, "load_image_hashed", rewritten_then_read)
+    rows = classify(art, folder, run=avg, out=tmp_path / "a.csv", log=_quiet, client=_HereClient())[
+        0
+    ]
+    assert len(shas) == 1 + 1 + 2  # read once, then again twice (REDO), then named
+    assert "changed while it was read" in rows[0]["error"] and rows[0]["label"] is None
+    assert all(r["error"] == "" and r["backbone_ran"] for r in rows[1:])
+    kept = store.read_index(layout.predicted_path(layout.current_cache(art))).idents
+    assert len(kept) == 4 and not set(shas) & set(kept)
