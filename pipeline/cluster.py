@@ -161,6 +161,8 @@ def embedder(c: Any, window: int | None = None) -> Any:
     At most `window` batches are in flight (default 4 per worker), so memory stays bounded;
     results are yielded in completion order, each staged as one segment by the caller. Task
     keys are unique (a uuid per call and batch), so no task is ever served another's result.
+    Workers hash the bytes they decode (`embed_batch` with `check`): a file rewritten since this
+    process hashed it comes back as an `images.Changed` reason, never embedded under the old hash.
     """
     import uuid
 
@@ -185,7 +187,7 @@ def embedder(c: Any, window: int | None = None) -> Any:
             except StopIteration:
                 return False
             f = c.submit(
-                embed_batch, spec_f, chunk, augment_seed, weights_id, key=f"embed-{call}-{i}"
+                embed_batch, spec_f, chunk, augment_seed, weights_id, True, key=f"embed-{call}-{i}"
             )
             chunk_of[f.key] = chunk
             ac.add(f)

@@ -5,7 +5,8 @@ hashes every file again), embeds only content it has not seen under the same set
 writes only new segments plus a new index (`pipeline.store`): existing rows are never embedded
 again, and merges keep the number of files small. A killed run's batches are resumed. Decoding
 runs in threads, overlapped with the backbone; batches stream to segments, so memory does not
-grow with the dataset.
+grow with the dataset. The bytes decoded are hashed again: a file rewritten after it was hashed
+is not cached under the old bytes' hash; it is listed as changed, and the next run embeds it.
 """
 
 from __future__ import annotations
@@ -36,6 +37,10 @@ RANDOM_BANNER = (
 )
 
 Log = Callable[[str], None]
+CHANGED = (
+    "the file changed while it was read (its bytes are not the ones hashed a moment before): "
+    "not cached this time; rerun `make features` when nothing writes it any more"
+)
 
 
 @dataclass
@@ -53,12 +58,18 @@ class Summary:
     rewrote: bool
     skipped_rows: list[dict[str, str]] = field(default_factory=list)
     augmented: Summary | None = None
+    changed: int = 0  # of the skipped: files rewritten while they were read (a rerun embeds them)
 
     def line(self) -> str:
         extra = f" ({self.resumed} resumed from an interrupted run)" if self.resumed else ""
+        moved = (
+            f" ({self.changed} changed while they were read: rerun `make features`)"
+            if self.changed
+            else ""
+        )
         return (
             f"embedded {self.new} new, {self.cached} cached{extra}, {self.removed} removed, "
-            f"{self.skipped} skipped"
+            f"{self.skipped} skipped{moved}"
         )
 
 
@@ -272,7 +283,12 @@ def _sync(
     ctx: _Ctx,
     augment_seed: int = 0,
 ) -> tuple[Summary, list[Job]]:
-    """Make the cache `w` writes hold exactly `jobs`, embedding only what no segment has."""
+    """Make the cache `w` writes hold exactly `jobs`, embedding only what no segment has.
+
+    A file rewritten between its hashing and its decoding (`changed`) is not cached this time:
+    its row is skipped with `CHANGED` and no hash, so the next run hashes and embeds it again;
+    files of the same old content, to be embedded from it, are skipped naming it.
+    """
     t0 = time.perf_counter()
     todo: dict[str, Job] = {}
     for j in jobs:
@@ -287,12 +303,34 @@ def _sync(
     if todo and w.old is not None and not w.rebuild:
         _refuse_mixing(w.path, w.old, w.stamp, len(todo))
     now: dict[str, Failure] = {}
+    changed: dict[str, str] = {}
     if todo:
-        embed_s = _embed(list(todo.values()), ctx, w, augment_seed, now)
+        embed_s = _embed(list(todo.values()), ctx, w, augment_seed, now, changed)
 
     rows: list[Job] = []
     skipped: list[dict[str, Any]] = []
+    n_changed = 0
     for j in jobs:
+        if j.ident in changed:  # rewritten after it was hashed: under neither hash this time
+            first = todo[j.ident].path
+            own = first == j.path
+            n_changed += own
+            skipped.append(
+                {
+                    "path": j.path,
+                    "reason": CHANGED
+                    if own
+                    else (
+                        f"not cached this time: its content was to be embedded from '{first}', "
+                        "which changed while it was read; rerun `make features`"
+                    ),
+                    "sha256": "" if own else (j.sha256 or ""),  # "": hashed again next run
+                    "stat": j.stat,
+                    "content": False,
+                    "stamp_key": w.stamp_key,
+                }
+            )
+            continue
         fail = now.get(j.ident) or (w.failure(j.ident) if j.sha256 else None)
         if j.sha256 is None or fail is not None or not w.has(j.ident):
             skipped.append(
@@ -345,6 +383,7 @@ def _sync(
         embed_seconds=embed_s,
         rewrote=done.rewrote,
         skipped_rows=skipped,
+        changed=n_changed,
     )
     return summary, rows
 
@@ -364,9 +403,19 @@ def _refuse_mixing(path: Path, old: store.Index, stamp: dict[str, Any], n_new: i
 
 
 def _embed(
-    todo: list[Job], ctx: _Ctx, w: Writer, augment_seed: int, failures: dict[str, Failure]
+    todo: list[Job],
+    ctx: _Ctx,
+    w: Writer,
+    augment_seed: int,
+    failures: dict[str, Failure],
+    changed: dict[str, str],
 ) -> float:
-    """Embed `todo` batch by batch (here, or on a cluster); each batch is staged as a segment."""
+    """Embed `todo` batch by batch (here, or on a cluster); each batch is staged as a segment.
+
+    Decoding hashes the bytes it reads: a job whose file no longer has its hash (rewritten
+    since it was hashed) is neither embedded nor a failure; `changed` maps its ident to the
+    hash of the bytes read, and the caller lists it as not cached this time.
+    """
     workers = ctx.workers or min(8, (os.cpu_count() or 2) + 2)
     progress = Progress(
         len(todo),
@@ -380,6 +429,8 @@ def _embed(
     classes = ctx.scan.classes
     for chunk, reasons, maps in batches:
         ok = [j for j in chunk if j.ident not in reasons]
+        moved = {h: r.sha256 for h, r in reasons.items() if isinstance(r, images.Changed)}
+        changed.update(moved)
         maps = np.asarray(maps).astype(ctx.dtype)
         meta = Meta(
             [j.ident for j in ok],
@@ -389,8 +440,13 @@ def _embed(
             [j.view for j in ok],
             [j.stat for j in ok],
         )
-        fails = [Failure(h, str(r), bool(getattr(r, "content", False))) for h, r in reasons.items()]
-        w.add_batch(meta, pooled(maps), maps, fails)
+        fails = [
+            Failure(h, str(r), bool(getattr(r, "content", False)))
+            for h, r in reasons.items()
+            if h not in moved  # the old content did not fail: it was not there to read
+        ]
+        if ok or fails:
+            w.add_batch(meta, pooled(maps), maps, fails)
         failures.update({x.ident: x for x in fails})
         progress.update(len(chunk))
     return time.perf_counter() - t0
@@ -399,13 +455,19 @@ def _embed(
 def _local_batches(
     todo: list[Job], ctx: _Ctx, workers: int, augment_seed: int
 ) -> Iterator[tuple[list[Job], dict[str, str], np.ndarray]]:
-    """(jobs, {ident: reason} of the unreadable ones, maps of the others) per batch."""
+    """(jobs, {ident: reason} of the unreadable ones, maps of the others) per batch.
+
+    Decoding is checked: a file rewritten since it was hashed comes back `images.Changed`
+    among the reasons, and nothing of it is embedded under the old hash.
+    """
     from pipeline import backbone
 
     if ctx.model is None:
         ctx.model = backbone.build(ctx.spec)
     size = ctx.spec.input_size
-    for chunk, decoded in decoded_batches(todo, size, ctx.batch_size, workers, augment_seed):
+    for chunk, decoded in decoded_batches(
+        todo, size, ctx.batch_size, workers, augment_seed, check=True
+    ):
         ok = [i for i, d in enumerate(decoded) if not isinstance(d, str)]
         bad = {chunk[i].ident: d for i, d in enumerate(decoded) if isinstance(d, str)}
         feats = np.zeros((0,) + output_shape(ctx.spec), np.float32)
