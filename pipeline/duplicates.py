@@ -48,16 +48,16 @@ def of_index(idx: Any) -> dict[str, Any]:
     so a cache of ten million distinct images costs one sort of its hashes."""
     import numpy as np
 
-    from pipeline.store.format import prefix64
-
-    key = prefix64(idx.ident_col)  # 8 bytes a row; rows sharing one are checked in full below
-    _, inv, counts = np.unique(key, return_inverse=True, return_counts=True)
+    # the hashes' 64-bit prefixes (8 bytes a row); rows sharing one are checked in full below,
+    # their identities read alone (a lean index holds none)
+    _, inv, counts = np.unique(idx.key64, return_inverse=True, return_counts=True)
     rows = np.flatnonzero(counts[inv] > 1)
-    _, inv, counts = np.unique(idx.ident_col[rows], return_inverse=True, return_counts=True)
-    rows = rows[counts[inv] > 1]
+    ids = idx.idents_of(rows)
+    _, inv, counts = np.unique(ids, return_inverse=True, return_counts=True)
+    rows, ids = rows[counts[inv] > 1], ids[counts[inv] > 1]
     return find(
         idx.paths_of(rows),
-        [h.split("#", 1)[0] for h in idx.ident_col[rows].astype(str).tolist()],
+        [h.split("#", 1)[0] for h in ids.astype(str).tolist()],
         idx.labels[rows].tolist(),
         idx.split_col[rows].astype(str).tolist(),
         idx.classes,

@@ -28,6 +28,7 @@ from pipeline import views
 from pipeline.errors import UserError
 from pipeline.heads import chosen_params, fit
 from pipeline.progress import Progress
+from pipeline.store.reader import texts
 from pipeline.store.rows import materialize
 
 Log = Callable[[str], None]
@@ -46,20 +47,32 @@ class TrainSet:
 
 
 def _sortable(sha256: Any) -> np.ndarray:
-    """Hashes as an array that sorts and groups like them: a bytes array (a streamed cache's)
-    as its 64-bit prefixes (8 bytes a row) when equal prefixes mean equal hashes, a list of
-    strings as it is."""
+    """Content hashes as an array that sorts and groups like them: their 64-bit prefixes
+    (8 bytes a row) when equal prefixes mean equal hashes (real SHA-256s: but for odds of
+    about n^2 / 2^65), else the full hashes. A `ColumnOf` brings its prefixes and reads only
+    the rows whose prefixes tie; an array is used as it is when it is not text."""
     from pipeline.store.format import prefix64
 
-    keys = np.asarray(sha256)
-    if keys.dtype.kind != "S" or not len(keys):
-        return keys
-    p = prefix64(keys)
-    o = np.argsort(p, kind="stable")
-    tie = np.flatnonzero(p[o][1:] == p[o][:-1])  # equal prefixes: the same content, or not?
-    if len(tie) and (keys[o[tie]] != keys[o[tie + 1]]).any():
-        return keys  # two contents share a prefix (not real SHA-256s): the full hashes
-    return p
+    prefix = getattr(sha256, "prefix", None)
+    keys = None if prefix is not None else np.asarray(sha256)
+    if keys is not None:
+        if keys.dtype.kind == "U":
+            keys = np.char.encode(keys, "utf-8")
+        if keys.dtype.kind != "S" or not len(keys) or keys.dtype.itemsize < 16:
+            return keys
+        prefix = prefix64(keys)
+    o = np.argsort(prefix, kind="stable")
+    tie = np.flatnonzero(prefix[o][1:] == prefix[o][:-1])  # the same content, or not?
+    if len(tie):
+        a, b = o[tie], o[tie + 1]
+        if keys is None:
+            full = np.asarray(sha256.take(np.concatenate([a, b]))).astype("S")
+            differ = (full[: len(a)] != full[len(a) :]).any()
+        else:
+            differ = (keys[a] != keys[b]).any()
+        if differ:  # two contents share a prefix (not real SHA-256s): the full hashes
+            return keys if keys is not None else np.asarray(sha256.take(np.arange(len(o))), "S")
+    return prefix
 
 
 def groups_of(sha256: Any) -> np.ndarray:
@@ -184,28 +197,26 @@ def outer_folds(y: np.ndarray, groups: np.ndarray, k: int, seed: int) -> np.ndar
 def folds_id(sha256: Any, fold: np.ndarray, rows: np.ndarray | None = None) -> str:
     """Fingerprint of a fold assignment by content: equal ids mean runs are paired fold by fold.
 
-    The SHA-256 of the JSON list of sorted (content hash, fold) pairs, written in pieces.
-    `rows`: the rows of `sha256` that `fold` is about, sorted by content (no copy of them all).
+    The SHA-256 of the JSON list of sorted (content, fold) pairs, one per content, written in
+    pieces; a content is named by its hash's first 16 hex digits (by the whole hash only where
+    two contents share them). `rows`: the rows of `sha256` that `fold` is about, sorted by
+    content (no copy of them all).
     """
-    keys = np.asarray(sha256)
+    keys = _sortable(sha256)
     if rows is None:
-        rows = np.argsort(_sortable(keys), kind="stable")
+        rows = np.argsort(keys, kind="stable")
         fold = fold[rows]
-    sk = _sortable(keys[rows]) if keys.dtype.kind != "S" else None
     h = hashlib.sha256(b"[")
     step = 65536
     prev: Any = None
     started = False
     for a in range(0, len(rows), step):
-        names = keys[rows[a : a + step]]
-        key = sk[a : a + step] if sk is not None else names
-        for x, k, f in zip(names.tolist(), key.tolist(), fold[a : a + step].tolist(), strict=True):
+        key = keys[rows[a : a + step]]
+        for k, f in zip(key.tolist(), fold[a : a + step].tolist(), strict=True):
             if started and k == prev:  # one pair per content (copies share a fold)
                 continue
-            h.update(
-                ((", " if started else "") + f'["{x.decode() if isinstance(x, bytes) else x}", '
-                 f"{int(f)}]").encode()
-            )  # fmt: skip
+            name = f"{k:016x}" if isinstance(k, int) else _text(k)
+            h.update(((", " if started else "") + f'["{name}", {int(f)}]').encode())
             prev, started = k, True
     h.update(b"]")
     return h.hexdigest()
@@ -221,8 +232,7 @@ def splits(ts: TrainSet, k: int, seed: int) -> tuple[list[tuple[np.ndarray, np.n
     groups; a test fold only originals. NumPy throughout: a million rows cost a sort.
     """
     orig = np.flatnonzero(ts.original)
-    keys = np.asarray(ts.sha256)
-    sk = _sortable(keys)
+    sk = _sortable(ts.sha256)
     orig = orig[np.lexsort((ts.y[orig], sk[orig]))]  # stable: as sorted() by (hash, label)
     sorted_groups = groups_of(sk[orig])
     fold_o = outer_folds(ts.y[orig], sorted_groups, k, seed)
@@ -231,7 +241,7 @@ def splits(ts: TrainSet, k: int, seed: int) -> tuple[list[tuple[np.ndarray, np.n
     fold_of_group[ts.groups[orig]] = fold_o
     row_fold = fold_of_group[content]
     out = [(np.flatnonzero((row_fold != i) & (row_fold >= 0)), orig[fold_o == i]) for i in range(k)]
-    return out, folds_id(keys, fold_o, orig)
+    return out, folds_id(sk, fold_o, orig)
 
 
 def _fold(
@@ -384,11 +394,53 @@ def _oof(ts: TrainSet, oof: np.ndarray, oof_p: np.ndarray, scored: np.ndarray) -
     return {
         **out,
         "oof_pred": oof[keep].tolist(),
-        "oof_sha256": [_text(ts.sha256[i]) for i in keep],
+        "oof_sha256": [_text(h) for h in texts(ts.sha256, keep)],
         "oof_probability": oof_p[keep].round(6).tolist(),
         "oof_true": ts.y[keep].tolist(),
-        "oof_paths": [ts.paths[i] for i in keep] if ts.paths else None,
+        "oof_paths": texts(ts.paths, keep) if ts.paths is not None and len(ts.paths) else None,
     }
+
+
+def validation_record(
+    y: np.ndarray,
+    pred: np.ndarray,
+    probability: np.ndarray,
+    sha256: Any,
+    paths: Any,
+    classes: list[str],
+) -> dict[str, Any]:
+    """What a run keeps of its validation predictions, bounded like the out-of-fold ones.
+
+    Metrics over every image; each image right or wrong, 1 bit in content order, with the
+    identity of the images in that order (`images_id`: runs on the same validation images
+    pair image by image); and the predictions row by row: every image, or past OOF_ROWS_KEPT
+    of them the OOF_MISTAKES_KEPT most confident mistakes (the report's gallery).
+    """
+    from pipeline import stats
+
+    out = metrics(y, pred, classes)
+    right = pred == y
+    keys = _sortable(sha256)
+    order = np.lexsort((y, keys))  # identical contents with one label predict alike
+    h = hashlib.sha256()
+    for a in range(0, len(order), 1 << 16):
+        part = order[a : a + (1 << 16)]
+        h.update(np.ascontiguousarray(keys[part]).tobytes() + y[part].astype("<i8").tobytes())
+    out["images_id"] = h.hexdigest()
+    out["right"] = stats.pack_bits(right[order])
+    out["mistakes"] = int((~right).sum())
+    keep = np.arange(len(y))
+    if len(y) > OOF_ROWS_KEPT:
+        wrong = np.flatnonzero(~right)
+        keep = np.sort(wrong[np.argsort(-probability[wrong], kind="stable")[:OOF_MISTAKES_KEPT]])
+        out["predictions_kept"] = f"the {len(keep):,} most confident mistakes"
+    out["predictions"] = [
+        {"path": p, "true": classes[int(t)], "pred": classes[int(q)], "probability": float(pr)}
+        for p, t, q, pr in zip(
+            texts(paths, keep), y[keep], pred[keep], probability[keep], strict=True
+        )
+    ]
+    return out
 
 
 def metrics(y_true: np.ndarray, y_pred: np.ndarray, classes: list[str]) -> dict[str, Any]:

@@ -101,8 +101,15 @@ def _entry(r: dict[str, Any]) -> dict[str, Any]:
         "validation_accuracy": v["accuracy"] if v else None,
         "validation_low": v.get("accuracy_low") if v else None,
         "validation_high": v.get("accuracy_high") if v else None,
-        "validation_right": (
-            {p["path"]: p["true"] == p["pred"] for p in v.get("predictions") or []} if v else {}
+        "validation_right": (  # by path, where every image's prediction is kept
+            {p["path"]: p["true"] == p["pred"] for p in v.get("predictions") or []}
+            if v and not v.get("predictions_kept")
+            else {}
+        ),
+        "validation_bits": (  # every image right or wrong, in content order
+            {"id": v["images_id"], "right": v["right"], "images": r["n_validation"]}
+            if v and v.get("right")
+            else None
         ),
         "n_train": r["n_train"],
         "n_validation": r["n_validation"],
@@ -160,8 +167,15 @@ def paired(best: dict[str, Any], other: dict[str, Any]) -> dict[str, Any] | None
         "folds": int(len(d)),
         "validation_mcnemar": None,
     }
+    vb, vo = best.get("validation_bits"), other.get("validation_bits")
     common = sorted(set(best["validation_right"]) & set(other["validation_right"]))
-    if common:
+    if vb and vo and vb["id"] == vo["id"]:  # the same images: paired image by image
+        m = stats.mcnemar(
+            stats.unpack_bits(vb["right"], vb["images"]),
+            stats.unpack_bits(vo["right"], vo["images"]),
+        )
+        out["validation_mcnemar"] = {**m, "images": vb["images"]}
+    elif common:
         m = stats.mcnemar(
             np.array([best["validation_right"][p] for p in common]),
             np.array([other["validation_right"][p] for p in common]),
@@ -256,7 +270,10 @@ def gallery(
             if t != q
         ]
     rows.sort(key=lambda x: -(x.get("probability") or 0))
-    mistakes = len(rows) if source == "validation" else r["cv"].get("oof_mistakes", len(rows))
+    mistakes = (
+        v.get("mistakes", len(rows)) if source == "validation" and v
+        else r["cv"].get("oof_mistakes", len(rows))
+    )  # fmt: skip
     items = []
     for row in rows[:limit]:
         thumb = None
@@ -291,6 +308,7 @@ def build_report(
             )
     for e in entries + stale:  # per-image right/wrong served McNemar; not kept in the report
         e.pop("validation_right", None)
+        e.pop("validation_bits", None)
     current = idx = None
     skipped: list[dict[str, str]] = []
     dups = None

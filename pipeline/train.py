@@ -60,7 +60,7 @@ def load(
     `fits(rows, dim)` may refuse before anything is read into memory.
     """
     with store.reading(path.parent), store.open_cache(path) as f:
-        idx = store.index_of(f, path)
+        idx = store.index_of(f, path, lean=lazy)  # lazy: a few bytes a row, no texts
         if fits is not None:  # views come from their own cache: K more rows per image
             n_train, n_val = int(idx.mask("train").sum()), int(idx.mask("validation").sum())
             fits(n_train * (1 + views) + n_val, store.width(idx, pooling))
@@ -224,16 +224,9 @@ def _train(
     if len(va.y):
         proba = final.predict_proba(evaluate.for_head(final, va.X))
         pred = final.classes_[np.argmax(proba, axis=1)]
-        validation = evaluate.metrics(va.y, pred, classes)
-        validation["predictions"] = [
-            {
-                "path": va.paths[i],
-                "true": classes[int(va.y[i])],
-                "pred": classes[int(pred[i])],
-                "probability": float(proba[i].max()),
-            }
-            for i in range(len(va.y))
-        ]
+        validation = evaluate.validation_record(
+            va.y, pred, proba.max(axis=1), va.sha256, va.paths, classes
+        )
         right = int(np.sum(pred == va.y))
         w = stats.wilson(right, len(va.y))
         validation["accuracy_low"], validation["accuracy_high"] = w["low"], w["high"]
@@ -303,8 +296,9 @@ def _with_views(
     from pipeline.features import augment_settings
 
     if lazy:  # views: per-row Python lists again (the views' rows still stay in the cache)
-        ts.sha256 = [h.decode() if isinstance(h, bytes) else h for h in ts.sha256]
-        ts.paths = [ts.paths[i] for i in range(len(ts.paths or []))]
+        every = np.arange(len(ts.y))
+        ts.sha256 = store.texts(ts.sha256, every)
+        ts.paths = store.texts(ts.paths, every) if ts.paths is not None else None
     apath = layout.augment_path(path, seed)
     fix = f"run `make features AUGMENT={views} SEED={seed}` (same settings as the cache)"
     if not apath.is_file():
@@ -326,7 +320,7 @@ def _with_views(
             )
         aug = store.features_of(f, aidx, pooling, "train", max_view=views, lazy=lazy)
     if lazy:
-        aug.sha256 = [h.decode() for h in aug.sha256]
+        aug.sha256 = store.texts(aug.sha256, np.arange(len(aug.y)))
     row_of = {
         store.ident(h, int(v)): i for i, (h, v) in enumerate(zip(aug.sha256, aug.view, strict=True))
     }

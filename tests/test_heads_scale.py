@@ -3,6 +3,8 @@ held (sgd) or sent (cluster), and a head in memory that says when it would not f
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 
@@ -50,6 +52,8 @@ def test_sgd_streams_block_by_block_and_matches_logistic_regression(big, tmp_pat
     monkeypatch.setattr(store, "features_of", never)
     sgd = train_head(art, "sgd", features=big, folds=3, repeats=1, n_jobs=1, log=lambda s: 0)
     assert sgd["cv"]["folds_id"] == logreg["cv"]["folds_id"]  # paired: the same folds
+    for k in ("oof_sha256", "oof_paths", "oof_true"):  # texts read when asked, the same
+        assert sgd["cv"][k] == logreg["cv"][k]
     assert 0.6 < logreg["cv"]["accuracy_mean"] < 0.99  # a problem with mistakes to make
     assert sgd["cv"]["accuracy_mean"] >= logreg["cv"]["accuracy_mean"] - 0.03, (sgd, logreg)
     assert reads and max(reads) <= 512 < 2000  # a block, never a fold's 2,000 training rows
@@ -241,3 +245,70 @@ def test_rows_named_twice_or_scattered_are_read_as_named(tmp_path):
 
         read_rows(Spy(), np.array([1, 200_000, 399_999]))
     assert sum(k.stop - k.start for k in calls) == 3
+
+
+def test_validation_predictions_are_bounded_and_runs_pair_on_every_image(tmp_path, monkeypatch):
+    """Past OOF_ROWS_KEPT validation images a run keeps its most confident mistakes row by
+    row, and every image's right/wrong as bits: two heads still pair on all the images."""
+    rows_ = [
+        dataclasses.replace(r, split="validation") if i % 2 else r
+        for i, r in enumerate(bench_store._rows(0, 800))
+    ]
+    path = layout.features_dir(tmp_path / "art") / "val.h5"
+    path.parent.mkdir(parents=True)
+    bench_store.sync(path, rows_, batch=97, channels=48, signal=0.3)
+    monkeypatch.setattr(evaluate, "OOF_ROWS_KEPT", 100)
+    monkeypatch.setattr(evaluate, "OOF_MISTAKES_KEPT", 10)
+    art = tmp_path / "art"
+    a = train_head(art, "logreg", features=path, folds=3, repeats=1, log=lambda s: 0)
+    b = train_head(art, "sgd", features=path, folds=3, repeats=1, log=lambda s: 0)
+    for r in (a, b):
+        v = r["validation"]
+        assert r["n_validation"] == 400 and np.array(v["confusion"]).sum() == 400
+        assert v["mistakes"] == round(400 * (1 - v["accuracy"])) > 10
+        assert len(v["predictions"]) == 10 and all(p["true"] != p["pred"] for p in v["predictions"])
+        assert stats.unpack_bits(v["right"], 400).sum() == 400 - v["mistakes"]
+        assert all(p["path"].startswith("c") for p in v["predictions"])  # read from the cache
+    assert a["validation"]["images_id"] == b["validation"]["images_id"]
+    ea, eb = (reporting._entry({**r, "current": True, "stale_reason": None}) for r in (a, b))
+    pv = reporting.paired(ea, eb)
+    assert pv is not None and pv["validation_mcnemar"]["images"] == 400
+    g = reporting.gallery(a, None, limit=5)
+    assert g["mistakes"] == a["validation"]["mistakes"] and len(g["items"]) == 5
+
+
+def test_a_streaming_head_holds_a_few_bytes_per_row_and_reads_texts_when_asked(tmp_path):
+    """The lazy load reads no identities, paths or stats per row into memory (bytes a row
+    measured between two sizes), and the texts it reads when asked are the cache's."""
+    import gc
+    import tracemalloc
+
+    from pipeline.train import load
+
+    held = {}
+    for n in (1000, 5000):
+        path = tmp_path / f"c{n}" / "c.h5"
+        path.parent.mkdir()
+        bench_store.sync(path, bench_store._rows(0, n), batch=997, channels=8)
+        gc.collect()
+        tracemalloc.start()
+        with store.reading(path.parent):
+            data = load(path, "avg", lazy=True)
+            ts = data.train
+            del data
+            gc.collect()
+            held[n] = tracemalloc.get_traced_memory()  # (held now, peak while loading)
+            tracemalloc.stop()
+            assert isinstance(ts.X, store.Rows) and isinstance(ts.sha256, reader.ColumnOf)
+            full = store.load_features(path, "avg", "train")
+            pick = np.array([n - 1, 3, 0, 3])
+            assert ts.sha256.take(pick) == [full.sha256[i] for i in pick]
+            assert reader.texts(ts.paths, pick) == [full.paths[i] for i in pick]
+            assert ts.sha256[7] == full.sha256[7]
+        with store.open_cache(path) as f:
+            lean = store.index_of(f, path, lean=True)
+        assert lean.ident_col is None and lean.stat is None and lean.path_parts is None
+        assert lean.paths_of(pick[[2, 0]]) == [full.paths[0], full.paths[n - 1]]
+    kept, peak = ((held[5000][i] - held[1000][i]) / 4000 for i in (0, 1))
+    assert kept < 48, kept  # y, groups, rows' names, 64-bit hash prefixes: no texts
+    assert peak < 140, peak  # the index read lean: no identities, paths or stats

@@ -35,6 +35,7 @@ from pipeline.store.reader import (
     load_features,
     pool,
     read_column,
+    texts,
     width,
 )
 from pipeline.store.rows import Rows, materialize
@@ -69,5 +70,6 @@ __all__ = [
     "reading",
     "replacing",
     "shards_dir",
+    "texts",
     "width",
 ]

@@ -30,6 +30,7 @@ from pipeline.store.format import (
     CacheError,
     fsync,
     open_files_error,
+    prefix64,
     read_attrs_of,
     replacing,
     str_ds,
@@ -37,7 +38,7 @@ from pipeline.store.format import (
     too_many_open_files,
     write_attrs,
 )
-from pipeline.store.segments import decoded, open_segment
+from pipeline.store.segments import decoded, open_segment, read_rows
 
 
 @dataclass
@@ -181,6 +182,9 @@ class Index:
     `seg` and `seg_row` say where each row's features are: segment entries[seg], row seg_row.
     Python lists (`paths`, `sha256`, `split`, `view`, ...) are made on first use only, so that
     reading features for a head costs NumPy work per row, not Python objects per row.
+    A lean index (`index_of(lean=True)`, what a streaming head reads) holds about 40 bytes a
+    row: no identities, paths, stats or stamps (`ident_col`, `path_parts`, `stat` and
+    `made_col` are None); `idents_of` and `paths_of` read the rows asked from the segments.
     """
 
     def __init__(
@@ -190,19 +194,23 @@ class Index:
         skipped: list[dict[str, Any]],
         attrs: dict[str, Any],
         entries: list[Entry],
-        ident: np.ndarray,
-        paths: list[np.ndarray],
+        ident: np.ndarray | None,
+        paths: list[np.ndarray] | None,
         labels: np.ndarray,
         split: np.ndarray,
         view: np.ndarray,
-        stat: np.ndarray,
-        made: np.ndarray,
+        stat: np.ndarray | None,
+        made: np.ndarray | None,
         seg: np.ndarray,
         seg_row: np.ndarray,
+        key64: np.ndarray | None = None,
     ) -> None:
         self.path, self.classes, self.skipped, self.attrs = Path(path), classes, skipped, attrs
         self.entries = entries
         self.ident_col, self.path_parts, self.labels = ident, paths, labels
+        if key64 is None:
+            key64 = prefix64(ident) if ident is not None else np.zeros(0, np.uint64)
+        self.key64 = key64  # each row's content hash as its first 64 bits: sorts as the hashes
         self._path_col: np.ndarray | None = None
         self.split_col, self.view_col, self.stat = split, view, stat
         self.made_col, self.seg, self.seg_row = made, seg, seg_row
@@ -216,13 +224,39 @@ class Index:
         columns: what a long reader keeps once it has taken the rows it needs."""
         return Index(
             self.path, self.classes, self.skipped, self.attrs, self.entries,
-            self.ident_col[:0], [], self.labels[:0], self.split_col[:0], self.view_col[:0],
-            self.stat[:0], self.made_col[:0], self.seg[:0], self.seg_row[:0],
+            np.zeros(0, "S80"), [], self.labels[:0], self.split_col[:0], self.view_col[:0],
+            np.zeros((0, 3), np.int64), np.zeros(0, np.int16), self.seg[:0], self.seg_row[:0],
         )  # fmt: skip
+
+    @property
+    def lean(self) -> bool:
+        return self.ident_col is None
+
+    def _from_segments(self, rows: np.ndarray, name: str) -> np.ndarray:
+        """Column `name` of `rows` (sorted), read from their segments (one open at a time)."""
+        parts = []
+        folder = shards_dir(self.path)
+        seg = self.seg[rows]
+        cut = np.searchsorted(seg, np.arange(len(self.entries) + 1))
+        for k, e in enumerate(self.entries):
+            mine = rows[cut[k] : cut[k + 1]]
+            if len(mine):
+                with open_segment(folder / e.name) as g:
+                    parts.append(read_rows(g[name], self.seg_row[mine]))
+        return np.concatenate(parts) if parts else np.zeros(0, "S1")
+
+    def idents_of(self, rows: np.ndarray) -> np.ndarray:
+        """The identities of `rows` (sorted) as bytes: from memory, or read from the segments."""
+        rows = np.asarray(rows, np.int64)
+        if self.ident_col is not None:
+            return self.ident_col[rows]
+        return self._from_segments(rows, "ident")
 
     @property
     def path_col(self) -> np.ndarray:
         """Every row's path as UTF-8 bytes (made on first use: per segment until then)."""
+        if self.path_parts is None:
+            raise ValueError("a lean index holds no paths: use paths_of(rows)")
         if self._path_col is None:
             parts = [p.astype(object) for p in self.path_parts]
             self._path_col = np.concatenate(parts) if parts else np.zeros(0, object)
@@ -230,8 +264,12 @@ class Index:
 
     def paths_of(self, rows: np.ndarray) -> list[str]:
         """The paths of `rows` (sorted), decoded from their segments' columns only."""
-        if self._path_col is not None or not len(rows):
-            return decoded(self.path_col[rows]) if len(rows) else []
+        if not len(rows):
+            return []
+        if self.path_parts is None:
+            return decoded(self._from_segments(np.asarray(rows, np.int64), "path"))
+        if self._path_col is not None:
+            return decoded(self.path_col[rows])
         starts = np.searchsorted(self.seg, np.arange(len(self.path_parts) + 1))
         out: list[str] = []
         seg = self.seg[rows]
@@ -253,6 +291,8 @@ class Index:
 
     @property
     def idents(self) -> list[str]:
+        if self.ident_col is None:
+            raise ValueError("a lean index holds no identities: use idents_of(rows)")
         return self._list("idents", lambda: self.ident_col.astype(str).tolist())
 
     @property
@@ -342,9 +382,16 @@ def read_index(path: Path, expect_key: str | None = None, drop_missing: bool = F
 
 
 def index_of(
-    f: h5py.File, path: Path, expect_key: str | None = None, drop_missing: bool = False
+    f: h5py.File,
+    path: Path,
+    expect_key: str | None = None,
+    drop_missing: bool = False,
+    lean: bool = False,
 ) -> Index:
-    """The live rows of the open cache `f`, read segment by segment (one file open at a time)."""
+    """The live rows of the open cache `f`, read segment by segment (one file open at a time).
+
+    `lean`: only what a head needs to name its rows (about 40 bytes a row, see `Index`).
+    """
     attrs = read_attrs_of(f)
     if expect_key is not None and attrs.get("cache_key") != expect_key:
         raise CacheError(
@@ -372,15 +419,16 @@ def index_of(
     # every column allocated once at its final size and filled segment by segment: reading
     # the index costs its bytes, never twice them (no list of parts to concatenate)
     total = sum(max(0, e.live) for e in entries)
-    ident = np.zeros(total, "S80")
+    ident = None if lean else np.zeros(total, "S80")
+    key64 = np.zeros(total, np.uint64)
     labels = np.zeros(total, np.int64)
     split = np.zeros(total, "S10")
     view = np.zeros(total, np.int16)
-    stat_col = np.zeros((total, 3), np.int64)
-    made_col = np.zeros(total, np.int16)
+    stat_col = None if lean else np.zeros((total, 3), np.int64)
+    made_col = None if lean else np.zeros(total, np.int16)
     seg_col = np.zeros(total, np.int32)
     row_col = np.zeros(total, np.int64)
-    path_parts: list[np.ndarray] = []
+    path_parts: list[np.ndarray] | None = None if lean else []
     at = 0
     for k, e in enumerate(entries):
         with open_segment(folder / e.name) as g:
@@ -393,22 +441,30 @@ def index_of(
                 own = strs(g["classes"])
                 remap = np.array([class_of.get(c, -1) for c in own] + [-1], np.int64)
                 stamp = read_attrs_of(g).get("stamp") or {}
-                ident[at : at + n] = g["ident"][()][live]
-                path_parts.append(g["path"][()][live])
+                step, to = 1 << 16, at  # the identities a slice at a time: bounded temporaries
+                for a in range(0, e.rows, step):
+                    ids = g["ident"][a : a + step][live[a : a + step]]
+                    key64[to : to + len(ids)] = prefix64(ids)
+                    if ident is not None:
+                        ident[to : to + len(ids)] = ids
+                    to += len(ids)
                 labels[at : at + n] = remap[g["label"][()][live]]
                 split[at : at + n] = g["split"][()][live]
                 view[at : at + n] = g["view"][()][live]
-                stat = g["stat"][()]
-                if len(e.restat_rows):
-                    stat[e.restat_rows] = e.restat
-                stat_col[at : at + n] = stat[live]
+                if path_parts is not None and stat_col is not None:
+                    path_parts.append(g["path"][()][live])
+                    stat = g["stat"][()]
+                    if len(e.restat_rows):
+                        stat[e.restat_rows] = e.restat
+                    stat_col[at : at + n] = stat[live]
             except (KeyError, OSError, ValueError, IndexError) as err:
                 raise CacheError(
                     f"segment '{folder / e.name}' of the cache cannot be read ({err}); rerun "
                     "`make features`: it sets the damaged index aside and embeds only the rows "
                     "no readable segment holds"
                 ) from None
-        made_col[at : at + n] = embedders.index(stamp) if stamp in embedders else 0
+        if made_col is not None:
+            made_col[at : at + n] = embedders.index(stamp) if stamp in embedders else 0
         seg_col[at : at + n] = k
         row_col[at : at + n] = np.flatnonzero(live)
         at += n
@@ -423,13 +479,14 @@ def index_of(
         skipped=skipped,
         attrs=attrs,
         entries=entries,
-        ident=ident[:at],
+        ident=None if ident is None else ident[:at],
         paths=path_parts,
         labels=labels[:at],
         split=split[:at],
         view=view[:at],
-        stat=stat_col[:at],
-        made=made_col[:at],
+        stat=None if stat_col is None else stat_col[:at],
+        made=None if made_col is None else made_col[:at],
         seg=seg_col[:at],
         seg_row=row_col[:at],
+        key64=key64[:at],
     )

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import h5py
 import numpy as np
@@ -16,7 +17,7 @@ from pipeline.errors import UserError
 from pipeline.store.format import POOLINGS, CacheError
 from pipeline.store.manifest import Index, index_of, open_cache, shards_dir
 from pipeline.store.rows import Rows
-from pipeline.store.segments import BLOCK_BYTES, missing_maps, open_segment, read_rows
+from pipeline.store.segments import BLOCK_BYTES, decoded, missing_maps, open_segment, read_rows
 
 
 def pool(block: np.ndarray, pooling: str) -> np.ndarray:
@@ -41,29 +42,32 @@ class Features:
     view: np.ndarray
 
 
-class PathsOf:
-    """The paths of some rows of a cache, decoded one by one when asked (no list of them all)."""
+class ColumnOf:
+    """Text of some rows of a cache (paths, or content hashes), read from the segments when
+    asked: it holds the rows' names (the `Rows` of their features, shared), never a list of
+    them all. `take` reads many at once, one segment open at a time."""
 
-    def __init__(self, idx: Index, rows: np.ndarray) -> None:
-        starts = np.searchsorted(idx.seg, np.arange(len(idx.path_parts) + 1))
-        self.parts = idx.path_parts
-        self.seg = idx.seg[rows]
-        self.local = rows - starts[self.seg] if len(rows) else rows
+    def __init__(self, rows: Rows, name: str, prefix: np.ndarray | None = None) -> None:
+        self.rows, self.name = rows, name
+        self.prefix = prefix  # content hashes: their first 64 bits in memory (sorts, groups)
 
     def __len__(self) -> int:
-        return len(self.seg)
+        return len(self.rows)
 
     def __getitem__(self, i: int) -> str:
-        raw = self.parts[int(self.seg[i])][int(self.local[i])]
-        return raw.decode("utf-8", "surrogateescape") if isinstance(raw, bytes) else str(raw)
+        return self.take(np.array([i]))[0]
+
+    def take(self, positions: np.ndarray) -> list[str]:
+        """The texts at `positions`, in that order."""
+        text = decoded(self.rows[np.asarray(positions, np.int64)].column(self.name))
+        return [t.split("#", 1)[0] for t in text] if self.name == "ident" else text
 
 
-def _hashes(ident: np.ndarray, rows: np.ndarray) -> np.ndarray:
-    """The content hashes of `rows` (an ident's first 64 bytes), copied a block at a time."""
-    out = np.empty(len(rows), "S64")
-    for a in range(0, len(rows), 1 << 16):
-        out[a : a + (1 << 16)] = ident[rows[a : a + (1 << 16)]]
-    return out
+def texts(col: Any, positions: Any) -> list[str]:
+    """`col[i]` for each position: a list's items, or a `ColumnOf`'s read at once."""
+    if isinstance(col, ColumnOf):
+        return col.take(np.asarray(positions, np.int64))
+    return [col[int(i)] for i in positions]
 
 
 def f_shape(idx: Index) -> tuple[int, ...]:
@@ -115,12 +119,13 @@ def features_of(
             f"to ('{base}') or its ARTIFACTS folder"
         )
     rows = np.flatnonzero(idx.mask(split, max_view))
-    if lazy:  # a few bytes per row: hashes as one bytes array, paths decoded when asked
+    if lazy:  # a few bytes per row: hashes as 64-bit prefixes, texts read when asked
+        X = Rows.of_index(idx, rows, pooling)
         return Features(
-            X=Rows.of_index(idx, rows, pooling),  # type: ignore[arg-type]
+            X=X,  # type: ignore[arg-type]
             y=idx.labels[rows] if len(rows) else np.zeros(0, np.int64),
-            paths=PathsOf(idx, rows),  # type: ignore[arg-type]
-            sha256=_hashes(idx.ident_col, rows),  # type: ignore[arg-type]
+            paths=ColumnOf(X, "path"),  # type: ignore[arg-type]
+            sha256=ColumnOf(X, "ident", idx.key64[rows]),  # type: ignore[arg-type]
             view=idx.view_col[rows].astype(np.int64),
         )
     name, d = dataset_of(idx, pooling)
@@ -155,7 +160,7 @@ def features_of(
         X=X,
         y=idx.labels[rows] if len(rows) else np.zeros(0, np.int64),
         paths=idx.paths_of(rows),
-        sha256=[h.split("#", 1)[0] for h in idx.ident_col[rows].astype(str).tolist()],
+        sha256=[h.split("#", 1)[0] for h in idx.idents_of(rows).astype(str).tolist()],
         view=idx.view_col[rows].astype(np.int64),
     )
 

@@ -21,11 +21,10 @@ from typing import Any
 import numpy as np
 
 from pipeline.store.manifest import Index, shards_dir
-from pipeline.store.segments import missing_maps, open_segment
+from pipeline.store.segments import BLOCK_BYTES, missing_maps, open_segment, read_rows
 
 BUFFER_BYTES = 64 << 20  # one block of a pass
 CHUNK_ROWS = 1024  # contiguous rows read together in a shuffled pass
-GAP = 256  # rows closer than this are read in one slice (a dead row does not split a read)
 READ = {"rows": 0, "blocks": 0}  # what this process has read through `Rows` (benches, tests)
 
 
@@ -131,14 +130,16 @@ class Rows:
                 if p.dataset not in g:
                     raise missing_maps("POOL=flatten")
                 ds = g[p.dataset]
-                spans = np.split(rows, np.flatnonzero(np.diff(rows) > GAP) + 1)
-                for span in spans:
-                    a, b = int(span[0]), int(span[-1]) + 1
-                    block = ds[a:b]
-                    if b - a != len(span) or (np.diff(span) != 1).any():  # gaps or repeats
-                        block = block[span - a]
-                    out[done : done + len(span)] = _pool(block, p.pooling)
-                    done += len(span)
+                raw = int(np.prod(ds.shape[1:], dtype=np.int64)) * ds.dtype.itemsize
+                step = max(1, BLOCK_BYTES // max(1, raw))  # at most about 64 MB read at once
+                for a in range(0, len(rows), step):
+                    part = rows[a : a + step]
+                    into = out[done : done + len(part)]
+                    if ds.ndim == 2 and ds.dtype == np.float32 and p.pooling != "flatten":
+                        read_rows(ds, part, into)  # stored pooled vectors: straight into out
+                    else:
+                        into[:] = _pool(read_rows(ds, part), p.pooling)
+                    done += len(part)
         return out
 
     def blocks(self, shuffle: int | None = None) -> Iterator[tuple[np.ndarray, np.ndarray]]:
@@ -165,6 +166,21 @@ class Rows:
             X = self._read(pos)
             mix = rng.permutation(len(pos))
             yield pos[mix], X[mix]
+
+    def column(self, name: str) -> np.ndarray:
+        """Dataset `name` (`ident`, `path`, ...) of these rows in this order, as stored."""
+        order = self._order()
+        parts: list[np.ndarray] = []
+        key = self.part[order].astype(np.int64) << 32 | self.seg[order].astype(np.int64)
+        for run in np.split(order, np.flatnonzero(np.diff(key)) + 1) if len(order) else []:
+            p = self.parts[int(self.part[run[0]])]
+            with open_segment(Path(p.folder) / p.names[int(self.seg[run[0]])]) as g:
+                parts.append(read_rows(g[name], self.row[run]))
+        if not parts:
+            return np.zeros(0, "S1")
+        out = np.empty(len(order), parts[0].dtype if len(parts) == 1 else object)
+        out[order] = np.concatenate(parts) if len(parts) > 1 else parts[0]
+        return out
 
     def load(self) -> np.ndarray:
         """Every row's features in this order, in memory."""
