@@ -62,20 +62,13 @@ def _settings() -> dict[str, Any]:
     return cache_settings(BackboneSpec("none", input_size=224), "float16", maps=False)
 
 
-def _attrs(key: str, rows: list[Any], channels: int = CHANNELS) -> dict[str, Any]:
-    from pipeline import store
+def _attrs(key: str, channels: int = CHANNELS) -> dict[str, Any]:
+    """The index's attributes but data_id (the writer keeps it from the rows it changes)."""
     from pipeline.provenance import environment
 
     settings = _settings()
     return {
         "cache_key": key,
-        "data_id": store.data_id(
-            [r.path for r in rows],
-            [r.ident for r in rows],
-            [CLASSES.index(r.label) for r in rows],
-            [r.split for r in rows],
-            CLASSES,
-        ),
         "settings": settings,
         **{k: v for k, v in settings.items() if isinstance(v, (str, int, float, bool))},
         "weights": "none",
@@ -109,7 +102,7 @@ def sync(
             [r.split for r in part], [r.view for r in part], [r.stat for r in part],
         )  # fmt: skip
         w.add_batch(meta, {"avg": v, "max": v * 2}, None, [])
-    done = w.commit(want, CLASSES, [], _attrs(key, want, channels), same_source=True)
+    done = w.commit(want, CLASSES, [], _attrs(key, channels), same_source=True)
     return done, len(todo)
 
 

@@ -9,7 +9,7 @@ import errno
 import hashlib
 import json
 import os
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -96,14 +96,61 @@ def cache_key(settings: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()
 
 
+# data_id is a multiset hash: the sum modulo 2^256 of one SHA-256 per row, kept in the index
+# (attribute DATA_SUM, 64 hex digits), so that a change adds and subtracts only the rows it
+# changes; the id itself hashes this tag, the classes and that sum
+DATA_ID_TAG = "data_id/2 sum mod 2^256 of sha256 [path, sha256, class, split]"
+DATA_SUM = "data_sum"
+DATA_MOD = 1 << 256
+
+
+def row_term(path: str, sha256: str, label: str, split: str) -> int:
+    """One row's share of data_id: SHA-256 of its path, content hash, class NAME and split.
+
+    The class by name, not by position, so that a new class leaves the other rows' terms be.
+    """
+    text = json.dumps([path, sha256, label, split])
+    return int.from_bytes(hashlib.sha256(text.encode()).digest(), "big")
+
+
+def rows_sum(rows: Iterable[tuple[str, str, str, str]]) -> int:
+    """The sum of `row_term` over (path, sha256, class name, split) rows, modulo 2^256."""
+    return sum(row_term(*r) for r in rows) % DATA_MOD
+
+
+def data_id_of(classes: list[str], total: int) -> str:
+    """The content id of a cache whose rows' `rows_sum` is `total`."""
+    h = hashlib.sha256(DATA_ID_TAG.encode())
+    h.update(json.dumps(classes).encode())
+    h.update(f"{total % DATA_MOD:064x}".encode())
+    return h.hexdigest()
+
+
+def stored_sum(attrs: dict[str, Any]) -> int | None:
+    """The rows' sum an index keeps (DATA_SUM), or None: absent (an older cache) or unreadable."""
+    v = attrs.get(DATA_SUM)
+    if not isinstance(v, str) or len(v) != 64:
+        return None
+    try:
+        return int(v, 16)
+    except ValueError:
+        return None
+
+
+def sum_attr(total: int) -> str:
+    """`total` as the DATA_SUM attribute writes it."""
+    return f"{total % DATA_MOD:064x}"
+
+
 def data_id(
     paths: list[str], sha256: list[str], labels: list[int], split: list[str], classes: list[str]
 ) -> str:
-    """SHA-256 of what a cache says about the images: every row's path, content, label, split."""
-    h = hashlib.sha256(json.dumps(classes).encode())
-    for row in sorted(zip(paths, sha256, (int(v) for v in labels), split, strict=True)):
-        h.update(json.dumps(row).encode())
-    return h.hexdigest()
+    """What a cache says about its images (every row's path, content, label, split), in full.
+
+    Costs every row: the writer keeps the same id from the rows it changes (`stored_sum`).
+    """
+    names = (classes[int(v)] for v in labels)
+    return data_id_of(classes, rows_sum(zip(paths, sha256, names, split, strict=True)))
 
 
 @contextmanager

@@ -6,7 +6,8 @@ A run of `make features` (one writer per artifacts folder) goes:
 2. `add_batch` writes each embedded batch as a small segment (crash-safe on return) and merges
    staged segments as they accumulate, so a run of any length keeps few files.
 3. `commit` places every wanted row: kept where it is, taken from a staged segment as it is, or
-   copied under new metadata (a moved or relabelled file); writes the new index atomically;
+   copied under new metadata (a moved or relabelled file); writes the new index atomically,
+   its data_id updated from the rows added and taken off (a sum kept in the index, `format`);
    then merges the index's segments (`merging`), writing the index after each merge; and only
    then deletes the files no index names, while no reader is between opening and reading.
 Until the new index is renamed into place, the old one and all its segments stay readable, so
@@ -26,7 +27,17 @@ import numpy as np
 
 from pipeline.errors import UserError
 from pipeline.store import merging
-from pipeline.store.format import CacheError, cache_key, replacing
+from pipeline.store.format import (
+    DATA_MOD,
+    DATA_SUM,
+    CacheError,
+    cache_key,
+    data_id_of,
+    replacing,
+    rows_sum,
+    stored_sum,
+    sum_attr,
+)
 from pipeline.store.locks import no_readers
 from pipeline.store.manifest import Entry, Index, read_index, shards_dir, write_manifest
 from pipeline.store.segments import (
@@ -367,19 +378,24 @@ class Writer:
         used: dict[str, list[int]] = {}
         copies: list[tuple[Row, tuple[str, int]]] = []
         restat: dict[int, tuple[int, int, int]] = {}  # old row -> its file's new stat
+        fresh: list[Row] = []  # rows the old index does not hold as they are: data_id adds them
+        o_ident, o_label, o_split = (
+            (old.idents, old.labels_by_name, old.split) if old is not None else ([], [], [])
+        )
         for row in rows:
             i = old_pos.get((row.path, row.view))
             if (
                 i is not None
                 and not kept[i]
-                and old.idents[i] == row.ident  # type: ignore[union-attr]
-                and old.labels_by_name[i] == row.label  # type: ignore[union-attr]
-                and old.split[i] == row.split  # type: ignore[union-attr]
+                and o_ident[i] == row.ident
+                and o_label[i] == row.label
+                and o_split[i] == row.split
             ):
                 kept[i] = True
                 if tuple(old.stat[i]) != tuple(row.stat):  # type: ignore[union-attr,index]
                     restat[i] = tuple(row.stat)  # touched or copied: no feature is rewritten
                 continue
+            fresh.append(row)
             hit = exact.get(row.key())
             if hit:
                 name, r = hit.pop(0)
@@ -404,6 +420,7 @@ class Writer:
             and old.classes == classes
             and old_skipped == [(s["path"], s["reason"]) for s in skipped]
             and same_source
+            and not old.attrs.get("lost_rows")  # its index still names a missing segment
         )
         if unchanged:  # nothing written, unless a merge is due (one stopped earlier)
             es = old.entries  # type: ignore[union-attr]
@@ -476,6 +493,8 @@ class Writer:
                 stamps[k] for k in dict.fromkeys(e.stamp_key for e in entries) if k in stamps
             ],
         }
+        total = self._data_sum(old, kept, fresh)
+        attrs[DATA_SUM], attrs["data_id"] = sum_attr(total), data_id_of(classes, total)
         attrs["rebuild_id"] = self.rebuild_id if self.rebuild else ""
         write_manifest(self.path, entries, classes, skipped, attrs)
         rebuild_marker(self.path).unlink(missing_ok=True)
@@ -486,6 +505,32 @@ class Writer:
             self.log(f"warning: merging segments stopped ({e}); the cache is complete as it is")
             merges = 0
         return Committed(True, resumed, len(copies), merges)
+
+    @staticmethod
+    def _data_sum(old: Index | None, kept: np.ndarray, fresh: list[Row]) -> int:
+        """The new rows' sum (`format.rows_sum`): the old index's, less the rows it no longer
+        holds as they were, plus `fresh`; a cost in proportion to the rows changed.
+
+        An index without the sum (an older cache) or that lost a segment is summed in full,
+        once: the next commit starts from the sum this one writes.
+        """
+        add = rows_sum((r.path, r.ident.split("#", 1)[0], r.label, r.split) for r in fresh)
+        if old is None:
+            return add
+        idents, paths, split, names, labels = (
+            old.idents, old.paths, old.split, old.classes, old.labels
+        )  # fmt: skip
+
+        def summed(at: np.ndarray) -> int:
+            return rows_sum(
+                (paths[i], idents[i].split("#", 1)[0], names[int(labels[i])], split[i])
+                for i in at.tolist()
+            )
+
+        base = None if old.attrs.get("lost_rows") else stored_sum(old.attrs)
+        if base is None:
+            return (summed(np.flatnonzero(kept)) + add) % DATA_MOD
+        return (base - summed(np.flatnonzero(~kept)) + add) % DATA_MOD
 
     def _stamps(self) -> dict[str, dict[str, Any]]:
         out = {self.stamp_key: self.stamp}
