@@ -368,7 +368,7 @@ def _sync(
         [Row(r.path, r.ident, classes[r.label], r.split, r.view, r.stat) for r in rows],
         classes,
         skipped,
-        lambda: _attrs(w, rows, ctx, settings),  # data_id hashes every row: only when written
+        lambda: _attrs(w, ctx, settings),  # made only when something is written
         same_source=old is not None and dataset.same_source(old.attrs, ctx.scan),
     )
     n_new = sum(1 for r in rows if r.ident in todo)
@@ -477,19 +477,12 @@ def _local_batches(
         yield chunk, bad, feats
 
 
-def _attrs(w: Writer, rows: list[Job], ctx: _Ctx, settings: dict[str, Any]) -> dict[str, Any]:
-    """The index's attributes: settings, the rows' content id, DATA's record, versions."""
+def _attrs(w: Writer, ctx: _Ctx, settings: dict[str, Any]) -> dict[str, Any]:
+    """The index's attributes: settings, DATA's record, versions (data_id: the writer's)."""
     spec, scan = ctx.spec, ctx.scan
     shape = w.feature_shape() or output_shape(spec)
     attrs = {
         "cache_key": w.key,
-        "data_id": store.data_id(
-            [r.path for r in rows],
-            [r.sha256 or "" for r in rows],
-            [r.label for r in rows],
-            [r.split for r in rows],
-            scan.classes,
-        ),
         "settings": settings,
         **{k: v for k, v in settings.items() if isinstance(v, (str, int, float, bool))},
         "weights": spec.weights,

@@ -88,3 +88,20 @@ def decoded(monkeypatch):
 
     monkeypatch.setattr(batches, "decode", spy)
     return seen
+
+
+def patch_loader(monkeypatch, fn):
+    """Decode every image through `fn(path, size)` (which may raise, or spy), whichever of the
+    loader's entry points the pipeline uses: by path, or hashing the bytes it decodes."""
+    from pipeline import images
+
+    real_hashed = getattr(images.load_image_hashed, "real", images.load_image_hashed)
+
+    def hashed(path, size):
+        fn(path, size)  # its failure or its record, then the real bytes and their hash
+        return real_hashed(path, size)
+
+    hashed.real = real_hashed  # patched twice: the second wraps the loader, not the first
+
+    monkeypatch.setattr(images, "load_image", fn)
+    monkeypatch.setattr(images, "load_image_hashed", hashed)

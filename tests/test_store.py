@@ -14,7 +14,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pytest
-from conftest import SIZE, make_dataset
+from conftest import SIZE, make_dataset, patch_loader
 
 from pipeline import images, layout, store
 from pipeline.backbone import BackboneSpec
@@ -267,14 +267,12 @@ def test_io_errors_are_retried_and_corrupt_images_remembered(tmp_path, spec, qui
             raise images.ImageError("cannot read file (Input/output error)")
         return real(path, size)
 
-    monkeypatch.setattr(images, "load_image", io_error)
+    patch_loader(monkeypatch, io_error)
     s = extract(data, tmp_path / "art", spec, log=log)
     reasons = {x["path"]: x["reason"] for x in s.skipped_rows}
     assert set(reasons) == {"train/class_0/corrupt.png", "train/class_1/flaky.png"}
     decoded.clear()
-    monkeypatch.setattr(
-        images, "load_image", lambda p, n: (decoded.append(Path(p).name), real(p, n))[1]
-    )
+    patch_loader(monkeypatch, lambda p, n: (decoded.append(Path(p).name), real(p, n))[1])
     again = extract(data, tmp_path / "art", spec, log=log)
     # the I/O failure is tried again and embedded; the corrupt bytes are not decoded again
     assert again.new == 1 and decoded == ["flaky.png"]
@@ -462,11 +460,6 @@ def test_touched_files_rewrite_no_segment_and_are_not_hashed_again(
     assert hashed == [] and not third.rewrote  # the new stats were recorded
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="needs pipeline/features.py: _attrs still passes every row to store.data_id; the "
-    "writer now keeps data_id from the rows a commit changes, so that entry can go",
-)
 def test_a_change_hashes_only_the_changed_rows_for_the_content_id(
     tmp_path, spec, quiet, monkeypatch
 ):

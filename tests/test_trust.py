@@ -16,7 +16,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pytest
-from conftest import SIZE, make_dataset, write_image
+from conftest import SIZE, make_dataset, patch_loader, write_image
 
 from pipeline import cli, evaluate, features, heads, images, layout, runs, store, train
 from pipeline.backbone import BackboneSpec
@@ -141,7 +141,7 @@ def test_a_decoder_crash_skips_the_file(tmp_path, spec, quiet, monkeypatch):
             raise IndexError("plugin bug")
         return real(path, size)
 
-    monkeypatch.setattr(images, "load_image", flaky)
+    patch_loader(monkeypatch, flaky)
     s = extract(data, tmp_path / "art", spec, log=log)
     assert s.new == 6 and s.skipped == 3
     assert all("IndexError" in r["reason"] for r in s.skipped_rows)

@@ -5,8 +5,8 @@ Layout of `<cache>.h5` (readable with plain h5py; README "Reading a cache withou
   /dead/segment, /dead/row        rows of those segments that are no longer in the cache
   /classes (C,) UTF-8             class names; a row's label is its class name's position
   /skipped/paths, reasons, sha256, stat, content, stamp_key    files not cached this time, why
-  attrs: format_version, cache_key, data_id, settings (JSON), embedders (JSON), feature_shape,
-         maps, rows, each setting by name, environment
+  attrs: format_version, cache_key, data_id, data_sum, settings (JSON), embedders (JSON),
+         feature_shape, maps, rows, each setting by name, environment
 The rows themselves (path, label, split, content hash, stat, features) live in the segments
 (`<cache>.shards/g*.h5`). The manifest grows with the number of segments and of removed rows not
 yet merged away, never with the collection; it is replaced whole (write, fsync, rename).
