@@ -162,7 +162,7 @@ finetune: $(STAMP) ## cache block4_pool once, then cross-validate block5 + head 
 		--backbone $(BACKBONE) $(size_arg) --batch $(BATCH) --dtype $(DTYPE) --seed $(SEED) --precision $(PRECISION) --folds $(or $(FOLDS),5) $(param_args) $(cluster_arg)
 
 sweep: $(STAMP) ## every head x pooling x VIEWS on the cache, ranked, + learning curve
-	$(PY) -m pipeline sweep --artifacts $(ARTIFACTS) --folds $(or $(FOLDS),5) $(repeats_arg) --seed $(SEED) \
+	$(PY) -m pipeline sweep --artifacts $(ARTIFACTS) $(folds_arg) $(repeats_arg) --seed $(SEED) \
 		--heads $(SWEEP_HEADS) --pools $(SWEEP_POOLS) --views $(SWEEP_VIEWS) $(cluster_arg) \
 		$(if $(SWEEP_BACKBONES),--backbones $(SWEEP_BACKBONES) --data $(DATA) --weights $(WEIGHTS) $(size_arg) --precision $(PRECISION))
 

@@ -239,7 +239,7 @@ def sweep(
     heads: str | Iterable[str] = "logreg,svm,dense",
     pools: str | Iterable[str] = "avg,max,flatten",
     views: str | Iterable[int] = "0",
-    folds: int = 5,
+    folds: int | None = None,
     seed: int = 0,
     points: int = 5,
     backbones: str | Iterable[str] = "",
@@ -255,7 +255,8 @@ def sweep(
     """`make sweep`: every head x pooling x views (x backbone) on the cache, ranked.
 
     `heads`, `pools`, `views` and `backbones` take a comma-separated string or a list, like
-    SWEEP_HEADS, SWEEP_POOLS, SWEEP_VIEWS and SWEEP_BACKBONES. Returns the sweep's summary.
+    SWEEP_HEADS, SWEEP_POOLS, SWEEP_VIEWS and SWEEP_BACKBONES. `folds=None` sizes the
+    evaluation to the data, as `train_head` does. Returns the sweep's summary.
     """
     from pipeline import cluster as dask_cluster
     from pipeline.sweeping import run_sweep

@@ -221,7 +221,12 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--heads", default="logreg,svm,dense", help="comma-separated heads")
     p.add_argument("--pools", default="avg,max,flatten", help="comma-separated poolings")
     p.add_argument("--views", default="0", help="comma-separated augmented views, e.g. 0,4")
-    p.add_argument("--folds", type=int, default=5, help="cross-validation folds (default 5)")
+    p.add_argument(
+        "--folds",
+        type=int,
+        default=None,
+        help="k-fold CV (default: 5 folds up to 200,000 training images, one held-out split above)",
+    )
     _repeats(p)
     p.add_argument("--points", type=int, default=5, help="learning-curve points (default 5)")
     p.add_argument(

@@ -289,6 +289,13 @@ def partitions(
     return out, fid
 
 
+def held_out(
+    cv: list[tuple[np.ndarray, np.ndarray]], fid: str
+) -> tuple[list[tuple[np.ndarray, np.ndarray]], str]:
+    """The held-out split of a k-fold partition (its first fold) and its fingerprint."""
+    return cv[:1], f"holdout-{fid}"
+
+
 def cross_validate(
     estimator: Any,
     ts: TrainSet,
@@ -318,8 +325,8 @@ def cross_validate(
     part_ids: list[str] = []
     cv, fid = partitions(ts, k, seed, 1 if holdout else repeats, part_ids)
     if holdout:
-        cv, repeats = cv[:1], 1
-        fid = part_ids[0] = f"holdout-{fid}"
+        (cv, fid), repeats = held_out(cv, fid), 1
+        part_ids[0] = fid
     label = (
         f"held-out split (1/{k} of the training images)"
         if holdout

@@ -191,3 +191,17 @@ def common_folds(a: dict[str, Any], b: dict[str, Any]) -> tuple[list[float], lis
     if a.get("folds_id") and a.get("folds_id") == b.get("folds_id"):
         return list(a["fold_accuracies"]), list(b["fold_accuracies"])
     return None
+
+
+def paired_runs(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any] | None:
+    """a - b for two runs' CV results (`result["cv"]`) scored on the same images, or None:
+    image by image on one held-out split, else fold by fold (`paired`)."""
+    if a.get("protocol") == "holdout" and a.get("holdout_right") and b.get("holdout_right"):
+        if a.get("folds_id") != b.get("folds_id"):
+            return None
+        n = int(a["holdout_images"])
+        return paired_holdout(
+            unpack_bits(a["holdout_right"], n), unpack_bits(b["holdout_right"], n)
+        )
+    shared = common_folds(a, b)
+    return paired(shared[0], shared[1], a["folds"]) if shared is not None else None

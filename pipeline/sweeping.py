@@ -32,7 +32,7 @@ def run_sweep(
     heads_list: str = "logreg,svm,dense",
     pools: str = "avg,max,flatten",
     views: str = "0",
-    folds: int = 5,
+    folds: int | None = None,
     seed: int = 0,
     curve_points: int = 5,
     log: Log = print,
@@ -113,14 +113,8 @@ def run_sweep(
     for row in results:  # who the data cannot tell from the best (paired, corrected interval)
         c = by_run[row["run"]]
         row["cv_low"], row["cv_high"] = c.get("accuracy_low"), c.get("accuracy_high")
-        shared = stats.common_folds(top, c)
-        row["tied_with_best"] = (
-            True
-            if row is best
-            else stats.paired(shared[0], shared[1], top["folds"])["tied"]
-            if shared is not None
-            else None
-        )
+        pv = None if row is best else stats.paired_runs(top, c)
+        row["tied_with_best"] = True if row is best else pv["tied"] if pv is not None else None
     tied = [r["run"] for r in results[1:] if r["tied_with_best"]]
     if tied:
         log(f"tied with the best (paired 95 % interval includes 0): {', '.join(tied)}")
@@ -170,31 +164,57 @@ def learning_curve(
     cache: Path,
     head: str,
     pooling: str,
-    folds: int,
+    folds: int | None,
     seed: int,
     points: int = 5,
     run: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """CV accuracy of the ranked run's head on growing fractions of each training fold.
 
+    On the ranked run's protocol: its k folds, or its one held-out split (scored with a
+    Wilson interval); `folds=None` without a run sizes it to the data (`evaluate.protocol`).
+    A streaming head reads its rows from the cache (never the features in memory).
+
     The last point IS the ranked run's own figure (same folds and repeats, same per-class
     counts, same views, its interval): no refit. Smaller points subsample each training fold
     by class (whole content groups: an image with its views), seeded, and are scored on the
     same test folds with the same head settings, each with its corrected 95 % interval.
     """
-    from pipeline import stats
-
     info = heads.get(head)
     cvr = (run or {}).get("cv") or {}
     views = int((run or {}).get("views", 0))
     repeats = int(cvr.get("repeats", 1))
+    with store.reading(cache.parent):
+        return _curve(cache, head, pooling, folds, seed, points, run, info, cvr, views, repeats)
+
+
+def _curve(
+    cache: Path,
+    head: str,
+    pooling: str,
+    folds: int | None,
+    seed: int,
+    points: int,
+    run: dict[str, Any] | None,
+    info: heads.HeadInfo,
+    cvr: dict[str, Any],
+    views: int,
+    repeats: int,
+) -> dict[str, Any]:
     params = (run or {}).get("params") or {}
-    ts = load(cache, pooling, views, seed).train
+    ts = load(cache, pooling, views, seed, lazy=info.streams).train
     orig = ts.original
     counts = np.bincount(ts.y[orig])
     counts = counts[counts > 0]
-    k = int(cvr.get("folds") or min(folds, counts.min()))
-    cv, fid = evaluate.partitions(ts, k, seed, repeats)
+    plan = evaluate.protocol(int(orig.sum()), folds)
+    holdout = cvr.get("protocol") == "holdout" if cvr else plan["holdout"]
+    if holdout:  # the first fold of the k-fold partition, as the run's held-out split
+        k = plan["folds"]
+    else:
+        k = int(cvr.get("folds") or min(plan["folds"], counts.min()))
+    cv, fid = evaluate.partitions(ts, k, seed, 1 if holdout else repeats)
+    if holdout:
+        cv, fid = evaluate.held_out(cv, fid)
     full = int(np.median(counts) * (k - 1) / k)  # images per class in a training fold
     smallest = max(2 / max(1, counts.min() * (k - 1) / k), 1 / max(1, full))
     fracs = [float(f) for f in np.geomspace(min(1.0, smallest), 1.0, max(2, points))]
@@ -214,7 +234,12 @@ def learning_curve(
             sub = tr[np.isin(views_mod.content(ts.groups[tr]), np.concatenate(keep_groups))]
             pred, _, _ = evaluate._fold(est, ts.X, ts.y, ts.groups, sub, te)
             accs.append(float(np.mean(pred == ts.y[te])))
-        ci = stats.corrected_t(accs, k)
+            right = int(np.sum(pred == ts.y[te]))
+        if holdout:
+            w = stats.wilson(right, len(cv[0][1]))
+            ci = {"low": w["low"], "high": w["high"]}
+        else:
+            ci = stats.corrected_t(accs, k)
         pts.append(
             {
                 "fraction": f,
@@ -243,8 +268,9 @@ def learning_curve(
         "head": head,
         "pooling": pooling,
         "views": views,
-        "folds": k,
-        "repeats": repeats,
+        "folds": 1 if holdout else k,
+        "protocol": "holdout" if holdout else "k-fold",
+        "repeats": 1 if holdout else repeats,
         "run": (run or {}).get("run"),
         "points": pts,
         "advice": advice(pts),

@@ -312,3 +312,27 @@ def test_a_streaming_head_holds_a_few_bytes_per_row_and_reads_texts_when_asked(t
     kept, peak = ((held[5000][i] - held[1000][i]) / 4000 for i in (0, 1))
     assert kept < 48, kept  # y, groups, rows' names, 64-bit hash prefixes: no texts
     assert peak < 140, peak  # the index read lean: no identities, paths or stats
+
+
+def test_a_sweep_sizes_its_evaluation_to_the_data_too(tmp_path, monkeypatch):
+    """Above the threshold every run of a sweep is one held-out split, the runs are paired
+    image by image (who is tied with the best), and the learning curve is on that split."""
+    from pipeline.sweeping import run_sweep
+
+    synthetic(tmp_path, 600, signal=0.3)
+    monkeypatch.setenv("PIPELINE_HOLDOUT_ABOVE", "500")
+    out = run_sweep(tmp_path / "art", "logreg,sgd", "avg", "0", curve_points=2, log=lambda s: 0)
+    runs = [r["cv"] for r in (store_results(tmp_path / "art")) if r["head"] in ("logreg", "sgd")]
+    assert len(runs) == 2 and all(c["protocol"] == "holdout" for c in runs)
+    assert out["ranking"][1]["tied_with_best"] is not None  # paired on the held-out images
+    curve = out["learning_curve"]
+    assert curve["protocol"] == "holdout" and curve["folds"] == 1
+    last = curve["points"][-1]
+    assert last["the_ranked_run"] and last["same_folds"]
+    assert all(p["low"] <= p["accuracy_mean"] <= p["high"] for p in curve["points"])
+
+
+def store_results(art):
+    import json
+
+    return [json.loads(p.read_text()) for p in layout.heads_dir(art).glob("*/result.json")]
