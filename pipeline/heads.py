@@ -403,19 +403,29 @@ def available_memory() -> int:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
-def check_memory(info: HeadInfo, n_rows: int, dim: int) -> None:
-    """A head that holds the features says when they would not fit, and names HEAD=sgd."""
+def check_memory(info: HeadInfo, n_rows: int, dim: int, client: Any = None) -> None:
+    """A head that holds the features says when they would not fit, and names HEAD=sgd.
+
+    With a Dask `client` the fits run on its workers: the one with the least memory
+    available decides (each holds a training fold, or every row for the final fit).
+    """
     if info.streams:
         return
     need = MEMORY_FACTOR * n_rows * dim * 4
-    have = available_memory()
+    where = ""
+    if client is not None:
+        free = client.run(available_memory)  # {worker address: bytes}
+        worker, have = min(free.items(), key=lambda kv: kv[1]) if free else ("?", 0)
+        where = f" on the cluster's worker {worker}"
+    else:
+        have = available_memory()
     if need <= have:
         return
     raise UserError(
         f"HEAD={info.name} holds the features in memory: {n_rows:,} rows of {dim:,} floats "
         f"need about {need / 2**30:,.1f} GiB while fitting, more than the "
-        f"{have / 2**30:,.1f} GiB available; use HEAD=sgd (logistic regression streamed over "
-        "the cache, never holding the features), or a smaller POOL"
+        f"{have / 2**30:,.1f} GiB available{where}; use HEAD=sgd (logistic regression streamed "
+        "over the cache, never holding the features), or a smaller POOL"
     )
 
 

@@ -138,7 +138,9 @@ def _train(
     lazy: bool,
     t0: float,
 ) -> dict[str, Any]:
-    data = load(path, pooling, views, seed, lazy, lambda n, d: heads.check_memory(info, n, d))
+    data = load(
+        path, pooling, views, seed, lazy, lambda n, d: heads.check_memory(info, n, d, client)
+    )
     idx, ts, va = data.index, data.train, data.validation
     classes = idx.classes
     if idx.attrs.get("random_weights"):

@@ -139,6 +139,14 @@ def test_a_head_in_memory_says_when_the_features_would_not_fit(big, tmp_path, mo
     monkeypatch.setattr(heads, "available_memory", lambda: 1 << 20)  # 1 MiB free
     with pytest.raises(UserError, match=r"HEAD=logreg holds the features in memory.*HEAD=sgd"):
         train_head(tmp_path / "art", "logreg", features=big, folds=2, log=lambda s: 0)
+    monkeypatch.setattr(heads, "available_memory", lambda: 1 << 40)  # here: plenty
+
+    class Workers:  # a cluster whose smallest worker has 1 MiB free: it decides
+        def run(self, fn):
+            return {"tcp://big:1": 1 << 40, "tcp://small:2": 1 << 20}
+
+    with pytest.raises(UserError, match=r"available on the cluster's worker tcp://small:2.*sgd"):
+        train_head(tmp_path / "art", "logreg", features=big, folds=2, client=Workers())
     r = train_head(tmp_path / "art", "sgd", features=big, folds=2, repeats=1, log=lambda s: 0)
     assert r["cv"]["accuracy_mean"] > 0.5
 
