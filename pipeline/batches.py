@@ -45,15 +45,24 @@ def decode(
                 return images.Changed(images.CHANGED, sha, arr)
         else:
             arr = images.load_image(src.abspath, size)
-    except images.ImageError as e:
-        return images.Unreadable(str(e), e.content)
-    except MemoryError:
-        return images.Unreadable("image too large to decode in memory", False)
-    except Exception as e:  # any decoder bug skips this one file; the run goes on
-        return images.Unreadable(f"could not decode ({type(e).__name__}: {str(e)[:160]})", True)
+    except Exception as e:
+        sha = getattr(e, "sha256", None)  # the bytes that failed: a rewrite caught half-way?
+        if check and src.sha256 and sha and sha != src.sha256:
+            return images.Changed(images.CHANGED, sha)  # never remembered as bad content
+        return _unreadable(e)
     if src.view:
         arr = images.augment(arr, images.view_rng(augment_seed, src.sha256 or "", src.view))
     return arr
+
+
+def _unreadable(e: Exception) -> images.Unreadable:
+    """Why a file could not be decoded, and whether its bytes are at fault."""
+    if isinstance(e, images.ImageError):
+        return images.Unreadable(str(e), e.content)
+    if isinstance(e, MemoryError):
+        return images.Unreadable("image too large to decode in memory", False)
+    # any decoder bug skips this one file; the run goes on
+    return images.Unreadable(f"could not decode ({type(e).__name__}: {str(e)[:160]})", True)
 
 
 def decoded_batches(

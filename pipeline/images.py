@@ -179,7 +179,12 @@ def load_image_hashed(path: str | os.PathLike[str], size: int) -> tuple[np.ndarr
             copy.seek(0)
         except OSError as e:
             raise ImageError(f"cannot read file ({e.strerror or e})") from None
-        return _decode(copy, size, n), h.hexdigest()
+        sha = h.hexdigest()
+        try:
+            return _decode(copy, size, n), sha
+        except Exception as e:
+            e.sha256 = sha  # type: ignore[attr-defined]  # which bytes failed to decode
+            raise
 
 
 def _decode(f: IO[bytes], size: int, nbytes: int | None = None) -> np.ndarray:

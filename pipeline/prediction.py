@@ -562,18 +562,25 @@ def _replanned(p: _Planned, sha256: str, cache: predicted.Cache, tta: int) -> No
     p.found = cache.find([sha256], tta)[0]
 
 
+LOOKUP_IMAGES = 2048  # hashed and looked up together: each segment's key table once for all
+
+
 def _plans(
     todo: list[_Item], cache: predicted.Cache, batch_size: int, tta: int, hashing: Executor
 ) -> Iterator[list[_Planned]]:
-    """Batches of `todo`, hashed and looked up, one batch at a time (memory: one batch)."""
-    for a in range(0, len(todo), batch_size):
-        chunk = todo[a : a + batch_size]
+    """Batches of `todo`, hashed and looked up LOOKUP_IMAGES at a time (a lookup opens every
+    segment of the caches once, whatever the number of images asked), yielded a batch at a
+    time (memory: LOOKUP_IMAGES plans, never the list's features)."""
+    for a in range(0, len(todo), LOOKUP_IMAGES):
+        chunk = todo[a : a + LOOKUP_IMAGES]
         hashed = list(hashing.map(_hashed, chunk))
         found = cache.find([h for h, _, _ in hashed], tta)
-        yield [
+        planned = [
             _Planned(j, h, why, st, f)
             for j, (h, why, st), f in zip(chunk, hashed, found, strict=True)
         ]
+        for b in range(0, len(planned), batch_size):
+            yield planned[b : b + batch_size]
 
 
 def _wanted(p: _Planned) -> bool:

@@ -175,7 +175,7 @@ def paired(best: dict[str, Any], other: dict[str, Any]) -> dict[str, Any] | None
             stats.unpack_bits(vo["right"], vo["images"]),
         )
         out["validation_mcnemar"] = {**m, "images": vb["images"]}
-    elif common:
+    elif common and not (vb and vo):  # older runs: by path (bits of other images: never)
         m = stats.mcnemar(
             np.array([best["validation_right"][p] for p in common]),
             np.array([other["validation_right"][p] for p in common]),

@@ -209,7 +209,7 @@ def _curve(
     plan = evaluate.protocol(int(orig.sum()), folds)
     holdout = cvr.get("protocol") == "holdout" if cvr else plan["holdout"]
     if holdout:  # the first fold of the k-fold partition, as the run's held-out split
-        k = plan["folds"]
+        k = round(1 / cvr["holdout_fraction"]) if cvr.get("holdout_fraction") else plan["folds"]
     else:
         k = int(cvr.get("folds") or min(plan["folds"], counts.min()))
     cv, fid = evaluate.partitions(ts, k, seed, 1 if holdout else repeats)

@@ -327,11 +327,18 @@ def test_a_sweep_sizes_its_evaluation_to_the_data_too(tmp_path, monkeypatch):
     image by image (who is tied with the best), and the learning curve is on that split."""
     from pipeline.sweeping import run_sweep
 
-    synthetic(tmp_path, 600, signal=0.3)
+    # a class of 3 images: the partition has 3 folds, so 1/3 is held out (not 1/5)
+    rare = bench_store.CLASSES[9]
+    kept = [r for i, r in enumerate(bench_store._rows(0, 600)) if r.label != rare or i < 30]
+    path = layout.features_dir(tmp_path / "art") / "rare.h5"
+    path.parent.mkdir(parents=True)
+    bench_store.sync(path, kept, batch=97, channels=48, signal=0.3)
+    layout.set_current(tmp_path / "art", path)
     monkeypatch.setenv("PIPELINE_HOLDOUT_ABOVE", "500")
     out = run_sweep(tmp_path / "art", "logreg,sgd", "avg", "0", curve_points=2, log=lambda s: 0)
     runs = [r["cv"] for r in (store_results(tmp_path / "art")) if r["head"] in ("logreg", "sgd")]
     assert len(runs) == 2 and all(c["protocol"] == "holdout" for c in runs)
+    assert all(c["holdout_fraction"] == pytest.approx(1 / 3) for c in runs)
     assert out["ranking"][1]["tied_with_best"] is not None  # paired on the held-out images
     curve = out["learning_curve"]
     assert curve["protocol"] == "holdout" and curve["folds"] == 1

@@ -151,9 +151,21 @@ def test_images_of_the_training_cache_are_never_embedded(base, art, tmp_path, no
     shutil.copytree(data / "train/class_2", mixed)
     write_image(mixed / "zz_new.png", 2, seed=4242)
     no_backbone.undo()  # the backbone may run now
-    rows = classify(art, mixed, run=avg, out=tmp_path / "m.csv", batch_size=4, log=_quiet)[0]
+    looked: list[int] = []
+    real_find = Lookup.find
+
+    def spy(self, idents):
+        looked.append(len(idents))
+        return real_find(self, idents)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(Lookup, "find", spy)
+        rows = classify(art, mixed, run=avg, out=tmp_path / "m.csv", batch_size=4, log=_quiet)[0]
     assert decoded == ["zz_new.png"]
     assert [r["backbone_ran"] for r in rows] == [False] * 6 + [True]
+    # the 7 images are looked up at once in each cache (not per batch of 4): every segment's
+    # key table is opened once for them all
+    assert looked and max(looked) == 7 and len(looked) <= 3, looked
 
 
 def test_a_changed_file_is_embedded_again_and_a_touched_one_is_not(base, art, tmp_path, decoded):
@@ -412,6 +424,15 @@ def test_a_checked_decoding_says_when_the_bytes_are_not_those_hashed(tmp_path):
     assert isinstance(back, images.Changed) and back.sha256 == d.sha256 and back.array is None
     assert str(back) == str(d) and "changed while it was read" in str(d)
     assert isinstance(batches.decode(job, 32, 0), np.ndarray)  # unchecked: what is there
+    # caught half-way through a rewrite: the bytes read do not decode, and are not those
+    # hashed: the file changed (never remembered as bad content under the good hash)
+    good = _sha(p)
+    p.write_bytes(p.read_bytes()[: len(p.read_bytes()) // 3])
+    cut = batches.decode(_ViewJob(p, good, 0), 32, 0, check=True)
+    assert isinstance(cut, images.Changed) and not cut.content and cut.sha256 == _sha(p)
+    bad = batches.decode(_ViewJob(p, _sha(p), 0), 32, 0, check=True)  # truly bad bytes
+    assert isinstance(bad, images.Unreadable) and not isinstance(bad, images.Changed)
+    assert bad.content
 
 
 class _HereClient:

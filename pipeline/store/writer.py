@@ -421,6 +421,7 @@ class Writer:
             and old_skipped == [(s["path"], s["reason"]) for s in skipped]
             and same_source
             and not old.attrs.get("lost_rows")  # its index still names a missing segment
+            and stored_sum(old.attrs) is not None  # an older index: its data_id is made anew
         )
         if unchanged:  # nothing written, unless a merge is due (one stopped earlier)
             es = old.entries  # type: ignore[union-attr]
