@@ -105,3 +105,20 @@ def patch_loader(monkeypatch, fn):
 
     monkeypatch.setattr(images, "load_image", fn)
     monkeypatch.setattr(images, "load_image_hashed", hashed)
+
+
+def rewrite_after(monkeypatch, owner, name: str, is_target, rewrite) -> None:
+    """The first time `owner.name(arg)` (a hashing step) returns for an `arg` that
+    `is_target(arg)`, `rewrite(arg)` runs right after: the file changes between its hash and
+    its decoding."""
+    real = getattr(owner, name)
+    done: list[int] = []
+
+    def hooked(arg):
+        out = real(arg)
+        if is_target(arg) and not done:
+            done.append(1)
+            rewrite(arg)
+        return out
+
+    monkeypatch.setattr(owner, name, hooked)

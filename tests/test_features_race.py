@@ -11,7 +11,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pytest
-from conftest import make_dataset, write_image
+from conftest import make_dataset, rewrite_after, write_image
 
 from pipeline import cluster, features, images, layout, store
 from pipeline.features import extract
@@ -35,17 +35,10 @@ def _sha(path: Path) -> str:
 def _rewritten_after_hashing(monkeypatch, target: Path) -> None:
     """The first time features hashes `target`, the file is rewritten right after (another
     image: class 1, another seed), so the bytes decoded are not the bytes hashed."""
-    real = images.content_sha256
-    done: list[int] = []
-
-    def hashed(path):
-        out = real(path)
-        if Path(path) == target and not done:
-            done.append(1)
-            write_image(target, 1, seed=4321)
-        return out
-
-    monkeypatch.setattr(images, "content_sha256", hashed)
+    rewrite_after(
+        monkeypatch, images, "content_sha256", lambda path: Path(path) == target,
+        lambda path: write_image(target, 1, seed=4321),
+    )  # fmt: skip
 
 
 def _segment_idents(cache: Path) -> set[str]:

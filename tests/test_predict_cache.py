@@ -13,7 +13,7 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
-from conftest import make_dataset, write_image
+from conftest import make_dataset, rewrite_after, write_image
 
 from pipeline import backbone, layout, runs, store
 from pipeline.features import extract
@@ -345,17 +345,10 @@ def _rewritten_after_hashing(monkeypatch, name: str) -> None:
     image: class 2, another seed), so the bytes decoded are not the bytes hashed."""
     from pipeline import prediction
 
-    real = prediction._hashed
-    done: list[int] = []
-
-    def hashed(item):
-        out = real(item)
-        if item.abspath.name == name and not done:
-            done.append(1)
-            write_image(item.abspath, 2, seed=4321)
-        return out
-
-    monkeypatch.setattr(prediction, "_hashed", hashed)
+    rewrite_after(
+        monkeypatch, prediction, "_hashed", lambda item: item.abspath.name == name,
+        lambda item: write_image(item.abspath, 2, seed=4321),
+    )  # fmt: skip
 
 
 def _sha(path: Path) -> str:
