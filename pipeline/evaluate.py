@@ -388,6 +388,14 @@ OOF_ROWS_KEPT = 100_000  # above this many scored images, a run keeps its mistak
 OOF_MISTAKES_KEPT = 1_000
 
 
+def kept_rows(rows: np.ndarray, wrong: np.ndarray, probability: np.ndarray) -> np.ndarray:
+    """The rows a run keeps one by one: all of `rows`, or past OOF_ROWS_KEPT of them the
+    OOF_MISTAKES_KEPT mistakes (`wrong`, among them) of highest `probability`, sorted."""
+    if len(rows) <= OOF_ROWS_KEPT:
+        return rows
+    return np.sort(wrong[np.argsort(-probability[wrong], kind="stable")[:OOF_MISTAKES_KEPT]])
+
+
 def _oof(ts: TrainSet, oof: np.ndarray, oof_p: np.ndarray, scored: np.ndarray) -> dict[str, Any]:
     """The out-of-fold predictions a run keeps: every scored image, or past OOF_ROWS_KEPT of
     them the OOF_MISTAKES_KEPT most confident mistakes (what the report's gallery shows), so a
@@ -396,7 +404,7 @@ def _oof(ts: TrainSet, oof: np.ndarray, oof_p: np.ndarray, scored: np.ndarray) -
     wrong = keep[oof[keep] != ts.y[keep]]
     out: dict[str, Any] = {"oof_scored": int(len(keep)), "oof_mistakes": int(len(wrong))}
     if len(keep) > OOF_ROWS_KEPT:
-        keep = np.sort(wrong[np.argsort(-oof_p[wrong], kind="stable")[:OOF_MISTAKES_KEPT]])
+        keep = kept_rows(keep, wrong, oof_p)
         out["oof_kept"] = f"the {len(keep):,} most confident mistakes"
     return {
         **out,
@@ -436,10 +444,8 @@ def validation_record(
     out["images_id"] = h.hexdigest()
     out["right"] = stats.pack_bits(right[order])
     out["mistakes"] = int((~right).sum())
-    keep = np.arange(len(y))
-    if len(y) > OOF_ROWS_KEPT:
-        wrong = np.flatnonzero(~right)
-        keep = np.sort(wrong[np.argsort(-probability[wrong], kind="stable")[:OOF_MISTAKES_KEPT]])
+    keep = kept_rows(np.arange(len(y)), np.flatnonzero(~right), probability)
+    if len(keep) < len(y):
         out["predictions_kept"] = f"the {len(keep):,} most confident mistakes"
     out["predictions"] = [
         {"path": p, "true": classes[int(t)], "pred": classes[int(q)], "probability": float(pr)}
