@@ -327,6 +327,87 @@ def test_a_damaged_index_is_rebuilt_from_its_segments_and_another_key_is_never_u
     assert Lookup.of(path, "o" * 64, again.stamp_key).find(["a"]) != [None]
 
 
+def _ids(a: int, b: int) -> list[str]:
+    return [f"{i:064x}" for i in range(a, b)]
+
+
+def _on_disk(path: Path) -> set[str]:
+    return {p.name for p in store.shards_dir(path).glob("g*.h5")}
+
+
+def test_a_long_run_merges_as_it_goes_and_finds_every_row_it_wrote(tmp_path):
+    path = tmp_path / "predicted" / "c.h5"
+    s = _store(path)
+    counts = []
+    for k in range(40):  # forty ten-row segments, written one by one
+        _add(s, _ids(10 * k, 10 * k + 10), float(k))
+        s.flush()
+        names = [e.name for e in s.entries]
+        counts.append(len(names))
+        # the index on disk names what the writer holds, and no other file is left
+        assert [e.name for e in store.read_index(path).entries] == names
+        assert _on_disk(path) == set(names)
+        # the lookup looks in those segments alone, and holds nothing of merged-away ones
+        assert s.lookup.names == names and set(s.lookup.tables) <= set(names)
+        assert s.lookup.extra == {}
+        found = s.lookup.find(_ids(0, 10 * k + 10))  # every row written so far, merged or not
+        block, ok = s.lookup.read(found, "pooled/avg")  # type: ignore[arg-type]
+        assert ok.all() and block[:, 0].tolist() == [float(i // 10) for i in range(10 * k + 10)]
+    assert max(counts) <= 11 and counts[-1] == 5, counts  # never forty: 8 ten-row ones merge
+    assert len(s.lookup) == 400
+    _add(s, _ids(0, 400), 99.0)  # held already, merged or not: nothing is kept twice
+    assert s.pending == []
+    s.close()
+    idx = store.read_index(path)
+    assert sorted(idx.idents) == _ids(0, 400)
+
+
+def test_a_writer_killed_mid_run_loses_nothing_and_holds_no_row_twice(tmp_path, monkeypatch):
+    from pipeline.store import content
+
+    path = tmp_path / "predicted" / "c.h5"
+    real = content.write_manifest
+
+    def killed_when(cond):
+        def write(path, entries, *a, **k):
+            if cond(entries):
+                raise KeyboardInterrupt
+            return real(path, entries, *a, **k)
+
+        monkeypatch.setattr(content, "write_manifest", write)
+
+    s = _store(path)
+    for k in range(7):
+        _add(s, _ids(10 * k, 10 * k + 10), float(k))
+        s.flush()
+    # the eighth segment's index is written; the merge's output is, the index naming it not
+    killed_when(lambda entries: any(e.rows > 10 for e in entries))
+    _add(s, _ids(70, 80), 7.0)
+    with pytest.raises(KeyboardInterrupt):
+        s.flush()
+    monkeypatch.undo()
+    assert len(store.read_index(path).entries) == 8 and len(_on_disk(path)) == 9
+    s = _store(path)  # the merge's output holds nothing new: deleted, not taken up
+    assert len(s.entries) == 8 and _on_disk(path) == {e.name for e in s.entries}
+    _add(s, _ids(80, 90), 8.0)
+    s.flush()  # nine ten-row segments: merged into one as the run goes
+    assert [e.rows for e in s.entries] == [90]
+    killed_when(lambda entries: True)  # the next segment is written, its index not
+    _add(s, _ids(90, 100), 9.0)
+    with pytest.raises(KeyboardInterrupt):
+        s.flush()
+    monkeypatch.undo()
+    s = _store(path)  # the next writer takes the orphan segment up
+    found = s.lookup.find([*_ids(0, 100), "never"])
+    assert found[-1] is None
+    block, ok = s.lookup.read(found[:-1], "pooled/avg")  # type: ignore[arg-type]
+    assert ok.all() and block[:, 0].tolist() == [float(i // 10) for i in range(100)]
+    s.close()
+    idx = store.read_index(path)
+    assert sorted(idx.idents) == _ids(0, 100)  # each once
+    assert _on_disk(path) == {e.name for e in idx.entries}
+
+
 def test_a_kept_row_says_where_it_was_seen(tmp_path):
     path = tmp_path / "predicted" / "c.h5"
     s = _store(path)
@@ -470,11 +551,6 @@ def test_a_file_that_keeps_changing_on_the_workers_is_named_and_never_kept(
     assert len(kept) == 4 and not set(shas) & set(kept)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="open bug (next session): the predicted-images store keeps a dict entry per row "
-    "written during a run (Lookup.extra) and merges its segments only at close",
-)
 def test_a_long_predict_holds_memory_flat_in_the_images_it_keeps(tmp_path):
     import tracemalloc
 

@@ -12,9 +12,16 @@ written as one segment (temporary name, fsync, rename), then the index naming it
 whole (write, fsync, rename). A writer killed between the two leaves a segment that no index
 names: the next writer adopts it (rows it already holds are marked removed there), so nothing
 embedded is lost and no identity is held twice; a damaged index is moved aside and rebuilt from
-the segments the same way. Segments merge by the caches' policy (`merging`) when a writer
-closes, and a file no index names is deleted only when no reader holds the folder (otherwise
-the next writer does it). One writer per store (`locks.exclusive` on its shards folder).
+the segments the same way. Segments merge by the caches' policy (`merging`) as the writer goes
+(after each segment it writes, the index rewritten after each merge) and when it closes, so a
+store holds about 7·log8(rows) segments plus full ones at any time; a file no index names is
+deleted only when no reader holds the folder (otherwise a later merge or the next writer does
+it). One writer per store (`locks.exclusive` on its shards folder).
+
+A writer's memory is flat in the rows it writes: one block of rows being gathered, and per
+segment its index entry and its key table's fence (`keys`); a written segment joins the
+writer's `Lookup` at once (found through its key table), so a row written earlier in the same
+run is found again without any per-row state.
 
 Finding rows never reads a whole identity column, nor features: a `Lookup` reads, per segment,
 only the chunks of its key table (`keys`) that the asked identities fall in and those rows'
@@ -76,24 +83,37 @@ class Lookup:
     frameworks make other features); a segment that cannot be read now is left out, said once.
     Nothing is read when it is made: `find` reads, per segment, its key table's fence (once),
     the table's chunks the asked identities fall in and those rows' identities (`keys`), so a
-    lookup costs in proportion to the identities asked, never to the rows held.
+    lookup costs in proportion to the identities asked, never to the rows held. A writer
+    hands it its segments as they change (`use`).
     """
 
     def __init__(
         self, folder: Path, entries: list[Entry], stamp_key: str, log: Log = _quiet
     ) -> None:
         self.folder = Path(folder)
+        self.stamp_key = stamp_key
         self.entries = [e for e in entries if e.stamp_key == stamp_key]
         self.names = [e.name for e in self.entries]
         self.log = log
         self.tables: dict[str, keys.Table] = {}  # per segment, read at its first use
         self.unusable: set[str] = set()
-        self.extra: dict[str, Where] = {}  # rows added since (a writer's)
+        # rows found outside the segments `entries` name, asked first (a ContentStore keeps
+        # none: its segments join `entries` as they are written)
+        self.extra: dict[str, Where] = {}
 
     @classmethod
     def of(cls, path: Path, key: str, stamp_key: str, log: Log = _quiet) -> Lookup:
         """The lookup of the cache or content store at `path` (CacheError if it is unusable)."""
         return cls(shards_dir(path), read_entries_of(path, key), stamp_key, log)
+
+    def use(self, entries: list[Entry]) -> None:
+        """Look among `entries` from now on (a writer's segments, after it wrote or merged
+        some); what was held of the segments no longer named (key tables) is let go."""
+        self.entries = [e for e in entries if e.stamp_key == self.stamp_key]
+        self.names = [e.name for e in self.entries]
+        named = set(self.names)
+        self.tables = {n: t for n, t in self.tables.items() if n in named}
+        self.unusable &= named
 
     def __len__(self) -> int:
         return sum(e.live for e in self.entries if e.name not in self.unusable) + len(self.extra)
@@ -192,6 +212,7 @@ class ContentStore:
         self.maps, self.dtype, self.attrs, self.log = maps, dtype, attrs, log
         self.unreadable: set[str] = set()
         self.shape: tuple[int, ...] | None = None
+        self.limit: int | None = None  # rows of a full segment: read once, from a header
         self.pending: list[tuple[Meta, dict[str, np.ndarray], np.ndarray | None]] = []
         self.pending_ids: set[str] = set()
         self.pending_bytes = 0
@@ -246,19 +267,21 @@ class ContentStore:
                 continue
             if info.stamp_key != self.stamp_key:
                 continue
+            # held already (the named segments and those adopted before: one lookup)
             found = self.lookup.find(info.meta.ident)
             dead = [i for i, w in enumerate(found) if w is not None]
             if len(dead) == info.rows:
                 continue  # nothing new (a killed merge's output): garbage
+            seen: set[str] = set()
             for i, h in enumerate(info.meta.ident):
                 if found[i] is None:
-                    if h in self.lookup.extra:
-                        dead.append(i)  # twice in the segments no index named
-                    else:
-                        self.lookup.extra[h] = (p.name, i)
+                    if h in seen:
+                        dead.append(i)  # twice in this segment: its first row is kept
+                    seen.add(h)
             self.entries.append(
                 Entry(p.name, info.rows, self.stamp_key, np.array(sorted(dead), np.int64))
             )
+            self.lookup.use(self.entries)  # its rows are found from now on
             adopted = True
         return adopted
 
@@ -296,9 +319,16 @@ class ContentStore:
             self.flush()
 
     def flush(self) -> None:
-        """Write the gathered rows as one segment, then the index naming it."""
+        """Write the gathered rows as one segment, then the index naming it; then merge the
+        segments by the policy (the index rewritten after each merge), so that their count
+        stays small however many rows a run writes."""
+        if self._write_pending() and self._merge():
+            self._collect()
+
+    def _write_pending(self) -> bool:
+        """Write the gathered rows as one segment, then the index naming it (False: none)."""
         if not self.pending:
-            return
+            return False
         meta = Meta()
         for m, _, _ in self.pending:
             meta.extend(m)
@@ -310,15 +340,15 @@ class ContentStore:
             self.folder, self.key, meta, vectors, maps, [], self.stamp, self.stamp_key
         )
         self.entries.append(Entry(name, len(meta), self.stamp_key))
-        for i, h in enumerate(meta.ident):
-            self.lookup.extra[h] = (name, i)
+        self.lookup.use(self.entries)  # found through its key table: no per-row state
         self.pending, self.pending_ids, self.pending_bytes = [], set(), 0
         self._write_index()
+        return True
 
     def close(self, merge: bool = True) -> None:
         """Write what is gathered; then (`merge`) merge segments by the policy and delete the
-        files no index names."""
-        self.flush()
+        files no index names (not `merge`, a stopped run: what is gathered is only written)."""
+        self._write_pending()
         if merge:
             self._merge()
             self._collect()
@@ -341,15 +371,21 @@ class ContentStore:
             attrs["feature_shape"] = list(self.shape if self.maps else (1, 1, self.shape[-1]))
         write_manifest(self.path, self.entries, [""], [], attrs)
 
-    def _merge(self) -> None:
+    def _merge(self) -> bool:
+        """Merge segments by the policy until none needs it, the index rewritten after each
+        merge (a writer killed before that leaves an output holding nothing new: garbage);
+        whether any merged. The replaced files are left to `_collect`."""
         if not self.entries:
-            return
-        limit = limit_of(self.folder / self.entries[0].name)
+            return False
+        if self.limit is None:
+            self.limit = limit_of(self.folder / self.entries[0].name)
+        limit = self.limit
+        merged = False
         while True:
             sizes = [merging.Size(e.live, e.rows, e.stamp_key) for e in self.entries]
             group = merging.next_merge(sizes, limit)
             if not group:
-                return
+                return merged
             srcs = []
             for i in group:
                 e = self.entries[i]
@@ -362,7 +398,9 @@ class ContentStore:
             self.entries = [e for i, e in enumerate(self.entries) if i not in group[1:]]
             at = next(i for i, e in enumerate(self.entries) if e.name == first)
             self.entries[at : at + 1] = new
+            self.lookup.use(self.entries)  # the replaced segments' tables are let go
             self._write_index()
+            merged = True
 
     def _collect(self) -> None:
         """Collect the segment files no index names (never an unreadable one) and half-made
