@@ -131,16 +131,14 @@ def _hash_all(
         return list(ex.map(one, items))
 
 
-def _known_hashes(idx: store.Index | None) -> dict[str, tuple[Stat, str]]:
+def _known_hashes(w: Writer) -> dict[str, tuple[Stat, str]]:
     """path -> (stat, sha256) of every file the existing cache hashed (readable or not)."""
-    if idx is None:
+    if w.old is None:
         return {}
     out: dict[str, tuple[Stat, str]] = {}
-    if idx.stat is not None:
-        for p, h, st, v in zip(idx.paths, idx.sha256, idx.stat.tolist(), idx.view, strict=True):
-            if v == 0:
-                out[p] = (tuple(st), h)
-    for sk in idx.skipped:
+    for p, st, h in w.known_files():
+        out[p] = (st, h)
+    for sk in w.old.skipped:
         if sk.get("sha256"):
             out.setdefault(sk["path"], (tuple(sk["stat"]), sk["sha256"]))
     return out
@@ -221,7 +219,7 @@ def extract(
         for stale in fdir.glob("*.tmp-*"):
             stale.unlink(missing_ok=True)
         w = Writer(path, key, stamp, maps, dtype, log, rebuild=rebuild, verify=verify)
-        known = {} if (verify or rebuild) else _known_hashes(w.old)
+        known = {} if (verify or rebuild) else _known_hashes(w)
         hashes = _hash_all(scan.root, scan.items, known)
         jobs = [
             Job(dataset.display(it.path), scan.root / it.path, it.label, it.split, h, 0, why, st)
@@ -359,10 +357,6 @@ def _sync(
             )
         )
     old = w.old
-    new_paths = {(r.path, r.view) for r in rows}
-    removed = (
-        len({(p, v) for p, v in zip(old.paths, old.view, strict=True)} - new_paths) if old else 0
-    )
     classes = ctx.scan.classes
     done = w.commit(
         [Row(r.path, r.ident, classes[r.label], r.split, r.view, r.stat) for r in rows],
@@ -376,7 +370,7 @@ def _sync(
         cache=w.path,
         new=n_new,
         cached=len(rows) - n_new,
-        removed=removed,
+        removed=done.removed,
         skipped=len(skipped),
         resumed=sum(1 for r in rows if r.ident in done.resumed and r.ident not in todo),
         seconds=time.perf_counter() - t0,

@@ -222,10 +222,23 @@ class Index:
     def summary(self) -> Index:
         """This cache's attributes, classes, skipped files and segments, without its rows'
         columns: what a long reader keeps once it has taken the rows it needs."""
-        return Index(
-            self.path, self.classes, self.skipped, self.attrs, self.entries,
-            np.zeros(0, "S80"), [], self.labels[:0], self.split_col[:0], self.view_col[:0],
-            np.zeros((0, 3), np.int64), np.zeros(0, np.int16), self.seg[:0], self.seg_row[:0],
+        return Index.rowless(self.path, self.classes, self.skipped, self.attrs, self.entries)
+
+    @classmethod
+    def rowless(
+        cls,
+        path: Path,
+        classes: list[str],
+        skipped: list[dict[str, Any]],
+        attrs: dict[str, Any],
+        entries: list[Entry],
+    ) -> Index:
+        """An index of a cache's attributes, classes, skipped files and segments, no rows."""
+        return cls(
+            path, classes, skipped, attrs, entries, np.zeros(0, "S80"), [],
+            np.zeros(0, np.int64), np.zeros(0, "S10"), np.zeros(0, np.int16),
+            np.zeros((0, 3), np.int64), np.zeros(0, np.int16), np.zeros(0, np.int32),
+            np.zeros(0, np.int64),
         )  # fmt: skip
 
     @property
@@ -381,17 +394,18 @@ def read_index(path: Path, expect_key: str | None = None, drop_missing: bool = F
         return index_of(f, path, expect_key, drop_missing)
 
 
-def index_of(
-    f: h5py.File,
-    path: Path,
-    expect_key: str | None = None,
-    drop_missing: bool = False,
-    lean: bool = False,
-) -> Index:
-    """The live rows of the open cache `f`, read segment by segment (one file open at a time).
+def read_summary(path: Path, expect_key: str | None = None, drop_missing: bool = False) -> Index:
+    """A cache's attributes, classes, skipped files and segments, reading no rows (`read_index`'s
+    checks; `lost_rows` counts the live rows of segments not on disk, with `drop_missing`)."""
+    with open_cache(path) as f:
+        attrs, entries, classes, skipped = _head(f, path, expect_key, drop_missing)
+    return Index.rowless(Path(path), classes, skipped, attrs, entries)
 
-    `lean`: only what a head needs to name its rows (about 40 bytes a row, see `Index`).
-    """
+
+def _head(
+    f: h5py.File, path: Path, expect_key: str | None, drop_missing: bool
+) -> tuple[dict[str, Any], list[Entry], list[str], list[dict[str, Any]]]:
+    """An open cache's attributes, segments, classes and skipped files (no rows read)."""
     attrs = read_attrs_of(f)
     if expect_key is not None and attrs.get("cache_key") != expect_key:
         raise CacheError(
@@ -407,15 +421,31 @@ def index_of(
             f"feature cache '{path}' is damaged ({e}); rerun `make features` (it rebuilds the "
             "index from the segments, embedding nothing again)"
         ) from None
-    embedders = attrs.get("embedders") or []
-    class_of = {c: i for i, c in enumerate(classes)}
-    folder = shards_dir(path)
     if drop_missing:
+        folder = shards_dir(path)
         gone = [e for e in entries if not (folder / e.name).is_file()]
         if gone:
             names = {e.name for e in gone}
             entries = [e for e in entries if e.name not in names]
             attrs["lost_rows"] = sum(e.live for e in gone)
+    return attrs, entries, classes, skipped
+
+
+def index_of(
+    f: h5py.File,
+    path: Path,
+    expect_key: str | None = None,
+    drop_missing: bool = False,
+    lean: bool = False,
+) -> Index:
+    """The live rows of the open cache `f`, read segment by segment (one file open at a time).
+
+    `lean`: only what a head needs to name its rows (about 40 bytes a row, see `Index`).
+    """
+    attrs, entries, classes, skipped = _head(f, path, expect_key, drop_missing)
+    embedders = attrs.get("embedders") or []
+    class_of = {c: i for i, c in enumerate(classes)}
+    folder = shards_dir(path)
     # every column allocated once at its final size and filled segment by segment: reading
     # the index costs its bytes, never twice them (no list of parts to concatenate)
     total = sum(max(0, e.live) for e in entries)

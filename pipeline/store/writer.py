@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import os
 import secrets
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,7 +26,8 @@ from typing import Any
 import numpy as np
 
 from pipeline.errors import UserError
-from pipeline.store import merging
+from pipeline.store import changes, merging
+from pipeline.store.content import Lookup
 from pipeline.store.format import (
     DATA_MOD,
     DATA_SUM,
@@ -39,7 +40,7 @@ from pipeline.store.format import (
     sum_attr,
 )
 from pipeline.store.locks import no_readers
-from pipeline.store.manifest import Entry, Index, read_index, shards_dir, write_manifest
+from pipeline.store.manifest import Entry, Index, read_summary, shards_dir, write_manifest
 from pipeline.store.segments import (
     Failure,
     ForeignSegment,
@@ -49,6 +50,7 @@ from pipeline.store.segments import (
     copy_rows,
     limit_of,
     max_rows,
+    open_segment,
     read_info,
     write_segment,
 )
@@ -80,6 +82,7 @@ class Committed:
     resumed: set[str]
     copied: int
     merges: int
+    removed: int = 0  # old rows whose (path, view) the run no longer has
 
 
 def rebuild_marker(path: Path) -> Path:
@@ -104,7 +107,8 @@ class Writer:
         self.stamp_key = cache_key(stamp)
         self.maps, self.dtype, self.log = maps, dtype, log
         self.folder = shards_dir(self.path)
-        self.old = self._read_old(rebuild)
+        self.known = changes.Known(np.zeros(0, np.uint64))  # the old index's identities
+        self.old = self._read_old(rebuild)  # its attributes and segments: no rows are held
         marker = rebuild_marker(self.path)
         self.rebuild_id = ""
         if marker.is_file():
@@ -122,7 +126,7 @@ class Writer:
             with replacing(tmp, marker):
                 tmp.write_text(self.rebuild_id + "\n")
         self.rebuild = rebuild
-        referenced = {e.name for e in self.old.entries} if self.old else set()
+        referenced = {e.name for e in self.old.entries} if self.old is not None else set()
         self.unreadable: set[str] = set()
         self.staged: dict[str, SegInfo] = {}  # segments no index names: resumable or new
         if self.folder.is_dir():
@@ -149,15 +153,13 @@ class Writer:
                 self.staged[p.name] = info
         # what a killed run embedded, resumed now (idents survive merges; names do not)
         self.resumable = {h for info in self.staged.values() for h in info.meta.ident}
-        self.where: dict[str, tuple[str, int]] = {}
+        self.where: dict[str, tuple[str, int]] = {}  # the staged rows (this run's, resumed)
         self.bad: dict[str, Failure] = {}
         for name, info in self.staged.items():
             self._index_staged(name, info)
+        if rebuild:
+            self.known = changes.Known(np.zeros(0, np.uint64))
         if self.old is not None and not rebuild:
-            for i, h in enumerate(self.old.idents):
-                self.where.setdefault(
-                    h, (self.old.entries[self.old.seg[i]].name, int(self.old.seg_row[i]))
-                )
             if not verify:
                 for s in self.old.skipped:
                     if s.get("content") and s.get("stamp_key") == self.stamp_key and s["sha256"]:
@@ -177,7 +179,12 @@ class Writer:
         if not self.path.exists():
             return None
         try:
-            idx = read_index(self.path, expect_key=self.key, drop_missing=True)
+            idx = read_summary(self.path, expect_key=self.key, drop_missing=True)
+            if not rebuild:
+                self.known = changes.Known.of(self.folder, idx.entries)
+            else:
+                for e in idx.entries:  # a segment's header alone: is it there to count removed
+                    open_segment(self.folder / e.name).close()
             if idx.attrs.get("lost_rows"):
                 self.log(
                     f"warning: {idx.attrs['lost_rows']} cached row(s) lost their segment file "
@@ -215,7 +222,12 @@ class Writer:
 
     def has(self, ident: str) -> bool:
         """Whether the features of `ident` are on disk for this run (nothing to embed)."""
-        return ident in self.where
+        return ident in self.where or self.known.has(ident)
+
+    def known_files(self) -> Iterator[tuple[str, tuple[int, int, int], str]]:
+        """(path, stat, content hash) of each image the current index holds, streamed."""
+        if self.old is not None:
+            yield from changes.files(self.folder, self.old.entries)
 
     def failure(self, ident: str) -> Failure | None:
         """A remembered content failure of `ident` under these versions (not with VERIFY)."""
@@ -359,14 +371,31 @@ class Writer:
         attrs: dict[str, Any] | Callable[[], dict[str, Any]],
         same_source: bool,
     ) -> Committed:
-        """Make the index hold exactly `rows` (in their order where new); see the module doc."""
-        old = None if self.rebuild else self.old
+        """Make the index hold exactly `rows` (in their order where new); see the module doc.
+
+        The old index's rows are met segment by segment (`changes.compare`): what this holds
+        grows with the rows changed, and by about 26 bytes with each row wanted.
+        """
+        old = self.old
+        base = None
+        if old is not None and not self.rebuild and not old.attrs.get("lost_rows"):
+            base = stored_sum(old.attrs)
+        try:
+            cmp = changes.compare(
+                self.folder,
+                old.entries if old is not None else [],
+                rows,
+                keep=not self.rebuild,
+                sum_kept=base is None,
+            )
+        except CacheError:
+            if not self.rebuild:
+                raise
+            # REBUILD replaces every row: the old ones were read only to count the removed
+            cmp = changes.compare(self.folder, [], rows, keep=False)
+        if self.rebuild:
+            old = None
         resumed: set[str] = set()
-        old_pos: dict[tuple[str, int], int] = {}
-        if old is not None:
-            for i, (p, v) in enumerate(zip(old.paths, old.view, strict=True)):
-                old_pos.setdefault((p, v), i)
-        kept = np.zeros(len(old.paths) if old else 0, bool)
         exact: dict[tuple[Any, ...], list[tuple[str, int]]] = {}
         for name, info in self.staged.items():
             m = info.meta
@@ -376,25 +405,10 @@ class Writer:
                     [],
                 ).append((name, r))
         used: dict[str, list[int]] = {}
-        copies: list[tuple[Row, tuple[str, int]]] = []
-        restat: dict[int, tuple[int, int, int]] = {}  # old row -> its file's new stat
+        copies: list[tuple[Row, tuple[str, int] | None]] = []
         fresh: list[Row] = []  # rows the old index does not hold as they are: data_id adds them
-        o_ident, o_label, o_split = (
-            (old.idents, old.labels_by_name, old.split) if old is not None else ([], [], [])
-        )
-        for row in rows:
-            i = old_pos.get((row.path, row.view))
-            if (
-                i is not None
-                and not kept[i]
-                and o_ident[i] == row.ident
-                and o_label[i] == row.label
-                and o_split[i] == row.split
-            ):
-                kept[i] = True
-                if tuple(old.stat[i]) != tuple(row.stat):  # type: ignore[union-attr,index]
-                    restat[i] = tuple(row.stat)  # touched or copied: no feature is rewritten
-                continue
+        for j in np.flatnonzero(~cmp.kept).tolist():
+            row = rows[j]
             fresh.append(row)
             hit = exact.get(row.key())
             if hit:
@@ -404,24 +418,22 @@ class Writer:
                     resumed.add(row.ident)
                 continue
             src = self.where.get(row.ident)
-            if src is None:
-                raise CacheError(f"internal: no features for {row.path} ({row.ident[:12]})")
-            if row.ident in self.resumable and src[0] in self.staged:
+            if row.ident in self.resumable and src is not None and src[0] in self.staged:
                 resumed.add(row.ident)
             copies.append((row, src))
-        old_skipped = [(s["path"], s["reason"]) for s in (old.skipped if old else [])]
+        self._find_in_old(copies)
+        old_skipped = [(s["path"], s["reason"]) for s in (old.skipped if old is not None else [])]
         unchanged = (
             old is not None
             and not copies
             and not used
-            and not restat
-            and bool(kept.all())
-            and len(rows) == len(old.paths)
+            and not cmp.restated
+            and not cmp.dropped
             and old.classes == classes
             and old_skipped == [(s["path"], s["reason"]) for s in skipped]
             and same_source
             and not old.attrs.get("lost_rows")  # its index still names a missing segment
-            and stored_sum(old.attrs) is not None  # an older index: its data_id is made anew
+            and base is not None  # an older index: its data_id is made anew
         )
         if unchanged:  # nothing written, unless a merge is due (one stopped earlier)
             es = old.entries  # type: ignore[union-attr]
@@ -433,26 +445,8 @@ class Writer:
                 merges = self._merge_index(list(es), old.classes, old.skipped, keep, limit)  # type: ignore[union-attr]
             else:
                 self._collect(es)
-            return Committed(False, resumed, 0, merges)
-        entries: list[Entry] = []
-        if old is not None:
-            for k, e in enumerate(old.entries):
-                live = np.ones(e.rows, bool)
-                live[e.dead] = False
-                mine = old.seg == k
-                live[old.seg_row[mine][~kept[mine]]] = False
-                dead = np.flatnonzero(~live).astype(np.int64)
-                if len(dead) == e.rows:
-                    continue
-                pairs = zip(e.restat_rows.tolist(), e.restat.tolist(), strict=True)
-                over = {int(r): tuple(st) for r, st in pairs}
-                for i in np.flatnonzero(mine):
-                    if int(i) in restat:
-                        over[int(old.seg_row[i])] = restat[int(i)]
-                over = {r: st for r, st in over.items() if live[r]}
-                rr = np.array(sorted(over), np.int64)
-                st = np.array([over[r] for r in rr.tolist()], np.int64).reshape(-1, 3)
-                entries.append(Entry(e.name, e.rows, e.stamp_key, dead, rr, st))
+            return Committed(False, resumed, 0, merges, cmp.removed)
+        entries: list[Entry] = list(cmp.entries) if old is not None else []
         for name, rs in used.items():
             info = self.staged[name]
             live = np.zeros(info.rows, bool)
@@ -463,7 +457,9 @@ class Writer:
         limit = self._limit(entries)
         if copies:
             by_src: dict[str, tuple[list[int], Meta]] = {}
-            for row, (name, r) in copies:
+            for row, src in copies:
+                assert src is not None  # _find_in_old found every source or raised
+                name, r = src
                 rs, m = by_src.setdefault(name, ([], Meta()))
                 rs.append(r)
                 m.extend(
@@ -494,7 +490,13 @@ class Writer:
                 stamps[k] for k in dict.fromkeys(e.stamp_key for e in entries) if k in stamps
             ],
         }
-        total = self._data_sum(old, kept, fresh)
+        add = rows_sum((r.path, r.ident.split("#", 1)[0], r.label, r.split) for r in fresh)
+        if old is None:
+            total = add
+        elif base is None:  # an older index (or one that lost a segment): summed once, here
+            total = (cmp.kept_sum + add) % DATA_MOD
+        else:  # the old sum, less the rows it no longer holds as they were, plus the new ones
+            total = (base - cmp.dropped_sum + add) % DATA_MOD
         attrs[DATA_SUM], attrs["data_id"] = sum_attr(total), data_id_of(classes, total)
         attrs["rebuild_id"] = self.rebuild_id if self.rebuild else ""
         write_manifest(self.path, entries, classes, skipped, attrs)
@@ -505,37 +507,33 @@ class Writer:
         except (UserError, OSError) as e:  # the cache is complete; merging is retried later
             self.log(f"warning: merging segments stopped ({e}); the cache is complete as it is")
             merges = 0
-        return Committed(True, resumed, len(copies), merges)
+        return Committed(True, resumed, len(copies), merges, cmp.removed)
 
-    @staticmethod
-    def _data_sum(old: Index | None, kept: np.ndarray, fresh: list[Row]) -> int:
-        """The new rows' sum (`format.rows_sum`): the old index's, less the rows it no longer
-        holds as they were, plus `fresh`; a cost in proportion to the rows changed.
-
-        An index without the sum (an older cache) or that lost a segment is summed in full,
-        once: the next commit starts from the sum this one writes.
-        """
-        add = rows_sum((r.path, r.ident.split("#", 1)[0], r.label, r.split) for r in fresh)
-        if old is None:
-            return add
-        idents, paths, split, names, labels = (
-            old.idents, old.paths, old.split, old.classes, old.labels
-        )  # fmt: skip
-
-        def summed(at: np.ndarray) -> int:
-            return rows_sum(
-                (paths[i], idents[i].split("#", 1)[0], names[int(labels[i])], split[i])
-                for i in at.tolist()
-            )
-
-        base = None if old.attrs.get("lost_rows") else stored_sum(old.attrs)
-        if base is None:
-            return (summed(np.flatnonzero(kept)) + add) % DATA_MOD
-        return (base - summed(np.flatnonzero(~kept)) + add) % DATA_MOD
+    def _find_in_old(self, copies: list[tuple[Row, tuple[str, int] | None]]) -> None:
+        """Find the rows to copy that no staged segment has in the old index's segments
+        (their key tables: a cost in proportion to these rows)."""
+        ask = [k for k, (_, src) in enumerate(copies) if src is None]
+        if not ask or self.old is None:
+            return
+        es = self.old.entries
+        for stamp_key in dict.fromkeys(e.stamp_key for e in es):
+            found = Lookup(self.folder, es, stamp_key).find([copies[k][0].ident for k in ask])
+            for k, w in zip(ask, found, strict=True):
+                if w is not None:
+                    copies[k] = (copies[k][0], w)
+            ask = [k for k in ask if copies[k][1] is None]
+            if not ask:
+                return
+        row = copies[ask[0]][0]
+        raise CacheError(
+            f"internal: no cached features for {row.path} ({row.ident[:12]}), though its "
+            "identity's key is in the index (two identities share a 64-bit key); rerun "
+            "`make features REBUILD=1`"
+        )
 
     def _stamps(self) -> dict[str, dict[str, Any]]:
         out = {self.stamp_key: self.stamp}
-        for e in (self.old.attrs.get("embedders") or []) if self.old else []:
+        for e in (self.old.attrs.get("embedders") or []) if self.old is not None else []:
             out.setdefault(cache_key(e), e)
         return out
 

@@ -1,0 +1,286 @@
+"""What a commit changes: the rows a run wants compared with the index's, a segment at a time.
+
+A `make features` run over ten million images changes a few rows; what it holds to find them
+is sized to that, not to the collection:
+- `Known`: which identities the index holds, as one sorted 64-bit key per row (`ident_keys`: a
+  hash of the whole identity, so a content's views differ), 8 bytes a row; its rows' places
+  are found only for the identities that need a copy (`content.Lookup`, key tables);
+- `compare`: the wanted rows, keyed by a 64-bit hash of (path, view) and sorted (about 26 bytes
+  a row), met by the index's rows streamed from their segments a block of `STEP` rows at a
+  time; every key match is confirmed on the full path, identity, label and split.
+Nothing here holds a Python object per row of the collection.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+
+from pipeline.store import format as fmt
+from pipeline.store.format import DATA_MOD, CacheError, strs
+from pipeline.store.manifest import Entry
+from pipeline.store.segments import open_segment
+
+STEP = 1024  # rows of a segment read at a time: the Python objects held are this many rows'
+WIDTH = 80  # bytes of an identity in a segment (keys.IDENT)
+_M = (1 << 64) - 1
+_P1, _P2 = 0x9E3779B97F4A7C15, 0xBF58476D1CE4E5B9
+_HEX = re.compile(r"[0-9a-f]{16}")
+
+
+class Wanted(Protocol):
+    path: str
+    ident: str
+    label: str
+    split: str
+    view: int
+    stat: tuple[int, int, int]
+
+
+def _finish(h: np.ndarray) -> np.ndarray:
+    h ^= h >> np.uint64(31)
+    h *= np.uint64(_P2)
+    h ^= h >> np.uint64(29)
+    return h
+
+
+def ident_keys(idents: np.ndarray) -> np.ndarray:
+    """A 64-bit key of each identity (bytes, at most 80): a hash of all its bytes."""
+    part = np.ascontiguousarray(np.asarray(idents).astype(f"S{WIDTH}"))
+    words = part.view("<u8").reshape(len(part), WIDTH // 8)
+    h = np.full(len(part), _P1, np.uint64)
+    with np.errstate(over="ignore"):
+        for i in range(words.shape[1]):
+            h ^= words[:, i]
+            h *= np.uint64(_P1)
+            h ^= h >> np.uint64(32)
+        return _finish(h)
+
+
+def ident_key(ident: str) -> int | None:
+    """`ident_keys` of one identity, computed without NumPy (a call per file of a run)."""
+    raw = ident.encode()
+    if len(raw) > WIDTH or raw.endswith(b"\0"):
+        return None  # no segment can hold it
+    raw = raw.ljust(WIDTH, b"\0")
+    h = _P1
+    for i in range(0, WIDTH, 8):
+        h ^= int.from_bytes(raw[i : i + 8], "little")
+        h = (h * _P1) & _M
+        h ^= h >> 32
+    h ^= h >> 31
+    h = (h * _P2) & _M
+    return h ^ (h >> 29)
+
+
+def path_key(path: bytes, view: int) -> int:
+    """A 64-bit key of a row's place: its path (UTF-8 bytes) and view."""
+    d = hashlib.blake2b(path, digest_size=8, person=view.to_bytes(8, "little"))
+    return int.from_bytes(d.digest(), "little")
+
+
+class Known:
+    """The identities an index holds, 8 bytes a row: `has` tells whether one is among them.
+
+    Two identities sharing a key (odds about n / 2^64 per identity asked) make `has` answer yes
+    for the new one; the commit then finds no row for it and says so, never using another's.
+    """
+
+    def __init__(self, keys: np.ndarray) -> None:
+        self.keys = keys
+
+    @classmethod
+    def of(cls, folder: Path, entries: list[Entry]) -> Known:
+        """Read the live rows' identities, segment by segment and `1 << 16` rows at a time."""
+        keys = np.zeros(sum(max(0, e.live) for e in entries), np.uint64)
+        at = 0
+        for e in entries:
+            with open_segment(folder / e.name) as g:
+                try:
+                    live = np.ones(e.rows, bool)
+                    live[e.dead] = False
+                    step = 1 << 16
+                    for a in range(0, e.rows, step):
+                        ids = g["ident"][a : a + step][live[a : a + step]]
+                        keys[at : at + len(ids)] = ident_keys(ids)
+                        at += len(ids)
+                except (KeyError, OSError, ValueError, IndexError) as err:
+                    raise _damaged(folder / e.name, err) from None
+        keys = keys[:at]
+        keys.sort()
+        return cls(keys)
+
+    def has(self, ident: str) -> bool:
+        k = ident_key(ident)
+        if k is None or not len(self.keys):
+            return False
+        i = int(np.searchsorted(self.keys, np.uint64(k)))
+        return i < len(self.keys) and int(self.keys[i]) == k
+
+
+def _damaged(path: Path, err: BaseException) -> CacheError:
+    return CacheError(
+        f"segment '{path}' of the cache cannot be read ({err}); rerun `make features`: it sets "
+        "the damaged index aside and embeds only the rows no readable segment holds"
+    )
+
+
+@dataclass
+class Block:
+    """Up to `STEP` live rows of one segment, as the index holds them (stats as restated)."""
+
+    rows: np.ndarray  # their rows in the segment
+    path: list[bytes]
+    ident: list[str]
+    label: list[str]  # class names
+    split: list[str]
+    view: list[int]
+    stat: np.ndarray  # (n, 3)
+
+
+def blocks(folder: Path, e: Entry) -> Iterator[Block]:
+    """The live rows of segment `e`, `STEP` at a time (one file open while they are read)."""
+    with open_segment(folder / e.name) as g:
+        try:
+            classes = strs(g["classes"])
+            live = np.ones(e.rows, bool)
+            live[e.dead] = False
+            for a in range(0, e.rows, STEP):
+                b = min(e.rows, a + STEP)
+                mine = live[a:b]
+                rows = a + np.flatnonzero(mine)
+                if not len(rows):
+                    continue
+                stat = g["stat"][a:b][mine]
+                at = np.searchsorted(e.restat_rows, [a, b])
+                if at[1] > at[0]:
+                    over = e.restat_rows[at[0] : at[1]]
+                    pos = np.searchsorted(rows, over)
+                    stat[pos] = e.restat[at[0] : at[1]]
+                yield Block(
+                    rows,
+                    g["path"][a:b][mine].tolist(),
+                    g["ident"][a:b][mine].astype(str).tolist(),
+                    [classes[i] for i in g["label"][a:b][mine].tolist()],
+                    g["split"][a:b][mine].astype(str).tolist(),
+                    g["view"][a:b][mine].astype(int).tolist(),
+                    stat,
+                )
+        except (KeyError, OSError, ValueError, IndexError) as err:
+            raise _damaged(folder / e.name, err) from None
+
+
+def _term(b: Block, i: int) -> int:
+    path = b.path[i].decode("utf-8", "surrogateescape")
+    return fmt.row_term(path, b.ident[i].split("#", 1)[0], b.label[i], b.split[i])
+
+
+@dataclass
+class Comparison:
+    """The index's rows met by the wanted ones: what stays, what goes, what is new."""
+
+    entries: list[Entry] = field(default_factory=list)  # the old segments' still-live rows
+    kept: np.ndarray = field(default_factory=lambda: np.zeros(0, bool))  # per wanted row
+    restated: int = 0  # kept rows whose file changed only its stat
+    dropped: int = 0  # old rows not kept (removed, moved, relabelled or changed)
+    removed: int = 0  # old rows whose (path, view) no wanted row has
+    dropped_sum: int = 0  # `row_term` sum of the dropped rows
+    kept_sum: int = 0  # of the kept ones (with `sum_kept` only: an index without its sum)
+
+
+def compare(
+    folder: Path,
+    entries: list[Entry],
+    rows: Sequence[Wanted],
+    keep: bool = True,
+    sum_kept: bool = False,
+) -> Comparison:
+    """Meet the wanted `rows` with the live rows of `entries`.
+
+    A wanted row is kept where the first old row of its (path, view) has its identity, label
+    and split (a new stat alone is restated, no feature rewritten); every other old row is
+    dropped. `keep=False` drops every old row (REBUILD), still counting `removed`.
+    """
+    n = len(rows)
+    wk = np.fromiter(
+        (path_key(r.path.encode("utf-8", "surrogateescape"), r.view) for r in rows),
+        np.uint64,
+        count=n,
+    )
+    order = np.argsort(wk, kind="stable")
+    wk = wk[order]
+    out = Comparison(kept=np.zeros(n, bool))
+    claimed = np.zeros(n, bool)  # the wanted rows whose (path, view) an old row had first
+    for e in entries:
+        dead = [e.dead]
+        over = dict(zip(e.restat_rows.tolist(), map(tuple, e.restat.tolist()), strict=True))
+        for b in blocks(folder, e):
+            ok = np.fromiter(
+                (path_key(p, v) for p, v in zip(b.path, b.view, strict=True)),
+                np.uint64,
+                count=len(b.rows),
+            )
+            lo = np.searchsorted(wk, ok, "left").tolist()
+            hi = np.searchsorted(wk, ok, "right").tolist()
+            gone = []
+            for i in range(len(b.rows)):
+                j = -1
+                if hi[i] > lo[i]:
+                    path = b.path[i].decode("utf-8", "surrogateescape")
+                    for p in range(lo[i], hi[i]):
+                        r = rows[int(order[p])]
+                        if r.path == path and r.view == b.view[i]:
+                            j = int(order[p])
+                            break
+                if j < 0:
+                    out.removed += 1
+                elif keep and not claimed[j]:
+                    claimed[j] = True
+                    r = rows[j]
+                    if r.ident == b.ident[i] and r.label == b.label[i] and r.split == b.split[i]:
+                        out.kept[j] = True
+                        st = tuple(int(v) for v in r.stat)
+                        if st != tuple(b.stat[i].tolist()):
+                            over[int(b.rows[i])] = st
+                            out.restated += 1
+                        if sum_kept:
+                            out.kept_sum += _term(b, i)
+                        continue
+                gone.append(i)
+                out.dropped_sum += _term(b, i)
+            out.dropped += len(gone)
+            dead.append(b.rows[gone].astype(np.int64))
+        d = np.unique(np.concatenate(dead))
+        if len(d) == e.rows:
+            continue
+        over = {r: st for r, st in over.items() if not _in(d, r)}
+        rr = np.array(sorted(over), np.int64)
+        st = np.array([over[r] for r in rr.tolist()], np.int64).reshape(-1, 3)
+        out.entries.append(Entry(e.name, e.rows, e.stamp_key, d, rr, st))
+    out.dropped_sum %= DATA_MOD
+    out.kept_sum %= DATA_MOD
+    return out
+
+
+def _in(sorted_: np.ndarray, r: int) -> bool:
+    i = int(np.searchsorted(sorted_, r))
+    return i < len(sorted_) and int(sorted_[i]) == r
+
+
+def files(folder: Path, entries: list[Entry]) -> Iterator[tuple[str, tuple[int, int, int], str]]:
+    """(path, stat, content hash) of each live image row (view 0), streamed from the segments."""
+    for e in entries:
+        for b in blocks(folder, e):
+            for i, v in enumerate(b.view):
+                if v == 0:
+                    yield (
+                        b.path[i].decode("utf-8", "surrogateescape"),
+                        tuple(b.stat[i].tolist()),
+                        b.ident[i].split("#", 1)[0],
+                    )
