@@ -223,6 +223,13 @@ def at_size(work: Path, n: int, batch: int, heads: bool) -> dict[str, Any]:
     done, embedded = sync(path, want, batch)
     unchanged_s = time.perf_counter() - t
     assert embedded == 0 and not done.rewrote and _tree(folder) == before
+    import tracemalloc
+
+    want = want + _rows(n + 10 * step, n + 10 * step + 1)
+    tracemalloc.start()  # a one-row change: what the store holds beyond the run's file list
+    sync(path, want, batch)
+    one_row_peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
     row: dict[str, Any] = {
         "rows": n,
         "batches": -(-n // batch),
@@ -242,6 +249,7 @@ def at_size(work: Path, n: int, batch: int, heads: bool) -> dict[str, Any]:
         "plus_1pct_bytes_per_row": sum(g["bytes"] for g in grow) / sum(g["rows"] for g in grow),
         "plus_1pct_s_mean": sum(g["s"] for g in grow) / len(grow),
         "unchanged_rerun_s": unchanged_s,
+        "one_row_change_peak_bytes": one_row_peak,
     }
     _say(
         f"  {n:,} rows ({row['batches']:,} batches of {batch}): built in {build_s:.1f} s "
@@ -251,7 +259,8 @@ def at_size(work: Path, n: int, batch: int, heads: bool) -> dict[str, Any]:
         f"{peak_fds} open fds ({fds0} before); +1 % x10: "
         f"{row['plus_1pct_s_mean']:.2f} s and {row['plus_1pct_bytes_per_row']:,.0f} B written "
         f"per added row (merges {sum(row['plus_1pct_merges'])}); unchanged rerun "
-        f"{unchanged_s:.2f} s; {row['files_after_growth']} files after growth"
+        f"{unchanged_s:.2f} s; a one-row change holds {one_row_peak / 2**20:.0f} MiB at peak "
+        f"({one_row_peak / n:.0f} B a row); {row['files_after_growth']} files after growth"
     )
     if heads:
         row.update(heads_on(path, folder / "art"))

@@ -594,3 +594,25 @@ def test_a_one_row_change_holds_memory_in_proportion_to_the_change(tmp_path):
     per_row = (peak[8000] - peak[2000]) / 6000
     print(f"writer commit: {per_row:.1f} bytes a row at peak")
     assert per_row < 100, per_row  # the 64-bit keys and row numbers a merge needs, no texts
+
+
+def test_a_new_identity_sharing_a_cached_ones_key_is_refused_never_given_its_features(
+    tmp_path, monkeypatch
+):
+    """The writer knows the cached identities by 64-bit keys; two sharing one (forced here) make
+    it believe a new image is cached: the commit finds no row of that identity and stops with
+    one line, instead of copying another image's features."""
+    from pipeline.store import changes
+
+    path = tmp_path / "c.h5"
+    want = rows(0, 4)
+    sync(path, want)
+    assert (
+        changes.ident_key(want[0].ident)
+        == changes.ident_keys(np.array([want[0].ident.encode()], "S80"))[0]
+    )
+    assert changes.ident_key(want[0].ident) != changes.ident_key(want[0].ident + "#1")
+    monkeypatch.setattr(changes, "ident_key", lambda ident: 7)
+    with pytest.raises(store.CacheError, match=r"share a 64-bit key.*REBUILD=1"):
+        sync(path, want + rows(4, 5))
+    check(path, want)  # nothing changed

@@ -2,7 +2,7 @@
 
 A `make features` run over ten million images changes a few rows; what it holds to find them
 is sized to that, not to the collection:
-- `Known`: which identities the index holds, as one sorted 64-bit key per row (`ident_keys`: a
+- `Known`: which identities the index holds, as one sorted 64-bit key per row (`ident_key`: a
   hash of the whole identity, so a content's views differ), 8 bytes a row; its rows' places
   are found only for the identities that need a copy (`content.Lookup`, key tables);
 - `compare`: the wanted rows, keyed by a 64-bit hash of (path, view) and sorted (about 26 bytes
@@ -14,7 +14,6 @@ Nothing here holds a Python object per row of the collection.
 from __future__ import annotations
 
 import hashlib
-import re
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,9 +28,6 @@ from pipeline.store.segments import open_segment
 
 STEP = 1024  # rows of a segment read at a time: the Python objects held are this many rows'
 WIDTH = 80  # bytes of an identity in a segment (keys.IDENT)
-_M = (1 << 64) - 1
-_P1, _P2 = 0x9E3779B97F4A7C15, 0xBF58476D1CE4E5B9
-_HEX = re.compile(r"[0-9a-f]{16}")
 
 
 class Wanted(Protocol):
@@ -43,40 +39,19 @@ class Wanted(Protocol):
     stat: tuple[int, int, int]
 
 
-def _finish(h: np.ndarray) -> np.ndarray:
-    h ^= h >> np.uint64(31)
-    h *= np.uint64(_P2)
-    h ^= h >> np.uint64(29)
-    return h
+def ident_key(ident: str | bytes) -> int | None:
+    """A 64-bit key of an identity: a hash of all its bytes (None: no segment can hold it)."""
+    raw = ident.encode() if isinstance(ident, str) else ident
+    if len(raw) > WIDTH or raw.endswith(b"\0"):
+        return None
+    return int.from_bytes(hashlib.blake2b(raw, digest_size=8).digest(), "little")
 
 
 def ident_keys(idents: np.ndarray) -> np.ndarray:
-    """A 64-bit key of each identity (bytes, at most 80): a hash of all its bytes."""
-    part = np.ascontiguousarray(np.asarray(idents).astype(f"S{WIDTH}"))
-    words = part.view("<u8").reshape(len(part), WIDTH // 8)
-    h = np.full(len(part), _P1, np.uint64)
-    with np.errstate(over="ignore"):
-        for i in range(words.shape[1]):
-            h ^= words[:, i]
-            h *= np.uint64(_P1)
-            h ^= h >> np.uint64(32)
-        return _finish(h)
-
-
-def ident_key(ident: str) -> int | None:
-    """`ident_keys` of one identity, computed without NumPy (a call per file of a run)."""
-    raw = ident.encode()
-    if len(raw) > WIDTH or raw.endswith(b"\0"):
-        return None  # no segment can hold it
-    raw = raw.ljust(WIDTH, b"\0")
-    h = _P1
-    for i in range(0, WIDTH, 8):
-        h ^= int.from_bytes(raw[i : i + 8], "little")
-        h = (h * _P1) & _M
-        h ^= h >> 32
-    h ^= h >> 31
-    h = (h * _P2) & _M
-    return h ^ (h >> 29)
+    """`ident_key` of each identity of a bytes array (as a segment holds them)."""
+    return np.fromiter(
+        (ident_key(h) or 0 for h in np.asarray(idents).tolist()), np.uint64, count=len(idents)
+    )
 
 
 def path_key(path: bytes, view: int) -> int:
@@ -120,7 +95,7 @@ class Known:
         k = ident_key(ident)
         if k is None or not len(self.keys):
             return False
-        i = int(np.searchsorted(self.keys, np.uint64(k)))
+        i = int(self.keys.searchsorted(np.uint64(k)))
         return i < len(self.keys) and int(self.keys[i]) == k
 
 
@@ -226,17 +201,21 @@ def compare(
                 np.uint64,
                 count=len(b.rows),
             )
-            lo = np.searchsorted(wk, ok, "left").tolist()
-            hi = np.searchsorted(wk, ok, "right").tolist()
+            lo_ = np.searchsorted(wk, ok, "left")
+            hi_ = np.searchsorted(wk, ok, "right")
+            first = order[np.minimum(lo_, max(0, n - 1))].tolist() if n else []
+            lo, hi = lo_.tolist(), hi_.tolist()
+            stats = b.stat.tolist()
             gone = []
             for i in range(len(b.rows)):
                 j = -1
                 if hi[i] > lo[i]:
                     path = b.path[i].decode("utf-8", "surrogateescape")
-                    for p in range(lo[i], hi[i]):
-                        r = rows[int(order[p])]
+                    cands = [first[i]] if hi[i] - lo[i] == 1 else order[lo[i] : hi[i]].tolist()
+                    for c in cands:
+                        r = rows[c]
                         if r.path == path and r.view == b.view[i]:
-                            j = int(order[p])
+                            j = c
                             break
                 if j < 0:
                     out.removed += 1
@@ -245,9 +224,8 @@ def compare(
                     r = rows[j]
                     if r.ident == b.ident[i] and r.label == b.label[i] and r.split == b.split[i]:
                         out.kept[j] = True
-                        st = tuple(int(v) for v in r.stat)
-                        if st != tuple(b.stat[i].tolist()):
-                            over[int(b.rows[i])] = st
+                        if list(r.stat) != stats[i]:
+                            over[int(b.rows[i])] = tuple(int(v) for v in r.stat)
                             out.restated += 1
                         if sum_kept:
                             out.kept_sum += _term(b, i)
