@@ -42,17 +42,21 @@ class TrainSet:
     y: np.ndarray
     groups: np.ndarray
     original: np.ndarray  # bool per row: an image itself (scored), not an augmented view
-    sha256: list[str]
-    paths: list[str] | None = None  # per row, for the report's gallery of mistakes
+    sha256: Any  # per row: a list, or a column read when asked (`store.reader.ColumnOf`)
+    paths: Any = None  # per row (the same kinds), for the report's gallery of mistakes
 
 
 def _sortable(sha256: Any) -> np.ndarray:
     """Content hashes as an array that sorts and groups like them: their 64-bit prefixes
     (8 bytes a row) when equal prefixes mean equal hashes (real SHA-256s: but for odds of
     about n^2 / 2^65), else the full hashes. A `ColumnOf` brings its prefixes and reads only
-    the rows whose prefixes tie; an array is used as it is when it is not text."""
+    the rows whose prefixes tie; an array is used as it is when it is not text. A column with
+    views (`store.reader.WithViews`) sorts as its images do: a view repeats its image's key."""
     from pipeline.store.format import prefix64
 
+    if (src := getattr(sha256, "src", None)) is not None:  # views: no tie to confirm
+        own = _sortable(sha256.base)
+        return np.concatenate([own, own[src]])
     prefix = getattr(sha256, "prefix", None)
     keys = None if prefix is not None else np.asarray(sha256)
     if keys is not None:

@@ -293,20 +293,19 @@ def _with_views(
     """Originals plus views 1..`views` of each, labelled by their image in the current cache.
 
     A view's label is always its source image's label now (by content hash), never the one it
-    had when it was embedded; an image without all its views is refused with the fix.
+    had when it was embedded; an image without all its views is refused with the fix. `lazy`
+    (a streaming head): views are found by 64-bit hash prefix, each pair confirmed on the full
+    identities read a block at a time, and the rows keep NumPy columns only (a view's hash and
+    path are its image's, read when asked: `store.reader.WithViews`).
     """
     from pipeline.features import augment_settings
 
-    if lazy:  # views: per-row Python lists again (the views' rows still stay in the cache)
-        every = np.arange(len(ts.y))
-        ts.sha256 = store.texts(ts.sha256, every)
-        ts.paths = store.texts(ts.paths, every) if ts.paths is not None else None
     apath = layout.augment_path(path, seed)
     fix = f"run `make features AUGMENT={views} SEED={seed}` (same settings as the cache)"
     if not apath.is_file():
         raise UserError(f"VIEWS={views} needs cached augmented views; {fix}")
     with store.reading(apath.parent), store.open_cache(apath) as f:
-        aidx = store.index_of(f, apath)
+        aidx = store.index_of(f, apath, lean=lazy)  # lazy: no identities, paths or stats
         made, views_made = idx.attrs.get("embedders") or [], aidx.attrs.get("embedders") or []
         if any(e not in made for e in views_made):
             raise UserError(
@@ -321,35 +320,18 @@ def _with_views(
                 f"than '{path.name}' or another augmentation; {fix}"
             )
         aug = store.features_of(f, aidx, pooling, "train", max_view=views, lazy=lazy)
-    if lazy:
-        aug.sha256 = store.texts(aug.sha256, np.arange(len(aug.y)))
-    row_of = {
-        store.ident(h, int(v)): i for i, (h, v) in enumerate(zip(aug.sha256, aug.view, strict=True))
-    }
-    src, vrows = [], []
-    missing = []
-    for i, h in enumerate(ts.sha256):
-        for v in range(1, views + 1):
-            r = row_of.get(store.ident(h, v))
-            if r is None:
-                missing.append(i)
-                break
-            src.append(i)
-            vrows.append(r)
-    if missing:
+    if lazy:  # 64-bit prefixes, each candidate confirmed on the identities in the segments
+        src, vrows, missing = views_of.pair(
+            ts.sha256.prefix, aug.sha256.prefix, aug.view, views, _same_content(ts.X, aug.X)
+        )
+    else:  # the whole hashes are in memory: they are the keys
+        keys = np.array(ts.sha256, dtype=str)
+        src, vrows, missing = views_of.pair(keys, np.array(aug.sha256, dtype=str), aug.view, views)
+    if len(missing):
         raise UserError(
-            f"{len(set(missing))} training image(s) have fewer than {views} cached augmented "
+            f"{len(missing)} training image(s) have fewer than {views} cached augmented "
             f"views (new since the last AUGMENT run?); {fix}"
         )
-    src_a, vrows_a = np.array(src, dtype=np.int64), np.array(vrows, dtype=np.int64)
-    both = evaluate.TrainSet(
-        X=_concat(ts.X, aug.X[vrows_a]) if len(vrows_a) else ts.X,
-        y=np.concatenate([ts.y, ts.y[src_a]]),
-        groups=np.concatenate([ts.groups, views_of.mark(ts.groups[src_a])]),  # marked: views
-        original=np.concatenate([ts.original, np.zeros(len(src_a), dtype=bool)]),
-        sha256=ts.sha256 + [ts.sha256[i] for i in src],
-        paths=(ts.paths or []) + [(ts.paths or [""] * len(ts.sha256))[i] for i in src],
-    )
     info = {  # the views by key and content: embedded again, the run is stale (runs.status)
         "file": apath.name,
         "cache_key": aidx.attrs.get("cache_key"),
@@ -357,7 +339,41 @@ def _with_views(
         "embedders": aidx.attrs.get("embedders"),
         "seed": seed,  # the views' augmentation seed: predict's TTA draws its views with it
     }
+    n = len(ts.y)
+    X = _concat(ts.X, aug.X[vrows]) if len(vrows) else ts.X
+    del aug, aidx, vrows  # the views cache's columns: only their rows' names are kept
+    if lazy:  # the images' texts through the images' rows of X (shared, not copied)
+        images = X[:n]
+        sha256: Any = store.WithViews(store.ColumnOf(images, "ident", ts.sha256.prefix), src)
+        paths: Any = store.WithViews(store.ColumnOf(images, "path"), src)
+    else:
+        sha256 = ts.sha256 + [ts.sha256[i] for i in src]
+        paths = (ts.paths or []) + [(ts.paths or [""] * n)[i] for i in src]
+    both = evaluate.TrainSet(
+        X=X,
+        y=np.concatenate([ts.y, ts.y[src]]),
+        groups=np.concatenate([ts.groups, views_of.mark(ts.groups[src])]),  # marked: views
+        original=np.concatenate([ts.original, np.zeros(len(src), dtype=bool)]),
+        sha256=sha256,
+        paths=paths,
+    )
     return both, info
+
+
+def _same_content(images: store.Rows, views: store.Rows) -> Callable[..., np.ndarray]:
+    """Whether image row i and views-cache row r hold one content: their identities (read
+    from the segments, only the rows asked) equal but for the view's `#v`."""
+
+    def content(rows: store.Rows) -> np.ndarray:
+        raw = rows.column("ident").astype("S")  # rows of several segments come as objects
+        return np.char.partition(raw, b"#")[:, 0]
+
+    def same(i: np.ndarray, r: np.ndarray) -> np.ndarray:
+        if not len(i):
+            return np.zeros(0, bool)
+        return content(images[i]) == content(views[r])
+
+    return same
 
 
 def _concat(a: Any, b: Any) -> Any:

@@ -353,12 +353,9 @@ def store_results(art):
     return [json.loads(p.read_text()) for p in layout.heads_dir(art).glob("*/result.json")]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="open bug (next session): with VIEWS a streaming head holds every row's hash and "
-    "path as text and a dict of the views' identities; it should match views by 64-bit keys",
-)
 def test_a_streaming_head_with_views_holds_a_few_bytes_per_row(tmp_path, spec):
+    """With VIEWS the rows stay NumPy columns: views matched by 64-bit hash prefix (no dict of
+    identities), a view's hash and path read through its image's row when asked."""
     import gc
     import tracemalloc
 

@@ -29,7 +29,9 @@ from pipeline.store.manifest import (
     shards_dir,
 )
 from pipeline.store.reader import (
+    ColumnOf,
     Features,
+    WithViews,
     f_shape,
     features_of,
     load_features,
@@ -46,11 +48,13 @@ __all__ = [
     "POOLINGS",
     "STR",
     "CacheError",
+    "ColumnOf",
     "Entry",
     "Features",
     "Index",
     "Rows",
     "UserError",
+    "WithViews",
     "cache_key",
     "data_id",
     "disk_error",

@@ -63,9 +63,44 @@ class ColumnOf:
         return [t.split("#", 1)[0] for t in text] if self.name == "ident" else text
 
 
+class WithViews:
+    """A `ColumnOf` of a training set's images, then of its augmented views: a view's text is
+    its image's (the same content hash, the path of the image in the current cache). It holds
+    the views' image rows (`src`, 8 bytes a view) and the images' column, never the texts."""
+
+    def __init__(self, base: ColumnOf, src: np.ndarray) -> None:
+        self.base, self.src = base, np.asarray(src, np.int64)
+        self.name = base.name
+
+    @property
+    def prefix(self) -> np.ndarray | None:
+        """Every row's 64-bit hash prefix, made when asked (a temporary, not held)."""
+        p = self.base.prefix
+        return None if p is None else np.concatenate([p, p[self.src]])
+
+    def __len__(self) -> int:
+        return len(self.base) + len(self.src)
+
+    def __getitem__(self, i: int) -> str:
+        return self.take(np.array([i]))[0]
+
+    def image_rows(self, positions: np.ndarray) -> np.ndarray:
+        """The images' rows (of `base`) that `positions` name: a view names its image."""
+        pos = np.array(positions, np.int64)  # a copy: rewritten in place
+        if (pos < 0).any() or (pos >= len(self)).any():
+            raise IndexError(f"positions outside the {len(self)} rows of this column")
+        view = pos >= len(self.base)
+        pos[view] = self.src[pos[view] - len(self.base)]
+        return pos
+
+    def take(self, positions: np.ndarray) -> list[str]:
+        """The texts at `positions`, in that order."""
+        return self.base.take(self.image_rows(positions))
+
+
 def texts(col: Any, positions: Any) -> list[str]:
     """`col[i]` for each position: a list's items, or a `ColumnOf`'s read at once."""
-    if isinstance(col, ColumnOf):
+    if isinstance(col, (ColumnOf, WithViews)):
         return col.take(np.asarray(positions, np.int64))
     return [col[int(i)] for i in positions]
 
