@@ -17,7 +17,7 @@ import hashlib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
+from typing import Any
 
 import numpy as np
 
@@ -30,13 +30,19 @@ STEP = 1024  # rows of a segment read at a time: the Python objects held are thi
 WIDTH = 80  # bytes of an identity in a segment (keys.IDENT)
 
 
-class Wanted(Protocol):
+@dataclass(frozen=True)
+class Row:
+    """A row the cache should hold: which file, which content and view, its label and split."""
+
     path: str
     ident: str
     label: str
     split: str
     view: int
     stat: tuple[int, int, int]
+
+    def key(self) -> tuple[Any, ...]:
+        return (self.path, self.view, self.ident, self.label, self.split, tuple(self.stat))
 
 
 def ident_key(ident: str | bytes) -> int | None:
@@ -172,7 +178,7 @@ class Comparison:
 def compare(
     folder: Path,
     entries: list[Entry],
-    rows: Sequence[Wanted],
+    rows: Sequence[Row],
     keep: bool = True,
     sum_kept: bool = False,
 ) -> Comparison:

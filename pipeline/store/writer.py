@@ -27,6 +27,7 @@ import numpy as np
 
 from pipeline.errors import UserError
 from pipeline.store import changes, merging
+from pipeline.store.changes import Row
 from pipeline.store.content import Lookup
 from pipeline.store.format import (
     DATA_MOD,
@@ -57,21 +58,6 @@ from pipeline.store.segments import (
 
 Log = Callable[[str], None]
 RESUMABLE = ("batch", "staged")  # unreferenced segments of these origins are a run's work
-
-
-@dataclass(frozen=True)
-class Row:
-    """A row the cache should hold: which file, which content and view, its label and split."""
-
-    path: str
-    ident: str
-    label: str
-    split: str
-    view: int
-    stat: tuple[int, int, int]
-
-    def key(self) -> tuple[Any, ...]:
-        return (self.path, self.view, self.ident, self.label, self.split, tuple(self.stat))
 
 
 @dataclass
