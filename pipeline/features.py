@@ -133,11 +133,11 @@ def _hash_all(
 
 def _known_hashes(w: Writer) -> dict[str, tuple[Stat, str]]:
     """path -> (stat, sha256) of every file the existing cache hashed (readable or not)."""
+    out: dict[str, tuple[Stat, str]] = {}
+    for p, st, h in w.known_files():  # a damaged segment found here sets the index aside
+        out[p] = (st, h)
     if w.old is None:
         return {}
-    out: dict[str, tuple[Stat, str]] = {}
-    for p, st, h in w.known_files():
-        out[p] = (st, h)
     for sk in w.old.skipped:
         if sk.get("sha256"):
             out.setdefault(sk["path"], (tuple(sk["stat"]), sk["sha256"]))

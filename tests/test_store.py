@@ -616,3 +616,54 @@ def test_a_new_identity_sharing_a_cached_ones_key_is_refused_never_given_its_fea
     with pytest.raises(store.CacheError, match=r"share a 64-bit key.*REBUILD=1"):
         sync(path, want + rows(4, 5))
     check(path, want)  # nothing changed
+
+
+@pytest.mark.parametrize("column", ["split", "stat", "path"])
+def test_a_segment_with_a_damaged_column_sets_the_index_aside_when_the_run_starts(tmp_path, column):
+    """The writer reads only identities up front: a segment missing another column is still
+    found before the commit, so the index is set aside and the run completes (not refused on
+    every rerun)."""
+    path = tmp_path / "c.h5"
+    want = rows(0, 10)
+    sync(path, want, batch=10)
+    seg = store.shards_dir(path) / store.read_index(path).entries[0].name
+    with h5py.File(seg, "a") as f:
+        del f[column]
+    sync(path, want, batch=10)
+    check(path, want)
+    assert list(tmp_path.glob("c.h5.damaged-*"))
+    assert not sync(path, want, batch=10).rewrote
+
+
+def test_a_moved_file_is_copied_from_a_segment_whose_key_table_is_damaged(tmp_path):
+    path = tmp_path / "c.h5"
+    want = rows(0, 10)
+    sync(path, want, batch=10)
+    seg = store.shards_dir(path) / store.read_index(path).entries[0].name
+    with h5py.File(seg, "a") as f:
+        del f["keys/row"]
+    want[0] = replace(want[0], path="moved/0.png")
+    assert sync(path, want).copied == 1
+    check(path, want)
+
+
+def test_a_segment_unreadable_at_commit_is_named_not_taken_for_a_key_collision(
+    tmp_path, monkeypatch
+):
+    from pipeline.store import content
+
+    path = tmp_path / "c.h5"
+    want = rows(0, 10)
+    sync(path, want, batch=10)
+    want[0] = replace(want[0], path="moved/0.png")
+
+    def eio(p):
+        raise segments.SegmentUnreadable(f"segment '{p}' cannot be read (EIO)", "EIO")
+
+    monkeypatch.setattr(content, "open_segment", eio)  # passing, and only while finding rows
+    with pytest.raises(store.CacheError, match=r"no segment readable now.*rerun `make features`"):
+        sync(path, want)
+    monkeypatch.undo()
+    check(path, rows(0, 10))  # nothing changed
+    sync(path, want)
+    check(path, want)

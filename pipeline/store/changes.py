@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import h5py
 import numpy as np
 
 from pipeline.store import format as fmt
@@ -84,6 +85,7 @@ class Known:
         for e in entries:
             with open_segment(folder / e.name) as g:
                 try:
+                    _check(g, e.rows)
                     live = np.ones(e.rows, bool)
                     live[e.dead] = False
                     step = 1 << 16
@@ -105,8 +107,29 @@ class Known:
         return i < len(self.keys) and int(self.keys[i]) == k
 
 
+COLUMNS = ("ident", "path", "label", "split", "view", "stat")
+
+
+def _check(g: h5py.File, rows: int) -> None:
+    """A segment's row columns are all there, `rows` long, its labels among its classes
+    (ValueError if not): a damaged one is found when the run starts, not at its commit."""
+    for name in COLUMNS:
+        if len(g[name]) != rows:
+            raise ValueError(f"column '{name}' holds {len(g[name])} rows, not {rows}")
+    n = len(strs(g["classes"]))
+    step = 1 << 16
+    for a in range(0, rows, step):
+        lab = g["label"][a : a + step]
+        if len(lab) and (lab.min() < 0 or lab.max() >= n):
+            raise ValueError("a row's label is not among its classes")
+
+
+class Damaged(CacheError):
+    """A segment whose columns cannot be read (not passing: its bytes are at fault)."""
+
+
 def _damaged(path: Path, err: BaseException) -> CacheError:
-    return CacheError(
+    return Damaged(
         f"segment '{path}' of the cache cannot be read ({err}); rerun `make features`: it sets "
         "the damaged index aside and embeds only the rows no readable segment holds"
     )

@@ -71,11 +71,13 @@ class Table:
     def of(cls, g: h5py.File) -> Table:
         """The table of the open segment `g`: its fence, or built from its identity column."""
         t = g.get("keys")
-        if isinstance(t, h5py.Group) and t.attrs.get("kind") == KIND and "fence" in t:
+        n = int(g["ident"].shape[0])
+        whole = isinstance(t, h5py.Group) and all(k in t for k in ("prefix", "row", "fence"))
+        if whole and t.attrs.get("kind") == KIND and len(t["prefix"]) == len(t["row"]) == n:
             fence = t["fence"][()]
             READ["keys"] += len(fence)
-            return cls(int(t["prefix"].shape[0]), int(t.attrs["step"]), fence)
-        col = g["ident"][()]
+            return cls(n, int(t.attrs["step"]), fence)
+        col = g["ident"][()]  # none, of another kind, or damaged: made from the identities
         READ["idents"] += len(col)
         keys = key_of(col)
         order = np.argsort(keys, kind="stable")

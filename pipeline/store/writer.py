@@ -183,13 +183,19 @@ class Writer:
             self.log(f"warning: the old cache cannot be read ({e.reason}); REBUILD goes on")
             return None
         except CacheError as e:
-            import time
-
-            aside = self.path.with_name(self.path.name + f".damaged-{int(time.time())}")
-            os.replace(self.path, aside)
-            why = str(e).split("; rerun `make features`")[0]  # this is that rerun
-            self.log(f"warning: {why}; moved aside to '{aside.name}' and rebuilding")
+            self._set_aside(e)
             return None
+
+    def _set_aside(self, e: CacheError, then: str = "rebuilding") -> str:
+        """Move a damaged index aside (its segments stay: their rows are taken up again)."""
+        import time
+
+        aside = self.path.with_name(self.path.name + f".damaged-{int(time.time())}")
+        os.replace(self.path, aside)
+        why = str(e).split("; rerun `make features`")[0]  # this is that rerun
+        self.log(f"warning: {why}; moved aside to '{aside.name}' and {then}")
+        self.old, self.known = None, changes.Known(np.zeros(0, np.uint64))
+        return why
 
     def _index_staged(self, name: str, info: SegInfo) -> None:
         for i, h in enumerate(info.meta.ident):
@@ -212,8 +218,12 @@ class Writer:
 
     def known_files(self) -> Iterator[tuple[str, tuple[int, int, int], str]]:
         """(path, stat, content hash) of each image the current index holds, streamed."""
-        if self.old is not None:
+        if self.old is None:
+            return
+        try:
             yield from changes.files(self.folder, self.old.entries)
+        except changes.Damaged as e:  # bytes at fault, seen only now: as when the run started
+            self._set_aside(e)
 
     def failure(self, ident: str) -> Failure | None:
         """A remembered content failure of `ident` under these versions (not with VERIFY)."""
@@ -374,8 +384,14 @@ class Writer:
                 keep=not self.rebuild,
                 sum_kept=base is None,
             )
-        except CacheError:
+        except CacheError as e:
             if not self.rebuild:
+                if isinstance(e, changes.Damaged):
+                    why = self._set_aside(e, "stopping")
+                    raise UserError(
+                        f"{why}; the index was moved aside: rerun `make features` (it embeds "
+                        "only the rows no readable segment holds)"
+                    ) from None
                 raise
             # REBUILD replaces every row: the old ones were read only to count the removed
             cmp = changes.compare(self.folder, [], rows, keep=False)
@@ -499,11 +515,14 @@ class Writer:
         """Find the rows to copy that no staged segment has in the old index's segments
         (their key tables: a cost in proportion to these rows)."""
         ask = [k for k, (_, src) in enumerate(copies) if src is None]
-        if not ask or self.old is None:
+        if not ask:
             return
-        es = self.old.entries
+        es = self.old.entries if self.old is not None and not self.rebuild else []
+        skipped: list[str] = []
         for stamp_key in dict.fromkeys(e.stamp_key for e in es):
-            found = Lookup(self.folder, es, stamp_key).find([copies[k][0].ident for k in ask])
+            lookup = Lookup(self.folder, es, stamp_key)
+            found = lookup.find([copies[k][0].ident for k in ask])
+            skipped += sorted(lookup.unusable)
             for k, w in zip(ask, found, strict=True):
                 if w is not None:
                     copies[k] = (copies[k][0], w)
@@ -511,6 +530,13 @@ class Writer:
             if not ask:
                 return
         row = copies[ask[0]][0]
+        if skipped:  # a segment that could not be read may hold it: not a key collision
+            raise CacheError(
+                f"the features of {row.path} are in no segment readable now (segment "
+                f"'{skipped[0]}' cannot be read); nothing was changed: rerun `make features` "
+                "(if it stays unreadable, `make features REBUILD=1` embeds every image again "
+                "without it)"
+            )
         raise CacheError(
             f"internal: no cached features for {row.path} ({row.ident[:12]}), though its "
             "identity's key is in the index (two identities share a 64-bit key); rerun "
