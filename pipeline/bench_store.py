@@ -93,7 +93,8 @@ def sync(
 
     key = _key()
     w = Writer(path, key, STAMP, maps=False, dtype="float16", log=lambda s: None)
-    todo = [r for r in want if not w.has(r.ident)]
+    had = w.has_many([r.ident for r in want])
+    todo = [r for r, h in zip(want, had.tolist(), strict=True) if not h]
     for a in range(0, len(todo), batch):
         part = todo[a : a + batch]
         v = _vectors([r.ident for r in part], channels, signal)

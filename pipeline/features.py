@@ -289,14 +289,12 @@ def _sync(
     """
     t0 = time.perf_counter()
     todo: dict[str, Job] = {}
-    for j in jobs:
-        if (
-            j.sha256 is not None  # unreadable: listed with the reason its hashing gave
-            and not w.has(j.ident)
-            and w.failure(j.ident) is None
-            and j.ident not in todo
-        ):
+    hashed = [j for j in jobs if j.sha256 is not None]  # unreadable: listed with its reason
+    had = w.has_many([j.ident for j in hashed])  # on disk before this run embeds anything
+    for j, h in zip(hashed, had.tolist(), strict=True):
+        if not h and w.failure(j.ident) is None and j.ident not in todo:
             todo[j.ident] = j
+    del hashed
     embed_s = 0.0
     if todo and w.old is not None and not w.rebuild:
         _refuse_mixing(w.path, w.old, w.stamp, len(todo))
@@ -330,7 +328,7 @@ def _sync(
             )
             continue
         fail = now.get(j.ident) or (w.failure(j.ident) if j.sha256 else None)
-        if j.sha256 is None or fail is not None or not w.has(j.ident):
+        if j.sha256 is None or fail is not None or (j.ident in todo and not w.has(j.ident)):
             skipped.append(
                 {
                     "path": j.path,

@@ -99,6 +99,19 @@ class Known:
         keys.sort()
         return cls(keys)
 
+    def has_many(self, idents: Sequence[str]) -> np.ndarray:
+        """`has` of each identity, in one sorted search (a run asks it of every file)."""
+        n = len(idents)
+        keys = np.fromiter((ident_key(h) or 0 for h in idents), np.uint64, count=n)
+        if not len(self.keys) or not n:
+            return np.zeros(n, bool)
+        i = np.minimum(self.keys.searchsorted(keys), len(self.keys) - 1)
+        ok = self.keys[i] == keys
+        if ok.any():  # a key of 0 may be an identity no segment can hold: asked one by one
+            for j in np.flatnonzero(ok & (keys == 0)).tolist():
+                ok[j] = self.has(idents[j])
+        return ok
+
     def has(self, ident: str) -> bool:
         k = ident_key(ident)
         if k is None or not len(self.keys):

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import os
 import secrets
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -215,6 +215,11 @@ class Writer:
     def has(self, ident: str) -> bool:
         """Whether the features of `ident` are on disk for this run (nothing to embed)."""
         return ident in self.where or self.known.has(ident)
+
+    def has_many(self, idents: Sequence[str]) -> np.ndarray:
+        """`has` of each identity at once (the old index's keys searched together)."""
+        staged = np.fromiter((h in self.where for h in idents), bool, count=len(idents))
+        return staged | self.known.has_many(idents)
 
     def known_files(self) -> Iterator[tuple[str, tuple[int, int, int], str]]:
         """(path, stat, content hash) of each image the current index holds, streamed."""
