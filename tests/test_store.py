@@ -667,3 +667,14 @@ def test_a_segment_unreadable_at_commit_is_named_not_taken_for_a_key_collision(
     check(path, rows(0, 10))  # nothing changed
     sync(path, want)
     check(path, want)
+
+
+def test_asking_many_identities_at_once_answers_as_one_by_one(tmp_path):
+    path = tmp_path / "c.h5"
+    sync(path, rows(0, 6))
+    w = Writer(path, "k" * 64, STAMP, maps=False, dtype="float16", log=lambda s: None)
+    stage(w, rows(6, 8), 2)  # staged by this run: known too
+    ask = [r.ident for r in rows(0, 10)] + [rows(0, 1)[0].ident + "#1", "x" * 81, ""]
+    many = w.has_many(ask).tolist()
+    assert many == [w.has(h) for h in ask]
+    assert many == [True] * 8 + [False] * 5
