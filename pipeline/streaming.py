@@ -33,6 +33,7 @@ ALPHAS = (1e-1, 1e-2, 1e-3, 1e-4)  # below 1e-4 averaged SGD over-fits unstably 
 TUNE_ROWS = 10_000  # the grid search's sample: all rows up to this, a sample of groups above
 TUNE_EPOCHS = 3  # passes per candidate in the grid search (more on a small sample, see below)
 MIN_UPDATES = 100_000  # small sets get more passes: at least this many rows' updates in all
+PARALLEL_ROWS = 8_192  # blocks of fewer rows are learnt in one thread (see `_sgd`)
 
 
 def blocks(X: Any, shuffle: int | None = None) -> Iterator[tuple[np.ndarray, np.ndarray]]:
@@ -98,13 +99,16 @@ class StreamingSGD(ClassifierMixin, BaseEstimator):
         self.alphas = alphas
         self.random_state = random_state
 
-    def _sgd(self, alpha: float) -> SGDClassifier:
-        return SGDClassifier(  # one-vs-rest over the classes in threads (the GIL released)
+    def _sgd(self, alpha: float, rows: int = PARALLEL_ROWS) -> SGDClassifier:
+        """One-vs-rest over the classes in threads (the GIL released) for blocks of at least
+        PARALLEL_ROWS rows; below that, starting the threads costs more than the updates (the
+        result is the same: each class's seed is drawn before they start)."""
+        return SGDClassifier(
             loss="log_loss",
             alpha=alpha,
             average=True,
             random_state=self.random_state,
-            n_jobs=os.cpu_count(),
+            n_jobs=os.cpu_count() if rows >= PARALLEL_ROWS else None,
         )
 
     def fit(self, X: Any, y: np.ndarray, groups: np.ndarray | None = None) -> StreamingSGD:
@@ -140,7 +144,8 @@ class StreamingSGD(ClassifierMixin, BaseEstimator):
             alpha = float(grid.best_params_["clf__alpha"])
             self.tuning_ = {"rows": len(y), "sample": len(rows), "alpha": "inner folds"}
         self.alpha_ = alpha
-        self.clf_ = self._sgd(alpha)
+        per_block = min(len(y), max(1, BUFFER_BYTES // max(1, 4 * X.shape[1])))
+        self.clf_ = self._sgd(alpha, per_block)
         self.passes_ = passes(self.epochs, len(y))
         for epoch in range(self.passes_):
             seed = self.random_state * 1_000 + epoch

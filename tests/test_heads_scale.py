@@ -377,3 +377,30 @@ def test_a_streaming_head_with_views_holds_a_few_bytes_per_row(tmp_path, spec):
         tracemalloc.stop()
     rows = held[40][1] - held[4][1]
     assert (held[40][0] - held[4][0]) / rows < 60, (held, (held[40][0] - held[4][0]) / rows)
+
+
+def test_a_set_of_one_block_is_read_once_for_every_pass_and_learnt_alike(tmp_path, monkeypatch):
+    """Rows that fit in one block are read from the cache once, however many passes sgd makes
+    over them (hundreds on a small set); a worker is sent their names, never those features.
+    Small blocks are learnt in one thread: the same head as with threads."""
+    import pickle
+
+    from pipeline import streaming
+
+    path = synthetic(tmp_path, 300, channels=16)
+    idx = store.read_index(path)
+    R = rows.Rows.of_index(idx, np.arange(len(idx)), "avg")
+    fresh = rows.Rows.of_index(idx, np.arange(len(idx)), "avg").load()
+    rows.READ.update(rows=0, blocks=0)
+    for seed in (1, 2, None):
+        for pos, block in R.blocks(shuffle=seed):
+            np.testing.assert_array_equal(block, fresh[pos])
+            block[:] = -1  # a caller's change to a block reaches no later pass
+    assert rows.READ["rows"] == len(R)
+    assert pickle.loads(pickle.dumps(R))._whole is None
+    one = streaming.StreamingSGD(alpha=1e-3, epochs=2).fit(R, idx.labels)
+    assert one.clf_.n_jobs is None and one.passes_ > 100
+    monkeypatch.setattr(streaming, "PARALLEL_ROWS", 1)
+    threads = streaming.StreamingSGD(alpha=1e-3, epochs=2).fit(R, idx.labels)
+    assert threads.clf_.n_jobs is not None
+    np.testing.assert_allclose(one.predict_proba(fresh), threads.predict_proba(fresh))

@@ -63,6 +63,10 @@ class Rows:
         self.part = np.asarray(part, np.int8)
         self.seg = np.asarray(seg, np.int32)
         self.row = np.asarray(row, np.int64)
+        self._whole: tuple[np.ndarray, np.ndarray] | None = None  # see `_read`
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "_whole": None}  # sent to a worker: names, not features
 
     @classmethod
     def of_index(cls, idx: Index, rows: np.ndarray, pooling: str) -> Rows:
@@ -113,6 +117,9 @@ class Rows:
 
     def _read(self, pos: np.ndarray) -> np.ndarray:
         """Features of positions `pos` (sorted by file and row), one segment open at a time."""
+        whole = len(pos) == len(self) and len(pos) <= self.block_rows()
+        if whole and self._whole is not None and np.array_equal(self._whole[0], pos):
+            return self._whole[1].copy()  # every row in one block: read once, for every pass
         d = self.shape[1]
         out = np.empty((len(pos), d), np.float32)
         if not len(pos):
@@ -140,6 +147,8 @@ class Rows:
                     else:
                         into[:] = _pool(read_rows(ds, part), p.pooling)
                     done += len(part)
+        if whole:
+            self._whole = (pos.copy(), out.copy())
         return out
 
     def blocks(self, shuffle: int | None = None) -> Iterator[tuple[np.ndarray, np.ndarray]]:
