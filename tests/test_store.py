@@ -678,3 +678,23 @@ def test_asking_many_identities_at_once_answers_as_one_by_one(tmp_path):
     many = w.has_many(ask).tolist()
     assert many == [w.has(h) for h in ask]
     assert many == [True] * 8 + [False] * 5
+
+
+def test_a_lookup_follows_its_index_when_a_writer_merges_its_segments_away(tmp_path):
+    """A reader's lookup (make predict's of the training cache) made before `make features`
+    merged segments away finds the rows in the merged ones, rather than embedding them again."""
+    from pipeline.store.content import Lookup
+
+    path = tmp_path / "c.h5"
+    want = rows(0, 8)
+    for k in range(1, 9):
+        sync(path, want[:k], batch=1)  # a segment a run: merged when a tier fills
+    said: list[str] = []
+    lookup = Lookup.of(path, "k" * 64, store.cache_key(STAMP), said.append)
+    before = set(lookup.names)
+    sync(path, want[::4])  # three quarters removed: their segment rewritten, the old deleted
+    assert before - {e.name for e in store.read_index(path).entries}
+    assert not (store.shards_dir(path) / sorted(before)[0]).exists()
+    found = lookup.find([r.ident for r in want[::4]])
+    assert all(w is not None for w in found) and not said
+    assert set(lookup.names) == {e.name for e in store.read_index(path).entries}

@@ -47,6 +47,7 @@ from pipeline.store.segments import (
     BLOCK_BYTES,
     ForeignSegment,
     Meta,
+    SegmentMissing,
     copy_rows,
     limit_of,
     open_segment,
@@ -97,14 +98,21 @@ class Lookup:
         self.log = log
         self.tables: dict[str, keys.Table] = {}  # per segment, read at its first use
         self.unusable: set[str] = set()
+        self.source: tuple[Path, str] | None = None  # the index these entries are of (`of`)
         # rows found outside the segments `entries` name, asked first (a ContentStore keeps
         # none: its segments join `entries` as they are written)
         self.extra: dict[str, Where] = {}
 
     @classmethod
     def of(cls, path: Path, key: str, stamp_key: str, log: Log = _quiet) -> Lookup:
-        """The lookup of the cache or content store at `path` (CacheError if it is unusable)."""
-        return cls(shards_dir(path), read_entries_of(path, key), stamp_key, log)
+        """The lookup of the cache or content store at `path` (CacheError if it is unusable).
+
+        It follows that index: a segment gone since (merged by its writer while this process
+        ran) makes it read the index again, once per `find`, before anything is embedded anew.
+        """
+        out = cls(shards_dir(path), read_entries_of(path, key), stamp_key, log)
+        out.source = (Path(path), key)
+        return out
 
     def use(self, entries: list[Entry]) -> None:
         """Look among `entries` from now on (a writer's segments, after it wrote or merged
@@ -127,27 +135,60 @@ class Lookup:
         if not ask or not self.entries:
             return out
         with reading(self.folder.parent):
-            for e in self.entries:
-                if not ask:
-                    break
-                if e.name in self.unusable:
-                    continue
-                try:
-                    with open_segment(self.folder / e.name) as g:
-                        table = self.tables.get(e.name)
-                        if table is None:
-                            table = self.tables[e.name] = keys.Table.of(g)
-                        rows = table.find(g, [raw[i] or b"" for i in ask], e.dead)
-                except (CacheError, KeyError, OSError, ValueError) as err:
-                    self.unusable.add(e.name)
-                    self.tables.pop(e.name, None)
-                    self.log(f"warning: segment '{e.name}' cannot be read now ({err}); not used")
-                    continue
-                for i, r in zip(ask, rows, strict=True):
-                    if r is not None:
-                        out[i] = (e.name, r)
-                ask = [i for i in ask if out[i] is None]
+            missing: list[str] = []
+            ask = self._find(raw, ask, out, missing)
+            if missing and self._follow():
+                missing = []
+                self._find(raw, ask, out, missing)  # the segments of the index as it is now
+            for name in missing:
+                self.log(f"warning: segment '{name}' is missing; not used")
         return out
+
+    def _find(
+        self, raw: list[bytes | None], ask: list[int], out: list[Where | None], missing: list[str]
+    ) -> list[int]:
+        """Look for `ask` (positions of `raw`) segment by segment; the positions not found.
+        Segments not on disk are added to `missing`."""
+        for e in self.entries:
+            if not ask:
+                break
+            if e.name in self.unusable:
+                continue
+            try:
+                with open_segment(self.folder / e.name) as g:
+                    table = self.tables.get(e.name)
+                    if table is None:
+                        table = self.tables[e.name] = keys.Table.of(g)
+                    rows = table.find(g, [raw[i] or b"" for i in ask], e.dead)
+            except SegmentMissing:
+                self.unusable.add(e.name)  # merged away since? `_follow` reads the index again
+                self.tables.pop(e.name, None)
+                missing.append(e.name)
+                continue
+            except (CacheError, KeyError, OSError, ValueError) as err:
+                self.unusable.add(e.name)
+                self.tables.pop(e.name, None)
+                self.log(f"warning: segment '{e.name}' cannot be read now ({err}); not used")
+                continue
+            for i, r in zip(ask, rows, strict=True):
+                if r is not None:
+                    out[i] = (e.name, r)
+            ask = [i for i in ask if out[i] is None]
+        return ask
+
+    def _follow(self) -> bool:
+        """Follow the index as it is now, if it names other segments than these entries (one
+        of theirs was merged away by its writer while this process ran)."""
+        if self.source is None:
+            return False
+        try:
+            entries = read_entries_of(*self.source)
+        except (CacheError, OSError):
+            return False
+        if {e.name for e in entries if e.stamp_key == self.stamp_key} == set(self.names):
+            return False
+        self.use(entries)
+        return True
 
     def read(self, where: Sequence[Where], dataset: str) -> tuple[np.ndarray | None, np.ndarray]:
         """The rows `where` of one segment dataset ("pooled/avg", "features"...), in order, and
