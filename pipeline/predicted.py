@@ -119,15 +119,15 @@ class Cache:
             for src in self.sources[min(v, 1)]:
                 if not want:
                     break
-                where = src.find([h for _, h in want])
-                hits = [(i, w) for (i, _), w in zip(want, where, strict=True) if w is not None]
-                if hits:
+                with store.reading(src.folder.parent):  # nothing found is collected before read
+                    where = src.find([h for _, h in want])
+                    hits = [(i, w) for (i, _), w in zip(want, where, strict=True) if w is not None]
                     block, ok = src.read([w for _, w in hits], self.dataset)
-                    if block is not None and ok.any():
-                        x = store.pool(block, "flatten") if block.ndim > 2 else block
-                        for (i, _), good, row in zip(hits, ok.tolist(), x, strict=True):
-                            if good:
-                                out[i][v] = row
+                if block is not None and ok.any():
+                    x = store.pool(block, "flatten") if block.ndim > 2 else block
+                    for (i, _), good, row in zip(hits, ok.tolist(), x, strict=True):
+                        if good:
+                            out[i][v] = row
                 want = [(i, h) for i, h in want if out[i][v] is None]
         return out
 

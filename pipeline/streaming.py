@@ -108,7 +108,7 @@ class StreamingSGD(ClassifierMixin, BaseEstimator):
             alpha=alpha,
             average=True,
             random_state=self.random_state,
-            n_jobs=os.cpu_count() if rows >= PARALLEL_ROWS else None,
+            n_jobs=os.cpu_count() if rows >= PARALLEL_ROWS else 1,
         )
 
     def fit(self, X: Any, y: np.ndarray, groups: np.ndarray | None = None) -> StreamingSGD:

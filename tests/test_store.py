@@ -698,3 +698,62 @@ def test_a_lookup_follows_its_index_when_a_writer_merges_its_segments_away(tmp_p
     found = lookup.find([r.ident for r in want[::4]])
     assert all(w is not None for w in found) and not said
     assert set(lookup.names) == {e.name for e in store.read_index(path).entries}
+
+
+def _predicted(tmp_path, said):
+    from pipeline.store.content import ContentStore
+
+    path = tmp_path / "predicted" / "c.h5"
+    return path, ContentStore(path, "k" * 64, {"v": 1}, True, "float16", {}, log=said.append)
+
+
+def _put(st, idents):
+    n = len(idents)
+    st.add(idents, ["x.png"] * n, [(1, 1, 1)] * n, np.ones((n, 1, 1, 4), np.float16))
+    st.flush()
+
+
+@pytest.mark.parametrize("damage", ["short fence", "no step", "row out of range"])
+def test_a_damaged_key_table_never_hides_rows_nor_stops_a_predict(tmp_path, damage):
+    """A table that would skip rows is rebuilt from the identities; one naming rows the
+    segment lacks makes the segment unusable, said in one line (never an uncaught error), and
+    nothing is held twice."""
+    said: list[str] = []
+    ids = [f"{i:064x}" for i in range(1000)]
+    path, st = _predicted(tmp_path, said)
+    _put(st, ids)
+    st.close()
+    seg = next(store.shards_dir(path).glob("g*.h5"))
+    with h5py.File(seg, "r+") as g:
+        if damage == "short fence":
+            fence = g["keys/fence"][()]
+            del g["keys/fence"]
+            g["keys"].create_dataset("fence", data=fence[:2])
+        elif damage == "no step":
+            del g["keys"].attrs["step"]
+        else:
+            g["keys/row"][0] = 10**6
+    path, st = _predicted(tmp_path, said)
+    found = st.lookup.find(ids)
+    if damage == "row out of range":
+        assert found == [None] * len(ids) and "the key table names rows" in said[-1]
+    else:
+        assert None not in found and not said
+        _put(st, ids)
+        st.close()
+        idents = store.read_index(path).idents
+        assert len(idents) == len(set(idents)) == len(ids)
+
+
+def test_a_lost_segment_is_said_even_when_its_index_changed_since(tmp_path):
+    from pipeline.store.content import Lookup
+
+    said: list[str] = []
+    path, w = _predicted(tmp_path, [])
+    _put(w, ["a" * 64])
+    _put(w, ["b" * 64])
+    reader = Lookup.of(path, "k" * 64, w.stamp_key, said.append)  # another predict's view
+    (store.shards_dir(path) / w.entries[1].name).unlink()  # lost, and still named
+    _put(w, ["c" * 64])  # the writer goes on: its index changes
+    assert reader.find(["b" * 64]) == [None]
+    assert len(said) == 1 and "is missing" in said[0]

@@ -138,7 +138,7 @@ class Lookup:
             missing: list[str] = []
             ask = self._find(raw, ask, out, missing)
             if missing and self._follow():
-                missing = []
+                missing = [n for n in missing if n in self.names]  # named still: lost
                 self._find(raw, ask, out, missing)  # the segments of the index as it is now
             for name in missing:
                 self.log(f"warning: segment '{name}' is missing; not used")
@@ -165,7 +165,7 @@ class Lookup:
                 self.tables.pop(e.name, None)
                 missing.append(e.name)
                 continue
-            except (CacheError, KeyError, OSError, ValueError) as err:
+            except (CacheError, KeyError, OSError, ValueError, IndexError) as err:
                 self.unusable.add(e.name)
                 self.tables.pop(e.name, None)
                 self.log(f"warning: segment '{e.name}' cannot be read now ({err}); not used")

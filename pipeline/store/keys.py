@@ -73,10 +73,17 @@ class Table:
         t = g.get("keys")
         n = int(g["ident"].shape[0])
         whole = isinstance(t, h5py.Group) and all(k in t for k in ("prefix", "row", "fence"))
-        if whole and t.attrs.get("kind") == KIND and len(t["prefix"]) == len(t["row"]) == n:
+        step = int(t.attrs.get("step", 0)) if whole else 0
+        if (
+            whole
+            and t.attrs.get("kind") == KIND
+            and step >= 1
+            and len(t["prefix"]) == len(t["row"]) == n
+            and len(t["fence"]) == -(-n // step)
+        ):
             fence = t["fence"][()]
             READ["keys"] += len(fence)
-            return cls(n, int(t.attrs["step"]), fence)
+            return cls(n, step, fence)
         col = g["ident"][()]  # none, of another kind, or damaged: made from the identities
         READ["idents"] += len(col)
         keys = key_of(col)
@@ -125,6 +132,8 @@ class Table:
             rows.append(row[x:y][run - x])
             READ["keys"] += (y - x) * on_disk
         cand = np.unique(np.concatenate(rows))
+        if len(cand) and (cand[0] < 0 or cand[-1] >= self.rows):
+            raise ValueError("the key table names rows the segment does not have")
         if len(dead):
             i = np.minimum(np.searchsorted(dead, cand), len(dead) - 1)
             cand = cand[dead[i] != cand]
