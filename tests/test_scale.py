@@ -156,3 +156,39 @@ def test_the_svm_size_guard_speaks_and_names_what_scales(tmp_path, spec, quiet, 
     for name in ("svm-linear", "svm-nystroem"):
         r = train_head(art, name, folds=3, params={"n_components": "20"} if "nys" in name else {})
         assert r["cv"]["accuracy_mean"] > 0.8 and r["final_params"]["C"] > 0
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="open bug (next session): make features holds each file's listing, hash, job and "
+    "row as Python objects (about 2.5 KB a file on an unchanged rerun: about 25 GB at ten "
+    "million files); a columnar job list streamed into the writer's compare is the fix",
+)
+def test_an_unchanged_rerun_holds_a_few_bytes_per_file(tmp_path, spec):
+    """make features on a collection it already holds: what it keeps per file (tracemalloc,
+    the difference between two sizes, so fixed costs cancel) is a few columns, not objects."""
+    import gc
+    import tracemalloc
+
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    peak = {}
+    for n in (300, 1200):
+        data = tmp_path / f"d{n}"
+        for i in range(n):
+            d = data / "train" / f"c{i % 3}"
+            d.mkdir(parents=True, exist_ok=True)
+            pixels = rng.integers(0, 255, (8, 8, 3), np.uint8)
+            Image.fromarray(pixels).save(d / f"img_{i:07d}.png")
+        art = tmp_path / f"a{n}"
+        extract(data, art, spec, batch_size=256, log=lambda s: None, maps=False)
+        gc.collect()
+        tracemalloc.start()
+        again = extract(data, art, spec, batch_size=256, log=lambda s: None, maps=False)
+        peak[n] = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+        assert again.new == 0 and not again.rewrote
+    per_file = (peak[1200] - peak[300]) / 900
+    print(f"make features, unchanged rerun: {per_file:.0f} bytes a file at peak")
+    assert per_file < 300, per_file
