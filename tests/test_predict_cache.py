@@ -349,7 +349,6 @@ def test_a_long_run_merges_as_it_goes_and_finds_every_row_it_wrote(tmp_path):
         assert _on_disk(path) == set(names)
         # the lookup looks in those segments alone, and holds nothing of merged-away ones
         assert s.lookup.names == names and set(s.lookup.tables) <= set(names)
-        assert s.lookup.extra == {}
         found = s.lookup.find(_ids(0, 10 * k + 10))  # every row written so far, merged or not
         block, ok = s.lookup.read(found, "pooled/avg")  # type: ignore[arg-type]
         assert ok.all() and block[:, 0].tolist() == [float(i // 10) for i in range(10 * k + 10)]

@@ -88,11 +88,10 @@ def test_found_not_found_dead_rows_and_the_first_segment(tmp_path, read):
     assert found == [(a.name, 300), (b.name, 50), (a.name, 7)]
     a.dead = np.array([5, 300], np.int64)
     assert Lookup(folder, [a, b], STAMP).find([_sha(5)]) == [None]
-    # segments of other versions are never read; rows added since (a writer's) are found
+    # segments of other versions are never read
     other = Lookup(folder, [Entry(b.name, b.rows, "o" * 64)], STAMP)
-    other.extra[_sha(250)] = ("gnew.h5", 0)
-    assert other.find([_sha(250), _sha(350)]) == [("gnew.h5", 0), None]
-    assert len(other) == 1
+    assert other.find([_sha(250), _sha(350)]) == [None, None]
+    assert len(other) == 0
 
 
 def test_identities_sharing_a_prefix_are_told_apart(tmp_path, read):

@@ -74,8 +74,8 @@ class Known:
     for the new one; the commit then finds no row for it and says so, never using another's.
     """
 
-    def __init__(self, keys: np.ndarray) -> None:
-        self.keys = keys
+    def __init__(self, keys: np.ndarray | None = None) -> None:
+        self.keys = np.zeros(0, np.uint64) if keys is None else keys
 
     @classmethod
     def of(cls, folder: Path, entries: list[Entry]) -> Known:

@@ -30,7 +30,6 @@ identities, and features are read for the rows found only, one segment file open
 
 from __future__ import annotations
 
-import fcntl
 import os
 import time
 from collections.abc import Callable, Sequence
@@ -41,7 +40,7 @@ import numpy as np
 
 from pipeline.store import keys, merging
 from pipeline.store.format import POOLED, CacheError, cache_key, read_attrs_of
-from pipeline.store.locks import reading
+from pipeline.store.locks import no_readers, reading
 from pipeline.store.manifest import Entry, open_cache, read_entries, shards_dir, write_manifest
 from pipeline.store.segments import (
     BLOCK_BYTES,
@@ -99,9 +98,6 @@ class Lookup:
         self.tables: dict[str, keys.Table] = {}  # per segment, read at its first use
         self.unusable: set[str] = set()
         self.source: tuple[Path, str] | None = None  # the index these entries are of (`of`)
-        # rows found outside the segments `entries` name, asked first (a ContentStore keeps
-        # none: its segments join `entries` as they are written)
-        self.extra: dict[str, Where] = {}
 
     @classmethod
     def of(cls, path: Path, key: str, stamp_key: str, log: Log = _quiet) -> Lookup:
@@ -124,14 +120,14 @@ class Lookup:
         self.unusable &= named
 
     def __len__(self) -> int:
-        return sum(e.live for e in self.entries if e.name not in self.unusable) + len(self.extra)
+        return sum(e.live for e in self.entries if e.name not in self.unusable)
 
     def find(self, idents: Sequence[str]) -> list[Where | None]:
         """(segment, row) of each identity's live row, or None where there is none (the first
         segment holding it, its lowest row, as the entries are ordered)."""
-        out: list[Where | None] = [self.extra.get(h) for h in idents]
+        out: list[Where | None] = [None] * len(idents)
         raw = keys.lookup_keys(idents)
-        ask = [i for i, h in enumerate(idents) if out[i] is None and raw[i] is not None]
+        ask = [i for i in range(len(idents)) if raw[i] is not None]
         if not ask or not self.entries:
             return out
         with reading(self.folder.parent):
@@ -212,22 +208,6 @@ class Lookup:
                 out[np.asarray(idx)[order]] = block
                 ok[idx] = True
         return out, ok
-
-
-def _no_readers_then(folder: Path, fn: Callable[[], None]) -> bool:
-    """Run `fn` holding the readers' lock of `folder` exclusively, if no reader holds it now."""
-    try:
-        fh = open(folder / ".readers", "a+")
-    except OSError:
-        fn()
-        return True
-    with fh:
-        try:
-            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            return False
-        fn()
-        return True
 
 
 class ContentStore:
@@ -453,9 +433,9 @@ class ContentStore:
         garbage += list(self.folder.glob(".tmp-*"))  # a killed writer's half-made segment
         garbage += list(self.path.parent.glob(f"{self.path.name}.tmp-*"))  # ... or index
         if garbage:
-            _no_readers_then(
-                self.folder.parent, lambda: [p.unlink(missing_ok=True) for p in garbage]
-            )
+            with no_readers(self.folder.parent) as free:
+                for p in garbage if free else []:
+                    p.unlink(missing_ok=True)
 
 
 def _view_of(ident: str) -> int:

@@ -93,7 +93,7 @@ class Writer:
         self.stamp_key = cache_key(stamp)
         self.maps, self.dtype, self.log = maps, dtype, log
         self.folder = shards_dir(self.path)
-        self.known = changes.Known(np.zeros(0, np.uint64))  # the old index's identities
+        self.known = changes.Known()  # the old index's identities
         self.old = self._read_old(rebuild)  # its attributes and segments: no rows are held
         marker = rebuild_marker(self.path)
         self.rebuild_id = ""
@@ -144,7 +144,7 @@ class Writer:
         for name, info in self.staged.items():
             self._index_staged(name, info)
         if rebuild:
-            self.known = changes.Known(np.zeros(0, np.uint64))
+            self.known = changes.Known()
         if self.old is not None and not rebuild:
             if not verify:
                 for s in self.old.skipped:
@@ -194,7 +194,7 @@ class Writer:
         os.replace(self.path, aside)
         why = str(e).split("; rerun `make features`")[0]  # this is that rerun
         self.log(f"warning: {why}; moved aside to '{aside.name}' and {then}")
-        self.old, self.known = None, changes.Known(np.zeros(0, np.uint64))
+        self.old, self.known = None, changes.Known()
         return why
 
     def _index_staged(self, name: str, info: SegInfo) -> None:
