@@ -43,10 +43,14 @@ VERBOSE   ?= 0
 export PIPELINE_VERBOSE := $(VERBOSE)
 
 comma := ,
+# A path setting as one shell word, exactly as typed: single-quoted for the shell (a ' inside
+# becomes '"'"'), read with $(value) so a `$` in it is kept, not expanded by make. Spaces,
+# quotes, $, backslashes, commas and non-ASCII letters all pass (tests/test_make_paths.py).
+q = '$(subst ','"'"',$(value $(1)))'
 pool_arg   = $(if $(POOL),--pool $(POOL))
 param_args = $(foreach p,$(PARAMS),--param $(p))
 run_arg    = $(if $(RUN),--run $(RUN))
-out_arg    = $(if $(OUT),--out $(OUT))
+out_arg    = $(if $(value OUT),--out $(call q,OUT))
 tta_arg    = $(if $(TTA),--tta $(TTA))
 size_arg   = $(if $(SIZE),--size $(SIZE))
 layer_arg  = $(if $(LAYER),--layer $(LAYER))
@@ -146,39 +150,39 @@ $(STAMP): pyproject.toml
 install: $(STAMP) ## create .venv and install the package with its dependencies
 
 features: $(STAMP) ## embed every image once into ARTIFACTS/features/*.h5 (reruns: only new/changed)
-	$(PY) -m pipeline features --data $(DATA) --artifacts $(ARTIFACTS) --weights $(WEIGHTS) \
+	$(PY) -m pipeline features --data $(call q,DATA) --artifacts $(call q,ARTIFACTS) --weights $(call q,WEIGHTS) \
 		--backbone $(BACKBONE) $(size_arg) $(layer_arg) --batch $(BATCH) --dtype $(DTYPE) --seed $(SEED) --precision $(PRECISION) --augment $(AUGMENT) \
 		$(if $(filter 1,$(REBUILD)),--rebuild) $(if $(filter 1,$(VERIFY)),--verify) --maps $(MAPS) $(cluster_arg)
 
 train-head: $(STAMP) ## cross-validate + save HEAD on the cached features (backbone never runs)
 	$(PY) -m pipeline train-head --head $(HEAD) $(pool_arg) $(folds_arg) $(repeats_arg) --seed $(SEED) \
-		--artifacts $(ARTIFACTS) --views $(VIEWS) $(param_args) $(cluster_arg)
+		--artifacts $(call q,ARTIFACTS) --views $(VIEWS) $(param_args) $(cluster_arg)
 
 train-all: $(STAMP) ## train-head for logreg, svm and dense
 	for h in logreg svm dense; do $(MAKE) --no-print-directory train-head HEAD=$$h || exit $$?; done
 
 finetune: $(STAMP) ## cache block4_pool once, then cross-validate block5 + head fine-tuned from it
-	$(PY) -m pipeline finetune --data $(DATA) --artifacts $(ARTIFACTS) --weights $(WEIGHTS) \
+	$(PY) -m pipeline finetune --data $(call q,DATA) --artifacts $(call q,ARTIFACTS) --weights $(call q,WEIGHTS) \
 		--backbone $(BACKBONE) $(size_arg) --batch $(BATCH) --dtype $(DTYPE) --seed $(SEED) --precision $(PRECISION) --folds $(or $(FOLDS),5) $(param_args) $(cluster_arg)
 
 sweep: $(STAMP) ## every head x pooling x VIEWS on the cache, ranked, + learning curve
-	$(PY) -m pipeline sweep --artifacts $(ARTIFACTS) $(folds_arg) $(repeats_arg) --seed $(SEED) \
+	$(PY) -m pipeline sweep --artifacts $(call q,ARTIFACTS) $(folds_arg) $(repeats_arg) --seed $(SEED) \
 		--heads $(SWEEP_HEADS) --pools $(SWEEP_POOLS) --views $(SWEEP_VIEWS) $(cluster_arg) \
-		$(if $(SWEEP_BACKBONES),--backbones $(SWEEP_BACKBONES) --data $(DATA) --weights $(WEIGHTS) $(size_arg) --precision $(PRECISION))
+		$(if $(SWEEP_BACKBONES),--backbones $(SWEEP_BACKBONES) --data $(call q,DATA) --weights $(call q,WEIGHTS) $(size_arg) --precision $(PRECISION))
 
 report: $(STAMP) ## ARTIFACTS/report/report.{json,md,html} comparing every trained head
-	$(PY) -m pipeline report --artifacts $(ARTIFACTS) $(if $(GALLERY),--gallery $(GALLERY))
+	$(PY) -m pipeline report --artifacts $(call q,ARTIFACTS) $(if $(GALLERY),--gallery $(GALLERY))
 
 predict: $(STAMP) ## classify IMAGES (file, folder, .txt/.csv list) into a CSV, streamed, resumable
-	$(PY) -m pipeline predict --images "$(IMAGES)" --artifacts $(ARTIFACTS) $(run_arg) $(out_arg) $(tta_arg) $(topk_arg) $(cluster_arg) \
-		$(if $(filter-out imagenet,$(WEIGHTS)),--weights $(WEIGHTS)) \
+	$(PY) -m pipeline predict --images $(call q,IMAGES) --artifacts $(call q,ARTIFACTS) $(run_arg) $(out_arg) $(tta_arg) $(topk_arg) $(cluster_arg) \
+		$(if $(filter-out imagenet,$(value WEIGHTS)),--weights $(call q,WEIGHTS)) \
 		$(if $(filter command line environment,$(origin BACKBONE)),--backbone $(BACKBONE))
 
 export: $(STAMP) ## the cache's pooled features + paths, labels, split as FORMAT=npz|csv for other tools
-	$(PY) -m pipeline export --artifacts $(ARTIFACTS) --format $(FORMAT) --pool $(or $(POOL),avg) $(out_arg)
+	$(PY) -m pipeline export --artifacts $(call q,ARTIFACTS) --format $(FORMAT) --pool $(or $(POOL),avg) $(out_arg)
 
 demo: $(STAMP) ## end to end on scikit-learn's digits as PNGs: features, 3 heads, report
-	$(PY) -m pipeline demo --artifacts $(ARTIFACTS)/demo --weights $(WEIGHTS)
+	$(PY) -m pipeline demo --artifacts $(call q,ARTIFACTS)/demo --weights $(call q,WEIGHTS)
 
 test: $(STAMP) ## the test suite (tiny images, tiny input size: a few minutes on 2 cores)
 	$(PY) -m pytest -q tests
@@ -187,10 +191,10 @@ lint: $(STAMP) ## ruff
 	$(PY) -m ruff check pipeline tests
 
 bench: $(STAMP) ## speed and memory figures: ARTIFACTS/bench/bench.json (BENCH_SIZE=small|default)
-	$(PY) -m pipeline.bench --artifacts $(ARTIFACTS)/bench $(if $(BENCH_SIZE),--size $(BENCH_SIZE)) --precision $(PRECISION)
+	$(PY) -m pipeline.bench --artifacts $(call q,ARTIFACTS)/bench $(if $(BENCH_SIZE),--size $(BENCH_SIZE)) --precision $(PRECISION)
 
 bench-gpu: $(STAMP) ## on a GPU machine: float32 vs mixed, batch 64-512, XLA, decode threads (ARTIFACTS/bench-gpu)
-	$(PY) -m pipeline.bench --artifacts $(ARTIFACTS)/bench-gpu --only gpu $(if $(BENCH_SIZE),--size $(BENCH_SIZE))
+	$(PY) -m pipeline.bench --artifacts $(call q,ARTIFACTS)/bench-gpu --only gpu $(if $(BENCH_SIZE),--size $(BENCH_SIZE))
 
 clean: ## remove generated output (keeps .venv and artifacts/README.md)
-	find $(ARTIFACTS) -mindepth 1 -maxdepth 1 ! -name README.md ! -name report-screenshot.png -exec rm -rf {} + 2>/dev/null || true
+	find $(call q,ARTIFACTS) -mindepth 1 -maxdepth 1 ! -name README.md ! -name report-screenshot.png -exec rm -rf {} + 2>/dev/null || true

@@ -27,10 +27,17 @@ CV_INTERVAL = (
 VALIDATION_INTERVAL = "95 % Wilson score interval"
 
 
-def corrected_t(values: list[float] | np.ndarray, folds: int, level: float = LEVEL) -> dict:
+def corrected_t(
+    values: list[float] | np.ndarray,
+    folds: int,
+    level: float = LEVEL,
+    bounds: tuple[float, float] = (0.0, 1.0),
+) -> dict:
     """Mean of r·k fold figures with its corrected resampled t interval (Nadeau & Bengio).
 
-    `folds` is k: each test fold is 1/k of the data, so n_test/n_train = 1/(k-1).
+    `folds` is k: each test fold is 1/k of the data, so n_test/n_train = 1/(k-1). The
+    interval is cut to `bounds`, where the figure can lie: [0, 1] for an accuracy, [-1, 1]
+    for a difference of two; `clipped` says it was (a t interval knows no bounds).
     """
     from scipy import stats as st
 
@@ -43,11 +50,13 @@ def corrected_t(values: list[float] | np.ndarray, folds: int, level: float = LEV
     half = float(st.t.ppf(0.5 + level / 2, j - 1)) * math.sqrt(var)
     t_stat = mean / math.sqrt(var) if var > 0 else (math.inf if mean else 0.0)
     p = float(2 * st.t.sf(abs(t_stat), j - 1)) if var > 0 else (0.0 if mean else 1.0)
+    low, high = mean - half, mean + half
     return {
         "mean": mean,
-        "low": mean - half,
-        "high": mean + half,
+        "low": max(bounds[0], low),
+        "high": min(bounds[1], high),
         "half_width": half,
+        "clipped": bool(low < bounds[0] or high > bounds[1]),
         "n": j,
         "p_value": p,
     }
@@ -122,7 +131,7 @@ def paired_holdout(best: np.ndarray, other: np.ndarray) -> dict[str, Any]:
 def paired(best: list[float], other: list[float], folds: int) -> dict[str, Any]:
     """best - other fold by fold, with its corrected interval; tied when it includes 0."""
     d = np.asarray(best, np.float64) - np.asarray(other, np.float64)
-    ci = corrected_t(d, folds)
+    ci = corrected_t(d, folds, bounds=(-1.0, 1.0))
     tied = ci["low"] is None or (ci["low"] <= 0 <= ci["high"])
     return {
         "diff_mean": ci["mean"],
@@ -151,13 +160,37 @@ def default_repeats(n_train: int, slow: bool = False) -> int:
     return max(1, min(r, int(cap))) if cap else r
 
 
+WIDE = 0.2  # an interval at least this wide says why in the same line
+
+
+def why_wide(cv: dict[str, Any]) -> str:
+    """'' or ', wide: <why>' (few fold figures, few images a fold, spread folds) for an
+    interval at least WIDE across, so a user knows what would narrow it."""
+    low, high = cv.get("accuracy_low"), cv.get("accuracy_high")
+    if low is None or high is None or high - low < WIDE:
+        return ""
+    if cv.get("protocol") == "holdout":
+        return f", wide: only {cv.get('holdout_images', 0):,} held-out images"
+    k, r = int(cv["folds"]), int(cv.get("repeats", 1))
+    n = cv.get("oof_scored")
+    why = []
+    if r * k < 10:
+        why.append(f"only {r * k} fold figures (REPEATS= adds partitions)")
+    if n is not None and n // max(k, 1) < 50:
+        why.append(f"about {n // max(k, 1)} images a fold")
+    if not why:
+        why.append(f"fold accuracies spread widely (sd {cv.get('accuracy_std', 0.0):.3f})")
+    return ", wide: " + ", ".join(why)
+
+
 def cv_line(cv: dict[str, Any]) -> str:
-    """One line for a CV result: mean, its interval, what it is, the fold figures' spread."""
+    """One line for a CV result: mean, its interval, what it is, the fold figures' spread,
+    and why the interval is wide where it is."""
     if cv.get("protocol") == "holdout":
         return (
             f"{cv['accuracy_mean']:.4f}, 95 % interval {cv['accuracy_low']:.3f} to "
             f"{cv['accuracy_high']:.3f} (held-out split of {cv['holdout_images']:,} training "
-            "images; Wilson)"
+            f"images; Wilson{why_wide(cv)})"
         )
     what = (
         f"{cv.get('repeats', 1)}x{cv['folds']} folds"
@@ -169,7 +202,7 @@ def cv_line(cv: dict[str, Any]) -> str:
     return (
         f"{cv['accuracy_mean']:.4f}, 95 % interval {cv['accuracy_low']:.3f} to "
         f"{cv['accuracy_high']:.3f} ({what}; corrected resampled t), fold sd "
-        f"{cv['accuracy_std']:.3f}"
+        f"{cv['accuracy_std']:.3f}{why_wide(cv)}"
     )
 
 

@@ -175,3 +175,30 @@ def test_runs_with_other_repeats_pair_on_their_common_partitions(cached):
     d = np.array(a["cv"]["fold_accuracies"][:3]) - np.array(b["cv"]["fold_accuracies"][:3])
     assert v["mean_difference"] == pytest.approx(d.mean())
     assert isinstance(other["tied_with_best"], bool)
+
+
+def test_intervals_stay_where_the_figure_can_lie_and_a_wide_one_says_why():
+    """Five spread fold accuracies near 1: the t interval reaches past 1 (and a difference
+    of two runs past -1/1); the figures are cut to their bounds and the line says why the
+    interval is wide (few fold figures, few images a fold)."""
+    accs = [1.0, 1.0, 0.6, 1.0, 0.9]
+    raw = np.mean(accs) + st.t.ppf(0.975, 4) * np.std(accs, ddof=1) * np.sqrt(1 / 5 + 1 / 4)
+    assert raw > 1  # without the bound the interval leaves [0, 1]
+    ci = stats.corrected_t(accs, 5)
+    assert 0 <= ci["low"] <= ci["mean"] <= ci["high"] == 1.0 and ci["clipped"]
+    low = stats.corrected_t([0.0, 0.0, 0.4, 0.0, 0.1], 5)
+    assert low["low"] == 0.0 and low["clipped"]
+    d = stats.paired([1.0, 1.0, 0.0, 1.0, 1.0], [0.0, 0.0, 1.0, 0.0, 0.0], 5)
+    assert -1.0 <= d["diff_low"] and d["diff_high"] == 1.0
+    cv = {
+        "protocol": "k-fold", "folds": 5, "repeats": 1, "accuracy_mean": ci["mean"],
+        "accuracy_low": ci["low"], "accuracy_high": ci["high"],
+        "accuracy_std": float(np.std(accs)), "oof_scored": 40,
+    }
+    line = stats.cv_line(cv)
+    assert "to 1.000" in line and "wide: only 5 fold figures" in line
+    assert "about 8 images a fold" in line
+    narrow = dict(cv, accuracy_low=0.88, accuracy_high=0.92, oof_scored=4000)
+    assert "wide" not in stats.cv_line(narrow)
+    many = dict(cv, repeats=10, oof_scored=4000)  # not few folds nor few images: the spread
+    assert "fold accuracies spread widely" in stats.cv_line(many)
