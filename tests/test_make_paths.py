@@ -27,7 +27,8 @@ def venv(tmp_path_factory) -> Path:
     v = tmp_path_factory.mktemp("venv")
     (v / "bin").mkdir()
     py = v / "bin" / "python"
-    py.write_text('#!/bin/sh\nexec python3 -c \'import json,sys; print(json.dumps(sys.argv[1:]))\' "$@"\n')
+    show = "import json,sys; print(json.dumps(sys.argv[1:]))"
+    py.write_text(f"#!/bin/sh\nexec python3 -c '{show}' \"$@\"\n")
     py.chmod(0o755)
     stamp = v / ".installed-stamp"
     stamp.touch()
