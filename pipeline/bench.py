@@ -881,10 +881,15 @@ def _save(folder: Path, res: dict[str, Any]) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from pipeline.errors import UserError
     from pipeline.progress import lines_to
 
-    with lines_to(None):  # the bench prints its figures, not the runs' progress lines
-        return _main(argv)
+    try:
+        with lines_to(None):  # the bench prints its figures, not the runs' progress lines
+            return _main(argv)
+    except UserError as e:  # another bench on the folder, a full disk: one line
+        print(f"error: {e}", file=sys.stderr)
+        return e.exit_code
 
 
 def _main(argv: list[str] | None = None) -> int:
@@ -911,6 +916,12 @@ def _main(argv: list[str] | None = None) -> int:
     ap.add_argument("--input-size", type=int, default=224, help="the extraction parts' size")
     ap.add_argument("--backbones", default="", help="the backbones part's (default: all)")
     args = ap.parse_args(argv)
+    # the folder is this bench's (a second one would delete its work folder): it stops at once
+    with outputs.owned(args.artifacts, "bench", fix="pass another --artifacts folder"):
+        return _bench(args)
+
+
+def _bench(args: argparse.Namespace) -> int:
     cfg = SIZES[args.size]
     work = args.artifacts / "work"
     shutil.rmtree(work, ignore_errors=True)

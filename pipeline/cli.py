@@ -1,6 +1,7 @@
 """Command line: `python -m pipeline <command>`; the Makefile's targets call these commands.
 
-A user error (bad data, settings or order of commands) prints one line and exits with code 2.
+A user error (bad data, settings or order of commands) prints one line and exits with code 2;
+a full disk (or quota, or file-size limit) prints one line and exits with code 1.
 """
 
 from __future__ import annotations
@@ -362,12 +363,13 @@ def run(args: argparse.Namespace) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # past `ulimit -f` a write fails with EFBIG (one line): CPython ignores SIGXFSZ at start
     args = parser().parse_args(argv)
     try:
         run(args)
-    except UserError as e:
+    except UserError as e:  # 2; no room on the disk (DiskFull): 1
         print(f"error: {e}", file=sys.stderr)
-        return 2
+        return e.exit_code
     except KeyboardInterrupt:
         print("interrupted; rerun the same command to resume", file=sys.stderr)
         return 130

@@ -55,8 +55,12 @@ def of_index(idx: Any) -> dict[str, Any]:
     ids = idx.idents_of(rows)
     _, inv, counts = np.unique(ids, return_inverse=True, return_counts=True)
     rows, ids = rows[counts[inv] > 1], ids[counts[inv] > 1]
+    paths = idx.paths_of(rows)
+    # listed by content, then path: the same lists however the cache's rows lie in its files
+    order = np.lexsort((np.array(paths, dtype=str), ids))
+    rows, ids, paths = rows[order], ids[order], [paths[i] for i in order]
     return find(
-        idx.paths_of(rows),
+        paths,
         [h.split("#", 1)[0] for h in ids.astype(str).tolist()],
         idx.labels[rows].tolist(),
         idx.split_col[rows].astype(str).tolist(),

@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from pipeline import dataset, layout, store
+from pipeline import dataset, layout, outputs, store
 from pipeline.errors import UserError
 from pipeline.provenance import environment
 
@@ -73,6 +73,13 @@ def export(
     if fmt not in FORMATS:
         raise UserError(f"FORMAT must be one of {', '.join(FORMATS)}; got '{fmt}'")
     cache = cache_of(features) if features else layout.current_cache(artifacts)
+    out = Path(out) if out else layout.export_file(artifacts, cache, pooling, fmt)
+    # OUT (and its .json) is this export's: a second export to it stops at once
+    with outputs.owned(out, "make export", fix="set OUT= to another file"):
+        return _export(cache, fmt, pooling, out, log)
+
+
+def _export(cache: Path, fmt: str, pooling: str, out: Path, log: Log) -> Path:
     with store.reading(cache.parent), store.open_cache(cache) as f:
         idx = store.index_of(f, cache)
         parts = [store.features_of(f, idx, pooling, s) for s in dataset.SPLITS]
@@ -84,10 +91,9 @@ def export(
     labels = [idx.classes[int(v)] for v in y]
     d = X.shape[1]
     meta = json.dumps(provenance(idx, cache, pooling), sort_keys=True, default=str)
-    out = Path(out) if out else layout.export_file(artifacts, cache, pooling, fmt)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    with store.replacing(tmp, out):
+    needed = X.size * (4 if fmt == "npz" else 16) + sum(len(p) + 100 for p in paths)  # roughly
+    # the file and its provenance take their names together: a full disk leaves both old ones
+    with outputs.together(), outputs.written(out, needed=needed) as tmp:
         if fmt == "npz":
             with open(tmp, "wb") as fh:
                 np.savez(
@@ -107,10 +113,6 @@ def export(
                 w.writerow(["path", "label", "split", "sha256", *(f"f_{i}" for i in range(d))])
                 for i in range(len(y)):
                     w.writerow([paths[i], labels[i], split[i], sha[i], *(f"{v:.9g}" for v in X[i])])
-    if fmt == "csv":
-        side = out.with_name(out.name + ".json")
-        side_tmp = side.with_name(f".{side.name}.tmp-{os.getpid()}")
-        with store.replacing(side_tmp, side):
-            side_tmp.write_text(meta + "\n", encoding="utf-8")
+            outputs.write_text(out.with_name(out.name + ".json"), meta + "\n")
     log(f"exported {len(y)} images x {d} {pooling}-pooled features of {cache.name} to {out}")
     return out

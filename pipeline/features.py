@@ -134,7 +134,7 @@ def _hash_all(
 def _known_hashes(w: Writer) -> dict[str, tuple[Stat, str]]:
     """path -> (stat, sha256) of every file the existing cache hashed (readable or not)."""
     out: dict[str, tuple[Stat, str]] = {}
-    for p, st, h in w.known_files():  # a damaged segment found here sets the index aside
+    for p, st, h in w.known_files():  # a damaged segment found here is set aside
         out[p] = (st, h)
     if w.old is None:
         return {}
@@ -227,7 +227,11 @@ def extract(
         ]
         summary, rows = _sync(w, settings, jobs, ctx)
         if set_current:
-            layout.set_current(artifacts, path)
+            try:
+                layout.set_current(artifacts, path)
+            except OSError as e:  # no room even for its name: one line, the cache is complete
+                kept = "the cache is complete; only `make train-head`'s default is not set"
+                raise store.disk_error(e, fdir / "current", kept=kept) or e from None
         for sk in summary.skipped_rows:
             log(f"skipped {sk['path']}: {sk['reason']}")
         log(summary.line())

@@ -247,6 +247,7 @@ def _sgd(p: dict[str, Any], seed: int, ctx: dict[str, Any]) -> Any:
         epochs=p.get("epochs", 5),
         tune_rows=p.get("tune_rows", streaming.TUNE_ROWS),
         random_state=seed,
+        solver=p.get("solver", "auto"),
     )
 
 
@@ -280,7 +281,7 @@ HEADS: dict[str, HeadInfo] = {
             "multinomial logistic regression (linear probe), C tuned by inner CV",
             "avg",
             {"C": float, "max_iter": int},
-            {"C": [1e-4, 1e-3, 1e-2, 1e-1, 1.0]},
+            {"C": list(streaming.C_GRID)},
             True,
             _logreg,
         ),
@@ -321,7 +322,7 @@ HEADS: dict[str, HeadInfo] = {
             "logistic regression by averaged SGD, streamed over the cache block by block "
             "(scaler in one pass, alpha tuned by inner CV on a sample): never holds the features",
             "avg",
-            {"alpha": float, "epochs": int, "tune_rows": int},
+            {"alpha": float, "epochs": int, "tune_rows": int, "solver": str},
             {},
             True,
             _sgd,

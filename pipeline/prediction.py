@@ -32,7 +32,7 @@ from typing import Any
 
 import numpy as np
 
-from pipeline import dataset, images, layout, predicted, runs, store
+from pipeline import dataset, images, layout, outputs, predicted, runs, store
 from pipeline.backbone import BackboneSpec, spec_from_settings
 from pipeline.batches import decoded_batches
 from pipeline.errors import UserError
@@ -361,125 +361,152 @@ def stream(
     images_path = Path(images_path) if listed is None else Path(".")
     if listed is None and not images_path.exists() and not images_path.is_symlink():
         raise UserError(f"IMAGES '{images_path}' does not exist; pass an image file or a folder")
-    r = runs.pick(artifacts, run)
-    if not r["current"]:
-        log(f"warning: run '{r['run']}' is stale ({r['stale_reason']})")
-    spec = check_features(r, weights)
-    if backbone and backbone != spec.name:
-        raise UserError(
-            f"run '{r['run']}' uses BACKBONE={spec.name}, not {backbone}; pick a {backbone} run "
-            "with RUN=, or leave BACKBONE out"
-        )
-    est = runs.load_estimator(artifacts, r)
-    if r["features"]["random_weights"]:
-        log("*** RANDOM WEIGHTS: this head was trained on features of an untrained VGG16 ***")
-    now = embedder()
-    for e in r["features"].get("embedders") or []:
-        if e != now:
-            log(
-                "warning: the head's features were embedded with other decoder/framework "
-                f"versions ({difference(e, now)}); predictions may differ slightly from the "
-                "cached features: `make features REBUILD=1` and retrain to align them"
-            )
-            break
-    if listed is not None:  # a list (the library): each path as given, in the given order
-        todo = [_Item(dataset.display(str(f)), f) for f in listed]
-    elif images_path.is_dir():
-        files = dataset.walk_files(images_path)
-        if not files:
-            raise UserError(f"IMAGES folder '{images_path}' has no files")
-        todo = [_Item(dataset.display(f.relative_to(images_path).as_posix()), f) for f in files]
-    else:
-        named = listed_images(images_path)
-        if named is None:
-            named = [(dataset.display(images_path.name), images_path)]
-        todo = [_Item(p, f) for p, f in named]
-    classes = r["classes"]
-    if topk > len(classes):
-        log(f"TOPK={topk} is more than the {len(classes)} classes: writing all {len(classes)}")
-        topk = len(classes)
     out = Path(out) if out else layout.predictions_file(artifacts)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    partial, side = partial_paths(out)
-    made = {
-        "format": PARTIAL,
-        "run": r["run"],
-        "files": r.get("files") or {},
-        "tta": tta,
-        "topk": topk,
-        "columns": columns(classes, topk),
-        "images": _digest(todo),
-        "n": len(todo),
-    }
-    done, failed = _resume(partial, side, made, log)
-    seed = tta_seed(r)
-    left = Counter(done)
-    remaining = []
-    for j in todo:
-        if left[j.path] > 0:
-            left[j.path] -= 1
-        elif j.path not in failed:
-            remaining.append(j)
-    try:
-        if not partial.exists():
-            with open(side, "w", encoding="utf-8") as fh:
-                fh.write(json.dumps(made) + "\n")
-            with open(partial, "w", newline="", encoding="utf-8") as fh:
-                csv.writer(fh).writerow(made["columns"])
-        old = open(partial, newline="", encoding="utf-8")
-        fh = open(partial, "a", newline="", encoding="utf-8")
-        errs = open(side, "a", encoding="utf-8")
-    except OSError as e:
-        raise store.disk_error(e, partial) or e from None
-    n_ok = n_bad = n_ran = 0
-    first_bad: dict[str, Any] | None = None
-    try:
-        earlier = csv.reader(old)
-        next(earlier)  # the header
-        fresh = _predicted(
-            remaining, spec, r, est, classes, topk, tta, seed, batch_size, fh, errs, log,
-            artifacts, client,
-        )  # fmt: skip
+    # this predict's OUT, its .partial and sidecar for the whole run: a second predict to
+    # the same OUT stops at once, never writing into, nor deleting, this one's files
+    with outputs.owned(out, "make predict", fix="set OUT= to another file"):
+        r = runs.pick(artifacts, run)
+        if not r["current"]:
+            log(f"warning: run '{r['run']}' is stale ({r['stale_reason']})")
+        spec = check_features(r, weights)
+        if backbone and backbone != spec.name:
+            raise UserError(
+                f"run '{r['run']}' uses BACKBONE={spec.name}, not {backbone}; pick a {backbone} "
+                "run with RUN=, or leave BACKBONE out"
+            )
+        est = runs.load_estimator(artifacts, r)
+        if r["features"]["random_weights"]:
+            log("*** RANDOM WEIGHTS: this head was trained on features of an untrained VGG16 ***")
+        now = embedder()
+        for e in r["features"].get("embedders") or []:
+            if e != now:
+                log(
+                    "warning: the head's features were embedded with other decoder/framework "
+                    f"versions ({difference(e, now)}); predictions may differ slightly from the "
+                    "cached features: `make features REBUILD=1` and retrain to align them"
+                )
+                break
+        if listed is not None:  # a list (the library): each path as given, in the given order
+            todo = [_Item(dataset.display(str(f)), f) for f in listed]
+        elif images_path.is_dir():
+            files = dataset.walk_files(images_path)
+            if not files:
+                raise UserError(f"IMAGES folder '{images_path}' has no files")
+            todo = [_Item(dataset.display(f.relative_to(images_path).as_posix()), f) for f in files]
+        else:
+            named = listed_images(images_path)
+            if named is None:
+                named = [(dataset.display(images_path.name), images_path)]
+            todo = [_Item(p, f) for p, f in named]
+        classes = r["classes"]
+        if topk > len(classes):
+            log(f"TOPK={topk} is more than the {len(classes)} classes: writing all {len(classes)}")
+            topk = len(classes)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        partial, side = partial_paths(out)
+        made = {
+            "format": PARTIAL,
+            "run": r["run"],
+            "files": r.get("files") or {},
+            "tta": tta,
+            "topk": topk,
+            "columns": columns(classes, topk),
+            "images": _digest(todo),
+            "n": len(todo),
+        }
+        done, failed = _resume(partial, side, made, log)
+        seed = tta_seed(r)
         left = Counter(done)
+        remaining = []
         for j in todo:
             if left[j.path] > 0:
                 left[j.path] -= 1
-                row = _from_csv(next(earlier), classes, topk)
-            elif j.path in failed:
-                row = _failed(j.path, failed[j.path])
-            else:
-                row = next(fresh)
-            n_ok += not row["error"]
-            n_bad += bool(row["error"])
-            n_ran += bool(row["backbone_ran"])
-            first_bad = first_bad or (row if row["error"] else None)
-            yield row
-        for _ in fresh:  # its last batch written and flushed
-            pass
-    finally:
-        for h in (old, fh, errs):
-            h.close()
-    if not n_ok:
-        partial.unlink(missing_ok=True)
+            elif j.path not in failed:
+                remaining.append(j)
+        try:
+            if not partial.exists():
+                with open(side, "w", encoding="utf-8") as fh:
+                    fh.write(json.dumps(made) + "\n")
+                with open(partial, "w", newline="", encoding="utf-8") as fh:
+                    csv.writer(fh).writerow(made["columns"])
+            old = open(partial, newline="", encoding="utf-8")
+            fh = open(partial, "a", newline="", encoding="utf-8")
+            errs = open(side, "a", encoding="utf-8")
+        except OSError as e:
+            raise store.disk_error(e, partial, **_told(partial, out)) or e from None
+        n_ok = n_bad = n_ran = 0
+        first_bad: dict[str, Any] | None = None
+        whole = False
+        try:
+            earlier = csv.reader(old)
+            next(earlier)  # the header
+            fresh = _predicted(
+                remaining, spec, r, est, classes, topk, tta, seed, batch_size, fh, errs, log,
+                artifacts, client,
+            )  # fmt: skip
+            left = Counter(done)
+            for j in todo:
+                if left[j.path] > 0:
+                    left[j.path] -= 1
+                    row = _from_csv(next(earlier), classes, topk)
+                elif j.path in failed:
+                    row = _failed(j.path, failed[j.path])
+                else:
+                    row = next(fresh)
+                n_ok += not row["error"]
+                n_bad += bool(row["error"])
+                n_ran += bool(row["backbone_ran"])
+                first_bad = first_bad or (row if row["error"] else None)
+                yield row
+            for _ in fresh:  # its last batch written and flushed
+                pass
+            whole = True
+        finally:
+            failed_close = _closed(old, fh, errs)  # each one, even after a full disk
+        if whole and failed_close is not None:
+            raise store.disk_error(failed_close, partial, **_told(partial, out)) or failed_close
+        if not n_ok:
+            partial.unlink(missing_ok=True)
+            side.unlink(missing_ok=True)
+            assert first_bad is not None
+            where = f"IMAGES '{images_path}'" if listed is None else "the IMAGES list"
+            raise UserError(
+                f"none of the {len(todo)} images in {where} could be read (e.g. "
+                f"{first_bad['path']}: {first_bad['error']}); pass JPEG, PNG, GIF, WebP, BMP or "
+                "TIFF images, a folder of them, or a .txt/.csv file listing them"
+            )
+        try:
+            with open(partial, "rb") as done_fh:
+                os.fsync(done_fh.fileno())  # on disk before it takes OUT's name
+            os.replace(partial, out)
+        except OSError as e:
+            raise store.disk_error(e, out, **_told(partial, out)) or e from None
         side.unlink(missing_ok=True)
-        assert first_bad is not None
-        where = f"IMAGES '{images_path}'" if listed is None else "the IMAGES list"
-        raise UserError(
-            f"none of the {len(todo)} images in {where} could be read (e.g. "
-            f"{first_bad['path']}: {first_bad['error']}); pass JPEG, PNG, GIF, WebP, BMP or TIFF "
-            "images, a folder of them, or a .txt/.csv file listing them"
+        log(
+            f"predicted {n_ok} images with head {r['run']} (the backbone ran for {n_ran}, "
+            f"{n_ok - n_ran} cached), {n_bad} unreadable; wrote {out}"
         )
-    try:
-        with open(partial, "rb") as done_fh:
-            os.fsync(done_fh.fileno())  # on disk before it takes OUT's name
-        os.replace(partial, out)
-    except OSError as e:
-        raise store.disk_error(e, out) or e from None
-    side.unlink(missing_ok=True)
-    log(
-        f"predicted {n_ok} images with head {r['run']} (the backbone ran for {n_ran}, "
-        f"{n_ok - n_ran} cached), {n_bad} unreadable; wrote {out}"
-    )
+
+
+def _closed(*handles: Any) -> OSError | None:
+    """Close every handle; the first OSError (a buffer that a full disk kept) or None."""
+    first = None
+    for h in handles:
+        try:
+            h.close()
+        except OSError as e:
+            first = first or e
+    return first
+
+
+def _told(partial: Path, out: Path, needed: int | None = None) -> dict[str, Any]:
+    """What a full disk's line says while predict writes `partial` (`store.disk_error`)."""
+    kept = f"the old '{out.name}' is intact" if out.exists() else f"'{out.name}' was not written"
+    return {
+        "needed": needed,
+        "kept": f"{kept}, the rows made so far are kept in '{partial.name}'",
+        "rerun": "the same predict (it resumes)",
+    }
 
 
 def _predicted(
@@ -519,15 +546,26 @@ def _predicted(
                 batches = _local_batches(plans, spec, batch_size, seed, cache, tta)
             else:
                 batches = _cluster_batches(client, plans, spec, seed, cache, tta)
+            n_done = 0
             for b in batches:
                 rows = _classified(b, cache, est, classes, topk, tta, dtype, r["pooling"])
-                w.writerows(_csv_row(row) for row in rows if not row["error"])
-                fh.flush()
-                for row in rows:
-                    if row["error"]:
-                        errs.write(json.dumps({"path": row["path"], "error": row["error"]}) + "\n")
-                        log(f"could not read {row['path']}: {row['error']}")
-                errs.flush()
+                ok = [_csv_row(row) for row in rows if not row["error"]]
+                try:
+                    w.writerows(ok)
+                    fh.flush()
+                    for row in rows:
+                        if row["error"]:
+                            errs.write(json.dumps({"path": row["path"], "error": row["error"]}))
+                            errs.write("\n")
+                            log(f"could not read {row['path']}: {row['error']}")
+                    errs.flush()
+                except OSError as e:  # no room: one line, roughly what the rest needs
+                    row_bytes = sum(len(",".join(map(str, c))) + 2 for c in ok) / max(len(ok), 1)
+                    partial = Path(fh.name)
+                    out = partial.with_name(partial.name.removesuffix(".partial"))
+                    told = _told(partial, out, int(row_bytes * (len(todo) - n_done)) or None)
+                    raise store.disk_error(e, partial, **told) or e from None
+                n_done += len(rows)
                 progress.update(len(rows))
                 yield from rows
         finished = True

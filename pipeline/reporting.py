@@ -289,8 +289,18 @@ def build_report(
     """Collect every head's result and write report.json, report.md and report.html.
 
     `gallery_runs`: a run name (or "all") to show the mistakes of, besides the best run.
+    The report folder is this report's while it is made (a second report stops at once) and
+    its files take their names together at the end: a failure (a full disk) leaves the old
+    report whole.
     """
     artifacts = Path(artifacts)
+    folder = layout.report_dir(artifacts)
+    fix = "use another ARTIFACTS folder"
+    with outputs.owned(folder, "make report", fix=fix), outputs.together():
+        return _build(artifacts, log, gallery_runs)
+
+
+def _build(artifacts: Path, log: Log, gallery_runs: str | None) -> dict[str, Any]:
     all_runs = runs.list_runs(artifacts)
     if not all_runs:
         raise UserError(
@@ -513,7 +523,7 @@ def _markdown(rep: dict[str, Any]) -> str:
 
 
 def _img(folder: Path, name: str, alt: str) -> str:
-    data = base64.b64encode((folder / name).read_bytes()).decode()
+    data = base64.b64encode(outputs.current(folder / name).read_bytes()).decode()
     return f"<img alt='{html.escape(alt)}' src='data:image/png;base64,{data}'>"
 
 

@@ -14,7 +14,6 @@ otherwise it is *stale*: shown apart, never ranked with current runs, never pick
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import json
 import os
@@ -25,7 +24,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from pipeline import layout, store
+from pipeline import layout, outputs, store
 from pipeline.errors import UserError
 
 RESULT = "result.json"
@@ -63,12 +62,17 @@ def write_run(
     tmp.mkdir()
     final, old = hdir / name, hdir / f".old-{name}-{os.getpid()}"
     try:
-        files = save(tmp)
-        result = {**result, "run": name, "files": {p.name: file_sha256(p) for p in files}}
-        with open(tmp / RESULT, "w", encoding="utf-8") as fh:
-            fh.write(json.dumps(result, indent=1))
-            fh.flush()
-            os.fsync(fh.fileno())
+        try:
+            files = save(tmp)
+            result = {**result, "run": name, "files": {p.name: file_sha256(p) for p in files}}
+            with open(tmp / RESULT, "w", encoding="utf-8") as fh:
+                fh.write(json.dumps(result, indent=1))
+                fh.flush()
+                os.fsync(fh.fileno())
+        except OSError as e:  # no room: one line; the run as it was stays
+            kept = f"run '{name}' as it was is intact" if final.exists() else "no run was saved"
+            told = {"needed": _size(final) or _size(tmp), "kept": kept, "rerun": "the same command"}
+            raise store.disk_error(e, tmp, **told) or e from None
         with _one_at_a_time(hdir):  # a second writer waits here: the last one's run stays
             _recover(hdir)
             if final.exists():
@@ -86,11 +90,17 @@ def write_run(
     return final
 
 
+def _size(folder: Path) -> int:
+    """Bytes of the files in `folder` (0 if none): what a run like it takes."""
+    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file()) if folder.is_dir() else 0
+
+
 @contextmanager
 def _one_at_a_time(hdir: Path) -> Iterator[None]:
-    """Run writers take turns for the renames that put a run in place (an exclusive flock)."""
-    with open(hdir / ".lock", "a+") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)  # released when the file closes, or the process dies
+    """Run writers take turns for the renames that put a run in place: two train-heads of one
+    run (same cache, settings, seed and folds) make the same run, so the second waits for the
+    first and its run stays, whole (`outputs.owned`, waiting)."""
+    with outputs.owned(hdir, "train-head", wait=True):
         yield
 
 

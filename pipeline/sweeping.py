@@ -47,103 +47,107 @@ def run_sweep(
     precision, dtype, augment for `features.extract`), each backbone is extracted once into its
     own incremental cache first, and the ranking spans backbone x head x pooling x views.
     """
-    names, pool_list, view_list = _split(heads_list, str), _split(pools, str), _split(views, int)
-    caches: list[tuple[str, Path | None]] = [("", None)]
-    if backbones:
-        from pipeline.backbone import BackboneSpec, family
-        from pipeline.features import extract
+    # the sweep's output for its whole run: a second sweep on this ARTIFACTS stops at once
+    with outputs.owned(layout.sweep_file(artifacts), "make sweep", fix="use another ARTIFACTS"):
+        names, pool_list = _split(heads_list, str), _split(pools, str)
+        view_list = _split(views, int)
+        caches: list[tuple[str, Path | None]] = [("", None)]
+        if backbones:
+            from pipeline.backbone import BackboneSpec, family
+            from pipeline.features import extract
 
-        if not extraction or not extraction.get("data"):
-            raise UserError("SWEEP_BACKBONES needs DATA (each backbone is extracted once)")
-        wanted = _split(backbones, str)
-        for b in wanted:
-            family(b)  # every name checked before any work
-        caches = []
-        for i, b in enumerate(wanted):
-            log(f"--- sweep: features for {b}")
-            spec = BackboneSpec(
-                weights=extraction.get("weights", "imagenet"),
-                name=b,
-                input_size=extraction.get("size"),
-                seed=seed,
-                precision=extraction.get("precision", "float32"),
-            )
-            s = extract(
-                Path(extraction["data"]),
-                artifacts,
-                spec,
-                batch_size=extraction.get("batch", 32),
-                dtype=extraction.get("dtype", "float16"),
-                augment=extraction.get("augment", 0),
-                log=log,
-                set_current=i == 0,
-                embedder_fn=extraction.get("embedder_fn"),
-            )
-            caches.append((b, s.cache))
-    for h in names:
-        if heads.get(h).needs_layer:
-            raise UserError(f"HEAD={h} has its own command (`make {h}`); leave it out of HEADS")
-    for p in pool_list:
-        store.pool(np.zeros((1, 1, 1, 1), np.float32), p)
-    results = []
-    full_results: list[dict[str, Any]] = []
-    for b, cache in caches:
-        for v in view_list:
-            for h in names:
-                for p in pool_list:
-                    log(f"--- sweep: {b + ', ' if b else ''}{h}, {p} pooling, {v} augmented views")
-                    r = train_head(
-                        artifacts,
-                        h,
-                        pooling=p,
-                        folds=folds,
-                        seed=seed,
-                        views=v,
-                        log=log,
-                        client=client,
-                        features=cache,
-                        repeats=repeats,
-                    )
-                    results.append(_row(r, h, p, v))
-                    full_results.append(r)
-    results.sort(key=lambda r: (-r["cv_accuracy_mean"], r["run"]))  # ties: by name
-    best = results[0]
-    by_run = {r["run"]: r["cv"] for r in full_results}
-    top = by_run[best["run"]]
-    for row in results:  # who the data cannot tell from the best (paired, corrected interval)
-        c = by_run[row["run"]]
-        row["cv_low"], row["cv_high"] = c.get("accuracy_low"), c.get("accuracy_high")
-        pv = None if row is best else stats.paired_runs(top, c)
-        row["tied_with_best"] = True if row is best else pv["tied"] if pv is not None else None
-    tied = [r["run"] for r in results[1:] if r["tied_with_best"]]
-    if tied:
-        log(f"tied with the best (paired 95 % interval includes 0): {', '.join(tied)}")
-    log(f"best: {best['run']} {best['cv_accuracy_mean']:.4f} ± {best['cv_accuracy_std']:.4f}")
-    cache = layout.cache_by_name(artifacts, best["cache"])
-    ranked = next(r for r in full_results if r["run"] == best["run"])
-    curve = learning_curve(
-        cache, best["head"], best["pooling"], folds, seed, curve_points, run=ranked
-    )
-    attrs = store.read_attrs(cache)
-    out = {
-        "ranking": results,
-        "learning_curve": curve,
-        "features": {
-            "file": cache.name,
-            "cache_key": attrs["cache_key"],
-            "data_id": attrs["data_id"],
-        },
-    }
-    path = layout.sweep_file(artifacts)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    outputs.write_text(path, json.dumps(out, indent=1))  # whole or not at all
-    for pt in curve["points"]:
-        log(
-            f"learning curve: {pt['per_class']:>5} images/class -> "
-            f"{pt['accuracy_mean']:.4f} ± {pt['accuracy_std']:.4f}"
+            if not extraction or not extraction.get("data"):
+                raise UserError("SWEEP_BACKBONES needs DATA (each backbone is extracted once)")
+            wanted = _split(backbones, str)
+            for b in wanted:
+                family(b)  # every name checked before any work
+            caches = []
+            for i, b in enumerate(wanted):
+                log(f"--- sweep: features for {b}")
+                spec = BackboneSpec(
+                    weights=extraction.get("weights", "imagenet"),
+                    name=b,
+                    input_size=extraction.get("size"),
+                    seed=seed,
+                    precision=extraction.get("precision", "float32"),
+                )
+                s = extract(
+                    Path(extraction["data"]),
+                    artifacts,
+                    spec,
+                    batch_size=extraction.get("batch", 32),
+                    dtype=extraction.get("dtype", "float16"),
+                    augment=extraction.get("augment", 0),
+                    log=log,
+                    set_current=i == 0,
+                    embedder_fn=extraction.get("embedder_fn"),
+                )
+                caches.append((b, s.cache))
+        for h in names:
+            if heads.get(h).needs_layer:
+                raise UserError(f"HEAD={h} has its own command (`make {h}`); leave it out of HEADS")
+        for p in pool_list:
+            store.pool(np.zeros((1, 1, 1, 1), np.float32), p)
+        results = []
+        full_results: list[dict[str, Any]] = []
+        for b, cache in caches:
+            for v in view_list:
+                for h in names:
+                    for p in pool_list:
+                        where = f"{b + ', ' if b else ''}{h}, {p} pooling"
+                        log(f"--- sweep: {where}, {v} augmented views")
+                        r = train_head(
+                            artifacts,
+                            h,
+                            pooling=p,
+                            folds=folds,
+                            seed=seed,
+                            views=v,
+                            log=log,
+                            client=client,
+                            features=cache,
+                            repeats=repeats,
+                        )
+                        results.append(_row(r, h, p, v))
+                        full_results.append(r)
+        results.sort(key=lambda r: (-r["cv_accuracy_mean"], r["run"]))  # ties: by name
+        best = results[0]
+        by_run = {r["run"]: r["cv"] for r in full_results}
+        top = by_run[best["run"]]
+        for row in results:  # who the data cannot tell from the best (paired, corrected interval)
+            c = by_run[row["run"]]
+            row["cv_low"], row["cv_high"] = c.get("accuracy_low"), c.get("accuracy_high")
+            pv = None if row is best else stats.paired_runs(top, c)
+            row["tied_with_best"] = True if row is best else pv["tied"] if pv is not None else None
+        tied = [r["run"] for r in results[1:] if r["tied_with_best"]]
+        if tied:
+            log(f"tied with the best (paired 95 % interval includes 0): {', '.join(tied)}")
+        log(f"best: {best['run']} {best['cv_accuracy_mean']:.4f} ± {best['cv_accuracy_std']:.4f}")
+        cache = layout.cache_by_name(artifacts, best["cache"])
+        ranked = next(r for r in full_results if r["run"] == best["run"])
+        curve = learning_curve(
+            cache, best["head"], best["pooling"], folds, seed, curve_points, run=ranked
         )
-    log(curve["advice"])
-    return out
+        attrs = store.read_attrs(cache)
+        out = {
+            "ranking": results,
+            "learning_curve": curve,
+            "features": {
+                "file": cache.name,
+                "cache_key": attrs["cache_key"],
+                "data_id": attrs["data_id"],
+            },
+        }
+        path = layout.sweep_file(artifacts)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        outputs.write_text(path, json.dumps(out, indent=1))  # whole or not at all
+        for pt in curve["points"]:
+            log(
+                f"learning curve: {pt['per_class']:>5} images/class -> "
+                f"{pt['accuracy_mean']:.4f} ± {pt['accuracy_std']:.4f}"
+            )
+        log(curve["advice"])
+        return out
 
 
 def _row(r: dict[str, Any], h: str, p: str, v: int) -> dict[str, Any]:

@@ -64,8 +64,10 @@ def load(
         if fits is not None:  # views come from their own cache: K more rows per image
             n_train, n_val = int(idx.mask("train").sum()), int(idx.mask("validation").sum())
             fits(n_train * (1 + views) + n_val, store.width(idx, pooling))
-        tr = store.features_of(f, idx, pooling, "train", lazy=lazy)
-        va = store.features_of(f, idx, pooling, "validation", lazy=lazy)
+        # in canonical order (content, view, path): whatever the cache's order (one run,
+        # resumed, grown, merged), every split, shuffle and list of the run is the same
+        tr = store.features_of(f, idx, pooling, "train", lazy=lazy, canonical=True)
+        va = store.features_of(f, idx, pooling, "validation", lazy=lazy, canonical=True)
     ts = evaluate.TrainSet(
         X=tr.X,
         y=tr.y,
@@ -319,7 +321,9 @@ def _with_views(
                 f"the augmented views in '{apath.name}' were made with other settings "
                 f"than '{path.name}' or another augmentation; {fix}"
             )
-        aug = store.features_of(f, aidx, pooling, "train", max_view=views, lazy=lazy)
+        aug = store.features_of(
+            f, aidx, pooling, "train", max_view=views, lazy=lazy, canonical=True
+        )
     if lazy:  # 64-bit prefixes, each candidate confirmed on the identities in the segments
         src, vrows, missing = views_of.pair(
             ts.sha256.prefix, aug.sha256.prefix, aug.view, views, _same_content(ts.X, aug.X)

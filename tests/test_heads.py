@@ -49,7 +49,9 @@ def test_each_head_learns_and_is_saved(cached, head, quiet):
     assert (folder / "head.joblib").is_file()
     assert (folder / "model.keras").is_file() == (head == "dense")
     est = runs.load_estimator(cached, saved)
-    va = store.load_features(layout.current_cache(cached), r["pooling"], "validation")
+    va = store.load_features(
+        layout.current_cache(cached), r["pooling"], "validation", canonical=True
+    )
     proba = est.predict_proba(va.X)
     np.testing.assert_allclose(proba.sum(axis=1), 1.0, rtol=1e-5)
     # the saved head predicts what validation reported, and its label is its most probable class

@@ -213,10 +213,14 @@ def test_a_torn_segment_is_never_trusted_nor_deleted(tmp_path, spec, quiet):
     write_image(data / "train/class_0/extra.png", 0, 4242)
     log, lines = quiet
     s = extract(data, tmp_path / "art", spec, log=log)
-    # never trusted, never deleted (it may be a passing error): kept and said
-    assert s.new == 1 and torn.exists()
-    assert any("cannot read segment" in x and torn.name in x for x in lines)
+    # never trusted, never deleted: set aside (kept for a look) and said, once
+    aside = torn.parent / "damaged" / torn.name
+    assert s.new == 1 and not torn.exists() and aside.read_bytes().endswith(b" torn")
+    assert any("is damaged (bad superblock" in x and torn.name in x for x in lines), lines
     assert torn.name not in [e.name for e in store.read_index(s.cache).entries]
+    lines.clear()
+    assert extract(data, tmp_path / "art", spec, log=log).new == 0
+    assert not any(torn.name in x for x in lines)
 
 
 def test_second_writer_stops_with_a_clear_message(tmp_path, spec):

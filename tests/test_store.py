@@ -409,22 +409,23 @@ def test_a_passing_read_error_changes_nothing(tmp_path, spec, quiet, monkeypatch
     assert extract(data, tmp_path / "art", spec, log=log).new == 0
 
 
-def test_a_damaged_segment_is_repaired_by_a_rebuild(tmp_path, spec, quiet):
-    """The message names a command that repairs it (old: move the file out of the folder)."""
+def test_a_damaged_segment_is_repaired_by_features_or_a_rebuild(tmp_path, spec, quiet):
+    """The message names a command that repairs it: `make features` embeds that segment's rows
+    again (only those), setting the file aside; a REBUILD does too."""
     log, lines = quiet
     data = make_dataset(tmp_path / "data", per_class=3, n_classes=2)
     art = tmp_path / "art"
     s = extract(data, art, spec, log=log)
-    seg = store.shards_dir(s.cache) / store.read_index(s.cache).entries[0].name
-    seg.write_bytes(b"not hdf5" * 64)
-    fix = r"if the file is damaged, `make features REBUILD=1` embeds every image again"
-    with pytest.raises(UserError, match=fix):
-        store.load_features(s.cache, "avg", "train")
-    with pytest.raises(UserError, match=fix):
-        extract(data, art, spec, log=log)
-    again = extract(data, art, spec, log=log, rebuild=True)
-    assert again.new == 6 and any("REBUILD goes on" in x for x in lines)
-    assert len(store.load_features(s.cache, "avg", "train").paths) == 6
+    for rebuild in (False, True):
+        seg = store.shards_dir(s.cache) / store.read_index(s.cache).entries[0].name
+        seg.write_bytes(b"not hdf5" * 64)
+        fix = r"damaged \(not an HDF5 file.*\); run `make features`: it sets the file aside"
+        with pytest.raises(UserError, match=fix):
+            store.load_features(s.cache, "avg", "train")
+        again = extract(data, art, spec, log=log, rebuild=rebuild)
+        assert again.new == 6 and (seg.parent / "damaged" / seg.name).is_file()
+        assert any(seg.name in x and "set aside" in x for x in lines)
+        assert len(store.load_features(s.cache, "avg", "train").paths) == 6
 
 
 def test_a_rebuild_killed_after_its_index_embeds_nothing_again(tmp_path, spec, quiet):
@@ -619,10 +620,10 @@ def test_a_new_identity_sharing_a_cached_ones_key_is_refused_never_given_its_fea
 
 
 @pytest.mark.parametrize("column", ["split", "stat", "path"])
-def test_a_segment_with_a_damaged_column_sets_the_index_aside_when_the_run_starts(tmp_path, column):
+def test_a_segment_with_a_damaged_column_is_set_aside_when_the_run_starts(tmp_path, column):
     """The writer reads only identities up front: a segment missing another column is still
-    found before the commit, so the index is set aside and the run completes (not refused on
-    every rerun)."""
+    found before the commit, so that segment is set aside, its rows written again, and the run
+    completes (not refused on every rerun; the index and the other segments stay)."""
     path = tmp_path / "c.h5"
     want = rows(0, 10)
     sync(path, want, batch=10)
@@ -631,7 +632,8 @@ def test_a_segment_with_a_damaged_column_sets_the_index_aside_when_the_run_start
         del f[column]
     sync(path, want, batch=10)
     check(path, want)
-    assert list(tmp_path.glob("c.h5.damaged-*"))
+    assert (seg.parent / "damaged" / seg.name).is_file() and not seg.exists()
+    assert not list(tmp_path.glob("c.h5.damaged-*"))
     assert not sync(path, want, batch=10).rewrote
 
 

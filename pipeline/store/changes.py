@@ -14,7 +14,7 @@ Nothing here holds a Python object per row of the collection.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Collection, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,9 +23,10 @@ import h5py
 import numpy as np
 
 from pipeline.store import format as fmt
+from pipeline.store import segments
 from pipeline.store.format import DATA_MOD, CacheError, strs
 from pipeline.store.manifest import Entry
-from pipeline.store.segments import open_segment
+from pipeline.store.segments import SegmentDamaged, open_segment, segment_error
 
 STEP = 1024  # rows of a segment read at a time: the Python objects held are this many rows'
 WIDTH = 80  # bytes of an identity in a segment (keys.IDENT)
@@ -76,28 +77,45 @@ class Known:
 
     def __init__(self, keys: np.ndarray | None = None) -> None:
         self.keys = np.zeros(0, np.uint64) if keys is None else keys
+        self.lost: list[tuple[Entry, SegmentDamaged]] = []  # segments left out, and why
 
     @classmethod
-    def of(cls, folder: Path, entries: list[Entry]) -> Known:
-        """Read the live rows' identities, segment by segment and `1 << 16` rows at a time."""
+    def of(cls, folder: Path, entries: list[Entry], verify: bool | Collection[str] = ()) -> Known:
+        """Read the live rows' identities, segment by segment and `1 << 16` rows at a time.
+
+        A segment lost for good (damaged, unreadable to this user, missing) is left out and
+        listed in `lost` with why: its rows are embedded again. One that cannot be read now
+        (maybe passing) raises `SegmentUnreadable`. `verify`: every segment (True), or those
+        named, is read whole first, so that a checksum that does not match is found now.
+        """
         keys = np.zeros(sum(max(0, e.live) for e in entries), np.uint64)
         at = 0
+        lost: list[tuple[Entry, SegmentDamaged]] = []
         for e in entries:
-            with open_segment(folder / e.name) as g:
-                try:
-                    _check(g, e.rows)
-                    live = np.ones(e.rows, bool)
-                    live[e.dead] = False
-                    step = 1 << 16
-                    for a in range(0, e.rows, step):
-                        ids = g["ident"][a : a + step][live[a : a + step]]
-                        keys[at : at + len(ids)] = ident_keys(ids)
-                        at += len(ids)
-                except (KeyError, OSError, ValueError, IndexError) as err:
-                    raise _damaged(folder / e.name, err) from None
+            start = at
+            try:
+                with open_segment(folder / e.name) as g:
+                    try:
+                        if verify is True or (verify is not False and e.name in verify):
+                            segments.verify(g)
+                        _check(g, e.rows)
+                        live = np.ones(e.rows, bool)
+                        live[e.dead] = False
+                        step = 1 << 16
+                        for a in range(0, e.rows, step):
+                            ids = g["ident"][a : a + step][live[a : a + step]]
+                            keys[at : at + len(ids)] = ident_keys(ids)
+                            at += len(ids)
+                    except (KeyError, ValueError, IndexError) as err:
+                        raise _damaged(folder / e.name, err) from None
+            except SegmentDamaged as err:
+                at = start
+                lost.append((e, err))
         keys = keys[:at]
         keys.sort()
-        return cls(keys)
+        out = cls(keys)
+        out.lost = lost
+        return out
 
     def has_many(self, idents: Sequence[str]) -> np.ndarray:
         """`has` of each identity, in one sorted search (a run asks it of every file)."""
@@ -137,15 +155,16 @@ def _check(g: h5py.File, rows: int) -> None:
             raise ValueError("a row's label is not among its classes")
 
 
-class Damaged(CacheError):
-    """A segment whose columns cannot be read (not passing: its bytes are at fault)."""
+Damaged = SegmentDamaged  # a segment whose columns cannot be read: its bytes are at fault
 
 
 def _damaged(path: Path, err: BaseException) -> CacheError:
-    return Damaged(
-        f"segment '{path}' of the cache cannot be read ({err}); rerun `make features`: it sets "
-        "the damaged index aside and embeds only the rows no readable segment holds"
-    )
+    """A read of segment `path` that failed: damaged for good, or maybe passing
+    (`segments.segment_error`)."""
+    out = segment_error(path, err)
+    if not isinstance(out, CacheError):  # the open-file limit: not the segment's fault
+        raise out
+    return out
 
 
 @dataclass
@@ -189,7 +208,7 @@ def blocks(folder: Path, e: Entry) -> Iterator[Block]:
                     g["view"][a:b][mine].astype(int).tolist(),
                     stat,
                 )
-        except (KeyError, OSError, ValueError, IndexError) as err:
+        except (KeyError, OSError, RuntimeError, ValueError, IndexError) as err:
             raise _damaged(folder / e.name, err) from None
 
 

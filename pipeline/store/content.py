@@ -44,8 +44,10 @@ from pipeline.store.locks import no_readers, reading
 from pipeline.store.manifest import Entry, open_cache, read_entries, shards_dir, write_manifest
 from pipeline.store.segments import (
     BLOCK_BYTES,
+    DAMAGED_DIR,
     ForeignSegment,
     Meta,
+    SegmentDamaged,
     SegmentMissing,
     copy_rows,
     limit_of,
@@ -283,6 +285,18 @@ class ContentStore:
                 info = read_info(p, self.key)
             except ForeignSegment:
                 continue  # garbage: collected
+            except SegmentDamaged as e:  # for good: set aside once (kept for a look), unused
+                try:
+                    (self.folder / DAMAGED_DIR).mkdir(exist_ok=True)
+                    os.replace(p, self.folder / DAMAGED_DIR / p.name)
+                except OSError:
+                    self.unreadable.add(p.name)
+                    continue
+                self.log(
+                    f"warning: segment '{p.name}' of '{self.path.name}' is damaged ({e.reason}); "
+                    f"set aside in '{self.folder.name}/{DAMAGED_DIR}/'"
+                )
+                continue
             except (CacheError, KeyError, OSError):
                 self.unreadable.add(p.name)  # maybe passing: kept, unused
                 continue

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import h5py
 import numpy as np
 
-from pipeline.store.format import prefix64
+from pipeline.store.format import prefix64, put
 
 STEP = 128  # prefixes per chunk: one query reads about 1 KB of a segment's table
 KIND = "prefix64"  # what `keys/prefix` holds; a table of another kind is not trusted
@@ -51,9 +51,9 @@ def write_table(f: h5py.File, keys: np.ndarray) -> None:
     g = f.create_group("keys")
     g.attrs["kind"] = KIND
     g.attrs["step"] = STEP
-    g.create_dataset("prefix", data=prefix)
-    g.create_dataset("row", data=order.astype(np.int64))
-    g.create_dataset("fence", data=prefix[::STEP])
+    put(g, "prefix", prefix)
+    put(g, "row", order.astype(np.int64))
+    put(g, "fence", prefix[::STEP])
 
 
 @dataclass

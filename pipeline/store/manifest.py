@@ -27,18 +27,19 @@ import numpy as np
 from pipeline.errors import UserError
 from pipeline.store.format import (
     FORMAT_VERSION,
+    H5_OVERHEAD,
     CacheError,
-    fsync,
+    new_h5,
     open_files_error,
     prefix64,
+    put,
     read_attrs_of,
-    replacing,
     str_ds,
     strs,
     too_many_open_files,
     write_attrs,
 )
-from pipeline.store.segments import decoded, open_segment, read_rows
+from pipeline.store.segments import decoded, open_segment, read_rows, segment_error
 
 
 @dataclass
@@ -72,63 +73,56 @@ def write_manifest(
     skipped: list[dict[str, Any]],
     attrs: dict[str, Any],
 ) -> None:
-    """Write the index atomically: readers see the old manifest or the new one, never a mix."""
+    """Write the index atomically: readers see the old manifest or the new one, never a mix.
+
+    Every dataset checksummed (`format.put`); a full disk is one line, the old index intact.
+    """
+    path = Path(path)
     tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-    with replacing(tmp, path):
-        with h5py.File(tmp, "w") as f:
-            f.create_dataset(
-                "segments/name", data=np.array([e.name.encode() for e in entries], "S40")
-            )
-            f.create_dataset("segments/rows", data=np.array([e.rows for e in entries], np.int64))
-            f.create_dataset(
-                "segments/stamp_key", data=np.array([e.stamp_key.encode() for e in entries], "S64")
-            )
-            seg = [np.full(len(e.dead), i, np.int32) for i, e in enumerate(entries)]
-            f.create_dataset(
-                "dead/segment", data=np.concatenate(seg) if seg else np.zeros(0, np.int32)
-            )
-            rseg = [np.full(len(e.restat_rows), i, np.int32) for i, e in enumerate(entries)]
-            f.create_dataset(
-                "restat/segment",
-                data=np.concatenate(rseg) if rseg else np.zeros(0, np.int32),
-            )
-            f.create_dataset(
-                "restat/row",
-                data=np.concatenate([e.restat_rows for e in entries])
-                if entries
-                else np.zeros(0, np.int64),
-            )
-            f.create_dataset(
-                "restat/stat",
-                data=np.concatenate([e.restat.reshape(-1, 3) for e in entries])
-                if entries
-                else np.zeros((0, 3), np.int64),
-            )
-            f.create_dataset(
-                "dead/row",
-                data=np.concatenate([e.dead for e in entries])
-                if entries
-                else np.zeros(0, np.int64),
-            )
-            str_ds(f, "classes", classes)
-            g = f.create_group("skipped")
-            for name, key in (("paths", "path"), ("reasons", "reason"), ("sha256", "sha256")):
-                str_ds(g, name, [s.get(key, "") for s in skipped])
-            g.create_dataset(
-                "stat",
-                data=np.array([s.get("stat", (0, 0, 0)) for s in skipped], np.int64).reshape(-1, 3),
-            )
-            g.create_dataset(
-                "content", data=np.array([bool(s.get("content")) for s in skipped], bool)
-            )
-            g.create_dataset(
-                "stamp_key",
-                data=np.array([s.get("stamp_key", "").encode() for s in skipped], "S64"),
-            )
-            write_attrs(f, attrs)
-            f.attrs["rows"] = sum(e.live for e in entries)
-            f.attrs["format_version"] = FORMAT_VERSION
-        fsync(tmp)
+    n_dead = sum(len(e.dead) for e in entries)
+    n_restat = sum(len(e.restat_rows) for e in entries)
+    needed = 100 * len(entries) + 12 * n_dead + 36 * n_restat + 300 * len(skipped)
+    needed += H5_OVERHEAD
+    kept = f"the index '{path.name}' as it was is intact" if path.exists() else "nothing changed"
+    with new_h5(tmp, path, needed, kept=kept) as f:
+        put(f, "segments/name", np.array([e.name.encode() for e in entries], "S40"))
+        put(f, "segments/rows", np.array([e.rows for e in entries], np.int64))
+        put(f, "segments/stamp_key", np.array([e.stamp_key.encode() for e in entries], "S64"))
+        seg = [np.full(len(e.dead), i, np.int32) for i, e in enumerate(entries)]
+        put(f, "dead/segment", np.concatenate(seg) if seg else np.zeros(0, np.int32))
+        rseg = [np.full(len(e.restat_rows), i, np.int32) for i, e in enumerate(entries)]
+        put(f, "restat/segment", np.concatenate(rseg) if rseg else np.zeros(0, np.int32))
+        put(
+            f,
+            "restat/row",
+            np.concatenate([e.restat_rows for e in entries]) if entries else np.zeros(0, np.int64),
+        )
+        put(
+            f,
+            "restat/stat",
+            np.concatenate([e.restat.reshape(-1, 3) for e in entries])
+            if entries
+            else np.zeros((0, 3), np.int64),
+        )
+        put(
+            f,
+            "dead/row",
+            np.concatenate([e.dead for e in entries]) if entries else np.zeros(0, np.int64),
+        )
+        str_ds(f, "classes", classes)
+        g = f.create_group("skipped")
+        for name, key in (("paths", "path"), ("reasons", "reason"), ("sha256", "sha256")):
+            str_ds(g, name, [s.get(key, "") for s in skipped])
+        put(
+            g,
+            "stat",
+            np.array([s.get("stat", (0, 0, 0)) for s in skipped], np.int64).reshape(-1, 3),
+        )
+        put(g, "content", np.array([bool(s.get("content")) for s in skipped], bool))
+        put(g, "stamp_key", np.array([s.get("stamp_key", "").encode() for s in skipped], "S64"))
+        write_attrs(f, attrs)
+        f.attrs["rows"] = sum(e.live for e in entries)
+        f.attrs["format_version"] = FORMAT_VERSION
 
 
 def read_entries(f: h5py.File) -> list[Entry]:
@@ -370,7 +364,14 @@ def open_cache(path: Path) -> Iterator[h5py.File]:
             "`make features` (it rebuilds the index from the segments, embedding nothing again)"
         ) from None
     try:
-        err = _not_a_cache(f, path)
+        try:
+            err = _not_a_cache(f, path)
+        except (KeyError, OSError, RuntimeError, ValueError) as e:
+            err = CacheError(
+                f"feature cache '{path}' is damaged ({str(e).splitlines()[0][:120]}); rerun "
+                "`make features` (it rebuilds the index from the segments, embedding nothing "
+                "again)"
+            )
         if err is not None:
             raise err
         yield f
@@ -416,7 +417,7 @@ def _head(
         entries = read_entries(f)
         classes = strs(f["classes"])
         skipped = read_skipped(f)
-    except (KeyError, OSError, ValueError) as e:
+    except (KeyError, OSError, RuntimeError, ValueError) as e:
         raise CacheError(
             f"feature cache '{path}' is damaged ({e}); rerun `make features` (it rebuilds the "
             "index from the segments, embedding nothing again)"
@@ -487,12 +488,8 @@ def index_of(
                     if len(e.restat_rows):
                         stat[e.restat_rows] = e.restat
                     stat_col[at : at + n] = stat[live]
-            except (KeyError, OSError, ValueError, IndexError) as err:
-                raise CacheError(
-                    f"segment '{folder / e.name}' of the cache cannot be read ({err}); rerun "
-                    "`make features`: it sets the damaged index aside and embeds only the rows "
-                    "no readable segment holds"
-                ) from None
+            except (KeyError, OSError, RuntimeError, ValueError, IndexError) as err:
+                raise segment_error(folder / e.name, err) from None
         if made_col is not None:
             made_col[at : at + n] = embedders.index(stamp) if stamp in embedders else 0
         seg_col[at : at + n] = k

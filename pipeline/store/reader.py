@@ -109,10 +109,13 @@ def f_shape(idx: Index) -> tuple[int, ...]:
     return tuple(int(v) for v in idx.attrs["feature_shape"])
 
 
-def load_features(path: Path, pooling: str, split: str, max_view: int = 0) -> Features:
-    """Read and pool the rows of `split` (views up to `max_view`)."""
+def load_features(
+    path: Path, pooling: str, split: str, max_view: int = 0, canonical: bool = False
+) -> Features:
+    """Read and pool the rows of `split` (views up to `max_view`; `canonical`: in the order a
+    head learns them, `canonical_rows`)."""
     with open_cache(path) as f:
-        return features_of(f, index_of(f, path), pooling, split, max_view)
+        return features_of(f, index_of(f, path), pooling, split, max_view, canonical=canonical)
 
 
 def dataset_of(idx: Index, pooling: str) -> tuple[str, int]:
@@ -138,12 +141,14 @@ def features_of(
     split: str,
     max_view: int = 0,
     lazy: bool = False,
+    canonical: bool = False,
 ) -> Features:
     """Rows of `split` of the cache `idx` (one consistent version), as float32.
 
     avg and max read the stored pooled vectors (never the maps); flatten reads the maps. Rows
     are filled into one preallocated array, one segment and one block at a time. `lazy`: X
-    names the rows (`Rows`) and nothing is read.
+    names the rows (`Rows`) and nothing is read. `canonical`: the rows in `canonical_rows`
+    order (what a head learns from), else in the cache's own order.
     """
     pool(np.zeros((1, 1, 1, 1), np.float32), pooling)  # validates the name first
     if max_view == 0 and "augment" in (idx.attrs.get("settings") or {}):
@@ -154,6 +159,8 @@ def features_of(
             f"to ('{base}') or its ARTIFACTS folder"
         )
     rows = np.flatnonzero(idx.mask(split, max_view))
+    if canonical:
+        rows = canonical_rows(idx, rows)
     if lazy:  # a few bytes per row: hashes as 64-bit prefixes, texts read when asked
         X = Rows.of_index(idx, rows, pooling)
         return Features(
@@ -166,11 +173,18 @@ def features_of(
     name, d = dataset_of(idx, pooling)
     X = np.empty((len(rows), d), np.float32)
     folder = shards_dir(idx.path)
-    seg = idx.seg[rows]  # rows are in segment order: each segment's rows are one run
+    at = np.argsort(rows, kind="stable")  # X's positions in file order
+    ordered = rows[at]  # in segment order: each segment's rows are one run
+    moved = bool(len(rows)) and not np.array_equal(ordered, rows)
+
+    def into(a: int, n: int) -> Any:  # where rows a..a+n (in file order) go in X
+        return at[a : a + n] if moved else np.s_[a : a + n]
+
+    seg = idx.seg[ordered]
     bounds = np.searchsorted(seg, np.arange(len(idx.entries) + 1))
     done = 0
     for k, e in enumerate(idx.entries):
-        mine = rows[bounds[k] : bounds[k + 1]]
+        mine = ordered[bounds[k] : bounds[k + 1]]
         if not len(mine):
             continue
         srows = idx.seg_row[mine]
@@ -178,7 +192,7 @@ def features_of(
             if name not in g:
                 raise missing_maps("POOL=flatten")
             ds = g[name]
-            if name != "features":  # long runs of rows go straight into X: no copy
+            if name != "features" and not moved:  # long runs straight into X: no copy
                 cuts = np.flatnonzero(np.diff(srows) != 1) + 1
                 if len(cuts) < max(1, len(srows) // 256):
                     for run in np.split(srows, cuts):
@@ -189,15 +203,51 @@ def features_of(
             step = max(1, BLOCK_BYTES // max(1, int(np.prod(ds.shape[1:])) * ds.dtype.itemsize))
             for a in range(0, len(srows), step):
                 block = read_rows(ds, srows[a : a + step])
-                X[done : done + len(block)] = pool(block, pooling) if name == "features" else block
+                X[into(done, len(block))] = pool(block, pooling) if name == "features" else block
                 done += len(block)
+    idents = idx.idents_of(ordered).astype(str).tolist()
     return Features(
         X=X,
         y=idx.labels[rows] if len(rows) else np.zeros(0, np.int64),
-        paths=idx.paths_of(rows),
-        sha256=[h.split("#", 1)[0] for h in idx.idents_of(rows).astype(str).tolist()],
+        paths=_placed(idx.paths_of(ordered), at, moved),
+        sha256=_placed([h.split("#", 1)[0] for h in idents], at, moved),
         view=idx.view_col[rows].astype(np.int64),
     )
+
+
+def _placed(items: list[str], at: np.ndarray, moved: bool) -> list[str]:
+    """`items` (in file order) put at positions `at`: the order of the rows asked."""
+    if not moved:
+        return items
+    out = np.empty(len(items), object)
+    out[at] = items
+    return out.tolist()
+
+
+def canonical_rows(idx: Index, rows: np.ndarray) -> np.ndarray:
+    """`rows` of `idx` in canonical order: by content hash, view, whole identity, then path.
+
+    The order follows from the rows' identities alone, never from where the cache keeps them:
+    a cache built in one run, resumed after a kill, grown folder by folder or merged another
+    way hands a head the same rows in the same order, so every fold, inner split, shuffle and
+    sample drawn from positions, and every list a run records, is the same. It sorts the
+    64-bit hash prefixes and views held in memory; whole identities and paths are read only
+    for the rows that tie on both (identical copies, or hashes sharing a prefix).
+    """
+    rows = np.asarray(rows, np.int64)
+    if len(rows) < 2:
+        return rows
+    rows = rows[np.lexsort((idx.view_col[rows], idx.key64[rows]))]
+    k, v = idx.key64[rows], idx.view_col[rows]
+    run = np.cumsum(np.r_[True, (k[1:] != k[:-1]) | (v[1:] != v[:-1])]) - 1
+    tied = np.flatnonzero(np.bincount(run)[run] > 1)
+    if len(tied):
+        mine = np.sort(rows[tied])  # read in file order, then matched back
+        back = np.searchsorted(mine, rows[tied])
+        ident = idx.idents_of(mine)[back]
+        path = np.array(idx.paths_of(mine), dtype=object)[back].astype(str)
+        rows[tied] = rows[tied][np.lexsort((path, ident, run[tied]))]
+    return rows
 
 
 def read_column(path: Path, name: str) -> np.ndarray:

@@ -6,9 +6,14 @@ dataset) and reads them only when asked, one segment file open at a time and at 
 (the names and a few integers per row): a cluster's workers read the rows themselves from
 shared storage instead of receiving a feature matrix through the scheduler.
 
-A shuffled pass reads randomly chosen contiguous chunks from anywhere in the collection into a
-bounded buffer and shuffles the buffer (WebDataset's and tf.data's shuffle buffer over
-interleaved shards), so every block mixes classes even when segments hold rows in folder order.
+A shuffled pass takes randomly chosen chunks of consecutive rows (of this `Rows`' order) from
+anywhere in the collection into a bounded buffer and shuffles the buffer (WebDataset's and
+tf.data's shuffle buffer over interleaved shards), so every block mixes classes even when
+segments hold rows in folder order. Blocks, chunks and shuffles follow the positions of this
+`Rows`, never the files' order (each block is read file by file, then put in that order): a
+head given rows in canonical order (`reader.canonical_rows`) learns the same, bit for bit,
+however the cache was built. The price: a pass over more rows than one block reads each
+block's rows from wherever the files keep them.
 """
 
 from __future__ import annotations
@@ -151,30 +156,41 @@ class Rows:
             self._whole = (pos.copy(), out.copy())
         return out
 
-    def blocks(self, shuffle: int | None = None) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-        """(positions, features) about 64 MB at a time, every row once.
+    def _in_order(self, pos: np.ndarray) -> np.ndarray:
+        """Features of positions `pos` in that order: read file by file, then put in order."""
+        by_file = np.lexsort((self.row[pos], self.seg[pos], self.part[pos]))
+        X = self._read(pos[by_file])
+        if np.array_equal(by_file, np.arange(len(pos))):
+            return X
+        back = np.empty_like(by_file)
+        back[by_file] = np.arange(len(by_file))
+        return X[back]
 
-        `shuffle=None` reads forwards, file by file; `shuffle=seed` reads seeded random chunks of
-        contiguous rows from anywhere into each block and shuffles the block.
+    def blocks(self, shuffle: int | None = None) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """(positions, features) about 64 MB at a time, every row once, in an order set by the
+        positions alone (never by the files'): the same rows in the same order give the same
+        blocks, however the cache holding them was built.
+
+        `shuffle=None` goes forwards through the positions; `shuffle=seed` takes seeded random
+        chunks of consecutive positions into each block and shuffles the block.
         """
-        order = self._order()
-        per = self.block_rows()
+        n, per = len(self), self.block_rows()
         if shuffle is None:
-            for a in range(0, len(order), per):
-                pos = order[a : a + per]
-                yield pos, self._read(pos)
+            for a in range(0, n, per):
+                pos = np.arange(a, min(n, a + per))
+                yield pos, self._in_order(pos)
             return
         rng = np.random.default_rng(shuffle)
         chunk = max(1, min(CHUNK_ROWS, per // 8))
-        chunks = np.arange(0, len(order), chunk)
+        chunks = np.arange(0, n, chunk)
         rng.shuffle(chunks)
         per_block = max(1, per // chunk)
         for a in range(0, len(chunks), per_block):
-            pos = np.concatenate([order[c : c + chunk] for c in chunks[a : a + per_block]])
-            pos = pos[np.lexsort((self.row[pos], self.seg[pos], self.part[pos]))]
-            X = self._read(pos)
-            mix = rng.permutation(len(pos))
-            yield pos[mix], X[mix]
+            pos = np.concatenate(
+                [np.arange(c, min(n, c + chunk)) for c in chunks[a : a + per_block]]
+            )
+            pos = pos[rng.permutation(len(pos))]
+            yield pos, self._in_order(pos)
 
     def column(self, name: str) -> np.ndarray:
         """Dataset `name` (`ident`, `path`, ...) of these rows in this order, as stored."""
@@ -194,8 +210,10 @@ class Rows:
     def load(self) -> np.ndarray:
         """Every row's features in this order, in memory."""
         X = np.empty(self.shape, np.float32)
-        for pos, block in self.blocks():
-            X[pos] = block
+        order, per = self._order(), self.block_rows()  # each file once, forwards
+        for a in range(0, len(order), per):
+            pos = order[a : a + per]
+            X[pos] = self._read(pos)
         return X
 
 

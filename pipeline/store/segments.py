@@ -12,12 +12,22 @@ maps, unless MAPS=0), `skipped/ident|reason|content`, and the key table `keys/pr
 `keys/row`, `keys/fence` (`pipeline.store.keys`: rows found by identity reading only the chunks
 asked for; segments written before it have none and still work).
 
+Every dataset carries a Fletcher-32 checksum per chunk (`format.put`; segments written before
+have none and read as they did): a changed byte fails its read and is never served. A segment
+that cannot be read is classified (`segment_error`): damaged for good (truncated, a checksum,
+not HDF5, a column missing, permission denied) or missing (`SegmentDamaged`: `make features`
+moves it into `damaged/` and embeds its rows again, only those), or maybe passing (an I/O
+error: `SegmentUnreadable`, nothing changed). A reader that finds one notes it (`NOTED`) for
+the next `make features`, which then reads that segment whole.
+
 Readers open one segment at a time (`open_segment`), so a cache of any size needs one open file.
 """
 
 from __future__ import annotations
 
+import errno
 import os
+import re
 import secrets
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,16 +39,19 @@ import numpy as np
 from pipeline.errors import UserError
 from pipeline.store import keys
 from pipeline.store.format import (
+    H5_OVERHEAD,
     POOLED,
-    STR,
     CacheError,
-    disk_error,
-    fsync,
+    close_h5,
+    new_h5,
     open_files_error,
+    put,
     read_attrs_of,
+    str_ds,
     strs,
     too_many_open_files,
     write_attrs,
+    write_error,
 )
 
 BLOCK_BYTES = 64 << 20  # one read or copy step: about 64 MB
@@ -119,8 +132,45 @@ def new_name() -> str:
     return f"g{secrets.token_hex(8)}.h5"
 
 
-class SegmentMissing(CacheError):
+DAMAGED_DIR = "damaged"  # in a cache's segment folder: the segments set aside, kept for a look
+NOTED = ".damaged-seen"  # in a cache's segment folder: segments a reader found damaged
+PASSING = {
+    errno.EIO, errno.ESTALE, errno.ETIMEDOUT, errno.EAGAIN, errno.EINTR, errno.ENOMEM,
+    errno.EBUSY, errno.ENOLCK, errno.ECONNRESET, errno.ECONNABORTED, errno.EHOSTUNREACH,
+    errno.ENETDOWN, errno.ENETUNREACH, errno.ENOTCONN,
+}  # fmt: skip
+
+
+def cache_name(path: Path) -> str:
+    """The index file a segment belongs to (`<cache>.shards/g*.h5` -> `<cache>.h5`)."""
+    return Path(path).parent.name.removesuffix(".shards") + ".h5"
+
+
+class SegmentDamaged(CacheError):
+    """A segment lost for good: damaged (truncated, a checksum that does not match, not HDF5, a
+    column missing), unreadable to this user, or missing. `make features` sets it aside and
+    embeds its rows again (only those); a reader stops, naming it."""
+
+    def __init__(self, path: Path, reason: str) -> None:
+        self.path, self.reason = Path(path), reason
+        super().__init__(
+            f"segment '{self.path.name}' of the feature cache '{cache_name(self.path)}' is "
+            f"damaged ({reason}); run `make features`: it sets the file aside and embeds that "
+            "segment's images again (only those)"
+        )
+
+
+class SegmentMissing(SegmentDamaged):
     """A segment an index names is not on disk."""
+
+    def __init__(self, path: Path) -> None:
+        path = Path(path)
+        CacheError.__init__(
+            self,
+            f"feature cache points at a missing segment file '{path.name}' in "
+            f"'{path.parent.name}'; rerun `make features` (it embeds the missing rows again)",
+        )
+        self.path, self.reason = path, "missing"
 
 
 class SegmentUnreadable(CacheError):
@@ -135,31 +185,123 @@ class ForeignSegment(Exception):
     """A segment of another cache (another key): never used here."""
 
 
-def open_segment(path: Path) -> h5py.File:
-    """Open a segment read-only; a missing one, the open-file limit and damage are named."""
+def _errno_of(e: BaseException) -> int | None:
+    code = getattr(e, "errno", None)
+    if code:
+        return int(code)
+    m = re.search(r"errno = (\d+)", str(e))
+    return int(m.group(1)) if m else None
+
+
+def cause_of(e: BaseException) -> tuple[str, bool]:
+    """What a failed open or read of a segment says, in a few words, and whether the file is
+    at fault (True: damaged for good) rather than the moment (False: maybe passing)."""
+    text = " ".join(str(e).split())
+    low = text.lower()
+    code = _errno_of(e)
+    if code in (errno.EACCES, errno.EPERM) or "permission denied" in low:
+        return "Permission denied", True
+    if isinstance(e, (KeyError, ValueError, IndexError)):
+        return text.strip("'\"")[:160] or type(e).__name__, True
+    m = re.search(r"truncated file: eof = (\d+).*stored_eof = (\d+)", low)
+    if m:
+        return f"truncated: {m.group(1)} of its {m.group(2)} bytes are on disk", True
+    if "truncated" in low:
+        return "truncated", True
+    if "checksum" in low or "filter returned failure" in low or "data error detected" in low:
+        return "a checksum does not match: its bytes changed on disk", True
+    if "file signature not found" in low:
+        return "not an HDF5 file (no HDF5 signature)", True
+    if code in PASSING or any(w in low for w in ("input/output error", "stale", "timed out")):
+        return text[:160], False
+    if code is not None:
+        return text[:160], False  # another error of the system: it may pass
+    # HDF5's own errors (no errno): the file's structure is at fault
+    inner = re.search(r"\(([^()]*)\)", text)
+    return (inner.group(1) if inner else text)[:160], True
+
+
+def note_damaged(path: Path) -> None:
+    """Remember that a reader found segment `path` damaged, for the next `make features` (it
+    then reads that segment whole and sets it aside): best effort, a reader may not write."""
     try:
-        return h5py.File(path, "r")
-    except FileNotFoundError:
-        raise SegmentMissing(
-            f"feature cache points at a missing segment file '{path.name}' in "
-            f"'{path.parent.name}'; rerun `make features` (it embeds the missing rows again)"
-        ) from None
-    except OSError as e:
-        if too_many_open_files(e):
-            raise open_files_error(path) from None
-        if not path.exists():
-            raise SegmentMissing(
-                f"feature cache points at a missing segment file '{path.name}' in "
-                f"'{path.parent.name}'; rerun `make features` (it embeds the missing rows "
-                "again)"
-            ) from None
-        reason = str(e).splitlines()[0][:120]
-        raise SegmentUnreadable(
-            f"segment '{path}' of the cache cannot be read ({reason}); "
-            "nothing was changed: if this passes (a network filesystem), rerun; if the file is "
-            "damaged, `make features REBUILD=1` embeds every image again without it",
-            reason,
-        ) from None
+        with open(Path(path).parent / NOTED, "a", encoding="utf-8") as fh:
+            fh.write(Path(path).name + "\n")
+    except OSError:
+        pass
+
+
+def noted_damaged(folder: Path) -> set[str]:
+    """The segments readers found damaged since the last `make features` (`note_damaged`)."""
+    try:
+        return set((Path(folder) / NOTED).read_text(encoding="utf-8").split())
+    except OSError:
+        return set()
+
+
+def segment_error(path: Path, e: BaseException) -> UserError:
+    """The error of a failed open or read of segment `path`: the open-file limit, damaged for
+    good (`SegmentDamaged`, remembered for the next `make features`) or maybe passing."""
+    path = Path(path)
+    if isinstance(e, FileNotFoundError) or not path.exists():
+        return SegmentMissing(path)
+    if too_many_open_files(e):
+        return open_files_error(path)
+    why, damaged = cause_of(e)
+    if damaged:
+        note_damaged(path)
+        return SegmentDamaged(path, why)
+    return SegmentUnreadable(
+        f"segment '{path}' of the cache cannot be read ({why}); nothing was changed: rerun "
+        "when this passes (a network filesystem; a disk error stays: the system log, `dmesg`, "
+        "says which)",
+        why,
+    )
+
+
+class Opened:
+    """An open segment: `with open_segment(p) as g` gives the h5py file; a read that fails in
+    the block is named (`segment_error`), never an HDF5 error, never a wrong value."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+        try:
+            self.f = h5py.File(self.path, "r")
+        except OSError as e:
+            raise segment_error(self.path, e) from None
+
+    def __enter__(self) -> h5py.File:
+        return self.f
+
+    def __exit__(self, kind: Any, e: BaseException | None, tb: Any) -> bool:
+        self.close()
+        if isinstance(e, (OSError, RuntimeError)):
+            raise segment_error(self.path, e) from None
+        return False
+
+    def close(self) -> None:
+        close_h5(self.f)
+
+
+def open_segment(path: Path) -> Opened:
+    """Open a segment read-only; a missing one, the open-file limit and damage are named."""
+    return Opened(path)
+
+
+def verify(g: h5py.File) -> None:
+    """Read every dataset of the open segment `g` whole, about 64 MB at a time: a chunk whose
+    checksum does not match raises (VERIFY=1, or a segment a reader found damaged)."""
+    names: list[str] = []
+    g.visititems(lambda n, o: names.append(n) if isinstance(o, h5py.Dataset) else None)
+    for name in names:
+        ds = g[name]
+        if not ds.shape:
+            ds[()]
+            continue
+        row = max(1, int(np.prod(ds.shape[1:], dtype=np.int64)) * ds.dtype.itemsize)
+        step = max(1, BLOCK_BYTES // row)
+        for a in range(0, ds.shape[0], step):
+            ds[a : a + step]
 
 
 def _header(
@@ -168,6 +310,20 @@ def _header(
     """What made a segment: its cache, versions, rebuild and origin (batch, staged, merge...)."""
     meta = {"key": key, "stamp": stamp, "stamp_key": stamp_key, "rebuild": rebuild}
     write_attrs(f, {**meta, "origin": origin})
+
+
+def _told(folder: Path) -> dict[str, str]:
+    """What a full disk's line says while a segment of `folder` is written (`disk_error`)."""
+    cache = folder.name.removesuffix(".shards") + ".h5"
+    return {"kept": f"the feature cache '{cache}' is intact (nothing embedded is lost)"}
+
+
+def _segment_bytes(n: int, channels: int, maps: tuple[int, ...] | None, dtype: str) -> int:
+    """The bytes of a segment's data alone (what `check_room` asks of the disk)."""
+    row = 80 + 4 + 10 + 2 + 24 + 64 + 2 * 4 * channels
+    if maps is not None:
+        row += int(np.prod(maps)) * np.dtype(dtype).itemsize
+    return n * row
 
 
 class SegmentWriter:
@@ -195,26 +351,36 @@ class SegmentWriter:
         self.keys = np.zeros(n, np.uint64)  # the key table's, written at close (8 bytes a row)
         self.classes: dict[str, int] = {}
         self.failures: list[Failure] = []
+        self.needed = _segment_bytes(n, channels, maps_shape, maps_dtype) + n * path_len
+        self.needed += H5_OVERHEAD
+        # the file is written in the block of `new_h5` (checksums, the chunk cache off, one
+        # line for a full disk), entered here and left by `close` or `abort`
+        self._file = new_h5(self.tmp, self.path, self.needed, **_told(folder))
+        self.f = self._file.__enter__()
         try:
-            self.f = h5py.File(self.tmp, "w")
             f = self.f
             _header(f, key, stamp, stamp_key, rebuild, origin)
             f.attrs["rows"] = n
-            f.create_dataset("ident", (n,), "S80")
-            f.create_dataset("path", (n,), path_dtype(np.zeros(0, f"S{path_len}")))
-            f.create_dataset("label", (n,), np.int32)
-            f.create_dataset("split", (n,), "S10")
-            f.create_dataset("view", (n,), np.int16)
-            f.create_dataset("stat", (n, 3), np.int64)
+            put(f, "ident", shape=(n,), dtype="S80")
+            put(f, "path", shape=(n,), dtype=path_dtype(np.zeros(0, f"S{path_len}")))
+            put(f, "label", shape=(n,), dtype=np.int32)
+            put(f, "split", shape=(n,), dtype="S10")
+            put(f, "view", shape=(n,), dtype=np.int16)
+            put(f, "stat", shape=(n, 3), dtype=np.int64)
             for p in POOLED:
-                f.create_dataset(f"pooled/{p}", (n, channels), np.float32)
+                put(f, f"pooled/{p}", shape=(n, channels), dtype=np.float32)
             if maps_shape is not None:
-                f.create_dataset("features", (n,) + tuple(maps_shape), maps_dtype)
+                put(f, "features", shape=(n,) + tuple(maps_shape), dtype=maps_dtype)
         except BaseException as e:
-            self.abort()
-            if isinstance(e, OSError) and (err := disk_error(e, self.path)) is not None:
-                raise err from None
-            raise
+            self._fail(e)
+
+    def _fail(self, e: BaseException) -> None:
+        """Leave the block of `new_h5` with `e`: the file is closed and removed, and a full
+        disk raised as one line; `e` itself otherwise."""
+        file, self._file = self._file, None
+        if file is not None:
+            file.__exit__(type(e), e, e.__traceback__)  # raises the line, or returns
+        raise e
 
     def write(self, meta: Meta, pooled: dict[str, np.ndarray], maps: np.ndarray | None) -> None:
         """Append len(meta) rows."""
@@ -237,10 +403,7 @@ class SegmentWriter:
             if "features" in f and maps is not None:
                 f["features"][a:b] = maps
         except BaseException as e:
-            self.abort()
-            if isinstance(e, OSError) and (err := disk_error(e, self.path)) is not None:
-                raise err from None
-            raise
+            self._fail(e)
         self.done = b
 
     def close(self) -> str:
@@ -248,36 +411,26 @@ class SegmentWriter:
         assert self.done == self.n, (self.done, self.n)
         f = self.f
         try:
-            f.create_dataset("classes", data=np.array(list(self.classes), dtype=object), dtype=STR)
-            f.create_dataset(
-                "skipped/ident",
-                data=np.array([x.ident.encode() for x in self.failures], "S80"),
-            )
-            f.create_dataset(
-                "skipped/reason",
-                data=np.array([x.reason for x in self.failures], dtype=object),
-                dtype=STR,
-            )
-            f.create_dataset(
-                "skipped/content", data=np.array([x.content for x in self.failures], bool)
-            )
+            str_ds(f, "classes", list(self.classes))
+            put(f, "skipped/ident", np.array([x.ident.encode() for x in self.failures], "S80"))
+            str_ds(f, "skipped/reason", [x.reason for x in self.failures])
+            put(f, "skipped/content", np.array([x.content for x in self.failures], bool))
             keys.write_table(f, self.keys)
-            f.close()
-            fsync(self.tmp)
-            os.replace(self.tmp, self.path)
         except BaseException as e:
-            self.abort()
-            if isinstance(e, OSError) and (err := disk_error(e, self.path)) is not None:
-                raise err from None
-            raise
+            self._fail(e)
+        file, self._file = self._file, None
+        assert file is not None
+        file.__exit__(None, None, None)  # closed, fsynced, renamed (or one line, removed)
         return self.name
 
     def abort(self) -> None:
-        try:
-            self.f.close()
-        except Exception:  # noqa: BLE001 - closing a half-made file on the way out
-            pass
-        self.tmp.unlink(missing_ok=True)
+        """Give up the segment: its temporary file is closed and removed."""
+        file, self._file = self._file, None
+        if file is not None:
+            try:
+                file.__exit__(KeyboardInterrupt, KeyboardInterrupt(), None)
+            except KeyboardInterrupt:
+                pass
 
 
 def write_segment(
@@ -294,47 +447,41 @@ def write_segment(
 ) -> str:
     """Write a whole segment in one go (a batch, or a small merge); return its name.
 
-    Complete on disk under its final name when this returns (temporary name, fsync, rename).
+    Complete on disk under its final name when this returns (temporary name, fsync, rename);
+    every dataset checksummed; a full disk, a quota or the file-size limit is one line, and
+    nothing is left behind.
     """
-    folder.mkdir(parents=True, exist_ok=True)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise write_error(e, folder, **_told(folder)) or e from None
     name = new_name()
     path, tmp = folder / name, folder / f".tmp-{name}-{os.getpid()}"
     classes: dict[str, int] = {}
     labels = np.array([classes.setdefault(c, len(classes)) for c in meta.label], np.int32)
-    try:
-        with h5py.File(tmp, "w") as f:
-            _header(f, key, stamp, stamp_key, rebuild, origin)
-            f.attrs["rows"] = len(meta)
-            ids = np.array([h.encode() for h in meta.ident], "S80")
-            f.create_dataset("ident", data=ids)
-            keys.write_table(f, keys.key_of(ids))
-            enc = encoded(meta.path)
-            f.create_dataset("path", data=enc, dtype=path_dtype(enc))
-            f.create_dataset("label", data=labels)
-            f.create_dataset("split", data=np.array([x.encode() for x in meta.split], "S10"))
-            f.create_dataset("view", data=np.array(meta.view, np.int16))
-            f.create_dataset("stat", data=np.array(meta.stat, np.int64).reshape(-1, 3))
-            for p in POOLED:
-                f.create_dataset(f"pooled/{p}", data=np.asarray(pooled[p], np.float32))
-            if maps is not None:
-                f.create_dataset("features", data=maps)
-            f.create_dataset("classes", data=np.array(list(classes), dtype=object), dtype=STR)
-            f.create_dataset(
-                "skipped/ident", data=np.array([x.ident.encode() for x in failures], "S80")
-            )
-            f.create_dataset(
-                "skipped/reason",
-                data=np.array([x.reason for x in failures], dtype=object),
-                dtype=STR,
-            )
-            f.create_dataset("skipped/content", data=np.array([x.content for x in failures], bool))
-        fsync(tmp)
-        os.replace(tmp, path)
-    except BaseException as e:
-        tmp.unlink(missing_ok=True)
-        if isinstance(e, OSError) and (err := disk_error(e, path)) is not None:
-            raise err from None
-        raise
+    enc = encoded(meta.path)
+    vectors = {p: np.asarray(pooled[p], np.float32) for p in POOLED}
+    needed = sum(v.nbytes for v in vectors.values()) + enc.nbytes + 200 * len(meta) + H5_OVERHEAD
+    needed += maps.nbytes if maps is not None else 0
+    with new_h5(tmp, path, needed, **_told(folder)) as f:
+        _header(f, key, stamp, stamp_key, rebuild, origin)
+        f.attrs["rows"] = len(meta)
+        ids = np.array([h.encode() for h in meta.ident], "S80")
+        put(f, "ident", ids)
+        keys.write_table(f, keys.key_of(ids))
+        put(f, "path", enc, dtype=path_dtype(enc))
+        put(f, "label", labels)
+        put(f, "split", np.array([x.encode() for x in meta.split], "S10"))
+        put(f, "view", np.array(meta.view, np.int16))
+        put(f, "stat", np.array(meta.stat, np.int64).reshape(-1, 3))
+        for p in POOLED:
+            put(f, f"pooled/{p}", vectors[p])
+        if maps is not None:
+            put(f, "features", maps)
+        str_ds(f, "classes", list(classes))
+        put(f, "skipped/ident", np.array([x.ident.encode() for x in failures], "S80"))
+        str_ds(f, "skipped/reason", [x.reason for x in failures])
+        put(f, "skipped/content", np.array([x.content for x in failures], bool))
     return name
 
 
@@ -356,9 +503,13 @@ class SegInfo:
 
 
 def read_info(path: Path, key: str | None = None) -> SegInfo:
-    """A segment's rows without features; ValueError if it belongs to another cache."""
+    """A segment's rows without features; ForeignSegment if it belongs to another cache,
+    SegmentDamaged if its columns do not read (a missing one, a label outside its classes)."""
     with open_segment(path) as f:
-        return info_of(f, path.name, key)
+        try:
+            return info_of(f, path.name, key)
+        except (KeyError, ValueError, IndexError) as e:
+            raise SegmentDamaged(path, cause_of(e)[0]) from None
 
 
 def info_of(f: h5py.File, name: str, key: str | None = None) -> SegInfo:

@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.errors import UserError
+from pipeline.errors import DiskFull, UserError
 from pipeline.store import changes, merging
 from pipeline.store.changes import Row
 from pipeline.store.content import Lookup
@@ -43,14 +43,19 @@ from pipeline.store.format import (
 from pipeline.store.locks import no_readers
 from pipeline.store.manifest import Entry, Index, read_summary, shards_dir, write_manifest
 from pipeline.store.segments import (
+    DAMAGED_DIR,
+    NOTED,
     Failure,
     ForeignSegment,
     Meta,
     SegInfo,
+    SegmentDamaged,
+    SegmentMissing,
     SegmentUnreadable,
     copy_rows,
     limit_of,
     max_rows,
+    noted_damaged,
     open_segment,
     read_info,
     write_segment,
@@ -94,7 +99,9 @@ class Writer:
         self.maps, self.dtype, self.log = maps, dtype, log
         self.folder = shards_dir(self.path)
         self.known = changes.Known()  # the old index's identities
-        self.old = self._read_old(rebuild)  # its attributes and segments: no rows are held
+        self.unreadable: set[str] = set()  # segment files kept, unused (maybe passing)
+        # its attributes and segments (no rows are held); lost ones set aside
+        self.old = self._read_old(rebuild, verify)
         marker = rebuild_marker(self.path)
         self.rebuild_id = ""
         if marker.is_file():
@@ -113,7 +120,6 @@ class Writer:
                 tmp.write_text(self.rebuild_id + "\n")
         self.rebuild = rebuild
         referenced = {e.name for e in self.old.entries} if self.old is not None else set()
-        self.unreadable: set[str] = set()
         self.staged: dict[str, SegInfo] = {}  # segments no index names: resumable or new
         if self.folder.is_dir():
             for p in self.folder.glob(".tmp-*"):  # a killed writer's half-made file
@@ -125,6 +131,16 @@ class Writer:
                     info = read_info(p, key)
                 except ForeignSegment:
                     continue  # another cache's segment: garbage, collected after the commit
+                except SegmentMissing:
+                    continue
+                except SegmentDamaged as e:  # for good: set aside once, never read again
+                    where = self._put_aside(p.name)
+                    log(
+                        f"warning: segment '{p.name}', which no index names (a stopped run's "
+                        f"work), is damaged ({e.reason}); {where}: what it held is embedded "
+                        "again if needed"
+                    )
+                    continue
                 except (CacheError, OSError, KeyError) as e:
                     self.unreadable.add(p.name)  # maybe passing (a network filesystem): kept
                     why = getattr(e, "reason", e)
@@ -133,7 +149,9 @@ class Writer:
                 if (
                     info.stamp_key != self.stamp_key
                     or (self.rebuild and info.rebuild != self.rebuild_id)
-                    or info.origin not in RESUMABLE
+                    # a killed merge's output is garbage while an index names its sources;
+                    # with no index (a damaged one set aside) every segment is taken up
+                    or (info.origin not in RESUMABLE and self.old is not None)
                 ):
                     continue  # other versions', an older run's or a killed merge's: garbage
                 self.staged[p.name] = info
@@ -153,10 +171,13 @@ class Writer:
         if verify:
             self.bad = {}
         self.limit: int | None = None
+        self.staged_merges_stopped = False
 
     # -- reading what is there -------------------------------------------------------------
-    def _read_old(self, rebuild: bool = False) -> Index | None:
-        """The current index; a missing segment's rows are left out (and embedded again).
+    def _read_old(self, rebuild: bool = False, verify: bool = False) -> Index | None:
+        """The current index, less its segments lost for good (set aside, their rows embedded
+        again: `_lose`); `verify` reads every segment whole (checksums), as it does the
+        segments a reader found damaged since the last run.
 
         A segment that cannot be read now stops the run with nothing changed (it may pass),
         unless REBUILD embeds every image again anyway (it is then left unused); only an index
@@ -165,26 +186,74 @@ class Writer:
         if not self.path.exists():
             return None
         try:
-            idx = read_summary(self.path, expect_key=self.key, drop_missing=True)
-            if not rebuild:
-                self.known = changes.Known.of(self.folder, idx.entries)
-            else:
-                for e in idx.entries:  # a segment's header alone: is it there to count removed
-                    open_segment(self.folder / e.name).close()
-            if idx.attrs.get("lost_rows"):
-                self.log(
-                    f"warning: {idx.attrs['lost_rows']} cached row(s) lost their segment file "
-                    "(a missing segment); embedding them again"
-                )
-            return idx
-        except SegmentUnreadable as e:
-            if not rebuild:
-                raise UserError(str(e)) from None
-            self.log(f"warning: the old cache cannot be read ({e.reason}); REBUILD goes on")
-            return None
+            idx = read_summary(self.path, expect_key=self.key)
         except CacheError as e:
             self._set_aside(e)
             return None
+        self.old = idx
+        noted = noted_damaged(self.folder)
+        lost: list[tuple[Entry, SegmentDamaged]] = []
+        if not rebuild:
+            try:
+                self.known = changes.Known.of(self.folder, idx.entries, True if verify else noted)
+            except SegmentUnreadable as e:
+                raise UserError(str(e)) from None
+            lost = self.known.lost
+        else:
+            for e in idx.entries:  # a segment's header alone: is it there to count removed
+                try:
+                    open_segment(self.folder / e.name).close()
+                except SegmentDamaged as err:
+                    lost.append((e, err))
+                except SegmentUnreadable as err:
+                    why = err.reason
+                    self.log(f"warning: the old cache cannot be read ({why}); REBUILD goes on")
+                    return None
+        (self.folder / NOTED).unlink(missing_ok=True)  # read whole (or set aside) just now
+        self._lose(lost)
+        return idx
+
+    def _lose(self, lost: list[tuple[Entry, SegmentDamaged]]) -> None:
+        """Leave segments lost for good out of the index this run writes: each is said once
+        (which file, why, how many images), its file set aside, and its rows embedded again."""
+        if self.old is None:
+            return
+        named = {e.name for e in self.old.entries}
+        lost = [(e, err) for e, err in lost if e.name in named]  # each once
+        if not lost:
+            return
+        for e, err in lost:
+            if isinstance(err, SegmentMissing):
+                earlier = (self.folder / DAMAGED_DIR / e.name).exists()
+                why = "set aside earlier as damaged" if earlier else "missing"
+                self.log(
+                    f"warning: segment '{e.name}' of the cache is {why}: its {e.live} "
+                    "image(s) are embedded again"
+                )
+                continue
+            where = self._put_aside(e.name)
+            self.log(
+                f"warning: segment '{e.name}' of the cache is damaged ({err.reason}); {where}: "
+                f"its {e.live} image(s) are embedded again"
+            )
+        names = {e.name for e, _ in lost}
+        self.old.entries = [e for e in self.old.entries if e.name not in names]
+        n = sum(e.live for e, _ in lost)
+        self.old.attrs["lost_rows"] = int(self.old.attrs.get("lost_rows") or 0) + n
+
+    def _put_aside(self, name: str) -> str:
+        """Move a damaged segment file out of the live ones, into `damaged/` (kept for a look,
+        never read again); where it went, in words."""
+        aside = self.folder / DAMAGED_DIR
+        try:
+            aside.mkdir(exist_ok=True)
+            os.replace(self.folder / name, aside / name)
+        except FileNotFoundError:
+            return "gone since"
+        except OSError as e:
+            self.unreadable.add(name)  # kept where it is, unused
+            return f"it could not be moved aside ({e.strerror or e}), it is kept, unused"
+        return f"set aside in '{self.folder.name}/{DAMAGED_DIR}/'"
 
     def _set_aside(self, e: CacheError, then: str = "rebuilding") -> str:
         """Move a damaged index aside (its segments stay: their rows are taken up again)."""
@@ -222,13 +291,26 @@ class Writer:
         return staged | self.known.has_many(idents)
 
     def known_files(self) -> Iterator[tuple[str, tuple[int, int, int], str]]:
-        """(path, stat, content hash) of each image the current index holds, streamed."""
+        """(path, stat, content hash) of each image the current index holds, streamed.
+
+        A segment found damaged only now is set aside as when the run started (`_lose`): its
+        rows are no longer known, so they are embedded again.
+        """
         if self.old is None:
             return
-        try:
-            yield from changes.files(self.folder, self.old.entries)
-        except changes.Damaged as e:  # bytes at fault, seen only now: as when the run started
-            self._set_aside(e)
+        named = {e.name for e in self.old.entries}
+        for e in list(self.old.entries):
+            if e.name not in named:  # set aside meanwhile
+                continue
+            try:
+                yield from changes.files(self.folder, [e])
+            except SegmentDamaged as err:
+                self._lose([(e, err)])
+                self.known = changes.Known.of(self.folder, self.old.entries)
+                self._lose(self.known.lost)
+                named = {x.name for x in self.old.entries}
+            except SegmentUnreadable as err:
+                raise UserError(str(err)) from None
 
     def failure(self, ident: str) -> Failure | None:
         """A remembered content failure of `ident` under these versions (not with VERIFY)."""
@@ -275,9 +357,17 @@ class Writer:
         self._merge_staged()
 
     def _merge_staged(self) -> None:
-        """Merge this run's staged segments like the index's (no index names them yet)."""
-        if self.limit is None:
+        """Merge this run's staged segments like the index's (no index names them yet); a
+        full disk stops them for this run (said once): the batches stay whole as they are."""
+        if self.limit is None or self.staged_merges_stopped:
             return
+        try:
+            self._merge_staged_now()
+        except DiskFull as e:
+            self.staged_merges_stopped = True
+            self.log(f"warning: merging segments stopped ({e}); the batches stay as they are")
+
+    def _merge_staged_now(self) -> None:
         while True:
             names = [n for n in self.staged if n not in self.unreadable]
             # a batch that failed whole is an empty segment: it merges like a one-row one
@@ -391,11 +481,14 @@ class Writer:
             )
         except CacheError as e:
             if not self.rebuild:
-                if isinstance(e, changes.Damaged):
-                    why = self._set_aside(e, "stopping")
+                if isinstance(e, SegmentDamaged) and old is not None:
+                    lost = [(x, e) for x in old.entries if x.name == e.path.name]
+                    self._lose(lost)
+                    n = sum(x.live for x, _ in lost)
                     raise UserError(
-                        f"{why}; the index was moved aside: rerun `make features` (it embeds "
-                        "only the rows no readable segment holds)"
+                        f"segment '{e.path.name}' of the cache was found damaged only now "
+                        f"({e.reason}); it is set aside: rerun `make features` (it embeds its "
+                        f"{n} image(s) again and keeps what this run embedded)"
                     ) from None
                 raise
             # REBUILD replaces every row: the old ones were read only to count the removed
@@ -449,7 +542,7 @@ class Writer:
             merges = 0
             if merging.next_merge(sizes, limit):
                 keep = {k: v for k, v in old.attrs.items() if k not in ("rows", "format_version")}  # type: ignore[union-attr]
-                merges = self._merge_index(list(es), old.classes, old.skipped, keep, limit)  # type: ignore[union-attr]
+                merges = self._merge_safely(list(es), old.classes, old.skipped, keep, limit)  # type: ignore[union-attr]
             else:
                 self._collect(es)
             return Committed(False, resumed, 0, merges, cmp.removed)
@@ -509,12 +602,24 @@ class Writer:
         write_manifest(self.path, entries, classes, skipped, attrs)
         rebuild_marker(self.path).unlink(missing_ok=True)
         self._collect(entries)  # the old rows go now that the new index is in place
+        merges = self._merge_safely(entries, classes, skipped, attrs, limit)
+        return Committed(True, resumed, len(copies), merges, cmp.removed)
+
+    def _merge_safely(
+        self,
+        entries: list[Entry],
+        classes: list[str],
+        skipped: list[dict[str, Any]],
+        attrs: dict[str, Any],
+        limit: int,
+    ) -> int:
+        """`_merge_index`, where a failure (a full disk, a segment found damaged) is a warning:
+        the index in place is complete, and the next run merges again."""
         try:
-            merges = self._merge_index(entries, classes, skipped, attrs, limit)
+            return self._merge_index(entries, classes, skipped, attrs, limit)
         except (UserError, OSError) as e:  # the cache is complete; merging is retried later
             self.log(f"warning: merging segments stopped ({e}); the cache is complete as it is")
-            merges = 0
-        return Committed(True, resumed, len(copies), merges, cmp.removed)
+            return 0
 
     def _find_in_old(self, copies: list[tuple[Row, tuple[str, int] | None]]) -> None:
         """Find the rows to copy that no staged segment has in the old index's segments
@@ -539,8 +644,7 @@ class Writer:
             raise CacheError(
                 f"the features of {row.path} are in no segment readable now (segment "
                 f"'{skipped[0]}' cannot be read); nothing was changed: rerun `make features` "
-                "(if it stays unreadable, `make features REBUILD=1` embeds every image again "
-                "without it)"
+                "(a damaged segment is then set aside and its images embedded again)"
             )
         raise CacheError(
             f"internal: no cached features for {row.path} ({row.ident[:12]}), though its "
