@@ -294,7 +294,8 @@ def _makefile_settings() -> dict[str, set[str]]:
 
     def names(s: str, depth: int = 0) -> set[str]:
         out = set()
-        for v in re.findall(r"\$\(([A-Za-z_]+)\)", s):
+        quoted = re.findall(r"\$\((?:call q,|value )([A-Z_]+)\)", s)  # path settings, quoted
+        for v in re.findall(r"\$\(([A-Za-z_]+)\)", s) + quoted:
             if v in helpers and depth < 3:
                 out |= names(helpers[v], depth + 1)
             elif v.isupper() and v not in ("PY", "MAKE", "STAMP", "VENV", "PYTHON"):
@@ -386,7 +387,7 @@ def test_settings_a_target_uses_still_reach_its_command(tmp_path):
     r = _make_n("predict", "RUN=logreg-avg", "IMAGES=x", "TOPK=2", "VERBOSE=1", art)
     assert r.returncode == 0 and "--run logreg-avg" in r.stdout and "--topk 2" in r.stdout
     r = _make_n("sweep", "SWEEP_BACKBONES=vgg16", "DATA=photos", art)  # DATA goes with it
-    assert r.returncode == 0 and "--backbones vgg16 --data photos" in r.stdout, r.stderr
+    assert r.returncode == 0 and "--backbones vgg16 --data 'photos'" in r.stdout, r.stderr
     # train-all runs make again per head: its settings arrive there and are taken
     r = _make_n("train-all", "FOLDS=3", "POOL=max", art)
     assert r.returncode == 0, r.stderr

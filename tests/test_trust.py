@@ -20,8 +20,9 @@ from conftest import SIZE, make_dataset, patch_loader, write_image
 
 from pipeline import cli, evaluate, features, heads, images, layout, runs, store, train
 from pipeline.backbone import BackboneSpec
+from pipeline.cache_identity import cache_settings
 from pipeline.errors import UserError
-from pipeline.features import cache_settings, extract
+from pipeline.features import extract
 from pipeline.prediction import classify
 from pipeline.reporting import build_report
 from pipeline.train import train_head
@@ -445,9 +446,15 @@ def test_a_missing_shard_is_refused_then_embedded_again(tmp_path, spec, quiet):
     (store.shards_dir(s.cache) / first.name).unlink()
     with pytest.raises(UserError, match="missing segment file.*rerun `make features`"):
         train_head(art, "logreg", folds=2, log=log)
+    lines.clear()
     again = extract(data, art, spec, batch_size=8, log=log)
-    assert again.new == first.live and any("missing segment" in x for x in lines)
+    said = [x for x in lines if first.name in x]  # the file and its images, once
+    assert again.new == first.live and len(said) == 1 and "is missing" in said[0]
+    assert f"its {first.live} image(s) are embedded again" in said[0]
     assert train_head(art, "logreg", folds=2, log=log)["cv"]["folds"] == 2
+    lines.clear()
+    assert extract(data, art, spec, batch_size=8, log=log).new == 0
+    assert not [x for x in lines if first.name in x]  # said once, not on every run
 
 
 def test_predict_works_on_a_pooled_only_cache(tmp_path, spec, quiet):
@@ -483,7 +490,7 @@ def test_predict_refuses_any_other_setting(
 def test_the_recorded_storage_settings_are_in_the_key(trained, setting, other):
     """dtype and maps come from the run's record: one changed there no longer matches the
     recorded key (had the key left it out, the record would still pass)."""
-    from pipeline.prediction import check_features
+    from pipeline.cache_identity import check_features
 
     _, _, r = trained
     check_features(r)  # as recorded: accepted
