@@ -1,0 +1,214 @@
+"""Know your data, from what a run already has: out-of-fold probabilities and pooled features.
+
+Nothing here runs the backbone. Each function is pure NumPy/scikit-learn on arrays:
+
+- `label_issues`: confident learning (Northcutt, Jiang & Chuang 2021, "Confident Learning:
+  Estimating Uncertainty in Dataset Labels", JAIR 70), written from the paper, as cleanlab's
+  `filter.find_label_issues(filter_by="prune_by_noise_rate")` does it: per-class thresholds
+  (the mean self-confidence of each given class), the confident joint of given and true labels
+  calibrated to the class counts, and pruning, for every off-diagonal cell (given i, true j),
+  the n·Q[i, j] images of given label i with the largest margin p_j - p_i, kept only where the
+  most probable class is not the given one (cleanlab's `filter_by="both"`, its most precise
+  filter in the paper's benchmarks). Ranked by the normalised margin (p_given - max other),
+  lowest first. Several partitions' out-of-fold
+  probabilities vote: an image is flagged when at least half of them flag it.
+- `neighbours`: k nearest neighbours on L2-normalised features (scikit-learn's exact search),
+  block by block, so memory holds one block of distances.
+- `near_duplicates`: sets of images closer than a threshold relative to the collection's own
+  nearest-neighbour distances (a fraction of their median), joined transitively.
+- `outlier_scores`: mean distance to the k nearest neighbours.
+- `calibration`: expected calibration error, Brier score and a reliability table;
+  `fit_temperature`: the temperature that minimises the log loss of held-out probabilities.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+from scipy.optimize import minimize_scalar
+from scipy.sparse import coo_matrix
+from scipy.sparse.csgraph import connected_components
+from sklearn.neighbors import NearestNeighbors
+
+
+def _check_probs(labels: np.ndarray, probs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    labels = np.asarray(labels, np.int64)
+    probs = np.asarray(probs, np.float64)
+    if probs.ndim != 2 or len(probs) != len(labels):
+        raise ValueError(f"probabilities of shape {probs.shape} for {len(labels)} labels")
+    if len(labels) and (labels.min() < 0 or labels.max() >= probs.shape[1]):
+        raise ValueError("a label outside the probability columns")
+    return labels, probs
+
+
+def confident_joint(labels: np.ndarray, probs: np.ndarray) -> np.ndarray:
+    """C[i, j]: images given label i confidently of class j (p_j at least class j's threshold,
+    the largest such p_j), calibrated so row i sums to the count of label i and all to n."""
+    labels, probs = _check_probs(labels, probs)
+    k = probs.shape[1]
+    counts = np.bincount(labels, minlength=k).astype(np.float64)
+    thresholds = np.array(
+        [probs[labels == j, j].mean() if counts[j] else 1.0 for j in range(k)]
+    )
+    above = probs >= thresholds[None, :] - 1e-12
+    masked = np.where(above, probs, -np.inf)
+    true = np.argmax(masked, axis=1)
+    has = above.any(axis=1)
+    c = np.zeros((k, k))
+    np.add.at(c, (labels[has], true[has]), 1.0)
+    rows = c.sum(axis=1, keepdims=True)
+    c = np.divide(c, rows, out=np.zeros_like(c), where=rows > 0) * counts[:, None]
+    total = c.sum()
+    return c * (len(labels) / total) if total else c
+
+
+def label_issues(labels: np.ndarray, probs: np.ndarray) -> np.ndarray:
+    """Bool per image: its given label is likely wrong (prune by noise rate)."""
+    labels, probs = _check_probs(labels, probs)
+    n, k = probs.shape
+    joint = confident_joint(labels, probs)
+    flagged = np.zeros(n, bool)
+    for i in range(k):
+        mine = np.flatnonzero(labels == i)
+        if len(mine) == 0:
+            continue
+        for j in range(k):
+            if i == j:
+                continue
+            m = int(round(joint[i, j]))
+            if m <= 0:
+                continue
+            margin = probs[mine, j] - probs[mine, i]
+            flagged[mine[np.argsort(-margin, kind="stable")[:m]]] = True
+    # an image whose given label is also its most probable one is never flagged (cleanlab's
+    # "both" rule keeps only images pruned whose argmax disagrees with the given label)
+    flagged &= np.argmax(probs, axis=1) != labels
+    return flagged
+
+
+def normalized_margin(labels: np.ndarray, probs: np.ndarray) -> np.ndarray:
+    """p_given - max of the others: low (negative) = likely wrong label."""
+    labels, probs = _check_probs(labels, probs)
+    given = probs[np.arange(len(labels)), labels]
+    others = probs.copy()
+    others[np.arange(len(labels)), labels] = -np.inf
+    return given - others.max(axis=1)
+
+
+def vote(labels: np.ndarray, partitions: list[np.ndarray]) -> dict[str, np.ndarray]:
+    """Several partitions' out-of-fold probabilities: flagged where at least half flag it and
+    their mean disagrees with the given label; the score and the suggested label from the
+    mean."""
+    flags = np.mean([label_issues(labels, p) for p in partitions], axis=0)
+    mean = np.mean(partitions, axis=0)
+    return {
+        "flagged": (flags >= 0.5) & (np.argmax(mean, axis=1) != labels),
+        "votes": flags,
+        "score": normalized_margin(labels, mean),
+        "suggested": np.argmax(mean, axis=1),
+    }
+
+
+def swapped_pairs(labels: np.ndarray, suggested: np.ndarray, flagged: np.ndarray, k: int):
+    """Counts of (given, suggested) among flagged images: the most swapped class pairs."""
+    m = np.zeros((k, k), np.int64)
+    np.add.at(m, (labels[flagged], suggested[flagged]), 1)
+    return m
+
+
+def normalize(X: np.ndarray) -> np.ndarray:
+    """Rows scaled to unit L2 norm (float32): cosine geometry in Euclidean distances."""
+    X = np.asarray(X, np.float32)
+    norms = np.linalg.norm(X, axis=1, keepdims=True)
+    return X / np.maximum(norms, 1e-12)
+
+
+def neighbours(
+    X: np.ndarray, k: int, query: np.ndarray | None = None, block: int = 4096
+) -> tuple[np.ndarray, np.ndarray]:
+    """(distances, indices) of the k nearest rows of normalised X for every query row (X's own
+    rows, each without itself, when `query` is None), in blocks of `block` queries."""
+    base = normalize(X)
+    own = query is None
+    q = base if own else normalize(query)
+    kk = min(k + (1 if own else 0), len(base))
+    nn = NearestNeighbors(n_neighbors=kk).fit(base)
+    dist = np.empty((len(q), kk - (1 if own else 0)), np.float32)
+    idx = np.empty(dist.shape, np.int64)
+    for a in range(0, len(q), block):
+        d, i = nn.kneighbors(q[a : a + block])
+        if own:  # drop each row itself (an exact copy may come first: drop by index)
+            rows = np.arange(a, a + len(d))[:, None]
+            keep = i != rows
+            over = keep.sum(axis=1) > kk - 1  # itself not among them: drop the farthest
+            keep[over, -1] = False
+            d = d[keep].reshape(len(d), kk - 1)
+            i = i[keep].reshape(len(i), kk - 1)
+        dist[a : a + len(d)], idx[a : a + len(d)] = d, i
+    return dist, idx
+
+
+def outlier_scores(dist: np.ndarray) -> np.ndarray:
+    """Mean distance to the k nearest neighbours: high = unlike every other image."""
+    return dist.mean(axis=1)
+
+
+def near_duplicates(
+    dist: np.ndarray, idx: np.ndarray, fraction: float = 0.25
+) -> tuple[np.ndarray, float]:
+    """(set id per row, -1 when alone; the threshold): rows closer than `fraction` of the
+    median nearest-neighbour distance are one set (joined transitively)."""
+    n = len(dist)
+    threshold = float(np.median(dist[:, 0])) * fraction if n else 0.0
+    close = dist <= threshold
+    r = np.repeat(np.arange(n), close.sum(axis=1))
+    c = idx[close]
+    g = coo_matrix((np.ones(len(r), np.int8), (r, c)), shape=(n, n))
+    _, comp = connected_components(g, directed=False)
+    sizes = np.bincount(comp)
+    out = np.where(sizes[comp] > 1, comp, -1)
+    return out, threshold
+
+
+def calibration(labels: np.ndarray, probs: np.ndarray, bins: int = 15) -> dict[str, Any]:
+    """Expected calibration error (equal-width confidence bins), Brier score and the
+    reliability table (per bin: mean confidence, accuracy, count)."""
+    labels, probs = _check_probs(labels, probs)
+    conf = probs.max(axis=1)
+    right = np.argmax(probs, axis=1) == labels
+    edges = np.linspace(0, 1, bins + 1)
+    which = np.clip(np.digitize(conf, edges[1:-1]), 0, bins - 1)
+    table, ece = [], 0.0
+    for b in range(bins):
+        m = which == b
+        if not m.any():
+            continue
+        c, a = float(conf[m].mean()), float(right[m].mean())
+        ece += m.mean() * abs(c - a)
+        table.append({"low": edges[b], "high": edges[b + 1], "confidence": c, "accuracy": a,
+                      "count": int(m.sum())})
+    onehot = np.eye(probs.shape[1])[labels]
+    brier = float(np.mean(np.sum((probs - onehot) ** 2, axis=1)))
+    return {"ece": float(ece), "brier": brier, "reliability": table}
+
+
+def scaled(probs: np.ndarray, temperature: float) -> np.ndarray:
+    """Probabilities with their log-odds divided by `temperature` (softmax of log p / T)."""
+    logp = np.log(np.clip(np.asarray(probs, np.float64), 1e-12, 1.0)) / temperature
+    logp -= logp.max(axis=1, keepdims=True)
+    e = np.exp(logp)
+    return e / e.sum(axis=1, keepdims=True)
+
+
+def fit_temperature(labels: np.ndarray, probs: np.ndarray) -> float:
+    """The temperature T in [0.05, 20] minimising the log loss of `scaled(probs, T)`: above
+    1 for an over-confident head, below 1 for an under-confident one."""
+    labels, probs = _check_probs(labels, probs)
+
+    def loss(log_t: float) -> float:
+        p = scaled(probs, float(np.exp(log_t)))
+        return float(-np.mean(np.log(np.clip(p[np.arange(len(labels)), labels], 1e-12, 1))))
+
+    res = minimize_scalar(loss, bounds=(np.log(0.05), np.log(20.0)), method="bounded")
+    return float(np.exp(res.x))

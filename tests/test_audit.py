@@ -1,0 +1,94 @@
+"""Know your data: label errors, near-duplicates, outliers and calibration on known answers."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from sklearn.linear_model import LogisticRegression
+from sklearn.metrics import roc_auc_score
+from sklearn.model_selection import StratifiedKFold, cross_val_predict
+
+from pipeline import audit
+
+
+def clustered(n: int = 600, k: int = 4, d: int = 16, seed: int = 0, sep: float = 3.0):
+    """Classes as Gaussian clusters, well separated but not trivially (smaller `sep`: overlap)."""
+    rng = np.random.default_rng(seed)
+    centres = rng.normal(0, sep, (k, d))
+    y = np.repeat(np.arange(k), n // k)
+    return centres[y] + rng.normal(0, 1.5, (len(y), d)), y
+
+
+def oof(X, y, seed=0):
+    cv = StratifiedKFold(5, shuffle=True, random_state=seed)
+    return cross_val_predict(LogisticRegression(max_iter=1000), X, y, cv=cv, method="predict_proba")
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_flipped_labels_are_found_and_ranked_first(seed):
+    X, y = clustered(seed=seed)
+    rng = np.random.default_rng(seed + 10)
+    flip = rng.choice(len(y), size=len(y) * 5 // 100, replace=False)  # 5 % of labels wrong
+    noisy = y.copy()
+    noisy[flip] = (y[flip] + rng.integers(1, 4, len(flip))) % 4
+    probs = oof(X, noisy)
+    found = audit.label_issues(noisy, probs)
+    truth = np.zeros(len(y), bool)
+    truth[flip] = True
+    precision = (found & truth).sum() / max(1, found.sum())
+    recall = (found & truth).sum() / truth.sum()
+    assert precision >= 0.8 and recall >= 0.7, (precision, recall)
+    auroc = roc_auc_score(truth, -audit.normalized_margin(noisy, probs))
+    assert auroc >= 0.95
+    clean = audit.label_issues(y, oof(X, y))
+    assert clean.mean() <= 0.02  # a clean set flags few
+    v = audit.vote(noisy, [probs, oof(X, noisy, seed=5)])
+    assert (v["flagged"] & truth).sum() >= 0.7 * truth.sum()
+    assert (v["suggested"][flip] == y[flip]).mean() >= 0.8  # the suggestion is the true class
+    pairs = audit.swapped_pairs(noisy, v["suggested"], v["flagged"], 4)
+    assert pairs.sum() == v["flagged"].sum() and np.trace(pairs) == 0
+
+
+def test_the_confident_joint_sums_to_the_counts():
+    X, y = clustered()
+    j = audit.confident_joint(y, oof(X, y))
+    np.testing.assert_allclose(j.sum(axis=1), np.bincount(y), rtol=1e-6)
+    assert np.trace(j) > 0.9 * len(y)
+
+
+def test_near_copies_are_one_set_and_other_images_are_not():
+    rng = np.random.default_rng(0)
+    X = np.abs(rng.normal(size=(300, 64))).astype(np.float32)
+    copies = X[:20] * 1.02 + rng.normal(0, 0.01, (20, 64)).astype(np.float32)
+    Y = np.vstack([X, copies])
+    dist, idx = audit.neighbours(Y, 5)
+    sets, threshold = audit.near_duplicates(dist, idx)
+    assert threshold > 0
+    for i in range(20):  # each original with its near copy, alone together
+        assert sets[i] >= 0 and sets[i] == sets[300 + i]
+        assert (sets == sets[i]).sum() == 2
+    assert (sets[20:300] == -1).all()
+
+
+def test_images_of_another_kind_are_the_outliers():
+    rng = np.random.default_rng(0)
+    X = np.abs(rng.normal(size=(400, 32)))
+    X[:, :4] += 3  # every image shares some structure
+    odd = np.abs(rng.normal(size=(8, 32)))
+    odd[:, -4:] += 6  # another kind of image
+    score = audit.outlier_scores(audit.neighbours(np.vstack([X, odd]), 10)[0])
+    assert set(np.argsort(-score)[:8]) == set(range(400, 408))
+
+
+def test_an_over_confident_head_gets_a_temperature_above_one_and_a_lower_ece():
+    X, y = clustered(n=800, seed=3, sep=0.6)  # classes overlap: a head makes mistakes
+    probs = audit.scaled(oof(X, y), 0.25)  # sharpened: over-confident
+    half = np.arange(len(y)) % 2 == 0
+    t = audit.fit_temperature(y[half], probs[half])  # fitted on one half, measured on the other
+    assert t > 1.5
+    before = audit.calibration(y[~half], probs[~half])
+    after = audit.calibration(y[~half], audit.scaled(probs[~half], t))
+    assert after["ece"] < before["ece"] * 0.6 and after["brier"] < before["brier"]
+    assert sum(b["count"] for b in before["reliability"]) == (~half).sum()
+    under = audit.fit_temperature(y, audit.scaled(oof(X, y), 3.0))  # under-confident
+    assert under < 1
