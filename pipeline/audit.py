@@ -48,9 +48,7 @@ def confident_joint(labels: np.ndarray, probs: np.ndarray) -> np.ndarray:
     labels, probs = _check_probs(labels, probs)
     k = probs.shape[1]
     counts = np.bincount(labels, minlength=k).astype(np.float64)
-    thresholds = np.array(
-        [probs[labels == j, j].mean() if counts[j] else 1.0 for j in range(k)]
-    )
+    thresholds = np.array([probs[labels == j, j].mean() if counts[j] else 1.0 for j in range(k)])
     above = probs >= thresholds[None, :] - 1e-12
     masked = np.where(above, probs, -np.inf)
     true = np.argmax(masked, axis=1)
@@ -186,8 +184,15 @@ def calibration(labels: np.ndarray, probs: np.ndarray, bins: int = 15) -> dict[s
             continue
         c, a = float(conf[m].mean()), float(right[m].mean())
         ece += m.mean() * abs(c - a)
-        table.append({"low": edges[b], "high": edges[b + 1], "confidence": c, "accuracy": a,
-                      "count": int(m.sum())})
+        table.append(
+            {
+                "low": edges[b],
+                "high": edges[b + 1],
+                "confidence": c,
+                "accuracy": a,
+                "count": int(m.sum()),
+            }
+        )
     onehot = np.eye(probs.shape[1])[labels]
     brier = float(np.mean(np.sum((probs - onehot) ** 2, axis=1)))
     return {"ece": float(ece), "brier": brier, "reliability": table}
