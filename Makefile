@@ -25,6 +25,8 @@ HEAD      ?= logreg
 POOL      ?=
 FOLDS     ?=
 REPEATS   ?=
+BUDGET    ?=
+RACE      ?= 1
 SEED      ?= 0
 PARAMS    ?=
 IMAGES    ?=
@@ -56,7 +58,8 @@ size_arg   = $(if $(SIZE),--size $(SIZE))
 layer_arg  = $(if $(LAYER),--layer $(LAYER))
 cluster_arg = $(if $(CLUSTER),--cluster $(CLUSTER))
 topk_arg   = $(if $(TOPK),--topk $(TOPK))
-repeats_arg = $(if $(REPEATS),--repeats $(REPEATS))
+repeats_arg = $(if $(REPEATS),--repeats $(REPEATS))$(if $(BUDGET), --budget $(BUDGET))
+race_arg   = $(if $(filter 0,$(RACE)),--no-race)
 folds_arg  = $(if $(FOLDS),--folds $(FOLDS))
 
 # Settings a target does not use are refused: `make predict HEAD=logreg` stops with one line
@@ -66,17 +69,17 @@ folds_arg  = $(if $(FOLDS),--folds $(FOLDS))
 takes.help       :=
 takes.install    :=
 takes.features   := DATA ARTIFACTS BACKBONE WEIGHTS SIZE LAYER BATCH DTYPE PRECISION SEED AUGMENT REBUILD VERIFY MAPS CLUSTER
-takes.train-head := HEAD POOL FOLDS REPEATS SEED VIEWS PARAMS CLUSTER ARTIFACTS
-takes.train-all  := POOL FOLDS REPEATS SEED VIEWS PARAMS CLUSTER ARTIFACTS
-takes.finetune   := DATA ARTIFACTS BACKBONE WEIGHTS SIZE BATCH DTYPE PRECISION SEED FOLDS PARAMS CLUSTER
-takes.sweep       = ARTIFACTS FOLDS REPEATS SEED SWEEP_HEADS SWEEP_POOLS SWEEP_VIEWS SWEEP_BACKBONES CLUSTER $(if $(SWEEP_BACKBONES),DATA WEIGHTS SIZE PRECISION)
+takes.train-head := HEAD POOL FOLDS REPEATS BUDGET SEED VIEWS PARAMS CLUSTER ARTIFACTS
+takes.train-all  := POOL FOLDS REPEATS BUDGET SEED VIEWS PARAMS CLUSTER ARTIFACTS
+takes.finetune   := DATA ARTIFACTS BACKBONE WEIGHTS SIZE BATCH DTYPE PRECISION SEED FOLDS REPEATS BUDGET PARAMS CLUSTER
+takes.sweep       = ARTIFACTS FOLDS REPEATS BUDGET RACE SEED SWEEP_HEADS SWEEP_POOLS SWEEP_VIEWS SWEEP_BACKBONES CLUSTER $(if $(SWEEP_BACKBONES),DATA WEIGHTS SIZE PRECISION)
 takes.report     := ARTIFACTS GALLERY
 takes.predict    := IMAGES RUN OUT TTA TOPK WEIGHTS BACKBONE ARTIFACTS CLUSTER
 takes.export     := ARTIFACTS FORMAT POOL OUT
 takes.demo       := ARTIFACTS WEIGHTS
 takes.test       :=
 takes.lint       :=
-takes.bench      := ARTIFACTS BENCH_SIZE PRECISION
+takes.bench      := ARTIFACTS BENCH_SIZE BENCH_ONLY PRECISION
 takes.bench-gpu  := ARTIFACTS BENCH_SIZE
 takes.clean      := ARTIFACTS
 everyones_settings := PYTHON VENV VERBOSE
@@ -116,12 +119,16 @@ help: ## this list
 	@echo "  SIZE= LAYER= BATCH=$(BATCH) DTYPE=$(DTYPE)   input size, cached layer (default: the backbone's), batch, stored type"
 	@echo "  PRECISION=$(PRECISION)   auto: mixed_bfloat16 where the CPU has avx512_bf16/AMX (2x VGG16), the GPU's choice,"
 	@echo "                     float32 elsewhere | float32 | mixed_float16 | mixed_bfloat16 (each its own cache)"
-	@echo "  HEAD=$(HEAD)       logreg | svm | svm-linear | svm-nystroem | sgd | dense;  POOL=avg|max|flatten"
+	@echo "  HEAD=$(HEAD)       logreg | svm | svm-linear | svm-nystroem | sgd | knn | dense;  POOL=avg|max|flatten"
 	@echo "                     sgd: streamed over the cache, never holds the features (README: which head for which size)"
 	@echo "  FOLDS=k            k-fold CV (default: 5 folds up to 200,000 training images, one held-out split above)"
 	@echo "  SEED=$(SEED)             seed for every random choice"
-	@echo "  REPEATS=r          train-head, sweep: r seeded k-fold partitions (default by size: 10 up to"
-	@echo "                     1,000 training images, 5 up to 5,000, 3 up to 20,000, then 1)"
+	@echo "  REPEATS=r          train-head, finetune, sweep: r seeded k-fold partitions (default: as many as"
+	@echo "                     BUDGET holds at the first partition's cost, at most 10 up to 1,000 training"
+	@echo "                     images, 5 up to 5,000, 3 up to 20,000, then 1; a third for network heads)"
+	@echo "  BUDGET=3           minutes one run's cross-validation may take when REPEATS is not given"
+	@echo "  RACE=$(RACE) (sweep)     1: after the first partition, runs clearly worse than the best stop there"
+	@echo "                     (screened out); 0: every run gets all its partitions"
 	@echo "  AUGMENT=K (features) VIEWS=K (train-head)   cache / train on K augmented views per image"
 	@echo "  CLUSTER=local:N | tcp://host:8786   features, finetune, train-head, sweep, predict on Dask (README)"
 	@echo "  REBUILD=1 (features)  embed every image again, e.g. after a Pillow/TensorFlow upgrade"
@@ -163,10 +170,10 @@ train-all: $(STAMP) ## train-head for logreg, svm and dense
 
 finetune: $(STAMP) ## cache block4_pool once, then cross-validate block5 + head fine-tuned from it
 	$(PY) -m pipeline finetune --data $(call q,DATA) --artifacts $(call q,ARTIFACTS) --weights $(call q,WEIGHTS) \
-		--backbone $(BACKBONE) $(size_arg) --batch $(BATCH) --dtype $(DTYPE) --seed $(SEED) --precision $(PRECISION) --folds $(or $(FOLDS),5) $(param_args) $(cluster_arg)
+		--backbone $(BACKBONE) $(size_arg) --batch $(BATCH) --dtype $(DTYPE) --seed $(SEED) --precision $(PRECISION) --folds $(or $(FOLDS),5) $(repeats_arg) $(param_args) $(cluster_arg)
 
 sweep: $(STAMP) ## every head x pooling x VIEWS on the cache, ranked, + learning curve
-	$(PY) -m pipeline sweep --artifacts $(call q,ARTIFACTS) $(folds_arg) $(repeats_arg) --seed $(SEED) \
+	$(PY) -m pipeline sweep --artifacts $(call q,ARTIFACTS) $(folds_arg) $(repeats_arg) $(race_arg) --seed $(SEED) \
 		--heads $(SWEEP_HEADS) --pools $(SWEEP_POOLS) --views $(SWEEP_VIEWS) $(cluster_arg) \
 		$(if $(SWEEP_BACKBONES),--backbones $(SWEEP_BACKBONES) --data $(call q,DATA) --weights $(call q,WEIGHTS) $(size_arg) --precision $(PRECISION))
 
@@ -190,8 +197,8 @@ test: $(STAMP) ## the test suite (tiny images, tiny input size: a few minutes on
 lint: $(STAMP) ## ruff
 	$(PY) -m ruff check pipeline tests
 
-bench: $(STAMP) ## speed and memory figures: ARTIFACTS/bench/bench.json (BENCH_SIZE=small|default)
-	$(PY) -m pipeline.bench --artifacts $(call q,ARTIFACTS)/bench $(if $(BENCH_SIZE),--size $(BENCH_SIZE)) --precision $(PRECISION)
+bench: $(STAMP) ## speed and memory figures: ARTIFACTS/bench/bench.json (BENCH_SIZE=small|default|full, BENCH_ONLY=sweep,...)
+	$(PY) -m pipeline.bench --artifacts $(call q,ARTIFACTS)/bench $(if $(BENCH_SIZE),--size $(BENCH_SIZE)) $(if $(BENCH_ONLY),--only $(BENCH_ONLY)) --precision $(PRECISION)
 
 bench-gpu: $(STAMP) ## on a GPU machine: float32 vs mixed, batch 64-512, XLA, decode threads (ARTIFACTS/bench-gpu)
 	$(PY) -m pipeline.bench --artifacts $(call q,ARTIFACTS)/bench-gpu --only gpu $(if $(BENCH_SIZE),--size $(BENCH_SIZE))

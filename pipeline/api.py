@@ -143,11 +143,13 @@ def train_head(
     cluster: str = "",
     log: Log | None = print,
     repeats: int | None = None,
+    budget: float | None = None,
 ) -> dict[str, Any]:
     """`make train-head`: cross-validate, validate and save one head on the cached features.
 
-    `repeats` partitions of `folds` folds (default: chosen by the number of training images,
-    see the README), each run's mean with its 95 % interval in `result["cv"]`. `folds=None`
+    `repeats` partitions of `folds` folds (default: as many as `budget` minutes hold at the
+    first partition's cost, default 3, at most a number chosen by the training images; see
+    the README), each run's mean with its 95 % interval in `result["cv"]`. `folds=None`
     sizes the evaluation to the data: 5 folds up to 200,000 training images, one held-out
     split above (`result["cv"]["protocol"]` says which, and why).
 
@@ -171,6 +173,7 @@ def train_head(
             log=_log(log),
             client=c,
             repeats=repeats,
+            budget=budget,
         )
 
 
@@ -188,10 +191,12 @@ def finetune(
     params: Mapping[str, Any] | Iterable[str] | str | None = None,
     cluster: str = "",
     log: Log | None = print,
+    repeats: int | None = None,
+    budget: float | None = None,
 ) -> dict[str, Any]:
     """`make finetune`: cache where the backbone's last stage starts, then fine-tune it + a head.
 
-    Returns the run's result, like `train_head`.
+    `repeats` and `budget` as for `train_head`. Returns the run's result, like `train_head`.
     """
     from pipeline import cluster as dask_cluster
     from pipeline.backbone import BackboneSpec, family
@@ -231,6 +236,8 @@ def finetune(
             features=s.cache,
             log=_log(log),
             client=c,
+            repeats=repeats,
+            budget=budget,
         )
 
 
@@ -251,14 +258,22 @@ def sweep(
     cluster: str = "",
     log: Log | None = print,
     repeats: int | None = None,
+    budget: float | None = None,
+    race: bool = True,
+    margin: float | None = None,
 ) -> dict[str, Any]:
     """`make sweep`: every head x pooling x views (x backbone) on the cache, ranked.
+
+    `race` (default): every run is scored on the first partition and only those the data
+    cannot yet tell from the best (or within `margin` of it, default 0.01) get their other
+    partitions; `repeats` and `budget` as for `train_head`.
 
     `heads`, `pools`, `views` and `backbones` take a comma-separated string or a list, like
     SWEEP_HEADS, SWEEP_POOLS, SWEEP_VIEWS and SWEEP_BACKBONES. `folds=None` sizes the
     evaluation to the data, as `train_head` does. Returns the sweep's summary.
     """
     from pipeline import cluster as dask_cluster
+    from pipeline import stats
     from pipeline.sweeping import run_sweep
 
     with _progress(log), dask_cluster.client(cluster) as c:
@@ -271,6 +286,9 @@ def sweep(
             seed=seed,
             curve_points=points,
             repeats=repeats,
+            budget=budget,
+            race=race,
+            margin=stats.RACE_MARGIN if margin is None else margin,
             log=_log(log),
             client=c,
             backbones=_names(backbones),

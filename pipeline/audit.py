@@ -12,8 +12,8 @@ Nothing here runs the backbone. Each function is pure NumPy/scikit-learn on arra
   filter in the paper's benchmarks). Ranked by the normalised margin (p_given - max other),
   lowest first. Several partitions' out-of-fold
   probabilities vote: an image is flagged when at least half of them flag it.
-- `neighbours`: k nearest neighbours on L2-normalised features (scikit-learn's exact search),
-  block by block, so memory holds one block of distances.
+- `neighbours` (pipeline/neighbours.py, shared with HEAD=knn): k nearest neighbours on
+  L2-normalised features, block by block.
 - `near_duplicates`: sets of images closer than a threshold relative to the collection's own
   nearest-neighbour distances (a fraction of their median), joined transitively.
 - `outlier_scores`: mean distance to the k nearest neighbours.
@@ -29,7 +29,10 @@ import numpy as np
 from scipy.optimize import minimize_scalar
 from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
-from sklearn.neighbors import NearestNeighbors
+
+from pipeline.neighbours import neighbours, normalize
+
+__all__ = ["neighbours", "normalize"]  # the audit's neighbour search is the knn head's
 
 
 def _check_probs(labels: np.ndarray, probs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -113,38 +116,6 @@ def swapped_pairs(labels: np.ndarray, suggested: np.ndarray, flagged: np.ndarray
     m = np.zeros((k, k), np.int64)
     np.add.at(m, (labels[flagged], suggested[flagged]), 1)
     return m
-
-
-def normalize(X: np.ndarray) -> np.ndarray:
-    """Rows scaled to unit L2 norm (float32): cosine geometry in Euclidean distances."""
-    X = np.asarray(X, np.float32)
-    norms = np.linalg.norm(X, axis=1, keepdims=True)
-    return X / np.maximum(norms, 1e-12)
-
-
-def neighbours(
-    X: np.ndarray, k: int, query: np.ndarray | None = None, block: int = 4096
-) -> tuple[np.ndarray, np.ndarray]:
-    """(distances, indices) of the k nearest rows of normalised X for every query row (X's own
-    rows, each without itself, when `query` is None), in blocks of `block` queries."""
-    base = normalize(X)
-    own = query is None
-    q = base if own else normalize(query)
-    kk = min(k + (1 if own else 0), len(base))
-    nn = NearestNeighbors(n_neighbors=kk).fit(base)
-    dist = np.empty((len(q), kk - (1 if own else 0)), np.float32)
-    idx = np.empty(dist.shape, np.int64)
-    for a in range(0, len(q), block):
-        d, i = nn.kneighbors(q[a : a + block])
-        if own:  # drop each row itself (an exact copy may come first: drop by index)
-            rows = np.arange(a, a + len(d))[:, None]
-            keep = i != rows
-            over = keep.sum(axis=1) > kk - 1  # itself not among them: drop the farthest
-            keep[over, -1] = False
-            d = d[keep].reshape(len(d), kk - 1)
-            i = i[keep].reshape(len(i), kk - 1)
-        dist[a : a + len(d)], idx[a : a + len(d)] = d, i
-    return dist, idx
 
 
 def outlier_scores(dist: np.ndarray) -> np.ndarray:

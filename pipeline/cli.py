@@ -82,8 +82,16 @@ def _repeats(p: argparse.ArgumentParser) -> None:
         "--repeats",
         type=int,
         default=None,
-        help="repeated CV: this many seeded k-fold partitions (default: by the number of "
-        "training images: 10 up to 1,000, 5 up to 5,000, 3 up to 20,000, then 1)",
+        help="repeated CV: this many seeded k-fold partitions (default: as many as --budget "
+        "holds at the first partition's cost, at most 10 up to 1,000 training images, 5 up "
+        "to 5,000, 3 up to 20,000, then 1; a third of that for network heads)",
+    )
+    p.add_argument(
+        "--budget",
+        type=float,
+        default=None,
+        help="minutes one run's cross-validation may take when --repeats is not given "
+        "(default 3, or PIPELINE_BUDGET): the first partition's time sets the repeats",
     )
 
 
@@ -206,6 +214,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="float16", help="stored feature type")
     _backbone(p, layer=False)  # fine-tuning starts where the last stage does
     p.add_argument("--folds", type=int, default=5, help="cross-validation folds (default 5)")
+    _repeats(p)
     _param(
         p,
         "finetune setting: hidden, dropout, head_lr, finetune_lr, head_epochs, "
@@ -229,6 +238,20 @@ def parser() -> argparse.ArgumentParser:
         help="k-fold CV (default: 5 folds up to 200,000 training images, one held-out split above)",
     )
     _repeats(p)
+    p.add_argument(
+        "--no-race",
+        dest="race",
+        action="store_false",
+        help="give every combination all its partitions (default: a race; after the first "
+        "partition only those tied with the best, or within --margin of it, go on)",
+    )
+    p.add_argument(
+        "--margin",
+        type=float,
+        default=None,
+        help="a run this close to the best after the first partition races on even when its "
+        "paired interval excludes 0 (default 0.01: one point of accuracy)",
+    )
     p.add_argument("--points", type=int, default=5, help="learning-curve points (default 5)")
     p.add_argument(
         "--backbones",
@@ -346,11 +369,14 @@ def run(args: argparse.Namespace) -> None:
     """Run one command through `pipeline.api`, the functions a script calls, with its options
     as keyword arguments (an option the function lacks is a TypeError, never ignored)."""
     from pipeline import api
-    from pipeline.progress import lines_to
+    from pipeline.progress import StreamLines, end_line, lines_to
 
-    log = lambda s: print(s, flush=True)  # noqa: E731
+    def log(s: str) -> None:
+        end_line()  # a progress line rewritten on the terminal ends before a result's line
+        print(s, flush=True)
+
     settings = {k: v for k, v in vars(args).items() if k != "command"}
-    with lines_to(lambda s: print(s, file=sys.stderr, flush=True)):  # progress: stderr
+    with lines_to(StreamLines()):  # progress: stderr, rewritten in place on a terminal
         if args.command == "demo":
             from pipeline.demo import run_demo
 
@@ -365,12 +391,18 @@ def run(args: argparse.Namespace) -> None:
 def main(argv: list[str] | None = None) -> int:
     # past `ulimit -f` a write fails with EFBIG (one line): CPython ignores SIGXFSZ at start
     args = parser().parse_args(argv)
+    from pipeline.progress import end_line
+
     try:
         run(args)
     except UserError as e:  # 2; no room on the disk (DiskFull): 1
+        end_line()
         print(f"error: {e}", file=sys.stderr)
         return e.exit_code
     except KeyboardInterrupt:
+        end_line()
         print("interrupted; rerun the same command to resume", file=sys.stderr)
         return 130
+    finally:
+        end_line()
     return 0

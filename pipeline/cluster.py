@@ -25,6 +25,7 @@ from pipeline.errors import UserError
 
 _MODELS: dict[str, Any] = {}  # per worker process: the backbone, built once per setting
 _BUILDS: list[str] = []  # what this worker process built (the tests count it)
+CONNECT_TIMEOUT = "20s"  # how long a scheduler address is tried (one that is starting: retried)
 
 
 def parse(value: str | None) -> tuple[str, int | str] | None:
@@ -67,7 +68,7 @@ def client(value: str | None) -> Iterator[Any]:
             yield c
         return
     try:
-        c = Client(str(how[1]), timeout="20s")
+        c = Client(str(how[1]), timeout=CONNECT_TIMEOUT)
     except OSError as e:
         raise UserError(
             f"cannot reach the Dask scheduler at {how[1]} ({e}); start one with "

@@ -461,3 +461,64 @@ def scan_csv(csv_file: Path) -> Scan:
         source_sha256=csv_digest(rows),
         source_stat=stat,
     )
+
+
+def listed_images(f: Path) -> list[tuple[str, Path]] | None:
+    """(path as written, file) of each image a list file names, or None if `f` is no list.
+
+    A `.txt`/`.lst` file of text holds one path per line (blank lines and `#` comments
+    ignored); a `.csv` file has a header row with a `path` column (other columns ignored, as
+    in DATA's CSV). Paths are relative to the list's folder (absolute ones taken as they are).
+    A file of another name, or one whose bytes are not text (an image named `.txt`), is None.
+    """
+    suffix = f.suffix.lower()
+    if suffix not in (".txt", ".lst", ".csv") or not f.is_file():
+        return None
+    try:
+        raw = f.read_bytes()
+    except OSError as e:
+        raise UserError(f"cannot read IMAGES list '{f}' ({e.strerror}); check it") from None
+    if b"\0" in raw[:8192]:
+        return None  # binary: an image with an odd name, read (or refused) as one
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError:
+        raise UserError(f"IMAGES list '{f}' is not UTF-8 text; save it as UTF-8") from None
+    if suffix == ".csv":
+        try:
+            reader = csv.reader(text.splitlines())
+            header = [(h or "").strip().lower() for h in next(reader, None) or []]
+            if "path" not in header:
+                first = ",".join(header)[:80] or "nothing"
+                raise UserError(
+                    f"IMAGES CSV '{f}' must start with a header row naming a path column "
+                    f"(its first row is '{first}'); add that header"
+                )
+            col = header.index("path")
+            written = [row[col].strip() for row in reader if col < len(row) and row[col].strip()]
+        except csv.Error as e:
+            raise UserError(f"IMAGES CSV '{f}' cannot be parsed ({e}); fix that line") from None
+    else:
+        written = [ln.strip() for ln in text.splitlines()]
+        written = [ln for ln in written if ln and not ln.startswith("#")]
+    if not written:
+        raise UserError(f"IMAGES list '{f}' names no image; write one path per line")
+    root, out = f.parent, []
+    for w in written:
+        if "\\" in w and not os.path.lexists(root / w):
+            w = w.replace("\\", "/")
+        w = Path(os.path.normpath(w)).as_posix()
+        out.append((display(w), root / w))
+    return out
+
+
+def images_in(path: Path) -> list[tuple[str, Path]]:
+    """(path as shown, file) of each image IMAGES names: the files under a folder (walked as
+    DATA's are), those a list file names (`listed_images`), or the file itself."""
+    if path.is_dir():
+        files = walk_files(path)
+        if not files:
+            raise UserError(f"IMAGES folder '{path}' has no files")
+        return [(display(f.relative_to(path).as_posix()), f) for f in files]
+    named = listed_images(path)
+    return named if named is not None else [(display(path.name), path)]

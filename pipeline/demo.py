@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
+from pipeline import outputs
 from pipeline.errors import UserError
 
 Log = Callable[[str], None]
@@ -44,11 +45,12 @@ def write_digits(
     for split, idx in (("train", idx_tr), ("validation", idx_va)):
         for i in idx:
             out = folder / split / str(y[i]) / f"digit-{i:04d}.png"
-            out.parent.mkdir(parents=True, exist_ok=True)
-            if out.exists():
+            if out.exists():  # whole: an interrupted run leaves no half image to keep
                 continue
             img = (255 - X[i] * (255 / 16)).astype(np.uint8)  # dark ink on white paper
-            Image.fromarray(img, "L").resize((pixels, pixels), Image.Resampling.BICUBIC).save(out)
+            small = Image.fromarray(img, "L").resize((pixels, pixels), Image.Resampling.BICUBIC)
+            with outputs.written(out, durable=False) as tmp:  # made again from nothing
+                small.save(tmp, format="PNG")
     return folder
 
 
@@ -62,7 +64,8 @@ def run_demo(
 ) -> dict:
     """Sample data, features, logreg + svm + dense heads, report; returns the report."""
     from pipeline.backbone import BackboneSpec
-    from pipeline.features import RANDOM_BANNER, extract
+    from pipeline.cache_identity import RANDOM_BANNER
+    from pipeline.features import extract
     from pipeline.reporting import build_report
     from pipeline.train import train_head
 

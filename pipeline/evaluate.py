@@ -26,7 +26,8 @@ from sklearn.utils.parallel import Parallel, delayed
 
 from pipeline import views
 from pipeline.errors import UserError
-from pipeline.heads import chosen_params, fit
+from pipeline.heads import chosen_params
+from pipeline.inner import fit
 from pipeline.progress import Progress
 from pipeline.store.reader import texts
 from pipeline.store.rows import materialize
@@ -308,80 +309,146 @@ def cross_validate(
     seed: int,
     n_jobs: int = 1,
     log: Log = print,
-    repeats: int = 1,
+    repeats: int | Callable[[float], int] = 1,
     holdout: bool = False,
+    prior: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Outer CV of the configured `estimator` over `repeats` partitions of k folds.
 
     Returns every fold's accuracy (r·k of them, partition by partition), their mean with its
-    corrected resampled t interval (`pipeline.stats`), and the out-of-fold predictions of the
-    first partition (the confusion matrix, per-class figures and the gallery come from it).
+    corrected resampled t interval (`pipeline.stats`), the seconds each partition took, and
+    the out-of-fold predictions of the first partition (the confusion matrix, per-class
+    figures and the gallery come from it).
+
+    `repeats` may be a function of the first partition's seconds giving the number (repeats
+    by time: `stats.budget_repeats`). `prior`: this function's result on the same images,
+    seed and folds for its first partitions (a sweep's race scores every run on the first
+    one): only the partitions after them are fitted, and the result covers them all.
 
     `holdout`: one fit instead, on all but the first fold of the first partition, scored on
     that fold (1/`folds` of the training images, by content group, stratified) with a Wilson
     interval: the protocol for collections where k fits would take hours.
     """
+    import time
+
     from pipeline import stats
 
-    if repeats < 1:
+    if isinstance(repeats, int) and repeats < 1:
         raise UserError(f"REPEATS must be 1 or more; got {repeats}")
     k = choose_folds(ts.y[ts.original], classes, folds, log, ts.groups[ts.original])
-    part_ids: list[str] = []
-    cv, fid = partitions(ts, k, seed, 1 if holdout else repeats, part_ids)
-    if holdout:
-        (cv, fid), repeats = held_out(cv, fid), 1
-        part_ids[0] = fid
-    label = (
-        f"held-out split (1/{k} of the training images)"
-        if holdout
-        else f"cross-validation ({repeats}x{k} folds)"
-        if repeats > 1
-        else f"cross-validation ({k} folds)"
-    )
-    progress = Progress(len(cv), label, unit="folds", every=0.0)
-    jobs = Parallel(n_jobs=n_jobs, return_as="generator")(
-        delayed(_fold)(estimator, ts.X, ts.y, ts.groups, tr, te) for tr, te in cv
-    )
+    if holdout:  # one split, nothing to add to it
+        return dict(prior) if prior else _held_out_cv(estimator, ts, classes, k, seed, n_jobs)
+    fold_acc = list(prior["fold_accuracies"]) if prior else []
+    fold_params = list(prior.get("fold_params") or []) if prior else []
+    part_ids = list(prior["partition_ids"]) if prior else []
+    took = list(prior.get("partition_seconds") or []) if prior else []
+    if prior and (prior.get("folds") != k or len(fold_acc) != k * len(part_ids)):
+        raise UserError("the first partitions were scored with other folds; run it again")
+    for r, pid in enumerate(part_ids):  # the same images and seed: the same partitions
+        if splits(ts, k, repeat_seed(seed, r))[1] != pid:
+            raise UserError(
+                "the training images changed between the first partition and the next "
+                "(a concurrent `make features`?); run it again"
+            )
+    target = repeats if isinstance(repeats, int) else repeats(took[0]) if took else None
     oof = np.full(len(ts.y), -1, dtype=np.int64)
     oof_p = np.zeros(len(ts.y), dtype=np.float64)
-    fold_acc, fold_params = [], []
-    right = np.zeros(0, bool)
-    for j, ((_, te), (pred, prob, params)) in enumerate(zip(cv, jobs, strict=True)):
-        if j < k:  # the first partition's out-of-fold predictions
-            oof[te] = pred
-            oof_p[te] = prob
-        if j == 0:
-            right = pred == ts.y[te]  # the first fold's rows, in content order
-        fold_acc.append(float(np.mean(pred == ts.y[te])))
-        fold_params.append(params)
-        progress.update(1)
-    scored = oof >= 0
-    if holdout:
-        w = stats.wilson(int(right.sum()), len(right))
-        ci = {"low": w["low"], "high": w["high"]}
-    else:
-        ci = stats.corrected_t(fold_acc, k)
+    progress = Progress(
+        k * max(0, (target or 1) - len(part_ids)), _label(target, k), unit="folds", every=0.0
+    )
+    while target is None or len(part_ids) < target:
+        r = len(part_ids)
+        cv, fid = splits(ts, k, repeat_seed(seed, r))
+        t0 = time.perf_counter()
+        jobs = Parallel(n_jobs=n_jobs, return_as="generator")(
+            delayed(_fold)(estimator, ts.X, ts.y, ts.groups, tr, te) for tr, te in cv
+        )
+        for (_, te), (pred, prob, params) in zip(cv, jobs, strict=True):
+            if r == 0:  # the first partition's out-of-fold predictions
+                oof[te] = pred
+                oof_p[te] = prob
+            fold_acc.append(float(np.mean(pred == ts.y[te])))
+            fold_params.append(params)
+            progress.update(1)
+        took.append(time.perf_counter() - t0)
+        part_ids.append(fid)
+        if target is None:  # by time: the first partition's cost says how many
+            target = max(1, repeats(took[0]))  # type: ignore[operator]
+            progress.total, progress.label = target * k, _label(target, k)
+    ci = stats.corrected_t(fold_acc, k)
+    whole = hashlib.sha256(json.dumps(part_ids).encode()).hexdigest()
+    fid = part_ids[0] if len(part_ids) == 1 else whole  # one partition keeps its own id
     out = {
-        "protocol": "holdout" if holdout else "k-fold",
-        "folds": 1 if holdout else k,
-        "repeats": repeats,
+        "protocol": "k-fold",
+        "folds": k,
+        "repeats": len(part_ids),
         "folds_id": fid,
         "partition_ids": part_ids,
+        "partition_seconds": took,
         "fold_accuracies": fold_acc,
         "accuracy_mean": float(np.mean(fold_acc)),
         "accuracy_std": float(np.std(fold_acc)),
         "accuracy_low": ci["low"],
         "accuracy_high": ci["high"],
-        "interval": stats.VALIDATION_INTERVAL if holdout else stats.CV_INTERVAL,
+        "interval": stats.CV_INTERVAL,
         "fold_params": fold_params,
+    }
+    if prior:  # the first partition's predictions came with it
+        return {**out, **{key: v for key, v in prior.items() if key not in out}}
+    scored = oof >= 0
+    return {**out, **metrics(ts.y[scored], oof[scored], classes), **_oof(ts, oof, oof_p, scored)}
+
+
+def _label(repeats: int | None, k: int) -> str:
+    if repeats is None:
+        return f"cross-validation (first partition of {k} folds)"
+    return f"cross-validation ({f'{repeats}x' if repeats > 1 else ''}{k} folds)"
+
+
+def _held_out_cv(
+    estimator: Any, ts: TrainSet, classes: list[str], k: int, seed: int, n_jobs: int
+) -> dict[str, Any]:
+    """One fit on all but the first fold of the first partition, scored on that fold, with its
+    Wilson interval and every scored image's right or wrong (held-out runs pair on them)."""
+    import time
+
+    from pipeline import stats
+
+    cv, fid = held_out(*splits(ts, k, repeat_seed(seed, 0)))
+    progress = Progress(1, f"held-out split (1/{k} of the training images)", "folds", 0.0)
+    t0 = time.perf_counter()
+    ((tr, te),) = cv
+    # through joblib: on a cluster (its Dask backend) the fit runs on a worker
+    job = delayed(_fold)(estimator, ts.X, ts.y, ts.groups, tr, te)
+    pred, prob, params = Parallel(n_jobs=n_jobs)([job])[0]
+    progress.update(1)
+    oof = np.full(len(ts.y), -1, dtype=np.int64)
+    oof_p = np.zeros(len(ts.y), dtype=np.float64)
+    oof[te], oof_p[te] = pred, prob
+    right = pred == ts.y[te]  # the fold's rows, in content order
+    acc = float(np.mean(right))
+    w = stats.wilson(int(right.sum()), len(right))
+    scored = oof >= 0
+    return {
+        "protocol": "holdout",
+        "folds": 1,
+        "repeats": 1,
+        "folds_id": fid,
+        "partition_ids": [fid],
+        "partition_seconds": [time.perf_counter() - t0],
+        "fold_accuracies": [acc],
+        "accuracy_mean": acc,
+        "accuracy_std": 0.0,
+        "accuracy_low": w["low"],
+        "accuracy_high": w["high"],
+        "interval": stats.VALIDATION_INTERVAL,
+        "fold_params": [params],
         **metrics(ts.y[scored], oof[scored], classes),
         **_oof(ts, oof, oof_p, scored),
+        "holdout_fraction": 1 / k,
+        "holdout_images": int(len(right)),
+        "holdout_right": stats.pack_bits(right),
     }
-    if holdout:  # per image right or wrong, in content order: holdout runs pair on it
-        out["holdout_fraction"] = 1 / k
-        out["holdout_images"] = int(len(right))
-        out["holdout_right"] = stats.pack_bits(right)
-    return out
 
 
 def _text(h: Any) -> str:

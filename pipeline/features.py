@@ -21,20 +21,15 @@ from typing import Any
 
 import numpy as np
 
-from pipeline import dataset, duplicates, images, layout, store
+from pipeline import backbone, dataset, duplicates, images, layout, store
 from pipeline.backbone import BackboneSpec, output_shape
 from pipeline.batches import decoded_batches
+from pipeline.cache_identity import RANDOM_BANNER, augment_settings, cache_settings
 from pipeline.errors import UserError
 from pipeline.progress import Progress
 from pipeline.provenance import difference, embedder, environment
 from pipeline.store.segments import Failure, Meta, pooled
 from pipeline.store.writer import Row, Writer
-
-DTYPES = ("float16", "float32")
-RANDOM_BANNER = (
-    "RANDOM WEIGHTS: features come from an untrained VGG16 (WEIGHTS=none); accuracies are NOT "
-    "those of transfer learning"
-)
 
 Log = Callable[[str], None]
 CHANGED = (
@@ -71,24 +66,6 @@ class Summary:
             f"embedded {self.new} new, {self.cached} cached{extra}, {self.removed} removed, "
             f"{self.skipped} skipped{moved}"
         )
-
-
-def cache_settings(spec: BackboneSpec, dtype: str, maps: bool = True) -> dict[str, Any]:
-    """Every setting that determines the cached features; hashed into the cache key.
-
-    The weights enter by content (`weights_id`), never by path or spelling.
-    """
-    if dtype not in DTYPES:
-        raise UserError(f"DTYPE must be one of {', '.join(DTYPES)}; got '{dtype}'")
-    return {
-        **spec.settings(),
-        "resize": images.RESIZE_POLICY,
-        "background": list(images.BACKGROUND),
-        "loader_version": images.LOADER_VERSION,
-        "dtype": dtype,
-        "maps": maps,
-        "format_version": store.FORMAT_VERSION,
-    }
 
 
 def cache_path(artifacts: Path, spec: BackboneSpec, key: str) -> Path:
@@ -162,11 +139,6 @@ class Job:
         if self.sha256 is None:
             return f"unhashable:{self.path}"
         return store.ident(self.sha256, self.view)
-
-
-def augment_settings(settings: dict[str, Any], seed: int) -> dict[str, Any]:
-    """The augmented-views cache's settings: the backbone's, plus the augmentation policy."""
-    return {**settings, "augment": images.AUGMENT_POLICY, "augment_seed": seed}
 
 
 def extract(
@@ -456,8 +428,6 @@ def _local_batches(
     Decoding is checked: a file rewritten since it was hashed comes back `images.Changed`
     among the reasons, and nothing of it is embedded under the old hash.
     """
-    from pipeline import backbone
-
     if ctx.model is None:
         ctx.model = backbone.build(ctx.spec)
     size = ctx.spec.input_size

@@ -12,8 +12,6 @@ when a Keras head is fitted or loaded, never by the scikit-learn heads.
 from __future__ import annotations
 
 import inspect
-import os
-import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,89 +19,25 @@ from typing import Any
 
 import joblib
 import numpy as np
-import sklearn
 from sklearn.base import BaseEstimator, ClassifierMixin, clone
 from sklearn.calibration import CalibratedClassifierCV
 from sklearn.kernel_approximation import Nystroem
 from sklearn.linear_model import LogisticRegression
-from sklearn.model_selection import (
-    BaseCrossValidator,
-    GridSearchCV,
-    StratifiedGroupKFold,
-    StratifiedKFold,
-)
+from sklearn.model_selection import GridSearchCV
 from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import StandardScaler
 from sklearn.svm import SVC, LinearSVC
-from sklearn.utils.metadata_routing import get_routing_for_object
 
-from pipeline import streaming, views
+from pipeline import outputs, streaming, views
 from pipeline.errors import UserError
+from pipeline.inner import INNER_FOLDS, InnerCV, fit
 from pipeline.keras_heads import DenseHead, FineTuneHead, KerasClassifier
+from pipeline.neighbours import KNNHead
 from pipeline.streaming import StreamingSGD
 
-sklearn.set_config(enable_metadata_routing=True)  # `groups` reach every inner split
-
-INNER_FOLDS = 3
 # A kernel SVM's nested CV grows faster than n^2: about a minute at 2,500 rows on 2 cores, hours
 # past 20,000. Above this, `svm` says so and names the heads that scale.
 SVM_MAX_ROWS = 20_000
-
-
-class InnerCV(BaseCrossValidator):
-    """The folds inside a training fold: stratified, group-aware, as many as the data allows.
-
-    Up to `n_splits` folds, fewer when a class has fewer groups in this training fold (never
-    below 2); with `groups`, no content is on both sides of a split, and a test fold holds
-    original images only (augmented views, marked in `groups`, train only: `pipeline.views`).
-    """
-
-    __metadata_request__split = {"groups": True}  # noqa: RUF012 (scikit-learn's convention)
-
-    def __init__(self, n_splits: int = INNER_FOLDS, random_state: int = 0) -> None:
-        self.n_splits = n_splits
-        self.random_state = random_state
-
-    def get_n_splits(self, X: Any = None, y: Any = None, groups: Any = None) -> int:
-        if y is None:
-            return self.n_splits
-        yi = np.unique(y, return_inverse=True)[1]
-        if groups is not None:  # distinct contents per class: copies never split
-            yi = np.unique(np.stack([yi, views.content(groups)]), axis=1)[0]
-        least = int(np.bincount(yi).min())
-        return max(2, min(self.n_splits, least))
-
-    def split(self, X: Any, y: Any = None, groups: Any = None):  # type: ignore[override]
-        k = self.get_n_splits(X, y, groups)
-        with warnings.catch_warnings():  # "least populated class" on tiny folds: expected
-            warnings.simplefilter("ignore", UserWarning)
-            if groups is None:
-                cv: Any = StratifiedKFold(k, shuffle=True, random_state=self.random_state)
-                yield from cv.split(X, y)
-            else:
-                content = views.content(groups)
-                # every row its own content: the same constraint as StratifiedKFold, which is
-                # linear where StratifiedGroupKFold loops over every group (seconds at 20,000)
-                distinct = len(np.unique(content)) == len(content)
-                cv = (StratifiedKFold if distinct else StratifiedGroupKFold)(
-                    k, shuffle=True, random_state=self.random_state
-                )
-                orig = views.originals(groups)
-                for tr, te in cv.split(X, y, content):
-                    # scored on originals; a fold of views alone (a subsample) stays as it is
-                    yield tr, (te[orig[te]] if orig[te].any() else te)
-
-
-def consumes_groups(est: Any) -> bool:
-    """Whether fitting `est` uses `groups` (a grid search, a calibration or a Keras head)."""
-    return bool(get_routing_for_object(est).consumes("fit", ["groups"]))
-
-
-def fit(est: Any, X: np.ndarray, y: np.ndarray, groups: np.ndarray | None = None) -> Any:
-    """`est.fit`, passing `groups` where the estimator routes them to an inner split."""
-    if groups is not None and consumes_groups(est):
-        return est.fit(X, y, groups=groups)
-    return est.fit(X, y)
 
 
 class TuneThenCalibrate(ClassifierMixin, BaseEstimator):
@@ -251,6 +185,13 @@ def _sgd(p: dict[str, Any], seed: int, ctx: dict[str, Any]) -> Any:
     )
 
 
+def _knn(p: dict[str, Any], seed: int, ctx: dict[str, Any]) -> Any:
+    if p.get("weights", "distance") not in ("uniform", "distance"):
+        raise UserError(f"PARAMS weights={p['weights']}: use uniform or distance")
+    knn = KNNHead(n_neighbors=p.get("n_neighbors", 5), weights=p.get("weights", "distance"))
+    return Pipeline([("scale", StandardScaler()), ("clf", knn)])
+
+
 def _dense(p: dict[str, Any], seed: int, ctx: dict[str, Any]) -> Any:
     return Pipeline([("scale", StandardScaler()), ("clf", DenseHead(random_state=seed, **p))])
 
@@ -329,6 +270,16 @@ HEADS: dict[str, HeadInfo] = {
             streams=True,
         ),
         HeadInfo(
+            "knn",
+            "k nearest neighbours on standardised, normalised features (cosine), k and the "
+            "weighting tuned by inner CV: no training pass, often good with few images a class",
+            "avg",
+            {"n_neighbors": int, "weights": str},
+            {"n_neighbors": [1, 3, 5, 10, 20], "weights": ["uniform", "distance"]},
+            True,
+            _knn,
+        ),
+        HeadInfo(
             "dense",
             "Keras Flatten-Dense(512, relu)-Dropout-softmax, Adam, early stopping",
             "flatten",
@@ -393,15 +344,10 @@ MEMORY_FACTOR = 4  # a head in memory peaks at about 4x its features (copies: fo
 
 
 def available_memory() -> int:
-    """Bytes this machine can give now (MemAvailable), or its physical memory."""
-    try:
-        with open("/proc/meminfo") as fh:
-            for line in fh:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    """Bytes this machine can give now without swapping (psutil: Linux's MemAvailable)."""
+    import psutil
+
+    return int(psutil.virtual_memory().available)
 
 
 def check_memory(info: HeadInfo, n_rows: int, dim: int, client: Any = None) -> None:
@@ -506,13 +452,14 @@ def _keras_of(est: Any) -> KerasClassifier | None:
 
 def save_head(est: Any, folder: Path) -> list[Path]:
     """Save a fitted head: `head.joblib`, plus `model.keras` for the Keras heads."""
-    folder.mkdir(parents=True, exist_ok=True)
     written = [folder / "head.joblib"]
-    joblib.dump(est, written[0])
+    with outputs.written(written[0]) as tmp:
+        joblib.dump(est, tmp)
     keras_est = _keras_of(est)
     if keras_est is not None:
-        keras_est.model_.save(folder / "model.keras")
         written.append(folder / "model.keras")
+        with outputs.written(written[1], suffix=".keras") as tmp:  # Keras wants the suffix
+            keras_est.model_.save(tmp)
     return written
 
 

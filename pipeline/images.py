@@ -121,14 +121,11 @@ def _open_regular(path: str) -> int:
 def content_sha256(path: str | os.PathLike[str]) -> str:
     """Hex SHA-256 of a regular file's content, or ImageError (FIFO, device, unreadable...)."""
     fd = _open_regular(os.fspath(path))
-    h = hashlib.sha256()
     try:
         with os.fdopen(fd, "rb") as f:
-            while block := f.read(CHUNK):
-                h.update(block)
+            return hashlib.file_digest(f, "sha256").hexdigest()
     except OSError as e:
         raise ImageError(f"cannot read file ({e.strerror or e})") from None
-    return h.hexdigest()
 
 
 def _to_rgb(im: Image.Image) -> Image.Image:

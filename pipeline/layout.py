@@ -13,9 +13,9 @@ ARTIFACTS/
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
+from pipeline import outputs
 from pipeline.errors import UserError
 
 
@@ -63,10 +63,7 @@ def current_cache(artifacts: Path) -> Path:
 
 def set_current(artifacts: Path, cache: Path) -> None:
     """Point `current` at `cache` atomically."""
-    fdir = features_dir(artifacts)
-    tmp = fdir / f".current.tmp-{os.getpid()}"
-    tmp.write_text(Path(cache).name + "\n")
-    os.replace(tmp, fdir / "current")
+    outputs.write_text(features_dir(artifacts) / "current", Path(cache).name + "\n")
 
 
 def cache_by_name(artifacts: Path, name: str) -> Path:

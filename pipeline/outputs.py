@@ -3,10 +3,13 @@
 `owned`: a command holds its output (a file with what goes beside it, or a folder) for its
 whole run; a second command writing the same output stops at once, in one line naming the one
 that holds it, and never touches its files. `written`: a temporary file next to the output,
-renamed onto it when complete: a reader sees the old file or the new one, never half of one;
-a failure or an interrupt leaves the old file and removes the temporary one. `together`: the
-outputs written in its block take their names only when all of them are complete. A full disk
-(or quota, or file-size limit) is one line naming the file system (`store.disk_error`).
+flushed to disk (fsync) and renamed onto it when complete: a reader sees the old file or the
+new one, never half of one, and a crash never leaves an empty one under the output's name;
+a failure or an interrupt leaves the old file and removes the temporary one. Every output
+file is written through it but predict's CSV, which grows in a `.partial` file it can resume
+(fsynced and renamed onto OUT the same way). `together`: the outputs written in its block
+take their names only when all of them are complete. A full disk (or quota, or file-size
+limit) is one line naming the file system (`store.disk_error`).
 """
 
 from __future__ import annotations
@@ -45,29 +48,29 @@ def owned(
     lock = lock_path(path)
     try:
         lock.parent.mkdir(parents=True, exist_ok=True)
-        fh = open(lock, "a+", encoding="utf-8")
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)  # unbuffered: no flush at close
     except OSError as e:
         raise store.disk_error(
             e, lock, kept="nothing was written", rerun="the same command"
         ) or UserError(f"cannot write '{path}' ({e.strerror or e}); {fix}") from None
-    with fh:
+    try:
         try:
-            fcntl.flock(fh, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+            fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
         except BlockingIOError:
-            fh.seek(0)
-            holder = " ".join(fh.read().split()) or f"{what} (pid unknown)"
+            said = os.pread(fd, 4096, 0).decode("utf-8", "replace")
+            holder = " ".join(said.split()) or f"{what} (pid unknown)"
             raise UserError(
                 f"'{path}' is being written by another {holder}; wait for it to finish or {fix}"
             ) from None
-        try:  # who holds it, for the message of the next one; best effort (a full disk)
-            fh.seek(0)
-            fh.truncate()
+        try:  # who holds it, for the next one's message; best effort (a full disk: unsaid)
             cmd = " ".join(" ".join(sys.argv).split())[:200]
-            fh.write(f"{what} (pid {os.getpid()}: {cmd})\n")
-            fh.flush()
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{what} (pid {os.getpid()}: {cmd})\n".encode(), 0)
         except OSError:
             pass
         yield
+    finally:
+        os.close(fd)
 
 
 _pending = threading.local()  # the renames of this thread's `together` block
@@ -93,11 +96,13 @@ def together() -> Iterator[None]:
         return
     for i, (tmp, path) in enumerate(mine):
         try:
-            os.replace(tmp, path)
+            os.replace(tmp, path)  # each fsynced when its block ended
         except OSError as e:
             for t, _ in mine[i:]:
                 t.unlink(missing_ok=True)
             raise store.disk_error(e, path, **_told(path, None)) or e from None
+    for folder in {path.parent for _, path in mine}:
+        _sync_folder(folder)
 
 
 def current(path: Path) -> Path:
@@ -109,26 +114,74 @@ def current(path: Path) -> Path:
     return Path(path)
 
 
+@contextmanager
+def telling(kept: str, needed: int | None = None) -> Iterator[None]:
+    """What a full disk's line says of the outputs `written` in the block that do not say it
+    themselves (a run's files, written in its temporary folder: the run as it was is intact)."""
+    outer = getattr(_pending, "told", None)
+    _pending.told = (kept, needed)
+    try:
+        yield
+    finally:
+        _pending.told = outer
+
+
 def _told(path: Path, needed: int | None, kept: str | None = None) -> dict[str, Any]:
+    said_kept, said_needed = getattr(_pending, "told", None) or (None, None)
+    needed = needed or said_needed
     if kept is None:
-        kept = f"the old '{path.name}' is intact" if path.exists() else "nothing was written"
+        kept = said_kept or (
+            f"the old '{path.name}' is intact" if path.exists() else "nothing was written"
+        )
     return {"needed": needed, "kept": kept, "rerun": "the same command"}
 
 
+def _sync(path: Path) -> None:
+    """`path`'s content on disk (fsync): before it takes an output's name."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _sync_folder(folder: Path) -> None:
+    """The renames in `folder` on disk; best effort (not every file system syncs a folder)."""
+    try:
+        _sync(folder)
+    except OSError:
+        pass
+
+
 @contextmanager
-def written(path: Path, needed: int | None = None, kept: str | None = None) -> Iterator[Path]:
-    """A temporary path to write in the block; it becomes `path` when the block ends well (in
-    a `together` block: when that one does). `needed`/`kept`: what a full disk's line says."""
+def written(
+    path: Path,
+    needed: int | None = None,
+    kept: str | None = None,
+    suffix: str = "",
+    durable: bool = True,
+) -> Iterator[Path]:
+    """A temporary path to write in the block; when the block ends well it is flushed to disk
+    and becomes `path` (in a `together` block: when that one ends). `needed`/`kept`: what a
+    full disk's line says; `suffix`: the temporary name's end, for writers that want one;
+    `durable=False`: renamed without fsync (whole against a kill, not a power cut), for files
+    made again from nothing, written by the thousand (the demo's images)."""
     path = Path(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise store.disk_error(e, path.parent, **_told(path, needed, kept)) or e from None
-    tmp = path.with_name(f".{path.name}.tmp-{secrets.token_hex(4)}-{os.getpid()}")
+    tmp = path.with_name(f".{path.name}.tmp-{secrets.token_hex(4)}-{os.getpid()}{suffix}")
     batch = getattr(_pending, "renames", None)
-    with store.replacing(tmp, path, rename=batch is None, **_told(path, needed, kept)):
+    with store.replacing(tmp, path, rename=False, **_told(path, needed, kept)):
         yield tmp
-    if batch is not None:
+        if durable:
+            _sync(tmp)
+        if batch is None:
+            os.replace(tmp, path)
+    if batch is None and durable:
+        _sync_folder(path.parent)
+    else:
         batch.append((tmp, path))
 
 

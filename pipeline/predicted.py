@@ -5,7 +5,7 @@ embedded for training is never embedded again) and then in the predicted-images 
 (`layout.predicted_path`, a `store.content` store under the same cache key); TTA's views (the
 image's content and view number, drawn with the run's seed) in the cache's views of that seed
 and then the predicted views store. Only rows under the run's cache key (which
-`prediction.check_features` has checked this installation makes) and made by this
+`cache_identity.check_features` has checked this installation makes) and made by this
 installation's decoder/framework versions are used. What the backbone embeds is added to the
 predicted stores, so predicting the same images again (another head, after retraining, a
 rerun) runs no backbone at all.
@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 
 from pipeline import layout, store
+from pipeline.cache_identity import augment_settings
 from pipeline.errors import UserError
 from pipeline.provenance import embedder
 from pipeline.store.content import ContentStore, Lookup
@@ -43,8 +44,6 @@ class Cache:
     """
 
     def __init__(self, artifacts: Path, r: dict[str, Any], tta: int, seed: int, log: Log) -> None:
-        from pipeline.features import augment_settings
-
         self.log = log
         self.pooling = r["pooling"]
         self.dataset = (

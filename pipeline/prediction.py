@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import csv
 import dataclasses
-import hashlib
 import json
 import os
 import uuid
@@ -32,9 +31,11 @@ from typing import Any
 
 import numpy as np
 
-from pipeline import dataset, images, layout, outputs, predicted, runs, store
-from pipeline.backbone import BackboneSpec, spec_from_settings
+from pipeline import backbone as bb
+from pipeline import dataset, images, journal, layout, outputs, predicted, runs, store
+from pipeline.backbone import BackboneSpec
 from pipeline.batches import decoded_batches
+from pipeline.cache_identity import check_features
 from pipeline.errors import UserError
 from pipeline.progress import Progress
 from pipeline.provenance import difference, embedder
@@ -95,23 +96,6 @@ class _Batch:
     maps: np.ndarray | None  # their maps, in that order
 
 
-def check_features(r: dict[str, Any], weights: str | None = None) -> BackboneSpec:
-    """The spec that makes the run's features here and now; a different cache key is refused."""
-    from pipeline.features import cache_settings
-
-    feats = r["features"]
-    settings = feats["settings"]
-    spec = spec_from_settings(settings, weights, hint=feats.get("weights"))
-    now = cache_settings(spec, settings["dtype"], settings.get("maps", True))
-    if store.cache_key(now) != feats["cache_key"]:
-        diff = difference(settings, now) or "the cache key"
-        raise UserError(
-            f"run '{r['run']}' was trained on features this installation no longer makes "
-            f"({diff}); rerun `make features` and `make train-head`"
-        )
-    return spec
-
-
 def tta_seed(r: dict[str, Any]) -> int:
     """The seed of TTA's views: that of the views the run trained on, else of the cache.
 
@@ -125,13 +109,6 @@ def tta_seed(r: dict[str, Any]) -> int:
     if "seed" in (feats.get("settings") or {}):
         return int(feats["settings"]["seed"])
     return int(r.get("seed", 0))
-
-
-def columns(classes: list[str], topk: int = 0) -> list[str]:
-    """The CSV's header: path,label,probability, the k-1 next best, `p_<class>` per class, and
-    whether the backbone ran for the image (`backbone_ran`: no when its features were cached)."""
-    top = [f"{c}_{i}" for i in range(2, topk + 1) for c in ("label", "probability")]
-    return ["path", "label", "probability", *top, *(f"p_{c}" for c in classes), "backbone_ran"]
 
 
 def _row(
@@ -148,62 +125,6 @@ def _row(
         "backbone_ran": ran,
         "error": "",
     }
-
-
-def _csv_row(r: dict[str, Any]) -> list[str]:
-    top = [x for lab, pr in r["top"][1:] for x in (lab, f"{pr:.6f}")]
-    rest = [f"{v:.6f}" for v in r["probabilities"].values()]
-    ran = "yes" if r["backbone_ran"] else "no"
-    return [r["path"], r["label"], f"{r['probability']:.6f}", *top, *rest, ran]
-
-
-def listed_images(f: Path) -> list[tuple[str, Path]] | None:
-    """(path as written, file) of each image a list file names, or None if `f` is no list.
-
-    A `.txt`/`.lst` file of text holds one path per line (blank lines and `#` comments
-    ignored); a `.csv` file has a header row with a `path` column (other columns ignored, as
-    in DATA's CSV). Paths are relative to the list's folder (absolute ones taken as they are).
-    A file of another name, or one whose bytes are not text (an image named `.txt`), is None.
-    """
-    suffix = f.suffix.lower()
-    if suffix not in (".txt", ".lst", ".csv") or not f.is_file():
-        return None
-    try:
-        raw = f.read_bytes()
-    except OSError as e:
-        raise UserError(f"cannot read IMAGES list '{f}' ({e.strerror}); check it") from None
-    if b"\0" in raw[:8192]:
-        return None  # binary: an image with an odd name, read (or refused) as one
-    try:
-        text = raw.decode("utf-8-sig")
-    except UnicodeDecodeError:
-        raise UserError(f"IMAGES list '{f}' is not UTF-8 text; save it as UTF-8") from None
-    if suffix == ".csv":
-        try:
-            reader = csv.reader(text.splitlines())
-            header = [(h or "").strip().lower() for h in next(reader, None) or []]
-            if "path" not in header:
-                first = ",".join(header)[:80] or "nothing"
-                raise UserError(
-                    f"IMAGES CSV '{f}' must start with a header row naming a path column "
-                    f"(its first row is '{first}'); add that header"
-                )
-            col = header.index("path")
-            written = [row[col].strip() for row in reader if col < len(row) and row[col].strip()]
-        except csv.Error as e:
-            raise UserError(f"IMAGES CSV '{f}' cannot be parsed ({e}); fix that line") from None
-    else:
-        written = [ln.strip() for ln in text.splitlines()]
-        written = [ln for ln in written if ln and not ln.startswith("#")]
-    if not written:
-        raise UserError(f"IMAGES list '{f}' names no image; write one path per line")
-    root, out = f.parent, []
-    for w in written:
-        if "\\" in w and not os.path.lexists(root / w):
-            w = w.replace("\\", "/")
-        w = Path(os.path.normpath(w)).as_posix()
-        out.append((dataset.display(w), root / w))
-    return out
 
 
 def classify(
@@ -228,94 +149,6 @@ def classify(
     return rows, Path(out) if out else layout.predictions_file(artifacts)
 
 
-PARTIAL = "partial-predictions/1"  # the sidecar's format
-
-
-def partial_paths(out: Path) -> tuple[Path, Path]:
-    """The CSV being written next to `out`, and its sidecar (what made it; unreadable images)."""
-    return out.with_name(out.name + ".partial"), out.with_name(out.name + ".partial.jsonl")
-
-
-def _digest(todo: list[_Item]) -> str:
-    h = hashlib.sha256()
-    for j in todo:
-        h.update(f"{j.path}\0{os.path.abspath(j.abspath)}\n".encode("utf-8", "surrogateescape"))
-    return h.hexdigest()
-
-
-def _resume(partial: Path, side: Path, made: dict[str, Any], log: Log) -> tuple[Counter, dict]:
-    """(path -> count of rows already in `partial`, path -> reason of images found unreadable)
-    if `partial` was made by the same settings; otherwise both empty and both files gone."""
-    if not partial.exists() and not side.exists():
-        return Counter(), {}
-    try:
-        _cut_torn_row(side)
-        with open(side, encoding="utf-8") as fh:
-            first = json.loads(fh.readline() or "null")
-            failed = {}
-            for line in fh:
-                e = json.loads(line)
-                failed[e["path"]] = e["error"]
-        if first != made:
-            raise ValueError("made by other settings")
-        _cut_torn_row(partial)  # a row cut by the kill is predicted again
-        done: Counter = Counter()
-        with open(partial, newline="", encoding="utf-8") as fh:  # streamed: one row at a time
-            rows = csv.reader(fh)
-            if next(rows, None) != made["columns"]:
-                raise ValueError("its header is not this CSV's")
-            for row in rows:
-                if len(row) != len(made["columns"]):
-                    raise ValueError("a row is not this CSV's")
-                done[row[0]] += 1
-    except (OSError, ValueError, KeyError, TypeError, csv.Error) as e:
-        why = str(e) if type(e) is ValueError else "it cannot be read"
-        log(
-            f"starting over: '{partial}' is not this predict's ({why}); resuming needs the same "
-            "run, TOPK, TTA and images"
-        )
-        partial.unlink(missing_ok=True)
-        side.unlink(missing_ok=True)
-        return Counter(), {}
-    log(f"resuming '{partial}': {sum(done.values()) + len(failed)} images already predicted")
-    return done, failed
-
-
-def _cut_torn_row(path: Path) -> None:
-    """Truncate `path` after its last newline (what a kill in the middle of a write leaves)."""
-    with open(path, "r+b") as fh:
-        end = fh.seek(0, os.SEEK_END)
-        pos = end
-        while pos > 0:
-            start = max(0, pos - (1 << 16))
-            fh.seek(start)
-            nl = fh.read(pos - start).rfind(b"\n")
-            if nl >= 0:
-                if start + nl + 1 != end:
-                    fh.truncate(start + nl + 1)
-                return
-            pos = start
-        fh.truncate(0)
-
-
-def _from_csv(row: list[str], classes: list[str], topk: int) -> dict[str, Any]:
-    """A row written by an earlier, killed run: the CSV's 6-digit figures."""
-    k = max(topk, 1)
-    top = [(row[1], float(row[2]))] + [
-        (row[3 + 2 * i], float(row[4 + 2 * i])) for i in range(k - 1)
-    ]
-    p = [float(v) for v in row[3 + 2 * (k - 1) : -1]]
-    return {
-        "path": row[0],
-        "label": row[1],
-        "probability": float(row[2]),
-        "probabilities": dict(zip(classes, p, strict=True)),
-        "top": top,
-        "backbone_ran": row[-1] == "yes",
-        "error": "",
-    }
-
-
 def stream(
     artifacts: Path,
     images_path: Path | Sequence[str | os.PathLike[str]],
@@ -332,8 +165,8 @@ def stream(
     """Classify every image of `images_path`, one row at a time, in order, writing the CSV as
     the rows are made (memory stays flat in the number of images).
 
-    `images_path`: an image file, a folder, a list file (`listed_images`), or a list of image
-    files (paths kept as given). Each row: path, label, probability, `probabilities` (every
+    `images_path`: an image file, a folder, a list file (`dataset.listed_images`), or a list of
+    image files (paths kept as given). Each row: path, label, probability, `probabilities` (every
     class by name, in class order), `top` (the max(topk, 1) best (label, probability) pairs,
     most probable first), `backbone_ran` (False when every feature it needed was cached) and
     `error` ("" or, for a file that could not be read, why: then label and probabilities are
@@ -388,33 +221,25 @@ def stream(
                 break
         if listed is not None:  # a list (the library): each path as given, in the given order
             todo = [_Item(dataset.display(str(f)), f) for f in listed]
-        elif images_path.is_dir():
-            files = dataset.walk_files(images_path)
-            if not files:
-                raise UserError(f"IMAGES folder '{images_path}' has no files")
-            todo = [_Item(dataset.display(f.relative_to(images_path).as_posix()), f) for f in files]
         else:
-            named = listed_images(images_path)
-            if named is None:
-                named = [(dataset.display(images_path.name), images_path)]
-            todo = [_Item(p, f) for p, f in named]
+            todo = [_Item(p, f) for p, f in dataset.images_in(images_path)]
         classes = r["classes"]
         if topk > len(classes):
             log(f"TOPK={topk} is more than the {len(classes)} classes: writing all {len(classes)}")
             topk = len(classes)
         out.parent.mkdir(parents=True, exist_ok=True)
-        partial, side = partial_paths(out)
+        partial, side = journal.partial_paths(out)
         made = {
-            "format": PARTIAL,
+            "format": journal.PARTIAL,
             "run": r["run"],
             "files": r.get("files") or {},
             "tta": tta,
             "topk": topk,
-            "columns": columns(classes, topk),
-            "images": _digest(todo),
+            "columns": journal.columns(classes, topk),
+            "images": journal.digest(todo),
             "n": len(todo),
         }
-        done, failed = _resume(partial, side, made, log)
+        done, failed = journal.resume(partial, side, made, log)
         seed = tta_seed(r)
         left = Counter(done)
         remaining = []
@@ -423,17 +248,7 @@ def stream(
                 left[j.path] -= 1
             elif j.path not in failed:
                 remaining.append(j)
-        try:
-            if not partial.exists():
-                with open(side, "w", encoding="utf-8") as fh:
-                    fh.write(json.dumps(made) + "\n")
-                with open(partial, "w", newline="", encoding="utf-8") as fh:
-                    csv.writer(fh).writerow(made["columns"])
-            old = open(partial, newline="", encoding="utf-8")
-            fh = open(partial, "a", newline="", encoding="utf-8")
-            errs = open(side, "a", encoding="utf-8")
-        except OSError as e:
-            raise store.disk_error(e, partial, **_told(partial, out)) or e from None
+        old, fh, errs = journal.opened(partial, side, made, out)
         n_ok = n_bad = n_ran = 0
         first_bad: dict[str, Any] | None = None
         whole = False
@@ -448,7 +263,7 @@ def stream(
             for j in todo:
                 if left[j.path] > 0:
                     left[j.path] -= 1
-                    row = _from_csv(next(earlier), classes, topk)
+                    row = journal.from_csv(next(earlier), classes, topk)
                 elif j.path in failed:
                     row = _failed(j.path, failed[j.path])
                 else:
@@ -462,9 +277,10 @@ def stream(
                 pass
             whole = True
         finally:
-            failed_close = _closed(old, fh, errs)  # each one, even after a full disk
+            failed_close = journal.closed(old, fh, errs)  # each one, even after a full disk
         if whole and failed_close is not None:
-            raise store.disk_error(failed_close, partial, **_told(partial, out)) or failed_close
+            told = journal.told(partial, out)
+            raise store.disk_error(failed_close, partial, **told) or failed_close
         if not n_ok:
             partial.unlink(missing_ok=True)
             side.unlink(missing_ok=True)
@@ -475,38 +291,11 @@ def stream(
                 f"{first_bad['path']}: {first_bad['error']}); pass JPEG, PNG, GIF, WebP, BMP or "
                 "TIFF images, a folder of them, or a .txt/.csv file listing them"
             )
-        try:
-            with open(partial, "rb") as done_fh:
-                os.fsync(done_fh.fileno())  # on disk before it takes OUT's name
-            os.replace(partial, out)
-        except OSError as e:
-            raise store.disk_error(e, out, **_told(partial, out)) or e from None
-        side.unlink(missing_ok=True)
+        journal.commit(partial, side, out)
         log(
             f"predicted {n_ok} images with head {r['run']} (the backbone ran for {n_ran}, "
             f"{n_ok - n_ran} cached), {n_bad} unreadable; wrote {out}"
         )
-
-
-def _closed(*handles: Any) -> OSError | None:
-    """Close every handle; the first OSError (a buffer that a full disk kept) or None."""
-    first = None
-    for h in handles:
-        try:
-            h.close()
-        except OSError as e:
-            first = first or e
-    return first
-
-
-def _told(partial: Path, out: Path, needed: int | None = None) -> dict[str, Any]:
-    """What a full disk's line says while predict writes `partial` (`store.disk_error`)."""
-    kept = f"the old '{out.name}' is intact" if out.exists() else f"'{out.name}' was not written"
-    return {
-        "needed": needed,
-        "kept": f"{kept}, the rows made so far are kept in '{partial.name}'",
-        "rerun": "the same predict (it resumes)",
-    }
 
 
 def _predicted(
@@ -549,7 +338,7 @@ def _predicted(
             n_done = 0
             for b in batches:
                 rows = _classified(b, cache, est, classes, topk, tta, dtype, r["pooling"])
-                ok = [_csv_row(row) for row in rows if not row["error"]]
+                ok = [journal.csv_row(row) for row in rows if not row["error"]]
                 try:
                     w.writerows(ok)
                     fh.flush()
@@ -563,7 +352,7 @@ def _predicted(
                     row_bytes = sum(len(",".join(map(str, c))) + 2 for c in ok) / max(len(ok), 1)
                     partial = Path(fh.name)
                     out = partial.with_name(partial.name.removesuffix(".partial"))
-                    told = _told(partial, out, int(row_bytes * (len(todo) - n_done)) or None)
+                    told = journal.told(partial, out, int(row_bytes * (len(todo) - n_done)) or None)
                     raise store.disk_error(e, partial, **told) or e from None
                 n_done += len(rows)
                 progress.update(len(rows))
@@ -639,8 +428,6 @@ def _local_batches(
     The bytes decoded are hashed again: a file rewritten since it was hashed is classified and
     kept as the bytes decoded, under their own hash (`_replanned`), never under the old one.
     """
-    from pipeline import backbone as bb
-
     model = None
     workers = min(8, (os.cpu_count() or 2) + 2)
     items = (p for chunk in plans for p in chunk)  # read a batch ahead: the same batches

@@ -1,7 +1,9 @@
 """Progress on long work (count, rate and ETA), and a terminal free of the frameworks' chatter.
 
 Progress lines go where the caller says (`lines_to`): the library's functions send them to
-their `log` (none with `log=None`), the command line to stderr. `quiet_frameworks` keeps
+their `log` (none with `log=None`), the command line to stderr. On a terminal the line rewrites
+itself in place; into a file, a pipe, a CI log or a `log` function it is a line every ten
+seconds or so, the first and the last, never one per update. `quiet_frameworks` keeps
 TensorFlow's C++ start-up lines and absl's notices out of a user's output; `VERBOSE=1`
 (PIPELINE_VERBOSE=1) shows them.
 """
@@ -20,9 +22,45 @@ from typing import TextIO
 Log = Callable[[str], None]
 
 
-def _stderr(line: str) -> None:
-    sys.stderr.write(line + "\n")
-    sys.stderr.flush()
+class StreamLines:
+    """A `Log` writing each line to `stream` (sys.stderr, as it is at the time, when none).
+
+    Progress looks at its `stream`: a terminal gets one line rewritten in place."""
+
+    def __init__(self, stream: TextIO | None = None) -> None:
+        self._stream = stream
+
+    @property
+    def stream(self) -> TextIO:
+        return self._stream if self._stream is not None else sys.stderr
+
+    def __call__(self, line: str) -> None:
+        end_line()  # a progress line being rewritten on the terminal ends first
+        self.stream.write(line + "\n")
+        self.stream.flush()
+
+
+_stderr = StreamLines()
+
+# the terminal stream whose progress line is being rewritten (no newline yet), if any
+_open: list[TextIO] = []
+
+
+def end_line() -> None:
+    """End a progress line left open on a terminal, so that what is printed next (a result, an
+    error) starts on a line of its own."""
+    while _open:
+        stream = _open.pop()
+        with contextlib.suppress(OSError, ValueError):
+            stream.write("\n")
+            stream.flush()
+
+
+def _isatty(stream: object) -> bool:
+    try:
+        return bool(stream is not None and stream.isatty())  # type: ignore[attr-defined]
+    except (OSError, ValueError, AttributeError):  # closed, or no such method
+        return False
 
 
 def _nowhere(line: str) -> None:
@@ -60,7 +98,11 @@ def _fmt_seconds(s: float) -> str:
 class Progress:
     """A throttled progress line: `label 120/640 (18.8%) 14.2 img/s ETA 00:37`.
 
-    Printed to `stream` if given, else where `lines_to` says (by default stderr).
+    Printed to `stream` if given, else where `lines_to` says (by default stderr). On a
+    terminal (a stream whose `isatty()` is true) the line is rewritten in place (`\\r`) at
+    most every `every` seconds and ended with a newline when the work is done; anywhere else
+    (a file, a pipe, a CI log, a `log` function) the first update and the last are printed and
+    one line in between every `log_every` seconds. `clock` is for the tests.
     """
 
     def __init__(
@@ -68,30 +110,52 @@ class Progress:
         total: int,
         label: str,
         unit: str = "img",
-        every: float = 2.0,
+        every: float = 0.5,
         stream: TextIO | None = None,
+        log_every: float = 10.0,
+        clock: Callable[[], float] = time.perf_counter,
     ) -> None:
-        self.total, self.label, self.unit, self.every = total, label, unit, every
+        self.total, self.label, self.unit = total, label, unit
         self.stream = stream
         self.say: Log = _sink.get() or _stderr
+        target = stream if stream is not None else getattr(self.say, "stream", None)
+        self.tty = _isatty(target)
+        self._target = target
+        self.every = every if self.tty else max(every, log_every)
+        self.clock = clock
         self.done = 0
-        self.start = time.perf_counter()
-        self._last = 0.0
+        self.start = clock()
+        self._last: float | None = None  # when the last line was printed; None: none yet
+        self._width = 0
 
     def update(self, n: int) -> None:
-        """Count `n` more items done; print a line when `every` seconds have passed."""
+        """Count `n` more items done; print a line if it is the first, the last, or `every`
+        seconds (`log_every` off a terminal) have passed since the last one."""
         self.done += n
-        now = time.perf_counter()
-        if now - self._last >= self.every or self.done >= self.total:
-            self._last = now
-            if self.stream is not None:
-                self.stream.write(self.line(now) + "\n")
-                self.stream.flush()
-            else:
-                self.say(self.line(now))
+        now = self.clock()
+        last = self.done >= self.total
+        if not (last or self._last is None or now - self._last >= self.every):
+            return
+        self._last = now
+        line = self.line(now)
+        if self.tty:
+            out = self._target
+            pad = " " * max(0, self._width - len(line))  # what a longer line left behind
+            self._width = len(line)
+            if out in _open:
+                _open.remove(out)
+            out.write("\r" + line + pad + ("\n" if last else ""))  # type: ignore[union-attr]
+            out.flush()  # type: ignore[union-attr]
+            if not last:
+                _open.append(out)  # type: ignore[arg-type]
+        elif self.stream is not None:
+            self.stream.write(line + "\n")
+            self.stream.flush()
+        else:
+            self.say(line)
 
     def rate(self, now: float | None = None) -> float:
-        elapsed = (now if now is not None else time.perf_counter()) - self.start
+        elapsed = (now if now is not None else self.clock()) - self.start
         return self.done / elapsed if elapsed > 0 else 0.0
 
     def line(self, now: float | None = None) -> str:
@@ -119,10 +183,16 @@ def held_stderr() -> Iterator[None]:
         saved = os.dup(2)
     except (OSError, ValueError):  # no fd 2 to hold (closed, or not a real file)
         saved = -1
-    if saved < 0:
+    try:
+        held_file = tempfile.TemporaryFile() if saved >= 0 else None
+    except OSError:  # no room for a temporary file (a full disk): the chatter is not held
+        held_file = None
+    if held_file is None:
+        if saved >= 0:
+            os.close(saved)
         yield
         return
-    with tempfile.TemporaryFile() as held:
+    with held_file as held:
         os.dup2(held.fileno(), 2)
         failed = False
         try:

@@ -4,14 +4,15 @@ Current runs (trained on the cache the latest `make features` wrote) are ranked;
 listed apart with the reason. CV accuracy with its spread (said what it is), runs compared fold
 by fold on the same outer folds, validation accuracy as the honest figure for the pick,
 per-class results, a confusion-matrix picture per head, identical files (across classes, or in
-train and validation), and every skipped image with its reason. The HTML embeds its pictures
-and escapes every user-given string: one file to open.
+train and validation), and every skipped image with its reason. The HTML, rendered from
+pipeline/templates/report.html.j2 (Jinja2, autoescaped), embeds its pictures and escapes every
+user-given string: one file to open.
 """
 
 from __future__ import annotations
 
 import base64
-import html
+import functools
 import json
 from collections.abc import Callable
 from pathlib import Path
@@ -20,8 +21,8 @@ from typing import Any
 import numpy as np
 
 from pipeline import dataset, duplicates, heads, layout, outputs, pictures, runs, stats, store
+from pipeline.cache_identity import RANDOM_BANNER
 from pipeline.errors import UserError
-from pipeline.features import RANDOM_BANNER
 from pipeline.provenance import environment
 
 Log = Callable[[str], None]
@@ -45,8 +46,10 @@ def _learning_curve(
 
 EXPLAIN = {
     "spread": "CV accuracy is the mean over r seeded partitions of k folds (REPEATS; by default "
-    "more partitions for small collections, where the noise is largest: 10 up to 1,000 training "
-    "images, 5 up to 5,000, 3 up to 20,000, then 1; a third of that for network heads), with "
+    "as many as a time budget (BUDGET, 3 minutes a run) holds at the first partition's cost, "
+    "at most 10 up to 1,000 training images, 5 up to 5,000, 3 up to 20,000, then 1; a third "
+    "of that for network heads; a sweep's race stops after the first partition the runs that "
+    "are already clearly worse than the best, marked 'screened out'), with "
     "its 95 % interval by the corrected resampled t test (Nadeau & Bengio 2003, Bouckaert & "
     "Frank 2004), which accounts for the overlap of training sets between folds. The validation "
     "accuracy has a 95 % Wilson interval.",
@@ -91,6 +94,8 @@ def _entry(r: dict[str, Any]) -> dict[str, Any]:
         "cv_partition_ids": r["cv"].get("partition_ids"),
         "cv_fold_accuracies": r["cv"]["fold_accuracies"],
         "cv_repeats": r["cv"].get("repeats", 1),
+        "repeats_reason": r.get("repeats_reason"),
+        "screened_out": bool(r.get("screened_out")),  # by a sweep's race, after 1 partition
         "cv_protocol": r["cv"].get("protocol", "k-fold"),
         "cv_protocol_reason": r["cv"].get("protocol_reason"),
         "cv_holdout_right": r["cv"].get("holdout_right"),
@@ -392,7 +397,8 @@ def _folds(e: dict[str, Any]) -> str:
     if e.get("cv_protocol") == "holdout":
         return f"held-out split ({e.get('cv_holdout_images') or 0:,} images)"
     r = e.get("cv_repeats", 1)
-    return f"{r}x{e['cv_folds']}" if r > 1 else str(e["cv_folds"])
+    out = f"{r}x{e['cv_folds']}" if r > 1 else str(e["cv_folds"])
+    return out + (" (screened out after the first partition)" if e.get("screened_out") else "")
 
 
 def _protocol(e: dict[str, Any]) -> str:
@@ -522,11 +528,6 @@ def _markdown(rep: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _img(folder: Path, name: str, alt: str) -> str:
-    data = base64.b64encode(outputs.current(folder / name).read_bytes()).decode()
-    return f"<img alt='{html.escape(alt)}' src='data:image/png;base64,{data}'>"
-
-
 def _header_rows(h: dict[str, Any]) -> list[tuple[str, str]]:
     rows = [
         ("DATA", h.get("data")),
@@ -556,159 +557,30 @@ def _confusion_of(e: dict[str, Any]) -> tuple[list[list[int]], str]:
     return e["cv_confusion"], "out-of-fold"
 
 
-def _counts_table(e: dict[str, Any]) -> str:
-    """The confusion matrix's counts as a table (any number of classes; the picture writes
-    them in its cells up to 20 classes), folded under <details>."""
-    esc = html.escape
-    cm, src = _confusion_of(e)
-    head = "".join(f"<th>{esc(c)}</th>" for c in e["classes"])
-    body = "".join(
-        f"<tr><td>{esc(c)}</td>" + "".join(f"<td>{int(v)}</td>" for v in row) + "</tr>"
-        for c, row in zip(e["classes"], cm, strict=True)
-    )
-    return (
-        f"<details class='counts'><summary>confusion counts ({src}; rows: true class, "
-        f"columns: predicted)</summary><div class='scroll'><table><tr><th>true \\ predicted"
-        f"</th>{head}</tr>{body}</table></div></details>"
-    )
-
-
 def _html(rep: dict[str, Any], folder: Path) -> str:
-    esc = html.escape
-    h = rep.get("header") or {}
-    parts = [
-        "<!doctype html><html lang='en'><head><meta charset='utf-8'>"
-        "<meta name='viewport' content='width=device-width, initial-scale=1'>"
-        "<title>Transfer-learning report</title>",
-        "<style>body{font-family:system-ui,sans-serif;margin:1em auto;padding:0 1em;"
-        "max-width:1100px;line-height:1.4}h2{margin-top:1.6em}"
-        ".scroll{overflow-x:auto}table{border-collapse:collapse;margin:.6em 0}"
-        "td,th{border:1px solid #ccc;padding:3px 7px;text-align:right}th{background:#f3f3f3}"
-        "td:first-child,td:nth-child(2),th:first-child{text-align:left}"
-        ".banner{background:#fdd;border:2px solid #c00;padding:1em;font-weight:bold;color:#900}"
-        ".stale{color:#777}img{max-width:100%;height:auto}.ties{overflow-wrap:anywhere}"
-        ".gallery{display:grid;grid-template-columns:repeat(auto-fill,minmax(130px,1fr));gap:.6em}"
-        ".gallery figure{margin:0;border:1px solid #ddd;padding:4px;font-size:12px;"
-        "overflow-wrap:anywhere}.gallery img{width:96px;height:96px;image-rendering:pixelated}"
-        "dl.kv{display:grid;grid-template-columns:max-content 1fr;gap:2px 1em}"
-        "dl.kv dt{font-weight:600}dl.kv dd{margin:0;overflow-wrap:anywhere}</style></head><body>",
-        "<h1>Transfer-learning report</h1>",
-    ]
-    if rep["banner"]:
-        parts.append(f"<p class='banner' id='banner'>{esc(rep['banner'])}</p>")
-    parts.append("<section id='evaluated'><h2>What was evaluated</h2><dl class='kv'>")
-    parts += [f"<dt>{esc(k)}</dt><dd>{esc(v)}</dd>" for k, v in _header_rows(h)]
-    parts.append("</dl>")
-    if h.get("classes"):
-        parts.append(
-            "<div class='scroll'><table><tr><th>class</th><th>train</th><th>validation</th></tr>"
-        )
-        parts += [
-            f"<tr><td>{esc(c['class'])}</td><td>{c['train']}</td><td>{c['validation']}</td></tr>"
-            for c in h["classes"]
-        ]
-        parts.append("</table></div>")
-    if h.get("versions"):
-        parts.append("<details><summary>package versions</summary><dl class='kv'>")
-        parts += [f"<dt>{esc(str(k))}</dt><dd>{esc(str(v))}</dd>" for k, v in h["versions"].items()]
-        parts.append("</dl></details>")
-    parts.append("</section>")
-    parts.append("<section id='meaning'><h2>What the numbers mean</h2><ul>")
-    parts += [f"<li>{esc(t)}</li>" for t in rep["explain"].values()]
-    parts.append("</ul></section>")
-    parts.append("<section id='ranking'><h2>Ranking</h2>")
-    if rep.get("ties"):
-        parts.append(f"<p class='ties' id='ties'><strong>{esc(rep['ties'])}</strong></p>")
-    if rep.get("comparison_png"):
-        parts.append(_img(folder, rep["comparison_png"], "comparison of the current runs"))
-    parts.append(
-        "<div class='scroll'><table><tr><th>rank</th><th>run</th><th>backbone</th><th>head</th>"
-        "<th>pooling</th><th>views</th><th>CV accuracy [95 % interval]</th><th>folds</th>"
-        "<th>vs best (paired, 95 % interval)</th><th>validation accuracy [95 % Wilson]</th>"
-        "<th>train</th><th>validation</th>"
-        "</tr>"
+    """report.html from its template (pipeline/templates/report.html.j2), every name escaped;
+    the pictures embedded (those of this report, not yet renamed into place: `outputs.current`)."""
+    import jinja2
+
+    env = jinja2.Environment(
+        loader=jinja2.PackageLoader("pipeline", "templates"),
+        autoescape=True,
+        trim_blocks=True,
+        lstrip_blocks=True,
+        undefined=jinja2.StrictUndefined,
     )
-    for i, e in enumerate(rep["results"], 1):
-        parts.append(
-            f"<tr><td>{i}</td><td>{esc(e['run'])}</td><td>{esc(e['backbone'])}</td>"
-            f"<td>{esc(e['head'])}</td><td>{esc(e['pooling'])}</td><td>{e['views']}</td>"
-            f"<td>{_ci(e['cv_accuracy_mean'], e['cv_low'], e['cv_high'])}</td>"
-            f"<td>{_folds(e)}</td><td>{esc(_vs(e, i))}</td>"
-            f"<td>{_ci(e['validation_accuracy'], e['validation_low'], e['validation_high'])}</td>"
-            f"<td>{e['n_train']}</td><td>{e['n_validation']}</td></tr>"
-        )
-    parts.append("</table></div>")
-    if not rep["results"]:
-        parts.append("<p>No current run: rerun <code>make train-head</code>.</p>")
-    if rep["stale"]:
-        parts.append(
-            f"<h3>Stale runs ({len(rep['stale'])}), not ranked</h3><ul class='stale' id='stale'>"
-        )
-        parts += [
-            f"<li>{esc(e['run'])}: CV {e['cv_accuracy_mean']:.4f}; {esc(e['stale_reason'])}</li>"
-            for e in rep["stale"]
-        ]
-        parts.append("</ul>")
-    parts.append("</section>")
-    for g in rep.get("galleries", []):
-        parts.append(
-            f"<section class='mistakes'><h2>Mistakes of {esc(g['run'])}</h2><p>{g['mistakes']} "
-            f"misclassified {esc(g['source'])} images, the most confident first (where label "
-            "errors hide)" + (f"; the first {len(g['items'])} shown" if g["mistakes"] > len(
-                g["items"]) else "") + ".</p><div class='gallery'>"
-        )  # fmt: skip
-        for it in g["items"]:
-            pic = (
-                f"<img alt='{esc(it['path'] or '')}' src='data:image/png;base64,"
-                f"{base64.b64encode(it['thumbnail']).decode()}'>"
-                if it.get("thumbnail")
-                else "<div>(image not readable)</div>"
-            )
-            parts.append(
-                f"<figure>{pic}<figcaption><code>{esc(str(it.get('path')))}</code><br>"
-                f"true <b>{esc(it['true'])}</b>, predicted <b>{esc(it['pred'])}</b> "
-                f"({(it.get('probability') or 0):.0%})</figcaption></figure>"
-            )
-        parts.append("</div></section>")
-    parts.append("<section id='runs'>")
-    for e in rep["results"]:
-        parts.append(f"<h2>{esc(e['run'])}</h2>")
-        parts.append(
-            f"<p class='protocol'>evaluation: {esc(_protocol(e))}</p>"
-            f"<p>fold accuracies: {', '.join(f'{a:.3f}' for a in e['cv_fold_accuracies'])}; "
-            f"chosen: {esc(json.dumps(e['final_params']))}</p>"
-        )
-        parts.append(_img(folder, e["confusion_png"], f"confusion matrix of {e['run']}"))
-        parts.append(_counts_table(e))
-        parts.append(
-            f"<div class='scroll'><table><tr><th>class ({esc(e['per_class_source'])})</th>"
-            "<th>precision</th><th>recall</th><th>F1</th><th>support</th></tr>"
-        )
-        for c in e["per_class"]:
-            parts.append(
-                f"<tr><td>{esc(c['class'])}</td><td>{c['precision']:.3f}</td>"
-                f"<td>{c['recall']:.3f}</td><td>{c['f1']:.3f}</td><td>{c['support']}</td></tr>"
-            )
-        parts.append("</table></div>")
-    parts.append("</section>")
-    if rep.get("learning_curve"):
-        c = rep["learning_curve"]
-        parts.append("<section id='curve'><h2>Learning curve</h2>")
-        parts.append(_img(folder, c["png"], "learning curve"))
-        parts.append(f"<p>{esc(c['advice'])}</p></section>")
-    for title, groups in _dup_lines(rep.get("duplicates")):
-        parts.append(f"<h2>Identical files: {esc(title)} ({len(groups)})</h2><ul>")
-        parts += [
-            "<li>"
-            + " = ".join(
-                f"<code>{esc(f['path'])}</code> ({esc(f['class'])}, {esc(f['split'])})"
-                for f in g["files"]
-            )
-            + "</li>"
-            for g in groups
-        ]
-        parts.append("</ul>")
-    parts.append(f"<section id='skipped'><h2>Skipped images ({len(rep['skipped'])})</h2><ul>")
-    parts += [f"<li><code>{esc(s['path'])}</code>: {esc(s['reason'])}</li>" for s in rep["skipped"]]
-    parts.append("</ul></section></body></html>")
-    return "\n".join(parts)
+    b64 = lambda data: base64.b64encode(data).decode()  # noqa: E731
+    return env.get_template("report.html.j2").render(
+        rep=rep,
+        png=lambda name: b64(outputs.current(folder / name).read_bytes()),
+        b64=b64,
+        header_rows=_header_rows,
+        confusion_of=_confusion_of,
+        ci=_ci,
+        folds=_folds,
+        vs=_vs,
+        protocol=_protocol,
+        dup_lines=_dup_lines,
+        dumps=json.dumps,
+        zip=functools.partial(zip, strict=True),
+    )

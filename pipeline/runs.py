@@ -31,11 +31,8 @@ RESULT = "result.json"
 
 
 def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
     with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def run_name(
@@ -61,16 +58,14 @@ def write_run(
     tmp = hdir / f".tmp-{name}.{secrets.token_hex(4)}-{os.getpid()}"
     tmp.mkdir()
     final, old = hdir / name, hdir / f".old-{name}-{os.getpid()}"
+    kept = f"run '{name}' as it was is intact" if final.exists() else "no run was saved"
     try:
-        try:
-            files = save(tmp)
-            result = {**result, "run": name, "files": {p.name: file_sha256(p) for p in files}}
-            with open(tmp / RESULT, "w", encoding="utf-8") as fh:
-                fh.write(json.dumps(result, indent=1))
-                fh.flush()
-                os.fsync(fh.fileno())
+        try:  # each file through `outputs.written` (on disk before the folder takes the name)
+            with outputs.telling(kept, needed=_size(final) or None):
+                files = save(tmp)
+                result = {**result, "run": name, "files": {p.name: file_sha256(p) for p in files}}
+                outputs.write_text(tmp / RESULT, json.dumps(result, indent=1))
         except OSError as e:  # no room: one line; the run as it was stays
-            kept = f"run '{name}' as it was is intact" if final.exists() else "no run was saved"
             told = {"needed": _size(final) or _size(tmp), "kept": kept, "rerun": "the same command"}
             raise store.disk_error(e, tmp, **told) or e from None
         with _one_at_a_time(hdir):  # a second writer waits here: the last one's run stays
@@ -205,7 +200,16 @@ def list_runs(artifacts: Path) -> list[dict[str, Any]]:
             continue
         r["current"], r["stale_reason"] = status(r, artifacts, current)
         out.append(r)
-    return sorted(out, key=lambda r: (not r["current"], -r["cv"]["accuracy_mean"], r["run"]))
+    # a sweep's run screened out after one partition ranks after those that raced
+    return sorted(
+        out,
+        key=lambda r: (
+            not r["current"],
+            bool(r.get("screened_out")),
+            -r["cv"]["accuracy_mean"],
+            r["run"],
+        ),
+    )
 
 
 def pick(artifacts: Path, run: str | None = None) -> dict[str, Any]:

@@ -63,17 +63,13 @@ def corrected_t(
 
 
 def wilson(correct: int, n: int, level: float = LEVEL) -> dict[str, Any]:
-    """The Wilson score interval of a proportion correct/n."""
+    """The Wilson score interval of a proportion correct/n (scipy's `binomtest`)."""
     from scipy import stats as st
 
     if n == 0:
         return {"mean": None, "low": None, "high": None, "n": 0}
-    z = float(st.norm.ppf(0.5 + level / 2))
-    p = correct / n
-    denom = 1 + z * z / n
-    centre = (p + z * z / (2 * n)) / denom
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
-    return {"mean": p, "low": max(0.0, centre - half), "high": min(1.0, centre + half), "n": n}
+    ci = st.binomtest(int(correct), int(n)).proportion_ci(level, method="wilson")
+    return {"mean": correct / n, "low": float(ci.low), "high": float(ci.high), "n": n}
 
 
 def mcnemar(a_right: np.ndarray, b_right: np.ndarray) -> dict[str, Any]:
@@ -86,7 +82,7 @@ def mcnemar(a_right: np.ndarray, b_right: np.ndarray) -> dict[str, Any]:
     a, b = np.asarray(a_right, bool), np.asarray(b_right, bool)
     only_b, only_a = int((~a & b).sum()), int((a & ~b).sum())
     n = only_a + only_b
-    p = 1.0 if n == 0 else float(min(1.0, 2 * st.binom.cdf(min(only_a, only_b), n, 0.5)))
+    p = 1.0 if n == 0 else float(st.binomtest(only_a, n, 0.5).pvalue)  # two-sided
     return {"only_a_right": only_a, "only_b_right": only_b, "p_value": p}
 
 
@@ -105,8 +101,8 @@ def unpack_bits(text: str, n: int) -> np.ndarray:
 
 def paired_holdout(best: np.ndarray, other: np.ndarray) -> dict[str, Any]:
     """best - other on the same held-out images: the difference of paired proportions with
-    its 95 % interval (Wald, from the discordant pairs) and McNemar's exact p; tied when the
-    interval includes 0."""
+    its 95 % interval (Wald, from the discordant pairs, cut to [-1, 1]) and McNemar's exact p;
+    tied when the interval includes 0 or the exact test finds no difference (p >= 0.05)."""
     from scipy import stats as st
 
     best, other = np.asarray(best, bool), np.asarray(other, bool)
@@ -115,16 +111,19 @@ def paired_holdout(best: np.ndarray, other: np.ndarray) -> dict[str, Any]:
     d = (only_b - only_o) / n if n else 0.0
     se = np.sqrt(max(0.0, only_b + only_o - (only_b - only_o) ** 2 / n)) / n if n else 0.0
     z = float(st.norm.ppf(0.5 + LEVEL / 2))
-    low, high = d - z * se, d + z * se
+    low, high = max(-1.0, d - z * se), min(1.0, d + z * se)
+    p = mcnemar(best, other)["p_value"]
     return {
         "diff_mean": float(d),
         "diff_low": float(low),
         "diff_high": float(high),
-        "p_value": mcnemar(best, other)["p_value"],
+        "p_value": p,
         "better_folds": int(d > 0),
         "worse_folds": int(d < 0),
         "folds": 1,
-        "tied": bool(low <= 0 <= high),
+        # the Wald interval collapses on few discordant pairs ([1, 1] from two): the exact
+        # test must agree before a difference is called one
+        "tied": bool(low <= 0 <= high or p >= 1 - LEVEL),
     }
 
 
@@ -158,6 +157,53 @@ def default_repeats(n_train: int, slow: bool = False) -> int:
         r = max(1, r // 3)
     cap = os.environ.get("PIPELINE_MAX_REPEATS")
     return max(1, min(r, int(cap))) if cap else r
+
+
+BUDGET_MINUTES = 3.0  # what one run's cross-validation may take by default (PIPELINE_BUDGET)
+
+
+def budget_minutes(budget: float | None = None) -> float:
+    """The time budget of one run's cross-validation, in minutes: `budget` (BUDGET=), else
+    PIPELINE_BUDGET, else BUDGET_MINUTES."""
+    import os
+
+    from pipeline.errors import UserError
+
+    if budget is None:
+        env = os.environ.get("PIPELINE_BUDGET", "").strip()
+        budget = float(env) if env else BUDGET_MINUTES
+    if not budget > 0:
+        raise UserError(f"BUDGET must be a positive number of minutes; got {budget}")
+    return float(budget)
+
+
+def budget_repeats(first_s: float, budget_min: float, most: int) -> int:
+    """Repeats by time: as many partitions as the budget holds at the first one's cost, at
+    least 1 (the one already made) and at most `most` (`default_repeats`: past it the interval
+    narrows little)."""
+    fits = int(budget_min * 60 // max(first_s, 1e-6))
+    return max(1, min(most, fits))
+
+
+def seconds(s: float) -> str:
+    """41 s, 3.2 min: a duration as a person reads it."""
+    return f"{s:.0f} s" if s < 90 else f"{s / 60:.1f} min"
+
+
+RACE_MARGIN = 0.01  # a run this close to the best on the mean keeps racing, tied or not
+
+
+def keeps_racing(
+    best: dict[str, Any], other: dict[str, Any], margin: float = RACE_MARGIN
+) -> tuple[bool, dict[str, Any] | None]:
+    """Whether `other` stays in a race against the current `best` (their CV results so far):
+    their paired 95 % interval on the partitions they share includes 0, or `other` is within
+    `margin` of `best` on the mean difference, or the two cannot be paired. The comparison
+    comes back with the verdict."""
+    pv = paired_runs(best, other)
+    if pv is None:
+        return True, None
+    return bool(pv["tied"] or pv["diff_mean"] <= margin), pv
 
 
 WIDE = 0.2  # an interval at least this wide says why in the same line
@@ -197,6 +243,8 @@ def cv_line(cv: dict[str, Any]) -> str:
         if cv.get("repeats", 1) > 1
         else (f"{cv['folds']} folds")
     )
+    if cv.get("screened_out"):
+        what += ", screened out after the first partition"
     if cv.get("accuracy_low") is None:
         return f"{cv['accuracy_mean']:.4f} ({what})"
     return (

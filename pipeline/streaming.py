@@ -37,6 +37,7 @@ from sklearn.preprocessing import StandardScaler
 
 from pipeline import views
 from pipeline.errors import UserError
+from pipeline.inner import INNER_FOLDS, InnerCV, fit
 from pipeline.store import rows as store_rows
 from pipeline.store.rows import Rows
 
@@ -152,8 +153,6 @@ class StreamingSGD(ClassifierMixin, BaseEstimator):
         )
 
     def fit(self, X: Any, y: np.ndarray, groups: np.ndarray | None = None) -> StreamingSGD:
-        from pipeline.heads import INNER_FOLDS, InnerCV, fit
-
         y = np.asarray(y)
         self.classes_ = np.unique(y)
         self.scaler_ = StandardScaler()

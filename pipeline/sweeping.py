@@ -40,8 +40,17 @@ def run_sweep(
     backbones: str = "",
     extraction: dict[str, Any] | None = None,
     repeats: int | None = None,
+    race: bool = True,
+    margin: float = stats.RACE_MARGIN,
+    budget: float | None = None,
 ) -> dict[str, Any]:
     """Train every combination, rank them, and write the best one's learning curve.
+
+    `race` (the default): every combination is scored on the first partition; only those
+    the data cannot yet tell from the best (paired 95 % interval including 0, or within
+    `margin` of it) go on to their repeats (`repeats`, else by time: `budget` minutes a run);
+    the others are saved with their first partition's figure, marked `screened_out`.
+    `race=False` gives every combination all its repeats.
 
     With `backbones` (e.g. "vgg16,resnet50") and `extraction` (data, weights, size, batch,
     precision, dtype, augment for `features.extract`), each backbone is extracted once into its
@@ -88,29 +97,42 @@ def run_sweep(
                 raise UserError(f"HEAD={h} has its own command (`make {h}`); leave it out of HEADS")
         for p in pool_list:
             store.pool(np.zeros((1, 1, 1, 1), np.float32), p)
+        todo = [
+            (b, c, v, h, p) for b, c in caches for v in view_list for h in names for p in pool_list
+        ]
+        where = [
+            f"{b + ', ' if b else ''}{h}, {p} pooling, {v} augmented views"
+            for b, _, v, h, p in todo
+        ]
+
+        def train(i: int, **stage: Any) -> dict[str, Any]:
+            _, cache, v, h, p = todo[i]
+            return train_head(
+                artifacts, h, pooling=p, folds=folds, seed=seed, views=v, log=log,
+                client=client, features=cache, repeats=repeats, budget=budget, **stage,
+            )  # fmt: skip
+
+        first: list[dict[str, Any]] = []
+        keep = [True] * len(todo)
+        if race:
+            for i in range(len(todo)):
+                log(f"--- sweep: {where[i]}: first partition")
+                first.append(train(i, first_only=True))
+            keep = _race(first, where, margin, log)
         results = []
         full_results: list[dict[str, Any]] = []
-        for b, cache in caches:
-            for v in view_list:
-                for h in names:
-                    for p in pool_list:
-                        where = f"{b + ', ' if b else ''}{h}, {p} pooling"
-                        log(f"--- sweep: {where}, {v} augmented views")
-                        r = train_head(
-                            artifacts,
-                            h,
-                            pooling=p,
-                            folds=folds,
-                            seed=seed,
-                            views=v,
-                            log=log,
-                            client=client,
-                            features=cache,
-                            repeats=repeats,
-                        )
-                        results.append(_row(r, h, p, v))
-                        full_results.append(r)
-        results.sort(key=lambda r: (-r["cv_accuracy_mean"], r["run"]))  # ties: by name
+        for i, (_, _, v, h, p) in enumerate(todo):
+            out_now = "" if keep[i] else ": screened out after the first partition"
+            log(f"--- sweep: {where[i]}{out_now}")
+            if race:
+                r = train(i, resume=first[i], screened_out=not keep[i])
+            else:
+                r = train(i)
+            results.append(_row(r, h, p, v))
+            full_results.append(r)
+        # a run screened out after one partition ranks after those that raced: its figure
+        # stands on fewer partitions, and the race found it worse than the best
+        results.sort(key=lambda r: (r["screened_out"], -r["cv_accuracy_mean"], r["run"]))
         best = results[0]
         by_run = {r["run"]: r["cv"] for r in full_results}
         top = by_run[best["run"]]
@@ -122,7 +144,16 @@ def run_sweep(
         tied = [r["run"] for r in results[1:] if r["tied_with_best"]]
         if tied:
             log(f"tied with the best (paired 95 % interval includes 0): {', '.join(tied)}")
-        log(f"best: {best['run']} {best['cv_accuracy_mean']:.4f} ± {best['cv_accuracy_std']:.4f}")
+        log(
+            f"best: {best['run']} {best['cv_accuracy_mean']:.4f} ± {best['cv_accuracy_std']:.4f} "
+            f"({best['repeats']}x{best['folds']} folds)"
+        )
+        fits = sum(len(r["cv"]["fold_accuracies"]) for r in full_results)
+        screened = [r["run"] for r in results if r["screened_out"]]
+        log(
+            f"sweep: {len(results)} runs, {fits} fold fits"
+            + (f", {len(screened)} screened out after the first partition" if race else "")
+        )
         cache = layout.cache_by_name(artifacts, best["cache"])
         ranked = next(r for r in full_results if r["run"] == best["run"])
         curve = learning_curve(
@@ -131,6 +162,12 @@ def run_sweep(
         attrs = store.read_attrs(cache)
         out = {
             "ranking": results,
+            "race": {
+                "raced": race,
+                "margin": margin if race else None,
+                "screened_out": screened,
+                "fold_fits": fits,
+            },
             "learning_curve": curve,
             "features": {
                 "file": cache.name,
@@ -159,9 +196,43 @@ def _row(r: dict[str, Any], h: str, p: str, v: int) -> dict[str, Any]:
         "views": v,
         "cv_accuracy_mean": r["cv"]["accuracy_mean"],
         "cv_accuracy_std": r["cv"]["accuracy_std"],
+        "folds": r["cv"]["folds"],
+        "repeats": r["cv"].get("repeats", 1),
+        "repeats_reason": r.get("repeats_reason"),
+        "screened_out": bool(r.get("screened_out")),
         "validation_accuracy": (r["validation"] or {}).get("accuracy"),
         "cache": r["features"]["file"],
     }
+
+
+def _race(first: list[dict[str, Any]], where: list[str], margin: float, log: Log) -> list[bool]:
+    """Which runs go on past the first partition: the best on it, those whose paired 95 %
+    interval against it (on the partition they share) includes 0 or that are within `margin`
+    of it, and those planned for one partition anyway. The rest are screened out."""
+    top = max(range(len(first)), key=lambda i: (first[i]["cv"]["accuracy_mean"], -i))
+    keep, out = [], []
+    for i, f in enumerate(first):
+        more = f["repeats_planned"] > int(f["cv"]["repeats"])
+        goes_on, pv = (
+            (True, None)
+            if i == top or not more
+            else stats.keeps_racing(first[top]["cv"], f["cv"], margin)
+        )
+        keep.append(goes_on)
+        if not goes_on and pv is not None:
+            out.append(
+                f"{where[i]} {f['cv']['accuracy_mean']:.4f} ({-pv['diff_mean']:+.4f}, 95 % "
+                f"interval {-pv['diff_high']:+.4f} to {-pv['diff_low']:+.4f} vs the best)"
+            )
+    raced = sum(f["repeats_planned"] > int(f["cv"]["repeats"]) for f in first)
+    if raced:
+        log(
+            f"race after the first partition: best {where[top]} "
+            f"{first[top]['cv']['accuracy_mean']:.4f}; {raced - len(out)} of {raced} run(s) go "
+            f"on (paired 95 % interval with the best includes 0, or within {margin:.1%} of "
+            f"it); screened out: {'; '.join(out) or 'none'}"
+        )
+    return keep
 
 
 def learning_curve(

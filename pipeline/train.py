@@ -18,8 +18,20 @@ from typing import Any
 
 import numpy as np
 
-from pipeline import cluster, dataset, duplicates, evaluate, heads, layout, runs, stats, store
+from pipeline import (
+    cluster,
+    dataset,
+    duplicates,
+    evaluate,
+    heads,
+    inner,
+    layout,
+    runs,
+    stats,
+    store,
+)
 from pipeline import views as views_of
+from pipeline.cache_identity import augment_settings
 from pipeline.errors import UserError
 from pipeline.provenance import environment
 from pipeline.seeding import set_seeds
@@ -95,8 +107,21 @@ def train_head(
     log: Log = print,
     client: Any = None,
     repeats: int | None = None,
+    budget: float | None = None,
+    first_only: bool = False,
+    resume: dict[str, Any] | None = None,
+    screened_out: bool = False,
 ) -> dict[str, Any]:
     """Cross-validate, validate and save one head; return its result (also in result.json).
+
+    `repeats=None` chooses the partitions by time: as many as `budget` minutes (BUDGET,
+    default `stats.BUDGET_MINUTES`) hold at the first partition's cost, at most
+    `stats.default_repeats`; the log and `result["repeats_reason"]` say which and why.
+
+    A sweep's race in two stages: `first_only` scores the first partition and returns it with
+    the repeats planned (nothing fitted on all rows, nothing saved); `resume` (that return)
+    goes on to `repeats` partitions (default: the planned ones), or with `screened_out` stops
+    at the first and records it so.
 
     `folds=None` sizes the evaluation to the data (`evaluate.protocol`): k-fold up to
     HOLDOUT_ABOVE training images, one held-out split above; a number asks for k-fold.
@@ -119,7 +144,7 @@ def train_head(
             held.enter_context(store.reading(path.parent))
         return _train(
             artifacts, head, info, p, pooling, folds, seed, path, n_jobs, views, log, client,
-            repeats, lazy, t0,
+            repeats, lazy, t0, budget, first_only, resume, screened_out,
         )  # fmt: skip
 
 
@@ -139,6 +164,10 @@ def _train(
     repeats: int | None,
     lazy: bool,
     t0: float,
+    budget: float | None = None,
+    first_only: bool = False,
+    resume: dict[str, Any] | None = None,
+    screened_out: bool = False,
 ) -> dict[str, Any]:
     data = load(
         path, pooling, views, seed, lazy, lambda n, d: heads.check_memory(info, n, d, client)
@@ -195,8 +224,19 @@ def _train(
         if repeats not in (None, 1):
             log(f"REPEATS={repeats} ignored: one held-out split (FOLDS=k for repeated k-fold)")
         repeats = 1
-    if repeats is None:  # by cost: more partitions where the noise is largest, fits cheapest
-        repeats = stats.default_repeats(n_orig, slow=not info.parallel_folds)
+    key, did = idx.attrs.get("cache_key"), idx.attrs.get("data_id")
+    prior = None
+    if resume is not None:  # the race's second stage: the first partition is scored
+        if (resume["cache_key"], resume["data_id"]) != (key, did):
+            raise UserError(
+                f"the cache '{path.name}' changed during the sweep (a concurrent `make "
+                "features`?); run the sweep again"
+            )
+        prior, why = resume["cv"], [resume["repeats_reason"]]
+        done = int(prior["repeats"])
+        choose: Any = done if screened_out else max(done, repeats or resume["repeats_planned"])
+    else:
+        choose, why = _repeats_plan(repeats, protocol, budget, info, n_orig, log)
     log(f"evaluation: {protocol['reason']}")
     t_cv = time.perf_counter()
     # on a cluster: the outer folds on the workers, each reading its rows from the cache
@@ -209,11 +249,25 @@ def _train(
             seed,
             n_jobs=n_jobs,
             log=log,
-            repeats=repeats,
+            repeats=1 if first_only else choose,
             holdout=protocol["holdout"],
+            prior=prior,
         )
     cv["protocol_reason"] = protocol["reason"]
-    cv_s = time.perf_counter() - t_cv
+    cv_s = time.perf_counter() - t_cv + (resume or {}).get("cv_s", 0.0)
+    if first_only:  # the race's first stage: what the first partition says, and the plan
+        planned = choose(cv["partition_seconds"][0]) if callable(choose) else int(choose)
+        return {
+            "cv": cv,
+            "cv_s": cv_s,
+            "repeats_planned": planned,
+            "repeats_reason": why[0],
+            "cache_key": key,
+            "data_id": did,
+        }
+    repeats, why = int(cv["repeats"]), why[0]
+    if screened_out:
+        cv["screened_out"] = True
     log(f"{'held-out' if protocol['holdout'] else 'cross-validated'} accuracy {stats.cv_line(cv)}")
     t_fit = time.perf_counter()
     est = heads.make(info, p, seed, context)
@@ -239,7 +293,6 @@ def _train(
             f"validation accuracy {validation['accuracy']:.4f} on {len(va.y)} images "
             f"(95 % interval {w['low']:.3f} to {w['high']:.3f}, Wilson)"
         )
-    key, did = idx.attrs.get("cache_key"), idx.attrs.get("data_id")
     bb = context["backbone"]
     base = (f"{bb}-" if bb != "vgg16" else "") + run_base(head, pooling, p, views)
     name = runs.run_name(
@@ -254,6 +307,8 @@ def _train(
         "seed": seed,
         "folds_asked": protocol["asked"],
         "repeats": repeats,
+        "repeats_reason": why,
+        "screened_out": screened_out,
         "classes": classes,
         "n_train": n_orig,
         "views": views,
@@ -283,6 +338,45 @@ def _train(
     return result
 
 
+def _repeats_plan(
+    repeats: int | None,
+    protocol: dict[str, Any],
+    budget: float | None,
+    info: heads.HeadInfo,
+    n_orig: int,
+    log: Log,
+) -> tuple[Any, list[str]]:
+    """How many partitions, and why (said in the log): a number (REPEATS, or 1 for a held-out
+    split), or by time a function of the first partition's seconds, which says its choice."""
+    if protocol["holdout"]:
+        return 1, ["one held-out split"]
+    if repeats is not None:
+        log(f"repeats: {repeats} (REPEATS={repeats} asked)")
+        return repeats, [f"REPEATS={repeats} asked"]
+    minutes = stats.budget_minutes(budget)
+    most = stats.default_repeats(n_orig, slow=not info.parallel_folds)
+    why = [""]
+    if most == 1:
+        log(f"repeats: 1 (at most 1 for {n_orig:,} training images)")
+        why[0] = f"at most 1 for {n_orig:,} training images"
+        return 1, why
+    log(
+        f"repeats: by time, up to {most} for {n_orig:,} training images (budget {minutes:g} "
+        "min a run, BUDGET=; REPEATS=r fixes it)"
+    )
+
+    def by_time(first_s: float) -> int:
+        r = stats.budget_repeats(first_s, minutes, most)
+        why[0] = (
+            f"first partition took {stats.seconds(first_s)}; budget {minutes:g} min, at most "
+            f"{most} for {n_orig:,} training images"
+        )
+        log(f"repeats: {r} ({why[0]})")
+        return r
+
+    return by_time, why
+
+
 def _with_views(
     path: Path,
     idx: store.Index,
@@ -300,8 +394,6 @@ def _with_views(
     identities read a block at a time, and the rows keep NumPy columns only (a view's hash and
     path are its image's, read when asked: `store.reader.WithViews`).
     """
-    from pipeline.features import augment_settings
-
     apath = layout.augment_path(path, seed)
     fix = f"run `make features AUGMENT={views} SEED={seed}` (same settings as the cache)"
     if not apath.is_file():
@@ -389,4 +481,4 @@ def _concat(a: Any, b: Any) -> Any:
 
 def fit_on(est: Any, X: Any, y: np.ndarray, groups: np.ndarray) -> Any:
     """Fit the saved head on all training rows (here, or on a cluster's worker)."""
-    return heads.fit(est, evaluate.for_head(est, X), y, groups)
+    return inner.fit(est, evaluate.for_head(est, X), y, groups)

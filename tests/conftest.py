@@ -58,6 +58,52 @@ def make_dataset(
     return root
 
 
+@pytest.fixture(scope="session", autouse=True)
+def one_backbone_per_setting():
+    """Each random-weights backbone is built once per test session and reused by every test
+    (a build is a fraction of a second, made a few hundred times; the model is frozen, so a
+    reused one embeds the same). Weights files are built each time: a test may rewrite one."""
+    from pipeline import backbone
+
+    real = backbone.build
+    built: dict[BackboneSpec, object] = {}
+
+    def build(spec: BackboneSpec):
+        if spec.weights != "none":
+            return real(spec)
+        if spec not in built:
+            built[spec] = real(spec)
+        return built[spec]
+
+    backbone.build = build
+    yield
+    backbone.build = real
+
+
+@pytest.fixture(scope="session")
+def dask_scheduler():
+    """One local Dask cluster of two worker processes for the whole session; the tests reach
+    it through its scheduler's address, as CLUSTER=tcp://host:port reaches a user's."""
+    pytest.importorskip("distributed")
+    from distributed import LocalCluster
+
+    with LocalCluster(
+        n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0", silence_logs=40
+    ) as lc:
+        assert lc.scheduler_address.startswith("tcp://")
+        yield lc.scheduler_address
+
+
+@pytest.fixture(scope="session")
+def two_workers(dask_scheduler):
+    """A client of the session's cluster, connected as `CLUSTER=tcp://...` connects."""
+    from pipeline import cluster
+
+    with cluster.client(dask_scheduler) as c:
+        c.wait_for_workers(2, timeout=120)
+        yield c
+
+
 @pytest.fixture
 def spec() -> BackboneSpec:
     return BackboneSpec(weights="none", input_size=SIZE, seed=0)

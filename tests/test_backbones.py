@@ -8,8 +8,9 @@ from conftest import make_dataset
 
 from pipeline import store
 from pipeline.backbone import FAMILIES, BackboneSpec, build, family, preprocess
+from pipeline.cache_identity import cache_settings
 from pipeline.errors import UserError
-from pipeline.features import cache_settings, extract
+from pipeline.features import extract
 
 
 @pytest.fixture(scope="module")

@@ -8,14 +8,14 @@ import sys
 import numpy as np
 import pytest
 
-from pipeline import bench
+from pipeline.bench import instruments
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="VmHWM is Linux's")
 def test_peak_memory_of_a_child_is_its_own_not_its_parents():
     """On Linux a child's ru_maxrss starts at its parent's; the bench reads the child's own."""
     big = np.ones(400 * 2**20 // 8)  # 400 MiB, touched, in this (parent) process
-    code = f"print({bench.PEAK_EXPR} // 1024)"
+    code = f"print({instruments.PEAK_EXPR} // 1024)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     child_mib = int(out.stdout)
     assert 0 < child_mib < 200, child_mib
@@ -23,7 +23,7 @@ def test_peak_memory_of_a_child_is_its_own_not_its_parents():
 
 
 def test_the_store_at_scale_part_measures_through_the_store(tmp_path):
-    from pipeline.bench_store import store_at_scale
+    from pipeline.bench.store import store_at_scale
 
     res = store_at_scale(tmp_path, (600, 1200), batch=32, heads=False)
     small, big = res["sizes"]["600"], res["sizes"]["1200"]
@@ -35,7 +35,7 @@ def test_the_store_at_scale_part_measures_through_the_store(tmp_path):
 
 def test_the_heads_part_measures_each_head_in_one_process(tmp_path):
     """logreg and sgd through the command, each alone (--jobs 1): seconds, peak, protocol."""
-    from pipeline import bench_store
+    from pipeline.bench import store as bench_store
 
     path = tmp_path / "cache.h5"
     bench_store.sync(path, bench_store._rows(0, 400), batch=200, channels=16, signal=0.6)

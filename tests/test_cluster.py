@@ -35,15 +35,19 @@ def _same_cache(a, b) -> None:
     assert fa["cache_key"] == ga["cache_key"] and fa["data_id"] == ga["data_id"]
 
 
-@pytest.fixture(scope="module")
-def two_workers():
-    with cluster.client("local:2") as c:
-        yield c
+def _builds(c) -> dict[str, int]:
+    return c.run(lambda: len(cluster._BUILDS))
 
 
-def test_two_worker_processes_make_the_same_cache(tmp_path, spec, quiet, two_workers):
+def test_two_worker_processes_make_the_same_cache(tmp_path, quiet, two_workers):
+    """On the session's two workers (`two_workers`: reached by its tcp:// address), with a
+    backbone setting no other test uses, so that each worker's builds are this test's."""
+    from pipeline.backbone import BackboneSpec
+
     log, _ = quiet
+    spec = BackboneSpec(weights="none", input_size=32, seed=23)
     data = make_dataset(tmp_path / "data", per_class=8, validation=2)
+    before = _builds(two_workers)
     one = extract(data, tmp_path / "one", spec, batch_size=4, log=log)
     seen: list[dict] = []
     fn = cluster.embedder(two_workers)
@@ -57,7 +61,7 @@ def test_two_worker_processes_make_the_same_cache(tmp_path, spec, quiet, two_wor
     assert two.new == one.new == 30 and len(seen) == 8
     _same_cache(one.cache, two.cache)
     # each worker process built the backbone once, however many batches it ran
-    builds = two_workers.run(lambda: len(cluster._BUILDS))
+    builds = {w: n - before[w] for w, n in _builds(two_workers).items()}
     assert set(builds.values()) <= {0, 1} and sum(builds.values()) >= 1
     # folds on the cluster give the same numbers as folds here
     here = train_head(tmp_path / "one", "logreg", folds=3, log=log)
@@ -142,15 +146,43 @@ def test_random_weights_are_the_same_in_every_process_and_build(two_workers, spe
     assert _weight_sums(spec.input_size, 1) != here
 
 
-def test_cluster_setting_is_checked():
+def test_cluster_setting_is_checked(monkeypatch):
     assert cluster.parse("local:3") == ("local", 3)
     assert cluster.parse("tcp://10.0.0.1:8786") == ("address", "tcp://10.0.0.1:8786")
     assert cluster.parse("") is None
     with pytest.raises(UserError, match="CLUSTER must be local:N .* got 'local:0'"):
         cluster.parse("local:0")
+    # nothing listens there: tried for CONNECT_TIMEOUT (20 s; 2 s here), then one line
+    monkeypatch.setattr(cluster, "CONNECT_TIMEOUT", "2s")
+    t0 = time.perf_counter()
     with pytest.raises(UserError, match="cannot reach the Dask scheduler at tcp://127.0.0.1:9"):
         with cluster.client("tcp://127.0.0.1:9"):
             pass
+    assert time.perf_counter() - t0 < 15
+
+
+def test_a_scheduler_address_is_reached_and_its_workers_do_the_work(
+    dask_scheduler, two_workers, tmp_path
+):
+    """CLUSTER=tcp://host:port (the session's scheduler): the library reaches it, its workers
+    embed (they build the backbone) and cross-validate, with the numbers of one process."""
+    import pipeline
+
+    assert cluster.parse(dask_scheduler) == ("address", dask_scheduler)
+    data = make_dataset(tmp_path / "data", per_class=4, n_classes=2)
+    q = lambda s: None  # noqa: E731
+    kw = {"weights": "none", "size": 32, "seed": 29, "log": q}  # a setting only this test uses
+    before = _builds(two_workers)
+    there = pipeline.extract(data, tmp_path / "there", cluster=dask_scheduler, **kw)
+    assert sum(_builds(two_workers).values()) > sum(before.values())  # embedded on a worker
+    here = pipeline.extract(data, tmp_path / "here", **kw)
+    assert there.new == here.new == 8
+    _same_cache(here.cache, there.cache)
+    a = pipeline.train_head(tmp_path / "here", "logreg", folds=2, params={"C": 1}, log=q)
+    b = pipeline.train_head(
+        tmp_path / "there", "logreg", folds=2, params={"C": 1}, cluster=dask_scheduler, log=q
+    )
+    assert a["cv"]["fold_accuracies"] == b["cv"]["fold_accuracies"]
 
 
 def test_a_worker_with_other_weights_is_refused_by_name(tmp_path, quiet, two_workers, monkeypatch):

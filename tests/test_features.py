@@ -12,7 +12,8 @@ from conftest import SIZE, make_dataset, write_image
 
 from pipeline import store
 from pipeline.backbone import BackboneSpec, preprocess
-from pipeline.features import cache_settings, extract
+from pipeline.cache_identity import cache_settings
+from pipeline.features import extract
 from pipeline.layout import current_cache
 
 
@@ -94,11 +95,21 @@ def test_add_change_delete_recompute_exactly_one(dataset, tmp_path, spec, quiet)
 
 
 def test_moved_file_is_not_recomputed(dataset, tmp_path, spec, quiet):
+    """A renamed file keeps its row, under its new path, with the very same features; the old
+    path is gone (not an extra row), and nothing is embedded again."""
     log, _ = quiet
-    extract(dataset, tmp_path / "art", spec, log=log)
-    (dataset / "train/class_0/img_002.png").rename(dataset / "train/class_0/renamed.png")
+    first = extract(dataset, tmp_path / "art", spec, log=log)
+    old, new = "train/class_0/img_002.png", "train/class_0/renamed.png"
+    idx = store.read_index(first.cache)
+    before = store.read_column(first.cache, "features")[idx.paths.index(old)]
+    (dataset / old).rename(dataset / new)
     s = extract(dataset, tmp_path / "art", spec, log=log)
     assert (s.new, s.removed) == (0, 1)
+    idx = store.read_index(s.cache)
+    assert new in idx.paths and old not in idx.paths and len(idx.paths) == 33
+    row = idx.paths.index(new)
+    assert idx.split[row] == "train" and idx.labels_by_name[row] == "class_0"
+    np.testing.assert_array_equal(store.read_column(s.cache, "features")[row], before)
 
 
 def test_other_settings_never_mix(dataset, tmp_path, spec, quiet):

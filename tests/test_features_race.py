@@ -20,14 +20,6 @@ TARGET = "train/class_0/img_000.png"
 SUMMARY = "(1 changed while they were read: rerun `make features`)"
 
 
-@pytest.fixture(scope="module")
-def one_worker():
-    """A local Dask cluster of one worker process (CLUSTER=local:1), shared by the module."""
-    pytest.importorskip("distributed")
-    with cluster.client("local:1") as c:
-        yield c
-
-
 def _sha(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
@@ -69,12 +61,13 @@ def _same_rows(a: Path, b: Path) -> None:
         np.testing.assert_allclose(v, rb[k][1], rtol=1e-3, atol=1e-3, err_msg=str(k))
 
 
-@pytest.mark.parametrize("where", ["here", "local:1"])
+@pytest.mark.parametrize("where", ["here", "cluster"])
 def test_a_file_rewritten_after_hashing_is_never_cached_under_the_old_hash(
     tmp_path, spec, quiet, decoded, monkeypatch, request, where
 ):
+    """Here, and on the session's Dask workers (`two_workers`, reached by address)."""
     log, lines = quiet
-    fn = cluster.embedder(request.getfixturevalue("one_worker")) if where != "here" else None
+    fn = cluster.embedder(request.getfixturevalue("two_workers")) if where != "here" else None
     data = make_dataset(tmp_path / "data", per_class=2, n_classes=2)
     target = data / TARGET
     old_sha = _sha(target)

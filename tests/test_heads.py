@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import pickle
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -22,16 +23,27 @@ from pipeline.train import train_head
 FAST_DENSE = {"epochs": "30", "hidden": "32", "learning_rate": "1e-3"}
 
 
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    """The images and their feature cache, made once for the module."""
+    from conftest import SIZE
+
+    from pipeline.backbone import BackboneSpec
+
+    root = tmp_path_factory.mktemp("heads")
+    data = make_dataset(root / "data", per_class=10, validation=4)
+    extract(data, root / "art", BackboneSpec("none", input_size=SIZE), log=lambda s: None)
+    return root
+
+
 @pytest.fixture
-def cached(tmp_path, spec, quiet):
-    log, _ = quiet
-    data = make_dataset(tmp_path / "data", per_class=10, validation=4)
-    art = tmp_path / "art"
-    extract(data, art, spec, log=log)
-    return art
+def cached(built, tmp_path):
+    """Each test its own copy of the module's cache (its runs are its own)."""
+    shutil.copytree(built, tmp_path / "copy", symlinks=True)
+    return tmp_path / "copy" / "art"
 
 
-@pytest.mark.parametrize("head", ["logreg", "svm", "sgd", "dense"])
+@pytest.mark.parametrize("head", ["logreg", "svm", "sgd", "knn", "dense"])
 def test_each_head_learns_and_is_saved(cached, head, quiet):
     log, _ = quiet
     params = FAST_DENSE if head == "dense" else {}
@@ -61,10 +73,24 @@ def test_each_head_learns_and_is_saved(cached, head, quiet):
 
 
 def test_results_are_repeatable_with_a_seed(cached, quiet):
+    """The same seed: the same probabilities, bit for bit (out of fold, and the saved head's
+    on the validation images); another seed: other probabilities (the seed is used)."""
     log, _ = quiet
-    a = train_head(cached, "dense", folds=2, params=FAST_DENSE, seed=3, log=log)
-    b = train_head(cached, "dense", folds=2, params=FAST_DENSE, seed=3, log=log)
-    assert a["cv"]["oof_pred"] == b["cv"]["oof_pred"]
+    short = {"epochs": "3", "hidden": "16", "learning_rate": "1e-3"}  # learning is not the point
+    va = store.load_features(layout.current_cache(cached), "avg", "validation", canonical=True)
+
+    def run(seed: int) -> tuple[dict, np.ndarray]:
+        r = train_head(cached, "dense", folds=2, params=short, seed=seed, log=log)
+        saved = json.loads((cached / "heads" / r["run"] / "result.json").read_text())
+        return r, runs.load_estimator(cached, saved).predict_proba(va.X)
+
+    (a, pa), (b, pb), (c, pc) = run(3), run(3), run(4)
+    assert a["cv"]["oof_probability"] == b["cv"]["oof_probability"]
+    assert a["cv"]["fold_accuracies"] == b["cv"]["fold_accuracies"]
+    assert pa.tobytes() == pb.tobytes()  # bit for bit
+    assert a["run"] != c["run"]
+    assert a["cv"]["oof_probability"] != c["cv"]["oof_probability"]
+    assert not np.allclose(pa, pc, rtol=0, atol=1e-6)
 
 
 def test_sklearn_heads_never_import_tensorflow(cached):
@@ -135,10 +161,10 @@ def test_folds_below_two_is_an_error():
 def test_unknown_head_lists_valid_ones():
     with pytest.raises(
         UserError,
-        match="HEAD must be one of logreg, svm, svm-linear, svm-nystroem, sgd, dense, finetune; "
-        "got .knn.",
+        match="HEAD must be one of logreg, svm, svm-linear, svm-nystroem, sgd, knn, dense, "
+        "finetune; got .forest.",
     ):
-        heads.get("knn")
+        heads.get("forest")
 
 
 @pytest.mark.parametrize(
@@ -190,3 +216,33 @@ def test_damaged_cache_is_detected(cached, quiet):
     path.write_bytes(path.read_bytes()[:300])
     with pytest.raises(UserError, match="is damaged.*rerun `make features`"):
         train_head(cached, "logreg", log=log)
+
+
+def test_knn_tunes_k_inside_the_folds_and_shares_the_audits_neighbours():
+    """HEAD=knn: k and the weighting are chosen on inner folds (k above an inner split's rows
+    is cut, never an error), and its neighbours are the audit's on the same features."""
+    from sklearn.pipeline import Pipeline
+
+    from pipeline import audit
+
+    rng = np.random.default_rng(0)
+    X = np.abs(rng.normal(size=(40, 16))) + np.repeat(np.eye(4, 16) * 4, 10, axis=0)
+    y = np.repeat(np.arange(4), 10)
+    est = heads.make(heads.HEADS["knn"], {}, seed=0)
+    est.fit(X, y, groups=np.arange(40))
+    chosen = heads.chosen_params(est)
+    assert chosen["n_neighbors"] in (1, 3, 5, 10, 20) and chosen["weights"] in (
+        "uniform", "distance",
+    )
+    assert (est.predict(X) == y).mean() >= 0.9
+    tiny = heads.make(heads.HEADS["knn"], {"n_neighbors": 50}, seed=0).fit(X[:8], y[:8] % 2)
+    assert tiny.predict(X[:8]).shape == (8,)  # k cut to the 8 rows it has
+    pipe = heads.make(heads.HEADS["knn"], {"n_neighbors": 3, "weights": "uniform"}, seed=0)
+    assert isinstance(pipe, Pipeline)
+    pipe.fit(X, y)
+    Z = pipe.named_steps["scale"].transform(X)
+    _, idx = pipe.named_steps["clf"].knn_.kneighbors(audit.normalize(Z[:5]), 4)
+    _, mine = audit.neighbours(Z, 3)
+    np.testing.assert_array_equal(idx[:, 1:], mine[:5])  # the same search, itself first
+    with pytest.raises(UserError, match="weights=median: use uniform or distance"):
+        heads.make(heads.HEADS["knn"], {"weights": "median"}, seed=0)

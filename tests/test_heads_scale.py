@@ -9,7 +9,8 @@ import os
 import numpy as np
 import pytest
 
-from pipeline import bench_store, evaluate, heads, layout, reporting, stats, store
+from pipeline import evaluate, heads, layout, reporting, stats, store
+from pipeline.bench import store as bench_store
 from pipeline.errors import UserError
 from pipeline.store import reader, rows
 from pipeline.train import train_head
@@ -137,6 +138,19 @@ def test_held_out_runs_are_paired_image_by_image(tmp_path, monkeypatch):
     assert same["mean_difference"] == 0 and same["tied"]
 
 
+def test_available_memory_is_what_the_machine_can_give_now(monkeypatch):
+    # psutil's `available` (Linux's MemAvailable), not its free pages or its total
+    import collections
+
+    import psutil
+
+    real = heads.available_memory()
+    assert 0 < real <= psutil.virtual_memory().total
+    vm = collections.namedtuple("vm", "total available free used")
+    monkeypatch.setattr(psutil, "virtual_memory", lambda: vm(8 << 30, 3 << 30, 1 << 30, 5 << 30))
+    assert heads.available_memory() == 3 << 30
+
+
 def test_a_head_in_memory_says_when_the_features_would_not_fit(big, tmp_path, monkeypatch):
     monkeypatch.setattr(heads, "available_memory", lambda: 1 << 20)  # 1 MiB free
     with pytest.raises(UserError, match=r"HEAD=logreg holds the features in memory.*HEAD=sgd"):
@@ -182,19 +196,18 @@ FIXED = {"sgd": {"alpha": "0.01"}, "logreg": {"C": "1"}}  # no grid: the folds a
 
 
 @pytest.mark.parametrize("head", ["sgd", "logreg"])
-def test_on_a_cluster_the_workers_read_the_rows_from_the_cache(tmp_path, head):
-    """Folds and the final fit run on the workers, each reading its rows from the cache on
-    (here: local, shared) storage; the client reads none and sends no feature matrix."""
-    from pipeline import cluster
-
+def test_on_a_cluster_the_workers_read_the_rows_from_the_cache(tmp_path, head, two_workers):
+    """Folds and the final fit run on the workers (the session's cluster, reached by its
+    tcp:// address), each reading its rows from the cache on (here: local, shared) storage;
+    the client reads none and sends no feature matrix."""
     synthetic(tmp_path, 600)
     art = tmp_path / "art"
     here = train_head(art, head, folds=3, repeats=1, params=FIXED[head], log=lambda s: 0)
-    with cluster.client("local:2") as c:
-        before = _reads()
-        there = train_head(art, head, folds=3, repeats=1, client=c, log=lambda s: 0,
-                           params=FIXED[head])  # fmt: skip
-        on_workers = c.run(_reads)
+    c = two_workers
+    before, before_workers = _reads(), c.run(_reads)
+    there = train_head(art, head, folds=3, repeats=1, client=c, log=lambda s: 0,
+                       params=FIXED[head])  # fmt: skip
+    on_workers = {w: n - before_workers.get(w, 0) for w, n in c.run(_reads).items()}
     assert _reads() == before  # the client read no feature row
     # every fold's training and test rows and the saved head's rows, read by the workers
     assert sum(on_workers.values()) >= 600 * 3

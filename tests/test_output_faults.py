@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 from conftest import SIZE, make_dataset
 
-from pipeline import cli, heads, prediction, reporting, runs
+from pipeline import cli, heads, journal, prediction, reporting, runs
 from pipeline.backbone import BackboneSpec
 from pipeline.errors import UserError
 from pipeline.features import extract
@@ -174,7 +174,7 @@ def test_full_disk_while_predicting_is_one_line(trained, tmp_path, monkeypatch, 
         fh = real_open(path, mode, *a, **k)
         return _Full(fh, code) if str(path).endswith(".partial") and "a" in mode else fh
 
-    monkeypatch.setattr(prediction, "open", full_open, raising=False)
+    monkeypatch.setattr(journal, "open", full_open, raising=False)
     argv = ["predict", "--images", str(data / "train"), "--artifacts", str(art)]
     argv += ["--out", str(out), "--topk", "2"]
     capsys.readouterr()
@@ -256,3 +256,38 @@ def test_full_disk_while_saving_a_run_keeps_the_old_run(trained, monkeypatch):
         train_head(art, "logreg", folds=2, params=PARAMS, log=_quiet, n_jobs=1)
     assert _files(folder) == before
     assert not [p for p in folder.parent.iterdir() if p.name.startswith(".tmp")]
+
+
+def test_full_disk_in_a_head_file_says_the_run_as_it_was_is_intact(trained, monkeypatch):
+    # the head's files go through `outputs.written` inside the run's temporary folder: its
+    # line says the run (not "nothing") is intact, and no temporary file or folder stays
+    _, art = trained
+    folder = art / "heads" / runs.pick(art)["run"]
+    before = _files(folder)
+
+    def full(est, path):
+        pathlib.Path(path).write_bytes(b"half a head")
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(heads.joblib, "dump", full)
+    said = r"disk full while writing .*head\.joblib.*as it was is intact"
+    with pytest.raises(UserError, match=said):
+        train_head(art, "logreg", folds=2, params=PARAMS, log=_quiet, n_jobs=1)
+    monkeypatch.undo()
+    assert _files(folder) == before
+    assert not [p for p in folder.parent.iterdir() if p.name.startswith(".tmp")]
+
+
+def test_taking_an_output_with_no_room_for_its_lock_note_is_no_error(tmp_path):
+    """Under a file-size limit of 0 the note of who holds an output cannot be written: the
+    command still takes its output (the note is best effort), and no error surfaces at close."""
+    code = (
+        "import resource, sys; from pathlib import Path; from pipeline import outputs\n"
+        "resource.setrlimit(resource.RLIMIT_FSIZE, (0, 0))\n"
+        f"with outputs.owned(Path({str(tmp_path / 'out.csv')!r}), 'make predict'):\n"
+        "    print('held', flush=True)\n"
+        "print('released')\n"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split() == ["held", "released"] and "Traceback" not in r.stderr

@@ -3,16 +3,16 @@ TTA's views drawn with the seed of the cache's views."""
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import threading
-import time
 
 import numpy as np
 import pytest
 from conftest import SIZE, make_dataset
 
-from pipeline import images, layout, outputs, prediction, runs
+from pipeline import images, journal, layout, outputs, prediction, runs
 from pipeline.backbone import BackboneSpec
 from pipeline.features import extract
 from pipeline.prediction import classify
@@ -39,6 +39,66 @@ def test_an_output_is_replaced_whole_or_not_at_all(tmp_path):
     assert json.loads(path.read_text()) == {"new": 2} and _leftovers(path.parent) == []
 
 
+def _synced_and_renamed(monkeypatch) -> list[tuple[str, str]]:
+    """os.fsync and os.replace recorded in order: ("fsync", file) and ("replace", source)."""
+    import os
+
+    seen: list[tuple[str, str]] = []
+    fsync, replace = os.fsync, os.replace
+
+    def synced(fd):
+        seen.append(("fsync", os.path.basename(os.readlink(f"/proc/self/fd/{fd}"))))
+        return fsync(fd)
+
+    def renamed(src, dst, **kw):
+        seen.append(("replace", os.path.basename(src)))
+        return replace(src, dst, **kw)
+
+    monkeypatch.setattr(os, "fsync", synced)
+    monkeypatch.setattr(os, "replace", renamed)
+    return seen
+
+
+@pytest.mark.parametrize("together", [False, True])
+def test_an_output_is_on_disk_before_it_takes_its_name(tmp_path, monkeypatch, together):
+    # a rename before the fsync: a crash could leave an empty file under the output's name
+    seen = _synced_and_renamed(monkeypatch)
+    with outputs.together() if together else contextlib.nullcontext():
+        outputs.write_text(tmp_path / "a.json", "{}")
+        with outputs.written(tmp_path / "b.png") as tmp:
+            tmp.write_bytes(b"png")
+    renamed = [name for what, name in seen if what == "replace"]
+    assert len(renamed) == 2 and all(n.startswith((".a.json.tmp-", ".b.png.tmp-")) for n in renamed)
+    for name in renamed:
+        assert ("fsync", name) in seen[: seen.index(("replace", name))], seen
+    assert (tmp_path / "a.json").read_text() == "{}" and (tmp_path / "b.png").read_bytes() == b"png"
+
+
+@pytest.mark.parametrize("fails", ["fsync", "replace"])
+def test_an_output_whose_sync_or_rename_fails_leaves_the_old_file(tmp_path, monkeypatch, fails):
+    import errno
+    import os
+
+    path = tmp_path / "report.md"
+    outputs.write_text(path, "old")
+
+    def broken(*a, **k):
+        raise OSError(errno.EIO, os.strerror(errno.EIO))
+
+    monkeypatch.setattr(os, fails, broken)
+    with pytest.raises(OSError):
+        outputs.write_text(path, "new, half")
+    monkeypatch.undo()
+    assert path.read_text() == "old" and _leftovers(tmp_path) == []
+
+
+def test_a_temporary_name_keeps_the_suffix_asked_for(tmp_path):
+    with outputs.written(tmp_path / "model.keras", suffix=".keras") as tmp:
+        assert tmp.name.startswith(".model.keras.tmp-") and tmp.suffix == ".keras"
+        tmp.write_bytes(b"zip")
+    assert (tmp_path / "model.keras").read_bytes() == b"zip" and _leftovers(tmp_path) == []
+
+
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("outputs")
@@ -56,7 +116,7 @@ def test_predictions_csv_is_never_half_written(trained, tmp_path, monkeypatch):
     classify(art, data / "validation", out=out, log=_quiet)
     before = out.read_text()
     assert len(list(csv.DictReader(before.splitlines()))) == 6
-    real, n = prediction._csv_row, []
+    real, n = journal.csv_row, []
 
     def dies_on_the_second_row(row):
         n.append(1)
@@ -64,70 +124,76 @@ def test_predictions_csv_is_never_half_written(trained, tmp_path, monkeypatch):
             raise KeyboardInterrupt
         return real(row)
 
-    monkeypatch.setattr(prediction, "_csv_row", dies_on_the_second_row)
+    monkeypatch.setattr(journal, "csv_row", dies_on_the_second_row)
     with pytest.raises(KeyboardInterrupt):
         classify(art, data / "validation", out=out, topk=2, log=_quiet)
     assert out.read_text() == before and _leftovers(tmp_path) == []
 
 
-@pytest.fixture
-def slow_renames(monkeypatch):
-    """Every rename of a run's folder takes 0.2 s: concurrent writers overlap for sure."""
-    real_rename = runs.os.rename
+def _together(monkeypatch, n: int) -> None:
+    """Every `runs.write_run` waits, once its own temporary folder is made and before it
+    writes a file there, until `n` writers are at that point: they overlap for sure (a
+    barrier, not a sleep), then race for the renames that put the run in place."""
+    here = threading.Barrier(n, timeout=120)
+    real = runs.write_run
 
-    def slow_rename(a, b):
-        time.sleep(0.2)
-        real_rename(a, b)
+    def write_run(artifacts, name, result, save):
+        def waiting(folder):
+            here.wait()
+            return save(folder)
 
-    monkeypatch.setattr(runs.os, "rename", slow_rename)
+        return real(artifacts, name, result, waiting)
+
+    monkeypatch.setattr(runs, "write_run", write_run)
 
 
-def test_two_writers_of_one_run_never_fail(trained, slow_renames):
-    """Three threads (one process id: the old temporary folder was shared) write the same run,
-    renames slowed down so that they overlap; all finish and the run is whole."""
-    _, art = trained
-    r = runs.pick(art)
-    hdir = layout.heads_dir(art)
+def _threads(fn, n: int) -> list[BaseException]:
     errors: list[BaseException] = []
 
-    def write(i: int) -> None:
-        def save(folder):
-            time.sleep(0.1)
-            (folder / "head.joblib").write_bytes(b"head %d" % i)
-            return [folder / "head.joblib"]
-
+    def run(i: int) -> None:
         try:
-            runs.write_run(art, "same--run", {k: v for k, v in r.items() if k != "run"}, save)
+            fn(i)
         except BaseException as e:  # noqa: BLE001 - any failure fails the test
             errors.append(e)
 
-    threads = [threading.Thread(target=write, args=(i,)) for i in range(3)]
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(n)]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
-    assert errors == []
+    return errors
+
+
+def test_two_writers_of_one_run_never_fail(trained, monkeypatch):
+    """Three threads (one process id: the old temporary folder was shared) write the same run,
+    all three inside it at once; all finish and the run is whole."""
+    _, art = trained
+    r = runs.pick(art)
+    hdir = layout.heads_dir(art)
+    _together(monkeypatch, 3)
+
+    def write(i: int) -> None:
+        def save(folder):
+            (folder / "head.joblib").write_bytes(b"head %d" % i)
+            return [folder / "head.joblib"]
+
+        runs.write_run(art, "same--run", {k: v for k, v in r.items() if k != "run"}, save)
+
+    assert _threads(write, 3) == []
     done = json.loads((hdir / "same--run" / "result.json").read_text())
     assert (hdir / "same--run" / "head.joblib").read_bytes() in {b"head 0", b"head 1", b"head 2"}
     runs.verify(art, done)  # the files are the ones its result.json names, not a mix
     assert _leftovers(hdir) == []
 
 
-def test_two_train_heads_of_one_run_at_once(trained, slow_renames):
+def test_two_train_heads_of_one_run_at_once(trained, monkeypatch):
+    """Two train-heads of one run, both writing it at once (a barrier in each one's write)."""
     _, art = trained
-    results, errors = [], []
-
-    def train():
-        try:
-            results.append(train_head(art, "logreg", folds=2, log=_quiet, n_jobs=1))
-        except BaseException as e:  # noqa: BLE001
-            errors.append(e)
-
-    threads = [threading.Thread(target=train) for _ in range(2)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    results = []
+    _together(monkeypatch, 2)
+    errors = _threads(
+        lambda i: results.append(train_head(art, "logreg", folds=2, log=_quiet, n_jobs=1)), 2
+    )
     assert errors == [] and results[0]["run"] == results[1]["run"]
     runs.verify(art, runs.pick(art, results[0]["run"]))
     assert _leftovers(layout.heads_dir(art)) == []

@@ -17,7 +17,7 @@ from conftest import SIZE, make_dataset, pattern
 import pipeline
 from pipeline import backbone, store
 from pipeline.backbone import PRECISIONS, BackboneSpec, resolve_precision
-from pipeline.features import cache_settings
+from pipeline.cache_identity import cache_settings
 
 ROOT = Path(__file__).parents[1]
 

@@ -203,8 +203,8 @@ def test_views_of_predicted_images_are_kept_per_content_and_view(
         assert a["probabilities"] == pytest.approx(b["probabilities"], abs=1e-6)
 
 
-def test_predict_on_a_cluster_gives_the_same_csv(base, art, tmp_path, no_backbone):
-    pytest.importorskip("distributed")
+def test_predict_on_a_cluster_gives_the_same_csv(base, art, tmp_path, no_backbone, dask_scheduler):
+    """CLUSTER=tcp://... (the session's scheduler): the workers embed, the CSV is the same."""
     import pipeline
 
     avg, _ = base["runs"]
@@ -216,7 +216,13 @@ def test_predict_on_a_cluster_gives_the_same_csv(base, art, tmp_path, no_backbon
     here = pipeline.predict(images, art, run=avg, out=tmp_path / "here.csv", batch=2, log=None)
     no_backbone()  # from now on, only the workers may embed
     rows = pipeline.predict(
-        images, there, run=avg, out=tmp_path / "there.csv", batch=2, cluster="local:1", log=None
+        images,
+        there,
+        run=avg,
+        out=tmp_path / "there.csv",
+        batch=2,
+        cluster=dask_scheduler,
+        log=None,
     )
     assert [r["path"] for r in rows] == [r["path"] for r in here]  # in order
     assert [r["error"] != "" for r in rows] == [r["error"] != "" for r in here]
@@ -437,13 +443,14 @@ def _sha(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-@pytest.mark.parametrize("cluster", ["", "local:1"])
+@pytest.mark.parametrize("where", ["here", "cluster"])
 def test_a_file_rewritten_after_hashing_is_kept_under_the_bytes_decoded(
-    base, art, tmp_path, monkeypatch, cluster
+    base, art, tmp_path, monkeypatch, request, where
 ):
-    if cluster:
-        pytest.importorskip("distributed")
+    """Here, and on the session's Dask workers (CLUSTER=tcp://...)."""
     import pipeline
+
+    cluster = request.getfixturevalue("dask_scheduler") if where == "cluster" else ""
 
     avg, _ = base["runs"]
     images = tmp_path / "images"

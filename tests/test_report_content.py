@@ -144,6 +144,60 @@ def test_the_gallery_shows_out_of_fold_mistakes_most_confident_first(reported):
         assert f"{it['true']}" in page and f"{it['pred']}" in page
 
 
+def test_the_html_template_escapes_every_name_where_it_shows(tmp_path):
+    # the page comes from pipeline/templates/report.html.j2: without autoescape (or with a
+    # `| safe` on a name) a class, file, run, reason or package name would be markup; a single
+    # quote would end the alt='...' attribute of a thumbnail
+    from pipeline import reporting
+
+    bad = ["<script>a()</script>", "x' onerror='b()", '"><i>c</i>', "R&D <3"]
+    (tmp_path / "c.png").write_bytes(b"\x89PNG")
+    cls = ["ok", *bad]
+    e = {
+        "run": bad[0], "head": bad[1], "backbone": bad[2], "pooling": bad[3], "views": 0,
+        "cv_accuracy_mean": 0.5, "cv_low": 0.4, "cv_high": 0.6, "cv_folds": 3, "cv_repeats": 1,
+        "cv_fold_accuracies": [0.5, 0.5, 0.5], "final_params": {"k": bad[0]},
+        "validation_accuracy": None, "validation_low": None, "validation_high": None,
+        "n_train": 9, "n_validation": 0, "confusion_png": "c.png", "classes": cls,
+        "cv_confusion": np.eye(len(cls), dtype=int).tolist(), "validation_confusion": None,
+        "per_class_source": bad[1], "stale_reason": bad[2],
+        "per_class": [dict(zip(("class", "precision", "recall", "f1", "support"),
+                               (c, 1, 1, 1, 1), strict=True)) for c in cls],
+    }  # fmt: skip
+    item = {"path": bad[1], "true": bad[0], "pred": bad[2], "probability": 0.9, "thumbnail": b"P"}
+    files = [{"path": b, "class": c, "split": "train"} for b, c in zip(bad, bad[1:], strict=False)]
+    rep = {
+        "banner": bad[0], "explain": {"x": bad[1]}, "ties": bad[2], "comparison_png": "c.png",
+        "header": {"date": bad[3], "versions": {bad[0]: bad[1]}, "data": bad[2],
+                   "classes": [{"class": c, "train": 1, "validation": 0} for c in cls]},
+        "results": [e], "stale": [e],
+        "galleries": [{"run": bad[0], "source": bad[1], "mistakes": 2, "items": [item]}],
+        "learning_curve": {"png": "c.png", "advice": bad[3]},
+        "duplicates": {"cross_class": [{"files": files}], "train_validation": []},
+        "skipped": [{"path": b, "reason": b} for b in bad],
+    }  # fmt: skip
+    page = reporting._html(rep, tmp_path)
+    assert "<script" not in page and "<i>" not in page and "onerror='" not in page
+    for b in bad:
+        assert b not in page, b
+        assert html.unescape(page).count(b) >= 5, b  # shown: escaped, not dropped
+    assert page.count("<img alt=") == 4 and "data:image/png;base64,UA==" in page
+    assert page.startswith("<!doctype html>") and page.endswith("</ul></section></body></html>")
+
+
+def test_the_report_template_ships_with_the_package():
+    # pyproject's package-data must name the template, or an installed (non-editable) pipeline
+    # has no report.html to render
+    import fnmatch
+    import importlib.resources
+    import tomllib
+
+    shipped = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
+    globs = shipped["package-data"]["pipeline"]
+    tpl = importlib.resources.files("pipeline") / "templates" / "report.html.j2"
+    assert tpl.is_file() and any(fnmatch.fnmatch("templates/report.html.j2", g) for g in globs)
+
+
 @pytest.fixture
 def figures(monkeypatch):
     """The matplotlib figures the pictures module draws (kept instead of closed)."""

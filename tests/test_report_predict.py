@@ -185,8 +185,8 @@ def run_cli(args, capsys):
         (None, ["train-head", "--artifacts", "{t}/art"], "run `make features` first"),
         (
             None,
-            ["train-head", "--head", "knn"],
-            "HEAD must be one of logreg, svm, svm-linear, svm-nystroem, sgd, dense, finetune",
+            ["train-head", "--head", "forest"],
+            "HEAD must be one of logreg, svm, svm-linear, svm-nystroem, sgd, knn, dense, finetune",
         ),
         (None, ["train-head", "--param", "C"], "must look like name=value"),
         (None, ["report", "--artifacts", "{t}/art"], "run `make train-head` first"),

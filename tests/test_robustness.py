@@ -8,6 +8,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import h5py
@@ -146,6 +147,26 @@ def test_bomb_rejected_before_allocation(tmp_path):
         images.load_image(tmp_path / "b.png", 32)
 
 
+def _staged_idents(art) -> set[str]:
+    """The rows (content identities) of every segment on disk, staged or merged."""
+    out: set[str] = set()
+    for seg in (art / "features").glob("*.shards/g*.h5"):
+        try:
+            with h5py.File(seg, "r") as g:
+                out |= set(g["ident"][()].astype(str).tolist())
+        except (OSError, KeyError):  # merged away meanwhile, or being written
+            continue
+    return out
+
+
+def _wait_for_line(proc, start: str, seen) -> None:
+    """Set `seen` when `proc` writes a line starting with `start` to its stderr; keep
+    draining it (a full pipe would stall the process)."""
+    for line in proc.stderr:
+        if line.startswith(start):
+            seen.set()
+
+
 def test_kill_mid_run_resumes_to_the_clean_cache(tmp_path, spec, quiet):
     log, _ = quiet
     data = make_dataset(tmp_path / "data", per_class=30, n_classes=2)
@@ -169,28 +190,27 @@ def test_kill_mid_run_resumes_to_the_clean_cache(tmp_path, spec, quiet):
         "--precision",
         "float32",
     ]
-    journal = None
-    for wait_batches in (1, 3, 6):
-        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    for _ in range(3):  # killed three times, each time after it embedded and staged a batch
+        known = _staged_idents(art)  # the rows staged before this run
+        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        embedding = threading.Event()  # its first progress line: a batch embedded
+        threading.Thread(target=_wait_for_line, args=(proc, "embedding ", embedding)).start()
         deadline = time.time() + 120
-        while time.time() < deadline:
-            journals = (
-                list((art / "features").glob("*.shards")) if (art / "features").is_dir() else []
-            )
-            if journals and len(list(journals[0].glob("g*.h5"))) >= wait_batches:
-                journal = journals[0]
-                break
-            if proc.poll() is not None:
-                break
-            time.sleep(0.01)
+        staged: set[str] = set()
+        while time.time() < deadline and proc.poll() is None:
+            if embedding.wait(0.05) and (staged := _staged_idents(art) - known):
+                break  # a batch of this run is on disk: killed after some work
+        assert proc.poll() is None, "the run ended before it was killed"
+        assert staged, "the run was killed before it staged a batch"
         proc.send_signal(signal.SIGKILL)
         proc.wait()
-    assert journal is not None, "the extraction never wrote a batch"
+    done = _staged_idents(art)  # staged by the three killed runs
+    assert 6 <= len(done) < 60
     h5s = list((art / "features").glob("*.h5"))
     for h in h5s:  # whatever is there opens with plain h5py
         h5py.File(h, "r").close()
     resumed = extract(data, art, spec, batch_size=2, log=log)
-    assert resumed.resumed > 0 and resumed.new < 60
+    assert resumed.resumed > 0 and resumed.new == 60 - len(done)  # nothing staged is redone
     a, b = store.read_index(clean.cache), store.read_index(resumed.cache)
     # the same rows (a resumed cache may hold them in another order: folds go by content)
     rows_a = sorted(zip(a.paths, a.sha256, a.labels.tolist(), a.split, strict=False))

@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 from PIL import EpsImagePlugin, Image
 
-from pipeline import backbone, dataset, images
+from pipeline import backbone, dataset, images, runs
 
 REPO = Path(__file__).resolve().parents[1]
 OLD_PYTHON = "/root/.pyenv/versions/3.10.13/bin/python3.10"
@@ -201,14 +201,15 @@ def test_unreadable_file_is_named(tmp_path, monkeypatch):
     assert str(e.value) == "cannot read file (Permission denied)"
 
 
-def test_hashes_are_chunked_and_need_no_file_digest(tmp_path, monkeypatch):
-    # hashlib.file_digest is Python 3.11+; old backbone.file_sha256 called it (AttributeError)
-    monkeypatch.delattr(hashlib, "file_digest", raising=False)
-    data = np.random.default_rng(0).bytes((1 << 21) + 123)  # over two 1 MiB chunks
+def test_the_file_hashes_are_of_the_whole_content(tmp_path):
+    # hashlib.file_digest (Python 3.11+, as pyproject claims) reads in blocks: a hash of the
+    # first block only, or of a block twice, differs
+    data = np.random.default_rng(0).bytes((1 << 21) + 123)  # over many read blocks
     (tmp_path / "w.h5").write_bytes(data)
     want = hashlib.sha256(data).hexdigest()
     assert images.content_sha256(tmp_path / "w.h5") == want
     assert backbone.file_sha256(tmp_path / "w.h5") == want
+    assert runs.file_sha256(tmp_path / "w.h5") == want
 
 
 # --- 3. any decoder failure is a reason, not a crash ------------------------------------------

@@ -20,7 +20,7 @@ from pipeline import images, layout, store
 from pipeline.backbone import BackboneSpec
 from pipeline.errors import UserError
 from pipeline.features import extract
-from pipeline.store import merging, segments, writer
+from pipeline.store import damage, merging, segment_writer, writer
 from pipeline.store.segments import Meta
 from pipeline.store.writer import Row, Writer
 from pipeline.train import train_head
@@ -177,7 +177,7 @@ def test_a_merge_killed_at_any_step_leaves_a_cache_that_reads_and_resumes(
         target = {
             "copy": (writer, "copy_rows"),
             "manifest": (writer, "write_manifest"),
-            "segment": (segments, "write_segment"),
+            "segment": (segment_writer, "write_segment"),
             "collect": (Writer, "_collect"),
         }[fail]
         monkeypatch.setattr(target[0], target[1], killer(getattr(target[0], target[1])))
@@ -316,15 +316,15 @@ def test_a_segment_given_as_the_cache_names_its_cache(tmp_path, spec, quiet):
 
 def test_a_low_open_file_limit_trains_the_same_numbers(tmp_path, spec, quiet, monkeypatch):
     log, _ = quiet
-    data = make_dataset(tmp_path / "data", per_class=100, n_classes=2)
+    data = make_dataset(tmp_path / "data", per_class=40, n_classes=2)
     one, many = tmp_path / "one", tmp_path / "many"
-    extract(data, one, spec, batch_size=200, log=log)
+    extract(data, one, spec, batch_size=80, log=log)
     monkeypatch.setattr(merging, "FANOUT", 10**6)  # no merging: one segment per batch
-    s = extract(data, many, spec, batch_size=1, log=log)  # 200 batches, 200 segments
+    s = extract(data, many, spec, batch_size=1, log=log)  # 80 batches, 80 segments
     monkeypatch.undo()
-    assert len(store.read_index(s.cache).entries) == 200
+    assert len(store.read_index(s.cache).entries) == 80
     ref = train_head(one, "logreg", folds=3, log=log)
-    code = (  # 48 open files: far fewer than the segments, if they were all held open
+    code = (  # 48 open files: fewer than the 80 segments, if they were all held open
         "import json, resource, sys; resource.setrlimit(resource.RLIMIT_NOFILE, (48, 48));"
         "from pipeline.train import train_head;"
         f"r = train_head({str(many)!r}, 'logreg', folds=3, log=lambda s: None);"
@@ -578,7 +578,7 @@ def test_a_one_row_change_holds_memory_in_proportion_to_the_change(tmp_path):
     import gc
     import tracemalloc
 
-    from pipeline import bench_store
+    from pipeline.bench import store as bench_store
 
     peak = {}
     for n in (2000, 8000):
@@ -660,7 +660,7 @@ def test_a_segment_unreadable_at_commit_is_named_not_taken_for_a_key_collision(
     want[0] = replace(want[0], path="moved/0.png")
 
     def eio(p):
-        raise segments.SegmentUnreadable(f"segment '{p}' cannot be read (EIO)", "EIO")
+        raise damage.SegmentUnreadable(f"segment '{p}' cannot be read (EIO)", "EIO")
 
     monkeypatch.setattr(content, "open_segment", eio)  # passing, and only while finding rows
     with pytest.raises(store.CacheError, match=r"no segment readable now.*rerun `make features`"):

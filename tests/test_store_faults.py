@@ -278,7 +278,7 @@ import resource, sys
 import numpy as np
 from pathlib import Path
 from pipeline.errors import DiskFull
-from pipeline.store import format as fmt, manifest, segments
+from pipeline.store import format as fmt, manifest, segment_writer
 from pipeline.store.manifest import Entry
 from pipeline.store.segments import Meta
 
@@ -298,10 +298,13 @@ skipped = [{"path": f"bad/{i}.png", "reason": "x" * 200} for i in range(200)]
 
 def write(what):
     if what == "segment":
-        segments.write_segment(folder, "k" * 64, meta, {"avg": vec, "max": vec}, maps, [], {},
-                               "s" * 64)
+        segment_writer.write_segment(
+            folder, "k" * 64, meta, {"avg": vec, "max": vec}, maps, [], {}, "s" * 64
+        )
     elif what == "writer":
-        w = segments.SegmentWriter(folder, "k" * 64, n, 512, (1, 1, 512), "float16", {}, "s" * 64)
+        w = segment_writer.SegmentWriter(
+            folder, "k" * 64, n, 512, (1, 1, 512), "float16", {}, "s" * 64
+        )
         for a in range(0, n, 16):
             part = list(range(a, a + 16))
             w.write(meta.take(part), {"avg": vec[a:a + 16], "max": vec[a:a + 16]}, maps[a:a + 16])

@@ -73,8 +73,33 @@ def test_mcnemar_counts_the_images_the_runs_disagree_on():
     assert stats.mcnemar(a, a)["p_value"] == 1.0
 
 
+def test_wilson_and_mcnemar_agree_with_their_closed_forms():
+    # scipy's binomtest against Wilson's formula (1927) and McNemar's exact binomial sum;
+    # a wrong library call (Clopper-Pearson, Wald, a one-sided or mid-p test) differs here
+    from fractions import Fraction
+    from math import comb, sqrt
+
+    z = 1.959963984540054  # the 97.5 % normal quantile
+    for k, n in [(0, 1), (1, 1), (0, 7), (3, 7), (7, 7), (11, 12), (50, 100), (941, 1000)]:
+        p = k / n
+        centre, half = p + z * z / (2 * n), z * sqrt(p * (1 - p) / n + z * z / (4 * n * n))
+        w = stats.wilson(k, n)
+        assert w["low"] == pytest.approx(max(0.0, (centre - half) / (1 + z * z / n)), abs=1e-12)
+        assert w["high"] == pytest.approx(min(1.0, (centre + half) / (1 + z * z / n)), abs=1e-12)
+        assert w["mean"] == p and w["n"] == n
+    assert stats.wilson(0, 0) == {"mean": None, "low": None, "high": None, "n": 0}
+    for only_a, only_b in [(6, 1), (1, 6), (0, 5), (3, 3), (4, 5), (40, 25), (0, 0)]:
+        a = np.array([True] * only_a + [False] * only_b + [True, False, True])
+        b = np.array([False] * only_a + [True] * only_b + [True, False, True])  # 3 agree
+        m = stats.mcnemar(a, b)
+        n, lo = only_a + only_b, min(only_a, only_b)
+        tail = Fraction(sum(comb(n, i) for i in range(lo + 1)), 2**n)
+        assert m["p_value"] == pytest.approx(float(min(Fraction(1), 2 * tail)), rel=1e-12)
+        assert (m["only_a_right"], m["only_b_right"]) == (only_a, only_b)
+
+
 @pytest.fixture(scope="module")
-def cached(tmp_path_factory):
+def built(tmp_path_factory):
     from conftest import SIZE
 
     from pipeline.backbone import BackboneSpec
@@ -87,7 +112,16 @@ def cached(tmp_path_factory):
             src.rename(data / f"train/class_{(c + 1) % 3}/noisy_{c}_{i}.png")
     art = tmp / "art"
     extract(data, art, BackboneSpec("none", input_size=SIZE), log=lambda s: None)
-    return art
+    return tmp
+
+
+@pytest.fixture
+def cached(built, tmp_path):
+    """Each test its own copy of the module's cache: no test sees another's runs."""
+    import shutil
+
+    shutil.copytree(built, tmp_path / "copy", symlinks=True)
+    return tmp_path / "copy" / "art"
 
 
 def test_repeats_draw_other_partitions_and_keep_runs_paired(cached):
@@ -116,10 +150,7 @@ def test_repeats_draw_other_partitions_and_keep_runs_paired(cached):
 
 
 def test_the_report_says_which_runs_are_tied_with_the_best(cached):
-    import shutil
-
     q = lambda s: None  # noqa: E731
-    shutil.rmtree(cached / "heads", ignore_errors=True)  # only this test's runs
     for c in ("1", "1.0001"):  # the same model twice: any difference is chance
         train_head(cached, "logreg", folds=5, repeats=2, params={"C": c}, log=q)
     # a crippled one: a network that barely moves from its random start, near chance
@@ -160,10 +191,7 @@ def test_the_learning_curve_ends_at_the_ranked_figure(cached):
 
 
 def test_runs_with_other_repeats_pair_on_their_common_partitions(cached):
-    import shutil
-
     q = lambda s: None  # noqa: E731
-    shutil.rmtree(cached / "heads", ignore_errors=True)
     many = train_head(cached, "logreg", folds=3, repeats=3, params={"C": "1"}, log=q)
     one = train_head(cached, "logreg", folds=3, repeats=1, params={"C": "0.5"}, log=q)
     assert many["cv"]["partition_ids"][0] == one["cv"]["partition_ids"][0]
@@ -174,7 +202,10 @@ def test_runs_with_other_repeats_pair_on_their_common_partitions(cached):
     a, b = (many, one) if rep["results"][0]["run"] == many["run"] else (one, many)
     d = np.array(a["cv"]["fold_accuracies"][:3]) - np.array(b["cv"]["fold_accuracies"][:3])
     assert v["mean_difference"] == pytest.approx(d.mean())
-    assert isinstance(other["tied_with_best"], bool)
+    ref = stats.corrected_t(d, 3, bounds=(-1.0, 1.0))  # on the 3 shared folds, not all 9
+    assert (v["low"], v["high"]) == pytest.approx((ref["low"], ref["high"]))
+    assert other["tied_with_best"] is (ref["low"] <= 0 <= ref["high"])
+    assert [e["run"] for e in rep["results"]] == [a["run"], b["run"]]  # only this test's runs
 
 
 def test_intervals_stay_where_the_figure_can_lie_and_a_wide_one_says_why():
@@ -202,3 +233,15 @@ def test_intervals_stay_where_the_figure_can_lie_and_a_wide_one_says_why():
     assert "wide" not in stats.cv_line(narrow)
     many = dict(cv, repeats=10, oof_scored=4000)  # not few folds nor few images: the spread
     assert "fold accuracies spread widely" in stats.cv_line(many)
+
+
+def test_a_held_out_difference_stays_in_its_bounds_and_few_pairs_stay_tied():
+    """Nine of ten images one way: Wald's interval passes 1 (cut); two discordant images give
+    Wald's [1, 1], but McNemar's p = 0.5 keeps them tied."""
+    d = stats.paired_holdout(np.array([1] * 9 + [0], bool), np.array([0] * 9 + [1], bool))
+    assert -1.0 <= d["diff_low"] <= d["diff_high"] == 1.0
+    two = stats.paired_holdout(np.array([1, 1], bool), np.array([0, 0], bool))
+    assert two["diff_low"] == two["diff_high"] == 1.0 and two["p_value"] == 0.5
+    assert two["tied"]
+    many = stats.paired_holdout(np.ones(400, bool), np.r_[np.ones(300), np.zeros(100)] > 0)
+    assert not many["tied"] and many["p_value"] < 1e-6

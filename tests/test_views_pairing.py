@@ -7,9 +7,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from pipeline import bench_store, layout, store, views
+from pipeline import layout, store, views
+from pipeline.bench import store as bench_store
+from pipeline.cache_identity import augment_settings
 from pipeline.errors import UserError
-from pipeline.features import augment_settings
 from pipeline.store.segments import Meta
 from pipeline.store.writer import Row, Writer
 from pipeline.train import load, train_head

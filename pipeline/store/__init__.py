@@ -1,9 +1,13 @@
 """The feature store: one small index per backbone setting over few large immutable segments.
 
 Modules, one concern each: `format` (conventions, keys, atomic writes), `segments` (the files
-holding rows and features), `manifest` (the index file naming them), `reader` (features for a
-head, one open file at a time), `merging` (when segments merge), `writer` (a run's staging,
-commit and garbage collection), `locks` (one writer, readers that keep their files).
+holding rows and features), `segment_writer` (writing them; rows copied into new ones),
+`damage` (a segment that cannot be read), `manifest` (the index file naming them), `reader`
+(features for a head, one open file at a time), `pooling` (what POOL reads), `rows` (rows
+named, read block by block), `merging` (when segments merge), `staging` (a run's batches before
+its commit), `writer` (a run's commit, merges and garbage collection), `content` (rows found by
+content alone), `keys` (each segment's key table), `locks` (one writer, readers that keep their
+files).
 """
 
 from pipeline.errors import UserError
@@ -28,17 +32,15 @@ from pipeline.store.manifest import (
     read_index,
     shards_dir,
 )
+from pipeline.store.pooling import f_shape, pool, width
 from pipeline.store.reader import (
     ColumnOf,
     Features,
     WithViews,
-    f_shape,
     features_of,
     load_features,
-    pool,
     read_column,
     texts,
-    width,
 )
 from pipeline.store.rows import Rows, materialize
 from pipeline.store.segments import missing_maps

@@ -24,9 +24,10 @@ import numpy as np
 
 from pipeline.store import format as fmt
 from pipeline.store import segments
+from pipeline.store.damage import SegmentDamaged, segment_error
 from pipeline.store.format import DATA_MOD, CacheError, strs
 from pipeline.store.manifest import Entry
-from pipeline.store.segments import SegmentDamaged, open_segment, segment_error
+from pipeline.store.segments import open_segment
 
 STEP = 1024  # rows of a segment read at a time: the Python objects held are this many rows'
 WIDTH = 80  # bytes of an identity in a segment (keys.IDENT)
@@ -160,7 +161,7 @@ Damaged = SegmentDamaged  # a segment whose columns cannot be read: its bytes ar
 
 def _damaged(path: Path, err: BaseException) -> CacheError:
     """A read of segment `path` that failed: damaged for good, or maybe passing
-    (`segments.segment_error`)."""
+    (`damage.segment_error`)."""
     out = segment_error(path, err)
     if not isinstance(out, CacheError):  # the open-file limit: not the segment's fault
         raise out

@@ -39,23 +39,20 @@ from typing import Any
 import numpy as np
 
 from pipeline.store import keys, merging
+from pipeline.store.damage import DAMAGED_DIR, SegmentDamaged, SegmentMissing
 from pipeline.store.format import POOLED, CacheError, cache_key, read_attrs_of
 from pipeline.store.locks import no_readers, reading
 from pipeline.store.manifest import Entry, open_cache, read_entries, shards_dir, write_manifest
+from pipeline.store.segment_writer import copy_rows, write_segment
 from pipeline.store.segments import (
     BLOCK_BYTES,
-    DAMAGED_DIR,
     ForeignSegment,
     Meta,
-    SegmentDamaged,
-    SegmentMissing,
-    copy_rows,
     limit_of,
     open_segment,
     pooled,
     read_info,
     read_rows,
-    write_segment,
 )
 
 Log = Callable[[str], None]

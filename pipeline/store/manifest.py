@@ -25,6 +25,7 @@ import h5py
 import numpy as np
 
 from pipeline.errors import UserError
+from pipeline.store.damage import segment_error
 from pipeline.store.format import (
     FORMAT_VERSION,
     H5_OVERHEAD,
@@ -39,7 +40,7 @@ from pipeline.store.format import (
     too_many_open_files,
     write_attrs,
 )
-from pipeline.store.segments import decoded, open_segment, read_rows, segment_error
+from pipeline.store.segments import decoded, open_segment, read_rows
 
 
 @dataclass

@@ -13,22 +13,11 @@ from typing import Any
 import h5py
 import numpy as np
 
-from pipeline.errors import UserError
-from pipeline.store.format import POOLINGS, CacheError
+from pipeline.store.format import CacheError
 from pipeline.store.manifest import Index, index_of, open_cache, shards_dir
+from pipeline.store.pooling import dataset_of, pool
 from pipeline.store.rows import Rows
 from pipeline.store.segments import BLOCK_BYTES, decoded, missing_maps, open_segment, read_rows
-
-
-def pool(block: np.ndarray, pooling: str) -> np.ndarray:
-    """Pool (n, h, w, c) maps to (n, d) float32: global average, global max, or flatten."""
-    if pooling == "avg":
-        return block.astype(np.float32).mean(axis=(1, 2))
-    if pooling == "max":
-        return block.max(axis=(1, 2)).astype(np.float32)
-    if pooling == "flatten":
-        return block.reshape(len(block), -1).astype(np.float32)
-    raise UserError(f"POOL must be one of {', '.join(POOLINGS)}; got '{pooling}'")
 
 
 @dataclass
@@ -105,10 +94,6 @@ def texts(col: Any, positions: Any) -> list[str]:
     return [col[int(i)] for i in positions]
 
 
-def f_shape(idx: Index) -> tuple[int, ...]:
-    return tuple(int(v) for v in idx.attrs["feature_shape"])
-
-
 def load_features(
     path: Path, pooling: str, split: str, max_view: int = 0, canonical: bool = False
 ) -> Features:
@@ -116,22 +101,6 @@ def load_features(
     head learns them, `canonical_rows`)."""
     with open_cache(path) as f:
         return features_of(f, index_of(f, path), pooling, split, max_view, canonical=canonical)
-
-
-def dataset_of(idx: Index, pooling: str) -> tuple[str, int]:
-    """The segment dataset a pooling reads (stored pooled vectors, or the maps) and its width."""
-    shape = f_shape(idx)
-    if pooling in ("avg", "max"):
-        return f"pooled/{pooling}", int(shape[-1])
-    if not idx.attrs.get("maps", True):
-        raise missing_maps("POOL=flatten")
-    return "features", int(np.prod(shape))
-
-
-def width(idx: Index, pooling: str) -> int:
-    """How many floats a row of `idx` has under `pooling`."""
-    shape = f_shape(idx)
-    return int(shape[-1]) if pooling in ("avg", "max") else int(np.prod(shape))
 
 
 def features_of(

@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 
 from pipeline.store.manifest import Index, shards_dir
+from pipeline.store.pooling import dataset_of, pool
 from pipeline.store.segments import BLOCK_BYTES, missing_maps, open_segment, read_rows
 
 BUFFER_BYTES = 64 << 20  # one block of a pass
@@ -45,8 +46,6 @@ class Part:
 
 
 def _pool(block: np.ndarray, pooling: str) -> np.ndarray:
-    from pipeline.store.reader import pool
-
     return block if block.ndim == 2 and pooling != "flatten" else pool(block, pooling)
 
 
@@ -76,8 +75,6 @@ class Rows:
     @classmethod
     def of_index(cls, idx: Index, rows: np.ndarray, pooling: str) -> Rows:
         """Rows `rows` of the cache `idx` (one consistent version of it) under `pooling`."""
-        from pipeline.store.reader import dataset_of, pool
-
         pool(np.zeros((1, 1, 1, 1), np.float32), pooling)  # validates the name
         name, d = dataset_of(idx, pooling)
         part = Part(

@@ -2,9 +2,10 @@
 
 A run of `make features` (one writer per artifacts folder) goes:
 1. `Writer(...)` reads the current index and finds the segments no index names yet: a killed
-   run's work, resumed when made by the same versions (and, during a REBUILD, by that rebuild).
+   run's work, resumed when made by the same versions (and, during a REBUILD, by that rebuild:
+   `staging`).
 2. `add_batch` writes each embedded batch as a small segment (crash-safe on return) and merges
-   staged segments as they accumulate, so a run of any length keeps few files.
+   staged segments as they accumulate (`staging`), so a run of any length keeps few files.
 3. `commit` places every wanted row: kept where it is, taken from a staged segment as it is, or
    copied under new metadata (a moved or relabelled file); writes the new index atomically,
    its data_id updated from the rows added and taken off (a sum kept in the index, `format`);
@@ -26,9 +27,18 @@ from typing import Any
 import numpy as np
 
 from pipeline.errors import DiskFull, UserError
-from pipeline.store import changes, merging
+from pipeline.store import changes, merging, staging
 from pipeline.store.changes import Row
 from pipeline.store.content import Lookup
+from pipeline.store.damage import (
+    DAMAGED_DIR,
+    NOTED,
+    SegmentDamaged,
+    SegmentMissing,
+    SegmentUnreadable,
+    noted_damaged,
+    put_aside,
+)
 from pipeline.store.format import (
     DATA_MOD,
     DATA_SUM,
@@ -42,27 +52,18 @@ from pipeline.store.format import (
 )
 from pipeline.store.locks import no_readers
 from pipeline.store.manifest import Entry, Index, read_summary, shards_dir, write_manifest
+from pipeline.store.segment_writer import copy_rows, write_segment
 from pipeline.store.segments import (
-    DAMAGED_DIR,
-    NOTED,
     Failure,
-    ForeignSegment,
     Meta,
     SegInfo,
-    SegmentDamaged,
-    SegmentMissing,
-    SegmentUnreadable,
-    copy_rows,
     limit_of,
     max_rows,
-    noted_damaged,
     open_segment,
     read_info,
-    write_segment,
 )
 
 Log = Callable[[str], None]
-RESUMABLE = ("batch", "staged")  # unreferenced segments of these origins are a run's work
 
 
 @dataclass
@@ -120,41 +121,12 @@ class Writer:
                 tmp.write_text(self.rebuild_id + "\n")
         self.rebuild = rebuild
         referenced = {e.name for e in self.old.entries} if self.old is not None else set()
-        self.staged: dict[str, SegInfo] = {}  # segments no index names: resumable or new
-        if self.folder.is_dir():
-            for p in self.folder.glob(".tmp-*"):  # a killed writer's half-made file
-                p.unlink(missing_ok=True)
-            for p in sorted(self.folder.glob("g*.h5")):
-                if p.name in referenced:
-                    continue
-                try:
-                    info = read_info(p, key)
-                except ForeignSegment:
-                    continue  # another cache's segment: garbage, collected after the commit
-                except SegmentMissing:
-                    continue
-                except SegmentDamaged as e:  # for good: set aside once, never read again
-                    where = self._put_aside(p.name)
-                    log(
-                        f"warning: segment '{p.name}', which no index names (a stopped run's "
-                        f"work), is damaged ({e.reason}); {where}: what it held is embedded "
-                        "again if needed"
-                    )
-                    continue
-                except (CacheError, OSError, KeyError) as e:
-                    self.unreadable.add(p.name)  # maybe passing (a network filesystem): kept
-                    why = getattr(e, "reason", e)
-                    log(f"warning: cannot read segment '{p.name}' now ({why}); it is kept, unused")
-                    continue
-                if (
-                    info.stamp_key != self.stamp_key
-                    or (self.rebuild and info.rebuild != self.rebuild_id)
-                    # a killed merge's output is garbage while an index names its sources;
-                    # with no index (a damaged one set aside) every segment is taken up
-                    or (info.origin not in RESUMABLE and self.old is not None)
-                ):
-                    continue  # other versions', an older run's or a killed merge's: garbage
-                self.staged[p.name] = info
+        # segments no index names: a killed run's work, taken up; this run's batches join them
+        self.staged, unreadable = staging.taken_up(
+            self.folder, referenced, key, self.stamp_key, rebuild, self.rebuild_id,
+            self.old is not None, log,
+        )  # fmt: skip
+        self.unreadable |= unreadable
         # what a killed run embedded, resumed now (idents survive merges; names do not)
         self.resumable = {h for info in self.staged.values() for h in info.meta.ident}
         self.where: dict[str, tuple[str, int]] = {}  # the staged rows (this run's, resumed)
@@ -242,18 +214,11 @@ class Writer:
         self.old.attrs["lost_rows"] = int(self.old.attrs.get("lost_rows") or 0) + n
 
     def _put_aside(self, name: str) -> str:
-        """Move a damaged segment file out of the live ones, into `damaged/` (kept for a look,
-        never read again); where it went, in words."""
-        aside = self.folder / DAMAGED_DIR
-        try:
-            aside.mkdir(exist_ok=True)
-            os.replace(self.folder / name, aside / name)
-        except FileNotFoundError:
-            return "gone since"
-        except OSError as e:
-            self.unreadable.add(name)  # kept where it is, unused
-            return f"it could not be moved aside ({e.strerror or e}), it is kept, unused"
-        return f"set aside in '{self.folder.name}/{DAMAGED_DIR}/'"
+        """`damage.put_aside`; a file that cannot be moved is kept where it is, unused."""
+        where, gone = put_aside(self.folder, name)
+        if not gone:
+            self.unreadable.add(name)
+        return where
 
     def _set_aside(self, e: CacheError, then: str = "rebuilding") -> str:
         """Move a damaged index aside (its segments stay: their rows are taken up again)."""
@@ -362,96 +327,13 @@ class Writer:
         if self.limit is None or self.staged_merges_stopped:
             return
         try:
-            self._merge_staged_now()
+            staging.merge(
+                self.folder, self.key, self.staged, self.where, self.unreadable, self.limit,
+                self.stamp, self.stamp_key, self.rebuild_id, self.dtype,
+            )  # fmt: skip
         except DiskFull as e:
             self.staged_merges_stopped = True
             self.log(f"warning: merging segments stopped ({e}); the batches stay as they are")
-
-    def _merge_staged_now(self) -> None:
-        while True:
-            names = [n for n in self.staged if n not in self.unreadable]
-            # a batch that failed whole is an empty segment: it merges like a one-row one
-            sizes = [
-                merging.Size(
-                    max(1, self.staged[n].rows),
-                    max(1, self.staged[n].rows),
-                    self.staged[n].stamp_key,
-                )
-                for n in names
-            ]
-            group = [names[i] for i in merging.next_merge(sizes, self.limit)]
-            if not group:
-                return
-            infos = [self.staged[n] for n in group]
-            fails = [x for i in infos for x in i.failures]
-            out = copy_rows(
-                self.folder,
-                self.key,
-                [(n, np.arange(self.staged[n].rows), None) for n in group],
-                self.stamp,
-                self.stamp_key,
-                self.rebuild_id,
-                self.limit,
-                fails,
-                known={i.name: i.meta for i in infos},
-                origin="staged",
-            )
-            if not out and fails:  # only failures: keep them in one empty segment
-                empty = {p: np.zeros((0, infos[0].channels), np.float32) for p in ("avg", "max")}
-                shape = next((i.maps_shape for i in infos if i.maps_shape), None)
-                zero_maps = np.zeros((0,) + shape, self.dtype) if shape else None
-                out = [
-                    (
-                        write_segment(
-                            self.folder,
-                            self.key,
-                            Meta(),
-                            empty,
-                            zero_maps,
-                            fails,
-                            self.stamp,
-                            self.stamp_key,
-                            self.rebuild_id,
-                            "staged",
-                        ),
-                        0,
-                    )
-                ]
-            meta = Meta()
-            for i in infos:
-                meta.extend(i.meta)
-            moved: dict[tuple[str, int], tuple[str, int]] = {}
-            pos = 0
-            srcs = [(i.name, r) for i in infos for r in range(i.rows)]
-            new_infos = []
-            for k, (name, n) in enumerate(out):
-                part = meta.take(range(pos, pos + n))
-                new_infos.append(
-                    SegInfo(
-                        name,
-                        n,
-                        self.stamp,
-                        self.stamp_key,
-                        self.rebuild_id,
-                        part,
-                        fails if k == 0 else [],
-                        infos[0].channels,
-                        next((i.maps_shape for i in infos if i.maps_shape), None),
-                        infos[0].maps_dtype,
-                    )
-                )
-                for r in range(n):
-                    moved[srcs[pos + r]] = (name, r)
-                pos += n
-            for i in infos:  # only the merged rows' entries change: cost of the merge, not N
-                for r, h in enumerate(i.meta.ident):
-                    if self.where.get(h) == (i.name, r):
-                        self.where[h] = moved[(i.name, r)]
-            for n in group:
-                del self.staged[n]
-                (self.folder / n).unlink(missing_ok=True)  # no index names it: no reader has it
-            for info in new_infos:
-                self.staged[info.name] = info
 
     # -- committing ------------------------------------------------------------------------
     def commit(
@@ -556,26 +438,17 @@ class Writer:
             )
         limit = self._limit(entries)
         if copies:
-            by_src: dict[str, tuple[list[int], Meta]] = {}
+            by_src: dict[str, tuple[list[int], list[Row]]] = {}
             for row, src in copies:
                 assert src is not None  # _find_in_old found every source or raised
                 name, r = src
-                rs, m = by_src.setdefault(name, ([], Meta()))
+                rs, them = by_src.setdefault(name, ([], []))
                 rs.append(r)
-                m.extend(
-                    Meta(
-                        [row.ident],
-                        [row.path],
-                        [row.label],
-                        [row.split],
-                        [row.view],
-                        [tuple(row.stat)],
-                    )
-                )
+                them.append(row)
             out = copy_rows(
                 self.folder,
                 self.key,
-                [(n, np.array(rs, np.int64), m) for n, (rs, m) in by_src.items()],
+                [(n, np.array(rs, np.int64), Meta.of_rows(m)) for n, (rs, m) in by_src.items()],
                 self.stamp,
                 self.stamp_key,
                 self.rebuild_id,

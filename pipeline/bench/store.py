@@ -19,13 +19,18 @@ from typing import Any
 
 import numpy as np
 
+from pipeline import layout, store
+from pipeline.backbone import BackboneSpec
+from pipeline.bench.instruments import cli_peak, say
+from pipeline.cache_identity import cache_settings
+from pipeline.provenance import environment
+from pipeline.store import shards_dir
+from pipeline.store.segments import Meta
+from pipeline.store.writer import Row, Writer
+
 CHANNELS = 512
 CLASSES = [f"c{i}" for i in range(10)]
 STAMP = {"bench": "synthetic pooled vectors"}
-
-
-def _say(msg: str) -> None:
-    print(msg, flush=True)
 
 
 def _hash(i: int) -> str:
@@ -36,8 +41,6 @@ def _hash(i: int) -> str:
 
 
 def _rows(lo: int, hi: int) -> list[Any]:
-    from pipeline.store.writer import Row
-
     return [
         Row(f"c{i % 10}/{i:08d}.jpg", _hash(i), CLASSES[i % 10], "train", 0, (i, i, i))
         for i in range(lo, hi)
@@ -56,16 +59,11 @@ def _vectors(idents: list[str], channels: int = CHANNELS, signal: float = 0.1) -
 
 
 def _settings() -> dict[str, Any]:
-    from pipeline.backbone import BackboneSpec
-    from pipeline.features import cache_settings
-
     return cache_settings(BackboneSpec("none", input_size=224), "float16", maps=False)
 
 
 def _attrs(key: str, channels: int = CHANNELS) -> dict[str, Any]:
     """The index's attributes but data_id (the writer keeps it from the rows it changes)."""
-    from pipeline.provenance import environment
-
     settings = _settings()
     return {
         "cache_key": key,
@@ -88,9 +86,6 @@ def sync(
     path: Path, want: list[Any], batch: int = 32, channels: int = CHANNELS, signal: float = 0.1
 ) -> tuple[Any, int]:
     """One `make features` run's store work: stage the missing rows batch by batch, commit."""
-    from pipeline.store.segments import Meta
-    from pipeline.store.writer import Writer
-
     key = _key()
     w = Writer(path, key, STAMP, maps=False, dtype="float16", log=lambda s: None)
     had = w.has_many([r.ident for r in want])
@@ -108,8 +103,6 @@ def sync(
 
 
 def _key() -> str:
-    from pipeline import store
-
     return store.cache_key(_settings())
 
 
@@ -157,8 +150,6 @@ class OpenFiles:
 
 def _read_store(path: Path) -> tuple[float, float, int, np.ndarray]:
     """(seconds for the index's rows, seconds for every pooled vector, peak fds, X)."""
-    from pipeline import store
-
     with OpenFiles() as of:
         t = time.perf_counter()
         with store.open_cache(path) as f:
@@ -181,8 +172,6 @@ def _read_plain(path: Path) -> float:
 
 def at_size(work: Path, n: int, batch: int, heads: bool) -> dict[str, Any]:
     import h5py
-
-    from pipeline.store import shards_dir
 
     folder = work / f"store-{n}"
     folder.mkdir(parents=True, exist_ok=True)
@@ -252,7 +241,7 @@ def at_size(work: Path, n: int, batch: int, heads: bool) -> dict[str, Any]:
         "unchanged_rerun_s": unchanged_s,
         "one_row_change_peak_bytes": one_row_peak,
     }
-    _say(
+    say(
         f"  {n:,} rows ({row['batches']:,} batches of {batch}): built in {build_s:.1f} s "
         f"({row['build_bytes_written_per_row']:,.0f} B written per row, merges included), "
         f"{row['files']} files; read the index's rows {index_s:.2f} s, then all pooled vectors "
@@ -274,9 +263,6 @@ def heads_on(path: Path, art: Path) -> dict[str, Any]:
     (5-fold up to 200,000 rows, one held-out split above): seconds, peak memory, accuracy."""
     import json
 
-    from pipeline import layout
-    from pipeline.bench import cli_peak
-
     out: dict[str, Any] = {}
     for head, extra in (("logreg", ["--param", "C=1"]), ("sgd", [])):
         s, kib = cli_peak(
@@ -295,7 +281,7 @@ def heads_on(path: Path, art: Path) -> dict[str, Any]:
             "low": cv["accuracy_low"],
             "high": cv["accuracy_high"],
         }
-        _say(
+        say(
             f"    train-head {head} avg{' C=1' if extra else ''} ({cv['protocol']}): {s:.0f} s, "
             f"{kib / 1024:,.0f} MiB peak, accuracy {cv['accuracy_mean']:.4f} "
             f"[{cv['accuracy_low']:.3f}, {cv['accuracy_high']:.3f}]"
@@ -323,11 +309,11 @@ def store_at_scale(work: Path, sizes: tuple[int, ...], batch: int = 32, heads: b
             out["sgd_memory_growth"] = (
                 b["train_head_sgd"]["peak_mib"] / a["train_head_sgd"]["peak_mib"]
             )
-            _say(
+            say(
                 f"  train-head sgd peak memory x{out['sgd_memory_growth']:.2f} for x"
                 f"{sizes[-1] // sizes[0]} rows (target <= 1.3)"
             )
-        _say(
+        say(
             f"  {sizes[0]:,} -> {sizes[-1]:,} rows: reads x{out['read_growth']:.1f} "
             f"(rows x{out['rows_growth']:.0f}, target <= ~10), bytes written per added row "
             f"x{out['write_per_row_growth']:.2f} over the ten +1 % runs, "
@@ -339,7 +325,7 @@ def store_at_scale(work: Path, sizes: tuple[int, ...], batch: int = 32, heads: b
 if __name__ == "__main__":
     import argparse
 
-    ap = argparse.ArgumentParser(prog="python -m pipeline.bench_store", description=__doc__)
+    ap = argparse.ArgumentParser(prog="python -m pipeline.bench.store", description=__doc__)
     ap.add_argument("--work", type=Path, default=Path("artifacts/bench/work"))
     ap.add_argument("--sizes", default="100000,1000000")
     ap.add_argument("--no-heads", action="store_true")

@@ -1,0 +1,146 @@
+"""A sweep that races (issue 27): more partitions only where they decide something, and repeats
+chosen by time. Synthetic pooled vectors through the store's own writer: `avg` carries a clear
+class signal, `max` a faint one, so the `max` runs are clearly worse than the best."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+from threadpoolctl import threadpool_limits
+
+from pipeline import evaluate, layout, stats
+from pipeline.bench import store as bench_store
+from pipeline.reporting import build_report
+from pipeline.sweeping import run_sweep
+from pipeline.train import train_head
+
+FOLDS, REPEATS = 3, 3
+
+
+def cache(art: Path, n: int = 200, channels: int = 32) -> Path:
+    """`n` rows of 10 classes: `avg` with a clear class signal, `max` with a faint one."""
+    from pipeline.store.segments import Meta
+    from pipeline.store.writer import Writer
+
+    path = layout.features_dir(art) / "race.h5"
+    path.parent.mkdir(parents=True)
+    rows = bench_store._rows(0, n)
+    key = bench_store._key()
+    w = Writer(path, key, bench_store.STAMP, maps=False, dtype="float16", log=lambda s: None)
+    ids = [r.ident for r in rows]
+    meta = Meta(
+        ids, [r.path for r in rows], [r.label for r in rows], [r.split for r in rows],
+        [r.view for r in rows], [r.stat for r in rows],
+    )  # fmt: skip
+    strong = bench_store._vectors(ids, channels, signal=0.9)
+    faint = bench_store._vectors(ids, channels, signal=0.1)
+    w.add_batch(meta, {"avg": strong, "max": faint}, None, [])
+    w.commit(rows, bench_store.CLASSES, [], bench_store._attrs(key, channels), same_source=True)
+    layout.set_current(art, path)
+    return path
+
+
+@pytest.fixture
+def fits(monkeypatch):
+    """Every fold fitted (CV and learning curve), counted here: the folds run in this process."""
+    monkeypatch.setattr(os, "cpu_count", lambda: 1)  # n_jobs=1: no worker process to count in
+    count = [0]
+    real = evaluate._fold
+
+    def spy(*a, **k):
+        count[0] += 1
+        return real(*a, **k)
+
+    monkeypatch.setattr(evaluate, "_fold", spy)
+    with threadpool_limits(1):  # one BLAS thread: small solves on a shared machine
+        yield count
+
+
+def test_the_racing_sweep_picks_the_same_best_and_ties_with_fewer_fits(tmp_path, fits):
+    lines: list[str] = []
+    settings = dict(folds=FOLDS, repeats=REPEATS, curve_points=2, log=lines.append)
+    heads, pools = "logreg,svm-linear", "avg,max"
+    cache(tmp_path / "all")
+    every = run_sweep(tmp_path / "all", heads, pools, race=False, **settings)
+    every_fits, fits[0] = fits[0], 0
+    cache(tmp_path / "race")
+    raced = run_sweep(tmp_path / "race", heads, pools, **settings)
+    race_fits = fits[0]
+
+    a, b = every["ranking"], raced["ranking"]
+    assert a[0]["run"] == b[0]["run"] and a[0]["pooling"] == "avg"
+    tied = {r["run"] for r in a if r["tied_with_best"]}
+    assert tied == {r["run"] for r in b if r["tied_with_best"]}
+    assert race_fits < every_fits, (race_fits, every_fits)
+    # the max runs are clearly worse: screened out after the first partition, and only they
+    screened = [r for r in b if r["screened_out"]]
+    assert {r["pooling"] for r in screened} == {"max"} and len(screened) == 2
+    assert not any(r["screened_out"] for r in a) and all(r["repeats"] == REPEATS for r in a)
+    assert all(r["repeats"] == 1 and r["folds"] == FOLDS for r in screened)
+    assert all(r["repeats"] == REPEATS for r in b if not r["screened_out"])
+    assert b[-len(screened) :] == screened  # ranked after the runs that raced
+    # the runs that raced stand on the same figures as in the exhaustive sweep
+    by_name = {r["run"]: r for r in a}
+    for r in b:
+        if not r["screened_out"]:
+            assert r["cv_accuracy_mean"] == by_name[r["run"]]["cv_accuracy_mean"]
+    # counted: k folds for each screened run, r·k for each that raced, the same curve
+    assert every_fits - race_fits == len(screened) * (REPEATS - 1) * FOLDS
+    assert every["race"]["fold_fits"] - raced["race"]["fold_fits"] == every_fits - race_fits
+    assert raced["race"]["screened_out"] == [r["run"] for r in screened]
+    assert any("race after the first partition" in ln and "screened out: " in ln for ln in lines)
+    # recorded as such: result.json, sweep.json, the report
+    for r in screened:
+        res = json.loads((tmp_path / "race/heads" / r["run"] / "result.json").read_text())
+        assert res["screened_out"] is True and res["repeats"] == 1
+        assert res["cv"]["repeats"] == 1 and len(res["cv"]["fold_accuracies"]) == FOLDS
+        assert res["cv"]["screened_out"] is True
+    sweep = json.loads(layout.sweep_file(tmp_path / "race").read_text())
+    assert [r["screened_out"] for r in sweep["ranking"]] == [r["screened_out"] for r in b]
+    rep = build_report(tmp_path / "race", log=lines.append)
+    assert [e["run"] for e in rep["results"]] == [r["run"] for r in b]
+    assert [e["run"] for e in rep["results"] if e["screened_out"]] == [r["run"] for r in screened]
+    md = (layout.report_dir(tmp_path / "race") / "report.md").read_text()
+    assert md.count("screened out after the first partition") >= len(screened)
+    # paired on the partition they share: a screened run is compared with the best on it
+    assert all(e["vs_best"] is not None and e["vs_best"]["folds"] == FOLDS for e in
+               rep["results"] if e["screened_out"])  # fmt: skip
+
+
+@pytest.fixture
+def one_thread():
+    with threadpool_limits(1):
+        yield
+
+
+def test_repeats_follow_the_time_budget_unless_asked(tmp_path, monkeypatch, one_thread):
+    assert stats.budget_repeats(41, 3, 10) == 4  # 180 s at 41 s a partition
+    assert stats.budget_repeats(500, 3, 3) == 1  # one fine-tuning partition past the budget
+    assert stats.budget_repeats(0.5, 3, 10) == 10  # cheap: the most that narrows the interval
+    monkeypatch.setenv("PIPELINE_MAX_REPEATS", "3")
+    art = tmp_path / "art"
+    features = cache(art, n=200, channels=16)
+
+    def run(**kw):
+        lines: list[str] = []
+        r = train_head(art, "logreg", features=features, folds=3, log=lines.append, **kw)
+        said = [ln for ln in lines if ln.startswith("repeats: ") and "by time" not in ln]
+        assert len(said) == 1, lines
+        return r, said[0]
+
+    short, line = run(budget=1e-5)  # less than the first partition took
+    assert short["repeats"] == 1 and short["cv"]["repeats"] == 1
+    assert line.startswith("repeats: 1 (first partition took ") and "budget 1e-05 min" in line
+    assert short["repeats_reason"] in line and not short["screened_out"]
+    long, line = run(budget=1000)
+    assert long["repeats"] == 3 and len(long["cv"]["fold_accuracies"]) == 9
+    assert line.startswith("repeats: 3 (first partition took ") and "at most 3" in line
+    assert long["cv"]["fold_accuracies"][:3] == short["cv"]["fold_accuracies"]
+    asked, line = run(repeats=2, budget=1e-5)
+    assert asked["repeats"] == 2 and line == "repeats: 2 (REPEATS=2 asked)"
+    monkeypatch.setenv("PIPELINE_BUDGET", "1000")
+    by_env, line = run()
+    assert by_env["repeats"] == 3 and "budget 1000 min" in line
