@@ -12,7 +12,8 @@ import pytest
 from pipeline.store import keys
 from pipeline.store.content import Lookup
 from pipeline.store.manifest import Entry
-from pipeline.store.segments import Meta, copy_rows, write_segment
+from pipeline.store.segment_writer import copy_rows, write_segment
+from pipeline.store.segments import Meta
 
 KEY, STAMP = "k" * 64, "s" * 64
 
