@@ -191,8 +191,8 @@ export: $(STAMP) ## the cache's pooled features + paths, labels, split as FORMAT
 demo: $(STAMP) ## end to end on scikit-learn's digits as PNGs: features, 3 heads, report
 	$(PY) -m pipeline demo --artifacts $(call q,ARTIFACTS)/demo --weights $(call q,WEIGHTS)
 
-test: $(STAMP) ## the test suite (tiny images, tiny input size: a few minutes on 2 cores)
-	$(PY) -m pytest -q tests
+test: $(STAMP) ## every test, in two processes (pytest-xdist, a test file each at a time)
+	$(PY) -m pytest -q -n 2 --dist loadfile tests
 
 lint: $(STAMP) ## ruff
 	$(PY) -m ruff check pipeline tests

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,21 +21,17 @@ from typing import Any
 
 import numpy as np
 
-from pipeline import backbone, dataset, duplicates, images, layout, store
+from pipeline import dataset, duplicates, embedding, images, layout, store
 from pipeline.backbone import BackboneSpec, output_shape
-from pipeline.batches import decoded_batches
 from pipeline.cache_identity import RANDOM_BANNER, augment_settings, cache_settings
 from pipeline.errors import UserError
-from pipeline.progress import Progress
 from pipeline.provenance import difference, embedder, environment
 from pipeline.store.segments import Failure, Meta, pooled
 from pipeline.store.writer import Row, Writer
 
 Log = Callable[[str], None]
-CHANGED = (
-    "the file changed while it was read (its bytes are not the ones hashed a moment before): "
-    "not cached this time; rerun `make features` when nothing writes it any more"
-)
+Job = embedding.Job  # one row to be cached: a file, and which view of it (0: the image itself)
+CHANGED = embedding.changed_reason("make features")
 
 
 @dataclass
@@ -121,26 +117,6 @@ def _known_hashes(w: Writer) -> dict[str, tuple[Stat, str]]:
     return out
 
 
-@dataclass(frozen=True)
-class Job:
-    """One row to be cached: a file, and which view of it (0: the image itself)."""
-
-    path: str
-    abspath: Path
-    label: int
-    split: str
-    sha256: str | None
-    view: int = 0
-    reason: str = ""  # why the file could not be hashed (sha256 is None)
-    stat: Stat = (0, 0, 0)
-
-    @property
-    def ident(self) -> str:
-        if self.sha256 is None:
-            return f"unhashable:{self.path}"
-        return store.ident(self.sha256, self.view)
-
-
 def extract(
     data: Path,
     artifacts: Path,
@@ -166,8 +142,9 @@ def extract(
     every image again (after a decoder or framework upgrade), replacing the cache whole.
     `verify=True` hashes every file even when its size, mtime and inode are unchanged.
     `maps=False` stores pooled vectors only (very large collections; another cache).
-    `embedder_fn(spec, batches)` embeds somewhere else (a Dask cluster), yielding
-    (jobs, decoded-or-reasons, maps) per batch; results are still written here, by one writer.
+    `embedder_fn`: the engine of the embedding stage (`pipeline.embedding`; default `Local`
+    with `workers` threads and `model`), e.g. `cluster.embedder(client)` on Dask workers;
+    results are still written here, by one writer.
     """
     t0 = time.perf_counter()
     if batch_size < 1:
@@ -185,7 +162,8 @@ def extract(
     path = cache_path(artifacts, spec, key)
     if spec.random_weights:
         log(f"*** {RANDOM_BANNER} ***")
-    ctx = _Ctx(spec, batch_size, dtype, workers, log, model, scan, rebuild, maps, embedder_fn)
+    engine = embedder_fn if embedder_fn is not None else embedding.Local(workers, model)
+    ctx = _Ctx(spec, batch_size, dtype, log, scan, engine, rebuild, maps)
     stamp = embedder()
     with store.exclusive(fdir):
         for stale in fdir.glob("*.tmp-*"):
@@ -194,7 +172,7 @@ def extract(
         known = {} if (verify or rebuild) else _known_hashes(w)
         hashes = _hash_all(scan.root, scan.items, known)
         jobs = [
-            Job(dataset.display(it.path), scan.root / it.path, it.label, it.split, h, 0, why, st)
+            Job(dataset.display(it.path), scan.root / it.path, h, it.label, it.split, 0, st, why)
             for it, (h, why, st) in zip(scan.items, hashes, strict=True)
         ]
         summary, rows = _sync(w, settings, jobs, ctx)
@@ -223,7 +201,7 @@ def extract(
             akey = store.cache_key(aset)
             apath = layout.augment_path(path, spec.seed)
             ajobs = [
-                Job(r.path, r.abspath, r.label, r.split, r.sha256, v, "", r.stat)
+                Job(r.path, r.abspath, r.sha256, r.label, r.split, v, r.stat)
                 for r in rows
                 if r.split == "train"
                 for v in range(1, augment + 1)
@@ -241,13 +219,11 @@ class _Ctx:
     spec: BackboneSpec
     batch_size: int
     dtype: str
-    workers: int | None
     log: Log
-    model: Any
     scan: dataset.Scan
+    engine: embedding.Engine
     rebuild: bool = False
     maps: bool = True
-    embedder_fn: Any = None
 
 
 def _sync(
@@ -378,28 +354,22 @@ def _embed(
     failures: dict[str, Failure],
     changed: dict[str, str],
 ) -> float:
-    """Embed `todo` batch by batch (here, or on a cluster); each batch is staged as a segment.
+    """Embed `todo` through the embedding stage (here, or on a cluster); each batch is staged
+    as a segment by `w`, the stage's writer here.
 
-    Decoding hashes the bytes it reads: a job whose file no longer has its hash (rewritten
+    The stage checks the bytes it decodes: a job whose file no longer has its hash (rewritten
     since it was hashed) is neither embedded nor a failure; `changed` maps its ident to the
     hash of the bytes read, and the caller lists it as not cached this time.
     """
-    workers = ctx.workers or min(8, (os.cpu_count() or 2) + 2)
-    progress = Progress(
-        len(todo),
-        "embedding" if not augment_seed and not todo[0].view else "embedding augmented views",
-    )
-    t0 = time.perf_counter()
-    if ctx.embedder_fn is not None:
-        batches = ctx.embedder_fn(ctx.spec, todo, ctx.batch_size, augment_seed)
-    else:
-        batches = _local_batches(todo, ctx, workers, augment_seed)
     classes = ctx.scan.classes
-    for chunk, reasons, maps in batches:
-        ok = [j for j in chunk if j.ident not in reasons]
-        moved = {h: r.sha256 for h, r in reasons.items() if isinstance(r, images.Changed)}
+    t0 = time.perf_counter()
+
+    def staged(b: embedding.Embedded) -> None:
+        moved = {j.ident: r.sha256 for j, r in b.failed if isinstance(r, images.Changed)}
         changed.update(moved)
-        maps = np.asarray(maps).astype(ctx.dtype)
+        ok = b.done
+        maps = b.maps if b.maps is not None else np.zeros((0,) + output_shape(ctx.spec))
+        maps = maps.astype(ctx.dtype)
         meta = Meta(
             [j.ident for j in ok],
             [j.path for j in ok],
@@ -409,38 +379,26 @@ def _embed(
             [j.stat for j in ok],
         )
         fails = [
-            Failure(h, str(r), bool(getattr(r, "content", False)))
-            for h, r in reasons.items()
-            if h not in moved  # the old content did not fail: it was not there to read
+            Failure(j.ident, str(r), bool(getattr(r, "content", False)))
+            for j, r in b.failed
+            if j.ident not in moved  # the old content did not fail: it was not there to read
         ]
         if ok or fails:
             w.add_batch(meta, pooled(maps), maps, fails)
         failures.update({x.ident: x for x in fails})
-        progress.update(len(chunk))
-    return time.perf_counter() - t0
 
-
-def _local_batches(
-    todo: list[Job], ctx: _Ctx, workers: int, augment_seed: int
-) -> Iterator[tuple[list[Job], dict[str, str], np.ndarray]]:
-    """(jobs, {ident: reason} of the unreadable ones, maps of the others) per batch.
-
-    Decoding is checked: a file rewritten since it was hashed comes back `images.Changed`
-    among the reasons, and nothing of it is embedded under the old hash.
-    """
-    if ctx.model is None:
-        ctx.model = backbone.build(ctx.spec)
-    size = ctx.spec.input_size
-    for chunk, decoded in decoded_batches(
-        todo, size, ctx.batch_size, workers, augment_seed, check=True
+    views = augment_seed or todo[0].view
+    for _ in embedding.embed(
+        embedding.batched(todo, ctx.batch_size),
+        ctx.spec,
+        ctx.engine,
+        augment_seed=augment_seed,
+        sink=staged,
+        label="embedding augmented views" if views else "embedding",
+        total=len(todo),
     ):
-        ok = [i for i, d in enumerate(decoded) if not isinstance(d, str)]
-        bad = {chunk[i].ident: d for i, d in enumerate(decoded) if isinstance(d, str)}
-        feats = np.zeros((0,) + output_shape(ctx.spec), np.float32)
-        if ok:
-            x = backbone.preprocess(np.stack([decoded[i] for i in ok]), ctx.spec.name)
-            feats = np.asarray(ctx.model.predict_on_batch(x))
-        yield chunk, bad, feats
+        pass
+    return time.perf_counter() - t0
 
 
 def _attrs(w: Writer, ctx: _Ctx, settings: dict[str, Any]) -> dict[str, Any]:

@@ -28,7 +28,7 @@ from pipeline import layout, store
 from pipeline.cache_identity import augment_settings
 from pipeline.errors import UserError
 from pipeline.provenance import embedder
-from pipeline.store.content import ContentStore, Lookup
+from pipeline.store.content import STORE, ContentStore, Lookup
 
 Log = Callable[[str], None]
 Stat = tuple[int, int, int]
@@ -102,7 +102,7 @@ class Cache:
             self.log(f"the features of new images are not kept this time ({e})")
             if ppath.is_file():
                 try:
-                    out.append(Lookup.of(ppath, key, stamp_key, self.log))
+                    out.append(Lookup.of(ppath, key, stamp_key, self.log, STORE))
                 except UserError:
                     pass
             return out

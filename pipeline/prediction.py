@@ -10,18 +10,17 @@ every class in class order (`p_<class>`), then `backbone_ran` (yes/no).
 The backbone runs once per image content, for prediction too: an image found in the run's cache
 or among the images predicted before (`pipeline.predicted`) is classified from its cached
 features, and when every image is found the backbone is never built. New images are embedded
-here, batch by batch, or on Dask workers (`client`), their rows written in order all the same.
-The bytes decoded are hashed again: a file rewritten after it was hashed is classified and kept
-as the bytes decoded, under their own hash, never under the old bytes' hash.
+through the embedding stage (`pipeline.embedding`), here or on Dask workers (`client`), their
+rows written in order all the same. The stage hashes the bytes it decodes: a file rewritten after
+it was hashed is looked up and embedded again as it is now, under its own hash (at most `REDO`
+times), never under the old bytes' hash.
 """
 
 from __future__ import annotations
 
 import csv
-import dataclasses
 import json
 import os
-import uuid
 from collections import Counter, deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Executor, ThreadPoolExecutor
@@ -31,17 +30,15 @@ from typing import Any
 
 import numpy as np
 
-from pipeline import backbone as bb
-from pipeline import dataset, images, journal, layout, outputs, predicted, runs, store
+from pipeline import dataset, embedding, images, journal, layout, outputs, predicted, runs, store
 from pipeline.backbone import BackboneSpec
-from pipeline.batches import decoded_batches
 from pipeline.cache_identity import check_features
 from pipeline.errors import UserError
 from pipeline.progress import Progress
 from pipeline.provenance import difference, embedder
 
 Log = Callable[[str], None]
-REDO = 2  # times an image whose file keeps changing while it is read is embedded again
+REDO = 2  # times an image whose file keeps changing while it is read is looked up again
 
 
 @dataclass(frozen=True)
@@ -74,26 +71,17 @@ class _Planned:
 
 
 @dataclass(frozen=True)
-class _ViewJob:
-    """One view of one image, for a Dask worker (`cluster.embed_batch`)."""
+class _ViewJob(embedding.Job):
+    """One view of one planned image, for the embedding stage."""
 
-    abspath: Path
-    sha256: str
-    view: int
-
-    @property
-    def ident(self) -> str:
-        return store.ident(self.sha256, self.view)
+    plan: _Planned | None = field(default=None, compare=False, repr=False)
 
 
-@dataclass
-class _Batch:
-    """A batch of planned images after embedding what was missing."""
-
-    plans: list[_Planned]
-    reasons: dict[int, str]  # image (position in plans) -> why it could not be read
-    jobs: list[tuple[int, int]]  # (image, view) of each row embedded now
-    maps: np.ndarray | None  # their maps, in that order
+def _view_jobs(p: _Planned) -> list[_ViewJob]:
+    """The jobs of the views of `p` still missing (under its hash as it is now)."""
+    return [
+        _ViewJob(p.item.path, p.abspath, p.sha256, view=v, stat=p.stat, plan=p) for v in p.missing
+    ]
 
 
 def tta_seed(r: dict[str, Any]) -> int:
@@ -327,17 +315,15 @@ def _predicted(
     progress = Progress(len(todo), "predicting")
     w = csv.writer(fh)
     cache = predicted.Cache(artifacts, r, tta, seed, log)
+    engine = embedding.Local() if client is None else embedding.Dask(client, source="IMAGES")
     finished = False
     try:
         with ThreadPoolExecutor(max_workers=4) as hashing:
             plans = _plans(todo, cache, batch_size, tta, hashing)
-            if client is None:
-                batches = _local_batches(plans, spec, batch_size, seed, cache, tta)
-            else:
-                batches = _cluster_batches(client, plans, spec, seed, cache, tta)
+            batches = _embedded(plans, spec, engine, seed, cache, tta, dtype, r["pooling"])
             n_done = 0
             for b in batches:
-                rows = _classified(b, cache, est, classes, topk, tta, dtype, r["pooling"])
+                rows = _classified(*b, est, classes, topk, tta)
                 ok = [journal.csv_row(row) for row in rows if not row["error"]]
                 try:
                     w.writerows(ok)
@@ -410,171 +396,86 @@ def _plans(
             yield planned[b : b + batch_size]
 
 
-def _wanted(p: _Planned) -> bool:
-    return bool(p.missing)
-
-
-def _local_batches(
+def _embedded(
     plans: Iterable[list[_Planned]],
     spec: BackboneSpec,
-    batch_size: int,
+    engine: embedding.Engine,
     seed: int,
     cache: predicted.Cache,
     tta: int,
-) -> Iterator[_Batch]:
-    """Each batch with its missing views embedded here; the next batch is planned and decoded
-    in threads while this one runs; the backbone is built at the first view to embed.
+    dtype: str,
+    pooling: str,
+) -> Iterator[tuple[list[_Planned], dict[int, str], set[int]]]:
+    """Each batch of plans with its missing views embedded by the embedding stage and kept
+    (`cache.add`, the stage's writer here): (plans, {image: why it cannot be read}, the images
+    the backbone ran for). A batch with nothing missing passes through without work; the next
+    batch is planned while the stage embeds this one.
 
-    The bytes decoded are hashed again: a file rewritten since it was hashed is classified and
-    kept as the bytes decoded, under their own hash (`_replanned`), never under the old one.
-    """
-    model = None
-    workers = min(8, (os.cpu_count() or 2) + 2)
-    items = (p for chunk in plans for p in chunk)  # read a batch ahead: the same batches
-    for chunk, decoded in decoded_batches(
-        items, spec.input_size, batch_size, workers, wanted=_wanted, check=True
-    ):
-        reasons: dict[int, str] = {}
-        jobs: list[tuple[int, int]] = []
-        arrays: list[np.ndarray] = []
-        for i, (p, d) in enumerate(zip(chunk, decoded, strict=True)):
-            if isinstance(d, images.Changed) and d.array is not None:
-                _replanned(p, d.sha256, cache, tta)
-                d = d.array
-            if p.reason or isinstance(d, str):
-                reasons[i] = p.reason or str(d)
-            elif d is not None:
-                for v in p.missing:
-                    jobs.append((i, v))
-                    arrays.append(
-                        d if v == 0 else images.augment(d, images.view_rng(seed, p.sha256 or "", v))
-                    )
-        maps = None
-        if arrays:
-            if model is None:
-                model = bb.build(spec)
-            maps = np.asarray(model.predict_on_batch(bb.preprocess(np.stack(arrays), spec.name)))
-        yield _Batch(chunk, reasons, jobs, maps)
-
-
-def _cluster_batches(
-    client: Any,
-    plans: Iterable[list[_Planned]],
-    spec: BackboneSpec,
-    seed: int,
-    cache: predicted.Cache,
-    tta: int,
-) -> Iterator[_Batch]:
-    """Each batch with its missing views embedded on the Dask workers, in the order given.
-
-    A batch goes to the workers as soon as it is planned, at most two per worker in flight
-    (memory stays bounded); results are taken in order, so rows are written in order. A batch
-    with nothing missing passes through without a task. Workers refusing the weights, unable
-    to see an image, or with other versions stop the predict in one line, as for features.
-    Workers hash the bytes they decode: an image whose file was rewritten since the client
-    hashed it is looked up and embedded again under the new bytes' hash (`_replanned`), at
+    An image whose file was rewritten since it was hashed is planned again as it is now
+    (`_replanned`: looked up under the new bytes' hash, what is still missing embedded), at
     most `REDO` times, then its row names the reason; its old views are neither used nor kept.
     """
-    from pipeline import cluster
+    chunks: deque[list[_Planned]] = deque()
 
-    limit = 2 * max(1, len(client.scheduler_info().get("workers", {})))
-    if spec.weights_kind == "file":  # workers resolve no relative path of the client's
-        spec = dataclasses.replace(spec, weights=str(Path(spec.weights).absolute()))
-    weights_id = spec.weights_id()
-    here = embedder()
-    call = uuid.uuid4().hex[:12]
-    spec_f = None
-    queue: deque[tuple[list[_Planned], list[tuple[int, int]], Any, int]] = deque()
+    def jobs_of(chunk: list[_Planned]) -> list[_ViewJob]:
+        chunks.append(chunk)
+        return [j for p in chunk for j in _view_jobs(p)]
 
-    def submit(chunk: list[_Planned], jobs: list[tuple[int, int]], tag: str) -> Any:
-        nonlocal spec_f
-        if spec_f is None:
-            spec_f = client.scatter(spec, broadcast=True)
-        views = [
-            _ViewJob(Path(os.path.abspath(chunk[i].abspath)), chunk[i].sha256 or "", v)
-            for i, v in jobs
-        ]
-        return client.submit(
-            cluster.embed_batch, spec_f, views, seed, weights_id, True, key=f"predict-{call}-{tag}"
-        )
+    def again(job: _ViewJob, sha256: str) -> list[_ViewJob]:
+        p = job.plan
+        if p is None or p.sha256 != job.sha256:  # another of its views planned it again already
+            return []
+        _replanned(p, sha256, cache, tta)
+        return _view_jobs(p)
 
-    def done(chunk: list[_Planned], jobs: list[tuple[int, int]], fut: Any, k: int) -> _Batch:
+    def kept(b: embedding.Embedded) -> None:
+        if b.done:
+            maps = np.asarray(b.maps).astype(dtype)
+            cache.add([(j.path, j.sha256 or "", j.view, j.plan.stat) for j in b.done], maps)
+            for j, x in zip(b.done, store.pool(maps, pooling), strict=True):
+                j.plan.found[j.view] = x
+
+    for b in embedding.embed(
+        map(jobs_of, plans),
+        spec,
+        engine,
+        augment_seed=seed,
+        retries=REDO,
+        again=again,
+        sink=kept,
+        command="make predict",
+    ):
+        chunk = chunks.popleft()
+        where = {id(p): i for i, p in enumerate(chunk)}
         reasons = {i: p.reason for i, p in enumerate(chunk) if p.reason}
-        ok: list[tuple[int, int]] = []
-        maps: list[np.ndarray] = []
-        attempt = 0
-        while fut is not None:
-            out = cluster.checked(fut.result(), here, "IMAGES")
-            fut.release()
-            bad = out["reasons"]
-            whys = [bad.get(store.ident(chunk[i].sha256 or "", v)) for i, v in jobs]
-            changed: dict[int, str] = {}
-            for (i, _), why in zip(jobs, whys, strict=True):
-                if isinstance(why, images.Changed) and attempt < REDO:
-                    changed.setdefault(i, why.sha256)
-                elif why is not None:
-                    reasons.setdefault(i, str(why))
-            embedded = [job for job, why in zip(jobs, whys, strict=True) if why is None]
-            keep = [n for n, (i, _) in enumerate(embedded) if i not in changed]
-            ok += [embedded[n] for n in keep]
-            maps.append(np.asarray(out["maps"])[keep])
-            fut = None
-            if changed:  # their bytes are not those hashed: looked up and embedded anew
-                attempt += 1
-                for i, sha in changed.items():
-                    _replanned(chunk[i], sha, cache, tta)
-                jobs = [(i, v) for i in changed for v in chunk[i].missing]
-                if jobs:
-                    fut = submit(chunk, jobs, f"{k}-again{attempt}")
-        return _Batch(chunk, reasons, ok, np.concatenate(maps) if maps else None)
-
-    for k, chunk in enumerate(plans):
-        jobs = [(i, v) for i, p in enumerate(chunk) for v in p.missing]
-        fut = submit(chunk, jobs, str(k)) if jobs else None
-        queue.append((chunk, jobs, fut, k))
-        while queue and (len(queue) > limit or queue[0][2] is None):
-            yield done(*queue.popleft())
-    while queue:
-        yield done(*queue.popleft())
+        for j, why in b.failed:
+            reasons.setdefault(where[id(j.plan)], str(why))
+        yield chunk, reasons, {where[id(j.plan)] for j in b.done}
 
 
 def _classified(
-    b: _Batch,
-    cache: predicted.Cache,
+    plans: list[_Planned],
+    reasons: dict[int, str],
+    ran: set[int],
     est: Any,
     classes: list[str],
     topk: int,
     tta: int,
-    dtype: str,
-    pooling: str,
 ) -> list[dict[str, Any]]:
     """The rows of one batch: the head on each image's features (cached, or embedded now and
     kept), averaged over its views."""
-    ran = {i for i, _ in b.jobs}
-    if b.jobs:
-        maps = np.asarray(b.maps).astype(dtype)
-        fresh = store.pool(maps, pooling)
-        cache.add(
-            [
-                (b.plans[i].item.path, b.plans[i].sha256 or "", v, b.plans[i].stat)
-                for i, v in b.jobs
-            ],
-            maps,
-        )
-        for (i, v), x in zip(b.jobs, fresh, strict=True):
-            b.plans[i].found[v] = x
-    ok = [i for i in range(len(b.plans)) if i not in b.reasons]
+    ok = [i for i in range(len(plans)) if i not in reasons]
     full = np.zeros((len(ok), len(classes)))  # a class the head never saw: 0
     if ok:
-        x = np.stack([f for i in ok for f in b.plans[i].found])  # type: ignore[misc]
+        x = np.stack([f for i in ok for f in plans[i].found])  # type: ignore[misc]
         proba = est.predict_proba(x).reshape(len(ok), tta + 1, -1).mean(axis=1)  # TTA: mean
         full[:, np.asarray(est.classes_, dtype=int)] = proba
     probs = iter(full)
     return [
-        _failed(p.item.path, b.reasons[i])
-        if i in b.reasons
+        _failed(p.item.path, reasons[i])
+        if i in reasons
         else _row(p.item.path, next(probs), classes, topk, i in ran)
-        for i, p in enumerate(b.plans)
+        for i, p in enumerate(plans)
     ]
 
 

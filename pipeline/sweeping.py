@@ -112,6 +112,21 @@ def run_sweep(
                 client=client, features=cache, repeats=repeats, budget=budget, **stage,
             )  # fmt: skip
 
+        minutes = stats.budget_minutes(budget)
+        log(
+            f"sweep: {len(todo)} runs; "
+            + (
+                "a race: each scored on the first partition, then only those tied with the "
+                f"best (paired 95 % interval) or within {margin:.1%} of it go on (RACE=0: all)"
+                if race
+                else "every run all its partitions"
+            )
+            + (
+                f"; repeats: {repeats} (REPEATS={repeats} asked)"
+                if repeats
+                else f"; repeats by time: as many as {minutes:g} min a run holds (BUDGET=)"
+            )
+        )
         first: list[dict[str, Any]] = []
         keep = [True] * len(todo)
         if race:
@@ -209,6 +224,8 @@ def _race(first: list[dict[str, Any]], where: list[str], margin: float, log: Log
     """Which runs go on past the first partition: the best on it, those whose paired 95 %
     interval against it (on the partition they share) includes 0 or that are within `margin`
     of it, and those planned for one partition anyway. The rest are screened out."""
+    if not first:
+        return []
     top = max(range(len(first)), key=lambda i: (first[i]["cv"]["accuracy_mean"], -i))
     keep, out = [], []
     for i, f in enumerate(first):

@@ -235,6 +235,12 @@ def _train(
         prior, why = resume["cv"], [resume["repeats_reason"]]
         done = int(prior["repeats"])
         choose: Any = done if screened_out else max(done, repeats or resume["repeats_planned"])
+        if screened_out:
+            why[0] = (
+                f"screened out after the first partition; {resume['repeats_planned']} "
+                f"planned: {why[0]}"
+            )
+        log(f"repeats: {choose} ({why[0]})")
     else:
         choose, why = _repeats_plan(repeats, protocol, budget, info, n_orig, log)
     log(f"evaluation: {protocol['reason']}")

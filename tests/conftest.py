@@ -81,22 +81,56 @@ def one_backbone_per_setting():
 
 
 @pytest.fixture(scope="session")
-def dask_scheduler():
-    """One local Dask cluster of two worker processes for the whole session; the tests reach
-    it through its scheduler's address, as CLUSTER=tcp://host:port reaches a user's."""
+def dask_scheduler(tmp_path_factory):
+    """A Dask scheduler and two worker processes, started as a user starts them (`dask
+    scheduler`, `dask worker`), once for the session; the tests reach it by its address, as
+    CLUSTER=tcp://host:port does. None of it runs in the test process (no thread of it here:
+    the tests that measure this process's memory measure only their own)."""
     pytest.importorskip("distributed")
-    from distributed import LocalCluster
+    import json
+    import subprocess
+    import sys
+    import time
 
-    with LocalCluster(
-        n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0", silence_logs=40
-    ) as lc:
-        assert lc.scheduler_address.startswith("tcp://")
-        yield lc.scheduler_address
+    folder = tmp_path_factory.mktemp("dask")
+    info = folder / "scheduler.json"
+    here = Path(__file__).parent  # the workers import the test modules' functions they run
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(here), str(here.parent)])}
+    cli = [sys.executable, "-m"]
+    scheduler = subprocess.Popen(
+        [*cli, "distributed.cli.dask_scheduler", "--host", "127.0.0.1", "--port", "0",
+         "--no-dashboard", "--scheduler-file", str(info)],
+        cwd=folder, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    workers = None
+    try:
+        deadline = time.time() + 120
+        while not info.is_file() or not info.read_text().strip():
+            assert scheduler.poll() is None and time.time() < deadline, "no Dask scheduler"
+            time.sleep(0.05)
+        address = json.loads(info.read_text())["address"]
+        workers = subprocess.Popen(
+            [*cli, "distributed.cli.dask_worker", "--scheduler-file", str(info), "--nworkers",
+             "2", "--nthreads", "1", "--no-dashboard", "--local-directory", str(folder)],
+            cwd=folder, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )  # fmt: skip
+        assert address.startswith("tcp://127.0.0.1:")
+        yield address
+    finally:
+        for proc in (workers, scheduler):
+            if proc is not None:
+                proc.terminate()
+                try:
+                    proc.wait(timeout=30)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait()
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture
 def two_workers(dask_scheduler):
-    """A client of the session's cluster, connected as `CLUSTER=tcp://...` connects."""
+    """A client of the session's cluster, connected as `CLUSTER=tcp://...` connects, for one
+    test (closed after it: no client thread outlives the test)."""
     from pipeline import cluster
 
     with cluster.client(dask_scheduler) as c:

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from conftest import make_dataset
 
-from pipeline import cluster, store
+from pipeline import cluster, embedding, store
 from pipeline.errors import UserError
 from pipeline.features import extract
 from pipeline.train import train_head
@@ -36,7 +36,7 @@ def _same_cache(a, b) -> None:
 
 
 def _builds(c) -> dict[str, int]:
-    return c.run(lambda: len(cluster._BUILDS))
+    return c.run(lambda: len(embedding._BUILDS))
 
 
 def test_two_worker_processes_make_the_same_cache(tmp_path, quiet, two_workers):
@@ -210,11 +210,11 @@ def test_a_worker_that_cannot_see_data_is_named(tmp_path, spec, quiet, two_worke
     gone = tmp_path / "elsewhere"
     fn = cluster.embedder(two_workers)
 
-    def moved(spec, todo, batch, seed):  # the workers are sent paths they do not have
+    def moved(spec, batches, seed):  # the workers are sent paths they do not have
         import dataclasses
 
-        todo = [dataclasses.replace(j, abspath=gone / j.path) for j in todo]
-        yield from fn(spec, todo, batch, seed)
+        batches = ([dataclasses.replace(j, abspath=gone / j.path) for j in b] for b in batches)
+        yield from fn(spec, batches, seed)
 
     with pytest.raises(
         UserError, match=r"Dask worker tcp://\S+ cannot see '.*elsewhere.*' .*same absolute path"

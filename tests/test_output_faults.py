@@ -18,12 +18,14 @@ import sys
 import threading
 from pathlib import Path
 
+import numpy as np
 import pytest
 from conftest import SIZE, make_dataset
 
-from pipeline import cli, heads, journal, prediction, reporting, runs
+from pipeline import cli, exporting, heads, journal, prediction, reporting, runs
 from pipeline.backbone import BackboneSpec
 from pipeline.errors import UserError
+from pipeline.exporting import export
 from pipeline.features import extract
 from pipeline.prediction import classify
 from pipeline.reporting import build_report
@@ -135,6 +137,28 @@ def test_a_second_report_stops_at_once(trained, monkeypatch):
         first.join(120)
     assert "error" not in box, box.get("error")
     assert {"report.json", "report.md", "report.html"} <= set(_files(art / "report"))
+
+
+def test_a_second_export_to_the_same_out_stops_at_once(trained, tmp_path, monkeypatch):
+    """Two exports to one OUT: the second stops in one line naming the first and OUT=, and
+    the first writes its file whole (without `outputs.owned` both wrote and renamed it)."""
+    _, art = trained
+    out = tmp_path / "x.npz"
+    inside, go = _paused(monkeypatch, exporting, "_export")  # the first holds OUT, paused
+    first, box = _in_thread(lambda: export(art, out=out, log=_quiet))
+    try:
+        assert inside.wait(120)
+        with pytest.raises(UserError, match=r"another make export \(pid \d+.*OUT=") as e:
+            export(art, out=out, log=_quiet)
+        assert str(out) in str(e.value) and "\n" not in str(e.value)
+        assert not out.exists()  # the second wrote nothing
+        other = export(art, out=tmp_path / "other.npz", log=_quiet)  # another OUT: not blocked
+    finally:
+        go.set()
+        first.join(120)
+    assert "error" not in box, box.get("error")
+    with np.load(out) as a, np.load(other) as b:
+        assert a["X"].shape[0] == len(a["paths"]) > 0 and (a["X"] == b["X"]).all()
 
 
 class _Full:

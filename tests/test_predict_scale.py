@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 from conftest import make_dataset, write_image
 
-from pipeline import cli, prediction
+from pipeline import batches, cli, prediction
 from pipeline.features import extract
 from pipeline.prediction import classify
 from pipeline.train import train_head
@@ -38,15 +38,15 @@ def trained(tmp_path, spec, quiet):
 
 
 def _batches_then(monkeypatch, at_each):
-    """Wrap predict's batch loader: `at_each(k)` runs as batch k is handed over."""
-    real = prediction.decoded_batches
+    """Wrap the embedding stage's reader: `at_each(k)` runs as batch k is handed over."""
+    real = batches.decoded_batches
 
     def wrapped(*a, **k):
         for i, b in enumerate(real(*a, **k)):
             at_each(i)
             yield b
 
-    monkeypatch.setattr(prediction, "decoded_batches", wrapped)
+    monkeypatch.setattr(batches, "decoded_batches", wrapped)
 
 
 class Killed(Exception):

@@ -22,6 +22,8 @@ from pipeline import store
 from pipeline.backbone import BackboneSpec
 from pipeline.errors import UserError
 from pipeline.features import extract
+from pipeline.prediction import classify
+from pipeline.store import format as fmt
 from pipeline.train import train_head
 
 BATCH = 8  # 33 images: segments of 8, 8, 8, 8 and 1 rows (too few to merge)
@@ -106,6 +108,32 @@ def overwrite(path: Path, dataset: str, nbytes: int = 800) -> None:
         fh.write(new)
 
 
+def blind(path: Path, dataset: str, pattern: str) -> None:
+    """Change the first chunk of a dataset as Fletcher-32 cannot see (it sums 16-bit words
+    modulo 65535): "zeros" overwrites the chunk's data and its stored checksum with zeros,
+    "ffff" turns the data's 16-bit words 0x0000 into 0xFFFF. A plain h5py read passes (asserted
+    here) and serves the changed values: only the segment's digests can tell."""
+    at, size = where(path, dataset)
+    with h5py.File(path, "r") as f:
+        before = f[dataset][()]
+    with open(path, "r+b") as fh:
+        fh.seek(at)
+        raw = fh.read(size)
+        if pattern == "zeros":
+            new = bytes(size)
+        else:
+            even = (size - 4) // 2 * 2  # the data's whole words (its checksum is the last 4)
+            words = np.frombuffer(raw[:even], "<u2").copy()
+            assert (words == 0).sum() >= 2, "no 0x0000 words to turn"
+            words[words == 0] = 0xFFFF
+            new = words.tobytes() + raw[even:]
+        fh.seek(at)
+        fh.write(new)
+    with h5py.File(path, "r") as f:
+        after = f[dataset][()]  # Fletcher-32 passes: the blind spot is real
+    assert after.tobytes() != before.tobytes()
+
+
 def said(lines: list[str], name: str) -> list[str]:
     return [x for x in lines if name in x]
 
@@ -122,6 +150,35 @@ def assert_clean(c) -> None:
 def test_a_flipped_bit_is_found_by_verify_and_only_its_segment_embedded_again(copy, dataset):
     c = copy
     overwrite(c.seg, dataset)
+    found_by_verify(c)
+
+
+@pytest.mark.parametrize(
+    "dataset,pattern",
+    [
+        ("pooled/avg", "zeros"),
+        ("pooled/max", "ffff"),
+        ("features", "zeros"),
+        ("features", "ffff"),
+        ("ident", "zeros"),
+        ("ident", "ffff"),
+        ("path", "zeros"),
+        ("keys/prefix", "zeros"),
+    ],
+)
+def test_what_fletcher_cannot_see_is_found_by_verify_and_only_its_segment_embedded_again(
+    copy, dataset, pattern
+):
+    """The review: a chunk zeroed with its checksum, or words 0x0000 turned 0xFFFF, pass
+    Fletcher-32; `make features VERIFY=1` said "0 new, 33 cached". The digests find them."""
+    c = copy
+    blind(c.seg, dataset, pattern)
+    found_by_verify(c)
+
+
+def found_by_verify(c) -> None:
+    """VERIFY=1 sets the damaged segment aside once, in one line, embeds its 8 rows again
+    (only those), and the cache is the clean one bit for bit."""
     s = run(c, verify=True)
     told = said(c.lines, c.seg.name)
     assert s.new == 8 and s.cached == 25, (s.line(), told)
@@ -153,6 +210,104 @@ def test_a_flipped_bit_in_the_index_rebuilds_it_from_the_segments(copy):
     assert s.new == 0, s.line()
     assert any("is damaged" in x and "moved aside" in x for x in c.lines), c.lines
     assert_clean(c)
+
+
+def test_a_damaged_index_says_its_checksum_failed_in_one_line(copy):
+    """Old: the line quoted HDF5 ("filter returned failure during read")."""
+    c = copy
+    overwrite(c.cache, "segments/name", 40)
+    with pytest.raises(UserError) as e:
+        store.load_features(c.cache, "avg", "train")
+    msg = str(e.value)
+    assert str(c.cache) in msg and "index" in msg and "checksum does not match" in msg, msg
+    assert "filter" not in msg and "\n" not in msg and "rebuilds the index" in msg, msg
+    s = run(c)
+    told = [x for x in c.lines if c.cache.name in x and "moved aside" in x]
+    assert s.new == 0 and len(told) == 1 and "checksum does not match" in told[0], c.lines
+    assert "filter" not in told[0]
+    assert_clean(c)
+
+
+def test_a_rebuilt_index_never_takes_up_a_segment_a_reader_found_damaged(copy):
+    """Old: with the index damaged too, the rebuild took the zeroed segment up unread."""
+    c = copy
+    blind(c.seg, "pooled/avg", "zeros")
+    with pytest.raises(UserError, match="checksum"):  # a head finds it, and notes it
+        store.load_features(c.cache, "avg", "train")
+    overwrite(c.cache, "segments/name", 40)
+    s = run(c)
+    told = said(c.lines, c.seg.name)
+    assert s.new == 8 and len(told) == 1 and "checksum" in told[0], (s.line(), c.lines)
+    assert_clean(c)
+
+
+def test_segments_written_before_digests_are_read_as_they_were(copy):
+    c = copy
+    for seg in store.shards_dir(c.cache).glob("g*.h5"):
+        with h5py.File(seg, "r+") as f:
+            del f["crc32"]
+    s = run(c, verify=True)
+    assert (s.new, s.cached) == (0, 33) and not [x for x in c.lines if "damaged" in x], c.lines
+    assert_clean(c)
+
+
+@pytest.mark.parametrize("pattern", ["zeros", "ffff"])
+def test_training_refuses_what_fletcher_cannot_see_and_features_repairs_it(copy, pattern):
+    """Old: `make train-head` trained on the zeroed chunk's rows."""
+    c = copy
+    blind(c.seg, "pooled/avg" if pattern == "zeros" else "pooled/max", pattern)
+    pooling = "avg" if pattern == "zeros" else "max"
+    with pytest.raises(UserError) as e:
+        train_head(c.art, "logreg", pooling=pooling, folds=2, log=c.log)
+    msg = str(e.value)
+    assert c.seg.name in msg and "`make features`" in msg and "checksum" in msg, msg
+    assert "\n" not in msg
+    s = run(c)  # no VERIFY: the segment the reader found damaged is read whole, set aside
+    assert s.new == 8 and len(said(c.lines, c.seg.name)) == 1, (s.line(), c.lines)
+    assert_clean(c)
+
+
+def test_predict_names_a_damaged_segment_of_the_cache_once(copy, tmp_path):
+    """Old: predict said only "the backbone ran for 8, 25 cached", naming nothing."""
+    c = copy
+    train_head(c.art, "logreg", folds=2, log=c.log)
+    blind(c.seg, "pooled/avg", "zeros")
+    c.lines.clear()
+    rows, _ = classify(c.art, c.data, out=tmp_path / "p.csv", batch_size=BATCH, log=c.log)
+    told = said(c.lines, c.seg.name)
+    assert len(told) == 1 and "damaged" in told[0] and "checksum" in told[0], c.lines
+    assert "feature cache" in told[0] and "embedded again" in told[0], told
+    assert "`make features`" in told[0], told
+    assert len(rows) == 33 and sum(r["backbone_ran"] for r in rows) == 8
+    c.lines.clear()
+    s = run(c)  # the segment predict found damaged: set aside, its rows embedded again
+    assert s.new == 8 and len(said(c.lines, c.seg.name)) == 1, (s.line(), c.lines)
+    assert_clean(c)
+
+
+def test_predict_on_a_full_disk_names_its_own_store_and_goes_on(copy, tmp_path, monkeypatch):
+    """Old: "... the feature cache '...' is intact: free some space and rerun `make features`"."""
+    c = copy
+    train_head(c.art, "logreg", folds=2, log=c.log)
+    new = tmp_path / "new"
+    for i in range(3):
+        write_image(new / f"n{i}.png", i % 3, 700 + i)
+    real = fmt.check_room
+
+    def full(folder, path, needed, **told):  # no room in the predicted-images store's folder
+        if "predicted" in Path(path).parts:
+            err = OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            raise fmt.disk_error(err, Path(path), needed=needed, **told)
+        return real(folder, path, needed, **told)
+
+    monkeypatch.setattr(fmt, "check_room", full)
+    c.lines.clear()
+    rows, out = classify(c.art, new, out=tmp_path / "p.csv", log=c.log)
+    assert len(rows) == 3 and out.is_file()
+    told = [x for x in c.lines if "disk full" in x]
+    assert len(told) == 1 and "predicted-images store" in told[0], c.lines
+    assert "predictions are still written" in told[0] and "`make predict`" in told[0], told
+    assert "make features" not in told[0] and "feature cache" not in told[0], told
 
 
 def test_training_never_sees_a_changed_value_and_features_repairs_it(copy):

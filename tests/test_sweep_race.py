@@ -92,6 +92,9 @@ def test_the_racing_sweep_picks_the_same_best_and_ties_with_fewer_fits(tmp_path,
     assert every["race"]["fold_fits"] - raced["race"]["fold_fits"] == every_fits - race_fits
     assert raced["race"]["screened_out"] == [r["run"] for r in screened]
     assert any("race after the first partition" in ln and "screened out: " in ln for ln in lines)
+    said = [ln for ln in lines if ln.startswith("sweep: 4 runs; ")]  # each sweep's first line
+    assert said[0] == "sweep: 4 runs; every run all its partitions; repeats: 3 (REPEATS=3 asked)"
+    assert said[1].startswith("sweep: 4 runs; a race: each scored on the first partition")
     # recorded as such: result.json, sweep.json, the report
     for r in screened:
         res = json.loads((tmp_path / "race/heads" / r["run"] / "result.json").read_text())
@@ -144,3 +147,19 @@ def test_repeats_follow_the_time_budget_unless_asked(tmp_path, monkeypatch, one_
     monkeypatch.setenv("PIPELINE_BUDGET", "1000")
     by_env, line = run()
     assert by_env["repeats"] == 3 and "budget 1000 min" in line
+
+
+def test_a_run_races_on_while_tied_or_within_the_margin():
+    def cv(accs):
+        return {"folds": 5, "partition_ids": ["p0"], "fold_accuracies": accs}
+
+    best = cv([0.90, 0.91, 0.89, 0.90, 0.92])
+    close = cv([0.895, 0.905, 0.885, 0.895, 0.915])  # 0.5 point behind on every fold
+    far = cv([0.60, 0.62, 0.58, 0.61, 0.63])
+    noisy = cv([0.95, 0.70, 0.99, 0.75, 0.90])
+    goes, pv = stats.keeps_racing(best, close, margin=0.01)
+    assert goes and not pv["tied"] and pv["diff_low"] > 0  # apart, but within the margin
+    assert not stats.keeps_racing(best, close, margin=0.0)[0]
+    assert not stats.keeps_racing(best, far)[0]
+    assert stats.keeps_racing(best, noisy)[1]["tied"]  # the interval still includes 0
+    assert stats.keeps_racing(best, {**far, "partition_ids": ["other"]}) == (True, None)

@@ -14,6 +14,7 @@ import numpy as np
 from pipeline.backbone import BackboneSpec, build, preprocess, resolve, visible_gpu
 from pipeline.batches import decoded_batches
 from pipeline.bench.instruments import make_images, say
+from pipeline.embedding import batched
 from pipeline.features import extract
 
 
@@ -29,7 +30,7 @@ def _timed_calls(fn: Any, x: Any, reps: int) -> float:
 def decode_rate(todo: list[Any], size: int, workers: int, batch: int) -> float:
     """Images/s of the features path's decoding alone (files to resized uint8 batches)."""
     t = time.perf_counter()
-    for _ in decoded_batches(todo, size, batch, workers):
+    for _ in decoded_batches(batched(todo, batch), size, workers):
         pass
     return len(todo) / (time.perf_counter() - t)
 

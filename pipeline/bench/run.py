@@ -13,7 +13,10 @@
    `make predict` process) and on the same images again (their features kept: no backbone),
    with the identity values its lookup by content read (in proportion to the images asked);
 9. (`--only gpu`, `make bench-gpu`, where a GPU is) the accelerator: float32 vs mixed precision at
-   batch 64-512, plain and XLA-compiled forward pass, decode threads needed to feed it.
+   batch 64-512, plain and XLA-compiled forward pass, decode threads needed to feed it;
+10. (`--only sweep`; by default with `--size full`) `make sweep` and `make finetune` minutes on a
+   few hundred generated images, every run all its partitions against a race with repeats by
+   time (`pipeline.bench.sweep`).
 Writes ARTIFACTS/bench/bench.json and prints a table. The size is a setting (--size). Parts 1-2
 run at --precision (default auto, resolved as `make features` does) for both the pipeline and the
 bare pass.
@@ -225,7 +228,7 @@ def _main(argv: list[str] | None = None) -> int:
         "tens of minutes on 2 cores)",
     )
     ap.add_argument("--sweep-images", type=int, default=320, help="the sweep part's images")
-    ap.add_argument("--sweep-size", type=int, default=64, help="the sweep part's input size")
+    ap.add_argument("--sweep-size", type=int, default=96, help="the sweep part's input size")
     ap.add_argument(
         "--store-sizes",
         default="",

@@ -29,8 +29,9 @@ CLASSES = 8
 BEFORE = ["--budget", "1e9"]  # the count-based default: budget never binds
 
 
-def images(folder: Path, n: int, px: int = 64, seed: int = 0) -> Path:
-    """n PNGs in CLASSES class folders (classic layout, train only): a pattern per class."""
+def images(folder: Path, n: int, px: int = 64, seed: int = 0, contrast: float = 40) -> Path:
+    """n PNGs in CLASSES class folders (classic layout, train only): a pattern per class, faint
+    under noise (`contrast` grey levels against noise of sd 60), so heads make mistakes."""
     from PIL import Image
 
     rng = np.random.default_rng(seed)
@@ -48,7 +49,7 @@ def images(folder: Path, n: int, px: int = 64, seed: int = 0) -> Path:
             ((y + p) // 9) % 2,
             ((x - y + p) // 5) % 2,
         ][c].astype(float)
-        img = base * 160 + rng.normal(0, 40, (px, px)) + 40
+        img = base * contrast + rng.normal(0, 60, (px, px)) + 100
         rgb = np.clip(np.stack([img, img * 0.8, img * 0.6], -1), 0, 255).astype(np.uint8)
         f = folder / "train" / f"class_{c}" / f"{i:05d}.png"
         f.parent.mkdir(parents=True, exist_ok=True)
@@ -83,7 +84,7 @@ def _sweep(art: Path, extra: list[str]) -> dict[str, Any]:
         "best_accuracy": rank[0]["cv_accuracy_mean"],
         "tied": sorted(r["run"] for r in rank[1:] if r["tied_with_best"]),
         "repeats": {r["run"]: r["repeats"] for r in rank},
-        "first_line": next((ln for ln in out.splitlines() if ln.startswith("repeats: ")), ""),
+        "first_line": next((ln for ln in out.splitlines() if ln.startswith("sweep: ")), ""),
     }
 
 
@@ -95,6 +96,7 @@ def _finetune(data: Path, art: Path, size: int, extra: list[str]) -> dict[str, A
         "minutes": s / 60,
         "repeats": r["repeats"],
         "repeats_reason": r.get("repeats_reason"),
+        "first_line": next((ln for ln in out.splitlines() if ln.startswith("repeats: ")), ""),
         "fold_fits": len(r["cv"]["fold_accuracies"]),
         "cv_accuracy": r["cv"]["accuracy_mean"],
         "cv_low": r["cv"]["accuracy_low"],
@@ -102,7 +104,7 @@ def _finetune(data: Path, art: Path, size: int, extra: list[str]) -> dict[str, A
     }
 
 
-def sweep_small(work: Path, n: int = 320, size: int = 64) -> dict[str, Any]:
+def sweep_small(work: Path, n: int = 320, size: int = 96) -> dict[str, Any]:
     """`make sweep` (logreg, svm, dense x avg, max, flatten) and `make finetune` on n images
     of 8 classes at `size` px, before and after; minutes and fits of each."""
     data = images(work / "sweep-data", n)

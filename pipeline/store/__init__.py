@@ -6,8 +6,8 @@ holding rows and features), `segment_writer` (writing them; rows copied into new
 (features for a head, one open file at a time), `pooling` (what POOL reads), `rows` (rows
 named, read block by block), `merging` (when segments merge), `staging` (a run's batches before
 its commit), `writer` (a run's commit, merges and garbage collection), `content` (rows found by
-content alone), `keys` (each segment's key table), `locks` (one writer, readers that keep their
-files).
+content alone), `keys` (each segment's key table), `digests` (each chunk's CRC-32),
+`locks` (one writer, readers that keep their files).
 """
 
 from pipeline.errors import UserError

@@ -22,8 +22,8 @@ from typing import Any
 import h5py
 import numpy as np
 
+from pipeline.store import digests, segments
 from pipeline.store import format as fmt
-from pipeline.store import segments
 from pipeline.store.damage import SegmentDamaged, segment_error
 from pipeline.store.format import DATA_MOD, CacheError, strs
 from pipeline.store.manifest import Entry
@@ -104,7 +104,7 @@ class Known:
                         live[e.dead] = False
                         step = 1 << 16
                         for a in range(0, e.rows, step):
-                            ids = g["ident"][a : a + step][live[a : a + step]]
+                            ids = digests.read(g["ident"], a, a + step)[live[a : a + step]]
                             keys[at : at + len(ids)] = ident_keys(ids)
                             at += len(ids)
                     except (KeyError, ValueError, IndexError) as err:
@@ -151,7 +151,7 @@ def _check(g: h5py.File, rows: int) -> None:
     n = len(strs(g["classes"]))
     step = 1 << 16
     for a in range(0, rows, step):
-        lab = g["label"][a : a + step]
+        lab = digests.read(g["label"], a, a + step)
         if len(lab) and (lab.min() < 0 or lab.max() >= n):
             raise ValueError("a row's label is not among its classes")
 
@@ -188,13 +188,15 @@ def blocks(folder: Path, e: Entry) -> Iterator[Block]:
             classes = strs(g["classes"])
             live = np.ones(e.rows, bool)
             live[e.dead] = False
+            tables = {n: digests.Table.of(g[n]) for n in COLUMNS}  # each chunk checked once
             for a in range(0, e.rows, STEP):
                 b = min(e.rows, a + STEP)
                 mine = live[a:b]
                 rows = a + np.flatnonzero(mine)
                 if not len(rows):
                     continue
-                stat = g["stat"][a:b][mine]
+                col = {n: digests.read(g[n], a, b, tables[n])[mine] for n in COLUMNS}
+                stat = col["stat"]
                 at = np.searchsorted(e.restat_rows, [a, b])
                 if at[1] > at[0]:
                     over = e.restat_rows[at[0] : at[1]]
@@ -202,11 +204,11 @@ def blocks(folder: Path, e: Entry) -> Iterator[Block]:
                     stat[pos] = e.restat[at[0] : at[1]]
                 yield Block(
                     rows,
-                    g["path"][a:b][mine].tolist(),
-                    g["ident"][a:b][mine].astype(str).tolist(),
-                    [classes[i] for i in g["label"][a:b][mine].tolist()],
-                    g["split"][a:b][mine].astype(str).tolist(),
-                    g["view"][a:b][mine].astype(int).tolist(),
+                    col["path"].tolist(),
+                    col["ident"].astype(str).tolist(),
+                    [classes[i] for i in col["label"].tolist()],
+                    col["split"].astype(str).tolist(),
+                    col["view"].astype(int).tolist(),
                     stat,
                 )
         except (KeyError, OSError, RuntimeError, ValueError, IndexError) as err:

@@ -39,7 +39,7 @@ from typing import Any
 import numpy as np
 
 from pipeline.store import keys, merging
-from pipeline.store.damage import DAMAGED_DIR, SegmentDamaged, SegmentMissing
+from pipeline.store.damage import DAMAGED_DIR, SegmentDamaged, SegmentMissing, cause_of
 from pipeline.store.format import POOLED, CacheError, cache_key, read_attrs_of
 from pipeline.store.locks import no_readers, reading
 from pipeline.store.manifest import Entry, open_cache, read_entries, shards_dir, write_manifest
@@ -58,6 +58,7 @@ from pipeline.store.segments import (
 Log = Callable[[str], None]
 Where = tuple[str, int]  # (segment name, row in it)
 SPLIT = "predicted"
+CACHE, STORE = "feature cache", "predicted-images store"  # what a lookup reads, in words
 
 
 def _quiet(_: str) -> None:
@@ -72,7 +73,7 @@ def read_entries_of(path: Path, key: str) -> list[Entry]:
         try:
             return read_entries(f)
         except (KeyError, OSError, ValueError) as e:
-            raise CacheError(f"'{path}' is damaged ({e})") from None
+            raise CacheError(f"the index '{path}' is damaged ({cause_of(e)[0]})") from None
 
 
 class Lookup:
@@ -87,9 +88,15 @@ class Lookup:
     """
 
     def __init__(
-        self, folder: Path, entries: list[Entry], stamp_key: str, log: Log = _quiet
+        self,
+        folder: Path,
+        entries: list[Entry],
+        stamp_key: str,
+        log: Log = _quiet,
+        what: str = CACHE,
     ) -> None:
         self.folder = Path(folder)
+        self.what = what  # CACHE or STORE: how its warnings name it
         self.stamp_key = stamp_key
         self.entries = [e for e in entries if e.stamp_key == stamp_key]
         self.names = [e.name for e in self.entries]
@@ -99,13 +106,15 @@ class Lookup:
         self.source: tuple[Path, str] | None = None  # the index these entries are of (`of`)
 
     @classmethod
-    def of(cls, path: Path, key: str, stamp_key: str, log: Log = _quiet) -> Lookup:
+    def of(
+        cls, path: Path, key: str, stamp_key: str, log: Log = _quiet, what: str = CACHE
+    ) -> Lookup:
         """The lookup of the cache or content store at `path` (CacheError if it is unusable).
 
         It follows that index: a segment gone since (merged by its writer while this process
         ran) makes it read the index again, once per `find`, before anything is embedded anew.
         """
-        out = cls(shards_dir(path), read_entries_of(path, key), stamp_key, log)
+        out = cls(shards_dir(path), read_entries_of(path, key), stamp_key, log, what)
         out.source = (Path(path), key)
         return out
 
@@ -161,15 +170,35 @@ class Lookup:
                 missing.append(e.name)
                 continue
             except (CacheError, KeyError, OSError, ValueError, IndexError) as err:
-                self.unusable.add(e.name)
-                self.tables.pop(e.name, None)
-                self.log(f"warning: segment '{e.name}' cannot be read now ({err}); not used")
+                self._lost(e.name, err)
                 continue
             for i, r in zip(ask, rows, strict=True):
                 if r is not None:
                     out[i] = (e.name, r)
             ask = [i for i in ask if out[i] is None]
         return ask
+
+    def _lost(self, name: str, err: BaseException) -> None:
+        """Leave out a segment that cannot be read, saying so in one line (once: it is not
+        read again): damaged for good, its images are embedded again, and for the feature
+        cache `make features` sets it aside (a reader noted it, `damage.note_damaged`)."""
+        self.unusable.add(name)
+        self.tables.pop(name, None)
+        index = f"{self.folder.name.removesuffix('.shards')}.h5"
+        whose = f"segment '{name}' of the {self.what} '{index}'"
+        if isinstance(err, SegmentDamaged):
+            fix = (
+                "`make features` sets it aside and embeds its rows again (only those)"
+                if self.what == CACHE
+                else "it is not used again"
+            )
+            self.log(
+                f"warning: {whose} is damaged ({err.reason}); its images are embedded again "
+                f"by this predict, and {fix}"
+            )
+            return
+        why = getattr(err, "reason", None) or " ".join(str(err).split())
+        self.log(f"warning: {whose} cannot be read now ({why}); not used")
 
     def _follow(self) -> bool:
         """Follow the index as it is now, if it names other segments than these entries (one
@@ -200,6 +229,10 @@ class Lookup:
                 try:
                     with open_segment(self.folder / name) as g:
                         block = read_rows(g[dataset], rows[order])
+                except SegmentDamaged as err:
+                    if not isinstance(err, SegmentMissing) and name not in self.unusable:
+                        self._lost(name, err)  # said once; its rows are embedded again
+                    continue
                 except (CacheError, KeyError, OSError):
                     continue  # merged away or unreadable since the lookup: embedded again
                 if out is None:
@@ -230,6 +263,12 @@ class ContentStore:
         self.path, self.folder, self.key = Path(path), shards_dir(path), key
         self.stamp, self.stamp_key = stamp, cache_key(stamp)
         self.maps, self.dtype, self.attrs, self.log = maps, dtype, attrs, log
+        # what a full disk's line says: this store is as it was, predictions are still made
+        self.told = {
+            "kept": f"the predicted-images store '{self.path}' is as it was and predictions "
+            "are still written (only the features of new images are not kept)",
+            "rerun": "`make predict` to keep them",
+        }
         self.unreadable: set[str] = set()
         self.shape: tuple[int, ...] | None = None
         self.limit: int | None = None  # rows of a full segment: read once, from a header
@@ -237,7 +276,7 @@ class ContentStore:
         self.pending_ids: set[str] = set()
         self.pending_bytes = 0
         self.entries, changed = self._entries()
-        self.lookup = Lookup(self.folder, self.entries, self.stamp_key, log)
+        self.lookup = Lookup(self.folder, self.entries, self.stamp_key, log, STORE)
         changed |= self._adopt()
         if changed:
             self._write_index()
@@ -369,8 +408,9 @@ class ContentStore:
             np.concatenate([m for _, _, m in self.pending if m is not None]) if self.maps else None
         )
         name = write_segment(
-            self.folder, self.key, meta, vectors, maps, [], self.stamp, self.stamp_key
-        )
+            self.folder, self.key, meta, vectors, maps, [], self.stamp, self.stamp_key,
+            told=self.told,
+        )  # fmt: skip
         self.entries.append(Entry(name, len(meta), self.stamp_key))
         self.lookup.use(self.entries)  # found through its key table: no per-row state
         self.pending, self.pending_ids, self.pending_bytes = [], set(), 0
@@ -401,7 +441,7 @@ class ContentStore:
                 )
         if self.shape is not None:
             attrs["feature_shape"] = list(self.shape if self.maps else (1, 1, self.shape[-1]))
-        write_manifest(self.path, self.entries, [""], [], attrs)
+        write_manifest(self.path, self.entries, [""], [], attrs, told=self.told)
 
     def _merge(self) -> bool:
         """Merge segments by the policy until none needs it, the index rewritten after each
@@ -424,7 +464,10 @@ class ContentStore:
                 live = np.ones(e.rows, bool)
                 live[e.dead] = False
                 srcs.append((e.name, np.flatnonzero(live), None))
-            out = copy_rows(self.folder, self.key, srcs, self.stamp, self.stamp_key, "", limit)
+            out = copy_rows(
+                self.folder, self.key, srcs, self.stamp, self.stamp_key, "", limit,
+                told=self.told,
+            )  # fmt: skip
             new = [Entry(n, k, self.stamp_key) for n, k in out]
             first = self.entries[group[0]].name
             self.entries = [e for i, e in enumerate(self.entries) if i not in group[1:]]

@@ -43,17 +43,19 @@ def key_of(idents: np.ndarray) -> np.ndarray:
     return prefix64(np.asarray(idents).astype("S16"))
 
 
-def write_table(f: h5py.File, keys: np.ndarray) -> None:
-    """Write the key table of a segment whose rows have `keys` (`key_of` its identities)."""
+def write_table(f: h5py.File, keys: np.ndarray) -> dict[str, np.ndarray]:
+    """Write the key table of a segment whose rows have `keys` (`key_of` its identities); its
+    datasets as written, by name (the writer digests them, `digests.seal`)."""
     keys = np.asarray(keys, np.uint64)
     order = np.argsort(keys, kind="stable")
     prefix = keys[order]
     g = f.create_group("keys")
     g.attrs["kind"] = KIND
     g.attrs["step"] = STEP
-    put(g, "prefix", prefix)
-    put(g, "row", order.astype(np.int64))
-    put(g, "fence", prefix[::STEP])
+    out = {"keys/prefix": prefix, "keys/row": order.astype(np.int64), "keys/fence": prefix[::STEP]}
+    for name, values in out.items():
+        put(g, name.split("/", 1)[1], values)
+    return out
 
 
 @dataclass

@@ -25,7 +25,8 @@ import h5py
 import numpy as np
 
 from pipeline.errors import UserError
-from pipeline.store.damage import segment_error
+from pipeline.store import digests
+from pipeline.store.damage import cause_of, segment_error
 from pipeline.store.format import (
     FORMAT_VERSION,
     H5_OVERHEAD,
@@ -73,10 +74,12 @@ def write_manifest(
     classes: list[str],
     skipped: list[dict[str, Any]],
     attrs: dict[str, Any],
+    told: dict[str, str] | None = None,
 ) -> None:
     """Write the index atomically: readers see the old manifest or the new one, never a mix.
 
-    Every dataset checksummed (`format.put`); a full disk is one line, the old index intact.
+    Every dataset checksummed (`format.put`); a full disk is one line, the old index intact
+    (`told`: what that line says instead, `format.disk_error`'s kept and rerun).
     """
     path = Path(path)
     tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
@@ -85,7 +88,7 @@ def write_manifest(
     needed = 100 * len(entries) + 12 * n_dead + 36 * n_restat + 300 * len(skipped)
     needed += H5_OVERHEAD
     kept = f"the index '{path.name}' as it was is intact" if path.exists() else "nothing changed"
-    with new_h5(tmp, path, needed, kept=kept) as f:
+    with new_h5(tmp, path, needed, **(told or {"kept": kept})) as f:
         put(f, "segments/name", np.array([e.name.encode() for e in entries], "S40"))
         put(f, "segments/rows", np.array([e.rows for e in entries], np.int64))
         put(f, "segments/stamp_key", np.array([e.stamp_key.encode() for e in entries], "S64"))
@@ -344,6 +347,15 @@ def _not_a_cache(f: h5py.File, path: Path) -> CacheError | None:
     return None
 
 
+def damaged_index(path: Path, e: BaseException) -> CacheError:
+    """One line for an index that cannot be read: what is wrong in words (a checksum that
+    does not match, truncated...; `damage.cause_of`, never HDF5's text) and the fix."""
+    return CacheError(
+        f"the index of the feature cache, '{path}', is damaged ({cause_of(e)[0]}); rerun "
+        "`make features` (it rebuilds the index from the segments, embedding nothing again)"
+    )
+
+
 @contextmanager
 def open_cache(path: Path) -> Iterator[h5py.File]:
     """Open a cache's index read-only; a damaged or foreign file is a CacheError naming the fix."""
@@ -360,19 +372,12 @@ def open_cache(path: Path) -> Iterator[h5py.File]:
             raise UserError(
                 f"feature cache '{path}' does not exist; run `make features` first"
             ) from None
-        raise CacheError(
-            f"feature cache '{path}' is damaged ({str(e).splitlines()[0][:120]}); rerun "
-            "`make features` (it rebuilds the index from the segments, embedding nothing again)"
-        ) from None
+        raise damaged_index(path, e) from None
     try:
         try:
             err = _not_a_cache(f, path)
         except (KeyError, OSError, RuntimeError, ValueError) as e:
-            err = CacheError(
-                f"feature cache '{path}' is damaged ({str(e).splitlines()[0][:120]}); rerun "
-                "`make features` (it rebuilds the index from the segments, embedding nothing "
-                "again)"
-            )
+            err = damaged_index(path, e)
         if err is not None:
             raise err
         yield f
@@ -419,10 +424,7 @@ def _head(
         classes = strs(f["classes"])
         skipped = read_skipped(f)
     except (KeyError, OSError, RuntimeError, ValueError) as e:
-        raise CacheError(
-            f"feature cache '{path}' is damaged ({e}); rerun `make features` (it rebuilds the "
-            "index from the segments, embedding nothing again)"
-        ) from None
+        raise damaged_index(path, e) from None
     if drop_missing:
         folder = shards_dir(path)
         gone = [e for e in entries if not (folder / e.name).is_file()]
@@ -470,22 +472,23 @@ def index_of(
                 n = int(live.sum())
                 if at + n > total:
                     raise ValueError("more live rows than the index says")
+                digests.read(g["classes"])  # every column's chunks checked (`digests`)
                 own = strs(g["classes"])
                 remap = np.array([class_of.get(c, -1) for c in own] + [-1], np.int64)
                 stamp = read_attrs_of(g).get("stamp") or {}
                 step, to = 1 << 16, at  # the identities a slice at a time: bounded temporaries
                 for a in range(0, e.rows, step):
-                    ids = g["ident"][a : a + step][live[a : a + step]]
+                    ids = digests.read(g["ident"], a, a + step)[live[a : a + step]]
                     key64[to : to + len(ids)] = prefix64(ids)
                     if ident is not None:
                         ident[to : to + len(ids)] = ids
                     to += len(ids)
-                labels[at : at + n] = remap[g["label"][()][live]]
-                split[at : at + n] = g["split"][()][live]
-                view[at : at + n] = g["view"][()][live]
+                labels[at : at + n] = remap[digests.read(g["label"])[live]]
+                split[at : at + n] = digests.read(g["split"])[live]
+                view[at : at + n] = digests.read(g["view"])[live]
                 if path_parts is not None and stat_col is not None:
-                    path_parts.append(g["path"][()][live])
-                    stat = g["stat"][()]
+                    path_parts.append(digests.read(g["path"])[live])
+                    stat = digests.read(g["stat"])
                     if len(e.restat_rows):
                         stat[e.restat_rows] = e.restat
                     stat_col[at : at + n] = stat[live]

@@ -16,7 +16,7 @@ from typing import Any
 import h5py
 import numpy as np
 
-from pipeline.store import keys
+from pipeline.store import digests, keys
 from pipeline.store.format import H5_OVERHEAD, POOLED, new_h5, put, str_ds, write_attrs, write_error
 from pipeline.store.segments import (
     BLOCK_BYTES,
@@ -28,6 +28,8 @@ from pipeline.store.segments import (
     path_dtype,
     read_rows,
 )
+
+ROW_COLUMNS = ("ident", "path", "label", "split", "view", "stat")  # a row's metadata
 
 
 def new_name() -> str:
@@ -44,7 +46,8 @@ def _header(
 
 
 def _told(folder: Path) -> dict[str, str]:
-    """What a full disk's line says while a segment of `folder` is written (`disk_error`)."""
+    """What a full disk's line says while a segment of `folder` is written (`disk_error`); a
+    writer of another store (predict's) says its own (`told`)."""
     cache = folder.name.removesuffix(".shards") + ".h5"
     return {"kept": f"the feature cache '{cache}' is intact (nothing embedded is lost)"}
 
@@ -73,6 +76,7 @@ class SegmentWriter:
         rebuild: str = "",
         path_len: int = 256,
         origin: str = "batch",
+        told: dict[str, str] | None = None,
     ) -> None:
         folder.mkdir(parents=True, exist_ok=True)
         self.name = new_name()
@@ -86,7 +90,7 @@ class SegmentWriter:
         self.needed += H5_OVERHEAD
         # the file is written in the block of `new_h5` (checksums, the chunk cache off, one
         # line for a full disk), entered here and left by `close` or `abort`
-        self._file = new_h5(self.tmp, self.path, self.needed, **_told(folder))
+        self._file = new_h5(self.tmp, self.path, self.needed, **(told or _told(folder)))
         self.f = self._file.__enter__()
         try:
             f = self.f
@@ -102,6 +106,10 @@ class SegmentWriter:
                 put(f, f"pooled/{p}", shape=(n, channels), dtype=np.float32)
             if maps_shape is not None:
                 put(f, "features", shape=(n,) + tuple(maps_shape), dtype=maps_dtype)
+            # the row columns' digests as their rows are written (`digests`)
+            rows = [*ROW_COLUMNS, *(f"pooled/{p}" for p in POOLED)]
+            rows += ["features"] if maps_shape is not None else []
+            self.digests: dict[str, Any] = {name: digests.Digester(f[name]) for name in rows}
         except BaseException as e:
             self._fail(e)
 
@@ -121,21 +129,28 @@ class SegmentWriter:
         f = self.f
         try:
             ids = np.array([h.encode() for h in meta.ident], "S80")
-            f["ident"][a:b] = ids
+            self._put("ident", a, b, ids)
             self.keys[a:b] = keys.key_of(ids)
-            f["path"][a:b] = encoded(meta.path)
+            self._put("path", a, b, encoded(meta.path))
             labels = [self.classes.setdefault(c, len(self.classes)) for c in meta.label]
-            f["label"][a:b] = np.array(labels, np.int32)
-            f["split"][a:b] = np.array([s.encode() for s in meta.split], "S10")
-            f["view"][a:b] = np.array(meta.view, np.int16)
-            f["stat"][a:b] = np.array(meta.stat, np.int64).reshape(-1, 3)
+            self._put("label", a, b, np.array(labels, np.int32))
+            self._put("split", a, b, np.array([s.encode() for s in meta.split], "S10"))
+            self._put("view", a, b, np.array(meta.view, np.int16))
+            self._put("stat", a, b, np.array(meta.stat, np.int64).reshape(-1, 3))
             for p in POOLED:
-                f[f"pooled/{p}"][a:b] = pooled[p]
+                self._put(f"pooled/{p}", a, b, pooled[p])
             if "features" in f and maps is not None:
-                f["features"][a:b] = maps
+                self._put("features", a, b, maps)
         except BaseException as e:
             self._fail(e)
         self.done = b
+
+    def _put(self, name: str, a: int, b: int, values: np.ndarray) -> None:
+        """Rows a..b of a column, converted here to its stored type, and their digests."""
+        ds = self.f[name]
+        v = np.ascontiguousarray(values, dtype=ds.dtype)
+        ds[a:b] = v
+        self.digests[name].add(v)
 
     def close(self) -> str:
         """Finish: the file is complete on disk under its final name when this returns."""
@@ -146,7 +161,8 @@ class SegmentWriter:
             put(f, "skipped/ident", np.array([x.ident.encode() for x in self.failures], "S80"))
             str_ds(f, "skipped/reason", [x.reason for x in self.failures])
             put(f, "skipped/content", np.array([x.content for x in self.failures], bool))
-            keys.write_table(f, self.keys)
+            self.digests.update(keys.write_table(f, self.keys))
+            digests.seal(f, self.digests)  # the small rest (classes, skipped) read back
         except BaseException as e:
             self._fail(e)
         file, self._file = self._file, None
@@ -175,6 +191,7 @@ def write_segment(
     stamp_key: str,
     rebuild: str = "",
     origin: str = "batch",
+    told: dict[str, str] | None = None,
 ) -> str:
     """Write a whole segment in one go (a batch, or a small merge); return its name.
 
@@ -185,7 +202,7 @@ def write_segment(
     try:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as e:
-        raise write_error(e, folder, **_told(folder)) or e from None
+        raise write_error(e, folder, **(told or _told(folder))) or e from None
     name = new_name()
     path, tmp = folder / name, folder / f".tmp-{name}-{os.getpid()}"
     classes: dict[str, int] = {}
@@ -194,25 +211,32 @@ def write_segment(
     vectors = {p: np.asarray(pooled[p], np.float32) for p in POOLED}
     needed = sum(v.nbytes for v in vectors.values()) + enc.nbytes + 200 * len(meta) + H5_OVERHEAD
     needed += maps.nbytes if maps is not None else 0
-    with new_h5(tmp, path, needed, **_told(folder)) as f:
+    with new_h5(tmp, path, needed, **(told or _told(folder))) as f:
         _header(f, key, stamp, stamp_key, rebuild, origin)
         f.attrs["rows"] = len(meta)
+        cols: dict[str, Any] = {}  # each column as written: its digests made from memory
+
+        def column(name: str, data: np.ndarray) -> None:
+            cols[name] = np.asarray(data)
+            put(f, name, cols[name])
+
         ids = np.array([h.encode() for h in meta.ident], "S80")
-        put(f, "ident", ids)
-        keys.write_table(f, keys.key_of(ids))
-        put(f, "path", enc, dtype=path_dtype(enc))
-        put(f, "label", labels)
-        put(f, "split", np.array([x.encode() for x in meta.split], "S10"))
-        put(f, "view", np.array(meta.view, np.int16))
-        put(f, "stat", np.array(meta.stat, np.int64).reshape(-1, 3))
+        column("ident", ids)
+        cols.update(keys.write_table(f, keys.key_of(ids)))
+        column("path", np.asarray(enc, path_dtype(enc)))
+        column("label", labels)
+        column("split", np.array([x.encode() for x in meta.split], "S10"))
+        column("view", np.array(meta.view, np.int16))
+        column("stat", np.array(meta.stat, np.int64).reshape(-1, 3))
         for p in POOLED:
-            put(f, f"pooled/{p}", vectors[p])
+            column(f"pooled/{p}", vectors[p])
         if maps is not None:
-            put(f, "features", maps)
+            column("features", maps)
         str_ds(f, "classes", list(classes))
-        put(f, "skipped/ident", np.array([x.ident.encode() for x in failures], "S80"))
+        column("skipped/ident", np.array([x.ident.encode() for x in failures], "S80"))
         str_ds(f, "skipped/reason", [x.reason for x in failures])
-        put(f, "skipped/content", np.array([x.content for x in failures], bool))
+        column("skipped/content", np.array([x.content for x in failures], bool))
+        digests.seal(f, cols)  # the text columns (classes, reasons) read back: a few values
     return name
 
 
@@ -227,6 +251,7 @@ def copy_rows(
     failures: list[Failure] | None = None,
     known: dict[str, Meta] | None = None,
     origin: str = "merge",
+    told: dict[str, str] | None = None,
 ) -> list[tuple[str, int]]:
     """New segments holding the given rows of existing ones, in order; at most `limit` rows each.
 
@@ -294,6 +319,7 @@ def copy_rows(
             stamp_key,
             rebuild,
             origin,
+            told,
         )
         return [(name, total)]
     w: SegmentWriter | None = None
@@ -315,6 +341,7 @@ def copy_rows(
                         rebuild,
                         path_len,
                         origin,
+                        told,
                     )
                 take = min(len(m) - k, w.n - w.done)
                 w.write(

@@ -14,7 +14,9 @@ maps, unless MAPS=0), `skipped/ident|reason|content`, and the key table `keys/pr
 asked for; segments written before it have none and still work).
 
 Every dataset carries a Fletcher-32 checksum per chunk (`format.put`; segments written before
-have none and read as they did): a changed byte fails its read and is never served. A segment
+have none and read as they did): a changed byte fails its read and is never served. What
+Fletcher-32 cannot see (a chunk zeroed with its checksum, words 0x0000 turned 0xFFFF) the
+CRC-32 of each chunk of rows finds (`digests`: tables `crc32/<dataset>`). A segment
 that cannot be read is named for what it is (`damage`), never an HDF5 error.
 
 Readers open one segment at a time (`open_segment`), so a cache of any size needs one open file.
@@ -32,6 +34,7 @@ import h5py
 import numpy as np
 
 from pipeline.errors import UserError
+from pipeline.store import digests
 from pipeline.store.damage import SegmentDamaged, cause_of, segment_error
 from pipeline.store.format import close_h5, read_attrs_of, strs
 
@@ -151,18 +154,12 @@ def open_segment(path: Path) -> Opened:
 
 def verify(g: h5py.File) -> None:
     """Read every dataset of the open segment `g` whole, about 64 MB at a time: a chunk whose
-    checksum does not match raises (VERIFY=1, or a segment a reader found damaged)."""
+    checksum (Fletcher-32) or content digest (`digests`) does not match raises (VERIFY=1, or a
+    segment a reader found damaged)."""
     names: list[str] = []
     g.visititems(lambda n, o: names.append(n) if isinstance(o, h5py.Dataset) else None)
     for name in names:
-        ds = g[name]
-        if not ds.shape:
-            ds[()]
-            continue
-        row = max(1, int(np.prod(ds.shape[1:], dtype=np.int64)) * ds.dtype.itemsize)
-        step = max(1, BLOCK_BYTES // row)
-        for a in range(0, ds.shape[0], step):
-            ds[a : a + step]
+        digests.check_all(g[name])
 
 
 @dataclass
@@ -196,22 +193,27 @@ def info_of(f: h5py.File, name: str, key: str | None = None) -> SegInfo:
     a = read_attrs_of(f)
     if key is not None and a.get("key") != key:
         raise ForeignSegment(name)
+
+    def col(name: str) -> np.ndarray:  # a whole column, each chunk checked (`digests`)
+        return digests.read(f[name])
+
+    col("classes"), col("skipped/reason")  # text read below, checked here
     classes = strs(f["classes"])
-    labels = f["label"][()]
+    labels = col("label")
     meta = Meta(
-        ident=f["ident"][()].astype(str).tolist(),
-        path=decoded(f["path"][()]),
+        ident=col("ident").astype(str).tolist(),
+        path=decoded(col("path")),
         label=[classes[i] for i in labels.tolist()],
-        split=f["split"][()].astype(str).tolist(),
-        view=f["view"][()].astype(int).tolist(),
-        stat=[tuple(r) for r in f["stat"][()].tolist()],
+        split=col("split").astype(str).tolist(),
+        view=col("view").astype(int).tolist(),
+        stat=[tuple(r) for r in col("stat").tolist()],
     )
     failures = [
         Failure(h, r, bool(c))
         for h, r, c in zip(
-            f["skipped/ident"][()].astype(str).tolist(),
+            col("skipped/ident").astype(str).tolist(),
             strs(f["skipped/reason"]),
-            f["skipped/content"][()].tolist(),
+            col("skipped/content").tolist(),
             strict=True,
         )
     ]
@@ -235,7 +237,8 @@ def read_rows(ds: h5py.Dataset, rows: np.ndarray, out: np.ndarray | None = None)
     """Rows `rows` (sorted) of a dataset, read in contiguous blocks of at most about 64 MB.
 
     Rows further apart than about 1 MB are read separately: a few scattered rows cost their
-    own bytes, not the blocks around them.
+    own bytes (their whole chunks), not the blocks around them. Every chunk read is checked
+    against its digest (`digests`; a segment written before has none).
     """
     row_bytes = int(np.prod(ds.shape[1:], dtype=np.int64)) * ds.dtype.itemsize
     step = max(1, BLOCK_BYTES // max(1, row_bytes))
@@ -244,15 +247,18 @@ def read_rows(ds: h5py.Dataset, rows: np.ndarray, out: np.ndarray | None = None)
         out = np.empty((len(rows),) + ds.shape[1:], ds.dtype)
     if not len(rows):
         return out
+    table = digests.Table.of(ds)  # whole chunks read, each checked against its digest
+    r = table.rows if table is not None else 1
+    step = max(r, step // r * r)
     done = 0
     for span in np.split(rows, np.flatnonzero(np.diff(rows) > gap) + 1):
         lo, hi = int(span[0]), int(span[-1]) + 1
-        for a in range(lo, hi, step):
+        for a in range(lo // r * r, hi, step):
             b = min(hi, a + step)
             i, j = np.searchsorted(span, [a, b])
             if i == j:
                 continue
-            block = ds[a:b]
+            block = digests.read(ds, a, b, table)
             out[done : done + (j - i)] = block[span[i:j] - a]
             done += j - i
     return out

@@ -17,10 +17,17 @@ from typing import Any
 import numpy as np
 
 from pipeline.store import merging
-from pipeline.store.damage import SegmentDamaged, SegmentMissing, put_aside
+from pipeline.store.damage import SegmentDamaged, SegmentMissing, noted_damaged, put_aside
 from pipeline.store.format import CacheError
 from pipeline.store.segment_writer import copy_rows, write_segment
-from pipeline.store.segments import ForeignSegment, Meta, SegInfo, read_info
+from pipeline.store.segments import (
+    ForeignSegment,
+    Meta,
+    SegInfo,
+    open_segment,
+    read_info,
+    verify,
+)
 
 RESUMABLE = ("batch", "staged")  # unreferenced segments of these origins are a run's work
 
@@ -45,10 +52,14 @@ def taken_up(
         return staged, unreadable
     for p in folder.glob(".tmp-*"):  # a killed writer's half-made file
         p.unlink(missing_ok=True)
+    noted = noted_damaged(folder)  # found damaged by a reader (a damaged index's, say)
     for p in sorted(folder.glob("g*.h5")):
         if p.name in referenced:
             continue
         try:
+            if p.name in noted:  # read whole first: checksums and digests
+                with open_segment(p) as g:
+                    verify(g)
             info = read_info(p, key)
         except ForeignSegment:
             continue  # another cache's segment: garbage, collected after the commit
