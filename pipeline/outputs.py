@@ -179,10 +179,10 @@ def written(
             _sync(tmp)
         if batch is None:
             os.replace(tmp, path)
-    if batch is None and durable:
-        _sync_folder(path.parent)
-    else:
+    if batch is not None:
         batch.append((tmp, path))
+    elif durable:
+        _sync_folder(path.parent)
 
 
 def write_text(path: Path, text: str) -> None:

@@ -74,6 +74,23 @@ def test_an_output_is_on_disk_before_it_takes_its_name(tmp_path, monkeypatch, to
     assert (tmp_path / "a.json").read_text() == "{}" and (tmp_path / "b.png").read_bytes() == b"png"
 
 
+@pytest.mark.parametrize("together", [False, True])
+def test_an_output_made_again_from_nothing_is_renamed_whole_without_fsync(
+    tmp_path, monkeypatch, together
+):
+    """durable=False (the demo's thousands of images): still a temporary file renamed onto the
+    name, never half a file, but no fsync; inside `together` too."""
+    seen = _synced_and_renamed(monkeypatch)
+    with outputs.together() if together else contextlib.nullcontext():
+        with outputs.written(tmp_path / "d.png", durable=False) as tmp:
+            tmp.write_bytes(b"png")
+        assert (tmp_path / "d.png").exists() != together  # in a block: renamed at its end
+    # the file is never synced (a `together` block syncs its folder once, for all its files)
+    assert [n for w, n in seen if w == "fsync" and n.startswith(".d.png")] == []
+    assert [n[:10] for w, n in seen if w == "replace"] == [".d.png.tmp"]
+    assert (tmp_path / "d.png").read_bytes() == b"png" and _leftovers(tmp_path) == []
+
+
 @pytest.mark.parametrize("fails", ["fsync", "replace"])
 def test_an_output_whose_sync_or_rename_fails_leaves_the_old_file(tmp_path, monkeypatch, fails):
     import errno
