@@ -15,11 +15,26 @@ from pipeline.errors import UserError
 EPILOG = "Every option has a Makefile variable of the same name in capitals (make help)."
 
 
+def _path(text: str) -> Path:
+    """A path argument: `~` expanded (the Makefile quotes paths, so the shell does not)."""
+    return Path(text).expanduser()
+
+
+def _images(text: str) -> Path:
+    """IMAGES: never empty (an empty path would be the current folder, classified whole)."""
+    if not text.strip():
+        raise UserError(
+            "IMAGES is empty; name what to classify: make predict IMAGES=path/to/image-or-folder"
+            " (or a .txt/.csv list)"
+        )
+    return _path(text)
+
+
 def _common(p: argparse.ArgumentParser, seed: bool = True) -> None:
     p.add_argument(
         "--artifacts",
         default="artifacts",
-        type=Path,
+        type=_path,
         help="folder for caches, heads and reports (default: artifacts)",
     )
     if seed:
@@ -126,7 +141,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--data",
         default="data",
-        type=Path,
+        type=_path,
         help="DATA/train/<class>/ (+ optional DATA/validation/<class>/), DATA/<class>/, or a "
         "CSV file path,label[,split] (paths relative to the CSV's folder)",
     )
@@ -185,7 +200,7 @@ def parser() -> argparse.ArgumentParser:
     _param(p, "head setting (e.g. C=0.1, learning_rate=1e-4); fixed instead of tuned")
     p.add_argument(
         "--features",
-        type=Path,
+        type=_path,
         default=None,
         help="cache file to use (default: the latest `features` run)",
     )
@@ -210,7 +225,7 @@ def parser() -> argparse.ArgumentParser:
         "small learning rate. Cross-validated and saved like every head.",
         epilog=EPILOG,
     )
-    p.add_argument("--data", default="data", type=Path, help="as for features")
+    p.add_argument("--data", default="data", type=_path, help="as for features")
     p.add_argument("--dtype", default="float16", help="stored feature type")
     _backbone(p, layer=False)  # fine-tuning starts where the last stage does
     p.add_argument("--folds", type=int, default=5, help="cross-validation folds (default 5)")
@@ -259,7 +274,7 @@ def parser() -> argparse.ArgumentParser:
         help="comma-separated backbones, each extracted once from --data into its own cache and "
         "ranked together (default: the current cache only)",
     )
-    p.add_argument("--data", default=None, type=Path, help="images, for --backbones")
+    p.add_argument("--data", default=None, type=_path, help="images, for --backbones")
     p.add_argument("--weights", default="imagenet", help="weights, for --backbones")
     p.add_argument("--size", type=int, default=None, help="input size, for --backbones")
     p.add_argument("--batch", type=int, default=32, help="images per batch, for --backbones")
@@ -281,13 +296,13 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--images",
         required=True,
-        type=Path,
+        type=_images,
         help="an image file, a folder, or a .txt/.lst (one path per line) or .csv (a path "
         "column) file listing images, paths relative to its folder",
     )
     p.add_argument("--run", default=None, help="trained head to use (default: best CV accuracy)")
     p.add_argument(
-        "--out", default=None, type=Path, help="CSV to write (default ARTIFACTS/predictions.csv)"
+        "--out", default=None, type=_path, help="CSV to write (default ARTIFACTS/predictions.csv)"
     )
     p.add_argument(
         "--weights",
@@ -332,12 +347,12 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--out",
         default=None,
-        type=Path,
+        type=_path,
         help="file to write (default ARTIFACTS/export/<cache>-<pool>.<format>)",
     )
     p.add_argument(
         "--features",
-        type=Path,
+        type=_path,
         default=None,
         help="cache file to export (default: the latest `features` run)",
     )
@@ -390,8 +405,13 @@ def run(args: argparse.Namespace) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     # past `ulimit -f` a write fails with EFBIG (one line): CPython ignores SIGXFSZ at start
-    args = parser().parse_args(argv)
     from pipeline.progress import end_line
+
+    try:
+        args = parser().parse_args(argv)
+    except UserError as e:  # a setting refused while the command line is read
+        print(f"error: {e}", file=sys.stderr)
+        return 2
 
     try:
         run(args)

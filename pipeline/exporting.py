@@ -73,7 +73,11 @@ def export(
     if fmt not in FORMATS:
         raise UserError(f"FORMAT must be one of {', '.join(FORMATS)}; got '{fmt}'")
     cache = cache_of(features) if features else layout.current_cache(artifacts)
-    out = Path(out) if out else layout.export_file(artifacts, cache, pooling, fmt)
+    out = (
+        outputs.a_file(out, f"features.{fmt}")
+        if out
+        else layout.export_file(artifacts, cache, pooling, fmt)
+    )
     # OUT (and its .json) is this export's: a second export to it stops at once
     with outputs.owned(out, "make export", fix="set OUT= to another file"):
         return _export(cache, fmt, pooling, out, log)

@@ -185,7 +185,7 @@ def extract(
         for sk in summary.skipped_rows:
             log(f"skipped {sk['path']}: {sk['reason']}")
         log(summary.line())
-        for w in duplicates.lines(
+        for said in duplicates.lines(
             duplicates.find(
                 [r.path for r in rows],
                 [r.sha256 or "" for r in rows],
@@ -194,7 +194,7 @@ def extract(
                 scan.classes,
             )
         ):
-            log(w)
+            log(said)
         log(f"cache: {path}")
         if augment:
             aset = augment_settings(settings, spec.seed)

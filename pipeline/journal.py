@@ -15,6 +15,7 @@ import json
 import os
 from collections import Counter
 from collections.abc import Callable, Sequence
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
@@ -157,9 +158,11 @@ def opened(partial: Path, side: Path, made: dict[str, Any], out: Path) -> tuple[
                 fh.write(json.dumps(made) + "\n")
             with open(partial, "w", newline="", encoding="utf-8") as fh:
                 csv.writer(fh).writerow(made["columns"])
-        old = open(partial, newline="", encoding="utf-8")
-        fh = open(partial, "a", newline="", encoding="utf-8")
-        errs = open(side, "a", encoding="utf-8")
+        with ExitStack() as opening:  # one that fails closes those already open
+            old = opening.enter_context(open(partial, newline="", encoding="utf-8"))
+            fh = opening.enter_context(open(partial, "a", newline="", encoding="utf-8"))
+            errs = opening.enter_context(open(side, "a", encoding="utf-8"))
+            opening.pop_all()
     except OSError as e:
         raise store.disk_error(e, partial, **told(partial, out)) or e from None
     return old, fh, errs

@@ -28,6 +28,14 @@ from pipeline import store
 from pipeline.errors import UserError
 
 
+def a_file(path: Path, example: str) -> Path:
+    """`path` when it can become a file; a folder there is one line naming a file instead."""
+    path = Path(path)
+    if path.is_dir():
+        raise UserError(f"OUT='{path}' is a folder; name a file, e.g. OUT={path / example}")
+    return path
+
+
 def lock_path(path: Path) -> Path:
     """The lock file of the output `path`: `.<name>.lock` beside it (the real folder's)."""
     real = Path(os.path.realpath(path))

@@ -67,8 +67,14 @@ class Cache:
             "random_weights": bool(feats.get("random_weights")),
             "cache": cache.name,
         }
-        for k, (path, key, made) in enumerate(kinds):
-            self.sources[k] = self._lookups(path, key, stamp, made, {**attrs, "settings": made}, k)
+        try:
+            for k, (path, key, made) in enumerate(kinds):
+                self.sources[k] = self._lookups(
+                    path, key, stamp, made, {**attrs, "settings": made}, k
+                )
+        except BaseException:  # nothing half-made keeps its locks for the process's life
+            self.locks.close()
+            raise
 
     def _lookups(
         self,

@@ -182,7 +182,7 @@ def stream(
     images_path = Path(images_path) if listed is None else Path(".")
     if listed is None and not images_path.exists() and not images_path.is_symlink():
         raise UserError(f"IMAGES '{images_path}' does not exist; pass an image file or a folder")
-    out = Path(out) if out else layout.predictions_file(artifacts)
+    out = outputs.a_file(out, "predictions.csv") if out else layout.predictions_file(artifacts)
     # this predict's OUT, its .partial and sidecar for the whole run: a second predict to
     # the same OUT stops at once, never writing into, nor deleting, this one's files
     with outputs.owned(out, "make predict", fix="set OUT= to another file"):

@@ -315,3 +315,27 @@ def test_taking_an_output_with_no_room_for_its_lock_note_is_no_error(tmp_path):
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     assert r.stdout.split() == ["held", "released"] and "Traceback" not in r.stderr
+
+
+def test_an_out_that_is_a_folder_is_one_line_before_any_work(trained, tmp_path):
+    """OUT naming a folder: one line naming a file instead, before a single image is read
+    (it used to end, after all the work, in IsADirectoryError's traceback)."""
+    data, art = trained
+    folder = tmp_path / "results"
+    folder.mkdir()
+    with pytest.raises(UserError, match=r"OUT='.*results' is a folder; name a file, e\.g\."):
+        classify(art, data / "validation", out=folder, log=_quiet)
+    with pytest.raises(UserError, match=r"is a folder; name a file, e\.g\. OUT=.*features\.npz"):
+        export(art, out=folder, log=_quiet)
+    assert list(folder.iterdir()) == []
+
+
+def test_an_empty_images_is_one_line_and_a_tilde_is_home(capsys):
+    """`make predict` without IMAGES passes --images '': one line naming IMAGES, exit 2 (an
+    empty path is the current folder, which it used to classify whole); `~` in a path setting
+    is the home folder (the Makefile's quotes keep the shell from expanding it)."""
+    assert cli.main(["predict", "--images", ""]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: IMAGES is empty")
+    args = cli.parser().parse_args(["features", "--data", "~/photos", "--artifacts", "~/a"])
+    assert args.data == Path.home() / "photos" and args.artifacts == Path.home() / "a"
