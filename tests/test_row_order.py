@@ -53,6 +53,7 @@ def _result(art: Path, head: str) -> tuple[dict, np.ndarray]:
     est = heads.load_head(layout.heads_dir(art) / r["run"])
     proba = est.predict_proba(fixed)
     r["environment"].pop("created_utc")
+    r["cv"].pop("partition_seconds")  # wall clock: what a partition took to fit
     return {k: v for k, v in r.items() if k not in WALL_CLOCK}, proba
 
 
