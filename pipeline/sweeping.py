@@ -9,11 +9,13 @@ own figure, with the same optimism as the pick), to tell whether more images wou
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+from sklearn.utils.parallel import Parallel, delayed
 
 from pipeline import evaluate, heads, layout, outputs, stats, store
 from pipeline import views as views_mod
@@ -172,8 +174,9 @@ def run_sweep(
         cache = layout.cache_by_name(artifacts, best["cache"])
         ranked = next(r for r in full_results if r["run"] == best["run"])
         curve = learning_curve(
-            cache, best["head"], best["pooling"], folds, seed, curve_points, run=ranked
-        )
+            cache, best["head"], best["pooling"], folds, seed, curve_points, run=ranked,
+            budget=budget, fixed=repeats is not None,
+        )  # fmt: skip
         attrs = store.read_attrs(cache)
         out = {
             "ranking": results,
@@ -260,6 +263,8 @@ def learning_curve(
     seed: int,
     points: int = 5,
     run: dict[str, Any] | None = None,
+    budget: float | None = None,
+    fixed: bool = False,
 ) -> dict[str, Any]:
     """CV accuracy of the ranked run's head on growing fractions of each training fold.
 
@@ -271,11 +276,19 @@ def learning_curve(
     counts, same views, its interval): no refit. Smaller points subsample each training fold
     by class (whole content groups: an image with its views), seeded, and are scored on the
     same test folds with the same head settings, each with its corrected 95 % interval.
+    Unless the run's repeats were asked (`fixed`), the smaller points take as many of its
+    partitions as `budget` minutes hold at its first partition's cost, at least 1: the curve
+    costs about one run, not (points - 1) runs. Folds run in parallel as in the run's CV.
     """
     info = heads.get(head)
     cvr = (run or {}).get("cv") or {}
     views = int((run or {}).get("views", 0))
     repeats = int(cvr.get("repeats", 1))
+    first_s = (cvr.get("partition_seconds") or [None])[0]
+    if not fixed and first_s is not None and repeats > 1:
+        repeats = stats.budget_repeats(
+            first_s * max(1, points - 1), stats.budget_minutes(budget), repeats
+        )
     with store.reading(cache.parent):
         return _curve(cache, head, pooling, folds, seed, points, run, info, cvr, views, repeats)
 
@@ -304,7 +317,8 @@ def _curve(
         k = round(1 / cvr["holdout_fraction"]) if cvr.get("holdout_fraction") else plan["folds"]
     else:
         k = int(cvr.get("folds") or min(plan["folds"], counts.min()))
-    cv, fid = evaluate.partitions(ts, k, seed, 1 if holdout else repeats)
+    ids: list[str] = []
+    cv, fid = evaluate.partitions(ts, k, seed, 1 if holdout else repeats, ids)
     if holdout:
         cv, fid = evaluate.held_out(cv, fid)
     full = int(np.median(counts) * (k - 1) / k)  # images per class in a training fold
@@ -313,9 +327,8 @@ def _curve(
     fracs = sorted({round(f, 4) for f in fracs if f < 0.999})
     rng = np.random.default_rng(seed)
     est = heads.make(info, params, seed)
-    pts = []
+    todo = []
     for f in fracs:
-        accs = []
         for tr, te in cv:
             keep_groups = []
             for c in np.unique(ts.y[tr]):
@@ -324,7 +337,18 @@ def _curve(
                 keep_groups.append(rng.permutation(g)[:n])
             # an image's augmented views follow it (their groups are marked: views.content)
             sub = tr[np.isin(views_mod.content(ts.groups[tr]), np.concatenate(keep_groups))]
-            pred, _, _ = evaluate._fold(est, ts.X, ts.y, ts.groups, sub, te)
+            todo.append((sub, te))
+    n_jobs = min(len(cv), os.cpu_count() or 1) if info.parallel_folds else 1
+    preds = iter(
+        Parallel(n_jobs=n_jobs)(
+            delayed(evaluate._fold)(est, ts.X, ts.y, ts.groups, sub, te) for sub, te in todo
+        )
+    )
+    pts = []
+    for f in fracs:
+        accs = []
+        for _, te in cv:
+            pred = next(preds)[0]
             accs.append(float(np.mean(pred == ts.y[te])))
             right = int(np.sum(pred == ts.y[te]))
         if holdout:
@@ -343,7 +367,9 @@ def _curve(
             }
         )
     if cvr:  # the ranked run itself: its folds, its figure
-        same = cvr.get("folds_id") == fid
+        # the run's own folds (its first partitions, where the smaller points take fewer)
+        theirs = cvr.get("partition_ids") or []
+        same = cvr.get("folds_id") == fid or (not holdout and theirs[: len(ids)] == ids)
         pts.append(
             {
                 "fraction": 1.0,

@@ -14,7 +14,7 @@ from threadpoolctl import threadpool_limits
 from pipeline import evaluate, layout, stats
 from pipeline.bench import store as bench_store
 from pipeline.reporting import build_report
-from pipeline.sweeping import run_sweep
+from pipeline.sweeping import learning_curve, run_sweep
 from pipeline.train import train_head
 
 FOLDS, REPEATS = 3, 3
@@ -147,6 +147,12 @@ def test_repeats_follow_the_time_budget_unless_asked(tmp_path, monkeypatch, one_
     monkeypatch.setenv("PIPELINE_BUDGET", "1000")
     by_env, line = run()
     assert by_env["repeats"] == 3 and "budget 1000 min" in line
+    # the sweep's learning curve too: its smaller points take what the budget holds
+    slow = {**long, "cv": {**long["cv"], "partition_seconds": [100.0]}}
+    curve = learning_curve(features, "logreg", "avg", 3, 0, points=3, run=slow, budget=3)
+    assert curve["repeats"] == 1 and curve["points"][-1]["same_folds"]  # 180 s < 2 x 100 s
+    asked = learning_curve(features, "logreg", "avg", 3, 0, 3, run=slow, budget=3, fixed=True)
+    assert asked["repeats"] == 3 and asked["points"][-1]["same_folds"]
 
 
 def test_a_run_races_on_while_tied_or_within_the_margin():
