@@ -266,6 +266,7 @@ def _train(
         return {
             "cv": cv,
             "cv_s": cv_s,
+            "total_s": time.perf_counter() - t0,
             "repeats_planned": planned,
             "repeats_reason": why[0],
             "cache_key": key,
@@ -335,7 +336,11 @@ def _train(
             "n_skipped": len(idx.skipped),
             "augmented": augmented,
         },
-        "timing_s": {"cv": cv_s, "final_fit": fit_s, "total": time.perf_counter() - t0},
+        "timing_s": {
+            "cv": cv_s,
+            "final_fit": fit_s,
+            "total": time.perf_counter() - t0 + (resume or {}).get("total_s", 0.0),
+        },
         "environment": environment(),
     }
     out_dir = runs.write_run(artifacts, name, result, lambda d: heads.save_head(final, d))

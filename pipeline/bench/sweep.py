@@ -57,26 +57,34 @@ def images(folder: Path, n: int, px: int = 64, seed: int = 0, contrast: float = 
     return folder
 
 
-def _run(args: list[str]) -> tuple[float, str]:
-    """`python -m pipeline ARGS` in a fresh process with the defaults a user gets: wall time."""
+def _run(args: list[str]) -> tuple[float, float, str]:
+    """`python -m pipeline ARGS` in a fresh process with the defaults a user gets: its wall
+    time and its processor time (its own and its workers'; less moved by other jobs on a
+    shared machine than the wall time)."""
+    import resource
+
     unset = ("PIPELINE_MAX_REPEATS", "PIPELINE_BUDGET")
     env = {k: v for k, v in os.environ.items() if k not in unset}
+    ru = resource.getrusage(resource.RUSAGE_CHILDREN)
     t = time.perf_counter()
     p = subprocess.run(
         [sys.executable, "-m", "pipeline", *args], capture_output=True, text=True, env=env
     )
     if p.returncode != 0:
         raise RuntimeError(p.stderr[-2000:])
-    return time.perf_counter() - t, p.stdout
+    wall, after = time.perf_counter() - t, resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = after.ru_utime - ru.ru_utime + after.ru_stime - ru.ru_stime
+    return wall, cpu, p.stdout
 
 
 def _sweep(art: Path, extra: list[str]) -> dict[str, Any]:
-    s, out = _run(["sweep", "--artifacts", str(art), *extra])
+    s, cpu, out = _run(["sweep", "--artifacts", str(art), *extra])
     sw = json.loads((art / "sweep" / "sweep.json").read_text())
     rank = sw["ranking"]
     fits = sum(r["repeats"] * r["folds"] for r in rank)
     return {
         "minutes": s / 60,
+        "cpu_minutes": cpu / 60,
         "runs": len(rank),
         "fold_fits": fits,
         "screened_out": sum(bool(r.get("screened_out")) for r in rank),
@@ -90,10 +98,11 @@ def _sweep(art: Path, extra: list[str]) -> dict[str, Any]:
 
 def _finetune(data: Path, art: Path, size: int, extra: list[str]) -> dict[str, Any]:
     args = ["finetune", "--data", str(data), "--artifacts", str(art), "--weights", "none"]
-    s, out = _run([*args, "--size", str(size), *extra])
+    s, cpu, out = _run([*args, "--size", str(size), *extra])
     r = json.loads(next((art / "heads").glob("*/result.json")).read_text())
     return {
         "minutes": s / 60,
+        "cpu_minutes": cpu / 60,
         "repeats": r["repeats"],
         "repeats_reason": r.get("repeats_reason"),
         "first_line": next((ln for ln in out.splitlines() if ln.startswith("repeats: ")), ""),
@@ -115,7 +124,8 @@ def sweep_small(work: Path, n: int = 320, size: int = 96) -> dict[str, Any]:
               "--size", str(size)])  # fmt: skip
         out[f"sweep_{label}"] = r = _sweep(art, extra)
         say(
-            f"  make sweep, {label}: {r['minutes']:.1f} min, {r['runs']} runs, {r['fold_fits']} "
+            f"  make sweep, {label}: {r['minutes']:.1f} min ({r['cpu_minutes']:.1f} min of "
+            f"processor), {r['runs']} runs, {r['fold_fits']} "
             f"fold fits, {r['screened_out']} screened out; best {r['best']} "
             f"{r['best_accuracy']:.3f}, {len(r['tied'])} tied with it"
         )
@@ -125,7 +135,8 @@ def sweep_small(work: Path, n: int = 320, size: int = 96) -> dict[str, Any]:
     for label, extra in (("before", BEFORE), ("after", [])):
         out[f"finetune_{label}"] = r = _finetune(data, work / f"finetune-{label}", size, extra)
         say(
-            f"  make finetune, {label}: {r['minutes']:.1f} min, {r['repeats']}x5 folds, CV "
+            f"  make finetune, {label}: {r['minutes']:.1f} min ({r['cpu_minutes']:.1f} min of "
+            f"processor), {r['repeats']}x5 folds, CV "
             f"{r['cv_accuracy']:.3f} [{r['cv_low']:.3f}, {r['cv_high']:.3f}]"
         )
     return out
