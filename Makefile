@@ -64,8 +64,9 @@ folds_arg  = $(if $(FOLDS),--folds $(FOLDS))
 
 # Settings a target does not use are refused: `make predict HEAD=logreg` stops with one line
 # (exit status 2) instead of running the best run. takes.<target> lists what each target uses
-# (tests/test_library.py checks the lists against the recipes); PYTHON, VENV and VERBOSE are
-# every target's. Any other setting given on the command line, a misspelt one too, stops make.
+# (tests/test_library.py checks the lists against the recipes, tests/test_settings.py against
+# the settings in pipeline/settings.py); PYTHON, VENV and VERBOSE are every target's. Any
+# other setting given on the command line, a misspelt one too, stops make.
 takes.help       :=
 takes.install    :=
 takes.features   := DATA ARTIFACTS BACKBONE WEIGHTS SIZE LAYER BATCH DTYPE PRECISION SEED AUGMENT REBUILD VERIFY MAPS CLUSTER

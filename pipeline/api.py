@@ -13,12 +13,23 @@ needs when it runs: `import pipeline` stays fast and never loads TensorFlow.
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 from pipeline.errors import UserError
+from pipeline.settings import (
+    ExportSettings,
+    ExtractSettings,
+    FinetuneSettings,
+    PredictSettings,
+    ReportSettings,
+    SweepSettings,
+    TrainHeadSettings,
+)
+from pipeline.settings_base import head_params as head_params  # scripts import it here
+from pipeline.settings_base import takes
 
 if TYPE_CHECKING:
     import numpy as np
@@ -47,52 +58,8 @@ def _progress(log: Log | None) -> AbstractContextManager[None]:
     return lines_to(log, keep_outer=True)
 
 
-def _setting(v: Any) -> str:
-    """A value as PARAMS would spell it: 50.0 -> "50" (an integer setting accepts it)."""
-    if isinstance(v, float) and v.is_integer():
-        return str(int(v))
-    return str(v).strip()
-
-
-def head_params(params: Mapping[str, Any] | Iterable[str] | str | None) -> dict[str, str]:
-    """PARAMS as the head reads them: "C=0.1 epochs=5", ["C=0.1"] or {"C": 0.1}."""
-    if params is None:
-        return {}
-    if isinstance(params, Mapping):
-        return {str(k).strip(): _setting(v) for k, v in params.items()}
-    items = params.split() if isinstance(params, str) else list(params)
-    out = {}
-    for v in items:
-        if "=" not in v:
-            raise UserError(f"head setting '{v}' must look like name=value, e.g. C=0.1")
-        k, _, val = v.partition("=")
-        out[k.strip()] = val.strip()
-    return out
-
-
-def _names(value: str | Iterable[Any]) -> str:
-    """A comma-separated setting (SWEEP_HEADS=logreg,svm) from a string or a list."""
-    return value if isinstance(value, str) else ",".join(str(v) for v in value)
-
-
-def extract(
-    data: PathLike,
-    artifacts: PathLike = "artifacts",
-    backbone: str = "vgg16",
-    weights: str = "imagenet",
-    size: int | None = None,
-    layer: str | None = None,
-    batch: int = 32,
-    dtype: str = "float16",
-    precision: str = "auto",
-    augment: int = 0,
-    rebuild: bool = False,
-    verify: bool = False,
-    maps: bool = True,
-    seed: int = 0,
-    cluster: str = "",
-    log: Log | None = print,
-) -> Summary:
+@takes(ExtractSettings)
+def extract(s: ExtractSettings, log: Log | None = print) -> Summary:
     """`make features`: embed every image of `data` once into the ARTIFACTS feature cache.
 
     `data` is an image folder (class folders, or train/ and validation/ with class folders) or
@@ -101,57 +68,32 @@ def extract(
     `precision="auto"` computes in bfloat16 where the processor does so natively (AVX512-BF16 or
     AMX; on a GPU, its own choice) and in float32 elsewhere; the precision it resolves to is in
     the cache key and the first line logged. `log=None` prints nothing, progress included.
+    Settings and defaults: `pipeline.settings.ExtractSettings` (pass one, or its fields).
     """
     from pipeline import cluster as dask_cluster
-    from pipeline.backbone import BackboneSpec
-    from pipeline.features import extract as run
 
-    spec = BackboneSpec(
-        weights=weights,
-        layer=layer,
-        input_size=size,
-        seed=seed,
-        name=backbone,
-        precision=precision,
-    )
-    with _progress(log), dask_cluster.client(cluster) as c:
-        return run(
-            Path(data),
-            Path(artifacts),
-            spec,
-            batch_size=batch,
-            dtype=dtype,
-            augment=augment,
-            rebuild=rebuild,
-            verify=verify,
-            maps=bool(maps),
-            log=_log(log),
-            embedder_fn=dask_cluster.embedder(c) if c is not None else None,
-        )
+    with _progress(log), dask_cluster.client(s.cluster) as c:
+        return _extract(s, _log(log), c)
 
 
-def train_head(
-    artifacts: PathLike = "artifacts",
-    head: str = "logreg",
-    pool: str | None = None,
-    folds: int | None = None,
-    seed: int = 0,
-    params: Mapping[str, Any] | Iterable[str] | str | None = None,
-    views: int = 0,
-    features: PathLike | None = None,
-    jobs: int | None = None,
-    cluster: str = "",
-    log: Log | None = print,
-    repeats: int | None = None,
-    budget: float | None = None,
-) -> dict[str, Any]:
+def _extract(s: ExtractSettings, log: Log, client: Any, set_current: bool = True) -> Summary:
+    """`features.extract` run with these settings (on the Dask `client`'s workers, if any)."""
+    from pipeline import cluster as dask_cluster
+
+    embedder = dask_cluster.embedder(client) if client is not None else None
+    return s.run(log, set_current=set_current, embedder_fn=embedder)
+
+
+@takes(TrainHeadSettings)
+def train_head(s: TrainHeadSettings, log: Log | None = print) -> dict[str, Any]:
     """`make train-head`: cross-validate, validate and save one head on the cached features.
 
     `repeats` partitions of `folds` folds (default: as many as `budget` minutes hold at the
     first partition's cost, default 3, at most a number chosen by the training images; see
     the README), each run's mean with its 95 % interval in `result["cv"]`. `folds=None`
     sizes the evaluation to the data: 5 folds up to 200,000 training images, one held-out
-    split above (`result["cv"]["protocol"]` says which, and why).
+    split above (`result["cv"]["protocol"]` says which, and why). `params` ("C=0.1", a list
+    of such, or a dict) are fixed instead of tuned.
 
     Returns the run's result (as in `heads/<run>/result.json`): `result["cv"]` holds the fold
     accuracies and out-of-fold predictions, `result["validation"]` the validation scores.
@@ -159,109 +101,57 @@ def train_head(
     from pipeline import cluster as dask_cluster
     from pipeline.train import train_head as run
 
-    with _progress(log), dask_cluster.client(cluster) as c:
+    with _progress(log), dask_cluster.client(s.cluster) as c:
         return run(
-            Path(artifacts),
-            head=head,
-            pooling=pool,
-            folds=folds,
-            seed=seed,
-            params=head_params(params),
-            features=Path(features) if features else None,
-            n_jobs=jobs,
-            views=views,
+            Path(s.artifacts),
+            head=s.head,
+            pooling=s.pool,
+            folds=s.folds,
+            seed=s.seed,
+            params=s.params,
+            features=s.features,
+            n_jobs=s.jobs,
+            views=s.views,
             log=_log(log),
             client=c,
-            repeats=repeats,
-            budget=budget,
+            repeats=s.repeats,
+            budget=s.budget,
         )
 
 
-def finetune(
-    data: PathLike,
-    artifacts: PathLike = "artifacts",
-    backbone: str = "vgg16",
-    weights: str = "imagenet",
-    size: int | None = None,
-    batch: int = 32,
-    dtype: str = "float16",
-    precision: str = "auto",
-    folds: int = 5,
-    seed: int = 0,
-    params: Mapping[str, Any] | Iterable[str] | str | None = None,
-    cluster: str = "",
-    log: Log | None = print,
-    repeats: int | None = None,
-    budget: float | None = None,
-) -> dict[str, Any]:
+@takes(FinetuneSettings)
+def finetune(s: FinetuneSettings, log: Log | None = print) -> dict[str, Any]:
     """`make finetune`: cache where the backbone's last stage starts, then fine-tune it + a head.
 
     `repeats` and `budget` as for `train_head`. Returns the run's result, like `train_head`.
     """
     from pipeline import cluster as dask_cluster
-    from pipeline.backbone import BackboneSpec, family
-    from pipeline.features import extract as run_extract
+    from pipeline.backbone import family
     from pipeline.train import train_head as run_train
 
-    start = family(backbone).finetune_from
+    start = family(s.backbone).finetune_from
     if start is None:
         raise UserError(
-            f"BACKBONE={backbone} has no last stage to fine-tune; use `make train-head`"
+            f"BACKBONE={s.backbone} has no last stage to fine-tune; use `make train-head`"
         )
-    spec = BackboneSpec(
-        weights=weights,
-        layer=start,
-        input_size=size,
-        seed=seed,
-        name=backbone,
-        precision=precision,
-    )
-    with _progress(log), dask_cluster.client(cluster) as c:
-        s = run_extract(
-            Path(data),
-            Path(artifacts),
-            spec,
-            batch_size=batch,
-            dtype=dtype,
-            set_current=False,
-            log=_log(log),
-            embedder_fn=dask_cluster.embedder(c) if c is not None else None,
-        )
+    with _progress(log), dask_cluster.client(s.cluster) as c:
+        cached = _extract(ExtractSettings.of(s, layer=start), _log(log), c, set_current=False)
         return run_train(
-            Path(artifacts),
+            Path(s.artifacts),
             head="finetune",
-            folds=folds,
-            seed=seed,
-            params=head_params(params),
-            features=s.cache,
+            folds=s.folds,
+            seed=s.seed,
+            params=s.params,
+            features=cached.cache,
             log=_log(log),
             client=c,
-            repeats=repeats,
-            budget=budget,
+            repeats=s.repeats,
+            budget=s.budget,
         )
 
 
-def sweep(
-    artifacts: PathLike = "artifacts",
-    heads: str | Iterable[str] = "logreg,svm,dense",
-    pools: str | Iterable[str] = "avg,max,flatten",
-    views: str | Iterable[int] = "0",
-    folds: int | None = None,
-    seed: int = 0,
-    points: int = 5,
-    backbones: str | Iterable[str] = "",
-    data: PathLike | None = None,
-    weights: str = "imagenet",
-    size: int | None = None,
-    batch: int = 32,
-    precision: str = "auto",
-    cluster: str = "",
-    log: Log | None = print,
-    repeats: int | None = None,
-    budget: float | None = None,
-    race: bool = True,
-    margin: float | None = None,
-) -> dict[str, Any]:
+@takes(SweepSettings)
+def sweep(s: SweepSettings, log: Log | None = print) -> dict[str, Any]:
     """`make sweep`: every head x pooling x views (x backbone) on the cache, ranked.
 
     `race` (default): every run is scored on the first partition and only those the data
@@ -269,43 +159,38 @@ def sweep(
     partitions; `repeats` and `budget` as for `train_head`.
 
     `heads`, `pools`, `views` and `backbones` take a comma-separated string or a list, like
-    SWEEP_HEADS, SWEEP_POOLS, SWEEP_VIEWS and SWEEP_BACKBONES. `folds=None` sizes the
-    evaluation to the data, as `train_head` does. Returns the sweep's summary.
+    SWEEP_HEADS, SWEEP_POOLS, SWEEP_VIEWS and SWEEP_BACKBONES; with `backbones`, each is
+    extracted from `data` with `weights`, `size`, `batch` and `precision` (the features
+    settings, `SweepSettings.extraction`). `folds=None` sizes the evaluation to the data, as
+    `train_head` does. Returns the sweep's summary.
     """
     from pipeline import cluster as dask_cluster
     from pipeline import stats
     from pipeline.sweeping import run_sweep
 
-    with _progress(log), dask_cluster.client(cluster) as c:
+    with _progress(log), dask_cluster.client(s.cluster) as c:
         return run_sweep(
-            Path(artifacts),
-            _names(heads),
-            _names(pools),
-            _names(views),
-            folds=folds,
-            seed=seed,
-            curve_points=points,
-            repeats=repeats,
-            budget=budget,
-            race=race,
-            margin=stats.RACE_MARGIN if margin is None else margin,
+            Path(s.artifacts),
+            s.heads,
+            s.pools,
+            s.views,
+            folds=s.folds,
+            seed=s.seed,
+            curve_points=s.points,
+            repeats=s.repeats,
+            budget=s.budget,
+            race=s.race,
+            margin=stats.RACE_MARGIN if s.margin is None else s.margin,
             log=_log(log),
             client=c,
-            backbones=_names(backbones),
-            extraction={
-                "data": Path(data) if data is not None else None,
-                "weights": weights,
-                "size": size,
-                "batch": batch,
-                "precision": precision,
-                "embedder_fn": dask_cluster.embedder(c) if c is not None else None,
-            },
+            backbones=s.backbones,
+            extraction=s.extraction(),
+            embedder_fn=dask_cluster.embedder(c) if c is not None else None,
         )
 
 
-def report(
-    artifacts: PathLike = "artifacts", gallery: str | None = None, log: Log | None = print
-) -> dict[str, Any]:
+@takes(ReportSettings)
+def report(s: ReportSettings, log: Log | None = print) -> dict[str, Any]:
     """`make report`: write ARTIFACTS/report/report.{json,md,html}; return the report's content.
 
     `gallery`: a run name (or "all") whose misclassified images are shown too.
@@ -313,22 +198,11 @@ def report(
     from pipeline.reporting import build_report
 
     with _progress(log):
-        return build_report(Path(artifacts), log=_log(log), gallery_runs=gallery)
+        return build_report(Path(s.artifacts), log=_log(log), gallery_runs=s.gallery)
 
 
-def predict(
-    images: PathLike | Sequence[PathLike],
-    artifacts: PathLike = "artifacts",
-    run: str | None = None,
-    out: PathLike | None = None,
-    tta: int = 0,
-    topk: int = 0,
-    weights: str | None = None,
-    backbone: str | None = None,
-    batch: int = 32,
-    cluster: str = "",
-    log: Log | None = print,
-) -> list[dict[str, Any]]:
+@takes(PredictSettings)
+def predict(s: PredictSettings, log: Log | None = print) -> list[dict[str, Any]]:
     """`make predict`: classify images with a trained head (default: the best current run).
 
     `images`: an image file, a folder (walked like IMAGES), a `.txt`/`.lst` file of paths (one
@@ -342,23 +216,11 @@ def predict(
     `cluster="local:N"` or a scheduler address embeds the new images on Dask workers, as for
     `extract`. `predict_rows` gives the same rows one at a time, never holding them all.
     """
-    args = (images, artifacts, run, out, tta, topk, weights, backbone, batch, cluster, log)
-    return list(predict_rows(*args))
+    return list(predict_rows(s, log=log))
 
 
-def predict_rows(
-    images: PathLike | Sequence[PathLike],
-    artifacts: PathLike = "artifacts",
-    run: str | None = None,
-    out: PathLike | None = None,
-    tta: int = 0,
-    topk: int = 0,
-    weights: str | None = None,
-    backbone: str | None = None,
-    batch: int = 32,
-    cluster: str = "",
-    log: Log | None = print,
-) -> Iterator[dict[str, Any]]:
+@takes(PredictSettings)
+def predict_rows(s: PredictSettings, log: Log | None = print) -> Iterator[dict[str, Any]]:
     """`predict`'s rows one at a time, as `make predict` makes them: the CSV is written as they
     come (`out + ".partial"`, renamed onto `out` after the last one) and memory stays flat in
     the number of images. A killed run, rerun with the same settings, resumes: only images not
@@ -367,30 +229,25 @@ def predict_rows(
     from pipeline import cluster as dask_cluster
     from pipeline.prediction import stream
 
-    with _progress(log), dask_cluster.client(cluster) as c:
+    images = s.images
+    with _progress(log), dask_cluster.client(s.cluster) as c:
         yield from stream(
-            Path(artifacts),
-            Path(images) if isinstance(images, (str, os.PathLike)) else list(images),
-            run=run,
-            out=Path(out) if out else None,
-            weights=weights,
-            batch_size=batch,
-            tta=tta,
+            Path(s.artifacts),
+            Path(images) if isinstance(images, str | os.PathLike) else list(images),
+            run=s.run,
+            out=s.out,
+            weights=s.weights,
+            batch_size=s.batch,
+            tta=s.tta,
             log=_log(log),
-            backbone=backbone,
-            topk=topk,
+            backbone=s.backbone,
+            topk=s.topk,
             client=c,
         )
 
 
-def export(
-    artifacts: PathLike = "artifacts",
-    format: str = "npz",
-    pool: str = "avg",
-    out: PathLike | None = None,
-    features: PathLike | None = None,
-    log: Log | None = print,
-) -> Path:
+@takes(ExportSettings)
+def export(s: ExportSettings, log: Log | None = print) -> Path:
     """`make export`: the pooled features of the current cache as an NPZ or CSV file; its path.
 
     Every original image with its path, label (class name), split and SHA-256 (see
@@ -398,14 +255,7 @@ def export(
     """
     from pipeline.exporting import export as run
 
-    return run(
-        Path(artifacts),
-        format,
-        pool,
-        Path(out) if out else None,
-        Path(features) if features else None,
-        log=_log(log),
-    )
+    return run(Path(s.artifacts), s.format, s.pool, s.out, s.features, log=_log(log))
 
 
 class Features(NamedTuple):

@@ -15,6 +15,8 @@ import numpy as np
 
 from pipeline import outputs
 from pipeline.errors import UserError
+from pipeline.settings import DemoSettings
+from pipeline.settings_base import takes
 
 Log = Callable[[str], None]
 
@@ -54,22 +56,18 @@ def write_digits(
     return folder
 
 
-def run_demo(
-    artifacts: Path,
-    weights: str = "imagenet",
-    size: int = 64,
-    per_class: int | None = None,
-    folds: int = 5,
-    log: Log = print,
-) -> dict:
-    """Sample data, features, logreg + svm + dense heads, report; returns the report."""
+@takes(DemoSettings)
+def run_demo(s: DemoSettings, per_class: int | None = None, log: Log = print) -> dict:
+    """Sample data, features, logreg + svm + dense heads, report; returns the report.
+
+    Settings and defaults: `pipeline.settings.DemoSettings` (pass one, or its fields)."""
     from pipeline.backbone import BackboneSpec
     from pipeline.cache_identity import RANDOM_BANNER
     from pipeline.features import extract
     from pipeline.reporting import build_report
     from pipeline.train import train_head
 
-    artifacts = Path(artifacts)
+    artifacts, weights, size, folds = Path(s.artifacts), s.weights, s.size, s.folds
     data = write_digits(artifacts / "demo-data", per_class=per_class)
     log(f"demo dataset: {data} (scikit-learn digits as PNGs)")
     try:

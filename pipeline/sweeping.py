@@ -8,6 +8,7 @@ own figure, with the same optimism as the pick), to tell whether more images wou
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from collections.abc import Callable
@@ -20,6 +21,7 @@ from sklearn.utils.parallel import Parallel, delayed
 from pipeline import evaluate, heads, layout, outputs, stats, store
 from pipeline import views as views_mod
 from pipeline.errors import UserError
+from pipeline.settings import ExtractSettings
 from pipeline.train import load, train_head
 
 Log = Callable[[str], None]
@@ -40,11 +42,12 @@ def run_sweep(
     log: Log = print,
     client: Any = None,
     backbones: str = "",
-    extraction: dict[str, Any] | None = None,
+    extraction: ExtractSettings | None = None,
     repeats: int | None = None,
     race: bool = True,
     margin: float = stats.RACE_MARGIN,
     budget: float | None = None,
+    embedder_fn: Any = None,
 ) -> dict[str, Any]:
     """Train every combination, rank them, and write the best one's learning curve.
 
@@ -54,9 +57,10 @@ def run_sweep(
     the others are saved with their first partition's figure, marked `screened_out`.
     `race=False` gives every combination all its repeats.
 
-    With `backbones` (e.g. "vgg16,resnet50") and `extraction` (data, weights, size, batch,
-    precision, dtype, augment for `features.extract`), each backbone is extracted once into its
-    own incremental cache first, and the ranking spans backbone x head x pooling x views.
+    With `backbones` (e.g. "vgg16,resnet50") and `extraction` (the features settings: data,
+    weights, size, batch, precision, ...; its `backbone` is set to each in turn), each backbone
+    is extracted once into its own incremental cache first (with `embedder_fn`, as
+    `features.extract`), and the ranking spans backbone x head x pooling x views.
     """
     # the sweep's output for its whole run: a second sweep on this ARTIFACTS stops at once
     with outputs.owned(layout.sweep_file(artifacts), "make sweep", fix="use another ARTIFACTS"):
@@ -64,10 +68,9 @@ def run_sweep(
         view_list = _split(views, int)
         caches: list[tuple[str, Path | None]] = [("", None)]
         if backbones:
-            from pipeline.backbone import BackboneSpec, family
-            from pipeline.features import extract
+            from pipeline.backbone import family
 
-            if not extraction or not extraction.get("data"):
+            if extraction is None or extraction.data is None:
                 raise UserError("SWEEP_BACKBONES needs DATA (each backbone is extracted once)")
             wanted = _split(backbones, str)
             for b in wanted:
@@ -75,24 +78,8 @@ def run_sweep(
             caches = []
             for i, b in enumerate(wanted):
                 log(f"--- sweep: features for {b}")
-                spec = BackboneSpec(
-                    weights=extraction.get("weights", "imagenet"),
-                    name=b,
-                    input_size=extraction.get("size"),
-                    seed=seed,
-                    precision=extraction.get("precision", "float32"),
-                )
-                s = extract(
-                    Path(extraction["data"]),
-                    artifacts,
-                    spec,
-                    batch_size=extraction.get("batch", 32),
-                    dtype=extraction.get("dtype", "float16"),
-                    augment=extraction.get("augment", 0),
-                    log=log,
-                    set_current=i == 0,
-                    embedder_fn=extraction.get("embedder_fn"),
-                )
+                e = dataclasses.replace(extraction, backbone=b, seed=seed)
+                s = e.run(log, set_current=i == 0, embedder_fn=embedder_fn)
                 caches.append((b, s.cache))
         for h in names:
             if heads.get(h).needs_layer:

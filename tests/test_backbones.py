@@ -11,6 +11,7 @@ from pipeline.backbone import FAMILIES, BackboneSpec, build, family, preprocess
 from pipeline.cache_identity import cache_settings
 from pipeline.errors import UserError
 from pipeline.features import extract
+from pipeline.settings import ExtractSettings
 
 
 @pytest.fixture(scope="module")
@@ -163,7 +164,7 @@ def test_sweep_over_backbones_ranks_them_together_on_paired_folds(tmp_path, quie
     log, lines = quiet
     data = make_dataset(tmp_path / "data", per_class=6)
     art = tmp_path / "art"
-    extraction = {"data": data, "weights": "none", "size": 32}
+    extraction = ExtractSettings(data=data, artifacts=art, weights="none", size=32)
     out = run_sweep(
         art, "logreg", "avg,max", "0", folds=2, curve_points=2, log=log,
         backbones="vgg16,resnet50", extraction=extraction,
