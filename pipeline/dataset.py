@@ -16,41 +16,33 @@ import hashlib
 import json
 import os
 import unicodedata
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from pipeline.errors import UserError
+from pipeline.listing import SPLITS, Builder, Item, Listing
 
 JUNK_FILES = {"thumbs.db", "desktop.ini", "ehthumbs.db", "icon\r"}
 JUNK_DIRS = {"__macosx", "@eadir", "$recycle.bin", "lost+found"}
-SPLITS = ("train", "validation")
-
-
-@dataclass(frozen=True)
-class Item:
-    """One candidate file: `path` is relative to the data root (POSIX separators)."""
-
-    path: str
-    label: int
-    split: str
-    problem: str = ""  # why it cannot be used (a CSV row's); listed as skipped, never dropped
 
 
 @dataclass
 class Scan:
-    """What a scan found: the class names, every candidate file and the warnings to show."""
+    """What a scan found: the class names, every candidate file (as columns: `Listing`, a
+    sequence of `Item`s made when asked) and the warnings to show."""
 
     root: Path
     layout: str
     classes: list[str]
-    items: list[Item]
+    items: Listing
     warnings: list[str] = field(default_factory=list)
     source: Path | None = None  # what DATA named, when not `root` itself (a CSV file)
     source_sha256: str = ""  # what that CSV says (`csv_digest`), read once by the scan
     source_stat: tuple[int, int] = (0, 0)  # its size and mtime_ns when read
 
     def count(self, split: str) -> int:
-        return sum(1 for it in self.items if it.split == split)
+        return self.items.count(split)
 
 
 def source_attrs(scan: Scan) -> dict[str, str]:
@@ -156,14 +148,30 @@ def walk_files(
 ) -> list[Path]:
     """Non-hidden files under `top`, following directory symlinks, never entering a folder twice.
 
+    (`walk_folders` streams them a folder at a time.)
+
     `seen` holds the folders already walked; share one set to walk several tops as one scan.
     `fence` maps folders never to enter to a description (other class folders, the folders
     above them); the folders above `top` are always fenced. Each link refused for either reason,
     and each folder that cannot be read, is reported in `warnings`, never silently dropped.
     """
+    return [
+        Path(d) / f
+        for d, names in walk_folders(top, warnings, seen=seen, fence=fence)
+        for f in names
+    ]
+
+
+def walk_folders(
+    top: Path,
+    warnings: list[str] | None = None,
+    *,
+    seen: set[Key] | None = None,
+    fence: dict[Key, str] | None = None,
+) -> Iterator[tuple[str, list[str]]]:
+    """`walk_files`, a folder at a time: each folder walked and its non-hidden file names."""
     seen = set() if seen is None else seen
     fence = {**_ancestors(top, f"'{display(str(top))}'"), **(fence or {})}
-    out: list[Path] = []
 
     def warn(msg: str) -> None:
         if warnings is not None:
@@ -175,7 +183,7 @@ def walk_files(
     top_key = _key(top)
     if top_key in seen:
         warn(f"folder '{display(str(top))}' is reached again through a link; walked once")
-        return out
+        return
     if top_key is not None:
         seen.add(top_key)
     for dirpath, dirnames, filenames in os.walk(top, onerror=onerror, followlinks=True):
@@ -197,8 +205,9 @@ def walk_files(
                     seen.add(key)
                 keep.append(d)
         dirnames[:] = keep
-        out.extend(Path(dirpath) / f for f in sorted(filenames) if not _ignored(f))
-    return out
+        names = [f for f in sorted(filenames) if not _ignored(f)]
+        if names:
+            yield dirpath, names
 
 
 def scan(root: str | os.PathLike[str]) -> Scan:
@@ -254,7 +263,7 @@ def scan(root: str | os.PathLike[str]) -> Scan:
         if key is not None:
             fence.setdefault(key, f"the class folder '{display(str(cdir))}'")
     seen: set[Key] = set()
-    items: list[Item] = []
+    items = Builder()  # streamed into columns: no object kept per file
     for split, label, cdir in class_dirs:
         if not cdir.is_dir():
             continue
@@ -264,17 +273,16 @@ def scan(root: str | os.PathLike[str]) -> Scan:
                 f"class folder '{display(str(cdir))}' links to {above[key]}; not entered, so no "
                 "file is walked twice"
             )
-            files = []
         else:
-            files = walk_files(cdir, warnings, seen=seen, fence=fence)
-        if not files:
-            warnings.append(f"class folder '{cdir}' is empty")
-        items.extend(
-            Item(path=f.relative_to(root).as_posix(), label=label, split=split) for f in files
-        )
-    if not items:
+            before = len(items)
+            for folder, names in walk_folders(cdir, warnings, seen=seen, fence=fence):
+                items.extend(Path(folder).relative_to(root).as_posix(), names, label, split)
+            if len(items) > before:
+                continue
+        warnings.append(f"class folder '{cdir}' is empty")
+    if not len(items):
         raise UserError(f"DATA folder '{root}' has class folders but no files in them")
-    return Scan(root=root, layout=layout, classes=classes, items=items, warnings=warnings)
+    return Scan(root=root, layout=layout, classes=classes, items=items.done(), warnings=warnings)
 
 
 def _csv_fields(header: list[str] | None, csv_file: Path) -> dict[str, int]:
@@ -455,7 +463,7 @@ def scan_csv(csv_file: Path) -> Scan:
         root=root,
         layout="csv",
         classes=classes,
-        items=items + problems,
+        items=Listing.of(items + problems),
         warnings=warnings,
         source=csv_file,
         source_sha256=csv_digest(rows),

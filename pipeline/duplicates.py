@@ -11,6 +11,8 @@ from collections import defaultdict
 from collections.abc import Sequence
 from typing import Any
 
+import numpy as np
+
 
 def find(
     paths: Sequence[str],
@@ -43,11 +45,21 @@ def find(
     }
 
 
+def sharing(keys: np.ndarray) -> np.ndarray:
+    """The rows (ascending) whose key another row has: one sort, 8 bytes a row and its place."""
+    order = np.argsort(keys, kind="stable")
+    k = keys[order]
+    twin = np.zeros(len(k), bool)
+    if len(k) > 1:
+        same = k[1:] == k[:-1]
+        twin[1:] |= same
+        twin[:-1] |= same
+    return np.sort(order[twin])
+
+
 def of_index(idx: Any) -> dict[str, Any]:
     """`find` over a cache's rows, in NumPy: Python objects only for the rows with a twin,
     so a cache of ten million distinct images costs one sort of its hashes."""
-    import numpy as np
-
     # the hashes' 64-bit prefixes (8 bytes a row); rows sharing one are checked in full below,
     # their identities read alone (a lean index holds none)
     _, inv, counts = np.unique(idx.key64, return_inverse=True, return_counts=True)

@@ -30,13 +30,15 @@ from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, overload
 
 import numpy as np
 
 from pipeline import backbone, images, store
 from pipeline import batches as reader
 from pipeline.errors import UserError
+from pipeline.hashing import Hashed
+from pipeline.listing import SPLITS, Listing
 from pipeline.progress import Progress
 
 Stat = tuple[int, int, int]
@@ -64,6 +66,119 @@ class Job:
         if self.sha256 is None:
             return f"unhashable:{self.path}"
         return store.ident(self.sha256, self.view)
+
+
+class Jobs(Sequence[Job]):
+    """Jobs as columns, a `Job` made only when asked (a batch): which listed file each job is
+    (`at`, None: each file once, in order) and which view (`view`, None: 0); the files' paths,
+    labels and splits are the listing's, their stats and hashes `hashed`'s. What a run holds
+    per job is a few bytes, not an object."""
+
+    def __init__(
+        self,
+        root: Path,
+        listing: Listing,
+        hashed: Hashed,
+        at: np.ndarray | None = None,
+        view: np.ndarray | None = None,
+    ) -> None:
+        self.root, self.listing, self.hashed, self.at, self.view = root, listing, hashed, at, view
+
+    def __len__(self) -> int:
+        return len(self.listing) if self.at is None else len(self.at)
+
+    def file(self, k: int) -> int:
+        """The listed file of job `k`."""
+        return k if self.at is None else int(self.at[k])
+
+    def files(self) -> np.ndarray:
+        """The listed file of every job."""
+        return np.arange(len(self.listing)) if self.at is None else self.at
+
+    def view_of(self, k: int) -> int:
+        return 0 if self.view is None else int(self.view[k])
+
+    def ok(self) -> np.ndarray:
+        """Whether each job's file was hashed (the others are listed with their reason)."""
+        return self.hashed.ok if self.at is None else self.hashed.ok[self.at]
+
+    def ident(self, k: int) -> str:
+        i = self.file(k)
+        h = self.hashed.hex(i)
+        if h is None:
+            return f"unhashable:{self.listing.shown(i)}"
+        return store.ident(h, self.view_of(k))
+
+    def idents(self, ks: np.ndarray) -> _Idents:
+        """The identities of jobs `ks`, each made when read."""
+        return _Idents(self, ks)
+
+    def label(self, k: int) -> int:
+        return int(self.listing.label[self.file(k)])
+
+    def split(self, k: int) -> str:
+        return SPLITS[int(self.listing.split[self.file(k)])]
+
+    def path(self, k: int) -> str:
+        return self.listing.shown(self.file(k))
+
+    def take(self, ks: np.ndarray, view: np.ndarray | None = None) -> Jobs:
+        """Jobs `ks` of these (with other views: `view`)."""
+        at = self.files()[ks]
+        if view is None and self.view is not None:
+            view = self.view[ks]
+        return Jobs(self.root, self.listing, self.hashed, at, view)
+
+    @overload
+    def __getitem__(self, k: int) -> Job: ...
+    @overload
+    def __getitem__(self, k: slice) -> list[Job]: ...
+    def __getitem__(self, k: int | slice) -> Job | list[Job]:
+        if isinstance(k, slice):
+            return [self[j] for j in range(*k.indices(len(self)))]
+        if k < 0:
+            k += len(self)
+        if not 0 <= k < len(self):
+            raise IndexError(k)
+        i, h = self.file(k), self.hashed
+        return Job(
+            self.listing.shown(i),
+            self.root / self.listing.path(i),
+            h.hex(i),
+            int(self.listing.label[i]),
+            SPLITS[int(self.listing.split[i])],
+            self.view_of(k),
+            h.stat_of(i),
+            "" if h.ok[i] else h.reasons.get(i, ""),
+        )
+
+    def __iter__(self) -> Iterator[Job]:
+        for k in range(len(self)):
+            yield self[k]
+
+
+class _Idents(Sequence[str]):
+    """The identities of some jobs, each made when read (`Writer.has_many` streams them)."""
+
+    def __init__(self, jobs: Jobs, ks: np.ndarray) -> None:
+        self.jobs, self.ks = jobs, ks
+
+    def __len__(self) -> int:
+        return len(self.ks)
+
+    @overload
+    def __getitem__(self, i: int) -> str: ...
+    @overload
+    def __getitem__(self, i: slice) -> list[str]: ...
+    def __getitem__(self, i: int | slice) -> str | list[str]:
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(len(self)))]
+        return self.jobs.ident(int(self.ks[i]))
+
+    def __iter__(self) -> Iterator[str]:
+        for a in range(0, len(self.ks), 1024):  # no Python int per job held
+            for k in self.ks[a : a + 1024].tolist():
+                yield self.jobs.ident(k)
 
 
 class Engine(Protocol):
@@ -104,8 +219,10 @@ class Embedded:
             self.maps = m if self.maps is None else np.concatenate([self.maps, m])
 
 
-def batched(jobs: Sequence[Job], size: int) -> list[Sequence[Job]]:
-    return [jobs[i : i + size] for i in range(0, len(jobs), size)]
+def batched(jobs: Sequence[Job], size: int) -> Iterator[Sequence[Job]]:
+    """Batches of `size` jobs, each made when the stage takes it (`Jobs`: no object before)."""
+    for i in range(0, len(jobs), size):
+        yield jobs[i : i + size]
 
 
 def embed(

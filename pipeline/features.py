@@ -11,17 +11,15 @@ is not cached under the old bytes' hash; it is listed as changed, and the next r
 
 from __future__ import annotations
 
-import os
 import time
-from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, overload
 
 import numpy as np
 
-from pipeline import dataset, duplicates, embedding, images, layout, store
+from pipeline import dataset, duplicates, embedding, hashing, images, layout, store
 from pipeline.backbone import BackboneSpec, output_shape
 from pipeline.cache_identity import RANDOM_BANNER, augment_settings, cache_settings
 from pipeline.errors import UserError
@@ -31,6 +29,7 @@ from pipeline.store.writer import Row, Writer
 
 Log = Callable[[str], None]
 Job = embedding.Job  # one row to be cached: a file, and which view of it (0: the image itself)
+Jobs = embedding.Jobs  # the run's jobs as columns (a few bytes a file), a `Job` made when asked
 CHANGED = embedding.changed_reason("make features")
 
 
@@ -68,53 +67,45 @@ def cache_path(artifacts: Path, spec: BackboneSpec, key: str) -> Path:
     return layout.cache_path(artifacts, spec.name, spec.layer, spec.input_size, key)
 
 
-Stat = tuple[int, int, int]
-
-
-def file_stat(path: Path) -> Stat | None:
-    """(size, mtime in ns, inode) of the file a path leads to, without opening it."""
-    try:
-        st = os.stat(path)
-    except OSError:
-        return None
-    return (st.st_size, st.st_mtime_ns, st.st_ino)
-
-
-def _hash_all(
-    root: Path, items: list[dataset.Item], known: dict[str, tuple[Stat, str]]
-) -> list[tuple[str | None, str, Stat]]:
-    """(content hash, "", stat) of every file, or (None, the reason it cannot be read, stat).
-
-    A file whose path, size, mtime and inode match `known` is not read: its hash is reused.
-    """
-
-    def one(it: dataset.Item) -> tuple[str | None, str, Stat]:
-        if it.problem:  # a CSV row that names no usable file: listed as skipped with its reason
-            return None, it.problem, (0, 0, 0)
-        st = file_stat(root / it.path)
-        prev = known.get(dataset.display(it.path))
-        if st is not None and prev is not None and prev[0] == st and prev[1]:
-            return prev[1], "", st
-        try:
-            return images.content_sha256(root / it.path), "", st or (0, 0, 0)
-        except images.ImageError as e:
-            return None, str(e), st or (0, 0, 0)
-
-    with ThreadPoolExecutor(max_workers=4) as ex:
-        return list(ex.map(one, items))
-
-
-def _known_hashes(w: Writer) -> dict[str, tuple[Stat, str]]:
-    """path -> (stat, sha256) of every file the existing cache hashed (readable or not)."""
-    out: dict[str, tuple[Stat, str]] = {}
-    for p, st, h in w.known_files():  # a damaged segment found here is set aside
-        out[p] = (st, h)
-    if w.old is None:
-        return {}
-    for sk in w.old.skipped:
+def _skipped_hashes(w: Writer) -> Iterator[hashing.Known]:
+    """(path, stat, sha256) of each file the current index lists as skipped with a hash."""
+    for sk in w.old.skipped if w.old is not None else []:
         if sk.get("sha256"):
-            out.setdefault(sk["path"], (tuple(sk["stat"]), sk["sha256"]))
-    return out
+            yield sk["path"], sk["stat"], sk["sha256"]
+
+
+def _each(ks: np.ndarray, step: int = 1024) -> Iterator[int]:
+    """The values of `ks`, a block at a time (no Python int held per value)."""
+    for a in range(0, len(ks), step):
+        yield from ks[a : a + step].tolist()
+
+
+class _Rows(Sequence[Row]):
+    """The rows a commit is to hold, as jobs `ks` (columns): a `Row` made when one is read."""
+
+    def __init__(self, jobs: Jobs, ks: np.ndarray, classes: list[str]) -> None:
+        self.jobs, self.ks, self.classes = jobs, ks, classes
+
+    def __len__(self) -> int:
+        return len(self.ks)
+
+    @overload
+    def __getitem__(self, i: int) -> Row: ...
+    @overload
+    def __getitem__(self, i: slice) -> list[Row]: ...
+    def __getitem__(self, i: int | slice) -> Row | list[Row]:
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(len(self)))]
+        return self._row(int(self.ks[i]))
+
+    def __iter__(self) -> Iterator[Row]:
+        for k in _each(self.ks):
+            yield self._row(k)
+
+    def _row(self, k: int) -> Row:
+        j = self.jobs
+        stat = j.hashed.stat_of(j.file(k))
+        return Row(j.path(k), j.ident(k), self.classes[j.label(k)], j.split(k), j.view_of(k), stat)
 
 
 def extract(
@@ -169,13 +160,16 @@ def extract(
         for stale in fdir.glob("*.tmp-*"):
             stale.unlink(missing_ok=True)
         w = Writer(path, key, stamp, maps, dtype, log, rebuild=rebuild, verify=verify)
-        known = {} if (verify or rebuild) else _known_hashes(w)
-        hashes = _hash_all(scan.root, scan.items, known)
-        jobs = [
-            Job(dataset.display(it.path), scan.root / it.path, h, it.label, it.split, 0, st, why)
-            for it, (h, why, st) in zip(scan.items, hashes, strict=True)
-        ]
+        fresh = verify or rebuild  # every file hashed again, no hash reused
+        hashed = hashing.hash_files(
+            scan.root,
+            scan.items,
+            () if fresh else w.known_files(),  # streamed; a damaged segment is set aside
+            () if fresh else _skipped_hashes(w),
+        )
+        jobs = Jobs(scan.root, scan.items, hashed)
         summary, rows = _sync(w, settings, jobs, ctx)
+        del jobs
         if set_current:
             try:
                 layout.set_current(artifacts, path)
@@ -185,27 +179,17 @@ def extract(
         for sk in summary.skipped_rows:
             log(f"skipped {sk['path']}: {sk['reason']}")
         log(summary.line())
-        for said in duplicates.lines(
-            duplicates.find(
-                [r.path for r in rows],
-                [r.sha256 or "" for r in rows],
-                [r.label for r in rows],
-                [r.split for r in rows],
-                scan.classes,
-            )
-        ):
+        for said in duplicates.lines(_duplicates(rows, scan.classes)):
             log(said)
         log(f"cache: {path}")
         if augment:
             aset = augment_settings(settings, spec.seed)
             akey = store.cache_key(aset)
             apath = layout.augment_path(path, spec.seed)
-            ajobs = [
-                Job(r.path, r.abspath, r.sha256, r.label, r.split, v, r.stat)
-                for r in rows
-                if r.split == "train"
-                for v in range(1, augment + 1)
-            ]
+            train = np.flatnonzero(scan.items.split[rows.files()] == dataset.SPLITS.index("train"))
+            ajobs = rows.take(
+                np.repeat(train, augment), np.tile(np.arange(1, augment + 1), len(train))
+            )
             aw = Writer(apath, akey, stamp, maps, dtype, log, rebuild=rebuild, verify=verify)
             asum, _ = _sync(aw, aset, ajobs, ctx, augment_seed=spec.seed)
             log(f"augmented views ({augment} per training image): {asum.line()}")
@@ -229,75 +213,95 @@ class _Ctx:
 def _sync(
     w: Writer,
     settings: dict[str, Any],
-    jobs: list[Job],
+    jobs: Jobs,
     ctx: _Ctx,
     augment_seed: int = 0,
-) -> tuple[Summary, list[Job]]:
-    """Make the cache `w` writes hold exactly `jobs`, embedding only what no segment has.
+) -> tuple[Summary, Jobs]:
+    """Make the cache `w` writes hold exactly `jobs`, embedding only what no segment has; the
+    jobs it holds (the run's rows) are returned, as columns.
 
     A file rewritten between its hashing and its decoding (`changed`) is not cached this time:
     its row is skipped with `CHANGED` and no hash, so the next run hashes and embeds it again;
-    files of the same old content, to be embedded from it, are skipped naming it.
+    files of the same old content, to be embedded from it, are skipped naming it. Only the jobs
+    that are not simply kept (new, failed, unreadable) are looked at one by one.
     """
     t0 = time.perf_counter()
-    todo: dict[str, Job] = {}
-    hashed = [j for j in jobs if j.sha256 is not None]  # unreadable: listed with its reason
-    had = w.has_many([j.ident for j in hashed])  # on disk before this run embeds anything
-    for j, h in zip(hashed, had.tolist(), strict=True):
-        if not h and w.failure(j.ident) is None and j.ident not in todo:
-            todo[j.ident] = j
+    n = len(jobs)
+    ok = jobs.ok()  # unreadable: listed with its reason
+    hashed = np.flatnonzero(ok)
+    need = np.zeros(n, bool)  # to embed: on disk before this run embeds nothing of it
+    need[hashed] = ~w.has_many(jobs.idents(hashed))
     del hashed
+    failed: dict[int, Failure] = {}  # a content failure remembered (one content, every file)
+    for k in _each(np.flatnonzero(ok)):
+        fail = w.failure(jobs.ident(k))
+        if fail is not None:
+            failed[k] = fail
+    need[list(failed)] = False
+    todo = _first_of_each(jobs, np.flatnonzero(need))  # each content (and view) once, in order
     embed_s = 0.0
-    if todo and w.old is not None and not w.rebuild:
+    if len(todo) and w.old is not None and not w.rebuild:
         _refuse_mixing(w.path, w.old, w.stamp, len(todo))
     now: dict[str, Failure] = {}
     changed: dict[str, str] = {}
-    if todo:
-        embed_s = _embed(list(todo.values()), ctx, w, augment_seed, now, changed)
+    if len(todo):
+        embed_s = _embed(jobs.take(todo), ctx, w, augment_seed, now, changed)
+    first = {}  # the path a changed content was to be embedded from
+    for k in todo.tolist() if changed else []:
+        if jobs.ident(k) in changed:
+            first[jobs.ident(k)] = jobs.path(k)
 
-    rows: list[Job] = []
+    kept = np.ones(n, bool)
     skipped: list[dict[str, Any]] = []
     n_changed = 0
-    for j in jobs:
-        if j.ident in changed:  # rewritten after it was hashed: under neither hash this time
-            first = todo[j.ident].path
-            own = first == j.path
+    look = np.flatnonzero(~ok | need)
+    look = np.union1d(look, np.fromiter(failed, np.int64, count=len(failed)))
+    for k in look.tolist():  # the others are kept as they are
+        kept[k] = False
+        ident, path = jobs.ident(k), jobs.path(k)
+        stat = jobs.hashed.stat_of(jobs.file(k))
+        if ident in changed:  # rewritten after it was hashed: under neither hash this time
+            own = first[ident] == path
             n_changed += own
             skipped.append(
                 {
-                    "path": j.path,
+                    "path": path,
                     "reason": CHANGED
                     if own
                     else (
-                        f"not cached this time: its content was to be embedded from '{first}', "
-                        "which changed while it was read; rerun `make features`"
+                        f"not cached this time: its content was to be embedded from "
+                        f"'{first[ident]}', which changed while it was read; rerun "
+                        "`make features`"
                     ),
-                    "sha256": "" if own else (j.sha256 or ""),  # "": hashed again next run
-                    "stat": j.stat,
+                    "sha256": "" if own else (jobs.hashed.hex(jobs.file(k)) or ""),
+                    "stat": stat,
                     "content": False,
                     "stamp_key": w.stamp_key,
                 }
             )
             continue
-        fail = now.get(j.ident) or (w.failure(j.ident) if j.sha256 else None)
-        if j.sha256 is None or fail is not None or (j.ident in todo and not w.has(j.ident)):
+        fail = now.get(ident) or failed.get(k)
+        if not ok[k] or fail is not None or not w.has(ident):
+            reason = jobs.hashed.reasons.get(jobs.file(k), "")
             skipped.append(
                 {
-                    "path": j.path,
-                    "reason": fail.reason if fail else (j.reason or "could not be read"),
-                    "sha256": j.sha256 or "",
-                    "stat": j.stat,
+                    "path": path,
+                    "reason": fail.reason if fail else (reason or "could not be read"),
+                    "sha256": jobs.hashed.hex(jobs.file(k)) or "",
+                    "stat": stat,
                     "content": bool(fail and fail.content),
                     "stamp_key": w.stamp_key,
                 }
             )
         else:
-            rows.append(j)
-    if jobs and not rows:
+            kept[k] = True
+    rows = np.flatnonzero(kept)
+    del kept
+    if n and not len(rows):
         for sk in skipped:
             ctx.log(f"skipped {sk['path']}: {sk['reason']}")
         raise UserError(
-            f"none of the {len(jobs)} files under '{ctx.scan.root}' could be read as an image "
+            f"none of the {n} files under '{ctx.scan.root}' could be read as an image "
             f"(e.g. {skipped[0]['path']}: {skipped[0]['reason']}); "
             + (
                 "list JPEG, PNG, GIF, WebP, BMP or TIFF images in the CSV, with paths relative "
@@ -309,27 +313,59 @@ def _sync(
     old = w.old
     classes = ctx.scan.classes
     done = w.commit(
-        [Row(r.path, r.ident, classes[r.label], r.split, r.view, r.stat) for r in rows],
+        _Rows(jobs, rows, classes),  # type: ignore[arg-type]  # a sequence, made when read
         classes,
         skipped,
         lambda: _attrs(w, ctx, settings),  # made only when something is written
         same_source=old is not None and dataset.same_source(old.attrs, ctx.scan),
     )
-    n_new = sum(1 for r in rows if r.ident in todo)
+    new = need[rows]
+    n_new = int(np.count_nonzero(new))
+    resumed = 0
+    for k in _each(rows[~new]) if done.resumed else []:
+        resumed += jobs.ident(k) in done.resumed
     summary = Summary(
         cache=w.path,
         new=n_new,
         cached=len(rows) - n_new,
         removed=done.removed,
         skipped=len(skipped),
-        resumed=sum(1 for r in rows if r.ident in done.resumed and r.ident not in todo),
+        resumed=resumed,
         seconds=time.perf_counter() - t0,
         embed_seconds=embed_s,
         rewrote=done.rewrote,
         skipped_rows=skipped,
         changed=n_changed,
     )
-    return summary, rows
+    return summary, jobs.take(rows)
+
+
+def _first_of_each(jobs: Jobs, ks: np.ndarray) -> np.ndarray:
+    """Jobs `ks`, less those whose content and view an earlier one of them has (in order)."""
+    if len(ks) < 2:
+        return ks
+    files = jobs.files()[ks]
+    key = np.zeros((len(ks), 40), np.uint8)
+    key[:, :32] = jobs.hashed.sha[files]
+    if jobs.view is not None:
+        key[:, 32:] = jobs.view[ks].astype("<i8").view(np.uint8).reshape(-1, 8)
+    _, first = np.unique(key.view("V40").ravel(), return_index=True)
+    return ks[np.sort(first)]
+
+
+def _duplicates(rows: Jobs, classes: list[str]) -> dict[str, Any]:
+    """`duplicates.find` over the run's rows, in NumPy: Python objects only for the rows whose
+    content another row may share (a 64-bit prefix of its hash in common)."""
+    files = rows.files()
+    prefix = rows.hashed.sha[files, :8].copy().view("<u8").ravel()
+    twins = duplicates.sharing(prefix)
+    return duplicates.find(
+        [rows.path(k) for k in twins.tolist()],
+        [rows.hashed.hex(rows.file(k)) or "" for k in twins.tolist()],
+        [rows.label(k) for k in twins.tolist()],
+        [rows.split(k) for k in twins.tolist()],
+        classes,
+    )
 
 
 def _refuse_mixing(path: Path, old: store.Index, stamp: dict[str, Any], n_new: int) -> None:
@@ -347,7 +383,7 @@ def _refuse_mixing(path: Path, old: store.Index, stamp: dict[str, Any], n_new: i
 
 
 def _embed(
-    todo: list[Job],
+    todo: Sequence[Job],
     ctx: _Ctx,
     w: Writer,
     augment_seed: int,

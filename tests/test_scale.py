@@ -158,21 +158,26 @@ def test_the_svm_size_guard_speaks_and_names_what_scales(tmp_path, spec, quiet, 
         assert r["cv"]["accuracy_mean"] > 0.8 and r["final_params"]["C"] > 0
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="open bug (next session): make features holds each file's listing, hash, job and "
-    "row as Python objects (about 2.5 KB a file on an unchanged rerun: about 25 GB at ten "
-    "million files); a columnar job list streamed into the writer's compare is the fix",
-)
-def test_an_unchanged_rerun_holds_a_few_bytes_per_file(tmp_path, spec):
+def test_an_unchanged_rerun_holds_a_few_bytes_per_file(tmp_path, spec, monkeypatch):
     """make features on a collection it already holds: what it keeps per file (tracemalloc,
-    the difference between two sizes, so fixed costs cancel) is a few columns, not objects."""
+    the difference between two sizes, so fixed costs cancel) is a few columns, not objects.
+
+    The old code held each file's listing, hash, job and row as Python objects: about 2,460
+    bytes a file here. The columns (paths in one blob, stats, raw hashes, labels, splits) and
+    the compare's sorted keys come to about 170. Each rerun is run once untraced first (its
+    imports), and the versions stamp (`embedder`, whose importlib.metadata scan peaks at about
+    400 KB whatever the collection) is read once before tracing: else that fixed peak hides the
+    per-file one at these sizes."""
     import gc
     import tracemalloc
 
     from PIL import Image
 
+    from pipeline import features
+
     rng = np.random.default_rng(0)
+    stamp = features.embedder()
+    monkeypatch.setattr(features, "embedder", lambda: stamp)
     peak = {}
     for n in (300, 1200):
         data = tmp_path / f"d{n}"
@@ -183,6 +188,7 @@ def test_an_unchanged_rerun_holds_a_few_bytes_per_file(tmp_path, spec):
             Image.fromarray(pixels).save(d / f"img_{i:07d}.png")
         art = tmp_path / f"a{n}"
         extract(data, art, spec, batch_size=256, log=lambda s: None, maps=False)
+        extract(data, art, spec, batch_size=256, log=lambda s: None, maps=False)  # its imports
         gc.collect()
         tracemalloc.start()
         again = extract(data, art, spec, batch_size=256, log=lambda s: None, maps=False)
@@ -191,4 +197,4 @@ def test_an_unchanged_rerun_holds_a_few_bytes_per_file(tmp_path, spec):
         assert again.new == 0 and not again.rewrote
     per_file = (peak[1200] - peak[300]) / 900
     print(f"make features, unchanged rerun: {per_file:.0f} bytes a file at peak")
-    assert per_file < 300, per_file
+    assert 0 < per_file < 250, per_file

@@ -1,5 +1,6 @@
-"""The store at scale: few files whatever the batches, crash-safe merges, a safe REBUILD,
-only content failures remembered, views of every seed kept, a segment named as a cache."""
+"""The store at scale: few files whatever the batches, a safe REBUILD, only content failures
+remembered, views of every seed kept, a segment named as a cache (a kill at each step of the
+segment log, both stores': `test_segment_log.py`)."""
 
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ from pipeline import images, layout, store
 from pipeline.backbone import BackboneSpec
 from pipeline.errors import UserError
 from pipeline.features import extract
-from pipeline.store import damage, merging, segment_writer, writer
+from pipeline.store import damage, merging, writer
 from pipeline.store.segments import Meta
 from pipeline.store.writer import Row, Writer
 from pipeline.train import train_head
@@ -142,66 +143,6 @@ def test_a_change_rewrites_what_changed_not_the_collection(tmp_path):
     check(path, moved + want[1:])
     unchanged = sync(path, moved + want[1:])
     assert not unchanged.rewrote
-
-
-@pytest.mark.parametrize("fail", ["copy", "manifest", "segment", "collect"])
-def test_a_merge_killed_at_any_step_leaves_a_cache_that_reads_and_resumes(
-    tmp_path, monkeypatch, fail
-):
-    base = tmp_path / "base"
-    base.mkdir()
-    want = rows(0, 7 * 32)
-    for k in range(7):  # seven segments of one tier; the eighth run makes them merge
-        sync(base / "c.h5", want[: (k + 1) * 32], batch=32)
-    assert len(store.read_index(base / "c.h5").entries) == 7
-    new = want + rows(7 * 32, 8 * 32)
-    n_calls = 0
-    for step in range(1, 12):
-        run = tmp_path / f"run{step}"
-        shutil.copytree(base, run)
-        path = run / "c.h5"
-        calls = {"n": 0}
-
-        class Killed(BaseException):
-            pass
-
-        def killer(real, step=step, calls=calls):
-            def f(*a, **k):
-                calls["n"] += 1
-                if calls["n"] == step:
-                    raise Killed()
-                return real(*a, **k)
-
-            return f
-
-        target = {
-            "copy": (writer, "copy_rows"),
-            "manifest": (writer, "write_manifest"),
-            "segment": (segment_writer, "write_segment"),
-            "collect": (Writer, "_collect"),
-        }[fail]
-        monkeypatch.setattr(target[0], target[1], killer(getattr(target[0], target[1])))
-        try:
-            sync(path, new, batch=32)
-            finished = True
-        except Killed:
-            finished = False
-        monkeypatch.undo()
-        n_calls = max(n_calls, calls["n"])
-        # whatever step it stopped at: the cache reads whole, old or new, never a mix
-        idx = store.read_index(path)
-        assert sorted(idx.paths) in (sorted(r.path for r in want), sorted(r.path for r in new))
-        check(path, want if len(idx.paths) == len(want) else new)
-        # and the next run ends where an uninterrupted one does, cleaning up after the kill
-        sync(path, new, batch=32)
-        check(path, new)
-        assert not list(store.shards_dir(path).glob(".tmp-*"))
-        assert len(list(store.shards_dir(path).glob("g*.h5"))) == len(
-            store.read_index(path).entries
-        )
-        if finished:
-            break
-    assert n_calls >= 1
 
 
 def test_an_interrupted_rebuild_keeps_the_old_cache_and_resumes(tmp_path, spec, quiet):

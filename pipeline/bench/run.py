@@ -17,6 +17,9 @@
 10. (`--only sweep`; by default with `--size full`) `make sweep` and `make finetune` minutes on a
    few hundred generated images, every run all its partitions against a race with repeats by
    time (`pipeline.bench.sweep`).
+11. (`rerun-memory`) an unchanged `make features` rerun's peak memory per file (tracemalloc) at
+   100,000 and 1,000,000 files (real files up to --rerun-real, the same code on a synthetic
+   store beyond), with the projection for ten million (`pipeline.bench.scale.rerun_memory`).
 Writes ARTIFACTS/bench/bench.json and prints a table. The size is a setting (--size). Parts 1-2
 run at --precision (default auto, resolved as `make features` does) for both the pipeline and the
 bare pass.
@@ -46,7 +49,7 @@ from pipeline.bench.extraction import (
 )
 from pipeline.bench.heads import heads_timing
 from pipeline.bench.instruments import say
-from pipeline.bench.scale import scale
+from pipeline.bench.scale import rerun_memory, scale
 from pipeline.bench.store import store_at_scale
 from pipeline.bench.sweep import sweep_small
 from pipeline.errors import UserError
@@ -223,9 +226,9 @@ def _main(argv: list[str] | None = None) -> int:
         "--only",
         default=None,
         help="comma-separated parts (default: extraction,reruns,memory,heads,scale,store,"
-        "cluster,predict,backbones, and with --size full also sweep: `make sweep` and `make "
-        "finetune` on a few hundred images before and after racing and repeats by time, "
-        "tens of minutes on 2 cores)",
+        "rerun-memory,cluster,predict,backbones, and with --size full also sweep: `make sweep` "
+        "and `make finetune` on a few hundred images before and after racing and repeats by "
+        "time, tens of minutes on 2 cores)",
     )
     ap.add_argument("--sweep-images", type=int, default=320, help="the sweep part's images")
     ap.add_argument("--sweep-size", type=int, default=96, help="the sweep part's input size")
@@ -233,6 +236,16 @@ def _main(argv: list[str] | None = None) -> int:
         "--store-sizes",
         default="",
         help="rows of the store-at-scale part (default 100000,1000000; small: 10000,30000)",
+    )
+    ap.add_argument(
+        "--rerun-sizes",
+        default="",
+        help="files of the rerun-memory part, an unchanged rerun's peak memory per file "
+        "(default 100000,1000000; small: 3000,30000); real files up to --rerun-real, the "
+        "rest through the same code on a synthetic store (no files)",
+    )
+    ap.add_argument(
+        "--rerun-real", type=int, default=20000, help="the rerun-memory part's real sizes, up to"
     )
     ap.add_argument("--gpu-rate", type=float, default=None, help="measured GPU img/s, if any")
     ap.add_argument(
@@ -246,7 +259,9 @@ def _main(argv: list[str] | None = None) -> int:
     ap.add_argument("--backbones", default="", help="the backbones part's (default: all)")
     args = ap.parse_args(argv)
     if args.only is None:
-        args.only = "extraction,reruns,memory,heads,scale,store,cluster,predict,backbones"
+        args.only = (
+            "extraction,reruns,memory,heads,scale,store,rerun-memory,cluster,predict,backbones"
+        )
         args.only += ",sweep" if args.size == "full" else ""
     # the folder is this bench's (a second one would delete its work folder): it stops at once
     with outputs.owned(args.artifacts, "bench", fix="pass another --artifacts folder"):
@@ -309,6 +324,12 @@ def _bench(args: argparse.Namespace) -> int:
             "(synthetic pooled vectors through the store's write path):"
         )
         res["store"] = store_at_scale(work, sizes)
+        _save(args.artifacts, res)
+    if "rerun-memory" in parts:
+        default = "3000,30000" if args.size == "small" else "100000,1000000"
+        sizes = tuple(int(v) for v in (args.rerun_sizes or default).split(","))
+        say("an unchanged `make features` rerun's peak memory per file (tracemalloc):")
+        res["rerun_memory"] = rerun_memory(work, sizes, args.rerun_real)
         _save(args.artifacts, res)
     if "cluster" in parts:
         say("extraction in one process and on CLUSTER=local:2 (same images):")

@@ -1,13 +1,13 @@
 """The feature store: one small index per backbone setting over few large immutable segments.
 
 Modules, one concern each: `format` (conventions, keys, atomic writes), `segments` (the files
-holding rows and features), `segment_writer` (writing them; rows copied into new ones),
-`damage` (a segment that cannot be read), `manifest` (the index file naming them), `reader`
-(features for a head, one open file at a time), `pooling` (what POOL reads), `rows` (rows
-named, read block by block), `merging` (when segments merge), `staging` (a run's batches before
-its commit), `writer` (a run's commit, merges and garbage collection), `content` (rows found by
-content alone), `keys` (each segment's key table), `digests` (each chunk's CRC-32),
-`locks` (one writer, readers that keep their files).
+holding rows and features), `segment_writer` (writing them; rows copied into new ones), `damage`
+(a segment that cannot be read), `manifest` (the index file naming them), `reader` (features for
+a head, one open file at a time), `pooling` (what POOL reads), `rows` (rows named, read block by
+block), `merging` (when segments merge), `staging` (a run's batches before its commit), `log`
+(the segment log both stores write through: staging, merges, garbage collection), `writer` (a
+run's commit), `content` (rows found by content alone), `keys` (each segment's key table),
+`digests` (each chunk's CRC-32), `locks` (one writer, readers that keep their files).
 """
 
 from pipeline.errors import UserError

@@ -102,7 +102,7 @@ class Known:
                         _check(g, e.rows)
                         live = np.ones(e.rows, bool)
                         live[e.dead] = False
-                        step = 1 << 16
+                        step = 1 << 12  # its identities' bytes held: 80 bytes a row
                         for a in range(0, e.rows, step):
                             ids = digests.read(g["ident"], a, a + step)[live[a : a + step]]
                             keys[at : at + len(ids)] = ident_keys(ids)
@@ -174,50 +174,63 @@ class Block:
 
     rows: np.ndarray  # their rows in the segment
     path: list[bytes]
-    ident: list[str]
+    ident: np.ndarray  # bytes (ASCII): `ident_of` reads one as text
     label: list[str]  # class names
     split: list[str]
     view: list[int]
     stat: np.ndarray  # (n, 3)
 
+    def ident_of(self, i: int) -> str:
+        return bytes(self.ident[i]).decode()
 
-def blocks(folder: Path, e: Entry) -> Iterator[Block]:
-    """The live rows of segment `e`, `STEP` at a time (one file open while they are read)."""
+
+def _columns(
+    folder: Path, e: Entry, names: Sequence[str] = COLUMNS
+) -> Iterator[tuple[np.ndarray, dict[str, np.ndarray], list[str]]]:
+    """(rows, their columns `names`, the segment's classes) of the live rows of segment `e`,
+    `STEP` at a time (one file open while they are read; stats as restated)."""
     with open_segment(folder / e.name) as g:
         try:
             classes = strs(g["classes"])
             live = np.ones(e.rows, bool)
             live[e.dead] = False
-            tables = {n: digests.Table.of(g[n]) for n in COLUMNS}  # each chunk checked once
+            tables = {n: digests.Table.of(g[n]) for n in names}  # each chunk checked once
             for a in range(0, e.rows, STEP):
                 b = min(e.rows, a + STEP)
                 mine = live[a:b]
                 rows = a + np.flatnonzero(mine)
                 if not len(rows):
                     continue
-                col = {n: digests.read(g[n], a, b, tables[n])[mine] for n in COLUMNS}
-                stat = col["stat"]
+                col = {n: digests.read(g[n], a, b, tables[n])[mine] for n in names}
                 at = np.searchsorted(e.restat_rows, [a, b])
-                if at[1] > at[0]:
+                if "stat" in col and at[1] > at[0]:
                     over = e.restat_rows[at[0] : at[1]]
                     pos = np.searchsorted(rows, over)
-                    stat[pos] = e.restat[at[0] : at[1]]
-                yield Block(
-                    rows,
-                    col["path"].tolist(),
-                    col["ident"].astype(str).tolist(),
-                    [classes[i] for i in col["label"].tolist()],
-                    col["split"].astype(str).tolist(),
-                    col["view"].astype(int).tolist(),
-                    stat,
-                )
+                    col["stat"][pos] = e.restat[at[0] : at[1]]
+                yield rows, col, classes
+                del rows, col  # one block held at a time, by whoever reads it
         except (KeyError, OSError, RuntimeError, ValueError, IndexError) as err:
             raise _damaged(folder / e.name, err) from None
 
 
+def blocks(folder: Path, e: Entry) -> Iterator[Block]:
+    """The live rows of segment `e`, `STEP` at a time (one file open while they are read)."""
+    for rows, col, classes in _columns(folder, e):
+        splits = {s: s.decode() for s in set(col["split"].tolist())}  # one str per split
+        yield Block(
+            rows,
+            col["path"].tolist(),
+            col["ident"],
+            [classes[i] for i in col["label"].tolist()],
+            [splits[s] for s in col["split"].tolist()],
+            col["view"].astype(int).tolist(),
+            col["stat"],
+        )
+
+
 def _term(b: Block, i: int) -> int:
     path = b.path[i].decode("utf-8", "surrogateescape")
-    return fmt.row_term(path, b.ident[i].split("#", 1)[0], b.label[i], b.split[i])
+    return fmt.row_term(path, b.ident_of(i).split("#", 1)[0], b.label[i], b.split[i])
 
 
 @dataclass
@@ -272,7 +285,7 @@ def compare(
             stats = b.stat.tolist()
             gone = []
             for i in range(len(b.rows)):
-                j = -1
+                j, r = -1, None
                 if hi[i] > lo[i]:
                     path = b.path[i].decode("utf-8", "surrogateescape")
                     cands = [first[i]] if hi[i] - lo[i] == 1 else order[lo[i] : hi[i]].tolist()
@@ -281,12 +294,12 @@ def compare(
                         if r.path == path and r.view == b.view[i]:
                             j = c
                             break
-                if j < 0:
+                if j < 0 or r is None:
                     out.removed += 1
                 elif keep and not claimed[j]:
                     claimed[j] = True
-                    r = rows[j]
-                    if r.ident == b.ident[i] and r.label == b.label[i] and r.split == b.split[i]:
+                    same = r.ident == b.ident_of(i) and r.label == b.label[i]
+                    if same and r.split == b.split[i]:
                         out.kept[j] = True
                         if list(r.stat) != stats[i]:
                             over[int(b.rows[i])] = tuple(int(v) for v in r.stat)
@@ -298,6 +311,7 @@ def compare(
                 out.dropped_sum += _term(b, i)
             out.dropped += len(gone)
             dead.append(b.rows[gone].astype(np.int64))
+            del b, first, lo, hi, stats  # freed before the next block is read
         d = np.unique(np.concatenate(dead))
         if len(d) == e.rows:
             continue
@@ -317,12 +331,17 @@ def _in(sorted_: np.ndarray, r: int) -> bool:
 
 def files(folder: Path, entries: list[Entry]) -> Iterator[tuple[str, tuple[int, int, int], str]]:
     """(path, stat, content hash) of each live image row (view 0), streamed from the segments."""
+    for paths, stats, hashes in file_blocks(folder, entries):
+        for p, st, h in zip(paths.tolist(), stats.tolist(), hashes.tolist(), strict=True):
+            yield p.decode("utf-8", "surrogateescape"), tuple(st), h.decode()
+
+
+def file_blocks(
+    folder: Path, entries: list[Entry]
+) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """(paths, stats, content hashes) of the live image rows (view 0), `STEP` rows at a time:
+    paths (UTF-8) and hex hashes as bytes arrays, stats (n, 3): no object per row."""
     for e in entries:
-        for b in blocks(folder, e):
-            for i, v in enumerate(b.view):
-                if v == 0:
-                    yield (
-                        b.path[i].decode("utf-8", "surrogateescape"),
-                        tuple(b.stat[i].tolist()),
-                        b.ident[i].split("#", 1)[0],
-                    )
+        for _, col, _ in _columns(folder, e, ("path", "view", "stat", "ident")):
+            v0 = col["view"] == 0
+            yield col["path"][v0], col["stat"][v0], np.char.partition(col["ident"][v0], b"#")[:, 0]

@@ -7,16 +7,15 @@ split ("predicted") are only a note of where it was first seen. It only grows: a
 added once and never replaced. It holds the rows of one decoder/framework versions stamp:
 opened by other versions, it starts afresh (their rows would be other features).
 
-Writes are crash-safe like a cache's: new rows are gathered up to one block (about 64 MB) and
-written as one segment (temporary name, fsync, rename), then the index naming it is replaced
-whole (write, fsync, rename). A writer killed between the two leaves a segment that no index
-names: the next writer adopts it (rows it already holds are marked removed there), so nothing
-embedded is lost and no identity is held twice; a damaged index is moved aside and rebuilt from
-the segments the same way. Segments merge by the caches' policy (`merging`) as the writer goes
-(after each segment it writes, the index rewritten after each merge) and when it closes, so a
-store holds about 7·log8(rows) segments plus full ones at any time; a file no index names is
-deleted only when no reader holds the folder (otherwise a later merge or the next writer does
-it). One writer per store (`locks.exclusive` on its shards folder).
+Its files change only by the segment log's steps, as a cache's do (`log.SegmentLog`, whose
+module doc says why a kill at any step loses nothing): new rows are gathered up to one block
+(about 64 MB) and staged as one segment, then the index naming it is written. A writer killed
+between the two leaves a segment that no index names: the next writer adopts it (rows it
+already holds are marked removed there), so no identity is held twice; a damaged index is moved
+aside and rebuilt from the segments the same way. Segments merge as the writer goes (after each
+segment it writes) and when it closes, so a store holds about 7·log8(rows) segments plus full
+ones at any time. A segment lost for good is only a miss: its images are embedded again when
+asked. One writer per store (`locks.exclusive` on its shards folder).
 
 A writer's memory is flat in the rows it writes: one block of rows being gathered, and per
 segment its index entry and its key table's fence (`keys`); a written segment joins the
@@ -30,30 +29,19 @@ identities, and features are read for the rows found only, one segment file open
 
 from __future__ import annotations
 
-import os
-import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from pipeline.store import keys, merging
-from pipeline.store.damage import DAMAGED_DIR, SegmentDamaged, SegmentMissing, cause_of
-from pipeline.store.format import POOLED, CacheError, cache_key, read_attrs_of
-from pipeline.store.locks import no_readers, reading
-from pipeline.store.manifest import Entry, open_cache, read_entries, shards_dir, write_manifest
-from pipeline.store.segment_writer import copy_rows, write_segment
-from pipeline.store.segments import (
-    BLOCK_BYTES,
-    ForeignSegment,
-    Meta,
-    limit_of,
-    open_segment,
-    pooled,
-    read_info,
-    read_rows,
-)
+from pipeline.store import keys
+from pipeline.store.damage import SegmentDamaged, SegmentMissing, cause_of
+from pipeline.store.format import POOLED, CacheError, read_attrs_of
+from pipeline.store.locks import reading
+from pipeline.store.log import Policy, SegmentLog
+from pipeline.store.manifest import Entry, open_cache, read_entries, shards_dir
+from pipeline.store.segments import BLOCK_BYTES, Meta, SegInfo, open_segment, pooled, read_rows
 
 Log = Callable[[str], None]
 Where = tuple[str, int]  # (segment name, row in it)
@@ -260,18 +248,11 @@ class ContentStore:
         attrs: dict[str, Any],
         log: Log = print,
     ) -> None:
-        self.path, self.folder, self.key = Path(path), shards_dir(path), key
-        self.stamp, self.stamp_key = stamp, cache_key(stamp)
+        self.path, self.key = Path(path), key
+        self.segs = SegmentLog(self.path, key, stamp, self._policy(), log)  # every file change
+        self.folder, self.stamp, self.stamp_key = self.segs.folder, stamp, self.segs.stamp_key
         self.maps, self.dtype, self.attrs, self.log = maps, dtype, attrs, log
-        # what a full disk's line says: this store is as it was, predictions are still made
-        self.told = {
-            "kept": f"the predicted-images store '{self.path}' is as it was and predictions "
-            "are still written (only the features of new images are not kept)",
-            "rerun": "`make predict` to keep them",
-        }
-        self.unreadable: set[str] = set()
         self.shape: tuple[int, ...] | None = None
-        self.limit: int | None = None  # rows of a full segment: read once, from a header
         self.pending: list[tuple[Meta, dict[str, np.ndarray], np.ndarray | None]] = []
         self.pending_ids: set[str] = set()
         self.pending_bytes = 0
@@ -280,7 +261,23 @@ class ContentStore:
         changed |= self._adopt()
         if changed:
             self._write_index()
-        self._collect()
+        self.segs.collect(self.entries)
+
+    def _policy(self) -> Policy:
+        """The predicted-images store's: a lost segment is only a miss (a `Lookup` says it);
+        a full disk's line says predictions are still written."""
+        told = {
+            "kept": f"the predicted-images store '{self.path}' is as it was and predictions "
+            "are still written (only the features of new images are not kept)",
+            "rerun": "`make predict` to keep them",
+        }
+        then = ", its segments are taken up again"
+        return Policy(STORE, self._takes_up, then, told=told, says_lost=False)
+
+    def _takes_up(self, info: SegInfo) -> bool:
+        """Any unnamed segment of these versions (a killed writer's last batch, a killed
+        merge's output, a damaged index's segments): `_adopt` keeps its new rows only."""
+        return info.stamp_key == self.stamp_key
 
     # -- opening ---------------------------------------------------------------------------
     def _entries(self) -> tuple[list[Entry], bool]:
@@ -291,53 +288,25 @@ class ContentStore:
         try:
             entries = read_entries_of(self.path, self.key)
         except CacheError as e:
-            aside = self.path.with_name(self.path.name + f".damaged-{int(time.time())}")
-            os.replace(self.path, aside)
-            self.log(
-                f"warning: {e}; moved aside to '{aside.name}', its segments are taken up again"
-            )
+            self.segs.index_aside(e)
             return [], True
-        keep = [
-            e for e in entries if e.stamp_key == self.stamp_key and (self.folder / e.name).is_file()
-        ]
         if any(e.stamp_key != self.stamp_key for e in entries):
             self.log(
                 f"the features in '{self.path.name}' were embedded with other decoder/framework "
                 "versions: they are not used, and embedded again as needed"
             )
+        mine = [e for e in entries if e.stamp_key == self.stamp_key]
+        missing = [e for e in mine if not (self.folder / e.name).is_file()]
+        # lost for good: a miss, said by no line (their images are embedded again when asked)
+        gone = self.segs.lose([(e, SegmentMissing(self.folder / e.name)) for e in missing])
+        keep = [e for e in mine if e.name not in gone]
         return keep, len(keep) != len(entries)
 
     def _adopt(self) -> bool:
         """Take up the segments no index names that hold rows of this store (a killed writer's
         last batch, or a damaged index's segments); rows already held are marked removed."""
-        if not self.folder.is_dir():
-            return False
-        named = {e.name for e in self.entries}
         adopted = False
-        for p in sorted(self.folder.glob("g*.h5")):
-            if p.name in named:
-                continue
-            try:
-                info = read_info(p, self.key)
-            except ForeignSegment:
-                continue  # garbage: collected
-            except SegmentDamaged as e:  # for good: set aside once (kept for a look), unused
-                try:
-                    (self.folder / DAMAGED_DIR).mkdir(exist_ok=True)
-                    os.replace(p, self.folder / DAMAGED_DIR / p.name)
-                except OSError:
-                    self.unreadable.add(p.name)
-                    continue
-                self.log(
-                    f"warning: segment '{p.name}' of '{self.path.name}' is damaged ({e.reason}); "
-                    f"set aside in '{self.folder.name}/{DAMAGED_DIR}/'"
-                )
-                continue
-            except (CacheError, KeyError, OSError):
-                self.unreadable.add(p.name)  # maybe passing: kept, unused
-                continue
-            if info.stamp_key != self.stamp_key:
-                continue
+        for info in self.segs.unnamed({e.name for e in self.entries}):
             # held already (the named segments and those adopted before: one lookup)
             found = self.lookup.find(info.meta.ident)
             dead = [i for i, w in enumerate(found) if w is not None]
@@ -350,7 +319,7 @@ class ContentStore:
                         dead.append(i)  # twice in this segment: its first row is kept
                     seen.add(h)
             self.entries.append(
-                Entry(p.name, info.rows, self.stamp_key, np.array(sorted(dead), np.int64))
+                Entry(info.name, info.rows, self.stamp_key, np.array(sorted(dead), np.int64))
             )
             self.lookup.use(self.entries)  # its rows are found from now on
             adopted = True
@@ -394,7 +363,7 @@ class ContentStore:
         segments by the policy (the index rewritten after each merge), so that their count
         stays small however many rows a run writes."""
         if self._write_pending() and self._merge():
-            self._collect()
+            self.segs.collect(self.entries)
 
     def _write_pending(self) -> bool:
         """Write the gathered rows as one segment, then the index naming it (False: none)."""
@@ -407,10 +376,7 @@ class ContentStore:
         maps = (
             np.concatenate([m for _, _, m in self.pending if m is not None]) if self.maps else None
         )
-        name = write_segment(
-            self.folder, self.key, meta, vectors, maps, [], self.stamp, self.stamp_key,
-            told=self.told,
-        )  # fmt: skip
+        name = self.segs.stage(meta, vectors, maps, [])
         self.entries.append(Entry(name, len(meta), self.stamp_key))
         self.lookup.use(self.entries)  # found through its key table: no per-row state
         self.pending, self.pending_ids, self.pending_bytes = [], set(), 0
@@ -423,7 +389,7 @@ class ContentStore:
         self._write_pending()
         if merge:
             self._merge()
-            self._collect()
+            self.segs.collect(self.entries)
 
     def _write_index(self) -> None:
         attrs = {
@@ -441,55 +407,21 @@ class ContentStore:
                 )
         if self.shape is not None:
             attrs["feature_shape"] = list(self.shape if self.maps else (1, 1, self.shape[-1]))
-        write_manifest(self.path, self.entries, [""], [], attrs, told=self.told)
+        self.segs.write_index(self.entries, [""], [], attrs)
 
     def _merge(self) -> bool:
-        """Merge segments by the policy until none needs it, the index rewritten after each
-        merge (a writer killed before that leaves an output holding nothing new: garbage);
-        whether any merged. The replaced files are left to `_collect`."""
+        """Merge segments by the policy until none needs it (`log.SegmentLog.merge`), the
+        lookup and the index following each merge; whether any merged. The replaced files are
+        left to `collect`."""
         if not self.entries:
             return False
-        if self.limit is None:
-            self.limit = limit_of(self.folder / self.entries[0].name)
-        limit = self.limit
-        merged = False
-        while True:
-            sizes = [merging.Size(e.live, e.rows, e.stamp_key) for e in self.entries]
-            group = merging.next_merge(sizes, limit)
-            if not group:
-                return merged
-            srcs = []
-            for i in group:
-                e = self.entries[i]
-                live = np.ones(e.rows, bool)
-                live[e.dead] = False
-                srcs.append((e.name, np.flatnonzero(live), None))
-            out = copy_rows(
-                self.folder, self.key, srcs, self.stamp, self.stamp_key, "", limit,
-                told=self.told,
-            )  # fmt: skip
-            new = [Entry(n, k, self.stamp_key) for n, k in out]
-            first = self.entries[group[0]].name
-            self.entries = [e for i, e in enumerate(self.entries) if i not in group[1:]]
-            at = next(i for i, e in enumerate(self.entries) if e.name == first)
-            self.entries[at : at + 1] = new
-            self.lookup.use(self.entries)  # the replaced segments' tables are let go
-            self._write_index()
-            merged = True
 
-    def _collect(self) -> None:
-        """Collect the segment files no index names (never an unreadable one) and half-made
-        files, if no reader holds the folder now (else the next writer does)."""
-        if not self.folder.is_dir():
-            return
-        named = {e.name for e in self.entries} | self.unreadable
-        garbage = [p for p in self.folder.glob("g*.h5") if p.name not in named]
-        garbage += list(self.folder.glob(".tmp-*"))  # a killed writer's half-made segment
-        garbage += list(self.path.parent.glob(f"{self.path.name}.tmp-*"))  # ... or index
-        if garbage:
-            with no_readers(self.folder.parent) as free:
-                for p in garbage if free else []:
-                    p.unlink(missing_ok=True)
+        def write(entries: list[Entry]) -> None:
+            self.entries = entries
+            self.lookup.use(entries)  # the replaced segments' tables are let go
+            self._write_index()
+
+        return self.segs.merge(self.entries, write)[1] > 0
 
 
 def _view_of(ident: str) -> int:

@@ -1,95 +1,25 @@
-"""Staged segments: a run's batches before its commit, taken up after a kill, merged as they come.
+"""Staged segments: a run's batches before its commit, merged as they come.
 
 `make features` writes each embedded batch as a segment that no index names yet (staged). A run
 that was killed leaves its staged segments behind: the next run takes up those made by the same
-versions (and, during a REBUILD, by that rebuild), so nothing embedded is embedded again; other
-versions', older runs' and killed merges' segments are garbage, collected after the commit
-(`writer`). Staged segments merge like the index's (`merging`), so a run of any length keeps
-few files.
+versions (and, during a REBUILD, by that rebuild: `writer.Writer._takes_up`, through
+`log.SegmentLog.unnamed`), so nothing embedded is embedded again; other versions', older runs'
+and killed merges' segments are garbage, collected after the commit. Staged segments merge like
+the index's (`merging`), so a run of any length keeps few files.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from pipeline.store import merging
-from pipeline.store.damage import SegmentDamaged, SegmentMissing, noted_damaged, put_aside
-from pipeline.store.format import CacheError
 from pipeline.store.segment_writer import copy_rows, write_segment
-from pipeline.store.segments import (
-    ForeignSegment,
-    Meta,
-    SegInfo,
-    open_segment,
-    read_info,
-    verify,
-)
+from pipeline.store.segments import Meta, SegInfo
 
 RESUMABLE = ("batch", "staged")  # unreferenced segments of these origins are a run's work
-
-
-def taken_up(
-    folder: Path,
-    referenced: set[str],
-    key: str,
-    stamp_key: str,
-    rebuild: bool,
-    rebuild_id: str,
-    indexed: bool,
-    log: Callable[[str], None],
-) -> tuple[dict[str, SegInfo], set[str]]:
-    """The segments of `folder` that no index names (not in `referenced`) and this run takes
-    up, by name; and those that cannot be read now (kept, unused: maybe passing). A damaged one
-    is set aside (`damage.put_aside`); `indexed`: an index is in place (a killed merge's output
-    is then garbage)."""
-    staged: dict[str, SegInfo] = {}
-    unreadable: set[str] = set()
-    if not folder.is_dir():
-        return staged, unreadable
-    for p in folder.glob(".tmp-*"):  # a killed writer's half-made file
-        p.unlink(missing_ok=True)
-    noted = noted_damaged(folder)  # found damaged by a reader (a damaged index's, say)
-    for p in sorted(folder.glob("g*.h5")):
-        if p.name in referenced:
-            continue
-        try:
-            if p.name in noted:  # read whole first: checksums and digests
-                with open_segment(p) as g:
-                    verify(g)
-            info = read_info(p, key)
-        except ForeignSegment:
-            continue  # another cache's segment: garbage, collected after the commit
-        except SegmentMissing:
-            continue
-        except SegmentDamaged as e:  # for good: set aside once, never read again
-            where, gone = put_aside(folder, p.name)
-            if not gone:
-                unreadable.add(p.name)
-            log(
-                f"warning: segment '{p.name}', which no index names (a stopped run's "
-                f"work), is damaged ({e.reason}); {where}: what it held is embedded "
-                "again if needed"
-            )
-            continue
-        except (CacheError, OSError, KeyError) as e:
-            unreadable.add(p.name)  # maybe passing (a network filesystem): kept
-            why = getattr(e, "reason", e)
-            log(f"warning: cannot read segment '{p.name}' now ({why}); it is kept, unused")
-            continue
-        if (
-            info.stamp_key != stamp_key
-            or (rebuild and info.rebuild != rebuild_id)
-            # a killed merge's output is garbage while an index names its sources;
-            # with no index (a damaged one set aside) every segment is taken up
-            or (info.origin not in RESUMABLE and indexed)
-        ):
-            continue  # other versions', an older run's or a killed merge's: garbage
-        staged[p.name] = info
-    return staged, unreadable
 
 
 def merge(

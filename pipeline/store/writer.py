@@ -11,8 +11,9 @@ A run of `make features` (one writer per artifacts folder) goes:
    its data_id updated from the rows added and taken off (a sum kept in the index, `format`);
    then merges the index's segments (`merging`), writing the index after each merge; and only
    then deletes the files no index names, while no reader is between opening and reading.
-Until the new index is renamed into place, the old one and all its segments stay readable, so
-an interrupted run, merge or REBUILD loses nothing and resumes where it stopped.
+Each of these is a step of the segment log (`log.SegmentLog`, with this cache's `Policy`), whose
+module doc says why a kill at any of them loses nothing; this module holds what is the feature
+cache's own: which rows a run wants, where each is found, the data_id, REBUILD.
 """
 
 from __future__ import annotations
@@ -30,15 +31,7 @@ from pipeline.errors import DiskFull, UserError
 from pipeline.store import changes, merging, staging
 from pipeline.store.changes import Row
 from pipeline.store.content import Lookup
-from pipeline.store.damage import (
-    DAMAGED_DIR,
-    NOTED,
-    SegmentDamaged,
-    SegmentMissing,
-    SegmentUnreadable,
-    noted_damaged,
-    put_aside,
-)
+from pipeline.store.damage import NOTED, SegmentDamaged, SegmentUnreadable, noted_damaged
 from pipeline.store.format import (
     DATA_MOD,
     DATA_SUM,
@@ -50,18 +43,10 @@ from pipeline.store.format import (
     stored_sum,
     sum_attr,
 )
-from pipeline.store.locks import no_readers
-from pipeline.store.manifest import Entry, Index, read_summary, shards_dir, write_manifest
-from pipeline.store.segment_writer import copy_rows, write_segment
-from pipeline.store.segments import (
-    Failure,
-    Meta,
-    SegInfo,
-    limit_of,
-    max_rows,
-    open_segment,
-    read_info,
-)
+from pipeline.store.log import Policy, SegmentLog
+from pipeline.store.manifest import Entry, Index, read_summary
+from pipeline.store.segment_writer import copy_rows
+from pipeline.store.segments import Failure, Meta, SegInfo, max_rows, open_segment
 
 Log = Callable[[str], None]
 
@@ -98,9 +83,9 @@ class Writer:
         self.path, self.key, self.stamp = Path(path), key, stamp
         self.stamp_key = cache_key(stamp)
         self.maps, self.dtype, self.log = maps, dtype, log
-        self.folder = shards_dir(self.path)
+        self.segs = SegmentLog(self.path, key, stamp, self._policy(), log)  # every file change
+        self.folder = self.segs.folder
         self.known = changes.Known()  # the old index's identities
-        self.unreadable: set[str] = set()  # segment files kept, unused (maybe passing)
         # its attributes and segments (no rows are held); lost ones set aside
         self.old = self._read_old(rebuild, verify)
         marker = rebuild_marker(self.path)
@@ -122,11 +107,7 @@ class Writer:
         self.rebuild = rebuild
         referenced = {e.name for e in self.old.entries} if self.old is not None else set()
         # segments no index names: a killed run's work, taken up; this run's batches join them
-        self.staged, unreadable = staging.taken_up(
-            self.folder, referenced, key, self.stamp_key, rebuild, self.rebuild_id,
-            self.old is not None, log,
-        )  # fmt: skip
-        self.unreadable |= unreadable
+        self.staged = {info.name: info for info in self.segs.unnamed(referenced)}
         # what a killed run embedded, resumed now (idents survive merges; names do not)
         self.resumable = {h for info in self.staged.values() for h in info.meta.ident}
         self.where: dict[str, tuple[str, int]] = {}  # the staged rows (this run's, resumed)
@@ -142,8 +123,25 @@ class Writer:
                         self.bad.setdefault(s["sha256"], Failure(s["sha256"], s["reason"], True))
         if verify:
             self.bad = {}
-        self.limit: int | None = None
         self.staged_merges_stopped = False
+
+    def _policy(self) -> Policy:
+        """The feature cache's: a lost segment's rows are embedded again, said."""
+        held = (
+            "{n} replaced segment file(s) kept while another process reads the cache (a "
+            "train-head); the next `make features` deletes them"
+        )
+        return Policy("cache", self._takes_up, " and rebuilding", held=held)
+
+    def _takes_up(self, info: SegInfo) -> bool:
+        """Whether an unnamed segment is a killed run's work this run resumes: its versions
+        (and, during a REBUILD, that rebuild's); a killed merge's output is garbage while an
+        index names its sources (with none, a damaged one set aside, every one is taken up)."""
+        return (
+            info.stamp_key == self.stamp_key
+            and not (self.rebuild and info.rebuild != self.rebuild_id)
+            and (info.origin in staging.RESUMABLE or self.old is None)
+        )
 
     # -- reading what is there -------------------------------------------------------------
     def _read_old(self, rebuild: bool = False, verify: bool = False) -> Index | None:
@@ -160,7 +158,8 @@ class Writer:
         try:
             idx = read_summary(self.path, expect_key=self.key)
         except CacheError as e:
-            self._set_aside(e)
+            self.segs.index_aside(e)  # its segments stay: their rows are taken up again
+            self.old, self.known = None, changes.Known()
             return None
         self.old = idx
         noted = noted_damaged(self.folder)
@@ -194,42 +193,10 @@ class Writer:
         lost = [(e, err) for e, err in lost if e.name in named]  # each once
         if not lost:
             return
-        for e, err in lost:
-            if isinstance(err, SegmentMissing):
-                earlier = (self.folder / DAMAGED_DIR / e.name).exists()
-                why = "set aside earlier as damaged" if earlier else "missing"
-                self.log(
-                    f"warning: segment '{e.name}' of the cache is {why}: its {e.live} "
-                    "image(s) are embedded again"
-                )
-                continue
-            where = self._put_aside(e.name)
-            self.log(
-                f"warning: segment '{e.name}' of the cache is damaged ({err.reason}); {where}: "
-                f"its {e.live} image(s) are embedded again"
-            )
-        names = {e.name for e, _ in lost}
+        names = self.segs.lose(lost)
         self.old.entries = [e for e in self.old.entries if e.name not in names]
         n = sum(e.live for e, _ in lost)
         self.old.attrs["lost_rows"] = int(self.old.attrs.get("lost_rows") or 0) + n
-
-    def _put_aside(self, name: str) -> str:
-        """`damage.put_aside`; a file that cannot be moved is kept where it is, unused."""
-        where, gone = put_aside(self.folder, name)
-        if not gone:
-            self.unreadable.add(name)
-        return where
-
-    def _set_aside(self, e: CacheError, then: str = "rebuilding") -> str:
-        """Move a damaged index aside (its segments stay: their rows are taken up again)."""
-        import time
-
-        aside = self.path.with_name(self.path.name + f".damaged-{int(time.time())}")
-        os.replace(self.path, aside)
-        why = str(e).split("; rerun `make features`")[0]  # this is that rerun
-        self.log(f"warning: {why}; moved aside to '{aside.name}' and {then}")
-        self.old, self.known = None, changes.Known()
-        return why
 
     def _index_staged(self, name: str, info: SegInfo) -> None:
         for i, h in enumerate(info.meta.ident):
@@ -255,8 +222,9 @@ class Writer:
         staged = np.fromiter((h in self.where for h in idents), bool, count=len(idents))
         return staged | self.known.has_many(idents)
 
-    def known_files(self) -> Iterator[tuple[str, tuple[int, int, int], str]]:
-        """(path, stat, content hash) of each image the current index holds, streamed.
+    def known_files(self) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+        """(paths, stats, content hashes) of the images the current index holds, a block of
+        rows at a time (`changes.file_blocks`: bytes arrays and an (n, 3) array), streamed.
 
         A segment found damaged only now is set aside as when the run started (`_lose`): its
         rows are no longer known, so they are embedded again.
@@ -268,7 +236,7 @@ class Writer:
             if e.name not in named:  # set aside meanwhile
                 continue
             try:
-                yield from changes.files(self.folder, [e])
+                yield from changes.file_blocks(self.folder, [e])
             except SegmentDamaged as err:
                 self._lose([(e, err)])
                 self.known = changes.Known.of(self.folder, self.old.entries)
@@ -292,43 +260,28 @@ class Writer:
         """Write one embedded batch as a segment (complete on disk when this returns)."""
         channels = int(pooled["avg"].shape[1])
         shape = tuple(maps.shape[1:]) if (maps is not None and self.maps) else None
-        name = write_segment(
-            self.folder,
-            self.key,
-            meta,
-            pooled,
-            maps if shape else None,
-            list(failures),
-            self.stamp,
-            self.stamp_key,
-            self.rebuild_id,
+        name = self.segs.stage(
+            meta, pooled, maps if shape else None, list(failures), self.rebuild_id
         )
         info = SegInfo(
-            name,
-            len(meta),
-            self.stamp,
-            self.stamp_key,
-            self.rebuild_id,
-            meta,
-            list(failures),
-            channels,
-            shape,
-            self.dtype,
-        )
+            name, len(meta), self.stamp, self.stamp_key, self.rebuild_id, meta, list(failures),
+            channels, shape, self.dtype,
+        )  # fmt: skip
         self.staged[name] = info
         self._index_staged(name, info)
-        if self.limit is None and len(meta):
-            self.limit = max_rows(channels, shape, self.dtype)
+        if self.segs.limit is None and len(meta):
+            self.segs.limit = max_rows(channels, shape, self.dtype)
         self._merge_staged()
 
     def _merge_staged(self) -> None:
         """Merge this run's staged segments like the index's (no index names them yet); a
         full disk stops them for this run (said once): the batches stay whole as they are."""
-        if self.limit is None or self.staged_merges_stopped:
+        limit = self.segs.limit
+        if limit is None or self.staged_merges_stopped:
             return
         try:
             staging.merge(
-                self.folder, self.key, self.staged, self.where, self.unreadable, self.limit,
+                self.folder, self.key, self.staged, self.where, self.segs.unreadable, limit,
                 self.stamp, self.stamp_key, self.rebuild_id, self.dtype,
             )  # fmt: skip
         except DiskFull as e:
@@ -419,14 +372,14 @@ class Writer:
         )
         if unchanged:  # nothing written, unless a merge is due (one stopped earlier)
             es = old.entries  # type: ignore[union-attr]
-            limit = self._limit(es)
+            limit = self.segs.limit_for(es)
             sizes = [merging.Size(e.live, e.rows, e.stamp_key) for e in es]
             merges = 0
             if merging.next_merge(sizes, limit):
                 keep = {k: v for k, v in old.attrs.items() if k not in ("rows", "format_version")}  # type: ignore[union-attr]
-                merges = self._merge_safely(list(es), old.classes, old.skipped, keep, limit)  # type: ignore[union-attr]
+                merges = self._merge_safely(list(es), old.classes, old.skipped, keep)  # type: ignore[union-attr]
             else:
-                self._collect(es)
+                self.segs.collect(es)
             return Committed(False, resumed, 0, merges, cmp.removed)
         entries: list[Entry] = list(cmp.entries) if old is not None else []
         for name, rs in used.items():
@@ -436,7 +389,7 @@ class Writer:
             entries.append(
                 Entry(name, info.rows, info.stamp_key, np.flatnonzero(~live).astype(np.int64))
             )
-        limit = self._limit(entries)
+        limit = self.segs.limit_for(entries)
         if copies:
             by_src: dict[str, tuple[list[int], list[Row]]] = {}
             for row, src in copies:
@@ -472,10 +425,10 @@ class Writer:
             total = (base - cmp.dropped_sum + add) % DATA_MOD
         attrs[DATA_SUM], attrs["data_id"] = sum_attr(total), data_id_of(classes, total)
         attrs["rebuild_id"] = self.rebuild_id if self.rebuild else ""
-        write_manifest(self.path, entries, classes, skipped, attrs)
+        self.segs.write_index(entries, classes, skipped, attrs)
         rebuild_marker(self.path).unlink(missing_ok=True)
-        self._collect(entries)  # the old rows go now that the new index is in place
-        merges = self._merge_safely(entries, classes, skipped, attrs, limit)
+        self.segs.collect(entries)  # the old rows go now that the new index is in place
+        merges = self._merge_safely(entries, classes, skipped, attrs)
         return Committed(True, resumed, len(copies), merges, cmp.removed)
 
     def _merge_safely(
@@ -484,12 +437,18 @@ class Writer:
         classes: list[str],
         skipped: list[dict[str, Any]],
         attrs: dict[str, Any],
-        limit: int,
     ) -> int:
-        """`_merge_index`, where a failure (a full disk, a segment found damaged) is a warning:
-        the index in place is complete, and the next run merges again."""
+        """Merge the index's segments (`log.SegmentLog.merge`: the index rewritten after each),
+        then collect the replaced ones; a failure (a full disk, a segment found damaged) is a
+        warning: the index in place is complete, and the next run merges again."""
+
+        def write(es: list[Entry]) -> None:
+            self.segs.write_index(es, classes, skipped, attrs)
+
         try:
-            return self._merge_index(entries, classes, skipped, attrs, limit)
+            entries, n = self.segs.merge(entries, write, self._stamps())
+            self.segs.collect(entries)
+            return n
         except (UserError, OSError) as e:  # the cache is complete; merging is retried later
             self.log(f"warning: merging segments stopped ({e}); the cache is complete as it is")
             return 0
@@ -530,70 +489,3 @@ class Writer:
         for e in (self.old.attrs.get("embedders") or []) if self.old is not None else []:
             out.setdefault(cache_key(e), e)
         return out
-
-    def _limit(self, entries: list[Entry]) -> int:
-        if self.limit is not None:
-            return self.limit
-        for e in entries:  # the first segment's header says the row size; its rows are not read
-            self.limit = limit_of(self.folder / e.name)
-            return self.limit
-        return 1 << 20
-
-    def _merge_index(
-        self,
-        entries: list[Entry],
-        classes: list[str],
-        skipped: list[dict[str, Any]],
-        attrs: dict[str, Any],
-        limit: int,
-    ) -> int:
-        """Merge the index's segments by the policy; the index is rewritten after each merge."""
-        n = 0
-        while True:
-            sizes = [merging.Size(e.live, e.rows, e.stamp_key) for e in entries]
-            group = merging.next_merge(sizes, limit)
-            if not group:
-                break
-            srcs: list[tuple[str, np.ndarray, Meta | None]] = []
-            for i in group:
-                e = entries[i]
-                live = np.ones(e.rows, bool)
-                live[e.dead] = False
-                rows_live = np.flatnonzero(live)
-                meta = None
-                if len(e.restat_rows):  # fold the new stats into the merged rows
-                    meta = read_info(self.folder / e.name).meta.take(rows_live)
-                    pos = np.searchsorted(rows_live, e.restat_rows)
-                    for p, st in zip(pos.tolist(), e.restat.tolist(), strict=True):
-                        meta.stat[p] = tuple(st)
-                srcs.append((e.name, rows_live, meta))
-            stamp = self._stamps().get(entries[group[0]].stamp_key, self.stamp)
-            out = copy_rows(
-                self.folder, self.key, srcs, stamp, entries[group[0]].stamp_key, "", limit
-            )
-            new = [Entry(nm, k, entries[group[0]].stamp_key) for nm, k in out]
-            entries = [e for i, e in enumerate(entries) if i not in group[1:]]
-            at = next(i for i, e in enumerate(entries) if e.name == srcs[0][0])
-            entries[at : at + 1] = new
-            write_manifest(self.path, entries, classes, skipped, attrs)
-            n += 1
-        self._collect(entries)
-        return n
-
-    def _collect(self, entries: list[Entry]) -> None:
-        """Delete segment files no index names (never an unreadable one), with no reader mid-way."""
-        if not self.folder.is_dir():
-            return
-        named = {e.name for e in entries} | self.unreadable
-        garbage = [p for p in self.folder.glob("g*.h5") if p.name not in named]
-        if not garbage:
-            return
-        with no_readers(self.path.parent) as free:
-            if not free:
-                self.log(
-                    f"{len(garbage)} replaced segment file(s) kept while another process reads "
-                    "the cache (a train-head); the next `make features` deletes them"
-                )
-                return
-            for p in garbage:
-                p.unlink(missing_ok=True)
