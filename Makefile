@@ -75,6 +75,7 @@ takes.train-all  := POOL FOLDS REPEATS BUDGET SEED VIEWS PARAMS CLUSTER ARTIFACT
 takes.finetune   := DATA ARTIFACTS BACKBONE WEIGHTS SIZE BATCH DTYPE PRECISION SEED FOLDS REPEATS BUDGET PARAMS CLUSTER
 takes.sweep       = ARTIFACTS FOLDS REPEATS BUDGET RACE SEED SWEEP_HEADS SWEEP_POOLS SWEEP_VIEWS SWEEP_BACKBONES CLUSTER $(if $(SWEEP_BACKBONES),DATA WEIGHTS SIZE PRECISION)
 takes.report     := ARTIFACTS GALLERY
+takes.audit      := ARTIFACTS RUN SEED
 takes.predict    := IMAGES RUN OUT TTA TOPK WEIGHTS BACKBONE ARTIFACTS CLUSTER
 takes.export     := ARTIFACTS FORMAT POOL OUT
 takes.demo       := ARTIFACTS WEIGHTS
@@ -105,7 +106,7 @@ ifeq ($(filter undefined,$(foreach g,$(goals),$(origin takes.$(g)))),)
   endif
 endif
 
-.PHONY: help install features train-head train-all finetune sweep report predict export demo test lint bench bench-gpu clean
+.PHONY: help install features train-head train-all finetune sweep report audit predict export demo test lint bench bench-gpu clean
 
 help: ## this list
 	@echo "Targets:"
@@ -180,6 +181,9 @@ sweep: $(STAMP) ## every head x pooling x VIEWS on the cache, ranked, + learning
 
 report: $(STAMP) ## ARTIFACTS/report/report.{json,md,html} comparing every trained head
 	$(PY) -m pipeline report --artifacts $(call q,ARTIFACTS) $(if $(GALLERY),--gallery $(GALLERY))
+
+audit: $(STAMP) ## know your data from a run (RUN=, default the best): label errors, near-duplicates, leaks, outliers, calibration, map
+	$(PY) -m pipeline audit --artifacts $(call q,ARTIFACTS) $(run_arg) --seed $(SEED)
 
 predict: $(STAMP) ## classify IMAGES (file, folder, .txt/.csv list) into a CSV, streamed, resumable
 	$(PY) -m pipeline predict --images $(call q,IMAGES) --artifacts $(call q,ARTIFACTS) $(run_arg) $(out_arg) $(tta_arg) $(topk_arg) $(cluster_arg) \

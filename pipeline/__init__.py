@@ -17,6 +17,7 @@ _os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 
 from pipeline.api import (  # noqa: E402  (light: imports nothing heavy until called)
     Features,
+    audit,
     export,
     extract,
     finetune,
@@ -30,6 +31,7 @@ from pipeline.api import (  # noqa: E402  (light: imports nothing heavy until ca
 __version__ = "0.1.0"
 __all__ = [
     "Features",
+    "audit",
     "export",
     "extract",
     "finetune",

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 
 from pipeline.errors import UserError
 from pipeline.settings import (
+    AuditSettings,
     ExportSettings,
     ExtractSettings,
     FinetuneSettings,
@@ -199,6 +200,20 @@ def report(s: ReportSettings, log: Log | None = print) -> dict[str, Any]:
 
     with _progress(log):
         return build_report(Path(s.artifacts), log=_log(log), gallery_runs=s.gallery)
+
+
+@takes(AuditSettings)
+def audit(s: AuditSettings, log: Log | None = print) -> dict[str, Any]:
+    """`make audit`: know your data from run `run` (default: the best current run), written to
+    ARTIFACTS/audit (CSV files, audit.json, map.html) and shown by `make report`: likely label
+    errors (confident learning on its out-of-fold probabilities, every partition voting),
+    near-duplicate sets and the ones that cross training and validation, outliers, its
+    calibration and a map of the collection. Never runs the backbone. Returns audit.json's
+    content."""
+    from pipeline.auditing import run_audit
+
+    with _progress(log):
+        return run_audit(Path(s.artifacts), s.run, seed=s.seed, log=_log(log))
 
 
 @takes(PredictSettings)

@@ -28,6 +28,7 @@ from pipeline import views
 from pipeline.errors import UserError
 from pipeline.heads import chosen_params
 from pipeline.inner import fit
+from pipeline.oof import OOF
 from pipeline.progress import Progress
 from pipeline.store.reader import texts
 from pipeline.store.rows import materialize
@@ -250,18 +251,27 @@ def splits(ts: TrainSet, k: int, seed: int) -> tuple[list[tuple[np.ndarray, np.n
 
 
 def _fold(
-    estimator: Any, X: np.ndarray, y: np.ndarray, groups: np.ndarray, tr: np.ndarray, te: np.ndarray
+    estimator: Any,
+    X: np.ndarray,
+    y: np.ndarray,
+    groups: np.ndarray,
+    tr: np.ndarray,
+    te: np.ndarray,
+    n_classes: int = 0,
 ) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
     """Fit a fresh copy of the configured head on one training fold; predict its test fold.
 
-    The label is the argmax of the probabilities, as for the saved head; the top probability
-    comes back too (the report shows the most confident mistakes first). `X` may name rows in
+    The label is the argmax of the probabilities, as for the saved head; every class's
+    probability comes back too (`n_classes` columns, float32: the report shows the most
+    confident mistakes first, the audit and calibration read them all). `X` may name rows in
     the cache (`store.Rows`: on a cluster's worker, or for a streaming head): a streaming head
     reads them block by block, any other reads its fold's rows into memory here.
     """
     est = fit(clone(estimator), for_head(estimator, X[tr]), y[tr], groups[tr])
     proba = est.predict_proba(for_head(est, X[te]))
-    return est.classes_[np.argmax(proba, axis=1)], proba.max(axis=1), chosen_params(est)
+    full = np.zeros((len(proba), n_classes or int(np.max(y)) + 1), np.float32)
+    full[:, np.asarray(est.classes_, np.int64)] = proba  # a class the fold lacks: 0
+    return est.classes_[np.argmax(proba, axis=1)], full, chosen_params(est)
 
 
 def for_head(est: Any, X: Any) -> Any:
@@ -353,6 +363,8 @@ def cross_validate(
     target = repeats if isinstance(repeats, int) else repeats(took[0]) if took else None
     oof = np.full(len(ts.y), -1, dtype=np.int64)
     oof_p = np.zeros(len(ts.y), dtype=np.float64)
+    n_classes = len(classes)
+    every = prior["oof"] if prior and "oof" in prior else OOF.of(ts.original, ts.y, n_classes)
     progress = Progress(
         k * max(0, (target or 1) - len(part_ids)), _label(target, k), unit="folds", every=0.0
     )
@@ -361,12 +373,15 @@ def cross_validate(
         cv, fid = splits(ts, k, repeat_seed(seed, r))
         t0 = time.perf_counter()
         jobs = Parallel(n_jobs=n_jobs, return_as="generator")(
-            delayed(_fold)(estimator, ts.X, ts.y, ts.groups, tr, te) for tr, te in cv
+            delayed(_fold)(estimator, ts.X, ts.y, ts.groups, tr, te, n_classes) for tr, te in cv
         )
-        for (_, te), (pred, prob, params) in zip(cv, jobs, strict=True):
+        keep = every.start()
+        for i, ((_, te), (pred, prob, params)) in enumerate(zip(cv, jobs, strict=True)):
+            if keep:
+                every.put(te, prob, i)
             if r == 0:  # the first partition's out-of-fold predictions
                 oof[te] = pred
-                oof_p[te] = prob
+                oof_p[te] = prob.max(axis=1)
             fold_acc.append(float(np.mean(pred == ts.y[te])))
             fold_params.append(params)
             progress.update(1)
@@ -392,6 +407,7 @@ def cross_validate(
         "accuracy_high": ci["high"],
         "interval": stats.CV_INTERVAL,
         "fold_params": fold_params,
+        "oof": every,  # not JSON: the run saves it beside result.json (`pipeline.oof`)
     }
     if prior:  # the first partition's predictions came with it
         return {**out, **{key: v for key, v in prior.items() if key not in out}}
@@ -419,12 +435,15 @@ def _held_out_cv(
     t0 = time.perf_counter()
     ((tr, te),) = cv
     # through joblib: on a cluster (its Dask backend) the fit runs on a worker
-    job = delayed(_fold)(estimator, ts.X, ts.y, ts.groups, tr, te)
+    job = delayed(_fold)(estimator, ts.X, ts.y, ts.groups, tr, te, len(classes))
     pred, prob, params = Parallel(n_jobs=n_jobs)([job])[0]
     progress.update(1)
     oof = np.full(len(ts.y), -1, dtype=np.int64)
     oof_p = np.zeros(len(ts.y), dtype=np.float64)
-    oof[te], oof_p[te] = pred, prob
+    oof[te], oof_p[te] = pred, prob.max(axis=1)
+    every = OOF.of(ts.original, ts.y, len(classes))
+    every.start()
+    every.put(te, prob, 0)
     right = pred == ts.y[te]  # the fold's rows, in content order
     acc = float(np.mean(right))
     w = stats.wilson(int(right.sum()), len(right))
@@ -443,6 +462,7 @@ def _held_out_cv(
         "accuracy_high": w["high"],
         "interval": stats.VALIDATION_INTERVAL,
         "fold_params": [params],
+        "oof": every,
         **metrics(ts.y[scored], oof[scored], classes),
         **_oof(ts, oof, oof_p, scored),
         "holdout_fraction": 1 / k,

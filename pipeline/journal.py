@@ -26,9 +26,19 @@ Log = Callable[[str], None]
 
 def columns(classes: list[str], topk: int = 0) -> list[str]:
     """The CSV's header: path,label,probability, the k-1 next best, `p_<class>` per class, and
-    whether the backbone ran for the image (`backbone_ran`: no when its features were cached)."""
+    whether the backbone ran for the image (`backbone_ran`: no when its features were cached),
+    its distance to the training set and whether it is unlike it (`pipeline.novelty`)."""
     top = [f"{c}_{i}" for i in range(2, topk + 1) for c in ("label", "probability")]
-    return ["path", "label", "probability", *top, *(f"p_{c}" for c in classes), "backbone_ran"]
+    return [
+        "path",
+        "label",
+        "probability",
+        *top,
+        *(f"p_{c}" for c in classes),
+        "backbone_ran",
+        "distance_to_training",
+        "unlike_training",
+    ]
 
 
 def csv_row(r: dict[str, Any]) -> list[str]:
@@ -36,7 +46,10 @@ def csv_row(r: dict[str, Any]) -> list[str]:
     top = [x for lab, pr in r["top"][1:] for x in (lab, f"{pr:.6f}")]
     rest = [f"{v:.6f}" for v in r["probabilities"].values()]
     ran = "yes" if r["backbone_ran"] else "no"
-    return [r["path"], r["label"], f"{r['probability']:.6f}", *top, *rest, ran]
+    d = r.get("distance_to_training")
+    far = "" if d is None or d != d else f"{d:.6f}"  # not measured (no training cache): empty
+    unlike = "" if not far else "yes" if r.get("unlike_training") else "no"
+    return [r["path"], r["label"], f"{r['probability']:.6f}", *top, *rest, ran, far, unlike]
 
 
 PARTIAL = "partial-predictions/1"  # the sidecar's format
@@ -116,14 +129,16 @@ def from_csv(row: list[str], classes: list[str], topk: int) -> dict[str, Any]:
     top = [(row[1], float(row[2]))] + [
         (row[3 + 2 * i], float(row[4 + 2 * i])) for i in range(k - 1)
     ]
-    p = [float(v) for v in row[3 + 2 * (k - 1) : -1]]
+    p = [float(v) for v in row[3 + 2 * (k - 1) : -3]]
     return {
         "path": row[0],
         "label": row[1],
         "probability": float(row[2]),
         "probabilities": dict(zip(classes, p, strict=True)),
         "top": top,
-        "backbone_ran": row[-1] == "yes",
+        "backbone_ran": row[-3] == "yes",
+        "distance_to_training": float(row[-2]) if row[-2] else None,
+        "unlike_training": row[-1] == "yes" if row[-1] else None,
         "error": "",
     }
 

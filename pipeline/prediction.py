@@ -33,7 +33,9 @@ import numpy as np
 from pipeline import dataset, embedding, images, journal, layout, outputs, predicted, runs, store
 from pipeline.backbone import BackboneSpec
 from pipeline.cache_identity import check_features
+from pipeline.diagnose import scaled
 from pipeline.errors import UserError
+from pipeline.novelty import QUANTILE, Novelty, of_run
 from pipeline.progress import Progress
 from pipeline.provenance import difference, embedder
 
@@ -237,7 +239,7 @@ def stream(
             elif j.path not in failed:
                 remaining.append(j)
         old, fh, errs = journal.opened(partial, side, made, out)
-        n_ok = n_bad = n_ran = 0
+        n_ok = n_bad = n_ran = n_unlike = 0
         first_bad: dict[str, Any] | None = None
         whole = False
         try:
@@ -259,6 +261,7 @@ def stream(
                 n_ok += not row["error"]
                 n_bad += bool(row["error"])
                 n_ran += bool(row["backbone_ran"])
+                n_unlike += bool(row.get("unlike_training"))
                 first_bad = first_bad or (row if row["error"] else None)
                 yield row
             for _ in fresh:  # its last batch written and flushed
@@ -282,7 +285,8 @@ def stream(
         journal.commit(partial, side, out)
         log(
             f"predicted {n_ok} images with head {r['run']} (the backbone ran for {n_ran}, "
-            f"{n_ok - n_ran} cached), {n_bad} unreadable; wrote {out}"
+            f"{n_ok - n_ran} cached), {n_bad} unreadable, {n_unlike} unlike the training images "
+            f"(distance above the {QUANTILE:.0%} quantile of the training images' own); wrote {out}"
         )
 
 
@@ -315,6 +319,11 @@ def _predicted(
     progress = Progress(len(todo), "predicting")
     w = csv.writer(fh)
     cache = predicted.Cache(artifacts, r, tta, seed, log)
+    calib = r.get("calibration") or {}
+    temperature = float(calib["temperature"]) if calib.get("applied") else 1.0
+    if temperature != 1.0:
+        log(f"probabilities scaled by the run's temperature {temperature:.3g} (its calibration)")
+    novelty = of_run(artifacts, r, log=log)
     engine = embedding.Local() if client is None else embedding.Dask(client, source="IMAGES")
     finished = False
     try:
@@ -323,7 +332,7 @@ def _predicted(
             batches = _embedded(plans, spec, engine, seed, cache, tta, dtype, r["pooling"])
             n_done = 0
             for b in batches:
-                rows = _classified(*b, est, classes, topk, tta)
+                rows = _classified(*b, est, classes, topk, tta, temperature, novelty)
                 ok = [journal.csv_row(row) for row in rows if not row["error"]]
                 try:
                     w.writerows(ok)
@@ -461,20 +470,32 @@ def _classified(
     classes: list[str],
     topk: int,
     tta: int,
+    temperature: float = 1.0,
+    novelty: Novelty | None = None,
 ) -> list[dict[str, Any]]:
     """The rows of one batch: the head on each image's features (cached, or embedded now and
-    kept), averaged over its views."""
+    kept), averaged over its views, scaled by the run's temperature (`audit.calibrate`), with
+    the image's distance to the training set (`novelty`)."""
     ok = [i for i in range(len(plans)) if i not in reasons]
     full = np.zeros((len(ok), len(classes)))  # a class the head never saw: 0
+    dist, unlike = np.full(len(ok), np.nan), np.zeros(len(ok), bool)
     if ok:
         x = np.stack([f for i in ok for f in plans[i].found])  # type: ignore[misc]
         proba = est.predict_proba(x).reshape(len(ok), tta + 1, -1).mean(axis=1)  # TTA: mean
         full[:, np.asarray(est.classes_, dtype=int)] = proba
-    probs = iter(full)
+        if temperature != 1.0:
+            full = scaled(full, temperature)
+        if novelty is not None:
+            dist, unlike = novelty.score(x.reshape(len(ok), tta + 1, -1)[:, 0])
+    at = {i: j for j, i in enumerate(ok)}
     return [
         _failed(p.item.path, reasons[i])
         if i in reasons
-        else _row(p.item.path, next(probs), classes, topk, i in ran)
+        else {
+            **_row(p.item.path, full[at[i]], classes, topk, i in ran),
+            "distance_to_training": float(dist[at[i]]),
+            "unlike_training": bool(unlike[at[i]]),
+        }
         for i, p in enumerate(plans)
     ]
 
@@ -487,5 +508,7 @@ def _failed(path: str, reason: str) -> dict[str, Any]:
         "probabilities": None,
         "top": [],
         "backbone_ran": False,
+        "distance_to_training": None,
+        "unlike_training": None,
         "error": reason,
     }

@@ -374,6 +374,22 @@ class ReportSettings(Settings):
 
 
 @dataclass(frozen=True)
+class AuditSettings(Settings):
+    """`make audit`."""
+
+    command: ClassVar[str] = "audit"
+    function: ClassVar[str] = "audit"
+    summary: ClassVar[str] = (
+        "know your data: likely label errors, near-duplicates and leaks, outliers, "
+        "calibration and a map, from a run (never runs the backbone)"
+    )
+
+    artifacts: PathLike = ARTIFACTS()
+    run: str | None = Setting(None, "trained head to audit (default: best CV accuracy)", "RUN")()
+    seed: int = SEED()
+
+
+@dataclass(frozen=True)
 class PredictSettings(Settings):
     """`make predict`; `images` is a path or a list of image files."""
 
@@ -469,6 +485,7 @@ COMMANDS: tuple[type[Settings], ...] = (
     FinetuneSettings,
     SweepSettings,
     ReportSettings,
+    AuditSettings,
     PredictSettings,
     ExportSettings,
     DemoSettings,

@@ -21,6 +21,7 @@ import numpy as np
 from pipeline import (
     cluster,
     dataset,
+    diagnose,
     duplicates,
     evaluate,
     heads,
@@ -35,6 +36,7 @@ from pipeline.cache_identity import augment_settings
 from pipeline.errors import UserError
 from pipeline.provenance import environment
 from pipeline.seeding import set_seeds
+from pipeline.store.reader import texts
 
 Log = Callable[[str], None]
 
@@ -273,6 +275,10 @@ def _train(
             "data_id": did,
         }
     repeats, why = int(cv["repeats"]), why[0]
+    every = cv.pop("oof", None)  # saved beside result.json, read by the audit
+    calib = diagnose.calibrate(every.labels, every.probabilities, every.folds) if every else None
+    if calib:
+        log(diagnose.calibration_line(calib))
     if screened_out:
         cv["screened_out"] = True
     log(f"{'held-out' if protocol['holdout'] else 'cross-validated'} accuracy {stats.cv_line(cv)}")
@@ -324,6 +330,7 @@ def _train(
         "feature_dim": int(ts.X.shape[1]),
         "cv": cv,
         "validation": validation,
+        "calibration": calib,
         "duplicates": dups,
         "features": {
             "file": path.name,
@@ -343,7 +350,12 @@ def _train(
         },
         "environment": environment(),
     }
-    out_dir = runs.write_run(artifacts, name, result, lambda d: heads.save_head(final, d))
+
+    def save(d: Path) -> list[Path]:
+        files = list(heads.save_head(final, d))
+        return files + ([every.save(d, texts(ts.sha256, every.rows))] if every else [])
+
+    out_dir = runs.write_run(artifacts, name, result, save)
     result = json.loads((out_dir / runs.RESULT).read_text(encoding="utf-8"))
     log(f"saved {out_dir}")
     return result

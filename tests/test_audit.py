@@ -8,7 +8,7 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import roc_auc_score
 from sklearn.model_selection import StratifiedKFold, cross_val_predict
 
-from pipeline import audit
+from pipeline import diagnose as audit
 
 
 def clustered(n: int = 600, k: int = 4, d: int = 16, seed: int = 0, sep: float = 3.0):

@@ -210,7 +210,14 @@ def test_windows_separators_and_a_label_with_no_image(tmp_path, spec, quiet):
 
     got, out = classify(tmp_path / "art", tmp_path / "imgs/c1", out=tmp_path / "p.csv", log=log)
     header = next(csv.reader(open(out)))
-    assert header[3:] == ["p_fox", "p_k0", "p_k1", "backbone_ran"]
+    assert header[3:] == [
+        "p_fox",
+        "p_k0",
+        "p_k1",
+        "backbone_ran",
+        "distance_to_training",
+        "unlike_training",
+    ]
     for r in got:
         assert r["probabilities"]["fox"] == 0.0
         assert sum(r["probabilities"].values()) == pytest.approx(1.0)

@@ -223,7 +223,7 @@ def test_knn_tunes_k_inside_the_folds_and_shares_the_audits_neighbours():
     is cut, never an error), and its neighbours are the audit's on the same features."""
     from sklearn.pipeline import Pipeline
 
-    from pipeline import audit
+    from pipeline import diagnose as audit
 
     rng = np.random.default_rng(0)
     X = np.abs(rng.normal(size=(40, 16))) + np.repeat(np.eye(4, 16) * 4, 10, axis=0)
@@ -232,7 +232,8 @@ def test_knn_tunes_k_inside_the_folds_and_shares_the_audits_neighbours():
     est.fit(X, y, groups=np.arange(40))
     chosen = heads.chosen_params(est)
     assert chosen["n_neighbors"] in (1, 3, 5, 10, 20) and chosen["weights"] in (
-        "uniform", "distance",
+        "uniform",
+        "distance",
     )
     assert (est.predict(X) == y).mean() >= 0.9
     tiny = heads.make(heads.HEADS["knn"], {"n_neighbors": 50}, seed=0).fit(X[:8], y[:8] % 2)

@@ -433,6 +433,7 @@ def test_sgd_on_a_small_set_reaches_logistic_regression_on_the_same_folds(tmp_pa
     assert sgd["cv"]["folds_id"] == logreg["cv"]["folds_id"]
     assert 0.6 < logreg["cv"]["accuracy_mean"] < 0.95
     assert abs(sgd["cv"]["accuracy_mean"] - logreg["cv"]["accuracy_mean"]) <= 0.02, (
-        sgd["cv"]["accuracy_mean"], logreg["cv"]["accuracy_mean"],
+        sgd["cv"]["accuracy_mean"],
+        logreg["cv"]["accuracy_mean"],
     )
     assert sgd["final_params"]["alpha"] in heads.streaming.alphas_for(300)

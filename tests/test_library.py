@@ -141,11 +141,14 @@ def test_predict_rows_and_csv_name_every_class_and_sum_to_one(both):
         header, *body = list(csv.reader(fh))
     assert header[:3] == ["path", "label", "probability"]
     assert header[3:5] == ["label_2", "probability_2"]
-    assert header[5:-1] == [f"p_{c}" for c in classes] and header[-1] == "backbone_ran"
+    assert header[5:-3] == [f"p_{c}" for c in classes]
+    assert header[-3:] == ["backbone_ran", "distance_to_training", "unlike_training"]
     assert len(body) == len(rows) == 4
     for line, row in zip(body, rows, strict=True):
-        assert line[-1] == "yes" and row["backbone_ran"]  # new images: embedded
-        p = np.array([float(v) for v in line[5:-1]])
+        assert line[-3] == "yes" and row["backbone_ran"]  # new images: embedded
+        assert float(line[-2]) == pytest.approx(row["distance_to_training"], abs=1e-6)
+        assert line[-1] == ("yes" if row["unlike_training"] else "no")
+        p = np.array([float(v) for v in line[5:-3]])
         assert p.sum() == pytest.approx(1.0, abs=1e-5)
         assert line[1] == classes[int(np.argmax(p))] == row["label"]
         assert float(line[2]) == pytest.approx(p.max(), abs=1e-6)

@@ -38,11 +38,18 @@ def venv(tmp_path_factory) -> Path:
 
 
 def argv(venv: Path, target: str, **settings: str) -> list[str]:
-    out = subprocess.run(
-        ["make", "--no-print-directory", "-s", target, f"VENV={venv}"]
-        + [f"{k}={v}" for k, v in settings.items()],
-        cwd=ROOT, capture_output=True, text=True, check=True,
-    ).stdout.strip().splitlines()
+    out = (
+        subprocess.run(
+            ["make", "--no-print-directory", "-s", target, f"VENV={venv}"]
+            + [f"{k}={v}" for k, v in settings.items()],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        .stdout.strip()
+        .splitlines()
+    )
     return json.loads(out[-1])
 
 

@@ -222,9 +222,14 @@ def test_intervals_stay_where_the_figure_can_lie_and_a_wide_one_says_why():
     d = stats.paired([1.0, 1.0, 0.0, 1.0, 1.0], [0.0, 0.0, 1.0, 0.0, 0.0], 5)
     assert -1.0 <= d["diff_low"] and d["diff_high"] == 1.0
     cv = {
-        "protocol": "k-fold", "folds": 5, "repeats": 1, "accuracy_mean": ci["mean"],
-        "accuracy_low": ci["low"], "accuracy_high": ci["high"],
-        "accuracy_std": float(np.std(accs)), "oof_scored": 40,
+        "protocol": "k-fold",
+        "folds": 5,
+        "repeats": 1,
+        "accuracy_mean": ci["mean"],
+        "accuracy_low": ci["low"],
+        "accuracy_high": ci["high"],
+        "accuracy_std": float(np.std(accs)),
+        "oof_scored": 40,
     }
     line = stats.cv_line(cv)
     assert "to 1.000" in line and "wide: only 5 fold figures" in line

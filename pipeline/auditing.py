@@ -1,0 +1,323 @@
+"""`make audit`: know your data from a run, without running the backbone.
+
+From the run's out-of-fold probabilities (`oof.h5`, every partition it kept) and its cache's
+pooled features (the run's pooling, in `neighbours.space`), writes `ARTIFACTS/audit/`:
+
+- `label_issues.csv`: images whose given label the out-of-fold probabilities contradict
+  (confident learning, every partition voting: `pipeline.audit`), lowest normalised margin
+  first, with the suggested label; `swapped_pairs.csv`: given x suggested among them;
+- `near_duplicates.csv`: sets of images much nearer each other than to their other neighbours
+  (`diagnose.near_duplicates`; training and validation images together), each set
+  marked where it crosses training and validation (a leak) or its labels disagree; sets of
+  one content only (the same bytes) are already grouped by the folds and are not listed;
+- `outliers.csv`: training images by their mean distance to their k nearest neighbours;
+- `reliability.csv`: the run's reliability table (its calibration, fitted at train-head);
+- `map.html`: the collection drawn in two dimensions (`pipeline.collection_map`);
+- `audit.json`: all of it for tools, with what made it (run, cache key, data id, seed, k).
+
+The report shows the audit of a current run, and an audit whose run or cache changed since as
+stale. The neighbour search is exact up to `neighbours.EXACT_UP_TO` rows and by blocks of exact
+search above (`neighbours.approximate`); memory follows the rows (features, k neighbours each).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from pipeline import collection_map, diagnose, layout, neighbours, oof, outputs, pictures, runs
+from pipeline.errors import UserError
+from pipeline.provenance import environment
+from pipeline.store.reader import texts
+from pipeline.train import load
+
+Log = Callable[[str], None]
+K = 10  # neighbours per image: outliers, near-duplicates
+LISTED = 200  # rows listed in audit.json per finding (the CSV files hold every one)
+OUTLIER_QUANTILE = 0.99  # training images above it are called outliers
+
+
+def audit_dir(artifacts: Path) -> Path:
+    return Path(artifacts) / "audit"
+
+
+def run_audit(
+    artifacts: Path,
+    run: str | None = None,
+    seed: int = 0,
+    k: int = K,
+    map_sample: int = collection_map.SAMPLE,
+    log: Log = print,
+) -> dict[str, Any]:
+    """Audit `run` (default: the best current run) into ARTIFACTS/audit; its summary."""
+    artifacts = Path(artifacts)
+    r = runs.pick(artifacts, run)
+    if not r["current"]:
+        log(f"warning: run '{r['run']}' is stale ({r['stale_reason']}): auditing it as it was")
+    saved = oof.load(runs.verify(artifacts, r))
+    if saved is None or not saved.probabilities.size:
+        raise UserError(
+            f"run '{r['run']}' keeps no out-of-fold probabilities (trained by an older "
+            "version); run its `make train-head` again, then `make audit`"
+        )
+    cache = layout.cache_by_name(artifacts, r["features"]["file"])
+    if not cache.is_file():
+        raise UserError(f"run '{r['run']}' was trained on '{cache}', which is gone; rerun it")
+    data = load(cache, r["pooling"])
+    attrs = data.index.attrs
+    mine = (attrs.get("cache_key"), attrs.get("data_id"))
+    if mine != (r["features"]["cache_key"], r["features"]["data_id"]):
+        raise UserError(
+            f"the cache '{cache.name}' changed since run '{r['run']}' was trained (other "
+            "images or settings); run `make train-head` again before `make audit`"
+        )
+    ts, va = data.train, data.validation
+    hashes = np.array(texts(ts.sha256, np.arange(len(ts.y)))).astype("S64")
+    if not np.array_equal(hashes, saved.sha256) or not np.array_equal(ts.y, saved.label):
+        raise UserError(
+            f"run '{r['run']}''s out-of-fold rows are not the cache's training images; run "
+            "`make train-head` again before `make audit`"
+        )
+    classes = list(r["classes"])
+    with outputs.owned(audit_dir(artifacts), "make audit", fix="use another ARTIFACTS"):
+        with outputs.together():
+            return _audit(artifacts, r, saved, ts, va, classes, attrs, seed, k, map_sample, log)
+
+
+def _audit(
+    artifacts: Path,
+    r: dict[str, Any],
+    saved: oof.Saved,
+    ts: Any,
+    va: Any,
+    classes: list[str],
+    attrs: dict[str, Any],
+    seed: int,
+    k: int,
+    map_sample: int,
+    log: Log,
+) -> dict[str, Any]:
+    out = audit_dir(artifacts)
+    paths_tr = texts(ts.paths, np.arange(len(ts.y))) if ts.paths is not None else []
+    paths_va = list(va.paths) if va.paths is not None else []
+    n_tr = len(ts.y)
+
+    # label issues: the rows every kept partition scored
+    scored = (saved.fold >= 0).all(axis=0)
+    rows = np.flatnonzero(scored)
+    v = diagnose.vote(saved.label[rows], [p[rows] for p in saved.probabilities])
+    flagged = np.zeros(n_tr, bool)
+    flagged[rows] = v["flagged"]
+    score = np.full(n_tr, np.nan)
+    score[rows] = v["score"]
+    suggested = np.full(n_tr, -1)
+    suggested[rows] = v["suggested"]
+    order = rows[np.argsort(v["score"], kind="stable")]
+    issues = [
+        {
+            "path": paths_tr[i] if paths_tr else "",
+            "sha256": saved.sha256[i].decode(),
+            "given": classes[int(ts.y[i])],
+            "suggested": classes[int(suggested[i])],
+            "score": round(float(score[i]), 6),
+            "votes": round(float(v["votes"][np.searchsorted(rows, i)]), 4),
+        }
+        for i in order
+        if flagged[i]
+    ]
+    pairs = diagnose.swapped_pairs(saved.label[rows], v["suggested"], v["flagged"], len(classes))
+    log(
+        f"likely label errors: {len(issues)} of {len(rows)} scored images "
+        f"({len(saved.probabilities)} partition(s) voting)"
+    )
+
+    # neighbours of every image, training and validation together
+    X = neighbours.space(np.concatenate([np.asarray(ts.X), np.asarray(va.X)]))
+    dist, idx = neighbours.search(X, k, seed=seed)
+    split = np.array(["train"] * n_tr + ["validation"] * len(va.y))
+    labels = np.concatenate([ts.y, va.y]).astype(np.int64)
+    allpaths = list(paths_tr) + paths_va
+    allhash = list(saved.sha256.astype(str)) + [str(h) for h in texts(va.sha256, range(len(va.y)))]
+    sets, threshold = diagnose.near_duplicates(dist, idx)
+    near = _near_sets(sets, split, labels, allpaths, allhash, classes)
+    leaks = sum(s["leak"] for s in near)
+    log(
+        f"near-duplicate sets: {len(near)} (closer than {diagnose.RATIO} of their usual "
+        f"neighbours' distance); {leaks} cross training and validation, "
+        f"{sum(s['labels_disagree'] for s in near)} disagree on the label"
+    )
+
+    # outliers: training images far from every other
+    far = diagnose.outlier_scores(dist[:n_tr])
+    cut = float(np.quantile(far, OUTLIER_QUANTILE)) if n_tr else 0.0
+    ranked = np.argsort(-far, kind="stable")
+    outliers = [
+        {
+            "path": paths_tr[i] if paths_tr else "",
+            "label": classes[int(ts.y[i])],
+            "distance": round(float(far[i]), 6),
+            "outlier": bool(far[i] > cut),
+        }
+        for i in ranked
+    ]
+    calib = r.get("calibration") or {}
+
+    # the map: a seeded sample of the training images
+    xy, picked = collection_map.embed_2d(X[:n_tr], seed, map_sample)
+    root = attrs.get("data_root")
+    marks = {
+        "likely label error": flagged[picked],
+        "outlier": far[picked] > cut,
+    }
+    chosen = set(np.flatnonzero(marks["likely label error"] | marks["outlier"]).tolist())
+    thumbs = [
+        pictures.thumbnail(Path(root) / paths_tr[i], 64)
+        if root and paths_tr and (j in chosen or j < collection_map.MAX_THUMBS)
+        else None
+        for j, i in enumerate(picked)
+    ]
+    titles = [
+        f"{paths_tr[i] if paths_tr else i}: {classes[int(ts.y[i])]}"
+        + (f" (suggested {classes[int(suggested[i])]})" if flagged[i] else "")
+        for i in picked
+    ]
+    fragment = collection_map.render(xy, ts.y[picked], classes, marks, thumbs, titles, seed=seed)
+
+    summary = {
+        "run": r["run"],
+        "made_by": {
+            "run": r["run"],
+            "run_files": r.get("files"),
+            "cache_key": attrs.get("cache_key"),
+            "data_id": attrs.get("data_id"),
+            "seed": seed,
+            "k": k,
+            "environment": environment(),
+        },
+        "classes": classes,
+        "label_issues": {
+            "method": "confident learning (Northcutt et al. 2021), prune by noise rate and "
+            "argmax disagreement, written from the paper (pipeline/diagnose.py); partitions vote",
+            "partitions": len(saved.probabilities),
+            "scored": int(len(rows)),
+            "flagged": len(issues),
+            "top": issues[:LISTED],
+            "swapped_pairs": pairs.tolist(),
+        },
+        "near_duplicates": {
+            "ratio": diagnose.RATIO,
+            "median_nearest_distance": threshold,
+            "sets": len(near),
+            "leaks": leaks,
+            "labels_disagree": sum(s["labels_disagree"] for s in near),
+            "top": near[:LISTED],
+            "search": "exact" if len(X) <= neighbours.EXACT_UP_TO else "approximate",
+        },
+        "outliers": {
+            "quantile": OUTLIER_QUANTILE,
+            "threshold": cut,
+            "count": int((far > cut).sum()),
+            "top": outliers[: min(LISTED, max(1, int((far > cut).sum())))],
+        },
+        "calibration": {key: calib.get(key) for key in _CALIBRATION if key in calib},
+        "map": {"points": int(len(picked)), "of": n_tr, "seed": seed, "file": "map.html"},
+    }
+    _csv(
+        out / "label_issues.csv", issues, ["path", "sha256", "given", "suggested", "score", "votes"]
+    )
+    _csv(
+        out / "swapped_pairs.csv",
+        [
+            {"given": classes[i], **dict(zip(classes, row, strict=True))}
+            for i, row in enumerate(pairs.tolist())
+        ],
+        ["given", *classes],
+    )
+    flat = [
+        {**m, "set": s["set"], "leak": s["leak"], "labels_disagree": s["labels_disagree"]}
+        for s in near
+        for m in s["members"]
+    ]
+    _csv(
+        out / "near_duplicates.csv",
+        flat,
+        ["set", "path", "split", "label", "sha256", "leak", "labels_disagree"],
+    )
+    _csv(out / "outliers.csv", outliers, ["path", "label", "distance", "outlier"])
+    _csv(
+        out / "reliability.csv",
+        calib.get("reliability") or [],
+        ["low", "high", "confidence", "accuracy", "count"],
+    )
+    page = f"<!doctype html><meta charset=utf-8><title>map of {r['run']}</title>{fragment}"
+    outputs.write_text(out / "map.html", page)
+    summary["map_html"] = fragment
+    outputs.write_text(out / "audit.json", json.dumps(summary, indent=1))
+    log(f"audit: {out}")
+    return summary
+
+
+_CALIBRATION = (
+    "ece",
+    "brier",
+    "temperature",
+    "temperature_fitted",
+    "ece_scaled",
+    "brier_scaled",
+    "applied",
+    "confidence",
+    "reliability",
+    "how",
+)
+
+
+def _near_sets(
+    sets: np.ndarray,
+    split: np.ndarray,
+    labels: np.ndarray,
+    paths: list[str],
+    hashes: list[str],
+    classes: list[str],
+) -> list[dict[str, Any]]:
+    """The near-duplicate sets of more than one content, leaks and disagreements first."""
+    out = []
+    ids = np.unique(sets[sets >= 0])
+    order = np.argsort(sets, kind="stable")
+    bounds = np.searchsorted(sets[order], ids)
+    ends = np.searchsorted(sets[order], ids, side="right")
+    for sid, a, b in zip(ids, bounds, ends, strict=True):
+        members = order[a:b]
+        if len({hashes[i] for i in members}) < 2:  # the same bytes: grouped already
+            continue
+        out.append(
+            {
+                "set": int(sid),
+                "leak": bool(len(set(split[members])) > 1),
+                "labels_disagree": bool(len(set(labels[members])) > 1),
+                "members": [
+                    {
+                        "path": paths[i] if paths else "",
+                        "split": str(split[i]),
+                        "label": classes[int(labels[i])],
+                        "sha256": hashes[i],
+                    }
+                    for i in members
+                ],
+            }
+        )
+    out.sort(key=lambda s: (not s["leak"], not s["labels_disagree"], -len(s["members"])))
+    return out
+
+
+def _csv(path: Path, rows: list[dict[str, Any]], fields: list[str]) -> None:
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=fields, extrasaction="ignore")
+    w.writeheader()
+    w.writerows(rows)
+    outputs.write_text(path, buf.getvalue())

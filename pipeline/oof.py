@@ -1,0 +1,95 @@
+"""A run's out-of-fold probabilities: every class's, for every partition it can hold.
+
+Cross-validation scores each training image once per partition with a head that never saw it.
+Those probabilities are what the audit (likely label errors, every partition voting) and the
+calibration (its temperature fitted across folds) learn from, so a run keeps them: `OOF`
+collects them fold by fold, `save` writes `oof.h5` into the run (plain h5py: `probabilities`
+(partitions, images, classes) float32, `fold` (partitions, images) the fold that scored each
+image, `sha256` and `label` per image, rows in the run's canonical order) and `load` reads it
+back. Memory stays bounded: partitions after the first are kept while they fit `MAX_BYTES`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import h5py
+import numpy as np
+
+from pipeline import outputs
+
+FILE = "oof.h5"
+MAX_BYTES = 512 * 2**20  # partitions after the first are kept while all of them fit this
+
+
+@dataclass
+class OOF:
+    """Out-of-fold probabilities of the scored images (originals), partition by partition."""
+
+    rows: np.ndarray  # the training rows scored (originals), in the run's canonical order
+    labels: np.ndarray  # their given labels
+    n_classes: int
+    probabilities: list[np.ndarray] = field(default_factory=list)  # (images, classes) each
+    folds: list[np.ndarray] = field(default_factory=list)  # (images,) each, -1 unscored
+    dropped: int = 0  # partitions scored but not kept (MAX_BYTES)
+
+    @classmethod
+    def of(cls, original: np.ndarray, y: np.ndarray, n_classes: int) -> OOF:
+        rows = np.flatnonzero(original)
+        return cls(rows, np.asarray(y)[rows].astype(np.int64), n_classes)
+
+    def start(self) -> bool:
+        """A new partition: False (nothing kept) when it would pass MAX_BYTES."""
+        each = len(self.rows) * self.n_classes * 4
+        if self.probabilities and each * (len(self.probabilities) + 1) > MAX_BYTES:
+            self.dropped += 1
+            return False
+        self.probabilities.append(np.full((len(self.rows), self.n_classes), np.nan, np.float32))
+        self.folds.append(np.full(len(self.rows), -1, np.int16))
+        return True
+
+    def put(self, te: np.ndarray, proba: np.ndarray, fold: int) -> None:
+        """The scored rows `te` (training-row numbers) of the current partition."""
+        at = np.searchsorted(self.rows, te)
+        self.probabilities[-1][at] = proba
+        self.folds[-1][at] = fold
+
+    def save(self, folder: Path, sha256: Any) -> Path:
+        """`oof.h5` in `folder`, written whole (`outputs.written`)."""
+        path = folder / FILE
+        hashes = np.array([h.decode() if isinstance(h, bytes) else str(h) for h in sha256])
+        with outputs.written(path) as tmp, h5py.File(tmp, "w") as f:
+            probs = np.stack(self.probabilities) if self.probabilities else np.zeros((0, 0, 0))
+            f.create_dataset(
+                "probabilities", data=probs, fletcher32=True, chunks=True, track_times=False
+            )
+            f.create_dataset(
+                "fold", data=np.stack(self.folds), fletcher32=True, chunks=True, track_times=False
+            )
+            f.create_dataset("label", data=self.labels, fletcher32=True, track_times=False)
+            f.create_dataset(
+                "sha256", data=hashes.astype("S64"), fletcher32=True, track_times=False
+            )
+            f.attrs["partitions_dropped"] = self.dropped
+        return path
+
+
+@dataclass(frozen=True)
+class Saved:
+    """`oof.h5` as read back: what the audit and the calibration take."""
+
+    probabilities: np.ndarray  # (partitions, images, classes)
+    fold: np.ndarray  # (partitions, images)
+    label: np.ndarray
+    sha256: np.ndarray  # hex, as bytes
+
+
+def load(run_dir: Path) -> Saved | None:
+    """The run's out-of-fold probabilities, or None for a run saved before they were kept."""
+    path = run_dir / FILE
+    if not path.exists():
+        return None
+    with h5py.File(path, "r") as f:
+        return Saved(f["probabilities"][...], f["fold"][...], f["label"][...], f["sha256"][...])
