@@ -28,6 +28,7 @@ REPEATS   ?=
 BUDGET    ?=
 RACE      ?= 1
 SEED      ?= 0
+GROUPS    ?= content
 PARAMS    ?=
 IMAGES    ?=
 RUN       ?=
@@ -70,7 +71,7 @@ folds_arg  = $(if $(FOLDS),--folds $(FOLDS))
 takes.help       :=
 takes.install    :=
 takes.features   := DATA ARTIFACTS BACKBONE WEIGHTS SIZE LAYER BATCH DTYPE PRECISION SEED AUGMENT REBUILD VERIFY MAPS CLUSTER
-takes.train-head := HEAD POOL FOLDS REPEATS BUDGET SEED VIEWS PARAMS CLUSTER ARTIFACTS
+takes.train-head := HEAD POOL FOLDS REPEATS BUDGET SEED VIEWS PARAMS CLUSTER ARTIFACTS GROUPS
 takes.train-all  := POOL FOLDS REPEATS BUDGET SEED VIEWS PARAMS CLUSTER ARTIFACTS
 takes.finetune   := DATA ARTIFACTS BACKBONE WEIGHTS SIZE BATCH DTYPE PRECISION SEED FOLDS REPEATS BUDGET PARAMS CLUSTER
 takes.sweep       = ARTIFACTS FOLDS REPEATS BUDGET RACE SEED SWEEP_HEADS SWEEP_POOLS SWEEP_VIEWS SWEEP_BACKBONES CLUSTER $(if $(SWEEP_BACKBONES),DATA WEIGHTS SIZE PRECISION)
@@ -132,6 +133,8 @@ help: ## this list
 	@echo "  RACE=$(RACE) (sweep)     1: after the first partition, runs clearly worse than the best stop there"
 	@echo "                     (screened out); 0: every run gets all its partitions"
 	@echo "  AUGMENT=K (features) VIEWS=K (train-head)   cache / train on K augmented views per image"
+	@echo "  GROUPS=near (train-head)   keep near-duplicate sets in one fold (a run of its own, -near)"
+	@echo "  RUN=name (audit, predict)  the run to audit or use (default: the best current run)"
 	@echo "  CLUSTER=local:N | tcp://host:8786   features, finetune, train-head, sweep, predict on Dask (README)"
 	@echo "  REBUILD=1 (features)  embed every image again, e.g. after a Pillow/TensorFlow upgrade"
 	@echo "  VERIFY=1 (features)   hash every file again (default: unchanged size+mtime+inode are trusted)"
@@ -165,7 +168,7 @@ features: $(STAMP) ## embed every image once into ARTIFACTS/features/*.h5 (rerun
 
 train-head: $(STAMP) ## cross-validate + save HEAD on the cached features (backbone never runs)
 	$(PY) -m pipeline train-head --head $(HEAD) $(pool_arg) $(folds_arg) $(repeats_arg) --seed $(SEED) \
-		--artifacts $(call q,ARTIFACTS) --views $(VIEWS) $(param_args) $(cluster_arg)
+		--artifacts $(call q,ARTIFACTS) --views $(VIEWS) $(param_args) $(cluster_arg) --groups $(GROUPS)
 
 train-all: $(STAMP) ## train-head for logreg, svm and dense
 	for h in logreg svm dense; do $(MAKE) --no-print-directory train-head HEAD=$$h || exit $$?; done
@@ -209,4 +212,4 @@ bench-gpu: $(STAMP) ## on a GPU machine: float32 vs mixed, batch 64-512, XLA, de
 	$(PY) -m pipeline.bench --artifacts $(call q,ARTIFACTS)/bench-gpu --only gpu $(if $(BENCH_SIZE),--size $(BENCH_SIZE))
 
 clean: ## remove generated output (keeps .venv and artifacts/README.md)
-	find $(call q,ARTIFACTS) -mindepth 1 -maxdepth 1 ! -name README.md ! -name report-screenshot.png -exec rm -rf {} + 2>/dev/null || true
+	find $(call q,ARTIFACTS) -mindepth 1 -maxdepth 1 ! -name README.md ! -name report-screenshot.png ! -name audit-screenshot.png -exec rm -rf {} + 2>/dev/null || true

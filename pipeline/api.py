@@ -117,6 +117,7 @@ def train_head(s: TrainHeadSettings, log: Log | None = print) -> dict[str, Any]:
             client=c,
             repeats=s.repeats,
             budget=s.budget,
+            groups=s.groups,
         )
 
 

@@ -151,6 +151,28 @@ def near_duplicates(
     return np.where(sizes[comp] > 1, comp, -1), typical
 
 
+K = 10  # neighbours per image for near-duplicates and outliers
+
+
+def join_groups(groups: np.ndarray, sets: np.ndarray) -> np.ndarray:
+    """`groups` (one integer per row) joined wherever rows share a near-duplicate set
+    (`sets`, -1 alone): connected components over the groups, numbered by first appearance."""
+    groups = np.asarray(groups, np.int64)
+    _, g = np.unique(groups, return_inverse=True)
+    n = int(g.max()) + 1 if len(g) else 0
+    inset = np.flatnonzero(sets >= 0)
+    order = inset[np.argsort(sets[inset], kind="stable")]
+    first = np.r_[True, sets[order][1:] != sets[order][:-1]] if len(order) else np.zeros(0, bool)
+    head = order[np.maximum.accumulate(np.where(first, np.arange(len(order)), 0))]
+    graph = coo_matrix((np.ones(len(order), np.int8), (g[order], g[head])), shape=(n, n))
+    _, comp = connected_components(graph, directed=False)
+    joined = comp[g]
+    _, firsts, inv = np.unique(joined, return_index=True, return_inverse=True)
+    rank = np.empty(len(firsts), np.int64)
+    rank[np.argsort(firsts, kind="stable")] = np.arange(len(firsts))
+    return rank[inv.reshape(-1)]
+
+
 def calibration(labels: np.ndarray, probs: np.ndarray, bins: int = 15) -> dict[str, Any]:
     """Expected calibration error (equal-width confidence bins), Brier score and the
     reliability table (per bin: mean confidence, accuracy, count)."""

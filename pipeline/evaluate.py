@@ -240,7 +240,7 @@ def splits(ts: TrainSet, k: int, seed: int) -> tuple[list[tuple[np.ndarray, np.n
     orig = np.flatnonzero(ts.original)
     sk = _sortable(ts.sha256)
     orig = orig[np.lexsort((ts.y[orig], sk[orig]))]  # stable: as sorted() by (hash, label)
-    sorted_groups = groups_of(sk[orig])
+    sorted_groups = groups_of(ts.groups[orig])  # contents, or near-duplicate sets joined
     fold_o = outer_folds(ts.y[orig], sorted_groups, k, seed)
     content = views.content(ts.groups)
     fold_of_group = np.full(int(content.max()) + 1 if len(content) else 0, -1, np.int64)

@@ -1,4 +1,5 @@
-"""The report's pictures: confusion matrices, the runs' comparison, the learning curve, thumbnails.
+"""The report's pictures: confusion matrices, the runs' comparison, the learning curve, a
+reliability diagram, thumbnails.
 
 Each function writes a PNG (matplotlib, Agg) or returns PNG bytes; the report embeds them as data
 URIs, so the HTML stays one self-contained file.
@@ -140,6 +141,39 @@ def learning_curve(curve: dict[str, Any], out: Path) -> None:
     ax.set_xlabel("training images per class")
     ax.set_ylabel("cross-validated accuracy")
     ax.set_title(f"learning curve: {curve['head']}, {curve['pooling']} pooling", fontsize=9)
+    fig.tight_layout()
+    with outputs.written(out) as tmp:
+        fig.savefig(tmp, format="png")
+    plt.close(fig)
+
+
+def reliability(
+    table: list[dict[str, Any]],
+    title: str,
+    out: Path,
+    scaled: list[dict[str, Any]] | None = None,
+) -> None:
+    """A reliability diagram: per confidence bin, the accuracy as a bar (the bin's width) and
+    its mean confidence as a point, the diagonal where they would agree; `scaled` (the bins
+    after the temperature, cross-fitted) as a second series. Bins hold `count` images each."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(4.6, 4.0), dpi=100)
+    ax.plot([0, 1], [0, 1], ls="--", color="0.5", lw=1, label="perfectly calibrated")
+    lows = [float(b["low"]) for b in table]
+    widths = [float(b["high"]) - float(b["low"]) for b in table]
+    accs = [float(b["accuracy"]) for b in table]
+    ax.bar(lows, accs, width=widths, align="edge", color="C0", alpha=0.55, label="accuracy")
+    confs = [float(b["confidence"]) for b in table]
+    ax.scatter(confs, accs, s=14, color="C0", zorder=3, label="at the bin's mean confidence")
+    if scaled:
+        xs, ys = [float(b["confidence"]) for b in scaled], [float(b["accuracy"]) for b in scaled]
+        ax.plot(xs, ys, "o-", color="C3", ms=3, lw=1, label="after the temperature (cross-fitted)")
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1.02)
+    ax.set_xlabel("confidence (the top class's probability)")
+    ax.set_ylabel("accuracy")
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=7, loc="upper left")
     fig.tight_layout()
     with outputs.written(out) as tmp:
         fig.savefig(tmp, format="png")

@@ -4,9 +4,10 @@ Current runs (trained on the cache the latest `make features` wrote) are ranked;
 listed apart with the reason. CV accuracy with its spread (said what it is), runs compared fold
 by fold on the same outer folds, validation accuracy as the honest figure for the pick,
 per-class results, a confusion-matrix picture per head, identical files (across classes, or in
-train and validation), and every skipped image with its reason. The HTML, rendered from
-pipeline/templates/report.html.j2 (Jinja2, autoescaped), embeds its pictures and escapes every
-user-given string: one file to open.
+train and validation), every skipped image with its reason, and what `make audit` found
+(pipeline/report_audit.py: label errors, near-duplicates, outliers, calibration, a map). The
+HTML, rendered from pipeline/templates/report.html.j2 (Jinja2, autoescaped), embeds its pictures
+and escapes every user-given string: one file to open.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from typing import Any
 
 import numpy as np
 
+import pipeline.report_audit as report_audit
 from pipeline import dataset, duplicates, heads, layout, outputs, pictures, runs, stats, store
 from pipeline.cache_identity import RANDOM_BANNER
 from pipeline.errors import UserError
@@ -357,6 +359,7 @@ def _build(artifacts: Path, log: Log, gallery_runs: str | None) -> dict[str, Any
             raise UserError(f"GALLERY '{gallery_runs}' is not a current run (or 'all')")
         wanted += [r for r in named if r not in wanted]
     galleries = [gallery(r, data_root) for r in wanted]
+    audit = report_audit.section(artifacts, all_runs, current, out, log)  # audit/audit.json
     report = {
         "banner": RANDOM_BANNER if random_w else None,
         "header": header(artifacts, idx, entries),
@@ -367,6 +370,7 @@ def _build(artifacts: Path, log: Log, gallery_runs: str | None) -> dict[str, Any
         "results": entries,
         "stale": stale,
         "galleries": galleries,
+        "audit": audit,
         "duplicates": dups,
         "skipped": skipped,
         "environment": environment(),
@@ -379,6 +383,7 @@ def _build(artifacts: Path, log: Log, gallery_runs: str | None) -> dict[str, Any
             {**g, "items": [{k: v for k, v in it.items() if k != "thumbnail"} for it in g["items"]]}
             for g in galleries
         ],
+        "audit": report_audit.as_json(audit),
     }
     _write(out / "report.json", json.dumps(as_json, indent=1))
     _write(out / "report.md", _markdown(report))
@@ -514,6 +519,7 @@ def _markdown(rep: dict[str, Any]) -> str:
             f"({(it.get('probability') or 0):.0%})"
             for it in g["items"]
         ] or ["None."]
+    lines += report_audit.markdown(rep.get("audit"))
     if rep.get("learning_curve"):
         c = rep["learning_curve"]
         lines += ["", "## Learning curve", "", f"![learning curve]({c['png']})", "", c["advice"]]
@@ -582,5 +588,7 @@ def _html(rep: dict[str, Any], folder: Path) -> str:
         protocol=_protocol,
         dup_lines=_dup_lines,
         dumps=json.dumps,
+        audit_status=report_audit.status,
+        num=report_audit.num,
         zip=functools.partial(zip, strict=True),
     )

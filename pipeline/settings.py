@@ -257,6 +257,13 @@ class TrainHeadSettings(Settings):
     cluster: str = CLUSTER()
     repeats: int | None = REPEATS()
     budget: float | None = BUDGET()
+    groups: str = Setting(
+        "content",
+        "what folds keep together: content (the same bytes) or near (near-duplicate sets "
+        "too, as `make audit` finds them; a run of its own, -near)",
+        "GROUPS",
+        check=one_of("content", "near"),
+    )()
 
 
 @dataclass(frozen=True)

@@ -8,6 +8,7 @@ import TensorFlow. Each run is written whole by `pipeline.runs`: the fitted head
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import time
@@ -27,6 +28,7 @@ from pipeline import (
     heads,
     inner,
     layout,
+    neighbours,
     runs,
     stats,
     store,
@@ -37,6 +39,7 @@ from pipeline.errors import UserError
 from pipeline.provenance import environment
 from pipeline.seeding import set_seeds
 from pipeline.store.reader import texts
+from pipeline.store.rows import materialize
 
 Log = Callable[[str], None]
 
@@ -66,12 +69,16 @@ def load(
     seed: int = 0,
     lazy: bool = False,
     fits: Callable[[int, int], None] | None = None,
+    groups: str = "content",
+    log: Log | None = None,
 ) -> Loaded:
     """Read the cache once (one open file: a concurrent `make features` cannot mix versions).
 
     `lazy`: the features stay in the cache, named by `store.Rows` (read block by block by a
     streaming head, or by a cluster's workers); the caller holds `store.reading` meanwhile.
-    `fits(rows, dim)` may refuse before anything is read into memory.
+    `fits(rows, dim)` may refuse before anything is read into memory. `groups="near"`: each
+    near-duplicate set of training images (`diagnose.near_duplicates`, the audit's) is one
+    group with the copies of its members, so every split, outer and inner, keeps it whole.
     """
     with store.reading(path.parent), store.open_cache(path) as f:
         idx = store.index_of(f, path, lean=lazy)  # lazy: a few bytes a row, no texts
@@ -90,6 +97,8 @@ def load(
         sha256=tr.sha256,
         paths=tr.paths,
     )
+    if groups == "near":
+        ts = dataclasses.replace(ts, groups=_near_groups(ts, log or (lambda _: None)))
     aug = None
     if views:
         ts, aug = _with_views(path, idx, ts, pooling, views, seed, lazy)
@@ -113,8 +122,12 @@ def train_head(
     first_only: bool = False,
     resume: dict[str, Any] | None = None,
     screened_out: bool = False,
+    groups: str = "content",
 ) -> dict[str, Any]:
     """Cross-validate, validate and save one head; return its result (also in result.json).
+
+    `groups="near"` (GROUPS=near) keeps each near-duplicate set in one fold (`load`), under a
+    run name of its own (`-near`), so its figure stands beside the run by content groups.
 
     `repeats=None` chooses the partitions by time: as many as `budget` minutes (BUDGET,
     default `stats.BUDGET_MINUTES`) hold at the first partition's cost, at most
@@ -146,7 +159,7 @@ def train_head(
             held.enter_context(store.reading(path.parent))
         return _train(
             artifacts, head, info, p, pooling, folds, seed, path, n_jobs, views, log, client,
-            repeats, lazy, t0, budget, first_only, resume, screened_out,
+            repeats, lazy, t0, budget, first_only, resume, screened_out, groups,
         )  # fmt: skip
 
 
@@ -170,9 +183,17 @@ def _train(
     first_only: bool = False,
     resume: dict[str, Any] | None = None,
     screened_out: bool = False,
+    groups: str = "content",
 ) -> dict[str, Any]:
     data = load(
-        path, pooling, views, seed, lazy, lambda n, d: heads.check_memory(info, n, d, client)
+        path,
+        pooling,
+        views,
+        seed,
+        lazy,
+        lambda n, d: heads.check_memory(info, n, d, client),
+        groups=groups,
+        log=log,
     )
     idx, ts, va = data.index, data.train, data.validation
     classes = idx.classes
@@ -308,6 +329,7 @@ def _train(
         )
     bb = context["backbone"]
     base = (f"{bb}-" if bb != "vgg16" else "") + run_base(head, pooling, p, views)
+    base += "-near" if groups == "near" else ""
     name = runs.run_name(
         base, key, did, seed, f"holdout-{folds}" if protocol["holdout"] else folds, repeats
     )
@@ -325,6 +347,7 @@ def _train(
         "classes": classes,
         "n_train": n_orig,
         "views": views,
+        "groups": groups,
         "n_train_rows": int(len(ts.y)),
         "n_validation": int(len(va.y)),
         "feature_dim": int(ts.X.shape[1]),
@@ -398,6 +421,21 @@ def _repeats_plan(
         return r
 
     return by_time, why
+
+
+def _near_groups(ts: evaluate.TrainSet, log: Log) -> np.ndarray:
+    """The content groups joined along near-duplicate sets of the training images (their
+    features in the audit's space, `neighbours.search`): one group per set and its copies."""
+    X = neighbours.space(materialize(ts.X))
+    dist, idx = neighbours.search(X, diagnose.K)
+    sets, _ = diagnose.near_duplicates(dist, idx)
+    merged = diagnose.join_groups(ts.groups, sets)
+    n_sets = len(np.unique(sets[sets >= 0]))
+    log(
+        f"GROUPS=near: {n_sets} near-duplicate set(s) join {len(np.unique(ts.groups)):,} "
+        f"contents into {len(np.unique(merged)):,} groups; folds keep each group whole"
+    )
+    return merged
 
 
 def _with_views(

@@ -182,3 +182,32 @@ def test_held_out_training_like_images_are_flagged_at_about_the_stated_rate():
     assert 0.002 <= flag.mean() <= 0.03  # about 1 %
     _, far = nov.score(rng.normal(0, 1, (50, 32)) * 3)
     assert far.all()
+
+
+def test_groups_near_keeps_each_near_duplicate_set_in_one_fold(audited):
+    """GROUPS=near: the copies in training share their original's fold in every partition,
+    under a run name of its own; the content run stays as it was."""
+    from pipeline import layout
+    from pipeline.train import load
+
+    lines: list[str] = []
+    art = audited["art"]
+    r = train_head(
+        art, "logreg", folds=4, repeats=2, params={"C": "1"}, groups="near", log=lines.append
+    )
+    assert r["run"].split("--")[0].endswith("-near") and r["groups"] == "near"
+    assert r["run"] != audited["run"]["run"]
+    assert any(ln.startswith("GROUPS=near: ") for ln in lines)
+    paths = list(load(layout.current_cache(art), "avg").train.paths)
+    near = oof.load(art / "heads" / r["run"])
+    plain = oof.load(art / "heads" / audited["run"]["run"])
+    pairs = [
+        (paths.index(f"train/class_{c}/c{c}_{i:02d}.png"), paths.index(copy))
+        for c, i, how, split in COPIES
+        if split == "train"
+        for copy in [f"train/class_{c}/copy_c{c}_{i:02d}.{'jpg' if how == 'jpeg' else 'png'}"]
+    ]
+    for a, b in pairs:
+        assert (near.fold[:, a] == near.fold[:, b]).all()
+    # by content only, at least one copy lands in another fold than its original somewhere
+    assert any((plain.fold[:, a] != plain.fold[:, b]).any() for a, b in pairs)

@@ -17,6 +17,9 @@
 10. (`--only sweep`; by default with `--size full`) `make sweep` and `make finetune` minutes on a
    few hundred generated images, every run all its partitions against a race with repeats by
    time (`pipeline.bench.sweep`).
+12. (`audit`) `make audit`'s parts (neighbour search with its recall@10, near-duplicates,
+   outliers, label errors, the map) at 100,000 and 1,000,000 synthetic rows: time and peak
+   memory (`pipeline.bench.know`).
 11. (`rerun-memory`) an unchanged `make features` rerun's peak memory per file (tracemalloc) at
    100,000 and 1,000,000 files (real files up to --rerun-real, the same code on a synthetic
    store beyond), with the projection for ten million (`pipeline.bench.scale.rerun_memory`).
@@ -49,6 +52,7 @@ from pipeline.bench.extraction import (
 )
 from pipeline.bench.heads import heads_timing
 from pipeline.bench.instruments import say
+from pipeline.bench.know import audit_at_scale
 from pipeline.bench.scale import rerun_memory, scale
 from pipeline.bench.store import store_at_scale
 from pipeline.bench.sweep import sweep_small
@@ -226,9 +230,9 @@ def _main(argv: list[str] | None = None) -> int:
         "--only",
         default=None,
         help="comma-separated parts (default: extraction,reruns,memory,heads,scale,store,"
-        "rerun-memory,cluster,predict,backbones, and with --size full also sweep: `make sweep` "
-        "and `make finetune` on a few hundred images before and after racing and repeats by "
-        "time, tens of minutes on 2 cores)",
+        "rerun-memory,audit,cluster,predict,backbones, and with --size full also sweep: "
+        "`make sweep` and `make finetune` on a few hundred images before and after racing "
+        "and repeats by time, tens of minutes on 2 cores)",
     )
     ap.add_argument("--sweep-images", type=int, default=320, help="the sweep part's images")
     ap.add_argument("--sweep-size", type=int, default=96, help="the sweep part's input size")
@@ -254,13 +258,15 @@ def _main(argv: list[str] | None = None) -> int:
         help="the extraction parts' precision, pipeline and bare pass alike (default auto, "
         "resolved as `make features` does); the backbones part compares float32 with it",
     )
+    ap.add_argument("--audit-sizes", default="", help="the audit part's rows (comma-separated)")
     ap.add_argument("--backbone", default="vgg16", help="the extraction parts' backbone")
     ap.add_argument("--input-size", type=int, default=224, help="the extraction parts' size")
     ap.add_argument("--backbones", default="", help="the backbones part's (default: all)")
     args = ap.parse_args(argv)
     if args.only is None:
         args.only = (
-            "extraction,reruns,memory,heads,scale,store,rerun-memory,cluster,predict,backbones"
+            "extraction,reruns,memory,heads,scale,store,rerun-memory,audit,cluster,predict,"
+            "backbones"
         )
         args.only += ",sweep" if args.size == "full" else ""
     # the folder is this bench's (a second one would delete its work folder): it stops at once
@@ -330,6 +336,12 @@ def _bench(args: argparse.Namespace) -> int:
         sizes = tuple(int(v) for v in (args.rerun_sizes or default).split(","))
         say("an unchanged `make features` rerun's peak memory per file (tracemalloc):")
         res["rerun_memory"] = rerun_memory(work, sizes, args.rerun_real)
+        _save(args.artifacts, res)
+    if "audit" in parts:
+        default = "10000,30000" if args.size == "small" else "100000,1000000"
+        sizes = tuple(int(v) for v in (args.audit_sizes or default).split(","))
+        say("make audit's parts on synthetic 512-d features (a fresh process per size):")
+        res["audit"] = audit_at_scale(sizes)
         _save(args.artifacts, res)
     if "cluster" in parts:
         say("extraction in one process and on CLUSTER=local:2 (same images):")
