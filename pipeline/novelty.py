@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 
 from pipeline import layout, neighbours, store
+from pipeline.store.damage import SegmentDamaged
 from pipeline.store.rows import materialize
 from pipeline.train import load
 
@@ -57,5 +58,22 @@ def of_run(
             return None
         rng = np.random.default_rng(seed)
         pick = np.sort(rng.choice(n, min(n, SAMPLE), replace=False))
-        X = materialize(ts.X[pick])
-    return Novelty(X)
+        rows = ts.X[pick]
+        for _ in range(8):  # a damaged segment costs its rows here (the lookup names it)
+            try:
+                X = materialize(rows)
+                break
+            except SegmentDamaged as e:
+                rows = rows[~_in_segment(rows, e.path.name)]
+        else:
+            return None
+    return Novelty(X) if len(X) >= 2 else None
+
+
+def _in_segment(rows: Any, name: str) -> np.ndarray:
+    """Which of `rows` (`store.Rows`) live in the segment file `name`."""
+    hit = np.zeros(len(rows.row), bool)
+    for p, part in enumerate(rows.parts):
+        if name in part.names:
+            hit |= (rows.part == p) & (rows.seg == part.names.index(name))
+    return hit

@@ -111,10 +111,37 @@ def test_make_finetune_end_to_end(tmp_path, capsys):
         )
         == 0
     )
+    import json
+
     rows = list(csv.DictReader(open(tmp_path / "p.csv")))
     assert len(rows) == 6
+    # every row: a class for its label, its probabilities summing to 1, the label their argmax,
+    # and the figures the saved model gives on the same images' cached block4_pool maps
+    result = json.loads((r / "result.json").read_text())
+    classes = result["classes"]
+    assert classes == ["class_0", "class_1", "class_2"]
+    p = np.array([[float(row[f"p_{c}"]) for c in classes] for row in rows])
+    assert {row["label"] for row in rows} <= set(classes)
+    np.testing.assert_allclose(p.sum(axis=1), 1, atol=1e-5)
+    assert [row["label"] for row in rows] == [classes[i] for i in p.argmax(axis=1)]
+    assert [float(row["probability"]) for row in rows] == pytest.approx(p.max(axis=1), abs=1e-6)
+    from pipeline import runs
+    from pipeline.api import load_features
+    from pipeline.diagnose import scaled
+
+    model = runs.load_estimator(art, result)
+    cache = next(c for c in caches if "block4_pool" in c.name)
+    feats = load_features(cache, "flatten", "validation")
+    at = {path: i for i, path in enumerate(feats.paths)}  # relative to DATA; a row's to IMAGES
+    X = feats.X[[at[f"validation/{row['path']}"] for row in rows]]
+    want = np.zeros((len(rows), len(classes)))
+    want[:, np.asarray(model.classes_, int)] = model.predict_proba(X)
+    calib = result.get("calibration") or {}
+    if calib.get("applied"):
+        want = scaled(want, float(calib["temperature"]))
+    np.testing.assert_allclose(p, want, atol=2e-3)
+    assert [row["label"] for row in rows] == [classes[i] for i in want.argmax(axis=1)]
     assert cli.main(["report", "--artifacts", str(art)]) == 0
-    import json
 
     rep = json.loads((art / "report/report.json").read_text())
     assert {e["head"] for e in rep["results"]} == {"logreg", "finetune"}

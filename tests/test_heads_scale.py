@@ -13,7 +13,7 @@ from pipeline import evaluate, heads, layout, reporting, stats, store
 from pipeline.bench import store as bench_store
 from pipeline.errors import UserError
 from pipeline.store import reader, rows
-from pipeline.train import train_head
+from pipeline.train import load, train_head
 
 
 def synthetic(tmp_path, n: int, channels: int = 48, signal: float = 0.6):
@@ -132,10 +132,32 @@ def test_held_out_runs_are_paired_image_by_image(tmp_path, monkeypatch):
     rb = stats.unpack_bits(b["cv"]["holdout_right"], n)
     assert p["mean_difference"] == pytest.approx(ra.mean() - rb.mean())
     assert p["low"] < p["mean_difference"] < p["high"]  # an interval, not one fold's figure
-    assert p["p_value"] == stats.mcnemar(ra, rb)["p_value"]
+    hand = _paired_by_hand(ra, rb)
+    assert hand["discordant"] >= 5  # the two heads disagree on some images: a real interval
+    assert (p["low"], p["high"]) == pytest.approx((hand["low"], hand["high"]), abs=1e-12)
+    assert p["p_value"] == pytest.approx(hand["p"], rel=1e-9)
+    assert p["tied"] is hand["tied"]
     # identical runs: difference 0, tied
     same = reporting.paired(ea, ea)
     assert same["mean_difference"] == 0 and same["tied"]
+
+
+def _paired_by_hand(a: np.ndarray, b: np.ndarray) -> dict[str, float | bool]:
+    """a - b on the same images from their right/wrong bits, computed here: the Wald interval
+    of a difference of paired proportions (cut to [-1, 1]) and McNemar's exact two-sided p
+    on the discordant images; tied when the interval holds 0 or p >= 0.05."""
+    from math import comb, sqrt
+
+    n = len(a)
+    p10 = sum(1 for x, y in zip(a, b, strict=True) if x and not y) / n  # only a right
+    p01 = sum(1 for x, y in zip(a, b, strict=True) if y and not x) / n  # only b right
+    d = p10 - p01
+    half = 1.959963984540054 * sqrt((p10 + p01 - d * d) / n)
+    low, high = max(-1.0, d - half), min(1.0, d + half)
+    m, lo = round((p10 + p01) * n), round(min(p10, p01) * n)
+    p = min(1.0, 2 * sum(comb(m, i) for i in range(lo + 1)) / 2**m) if m else 1.0
+    return {"d": d, "low": low, "high": high, "p": p, "discordant": m,
+            "tied": bool(low <= 0 <= high or p >= 0.05)}  # fmt: skip
 
 
 def test_available_memory_is_what_the_machine_can_give_now(monkeypatch):
@@ -340,7 +362,8 @@ def test_a_streaming_head_holds_a_few_bytes_per_row_and_reads_texts_when_asked(t
 
 def test_a_sweep_sizes_its_evaluation_to_the_data_too(tmp_path, monkeypatch):
     """Above the threshold every run of a sweep is one held-out split, the runs are paired
-    image by image (who is tied with the best), and the learning curve is on that split."""
+    image by image (who is tied with the best, as computed here from their right/wrong bits),
+    and the learning curve is on that split."""
     from pipeline.sweeping import run_sweep
 
     # a class of 3 images: the partition has 3 folds, so 1/3 is held out (not 1/5)
@@ -348,19 +371,73 @@ def test_a_sweep_sizes_its_evaluation_to_the_data_too(tmp_path, monkeypatch):
     kept = [r for i, r in enumerate(bench_store._rows(0, 600)) if r.label != rare or i < 30]
     path = layout.features_dir(tmp_path / "art") / "rare.h5"
     path.parent.mkdir(parents=True)
-    bench_store.sync(path, kept, batch=97, channels=48, signal=0.3)
+    bench_store.sync(path, kept, batch=97, channels=48, signal=0.6)
     layout.set_current(tmp_path / "art", path)
     monkeypatch.setenv("PIPELINE_HOLDOUT_ABOVE", "500")
-    out = run_sweep(tmp_path / "art", "logreg,sgd", "avg", "0", curve_points=2, log=lambda s: 0)
-    runs = [r["cv"] for r in (store_results(tmp_path / "art")) if r["head"] in ("logreg", "sgd")]
-    assert len(runs) == 2 and all(c["protocol"] == "holdout" for c in runs)
-    assert all(c["holdout_fraction"] == pytest.approx(1 / 3) for c in runs)
-    assert out["ranking"][1]["tied_with_best"] is not None  # paired on the held-out images
+    art = tmp_path / "art"
+    out = run_sweep(art, "logreg,sgd,knn", "avg", "0", curve_points=2, log=lambda s: 0)
+    runs = {r["run"]: r["cv"] for r in store_results(art)}
+    assert len(runs) == 3 and all(c["protocol"] == "holdout" for c in runs.values())
+    assert all(c["holdout_fraction"] == pytest.approx(1 / 3) for c in runs.values())
+    # paired on the held-out images: each tie as computed here from the runs' bits
+    best = runs[out["ranking"][0]["run"]]
+    n = best["holdout_images"]
+    right = stats.unpack_bits(best["holdout_right"], n)
+    ties = []
+    for row in out["ranking"][1:]:
+        other = runs[row["run"]]
+        hand = _paired_by_hand(right, stats.unpack_bits(other["holdout_right"], n))
+        assert hand["d"] == pytest.approx(best["accuracy_mean"] - other["accuracy_mean"])
+        assert row["tied_with_best"] is hand["tied"], (row["run"], hand)
+        ties.append(hand["tied"])
+    assert sorted(ties) == [False, True]  # knn is behind, sgd is not: both decisions made
     curve = out["learning_curve"]
     assert curve["protocol"] == "holdout" and curve["folds"] == 1
-    last = curve["points"][-1]
+    # a training part holds 2 of the rare class's 3 images, the fewest a smaller point takes:
+    # no smaller point, the ranked run's figure alone
+    (last,) = curve["points"]
     assert last["the_ranked_run"] and last["same_folds"]
-    assert all(p["low"] <= p["accuracy_mean"] <= p["high"] for p in curve["points"])
+    assert last["accuracy_mean"] == best["accuracy_mean"]
+    assert (last["low"], last["high"]) == (best["accuracy_low"], best["accuracy_high"])
+    assert curve["advice"] == "too few images per class for a learning curve"
+
+
+def test_a_held_out_learning_curve_is_scored_on_the_runs_held_out_images(tmp_path, monkeypatch):
+    """The curve's last point is the held-out run's figure; its smaller point is fitted on part
+    of that run's training images and scored on its held-out images, whose right/wrong bits the
+    curve's estimator, refitted on the whole training part, gives back: a curve on another
+    split (or with another head) next to the copied figure fails here."""
+    from pipeline.sweeping import learning_curve
+
+    path = synthetic(tmp_path, 600)
+    monkeypatch.setenv("PIPELINE_HOLDOUT_ABOVE", "100")
+    run = train_head(tmp_path / "art", "logreg", features=path, log=lambda s: 0)
+    cv = run["cv"]
+    assert cv["protocol"] == "holdout" and cv["holdout_fraction"] == pytest.approx(1 / 5)
+    monkeypatch.setattr(os, "cpu_count", lambda: 1)  # one job: its fit seen in this process
+    seen: list[tuple] = []
+    real = evaluate._fold
+
+    def spy(est, X, y, groups, tr, te, *a):
+        seen.append((est, tr, te))
+        return real(est, X, y, groups, tr, te, *a)
+
+    monkeypatch.setattr(evaluate, "_fold", spy)
+    curve = learning_curve(path, "logreg", "avg", None, 0, points=2, run=run)
+    assert curve["protocol"] == "holdout" and len(curve["points"]) == 2
+    small, last = curve["points"]
+    assert last["the_ranked_run"] and last["same_folds"] and small["fraction"] < 1
+    assert last["accuracy_mean"] == cv["accuracy_mean"]
+    ((est, sub, te),) = seen
+    ts = load(path, "avg").train
+    ((tr, held),), fid = evaluate.held_out(*evaluate.splits(ts, 5, 0))
+    assert fid == cv["folds_id"]
+    np.testing.assert_array_equal(te, held)
+    assert len(te) == cv["holdout_images"] and set(sub.tolist()) < set(tr.tolist())
+    w = stats.wilson(round(small["accuracy_mean"] * len(te)), len(te))
+    assert (small["low"], small["high"]) == pytest.approx((w["low"], w["high"]), abs=1e-12)
+    refit = real(est, ts.X, ts.y, ts.groups, tr, te)[0]
+    assert stats.pack_bits(refit == ts.y[te]) == cv["holdout_right"]
 
 
 def store_results(art):

@@ -7,6 +7,7 @@ import csv
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -496,3 +497,76 @@ def test_every_command_line_option_is_a_parameter_of_its_function():
         options = {a.dest for a in p._actions if a.dest != "help"}
         params = set(inspect.signature(fn).parameters)
         assert options <= params, f"{name}: {sorted(options - params)}"
+
+
+def test_predict_rows_gives_every_row_in_order_one_at_a_time(both, tmp_path):
+    """`pipeline.api.predict_rows`: a generator of `predict`'s rows, in the order asked, each
+    with every class's probability summing to 1, an unreadable file named with its reason; the
+    CSV written when the last row is taken."""
+    import inspect
+
+    from pipeline.api import predict_rows
+
+    b, new = both["lib"], both["new"]
+    bad = tmp_path / "not-an-image.png"
+    bad.write_text("no pixels here")
+    gone = tmp_path / "gone.png"
+    asked = [new / "n2.png", bad, new / "n0.png", gone, new / "n3.png", new / "n1.png"]
+    out = tmp_path / "rows.csv"
+    rows = predict_rows(asked, b, out=out, log=None)
+    assert inspect.isgenerator(rows)
+    first = next(rows)
+    assert first["path"] == str(asked[0]) and not out.exists()  # one row: nothing final yet
+    got = [first, *rows]
+    assert [r["path"] for r in got] == [str(p) for p in asked]
+    classes = runs.pick(b, None)["classes"]
+    for r in got:
+        if r["path"] in (str(bad), str(gone)):
+            assert r["label"] is None and r["probabilities"] is None and r["error"], r
+            continue
+        assert r["error"] == "" and r["label"] in classes
+        assert list(r["probabilities"]) == classes
+        assert sum(r["probabilities"].values()) == pytest.approx(1.0, abs=1e-6)
+        assert r["label"] == max(classes, key=lambda c: r["probabilities"][c])
+    reasons = {r["path"]: r["error"] for r in got if r["error"]}
+    assert "not an image" in reasons[str(bad)] and "no such file" in reasons[str(gone)].lower()
+    # the same rows as `predict` and the batch run's own predictions of those images
+    whole = {r["path"]: r for r in both["rows"]}
+    for r in got:
+        if not r["error"]:
+            same = whole[Path(r["path"]).name]
+            assert r["label"] == same["label"]
+            for c in classes:
+                assert r["probabilities"][c] == pytest.approx(same["probabilities"][c], abs=1e-6)
+    with open(out, newline="") as fh:
+        written = [line[0] for line in list(csv.reader(fh))[1:]]
+    assert written == [str(p) for p in asked if p not in (bad, gone)]  # readable ones, in order
+
+
+def test_a_lst_file_lists_images_relative_to_its_folder(both, tmp_path):
+    """IMAGES=list.lst: one path a line, relative to the list's own folder (not the working
+    directory), absolute ones as they are, blank lines and `#` comments ignored, in order."""
+    b, new = both["lib"], both["new"]
+    lists = tmp_path / "lists"
+    lists.mkdir()
+    shutil.copy(new / "n3.png", lists / "here.png")
+    (lists / "images.lst").write_text(
+        "# images to classify\n"
+        "\n"
+        f"{os.path.relpath(new / 'n1.png', lists)}\n"
+        "   here.png   \n"
+        "#here.png\n"
+        f"{new / 'n0.png'}\n"
+        "\n",
+        encoding="utf-8",
+    )
+    rows = pipeline.predict(lists / "images.lst", b, out=tmp_path / "l.csv", log=None)
+    rel = os.path.relpath(new / "n1.png", lists)
+    assert [r["path"] for r in rows] == [rel, "here.png", str(new / "n0.png")]
+    assert not any(r["error"] for r in rows)
+    whole = {r["path"]: r for r in both["rows"]}
+    for r, name in zip(rows, ("n1.png", "n3.png", "n0.png"), strict=True):
+        assert r["probabilities"] == pytest.approx(whole[name]["probabilities"], abs=1e-6)
+    (lists / "none.lst").write_text("# nothing\n\n   \n")
+    with pytest.raises(UserError, match="names no image"):
+        pipeline.predict(lists / "none.lst", b, out=tmp_path / "n.csv", log=None)

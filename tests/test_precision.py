@@ -106,11 +106,24 @@ def test_bfloat16_features_stay_close_to_float32_ones():
         ]
     )
     x = backbone.preprocess(imgs)
+    import keras
+
     pooled = {}
-    for p in ("float32", "mixed_bfloat16"):
+    for p, compute in (("float32", "float32"), ("mixed_bfloat16", "bfloat16")):
         model = backbone.build(BackboneSpec("none", input_size=size, precision=p))
-        maps = np.asarray(model.predict_on_batch(x), np.float32)
+        # bfloat16 itself computes (not float16, nor float32): each layer, and its output
+        weighted = [layer for layer in model.layers if layer.weights]
+        assert len(weighted) == 13  # VGG16's convolutions up to block5_pool
+        for layer in model.layers:
+            assert layer.compute_dtype == compute, (layer.name, layer.compute_dtype)
+        assert {w.dtype for layer in weighted for w in layer.weights} == {"float32"}  # mixed
+        out = model.predict_on_batch(x)
+        assert str(out.dtype) == compute
+        maps = np.asarray(out, np.float32)
+        if compute == "bfloat16":  # a bfloat16 is a float32 with its low 16 bits zero
+            assert not (maps.view(np.uint32) & 0xFFFF).any()
         pooled[p] = maps.mean(axis=(1, 2))
+    assert keras.config.dtype_policy().name == "float32"  # the build put the policy back
     a, b = pooled["float32"], pooled["mixed_bfloat16"]
     assert not np.array_equal(a, b)  # bfloat16 did compute
     corr = [np.corrcoef(u, v)[0, 1] for u, v in zip(a, b, strict=True)]

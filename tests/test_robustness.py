@@ -56,7 +56,9 @@ def test_messy_folder_embeds_every_valid_image(messy_data, tmp_path, spec, quiet
 
 
 def test_messy_folder_via_cli_exits_zero(messy_data, tmp_path):
-    root, _ = messy_data
+    """The command on the messy folder: exit 0, every readable image in the cache once, each
+    unreadable one named on its own line with its reason, and the counts in the summary."""
+    root, expect = messy_data
     p = subprocess.run(
         [
             sys.executable,
@@ -74,11 +76,33 @@ def test_messy_folder_via_cli_exits_zero(messy_data, tmp_path):
         ],
         capture_output=True,
         text=True,
+        encoding="utf-8",
+        env={**os.environ, "PYTHONIOENCODING": "utf-8"},
         timeout=300,
     )
     assert p.returncode == 0, p.stderr
-    assert "skipped train/messy/bomb.png: " in p.stdout
     assert "Traceback" not in p.stderr
+    readable = {path for path, why in expect.items() if why is None}
+    readable |= {str(q.relative_to(root)) for q in root.glob("train/class_*/*.png")}
+    assert len(readable) == 6 + 20
+    unreadable = {path: why for path, why in expect.items() if why is not None}
+    (cache,) = [
+        ln.removeprefix("cache: ") for ln in p.stdout.splitlines() if ln.startswith("cache: ")
+    ]
+    idx = store.read_index(cache)
+    assert sorted(idx.paths) == sorted(readable)  # each once, none of the unreadable
+    said = {}
+    for ln in p.stdout.splitlines():
+        if ln.startswith("skipped "):
+            path, _, why = ln.removeprefix("skipped ").partition(": ")
+            assert path not in said, ln  # each named once
+            said[path] = why
+    assert set(said) == set(unreadable)
+    for path, why in unreadable.items():
+        assert why in said[path], (path, said[path])
+    assert {x["path"]: x["reason"] for x in idx.skipped} == said  # recorded as said
+    summary = [ln for ln in p.stdout.splitlines() if ln.startswith("embedded ")]
+    assert summary == [f"embedded {len(readable)} new, 0 cached, 0 removed, {len(said)} skipped"]
 
 
 def load(path):

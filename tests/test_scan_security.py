@@ -25,7 +25,6 @@ from PIL import EpsImagePlugin, Image
 from pipeline import backbone, dataset, images, runs
 
 REPO = Path(__file__).resolve().parents[1]
-OLD_PYTHON = "/root/.pyenv/versions/3.10.13/bin/python3.10"
 
 
 @contextlib.contextmanager
@@ -333,21 +332,64 @@ def test_python_minimum_agrees_everywhere():
     assert f"PYTHON=python{major}.{minor}" in make
 
 
-@pytest.mark.skipif(not os.access(OLD_PYTHON, os.X_OK), reason=f"no {OLD_PYTHON} here")
+def _fake_python(folder: Path, version: tuple[int, int, int]) -> str:
+    """`python3.X` on PATH: an interpreter of `version` as the Makefile sees it (`--version`,
+    `-c CODE` run with that sys.version_info, `-m venv DIR` making a VENV whose python does
+    nothing and succeeds), run by the real interpreter. Returns its name."""
+    name = f"python{version[0]}.{version[1]}"
+    folder.mkdir(parents=True, exist_ok=True)
+    script = folder / name
+    script.write_text(
+        f"#!{sys.executable}\n"
+        "import os, sys\n"
+        f"v = {tuple(version) + ('final', 0)!r}\n"
+        "args = sys.argv[1:]\n"
+        "if args == ['--version']:\n"
+        "    print('Python %d.%d.%d' % v[:3])\n"
+        "elif args[:1] == ['-c']:\n"
+        "    sys.version_info, sys.argv = v, ['-c', *args[2:]]\n"
+        "    exec(compile(args[1], '<string>', 'exec'), {'__name__': '__main__'})\n"
+        "elif args[:2] == ['-m', 'venv']:\n"
+        "    py = os.path.join(args[2], 'bin', 'python')\n"
+        "    os.makedirs(os.path.dirname(py))\n"
+        "    with open(py, 'w') as f:\n"
+        "        f.write('#!/bin/sh\\nexit 0\\n')\n"
+        "    os.chmod(py, 0o755)\n"
+        "else:\n"
+        "    sys.exit('fake python: not simulated: %r' % (args,))\n"
+    )
+    script.chmod(0o755)
+    return name
+
+
 @pytest.mark.skipif(shutil.which("make") is None, reason="no make")
 def test_make_refuses_an_older_python_in_one_line(tmp_path):
     # old code: make went on to `python3.10 -m venv` and pip install
     major, minor = _minimum()
     for name in ("Makefile", "pyproject.toml"):
         shutil.copy(REPO / name, tmp_path / name)
-    venv = tmp_path / "venv"
-    r = subprocess.run(
-        ["make", "-s", "install", f"PYTHON={OLD_PYTHON}", f"VENV={venv}"],
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    assert r.returncode != 0 and not venv.exists()
+    bin_dir = tmp_path / "bin"
+    old = _fake_python(bin_dir, (major, minor - 1, 13))
+    ok = _fake_python(bin_dir, (major, minor, 0))
+    said = subprocess.run([old, "--version"], env={"PATH": str(bin_dir)}, capture_output=True)
+    assert said.stdout.decode().strip() == f"Python {major}.{minor - 1}.13"
+
+    def install(python: str, venv: Path) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            ["make", "-s", "install", f"PYTHON={python}", f"VENV={venv}"],
+            cwd=tmp_path,
+            env={**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}"},
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+
+    r = install(old, tmp_path / "old-venv")
+    assert r.returncode == 2 and not (tmp_path / "old-venv").exists()
     ours = [ln for ln in r.stderr.splitlines() if ln.startswith("error:")]
     assert len(ours) == 1 and f"PYTHON=python{major}.{minor}" in ours[0], r.stderr
+    assert f"PYTHON={old} is older or missing" in ours[0]
+    # the minimum itself passes the check: the VENV is made and installed into
+    r = install(ok, tmp_path / "venv")
+    assert r.returncode == 0, r.stderr
+    assert (tmp_path / "venv/.installed-stamp").is_file() and "error:" not in r.stderr

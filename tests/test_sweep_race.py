@@ -169,3 +169,47 @@ def test_a_run_races_on_while_tied_or_within_the_margin():
     assert not stats.keeps_racing(best, far)[0]
     assert stats.keeps_racing(best, noisy)[1]["tied"]  # the interval still includes 0
     assert stats.keeps_racing(best, {**far, "partition_ids": ["other"]}) == (True, None)
+
+
+def test_the_default_repeats_follow_the_collection_size(tmp_path, monkeypatch, one_thread):
+    """Without REPEATS (and without the suite's PIPELINE_MAX_REPEATS=1) the most partitions
+    a run takes come from its number of training images: 10 up to 1,000, 5 up to 5,000, 3 up
+    to 20,000, then 1, a third of that for a head that trains a network; time decides within."""
+    from pipeline import heads
+    from pipeline.train import _repeats_plan
+
+    monkeypatch.delenv("PIPELINE_MAX_REPEATS", raising=False)
+    monkeypatch.delenv("PIPELINE_BUDGET", raising=False)
+    most_by_size = {50: 10, 1000: 10, 1001: 5, 5000: 5, 5001: 3, 20000: 3, 20001: 1, 10**6: 1}
+    for n, most in most_by_size.items():
+        assert stats.default_repeats(n) == most, n
+        assert stats.default_repeats(n, slow=True) == max(1, most // 3), n
+    logreg, dense = heads.get("logreg"), heads.get("dense")
+    assert logreg.parallel_folds and not dense.parallel_folds  # dense: the slow kind
+    kfold = {"holdout": False}
+    for n, info, most in [
+        (300, logreg, 10), (3000, logreg, 5), (12000, logreg, 3), (50000, logreg, 1),
+        (300, dense, 3), (3000, dense, 1),
+    ]:  # fmt: skip
+        lines: list[str] = []
+        plan, why = _repeats_plan(None, kfold, None, info, n, lines.append)
+        if most == 1:
+            assert plan == 1 and lines == [f"repeats: 1 (at most 1 for {n:,} training images)"]
+            continue
+        assert lines == [
+            f"repeats: by time, up to {most} for {n:,} training images (budget 3 min a run, "
+            "BUDGET=; REPEATS=r fixes it)"
+        ]
+        assert plan(0.01) == most  # a cheap first partition: the most
+        assert plan(45.0) == min(most, 4)  # 180 s holds 4 partitions of 45 s
+        assert plan(500.0) == 1  # past the budget: the first alone
+        assert f"at most {most} for {n:,} training images" in why[0]
+    assert _repeats_plan(7, kfold, None, logreg, 300, lambda s: None)[0] == 7  # asked
+    assert _repeats_plan(None, {"holdout": True}, None, logreg, 300, lambda s: None)[0] == 1
+    # a run chooses by its own size: 200 images, up to 10 (one partition fitted: no time)
+    features = cache(tmp_path / "art", n=200, channels=16)
+    r = train_head(tmp_path / "art", "logreg", features=features, folds=3, budget=1e-5,
+                   log=lambda s: None)  # fmt: skip
+    assert r["repeats"] == 1 and "at most 10 for 200 training images" in r["repeats_reason"]
+    monkeypatch.setenv("PIPELINE_MAX_REPEATS", "4")  # the cap, as the suite sets it to 1
+    assert stats.default_repeats(300) == 4 and stats.default_repeats(30000) == 1

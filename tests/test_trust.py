@@ -515,11 +515,54 @@ def test_rebuild_with_other_versions_makes_runs_and_views_stale(tmp_path, spec, 
         train_head(art, "logreg", folds=2, views=1, log=log)
 
 
+def _files(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+
+
 def test_a_run_moved_aside_by_a_killed_writer_comes_back(trained):
+    """Killed between its two renames, a writer leaves the old run as `.old-<run>-<pid>`: the
+    next writer puts it back whole (every file, byte for byte, its hashes passing), writes its
+    own run complete, and leaves no `.old-`/`.tmp-` folder behind."""
     _, art, r = trained
     hdir = layout.heads_dir(art)
+    before = _files(hdir / r["run"])
+    assert runs.RESULT in before and len(before) >= 2  # the head's files and result.json
     os.rename(hdir / r["run"], hdir / f".old-{r['run']}-999999")  # the writer died in between
     (hdir / ".tmp-x-999999").mkdir()
-    runs.write_run(art, "other--x", {k: v for k, v in r.items() if k != "run"}, lambda d: [])
-    assert (hdir / r["run"] / "result.json").is_file()
-    assert not list(hdir.glob(".old-*")) and not list(hdir.glob(".tmp-*"))
+
+    def save(d: Path) -> list[Path]:
+        (d / "head.bin").write_bytes(b"the other head")
+        return [d / "head.bin"]
+
+    runs.write_run(art, "other--x", {k: v for k, v in r.items() if k != "run"}, save)
+    assert _files(hdir / r["run"]) == before  # the old run whole
+    back = runs.pick(art, r["run"])
+    assert runs.verify(art, back) == hdir / r["run"]  # its recorded hashes pass
+    assert runs.load_estimator(art, back) is not None
+    other = json.loads((hdir / "other--x" / runs.RESULT).read_text())
+    assert other["run"] == "other--x" and other["cv"] == r["cv"]  # the new run complete
+    assert other["files"] == {"head.bin": runs.file_sha256(hdir / "other--x/head.bin")}
+    assert set(_files(hdir / "other--x")) == {"head.bin", runs.RESULT}
+    assert runs.verify(art, other) == hdir / "other--x"
+    assert sorted(p.name for p in hdir.iterdir()) == sorted([r["run"], "other--x"])
+
+
+def test_a_run_written_again_replaces_the_old_one_whole(trained):
+    """Killed after both renames, a writer leaves its moved-aside old run next to the new one:
+    the next writer of that run drops it, and the run in place is the last one written,
+    complete (never a mix of the two)."""
+    _, art, r = trained
+    hdir = layout.heads_dir(art)
+    shutil.copytree(hdir / r["run"], hdir / f".old-{r['run']}-999999")
+
+    def save(d: Path) -> list[Path]:
+        (d / "head.bin").write_bytes(b"written again")
+        return [d / "head.bin"]
+
+    runs.write_run(art, r["run"], {**r, "cv": {**r["cv"], "accuracy_mean": 0.5}}, save)
+    now = _files(hdir / r["run"])
+    assert set(now) == {"head.bin", runs.RESULT} and now["head.bin"] == b"written again"
+    res = json.loads(now[runs.RESULT])
+    assert res["cv"]["accuracy_mean"] == 0.5 and res["run"] == r["run"]
+    assert runs.verify(art, res) == hdir / r["run"]
+    assert [p.name for p in hdir.iterdir()] == [r["run"]]

@@ -175,19 +175,67 @@ def test_the_report_says_which_runs_are_tied_with_the_best(cached):
     assert "tied with the best" in html and "worse than the best" in html
 
 
-def test_the_learning_curve_ends_at_the_ranked_figure(cached):
+def test_the_learning_curve_ends_at_the_ranked_figure(cached, monkeypatch):
+    """The last point is the ranked run's own figure (no refit); it stands on the curve only
+    because the smaller points are scored on the very folds of that run. Seen here as the
+    curve fits them: its test folds are the run's (drawn independently), its training rows a
+    subset of the run's training fold, and its estimator refitted on the whole training fold
+    gives the run's first-partition fold accuracies: a curve on other folds, or with another
+    head, next to a copied last point, fails here."""
+    import json
+    import os
+
+    from pipeline import layout
+    from pipeline.train import load
+
+    monkeypatch.setattr(os, "cpu_count", lambda: 1)  # one job: every fit seen in this process
+    seen: list[tuple] = []
+    real = evaluate._fold
+
+    def spy(est, X, y, groups, tr, te, *a):
+        got = real(est, X, y, groups, tr, te, *a)
+        seen.append((est, tr, te, float(np.mean(got[0] == y[te]))))
+        return got
+
+    monkeypatch.setattr(evaluate, "_fold", spy)
+    k, repeats = 3, 2
     out = run_sweep(
-        cached, "logreg", "avg", "0", folds=3, seed=0, curve_points=3, repeats=2,
+        cached, "logreg", "avg", "0", folds=k, seed=0, curve_points=3, repeats=repeats,
         log=lambda s: None,
     )  # fmt: skip
     top, curve = out["ranking"][0], out["learning_curve"]
+    ranked = json.loads((layout.heads_dir(cached) / top["run"] / "result.json").read_text())
+    cvr = ranked["cv"]
     last = curve["points"][-1]
     assert last["the_ranked_run"] and last["same_folds"]
-    assert last["accuracy_mean"] == top["cv_accuracy_mean"]
+    assert last["accuracy_mean"] == top["cv_accuracy_mean"] == np.mean(cvr["fold_accuracies"])
     assert (last["low"], last["high"]) == (top["cv_low"], top["cv_high"])
     smaller = curve["points"][:-1]
     assert smaller and all(p["low"] < p["high"] for p in smaller)
     assert all(p["fraction"] < 1 for p in smaller)
+    # the run's folds, drawn here from the cache: the seed, k and repeats it was asked for
+    ts = load(layout.cache_by_name(cached, top["cache"]), "avg").train
+    ids: list[str] = []
+    folds, fid = evaluate.partitions(ts, k, 0, repeats, ids)
+    assert fid == cvr["folds_id"] and ids == cvr["partition_ids"]
+    # the curve's fits: the last ones made, point by point, fold by fold
+    assert curve["repeats"] == repeats and len(seen) == (1 + len(smaller)) * len(folds)
+    fits = seen[len(folds) :]  # after the run's own CV
+    sizes = []
+    for j, (_, sub, te, _) in enumerate(fits):
+        tr, te_run = folds[j % len(folds)]
+        np.testing.assert_array_equal(te, te_run)  # the run's test fold, in its order
+        assert set(sub.tolist()) < set(tr.tolist())  # fewer rows, never a test image
+        sizes.append(len(sub))
+    for p, point in enumerate(smaller):  # each point: the mean of its own fits
+        mine = fits[p * len(folds) : (p + 1) * len(folds)]
+        assert point["accuracy_mean"] == pytest.approx(np.mean([f[3] for f in mine]), abs=1e-12)
+    assert sizes[: len(folds)] < sizes[-len(folds) :]  # the points grow
+    # the curve's estimator on the run's whole training folds: the run's own fold figures
+    est = fits[0][0]
+    full = [float(np.mean(real(est, ts.X, ts.y, ts.groups, tr, te)[0] == ts.y[te]))
+            for tr, te in folds[:k]]  # fmt: skip
+    assert full == pytest.approx(cvr["fold_accuracies"][:k], abs=1e-12)
 
 
 def test_runs_with_other_repeats_pair_on_their_common_partitions(cached):

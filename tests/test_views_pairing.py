@@ -130,20 +130,51 @@ def test_views_of_contents_sharing_a_prefix_pair_with_their_own_image(crafted):
 
 
 def test_a_streaming_head_with_views_keeps_the_same_folds_and_mistakes(crafted, monkeypatch):
-    from pipeline import streaming
+    from pipeline import evaluate, streaming
 
     real = streaming.passes  # a few passes over the small set: the folds are the point
     monkeypatch.setattr(streaming, "passes", lambda e, rows, u=0: real(e, rows, 1000))
+    fits: list[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]] = []
+    real_fold = evaluate._fold
+
+    def spy(est, X, y, groups, tr, te, *a):  # each fold as the head gets it (n_jobs=1: here)
+        rows = X[tr]
+        x = np.asarray(rows.load() if hasattr(rows, "load") else rows)[:, 0]
+        fits.append((np.asarray(groups)[tr], np.asarray(groups)[te], x, y[tr]))
+        return real_fold(est, X, y, groups, tr, te, *a)
+
+    monkeypatch.setattr(evaluate, "_fold", spy)
     path, _ = crafted
     art = path.parent.parent
-    kw = {"folds": 3, "repeats": 1, "views": 2, "n_jobs": 1, "log": lambda s: 0}
+    kw = {"folds": 3, "repeats": 1, "n_jobs": 1, "log": lambda s: 0}
+    plain = train_head(art, "logreg", params={"C": "1"}, **kw)
+    kw["views"] = 2
     logreg = train_head(art, "logreg", params={"C": "1"}, **kw)
     sgd = train_head(art, "sgd", params={"alpha": "0.01"}, **kw)
-    assert sgd["n_train_rows"] == logreg["n_train_rows"] == 3 * 49
-    assert sgd["cv"]["folds_id"] == logreg["cv"]["folds_id"]
+    assert plain["n_train_rows"] == 49  # the images alone
+    assert sgd["n_train_rows"] == logreg["n_train_rows"] == 3 * 49  # each with its 2 views
+    assert sgd["cv"]["folds_id"] == logreg["cv"]["folds_id"] == plain["cv"]["folds_id"]
     for k in ("oof_sha256", "oof_paths", "oof_true"):
-        assert sgd["cv"][k] == logreg["cv"][k]
+        assert sgd["cv"][k] == logreg["cv"][k] == plain["cv"][k]
     assert {A, B, COPY} <= set(sgd["cv"]["oof_sha256"])
+    # every training fold: its images' views (their own features: view v reads code + v/10)
+    # and never a view of a test-fold image; a test fold: images only
+    assert len(fits) == 9
+    for i, (g_tr, g_te, x, y_tr) in enumerate(fits):
+        images, of_views = g_tr >= 0, g_tr < 0
+        mine = set(views.content(g_tr[images]).tolist())
+        assert (g_te >= 0).all() and not mine & set(g_te.tolist())
+        frac = np.round(10 * (x % 1)).astype(int)
+        if i < 3:  # the run without views: images alone
+            assert not of_views.any() and (frac == 0).all()
+            continue
+        assert set(views.content(g_tr[of_views]).tolist()) == mine
+        assert of_views.sum() == 2 * images.sum()
+        assert (frac[images] == 0).all() and sorted(set(frac[of_views].tolist())) == [1, 2]
+        for c in mine:  # each image's views: both of them, with its label
+            rows = views.content(g_tr) == c
+            assert sorted(frac[rows].tolist()) == sorted([0, 1, 2] * (rows.sum() // 3))
+            assert len(set(y_tr[rows].tolist())) == 1
 
 
 def test_a_stale_view_sharing_an_images_prefix_is_not_its_view(tmp_path):
