@@ -92,3 +92,29 @@ def test_an_over_confident_head_gets_a_temperature_above_one_and_a_lower_ece():
     assert sum(b["count"] for b in before["reliability"]) == (~half).sum()
     under = audit.fit_temperature(y, audit.scaled(oof(X, y), 3.0))  # under-confident
     assert under < 1
+
+
+def test_a_runs_calibration_is_cross_fitted_and_applied_only_where_it_helps():
+    """`calibrate` (what train-head records and predict applies): an over-confident head's
+    temperature is above 1, measured on folds it was not fitted on, and applied; a
+    calibrated head's is not applied."""
+    X, y = clustered(n=800, seed=3, sep=0.6)
+    folds = np.zeros(len(y), np.int64)
+    for i, (_, te) in enumerate(StratifiedKFold(5, shuffle=True, random_state=0).split(X, y)):
+        folds[te] = i
+    raw = oof(X, y)
+    sharp = audit.calibrate(y, [audit.scaled(raw, 0.25)], [folds])
+    assert sharp["applied"] and sharp["temperature"] > 1.5 and sharp["confidence"] == "over"
+    assert sharp["ece_scaled"] < 0.6 * sharp["ece"] and len(sharp["fold_temperatures"]) == 5
+    # cross-fitted: each fold's temperature comes from the other folds' probabilities
+    other = folds != 2
+    t2 = audit.fit_temperature(y[other], audit.scaled(raw, 0.25)[other])
+    assert sharp["fold_temperatures"][2] == pytest.approx(t2)
+    # labels drawn from the probabilities themselves: calibrated by construction
+    rng = np.random.default_rng(0)
+    logits = rng.normal(0, 2, (4000, 4))
+    p = np.exp(logits) / np.exp(logits).sum(axis=1, keepdims=True)
+    drawn = np.array([rng.choice(4, p=row) for row in p])
+    fine = audit.calibrate(drawn, [p], [np.arange(4000) % 5])
+    assert not fine["applied"] and fine["temperature"] == 1.0
+    assert abs(np.log(fine["temperature_fitted"])) < 0.05
