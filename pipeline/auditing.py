@@ -166,7 +166,13 @@ def _audit(
         }
         for i in ranked
     ]
+    log(
+        f"outliers: {int((far > cut).sum())} training image(s) farther from their "
+        f"{dist.shape[1]} nearest neighbours than {OUTLIER_QUANTILE:.0%} of them"
+    )
     calib = r.get("calibration") or {}
+    if calib:
+        log(diagnose.calibration_line(calib))
 
     # the map: a seeded sample of the training images
     xy, picked = collection_map.embed_2d(X[:n_tr], seed, map_sample)
