@@ -77,14 +77,11 @@ def approximate(
         groups, init="random", random_state=seed, n_init=1, batch_size=4096, max_iter=5
     )
     centres = km.fit(fit_on).cluster_centers_.astype(np.float32)
-    step = 65536
-    member = np.concatenate(
-        [_nearest(base[a : a + step], centres, 1)[:, 0] for a in range(0, n, step)]
-    )
+    member = _nearest(base, centres, 1)[:, 0]
     order = np.argsort(member, kind="stable")
     starts = np.searchsorted(member[order], np.arange(groups + 1))
     m = min(probes, groups)
-    probe = np.concatenate([_nearest(q[a : a + step], centres, m) for a in range(0, len(q), step)])
+    probe = _nearest(q, centres, m)
     pairs_g = probe.ravel()
     by_group = np.argsort(pairs_g, kind="stable")
     asks = np.searchsorted(pairs_g[by_group], np.arange(groups + 1))
@@ -111,15 +108,17 @@ def approximate(
     return np.take_along_axis(best_d, srt, 1), np.take_along_axis(best_i, srt, 1)
 
 
-def _nearest(q: np.ndarray, centres: np.ndarray, m: int) -> np.ndarray:
-    """The m centres nearest each row of q (unit rows: largest dot products)."""
-    sim = q @ centres.T - 0.5 * (centres * centres).sum(axis=1)[None, :]
-    part = (
-        np.argpartition(-sim, m - 1, axis=1)[:, :m]
-        if m < len(centres)
-        else np.tile(np.arange(len(centres)), (len(q), 1))
-    )
-    return part
+def _nearest(q: np.ndarray, centres: np.ndarray, m: int, step: int = 4096) -> np.ndarray:
+    """The m centres nearest each row of q (unit rows: largest dot products), `step` rows at a
+    time (one block of similarities in memory: step x centres), as an int32 copy."""
+    if m >= len(centres):
+        return np.tile(np.arange(len(centres), dtype=np.int32), (len(q), 1))
+    half = 0.5 * (centres * centres).sum(axis=1)[None, :]
+    out = np.empty((len(q), m), np.int32)
+    for a in range(0, len(q), step):
+        sim = q[a : a + step] @ centres.T - half
+        out[a : a + step] = np.argpartition(-sim, m - 1, axis=1)[:, :m]
+    return out
 
 
 def recall_at(approx: np.ndarray, exact: np.ndarray) -> float:
