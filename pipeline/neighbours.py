@@ -17,6 +17,8 @@ def normalize(X: np.ndarray) -> np.ndarray:
     """Rows scaled to unit L2 norm (float32): cosine geometry in Euclidean distances."""
     X = np.asarray(X, np.float32)
     norms = np.linalg.norm(X, axis=1, keepdims=True)
+    if np.all(np.abs(norms - 1) < 1e-4):  # unit rows already (the audit's space): no copy
+        return X
     return X / np.maximum(norms, 1e-12)
 
 
@@ -90,22 +92,41 @@ def approximate(
     best_i = np.full((len(q), kk), -1, np.int64)
     for g in range(groups):
         rows = order[starts[g] : starts[g + 1]]
-        who = by_group[asks[g] : asks[g + 1]] // m  # the queries that probe group g
-        if len(rows) == 0 or len(who) == 0:
+        asking = by_group[asks[g] : asks[g + 1]] // m  # the queries that probe group g
+        if len(rows) == 0 or len(asking) == 0:
             continue
-        sim = q[who] @ base[rows].T
-        if own:  # never itself
-            sim[rows[None, :] == who[:, None]] = -np.inf
-        d = np.sqrt(np.maximum(2.0 - 2.0 * sim, 0.0))
-        cand_d = np.concatenate([best_d[who], d], axis=1)
-        cand_i = np.concatenate([best_i[who], np.broadcast_to(rows, d.shape)], axis=1)
-        top = np.argpartition(cand_d, kk - 1, axis=1)[:, :kk] if cand_d.shape[1] > kk else None
-        if top is not None:
-            cand_d = np.take_along_axis(cand_d, top, 1)
-            cand_i = np.take_along_axis(cand_i, top, 1)
-        best_d[who], best_i[who] = cand_d, cand_i
+        step = max(1, BLOCK // len(rows))  # a block of distances: at most BLOCK of them
+        for a in range(0, len(asking), step):
+            _merge(q, base, rows, asking[a : a + step], own, kk, best_d, best_i)
     srt = np.argsort(best_d, axis=1, kind="stable")
     return np.take_along_axis(best_d, srt, 1), np.take_along_axis(best_i, srt, 1)
+
+
+BLOCK = 1 << 22  # distances held at once by the approximate search (16 MiB of float32)
+
+
+def _merge(
+    q: np.ndarray,
+    base: np.ndarray,
+    rows: np.ndarray,
+    who: np.ndarray,
+    own: bool,
+    kk: int,
+    best_d: np.ndarray,
+    best_i: np.ndarray,
+) -> None:
+    """Queries `who` against `rows` exactly, merged into their best kk so far (in place)."""
+    sim = q[who] @ base[rows].T
+    if own:  # never itself
+        sim[rows[None, :] == who[:, None]] = -np.inf
+    d = np.sqrt(np.maximum(2.0 - 2.0 * sim, 0.0))
+    cand_d = np.concatenate([best_d[who], d], axis=1)
+    cand_i = np.concatenate([best_i[who], np.broadcast_to(rows, d.shape)], axis=1)
+    if cand_d.shape[1] > kk:
+        top = np.argpartition(cand_d, kk - 1, axis=1)[:, :kk]
+        cand_d = np.take_along_axis(cand_d, top, 1)
+        cand_i = np.take_along_axis(cand_i, top, 1)
+    best_d[who], best_i[who] = cand_d, cand_i
 
 
 def _nearest(q: np.ndarray, centres: np.ndarray, m: int, step: int = 4096) -> np.ndarray:
