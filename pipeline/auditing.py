@@ -38,7 +38,7 @@ from pipeline.store.reader import texts
 from pipeline.train import load
 
 Log = Callable[[str], None]
-K = 10  # neighbours per image: outliers, near-duplicates
+K = diagnose.K  # neighbours per image: outliers, near-duplicates
 LISTED = 200  # rows listed in audit.json per finding (the CSV files hold every one)
 OUTLIER_QUANTILE = 0.99  # training images above it are called outliers
 

@@ -16,12 +16,12 @@ from typing import Any
 
 import numpy as np
 
-from pipeline import layout, neighbours, store
+from pipeline import diagnose, layout, neighbours, store
 from pipeline.store.damage import SegmentDamaged
 from pipeline.store.rows import materialize
 from pipeline.train import load
 
-K = 10
+K = diagnose.K
 QUANTILE = 0.99
 SAMPLE = 10_000
 
@@ -52,7 +52,14 @@ def of_run(
         log(f"distance to training: not measured (the run's cache '{cache.name}' is gone)")
         return None
     with store.reading(cache.parent):
-        ts = load(cache, r["pooling"], lazy=True).train
+        data = load(cache, r["pooling"], lazy=True)
+        if data.index.attrs.get("data_id") != r["features"]["data_id"]:
+            log(
+                f"distance to training: not measured (the cache '{cache.name}' now holds other "
+                f"images than run '{r['run']}' was trained on; rerun `make train-head`)"
+            )
+            return None
+        ts = data.train
         n = len(ts.y)
         if n < 2:
             return None

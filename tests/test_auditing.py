@@ -211,3 +211,26 @@ def test_groups_near_keeps_each_near_duplicate_set_in_one_fold(audited):
         assert (near.fold[:, a] == near.fold[:, b]).all()
     # by content only, at least one copy lands in another fold than its original somewhere
     assert any((plain.fold[:, a] != plain.fold[:, b]).any() for a, b in pairs)
+
+
+def test_predict_never_measures_distance_against_images_the_run_did_not_train_on(audited, tmp_path):
+    """The cache grown after the run (same settings, same file): the run's reference would
+    mix in images it never saw, so the distance is not measured, said in one line."""
+    import shutil
+
+    art, data = tmp_path / "art", tmp_path / "data"
+    shutil.copytree(audited["art"], art)
+    shutil.copytree(audited["data"], data)
+    save(photo(7777, 0), data / "train" / "class_0" / "grown.png")
+    extract(data, art, BackboneSpec(weights="none", input_size=PX, seed=0), log=lambda s: None)
+    lines: list[str] = []
+    new = tmp_path / "new"
+    save(photo(9100, 1), new / "a.png")
+    rows, _ = classify(
+        art, new, run=audited["run"]["run"], out=tmp_path / "p.csv", log=lines.append
+    )
+    assert (
+        rows[0]["unlike_training"] is False
+        and rows[0]["distance_to_training"] != rows[0]["distance_to_training"]
+    )  # NaN: not measured
+    assert sum("distance to training: not measured" in ln for ln in lines) == 1
