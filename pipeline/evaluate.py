@@ -28,7 +28,7 @@ from pipeline import views
 from pipeline.errors import UserError
 from pipeline.heads import chosen_params
 from pipeline.inner import fit
-from pipeline.oof import OOF
+from pipeline.oof import OOF, resumed
 from pipeline.progress import Progress
 from pipeline.store.reader import texts
 from pipeline.store.rows import materialize
@@ -364,7 +364,9 @@ def cross_validate(
     oof = np.full(len(ts.y), -1, dtype=np.int64)
     oof_p = np.zeros(len(ts.y), dtype=np.float64)
     n_classes = len(classes)
-    every = prior["oof"] if prior and "oof" in prior else OOF.of(ts.original, ts.y, n_classes)
+    every = (
+        resumed(prior["oof"]) if prior and "oof" in prior else OOF.of(ts.original, ts.y, n_classes)
+    )
     progress = Progress(
         k * max(0, (target or 1) - len(part_ids)), _label(target, k), unit="folds", every=0.0
     )

@@ -19,9 +19,11 @@ import h5py
 import numpy as np
 
 from pipeline import outputs
+from pipeline.store.reader import texts
 
 FILE = "oof.h5"
 MAX_BYTES = 512 * 2**20  # partitions after the first are kept while all of them fit this
+BLOCK = 65_536  # hashes read and written at a time
 
 
 @dataclass
@@ -56,10 +58,23 @@ class OOF:
         self.probabilities[-1][at] = proba
         self.folds[-1][at] = fold
 
-    def save(self, folder: Path, sha256: Any) -> Path:
-        """`oof.h5` in `folder`, written whole (`outputs.written`)."""
+    def spill(self, path: Path) -> Spilled:
+        """Write what is held to `path` and return a handle that holds none of it: a sweep's
+        race keeps each run's first partition on disk, not in memory, until it goes on."""
+        with outputs.written(path) as tmp, h5py.File(tmp, "w") as f:
+            f["rows"], f["labels"] = self.rows, self.labels
+            for i, (p, fo) in enumerate(zip(self.probabilities, self.folds, strict=True)):
+                f[f"p{i}"], f[f"f{i}"] = p, fo
+            f.attrs["n_classes"], f.attrs["kept"] = self.n_classes, len(self.probabilities)
+            f.attrs["dropped"] = self.dropped
+        return Spilled(path)
+
+    def save(self, folder: Path, sha256: Any, block: int = BLOCK) -> Path:
+        """`oof.h5` in `folder`, written whole (`outputs.written`). `sha256` is the training
+        set's hash column (`texts` reads it): the scored rows' hashes are read and written
+        `block` rows at a time, never held as one list."""
         path = folder / FILE
-        hashes = np.array([h.decode() if isinstance(h, bytes) else str(h) for h in sha256])
+        n = len(self.rows)
         with outputs.written(path) as tmp, h5py.File(tmp, "w") as f:
             probs = np.stack(self.probabilities) if self.probabilities else np.zeros((0, 0, 0))
             f.create_dataset(
@@ -69,11 +84,45 @@ class OOF:
                 "fold", data=np.stack(self.folds), fletcher32=True, chunks=True, track_times=False
             )
             f.create_dataset("label", data=self.labels, fletcher32=True, track_times=False)
-            f.create_dataset(
-                "sha256", data=hashes.astype("S64"), fletcher32=True, track_times=False
-            )
+            ds = f.create_dataset(
+                "sha256", shape=(n,), dtype="S64", fletcher32=True, track_times=False,
+                chunks=(max(1, min(n, block)),) if n else None,
+            )  # fmt: skip
+            for a in range(0, n, block):
+                ds[a : a + block] = np.array(
+                    [_hex(h) for h in texts(sha256, self.rows[a : a + block])], "S64"
+                )
             f.attrs["partitions_dropped"] = self.dropped
         return path
+
+
+@dataclass(frozen=True)
+class Spilled:
+    """An `OOF` written to a file by `spill`; `resumed` reads it back (once) and removes it."""
+
+    path: Path
+
+
+def resumed(held: OOF | Spilled) -> OOF:
+    """The `OOF` itself, or read back from its spilled file (then removed)."""
+    if isinstance(held, OOF):
+        return held
+    with h5py.File(held.path, "r") as f:
+        kept = int(f.attrs["kept"])
+        out = OOF(
+            f["rows"][...],
+            f["labels"][...],
+            int(f.attrs["n_classes"]),
+            [f[f"p{i}"][...] for i in range(kept)],
+            [f[f"f{i}"][...] for i in range(kept)],
+            int(f.attrs["dropped"]),
+        )
+    held.path.unlink()
+    return out
+
+
+def _hex(h: Any) -> bytes:
+    return h if isinstance(h, bytes) else str(h).encode()
 
 
 @dataclass(frozen=True)

@@ -8,9 +8,12 @@ own figure, with the same optimism as the pick), to tell whether more images wou
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
+import shutil
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -63,7 +66,10 @@ def run_sweep(
     `features.extract`), and the ranking spans backbone x head x pooling x views.
     """
     # the sweep's output for its whole run: a second sweep on this ARTIFACTS stops at once
-    with outputs.owned(layout.sweep_file(artifacts), "make sweep", fix="use another ARTIFACTS"):
+    with (
+        outputs.owned(layout.sweep_file(artifacts), "make sweep", fix="use another ARTIFACTS"),
+        contextlib.ExitStack() as stack,
+    ):
         names, pool_list = _split(heads_list, str), _split(pools, str)
         view_list = _split(views, int)
         caches: list[tuple[str, Path | None]] = [("", None)]
@@ -118,10 +124,17 @@ def run_sweep(
         )
         first: list[dict[str, Any]] = []
         keep = [True] * len(todo)
+        # each run's first-partition probabilities wait on disk for its second stage, not in
+        # memory (n x classes floats a run), in a folder of this sweep removed at its end
+        layout.sweep_file(artifacts).parent.mkdir(parents=True, exist_ok=True)
+        spill = Path(tempfile.mkdtemp(prefix=".race-", dir=layout.sweep_file(artifacts).parent))
+        stack.callback(shutil.rmtree, spill, ignore_errors=True)
         if race:
             for i in range(len(todo)):
                 log(f"--- sweep: {where[i]}: first partition")
                 first.append(train(i, first_only=True))
+                if first[-1]["cv"].get("oof") is not None:
+                    first[-1]["cv"]["oof"] = first[-1]["cv"]["oof"].spill(spill / f"{i}.h5")
             keep = _race(first, where, margin, log)
         results = []
         full_results: list[dict[str, Any]] = []

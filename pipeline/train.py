@@ -29,6 +29,7 @@ from pipeline import (
     inner,
     layout,
     neighbours,
+    oof,
     runs,
     stats,
     store,
@@ -38,7 +39,6 @@ from pipeline.cache_identity import augment_settings
 from pipeline.errors import UserError
 from pipeline.provenance import environment
 from pipeline.seeding import set_seeds
-from pipeline.store.reader import texts
 from pipeline.store.rows import materialize
 
 Log = Callable[[str], None]
@@ -297,6 +297,7 @@ def _train(
         }
     repeats, why = int(cv["repeats"]), why[0]
     every = cv.pop("oof", None)  # saved beside result.json, read by the audit
+    every = oof.resumed(every) if every is not None else None  # a race's, from its file
     calib = diagnose.calibrate(every.labels, every.probabilities, every.folds) if every else None
     if calib:
         log(diagnose.calibration_line(calib))
@@ -376,7 +377,7 @@ def _train(
 
     def save(d: Path) -> list[Path]:
         files = list(heads.save_head(final, d))
-        return files + ([every.save(d, texts(ts.sha256, every.rows))] if every else [])
+        return files + ([every.save(d, ts.sha256)] if every else [])
 
     out_dir = runs.write_run(artifacts, name, result, save)
     result = json.loads((out_dir / runs.RESULT).read_text(encoding="utf-8"))

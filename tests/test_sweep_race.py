@@ -8,10 +8,11 @@ import json
 import os
 from pathlib import Path
 
+import numpy as np
 import pytest
 from threadpoolctl import threadpool_limits
 
-from pipeline import evaluate, layout, stats
+from pipeline import evaluate, layout, oof, stats, sweeping
 from pipeline.bench import store as bench_store
 from pipeline.reporting import build_report
 from pipeline.sweeping import learning_curve, run_sweep
@@ -59,7 +60,18 @@ def fits(monkeypatch):
         yield count
 
 
-def test_the_racing_sweep_picks_the_same_best_and_ties_with_fewer_fits(tmp_path, fits):
+def test_the_racing_sweep_picks_the_same_best_and_ties_with_fewer_fits(tmp_path, fits, monkeypatch):
+    waiting: list[Path] = []  # each run's first partition, on disk until its second stage
+    real = sweeping.train_head
+
+    def spy(*a, **kw):
+        if kw.get("resume") is not None:
+            held = kw["resume"]["cv"]["oof"]
+            assert isinstance(held, oof.Spilled) and held.path.exists()  # not in memory
+            waiting.append(held.path)
+        return real(*a, **kw)
+
+    monkeypatch.setattr(sweeping, "train_head", spy)
     lines: list[str] = []
     settings = dict(folds=FOLDS, repeats=REPEATS, curve_points=2, log=lines.append)
     heads, pools = "logreg,svm-linear", "avg,max"
@@ -82,11 +94,18 @@ def test_the_racing_sweep_picks_the_same_best_and_ties_with_fewer_fits(tmp_path,
     assert all(r["repeats"] == 1 and r["folds"] == FOLDS for r in screened)
     assert all(r["repeats"] == REPEATS for r in b if not r["screened_out"])
     assert b[-len(screened) :] == screened  # ranked after the runs that raced
-    # the runs that raced stand on the same figures as in the exhaustive sweep
+    # the runs that raced stand on the same figures as in the exhaustive sweep, and keep the
+    # same out-of-fold probabilities, the first partition's read back from its file
     by_name = {r["run"]: r for r in a}
     for r in b:
         if not r["screened_out"]:
             assert r["cv_accuracy_mean"] == by_name[r["run"]]["cv_accuracy_mean"]
+            raced_p = oof.load(tmp_path / "race/heads" / r["run"]).probabilities
+            every_p = oof.load(tmp_path / "all/heads" / r["run"]).probabilities
+            assert raced_p.shape[0] == REPEATS
+            np.testing.assert_array_equal(raced_p, every_p)
+    assert len(waiting) == 4 and not any(p.exists() for p in waiting)  # read back, removed
+    assert not list(layout.sweep_file(tmp_path / "race").parent.glob(".race-*"))
     # counted: k folds for each screened run, r·k for each that raced, the same curve
     assert every_fits - race_fits == len(screened) * (REPEATS - 1) * FOLDS
     assert every["race"]["fold_fits"] - raced["race"]["fold_fits"] == every_fits - race_fits
