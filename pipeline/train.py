@@ -29,6 +29,7 @@ from pipeline import (
     inner,
     layout,
     neighbours,
+    novelty,
     oof,
     runs,
     stats,
@@ -375,8 +376,11 @@ def _train(
         "environment": environment(),
     }
 
+    reference = novelty.sample(ts, seed)  # predict's distance to training, from the run
+
     def save(d: Path) -> list[Path]:
         files = list(heads.save_head(final, d))
+        files += [reference.save(d)] if reference is not None else []
         return files + ([every.save(d, ts.sha256)] if every else [])
 
     out_dir = runs.write_run(artifacts, name, result, save)

@@ -12,6 +12,7 @@ import csv
 import json
 from pathlib import Path
 
+import h5py
 import numpy as np
 import pytest
 from PIL import Image
@@ -177,7 +178,7 @@ def test_held_out_training_like_images_are_flagged_at_about_the_stated_rate():
     centres = rng.normal(0, 1, (5, 32))
     train = centres[rng.integers(0, 5, 3000)] + rng.normal(0, 0.6, (3000, 32))
     held = centres[rng.integers(0, 5, 3000)] + rng.normal(0, 0.6, (3000, 32))
-    nov = novelty.Novelty(train)
+    nov = novelty.Novelty.fit(train)
     _, flag = nov.score(held)
     assert 0.002 <= flag.mean() <= 0.03  # about 1 %
     _, far = nov.score(rng.normal(0, 1, (50, 32)) * 3)
@@ -213,24 +214,52 @@ def test_groups_near_keeps_each_near_duplicate_set_in_one_fold(audited):
     assert any((plain.fold[:, a] != plain.fold[:, b]).any() for a, b in pairs)
 
 
-def test_predict_never_measures_distance_against_images_the_run_did_not_train_on(audited, tmp_path):
-    """The cache grown after the run (same settings, same file): the run's reference would
-    mix in images it never saw, so the distance is not measured, said in one line."""
+def test_predict_measures_distance_against_the_runs_own_training_sample(audited, tmp_path):
+    """The reference is saved in the run when it is trained (`novelty.h5`, among its hashed
+    files): a cache grown since (same settings, same file) changes nothing, predict reads no
+    index for it, and a run saved without one says so once."""
     import shutil
+
+    from pipeline import store
 
     art, data = tmp_path / "art", tmp_path / "data"
     shutil.copytree(audited["art"], art)
     shutil.copytree(audited["data"], data)
-    save(photo(7777, 0), data / "train" / "class_0" / "grown.png")
-    extract(data, art, BackboneSpec(weights="none", input_size=PX, seed=0), log=lambda s: None)
-    lines: list[str] = []
+    run = audited["run"]["run"]
+    assert novelty.FILE in audited["run"]["files"]
+    with h5py.File(art / "heads" / run / novelty.FILE) as f:
+        assert f["reference"].dtype == np.float16 and f["reference"].shape[0] == audited["run"]["n_train"]
     new = tmp_path / "new"
     save(photo(9100, 1), new / "a.png")
-    rows, _ = classify(
-        art, new, run=audited["run"]["run"], out=tmp_path / "p.csv", log=lines.append
-    )
-    assert (
-        rows[0]["unlike_training"] is False
-        and rows[0]["distance_to_training"] != rows[0]["distance_to_training"]
-    )  # NaN: not measured
+    save(other_kind(3), new / "b.png")
+
+    def predict(lines: list[str]) -> np.ndarray:
+        rows, _ = classify(art, new, run=run, out=tmp_path / "p.csv", log=lines.append)
+        return np.array([r["distance_to_training"] for r in rows])
+
+    before = predict([])
+    assert np.isfinite(before).all()
+    save(photo(7777, 0), data / "train" / "class_0" / "grown.png")
+    extract(data, art, BackboneSpec(weights="none", input_size=PX, seed=0), log=lambda s: None)
+    opened: list[Path] = []
+    real = store.index_of
+
+    def spy(f, path, *a, **k):
+        opened.append(Path(path))
+        return real(f, path, *a, **k)
+
+    store.index_of = spy
+    try:
+        novelty.of_run(art, json.loads((art / "heads" / run / "result.json").read_text()))
+    finally:
+        store.index_of = real
+    assert opened == []  # the reference alone: no index, no segment
+    np.testing.assert_array_equal(predict([]), before)  # the run's images, not the grown cache's
+    # a run from before the reference was kept: neither the file nor its hash
+    (art / "heads" / run / novelty.FILE).unlink()
+    res = json.loads((art / "heads" / run / "result.json").read_text())
+    del res["files"][novelty.FILE]
+    (art / "heads" / run / "result.json").write_text(json.dumps(res))
+    lines: list[str] = []
+    assert np.isnan(predict(lines)).all()
     assert sum("distance to training: not measured" in ln for ln in lines) == 1
