@@ -25,13 +25,24 @@ from __future__ import annotations
 import csv
 import io
 import json
-from collections.abc import Callable
+import tempfile
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from pipeline import collection_map, diagnose, layout, neighbours, oof, outputs, pictures, runs
+from pipeline import (
+    collection_map,
+    diagnose,
+    layout,
+    neighbours,
+    oof,
+    outputs,
+    pictures,
+    runs,
+    store,
+)
 from pipeline.errors import UserError
 from pipeline.provenance import environment
 from pipeline.store.reader import texts
@@ -69,25 +80,38 @@ def run_audit(
     cache = layout.cache_by_name(artifacts, r["features"]["file"])
     if not cache.is_file():
         raise UserError(f"run '{r['run']}' was trained on '{cache}', which is gone; rerun it")
-    data = load(cache, r["pooling"])
-    attrs = data.index.attrs
-    mine = (attrs.get("cache_key"), attrs.get("data_id"))
-    if mine != (r["features"]["cache_key"], r["features"]["data_id"]):
-        raise UserError(
-            f"the cache '{cache.name}' changed since run '{r['run']}' was trained (other "
-            "images or settings); run `make train-head` again before `make audit`"
-        )
-    ts, va = data.train, data.validation
-    hashes = np.array(texts(ts.sha256, np.arange(len(ts.y)))).astype("S64")
-    if not np.array_equal(hashes, saved.sha256) or not np.array_equal(ts.y, saved.label):
-        raise UserError(
-            f"run '{r['run']}''s out-of-fold rows are not the cache's training images; run "
-            "`make train-head` again before `make audit`"
-        )
     classes = list(r["classes"])
-    with outputs.owned(audit_dir(artifacts), "make audit", fix="use another ARTIFACTS"):
-        with outputs.together():
-            return _audit(artifacts, r, saved, ts, va, classes, attrs, seed, k, map_sample, log)
+    # the features stay in the cache (lazy), read a block at a time into the space
+    with store.reading(cache.parent):
+        data = load(cache, r["pooling"], lazy=True)
+        attrs = data.index.attrs
+        mine = (attrs.get("cache_key"), attrs.get("data_id"))
+        if mine != (r["features"]["cache_key"], r["features"]["data_id"]):
+            raise UserError(
+                f"the cache '{cache.name}' changed since run '{r['run']}' was trained (other "
+                "images or settings); run `make train-head` again before `make audit`"
+            )
+        ts, va = data.train, data.validation
+        if not _same_rows(ts, saved):
+            raise UserError(
+                f"run '{r['run']}''s out-of-fold rows are not the cache's training images; run "
+                "`make train-head` again before `make audit`"
+            )
+        with outputs.owned(audit_dir(artifacts), "make audit", fix="use another ARTIFACTS"):
+            with outputs.together():
+                return _audit(artifacts, r, saved, ts, va, classes, attrs, seed, k, map_sample, log)
+
+
+def _same_rows(ts: Any, saved: oof.Saved) -> bool:
+    """The run's scored rows are the cache's training images, compared a block at a time."""
+    n, block = len(ts.y), oof.BLOCK
+    if n != len(saved.label) or not np.array_equal(ts.y, saved.label):
+        return False
+    for a in range(0, n, block):
+        rows = np.arange(a, min(n, a + block))
+        if not np.array_equal(np.array(texts(ts.sha256, rows), "S64"), saved.sha256[a : a + block]):
+            return False
+    return True
 
 
 def _audit(
@@ -104,9 +128,8 @@ def _audit(
     log: Log,
 ) -> dict[str, Any]:
     out = audit_dir(artifacts)
-    paths_tr = texts(ts.paths, np.arange(len(ts.y))) if ts.paths is not None else []
-    paths_va = list(va.paths) if va.paths is not None else []
     n_tr = len(ts.y)
+    text = _Texts(ts, va)
 
     # label issues: the rows every kept partition scored
     scored = (saved.fold >= 0).all(axis=0)
@@ -119,17 +142,20 @@ def _audit(
     suggested = np.full(n_tr, -1)
     suggested[rows] = v["suggested"]
     order = rows[np.argsort(v["score"], kind="stable")]
+    listed = order[flagged[order]]  # the flagged rows, ranked: their texts only are read
+    votes = v["votes"][np.searchsorted(rows, listed)]
     issues = [
         {
-            "path": paths_tr[i] if paths_tr else "",
-            "sha256": saved.sha256[i].decode(),
+            "path": path,
+            "sha256": sha,
             "given": classes[int(ts.y[i])],
             "suggested": classes[int(suggested[i])],
             "score": round(float(score[i]), 6),
-            "votes": round(float(v["votes"][np.searchsorted(rows, i)]), 4),
+            "votes": round(float(vo), 4),
         }
-        for i in order
-        if flagged[i]
+        for i, vo, path, sha in zip(
+            listed, votes, text.paths(listed), text.hashes(listed), strict=True
+        )
     ]
     pairs = diagnose.swapped_pairs(saved.label[rows], v["suggested"], v["flagged"], len(classes))
     log(
@@ -137,15 +163,19 @@ def _audit(
         f"({len(saved.probabilities)} partition(s) voting)"
     )
 
-    # neighbours of every image, training and validation together
-    X = neighbours.space(np.concatenate([np.asarray(ts.X), np.asarray(va.X)]))
-    dist, idx = neighbours.search(X, k, seed=seed)
-    split = np.array(["train"] * n_tr + ["validation"] * len(va.y))
-    labels = np.concatenate([ts.y, va.y]).astype(np.int64)
-    allpaths = list(paths_tr) + paths_va
-    allhash = list(saved.sha256.astype(str)) + [str(h) for h in texts(va.sha256, range(len(va.y)))]
+    # neighbours of every image, training and validation together, in the space built a
+    # block at a time (a file beside the audit above `neighbours.IN_MEMORY_UP_TO`)
+    with tempfile.TemporaryDirectory(prefix=".space-", dir=out.parent) as tmp:
+        X = neighbours.space_of([ts.X, va.X], Path(tmp), seed)
+        dist, idx = neighbours.search(X, k, seed=seed)
+        searched = "exact" if len(X) <= neighbours.EXACT_UP_TO else "approximate"
+        xy, picked = collection_map.embed_2d(X[:n_tr], seed, map_sample)
+        del X
+    is_val = np.arange(len(dist)) >= n_tr
+    labels = np.concatenate([ts.y, va.y]).astype(np.int32)
     sets, threshold = diagnose.near_duplicates(dist, idx)
-    near = _near_sets(sets, split, labels, allpaths, allhash, classes)
+    del idx
+    near = _near_sets(sets, is_val, labels, text, classes)
     leaks = sum(s["leak"] for s in near)
     log(
         f"near-duplicate sets: {len(near)} (closer than {diagnose.RATIO} of their usual "
@@ -155,43 +185,46 @@ def _audit(
 
     # outliers: training images far from every other
     far = diagnose.outlier_scores(dist[:n_tr])
+    del dist
     cut = float(np.quantile(far, OUTLIER_QUANTILE)) if n_tr else 0.0
     ranked = np.argsort(-far, kind="stable")
+    n_out = int((far > cut).sum())
+    top_out = ranked[: min(LISTED, max(1, n_out))]
     outliers = [
         {
-            "path": paths_tr[i] if paths_tr else "",
+            "path": path,
             "label": classes[int(ts.y[i])],
             "distance": round(float(far[i]), 6),
             "outlier": bool(far[i] > cut),
         }
-        for i in ranked
+        for i, path in zip(top_out, text.paths(top_out), strict=True)
     ]
     log(
-        f"outliers: {int((far > cut).sum())} training image(s) farther from their "
-        f"{dist.shape[1]} nearest neighbours than {OUTLIER_QUANTILE:.0%} of them"
+        f"outliers: {n_out} training image(s) farther from their "
+        f"{k} nearest neighbours than {OUTLIER_QUANTILE:.0%} of them"
     )
     calib = r.get("calibration") or {}
     if calib:
         log(diagnose.calibration_line(calib))
 
     # the map: a seeded sample of the training images
-    xy, picked = collection_map.embed_2d(X[:n_tr], seed, map_sample)
     root = attrs.get("data_root")
     marks = {
         "likely label error": flagged[picked],
         "outlier": far[picked] > cut,
     }
     chosen = set(np.flatnonzero(marks["likely label error"] | marks["outlier"]).tolist())
+    picked_paths = text.paths(picked)
     thumbs = [
-        pictures.thumbnail(Path(root) / paths_tr[i], 64)
-        if root and paths_tr and (j in chosen or j < collection_map.MAX_THUMBS)
+        pictures.thumbnail(Path(root) / path, 64)
+        if root and path and (j in chosen or j < collection_map.MAX_THUMBS)
         else None
-        for j, i in enumerate(picked)
+        for j, path in enumerate(picked_paths)
     ]
     titles = [
-        f"{paths_tr[i] if paths_tr else i}: {classes[int(ts.y[i])]}"
+        f"{path or i}: {classes[int(ts.y[i])]}"
         + (f" (suggested {classes[int(suggested[i])]})" if flagged[i] else "")
-        for i in picked
+        for i, path in zip(picked, picked_paths, strict=True)
     ]
     fragment = collection_map.render(xy, ts.y[picked], classes, marks, thumbs, titles, seed=seed)
 
@@ -223,13 +256,13 @@ def _audit(
             "leaks": leaks,
             "labels_disagree": sum(s["labels_disagree"] for s in near),
             "top": near[:LISTED],
-            "search": "exact" if len(X) <= neighbours.EXACT_UP_TO else "approximate",
+            "search": searched,
         },
         "outliers": {
             "quantile": OUTLIER_QUANTILE,
             "threshold": cut,
-            "count": int((far > cut).sum()),
-            "top": outliers[: min(LISTED, max(1, int((far > cut).sum())))],
+            "count": n_out,
+            "top": outliers,
         },
         "calibration": {key: calib.get(key) for key in _CALIBRATION if key in calib},
         "map": {"points": int(len(picked)), "of": n_tr, "seed": seed, "file": "map.html"},
@@ -255,7 +288,22 @@ def _audit(
         flat,
         ["set", "path", "split", "label", "sha256", "leak", "labels_disagree"],
     )
-    _csv(out / "outliers.csv", outliers, ["path", "label", "distance", "outlier"])
+    _csv_blocks(
+        out / "outliers.csv",
+        ["path", "label", "distance", "outlier"],
+        (
+            [
+                {
+                    "path": path,
+                    "label": classes[int(ts.y[i])],
+                    "distance": round(float(far[i]), 6),
+                    "outlier": bool(far[i] > cut),
+                }
+                for i, path in zip(block, text.paths(block), strict=True)
+            ]
+            for block in np.array_split(ranked, max(1, -(-len(ranked) // oof.BLOCK)))
+        ),
+    )
     _csv(
         out / "reliability.csv",
         calib.get("reliability") or [],
@@ -283,42 +331,82 @@ _CALIBRATION = (
 )
 
 
+class _Texts:
+    """Paths and content hashes of the audit's rows (training rows, then validation ones),
+    read from the cache for the rows asked only: never a list of them all."""
+
+    def __init__(self, ts: Any, va: Any) -> None:
+        self.parts, self.n = (ts, va), len(ts.y)
+
+    def _of(self, name: str, rows: np.ndarray) -> list[str]:
+        rows = np.asarray(rows, np.int64)
+        out = [""] * len(rows)
+        for part, sel, base in (
+            (self.parts[0], rows < self.n, 0),
+            (self.parts[1], rows >= self.n, self.n),
+        ):
+            col = getattr(part, name, None)
+            if col is None or not sel.any():
+                continue
+            for j, t in zip(np.flatnonzero(sel), texts(col, rows[sel] - base), strict=True):
+                out[j] = t.decode() if isinstance(t, bytes) else str(t)
+        return out
+
+    def paths(self, rows: np.ndarray) -> list[str]:
+        return self._of("paths", rows)
+
+    def hashes(self, rows: np.ndarray) -> list[str]:
+        return self._of("sha256", rows)
+
+
 def _near_sets(
     sets: np.ndarray,
-    split: np.ndarray,
+    is_val: np.ndarray,
     labels: np.ndarray,
-    paths: list[str],
-    hashes: list[str],
+    text: _Texts,
     classes: list[str],
 ) -> list[dict[str, Any]]:
-    """The near-duplicate sets of more than one content, leaks and disagreements first."""
+    """The near-duplicate sets of more than one content, leaks and disagreements first (the
+    members' texts only are read)."""
+    members_all = np.flatnonzero(sets >= 0)
+    order = members_all[np.argsort(sets[members_all], kind="stable")]
+    paths, hashes = text.paths(order), text.hashes(order)
+    at = {int(i): j for j, i in enumerate(order)}
+    ids, starts = np.unique(sets[order], return_index=True)
+    ends = np.append(starts[1:], len(order))
     out = []
-    ids = np.unique(sets[sets >= 0])
-    order = np.argsort(sets, kind="stable")
-    bounds = np.searchsorted(sets[order], ids)
-    ends = np.searchsorted(sets[order], ids, side="right")
-    for sid, a, b in zip(ids, bounds, ends, strict=True):
+    for sid, a, b in zip(ids, starts, ends, strict=True):
         members = order[a:b]
-        if len({hashes[i] for i in members}) < 2:  # the same bytes: grouped already
+        if len({hashes[at[int(i)]] for i in members}) < 2:  # the same bytes: grouped already
             continue
+        split = ["validation" if is_val[i] else "train" for i in members]
         out.append(
             {
                 "set": int(sid),
-                "leak": bool(len(set(split[members])) > 1),
-                "labels_disagree": bool(len(set(labels[members])) > 1),
+                "leak": len(set(split)) > 1,
+                "labels_disagree": bool(len(set(labels[members].tolist())) > 1),
                 "members": [
                     {
-                        "path": paths[i] if paths else "",
-                        "split": str(split[i]),
+                        "path": paths[at[int(i)]],
+                        "split": sp,
                         "label": classes[int(labels[i])],
-                        "sha256": hashes[i],
+                        "sha256": hashes[at[int(i)]],
                     }
-                    for i in members
+                    for i, sp in zip(members, split, strict=True)
                 ],
             }
         )
     out.sort(key=lambda s: (not s["leak"], not s["labels_disagree"], -len(s["members"])))
     return out
+
+
+def _csv_blocks(path: Path, fields: list[str], blocks: Iterable[list[dict[str, Any]]]) -> None:
+    """A CSV file written whole (`outputs.written`), its rows made a block at a time."""
+    with outputs.written(path) as tmp, tmp.open("w", newline="", encoding="utf-8") as fh:
+        w = csv.DictWriter(fh, fieldnames=fields, extrasaction="ignore")
+        w.writeheader()
+        for rows in blocks:
+            w.writerows(rows)
 
 
 def _csv(path: Path, rows: list[dict[str, Any]], fields: list[str]) -> None:

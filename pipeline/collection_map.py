@@ -52,8 +52,9 @@ def embed_2d(X: np.ndarray, seed: int, sample: int = SAMPLE) -> tuple[np.ndarray
     from sklearn.manifold import TSNE
     from threadpoolctl import threadpool_limits
 
-    X = np.asarray(X, dtype=np.float64)
-    if X.ndim != 2:
+    if not hasattr(X, "shape"):  # a list; an array or a file (the audit's space) is only
+        X = np.asarray(X, dtype=np.float64)  # read at the sampled rows
+    if len(X.shape) != 2:
         raise ValueError(f"X must be 2-D (rows, features), got shape {X.shape}")
     if sample < 1:
         raise ValueError(f"sample must be at least 1, got {sample}")
@@ -67,7 +68,7 @@ def embed_2d(X: np.ndarray, seed: int, sample: int = SAMPLE) -> tuple[np.ndarray
     if n <= 3:  # too few for t-SNE's perplexity: corners of a triangle, in row order
         corners = np.array([[0.0, 0.0], [1.0, 0.0], [0.5, math.sqrt(3) / 2]])
         return corners[:n].copy(), idx
-    rows = X[idx]
+    rows = np.asarray(X[idx], dtype=np.float64)
     norms = np.linalg.norm(rows, axis=1, keepdims=True)
     rows = rows / np.where(norms > 0, norms, 1.0)  # an all-zero row stays at the origin
     if not np.any(rows != rows[0]):  # one point repeated: nothing to lay out

@@ -8,17 +8,28 @@ memory holds one block of distances besides the features.
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
 import numpy as np
 from sklearn.base import BaseEstimator, ClassifierMixin
 from sklearn.neighbors import KNeighborsClassifier, NearestNeighbors
 
 
-def normalize(X: np.ndarray) -> np.ndarray:
-    """Rows scaled to unit L2 norm (float32): cosine geometry in Euclidean distances."""
+def normalize(X: np.ndarray, block: int = 65_536) -> np.ndarray:
+    """Rows scaled to unit L2 norm (float32): cosine geometry in Euclidean distances. Rows of
+    unit length already (the audit's space, maybe a file: `space_of`) are returned as they
+    are, checked a block at a time (no copy)."""
     X = np.asarray(X, np.float32)
-    norms = np.linalg.norm(X, axis=1, keepdims=True)
-    if np.all(np.abs(norms - 1) < 1e-4):  # unit rows already (the audit's space): no copy
+    unit = all(
+        np.all(np.abs(np.linalg.norm(X[a : a + block], axis=1) - 1) < 1e-4)
+        for a in range(0, len(X), block)
+    )
+    if unit:
         return X
+    norms = np.linalg.norm(X, axis=1, keepdims=True)
     return X / np.maximum(norms, 1e-12)
 
 
@@ -34,10 +45,43 @@ def space(X: np.ndarray, seed: int = 0) -> np.ndarray:
     follow the rows."""
     X = np.asarray(X, np.float32)
     if X.shape[1] > PROJECT_ABOVE:
-        rng = np.random.default_rng(seed)
-        R = rng.standard_normal((X.shape[1], PROJECTED), dtype=np.float32)
+        R = _projection(X.shape[1], seed)
         X = np.concatenate([normalize(X[a : a + 8192]) @ R for a in range(0, len(X), 8192)])
     return normalize(X)
+
+
+@functools.lru_cache(maxsize=2)
+def _projection(dim: int, seed: int) -> np.ndarray:
+    """The seeded projection of `dim`-wide features (made once per width and seed)."""
+    return np.random.default_rng(seed).standard_normal((dim, PROJECTED), dtype=np.float32)
+
+
+IN_MEMORY_UP_TO = 1 << 30  # bytes of the space held in memory; above, a file (`space_of`)
+
+
+def space_of(parts: Sequence[Any], folder: Path, seed: int = 0) -> np.ndarray:
+    """`space` of the rows of `parts` (arrays, or `store.Rows` read a block at a time), one
+    after the other: in memory up to IN_MEMORY_UP_TO bytes, else in `folder/space.npy` (a
+    memory-mapped file the caller removes), so what is held stays bounded at any size."""
+    n = sum(len(p) for p in parts)
+    width = int(parts[0].shape[1]) if parts else 0
+    d = PROJECTED if width > PROJECT_ABOVE else width
+    if n * d * 4 <= IN_MEMORY_UP_TO:
+        out = np.empty((n, d), np.float32)
+    else:
+        out = np.lib.format.open_memmap(folder / "space.npy", "w+", np.float32, (n, d))
+    at = 0
+    for p in parts:
+        blocks = (
+            p.blocks()
+            if hasattr(p, "blocks")
+            else ((np.arange(a, min(len(p), a + 65_536)), p[a : a + 65_536])
+                  for a in range(0, len(p), 65_536))
+        )  # fmt: skip
+        for pos, X in blocks:
+            out[at + pos] = space(X, seed)
+        at += len(p)
+    return out
 
 
 def search(
@@ -89,7 +133,7 @@ def approximate(
     asks = np.searchsorted(pairs_g[by_group], np.arange(groups + 1))
     kk = min(k, n - (1 if own else 0))
     best_d = np.full((len(q), kk), np.inf, np.float32)
-    best_i = np.full((len(q), kk), -1, np.int64)
+    best_i = np.full((len(q), kk), -1, np.int32 if n < 2**31 else np.int64)
     for g in range(groups):
         rows = order[starts[g] : starts[g + 1]]
         asking = by_group[asks[g] : asks[g + 1]] // m  # the queries that probe group g

@@ -126,13 +126,36 @@ def _hex(h: Any) -> bytes:
 
 
 @dataclass(frozen=True)
+class Hashes:
+    """`oof.h5`'s hashes, read from the file when indexed (64 bytes a row stay on disk)."""
+
+    path: Path
+
+    def __len__(self) -> int:
+        with h5py.File(self.path, "r") as f:
+            return len(f["sha256"])
+
+    def __getitem__(self, key: Any) -> Any:
+        with h5py.File(self.path, "r") as f:
+            ds = f["sha256"]
+            if isinstance(key, np.ndarray) and key.dtype != bool:  # any order, repeats
+                u, back = np.unique(key, return_inverse=True)
+                return ds[u][back] if len(u) else np.zeros(0, "S64")
+            return ds[key]
+
+    def __iter__(self) -> Any:
+        for a in range(0, len(self), BLOCK):
+            yield from self[a : a + BLOCK]
+
+
+@dataclass(frozen=True)
 class Saved:
     """`oof.h5` as read back: what the audit and the calibration take."""
 
     probabilities: np.ndarray  # (partitions, images, classes)
     fold: np.ndarray  # (partitions, images)
     label: np.ndarray
-    sha256: np.ndarray  # hex, as bytes
+    sha256: Hashes  # hex, as bytes, read when indexed
 
 
 def load(run_dir: Path) -> Saved | None:
@@ -141,4 +164,4 @@ def load(run_dir: Path) -> Saved | None:
     if not path.exists():
         return None
     with h5py.File(path, "r") as f:
-        return Saved(f["probabilities"][...], f["fold"][...], f["label"][...], f["sha256"][...])
+        return Saved(f["probabilities"][...], f["fold"][...], f["label"][...], Hashes(path))

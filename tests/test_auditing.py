@@ -228,7 +228,8 @@ def test_predict_measures_distance_against_the_runs_own_training_sample(audited,
     run = audited["run"]["run"]
     assert novelty.FILE in audited["run"]["files"]
     with h5py.File(art / "heads" / run / novelty.FILE) as f:
-        assert f["reference"].dtype == np.float16 and f["reference"].shape[0] == audited["run"]["n_train"]
+        ref = f["reference"]
+        assert ref.dtype == np.float16 and ref.shape[0] == audited["run"]["n_train"]
     new = tmp_path / "new"
     save(photo(9100, 1), new / "a.png")
     save(other_kind(3), new / "b.png")
@@ -263,3 +264,42 @@ def test_predict_measures_distance_against_the_runs_own_training_sample(audited,
     lines: list[str] = []
     assert np.isnan(predict(lines)).all()
     assert sum("distance to training: not measured" in ln for ln in lines) == 1
+
+
+def test_the_audit_holds_no_collection_wide_list_and_gives_the_same_files(audited, tmp_path):
+    """Sized for ten million: with the space forced into a file (`IN_MEMORY_UP_TO=0`) and
+    blocks of 8 rows, the search runs on the memory-mapped file (removed after), no read of
+    paths or hashes asks for more than a block, and every file is the same as in memory."""
+    import shutil
+
+    from pipeline import neighbours
+    from pipeline.store import reader
+
+    art = tmp_path / "art"
+    shutil.copytree(audited["art"], art)
+    searched: list[type] = []
+    asked: list[int] = []
+    real_search, real_take = neighbours.search, reader.ColumnOf.take
+
+    def search(X, *a, **k):
+        searched.append(type(X))
+        return real_search(X, *a, **k)
+
+    def take(self, positions):
+        asked.append(len(positions))
+        return real_take(self, positions)
+
+    mp = pytest.MonkeyPatch()
+    with mp.context() as m:
+        m.setattr(neighbours, "IN_MEMORY_UP_TO", 0)
+        m.setattr(neighbours, "search", search)
+        m.setattr(oof, "BLOCK", 8)
+        m.setattr(reader.ColumnOf, "take", take)
+        auditing.run_audit(art, seed=0, map_sample=8, log=lambda s: None)
+    assert searched == [np.memmap] and max(asked) <= 8 and len(asked) > 10
+    assert not list(art.glob("**/.space-*"))  # the file is removed
+    ref = audited["art"] / "audit"
+    for name in ("label_issues.csv", "near_duplicates.csv", "outliers.csv"):
+        assert (art / "audit" / name).read_bytes() == (ref / name).read_bytes(), name
+    rows = list(csv.DictReader((art / "audit" / "outliers.csv").open()))
+    assert len(rows) == audited["run"]["n_train"]  # every training image, ranked
