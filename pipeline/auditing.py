@@ -41,6 +41,7 @@ from pipeline import (
     outputs,
     pictures,
     runs,
+    signature,
     store,
 )
 from pipeline.errors import UserError
@@ -171,9 +172,16 @@ def _audit(
         searched = "exact" if len(X) <= neighbours.EXACT_UP_TO else "approximate"
         xy, picked = collection_map.embed_2d(X[:n_tr], seed, map_sample)
         del X
+        # mirrored copies: by the images' signatures, searched the same way
+        sig_r, sig_c, unsigned = signature.edges([ts.X, va.X], Path(tmp), k, seed)
+    if unsigned:
+        log(
+            f"mirrored copies: not searched among {unsigned:,} image(s) embedded before image "
+            "signatures were kept (`make features REBUILD=1` embeds them again with theirs)"
+        )
     is_val = np.arange(len(dist)) >= n_tr
     labels = np.concatenate([ts.y, va.y]).astype(np.int32)
-    sets, threshold = diagnose.near_duplicates(dist, idx)
+    sets, threshold = diagnose.near_duplicates(dist, idx, extra=(sig_r, sig_c))
     del idx
     near = _near_sets(sets, is_val, labels, text, classes)
     leaks = sum(s["leak"] for s in near)
@@ -257,6 +265,8 @@ def _audit(
             "labels_disagree": sum(s["labels_disagree"] for s in near),
             "top": near[:LISTED],
             "search": searched,
+            "signature_ratio": diagnose.SIGNATURE_RATIO,
+            "without_signature": unsigned,
         },
         "outliers": {
             "quantile": OUTLIER_QUANTILE,
@@ -369,6 +379,8 @@ def _near_sets(
     """The near-duplicate sets of more than one content, leaks and disagreements first (the
     members' texts only are read)."""
     members_all = np.flatnonzero(sets >= 0)
+    if not len(members_all):
+        return []
     order = members_all[np.argsort(sets[members_all], kind="stable")]
     paths, hashes = text.paths(order), text.hashes(order)
     at = {int(i): j for j, i in enumerate(order)}

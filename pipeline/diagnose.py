@@ -124,27 +124,50 @@ def outlier_scores(dist: np.ndarray) -> np.ndarray:
 
 
 RATIO = 0.65  # a near-duplicate pair: closer than this share of its rows' usual neighbours
+# by image signatures (`pipeline.signature`): measured, mirrored, resized and re-encoded copies
+# sit at 0.00-0.10 of the usual neighbours' distance, different images at 0.85 and above
+SIGNATURE_RATIO = 0.3
+
+
+def near_pairs(
+    dist: np.ndarray, idx: np.ndarray, ratio: float = RATIO, valid: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray, float]:
+    """(rows, cols, the collection's median nearest-neighbour distance): each pair closer
+    than `ratio` times the median of the row's own k neighbour distances (a copy stands out
+    from its row's neighbourhood, as in Lowe's ratio test) and than that median distance (two
+    odd images near each other only are not copies). `valid`: the rows that count (others
+    are neither measured nor paired)."""
+    n = len(dist)
+    if n == 0:
+        return np.zeros(0, np.int64), np.zeros(0, np.int64), 0.0
+    valid = np.ones(n, bool) if valid is None else np.asarray(valid, bool)
+    typical = float(np.median(dist[valid, 0])) if valid.any() else 0.0
+    local = np.median(dist, axis=1, keepdims=True)
+    close = (dist < ratio * local) & (dist <= typical) & valid[:, None]
+    r = np.repeat(np.arange(n), close.sum(axis=1))
+    c = idx[close].astype(np.int64)
+    keep = valid[c]
+    return r[keep], c[keep], typical
 
 
 def near_duplicates(
-    dist: np.ndarray, idx: np.ndarray, ratio: float = RATIO
+    dist: np.ndarray,
+    idx: np.ndarray,
+    ratio: float = RATIO,
+    extra: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> tuple[np.ndarray, float]:
     """(set id per row, -1 when alone; the collection's median nearest-neighbour distance).
 
-    A pair is near-duplicate when its distance is below `ratio` times the median of the row's
-    own k neighbour distances (a copy stands out from its row's neighbourhood, as in Lowe's
-    ratio test: measured here, JPEG, resized and cropped copies sit at 0.04-0.58 of it,
-    different images of one kind at 0.74 and above) and below the collection's median
-    nearest-neighbour distance (two odd images near each other only are not copies). Pairs
-    join transitively into sets."""
+    Pairs by `near_pairs` on the features (measured: JPEG, resized and cropped copies sit at
+    0.04-0.58 of their rows' usual neighbour distance, different images of one kind at 0.74
+    and above), with `extra` pairs (rows, cols) beside them (the image signatures' mirrored
+    copies), joined transitively into sets."""
     n = len(dist)
     if n == 0:
         return np.zeros(0, np.int64), 0.0
-    typical = float(np.median(dist[:, 0]))
-    local = np.median(dist, axis=1, keepdims=True)
-    close = (dist < ratio * local) & (dist <= typical)
-    r = np.repeat(np.arange(n), close.sum(axis=1))
-    c = idx[close]
+    r, c, typical = near_pairs(dist, idx, ratio)
+    if extra is not None:
+        r, c = np.concatenate([r, extra[0]]), np.concatenate([c, extra[1]])
     g = coo_matrix((np.ones(len(r), np.int8), (r, c)), shape=(n, n))
     _, comp = connected_components(g, directed=False)
     sizes = np.bincount(comp)

@@ -34,7 +34,7 @@ from typing import Any, Protocol, overload
 
 import numpy as np
 
-from pipeline import backbone, images, store
+from pipeline import backbone, images, signature, store
 from pipeline import batches as reader
 from pipeline.errors import UserError
 from pipeline.hashing import Hashed
@@ -43,8 +43,8 @@ from pipeline.progress import Progress
 
 Stat = tuple[int, int, int]
 # what an engine yields per batch: the batch, {position in it: why not embedded}, and the maps
-# of the others in the batch's order (None when there are none)
-Result = tuple[list[Any], dict[int, images.Unreadable], np.ndarray | None]
+# and image signatures (`pipeline.signature`) of the others in the batch's order (None: none)
+Result = tuple[list[Any], dict[int, images.Unreadable], np.ndarray | None, np.ndarray | None]
 
 
 @dataclass(frozen=True)
@@ -210,13 +210,19 @@ class Embedded:
     done: list[Any] = field(default_factory=list)
     maps: np.ndarray | None = None
     failed: list[tuple[Any, images.Unreadable]] = field(default_factory=list)
+    signatures: np.ndarray | None = None  # one row per embedded job (`pipeline.signature`)
 
-    def add(self, chunk: Sequence[Any], reasons: dict[int, Any], maps: Any) -> None:
+    def add(
+        self, chunk: Sequence[Any], reasons: dict[int, Any], maps: Any, sigs: Any = None
+    ) -> None:
         self.done += [j for n, j in enumerate(chunk) if n not in reasons]
         self.failed += [(chunk[n], reasons[n]) for n in sorted(reasons)]
         if maps is not None and len(maps):
             m = np.asarray(maps)
             self.maps = m if self.maps is None else np.concatenate([self.maps, m])
+            s = np.asarray(sigs) if sigs is not None else np.zeros((len(m), signature.WIDTH))
+            s = s.astype(signature.DTYPE)
+            self.signatures = s if self.signatures is None else np.concatenate([self.signatures, s])
 
 
 def batched(jobs: Sequence[Job], size: int) -> Iterator[Sequence[Job]]:
@@ -248,9 +254,9 @@ def embed(
     """
     engine = engine if engine is not None else Local()
     progress = Progress(total, label) if label else None
-    for chunk, reasons, maps in engine(spec, batches, augment_seed):
+    for chunk, reasons, maps, *sigs in engine(spec, batches, augment_seed):
         out = Embedded(list(chunk))
-        out.add(chunk, reasons, maps)
+        out.add(chunk, reasons, maps, *sigs)
         for _ in range(retries if again is not None else 0):
             moved = [(j, r) for j, r in out.failed if isinstance(r, images.Changed)]
             if not moved:
@@ -258,8 +264,8 @@ def embed(
             out.failed = [(j, r) for j, r in out.failed if not isinstance(r, images.Changed)]
             redo = [k for j, r in moved for k in again(j, r.sha256)]  # type: ignore[misc]
             if redo:
-                for c, rs, m in engine(spec, [redo], augment_seed):
-                    out.add(c, rs, m)
+                for c, rs, m, *sg in engine(spec, [redo], augment_seed):
+                    out.add(c, rs, m, *sg)
         out.failed = [
             (j, images.Changed(changed_reason(command), r.sha256))
             if isinstance(r, images.Changed)
@@ -306,7 +312,10 @@ class Local:
         size = spec.input_size
         for chunk, decoded in reader.decoded_batches(batches, size, self.workers, augment_seed):
             ok, reasons = _split(decoded)
-            yield chunk, reasons, mapped(self._model(spec), ok, spec) if ok else None
+            if not ok:
+                yield chunk, reasons, None, None
+                continue
+            yield chunk, reasons, mapped(self._model(spec), ok, spec), signature.of_arrays(ok)
 
 
 # -- the Dask engine: batches to a cluster's workers ------------------------------------------
@@ -377,7 +386,8 @@ def embed_batch(spec: Any, jobs: list[Job], augment_seed: int, weights_id: str) 
         decoded = reader.decode_batch(jobs, spec.input_size, augment_seed, ex)()
     ok, reasons = _split(decoded)
     maps = mapped(model, ok, spec) if ok else None
-    return {**out, "reasons": reasons, "maps": maps, "builds": len(_BUILDS)}
+    sigs = signature.of_arrays(ok) if ok else None
+    return {**out, "reasons": reasons, "maps": maps, "signatures": sigs, "builds": len(_BUILDS)}
 
 
 def checked(out: dict[str, Any], here: dict[str, Any], what: str) -> dict[str, Any]:
@@ -440,10 +450,10 @@ class Dask:
 
         def result(chunk: list[Any], fut: Any) -> Result:
             if fut is None:
-                return chunk, {}, None
+                return chunk, {}, None, None
             out = checked(fut.result(), here, self.source)
             fut.release()
-            return chunk, out["reasons"], out["maps"]
+            return chunk, out["reasons"], out["maps"], out.get("signatures")
 
         for k, b in enumerate(batches):
             chunk = list(b)

@@ -24,6 +24,7 @@ from pipeline.backbone import BackboneSpec, output_shape
 from pipeline.cache_identity import RANDOM_BANNER, augment_settings, cache_settings
 from pipeline.errors import UserError
 from pipeline.provenance import difference, embedder, environment
+from pipeline.store.format import SIGNATURE
 from pipeline.store.segments import Failure, Meta, pooled
 from pipeline.store.writer import Row, Writer
 
@@ -420,7 +421,10 @@ def _embed(
             if j.ident not in moved  # the old content did not fail: it was not there to read
         ]
         if ok or fails:
-            w.add_batch(meta, pooled(maps), maps, fails)
+            vectors = pooled(maps)
+            if b.signatures is not None:
+                vectors[SIGNATURE] = b.signatures
+            w.add_batch(meta, vectors, maps, fails)
         failures.update({x.ident: x for x in fails})
 
     views = augment_seed or todo[0].view

@@ -9,7 +9,8 @@ memory holds one block of distances besides the features.
 from __future__ import annotations
 
 import functools
-from collections.abc import Sequence
+import secrets
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -59,26 +60,37 @@ def _projection(dim: int, seed: int) -> np.ndarray:
 IN_MEMORY_UP_TO = 1 << 30  # bytes of the space held in memory; above, a file (`space_of`)
 
 
-def space_of(parts: Sequence[Any], folder: Path, seed: int = 0) -> np.ndarray:
-    """`space` of the rows of `parts` (arrays, or `store.Rows` read a block at a time), one
-    after the other: in memory up to IN_MEMORY_UP_TO bytes, else in `folder/space.npy` (a
-    memory-mapped file the caller removes), so what is held stays bounded at any size."""
+def _feature_blocks(part: Any, block: int = 65_536) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """(positions, features) of an array or a `store.Rows` (read a block at a time)."""
+    if hasattr(part, "blocks"):
+        yield from part.blocks()
+        return
+    for a in range(0, len(part), block):
+        yield np.arange(a, min(len(part), a + block)), part[a : a + block]
+
+
+def space_of(
+    parts: Sequence[Any],
+    folder: Path,
+    seed: int = 0,
+    blocks: Callable[[Any], Iterable[tuple[np.ndarray, np.ndarray]]] = _feature_blocks,
+    width: int | None = None,
+) -> np.ndarray:
+    """`space` of the rows of `parts` (arrays, or `store.Rows` read a block at a time; `blocks`
+    says how, `width` how wide they are), one after the other: in memory up to
+    IN_MEMORY_UP_TO bytes, else in `folder/space-*.npy` (a memory-mapped file the caller
+    removes with its folder), so what is held stays bounded at any size."""
     n = sum(len(p) for p in parts)
-    width = int(parts[0].shape[1]) if parts else 0
+    width = width if width is not None else (int(parts[0].shape[1]) if parts else 0)
     d = PROJECTED if width > PROJECT_ABOVE else width
     if n * d * 4 <= IN_MEMORY_UP_TO:
         out = np.empty((n, d), np.float32)
     else:
-        out = np.lib.format.open_memmap(folder / "space.npy", "w+", np.float32, (n, d))
+        file = folder / f"space-{secrets.token_hex(4)}.npy"
+        out = np.lib.format.open_memmap(file, "w+", np.float32, (n, d))
     at = 0
     for p in parts:
-        blocks = (
-            p.blocks()
-            if hasattr(p, "blocks")
-            else ((np.arange(a, min(len(p), a + 65_536)), p[a : a + 65_536])
-                  for a in range(0, len(p), 65_536))
-        )  # fmt: skip
-        for pos, X in blocks:
+        for pos, X in blocks(p):
             out[at + pos] = space(X, seed)
         at += len(p)
     return out

@@ -11,6 +11,7 @@ import contextlib
 import dataclasses
 import json
 import os
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -32,6 +33,7 @@ from pipeline import (
     novelty,
     oof,
     runs,
+    signature,
     stats,
     store,
 )
@@ -40,7 +42,6 @@ from pipeline.cache_identity import augment_settings
 from pipeline.errors import UserError
 from pipeline.provenance import environment
 from pipeline.seeding import set_seeds
-from pipeline.store.rows import materialize
 
 Log = Callable[[str], None]
 
@@ -90,6 +91,12 @@ def load(
         # resumed, grown, merged), every split, shuffle and list of the run is the same
         tr = store.features_of(f, idx, pooling, "train", lazy=lazy, canonical=True)
         va = store.features_of(f, idx, pooling, "validation", lazy=lazy, canonical=True)
+        if groups == "near":  # the training rows named in the cache (their signatures)
+            named = (
+                tr.X
+                if lazy
+                else store.features_of(f, idx, pooling, "train", lazy=True, canonical=True).X
+            )
     ts = evaluate.TrainSet(
         X=tr.X,
         y=tr.y,
@@ -99,7 +106,9 @@ def load(
         paths=tr.paths,
     )
     if groups == "near":
-        ts = dataclasses.replace(ts, groups=_near_groups(ts, log or (lambda _: None)))
+        with store.reading(path.parent):  # the rows' signatures, read from the cache
+            near = _near_groups(ts, named, path.parent, log or (lambda _: None))
+        ts = dataclasses.replace(ts, groups=near)
     aug = None
     if views:
         ts, aug = _with_views(path, idx, ts, pooling, views, seed, lazy)
@@ -428,12 +437,18 @@ def _repeats_plan(
     return by_time, why
 
 
-def _near_groups(ts: evaluate.TrainSet, log: Log) -> np.ndarray:
-    """The content groups joined along near-duplicate sets of the training images (their
-    features in the audit's space, `neighbours.search`): one group per set and its copies."""
-    X = neighbours.space(materialize(ts.X))
-    dist, idx = neighbours.search(X, diagnose.K)
-    sets, _ = diagnose.near_duplicates(dist, idx)
+def _near_groups(ts: evaluate.TrainSet, rows: store.Rows, folder: Path, log: Log) -> np.ndarray:
+    """The content groups joined along near-duplicate sets of the training images, found as
+    the audit finds them: their features in the audit's space (`neighbours.search`) and their
+    image signatures (mirrored copies, `signature.edges`; `rows` names them in the cache, read
+    a block at a time), the space in a file in `folder` above its memory bound. One group per
+    set and its copies."""
+    with tempfile.TemporaryDirectory(prefix=".near-", dir=folder) as tmp:
+        X = neighbours.space_of([ts.X], Path(tmp))
+        dist, idx = neighbours.search(X, diagnose.K)
+        del X
+        extra = signature.edges([rows], Path(tmp))[:2]
+    sets, _ = diagnose.near_duplicates(dist, idx, extra=extra)
     merged = diagnose.join_groups(ts.groups, sets)
     n_sets = len(np.unique(sets[sets >= 0]))
     log(

@@ -140,3 +140,64 @@ def test_the_approximate_search_finds_the_exact_neighbours_and_never_the_row_its
     _, iq = neighbours.approximate(X, 5, q)
     _, eq = neighbours.neighbours(X, 5, q)
     assert neighbours.recall_at(iq, eq) >= 0.95
+
+
+def _field(seed: int, px: int = 64) -> np.ndarray:
+    """A smooth random colour field: an image of its own content."""
+    from scipy.ndimage import gaussian_filter
+
+    r = np.random.default_rng(seed)
+    f = np.stack([gaussian_filter(r.normal(size=(px, px)), r.uniform(1.5, 5)) for _ in range(3)])
+    return ((f - f.min()) / np.ptp(f) * 255).transpose(1, 2, 0).astype(np.uint8)
+
+
+def test_a_mirrored_image_has_the_same_signature_and_other_images_do_not():
+    import io
+
+    from PIL import Image
+
+    from pipeline import signature
+
+    images = [_field(s) for s in range(30)]
+    S = signature.of_arrays(images).astype(np.float32)
+    assert S.dtype == np.float32 and np.allclose(np.linalg.norm(S, axis=1), 1, atol=1e-2)
+    d = np.linalg.norm(S[:, None] - S[None], axis=2) + np.eye(len(S)) * 9
+    apart = d.min()  # the nearest two different images
+    for a in images[:5]:
+        im = Image.fromarray(a)
+        buf = io.BytesIO()
+        im.save(buf, "JPEG", quality=60)
+        copies = [
+            im.transpose(Image.Transpose.FLIP_LEFT_RIGHT),
+            im.resize((40, 40)),
+            Image.open(buf),
+        ]
+        own = signature.of_array(a)
+        for c in copies:
+            gap = np.linalg.norm(signature.of_array(np.asarray(c.convert("RGB"))) - own)
+            assert gap < 0.2 * apart, (gap, apart)
+    mirror = np.asarray(Image.fromarray(images[0]).transpose(Image.Transpose.FLIP_LEFT_RIGHT))
+    np.testing.assert_allclose(signature.of_array(mirror), signature.of_array(images[0]), atol=1e-5)
+    assert np.abs(signature.of_array(np.zeros((8, 8, 3), np.uint8))).sum() == 0  # flat: none
+
+
+def test_signature_pairs_skip_rows_without_one():
+    from pipeline import diagnose
+
+    rng = np.random.default_rng(0)
+    S = rng.normal(size=(40, 8)).astype(np.float32)
+    S /= np.linalg.norm(S, axis=1, keepdims=True)
+    S[1] = S[0]  # a copy
+    S[10:14] = 0  # four rows without a signature: near each other (0 apart), never paired
+    from pipeline import neighbours
+
+    dist, idx = neighbours.neighbours(S, 5)
+    r, c, _ = diagnose.near_pairs(dist, idx, diagnose.SIGNATURE_RATIO, valid=S.any(axis=1))
+    assert {(int(a), int(b)) for a, b in zip(r, c, strict=True)} == {(0, 1), (1, 0)}
+
+
+def test_no_near_duplicate_sets_make_an_empty_list():
+    from pipeline import auditing
+
+    sets = np.full(5, -1)
+    assert auditing._near_sets(sets, np.zeros(5, bool), np.zeros(5, int), None, ["a"]) == []

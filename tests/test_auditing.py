@@ -2,8 +2,8 @@
 
 Generated photos-like images (smooth random fields, each of its own content), two classes told
 apart by their colour cast, embedded by a seeded random-weights VGG16: a few labels flipped on
-purpose, JPEG, resized and cropped copies (one of them in validation: a leak), and images of
-another kind. Nothing here runs the backbone after `extract` but predict's new images.
+purpose, JPEG, resized, cropped and mirrored copies (one of them in validation: a leak), and
+images of another kind. Nothing here runs the backbone after `extract` but predict's new images.
 """
 
 from __future__ import annotations
@@ -47,7 +47,12 @@ def other_kind(seed: int) -> np.ndarray:
 
 N = 24  # images per class
 FLIPPED = [(0, 3), (1, 7)]  # (true class, index): saved in the other class's folder
-COPIES = [(0, 5, "jpeg", "train"), (1, 9, "resize", "train"), (0, 11, "crop", "validation")]
+COPIES = [
+    (0, 5, "jpeg", "train"),
+    (1, 9, "resize", "train"),
+    (0, 11, "crop", "validation"),
+    (1, 13, "mirror", "train"),
+]
 
 
 def save(a: np.ndarray, path: Path, fmt: str = "PNG") -> None:
@@ -72,6 +77,9 @@ def audited(tmp_path_factory):
             save(np.asarray(im), folder / f"copy_c{c}_{i:02d}.jpg", "JPEG")
         elif how == "resize":
             save(np.asarray(im.resize((48, 48))), folder / f"copy_c{c}_{i:02d}.png")
+        elif how == "mirror":
+            flipped = im.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+            save(np.asarray(flipped), folder / f"copy_c{c}_{i:02d}.png")
         else:
             save(np.asarray(im.crop((3, 3, PX - 3, PX - 3))), folder / f"copy_c{c}_{i:02d}.png")
     odd = data / "train" / "class_0" / "odd.png"
@@ -112,7 +120,7 @@ def test_the_flipped_labels_are_the_likely_label_errors(audited):
     assert [row["path"] for row in on_disk] == [row["path"] for row in s["top"]]
 
 
-def test_jpeg_resized_and_cropped_copies_are_found_with_their_originals(audited):
+def test_jpeg_resized_cropped_and_mirrored_copies_are_found_with_their_originals(audited):
     near = audited["summary"]["near_duplicates"]
     sets = [{m["path"] for m in s["members"]} for s in near["top"]]
     for c, i, how, split in COPIES:
@@ -295,11 +303,40 @@ def test_the_audit_holds_no_collection_wide_list_and_gives_the_same_files(audite
         m.setattr(neighbours, "search", search)
         m.setattr(oof, "BLOCK", 8)
         m.setattr(reader.ColumnOf, "take", take)
-        auditing.run_audit(art, seed=0, map_sample=8, log=lambda s: None)
-    assert searched == [np.memmap] and max(asked) <= 8 and len(asked) > 10
+        auditing.run_audit(art, audited["run"]["run"], 0, map_sample=8, log=lambda s: None)
+    assert searched == [np.memmap] * 2  # the features' space, then the signatures'
+    assert max(asked) <= 8 and len(asked) > 10
     assert not list(art.glob("**/.space-*"))  # the file is removed
     ref = audited["art"] / "audit"
     for name in ("label_issues.csv", "near_duplicates.csv", "outliers.csv"):
         assert (art / "audit" / name).read_bytes() == (ref / name).read_bytes(), name
     rows = list(csv.DictReader((art / "audit" / "outliers.csv").open()))
     assert len(rows) == audited["run"]["n_train"]  # every training image, ranked
+
+
+def test_a_cache_from_before_signatures_says_so_and_finds_the_other_copies(audited, tmp_path):
+    """Segments written before image signatures were kept: mirrored copies are not searched
+    among their rows (said once, with the fix), the other copies are found as before."""
+    import shutil
+
+    import h5py
+
+    art = tmp_path / "art"
+    shutil.copytree(audited["art"], art)
+    for seg in art.glob("features/**/g*.h5"):
+        with h5py.File(seg, "a") as f:
+            del f["signature"]
+    lines: list[str] = []
+    s = auditing.run_audit(art, audited["run"]["run"], 0, log=lines.append)["near_duplicates"]
+    n_all = audited["run"]["n_train"] + audited["run"]["n_validation"]
+    said = [ln for ln in lines if ln.startswith("mirrored copies: not searched among ")]
+    assert said == [
+        f"mirrored copies: not searched among {n_all} image(s) embedded before image "
+        "signatures were kept (`make features REBUILD=1` embeds them again with theirs)"
+    ]
+    assert s["without_signature"] == n_all
+    sets = [{m["path"] for m in x["members"]} for x in s["top"]]
+    for c, i, how, split in COPIES:
+        copy = f"{split}/class_{c}/copy_c{c}_{i:02d}.{'jpg' if how == 'jpeg' else 'png'}"
+        found = any({f"train/class_{c}/c{c}_{i:02d}.png", copy} <= x for x in sets)
+        assert found is (how != "mirror"), (how, sets)  # random weights: mirrors are apart

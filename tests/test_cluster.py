@@ -27,7 +27,7 @@ def _same_cache(a, b) -> None:
     )
     assert len(set(zip(ib.sha256, ib.view, strict=True))) == len(ib.paths)  # no row twice
     oa, ob = np.argsort(ia.paths), np.argsort(ib.paths)
-    for name in ("features", "pooled/avg"):
+    for name in ("features", "pooled/avg", "signature"):
         np.testing.assert_allclose(
             store.read_column(a, name)[oa], store.read_column(b, name)[ob], rtol=1e-3, atol=1e-3
         )
@@ -53,9 +53,10 @@ def test_two_worker_processes_make_the_same_cache(tmp_path, quiet, two_workers):
     fn = cluster.embedder(two_workers)
 
     def recording(*a):
-        for chunk, reasons, maps in fn(*a):
+        for chunk, reasons, maps, sigs in fn(*a):
             seen.append({"n": len(chunk)})
-            yield chunk, reasons, maps
+            assert sigs is not None and len(sigs) == len(maps)  # signatures from the workers
+            yield chunk, reasons, maps, sigs
 
     two = extract(data, tmp_path / "two", spec, batch_size=4, log=log, embedder_fn=recording)
     assert two.new == one.new == 30 and len(seen) == 8

@@ -1,26 +1,32 @@
 """`make audit` at 100,000 and 1,000,000 rows: its time, peak memory and neighbour recall.
 
-Synthetic pooled features (512-d, 1,000 clusters of varied spread, float32) stand for a cache;
-out-of-fold probabilities for 10 classes with 3 % of labels flipped stand for a run's. Each
-size runs in a fresh process (its peak resident memory is its own) through the audit's own
-functions: the space (`neighbours.space`), the neighbour search (`neighbours.search`: exact up
-to `EXACT_UP_TO` rows, blocks of exact search above), near-duplicates, outliers, label issues
-with two partitions voting, and the map (`collection_map.embed_2d`, on its bounded sample).
-Recall@10 of the search is measured against exact search on 1,000 seeded queries.
+Each size is built in one process and audited in a fresh one (its peak resident memory is the
+audit's own). The build writes a synthetic cache through the store's own writer (512-d pooled
+features in 1,000 clusters of varied spread, 10 classes) and a run's `oof.h5` (two partitions'
+out-of-fold probabilities with 3 % of labels contradicted), and measures the neighbour search's
+recall@10 against exact search on 1,000 seeded queries. The audit runs the product's own
+`auditing._audit` on the cache read lazily, as `make audit` does: the space built a block at a
+time (a memory-mapped file above `neighbours.IN_MEMORY_UP_TO`), the search, near-duplicates,
+outliers, label issues and the map on its bounded sample, every CSV file written.
 """
 
 from __future__ import annotations
 
+import csv
 import json
 import resource
 import subprocess
 import sys
+import tempfile
 import time
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from pipeline.bench.instruments import say
+
+K_CLASSES = 10
 
 
 def _features(n: int, d: int = 512, seed: int = 0) -> np.ndarray:
@@ -35,86 +41,148 @@ def _features(n: int, d: int = 512, seed: int = 0) -> np.ndarray:
     return X
 
 
-def _probabilities(n: int, k: int, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(given labels, two partitions' out-of-fold probabilities, which labels were flipped)."""
+def _probabilities(given: np.ndarray, seed: int) -> tuple[list[np.ndarray], np.ndarray]:
+    """(two partitions' out-of-fold probabilities, which given labels they contradict)."""
     rng = np.random.default_rng(seed)
-    true = rng.integers(0, k, n)
-    given = true.copy()
+    n, k = len(given), K_CLASSES
     flip = rng.random(n) < 0.03
-    given[flip] = (true[flip] + rng.integers(1, k, flip.sum())) % k
+    true = given.copy()
+    true[flip] = (given[flip] + rng.integers(1, k, flip.sum())) % k
     parts = []
     for _ in range(2):
         logits = rng.standard_normal((n, k)).astype(np.float32)
         logits[np.arange(n), true] += 3.0 + rng.normal(0, 0.3, n).astype(np.float32)
         e = np.exp(logits - logits.max(axis=1, keepdims=True))
         parts.append(e / e.sum(axis=1, keepdims=True))
-    return given, parts, flip
+    return parts, flip
 
 
-def one_size(n: int, seed: int = 0) -> dict[str, Any]:
-    """The audit's parts at `n` rows, timed, in this process."""
+def build(n: int, work: Path, seed: int = 0) -> dict[str, Any]:
+    """The synthetic cache and run in `work`; the search's recall@10 and the labels' AUROC."""
     from sklearn.metrics import roc_auc_score
 
-    from pipeline import collection_map, diagnose, neighbours
+    from pipeline import diagnose, layout, neighbours
+    from pipeline.bench import store as bench_store
+    from pipeline.oof import OOF
+    from pipeline.store.segments import Meta
+    from pipeline.store.writer import Writer
+    from pipeline.train import load
 
-    out: dict[str, Any] = {"rows": n}
-    t = time.perf_counter()
-    X = neighbours.space(_features(n, seed=seed))
-    out["space_s"] = time.perf_counter() - t
-    t = time.perf_counter()
-    dist, idx = neighbours.search(X, diagnose.K, seed=seed)
-    out["search_s"] = time.perf_counter() - t
-    out["search"] = "exact" if n <= neighbours.EXACT_UP_TO else "approximate"
+    X = _features(n, seed=seed)
+    rows = bench_store._rows(0, n)
+    path = layout.features_dir(work) / "audit.h5"
+    path.parent.mkdir(parents=True)
+    key = bench_store._key()
+    w = Writer(path, key, bench_store.STAMP, maps=False, dtype="float16", log=lambda s: None)
+    for a in range(0, n, 65536):
+        part = rows[a : a + 65536]
+        meta = Meta(
+            [r.ident for r in part], [r.path for r in part], [r.label for r in part],
+            [r.split for r in part], [r.view for r in part], [r.stat for r in part],
+        )  # fmt: skip
+        w.add_batch(meta, {"avg": X[a : a + 65536], "max": X[a : a + 65536]}, None, [])
+    w.commit(rows, bench_store.CLASSES, [], bench_store._attrs(key, X.shape[1]), same_source=True)
+    layout.set_current(work, path)
+    del rows
+    out: dict[str, Any] = {}
+    S = neighbours.space(X)
+    _, idx = neighbours.search(S, diagnose.K, seed=seed)
     q = np.sort(np.random.default_rng(seed + 1).choice(n, 1000, replace=False))
-    _, exact = neighbours.neighbours(X, diagnose.K + 1, X[q])
+    _, exact = neighbours.neighbours(S, diagnose.K + 1, S[q])
     exact = np.array([e[e != i][: diagnose.K] for e, i in zip(exact, q, strict=True)])
     out["recall_at_10"] = neighbours.recall_at(idx[q], exact)
-    t = time.perf_counter()
-    sets, _ = diagnose.near_duplicates(dist, idx)
-    far = diagnose.outlier_scores(dist)
-    out["near_outliers_s"] = time.perf_counter() - t
-    out["near_sets"] = int(len(np.unique(sets[sets >= 0])))
-    given, parts, flip = _probabilities(n, 10, seed)
-    t = time.perf_counter()
-    v = diagnose.vote(given, parts)
-    out["labels_s"] = time.perf_counter() - t
-    found = v["flagged"]
-    out["label_precision"] = float((found & flip).sum() / max(1, found.sum()))
-    out["label_recall"] = float((found & flip).sum() / max(1, flip.sum()))
-    out["label_auroc"] = float(roc_auc_score(flip, -v["score"]))
-    t = time.perf_counter()
-    collection_map.embed_2d(X, seed)
-    out["map_s"] = time.perf_counter() - t
-    out["map_points"] = min(n, collection_map.SAMPLE)
-    out["total_s"] = sum(out[k] for k in out if k.endswith("_s"))
-    out["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    out["features_mib"] = X.nbytes / 2**20
-    del far
+    del S, X, idx
+    ts = load(path, "avg", lazy=True).train
+    parts, flip = _probabilities(np.asarray(ts.y), seed)
+    out["label_auroc"] = float(roc_auc_score(flip, -diagnose.vote(ts.y, parts)["score"]))
+    every = OOF.of(np.ones(len(ts.y), bool), ts.y, K_CLASSES)
+    for p in parts:
+        every.start()
+        every.put(np.arange(len(ts.y)), p, 0)
+    run = work / "heads" / "bench"
+    run.mkdir(parents=True)
+    every.save(run, ts.sha256)
+    np.save(work / "flipped.npy", flip)
     return out
 
 
+def audit(work: Path, seed: int = 0) -> dict[str, Any]:
+    """`auditing._audit` on the synthetic run, timed by part, in this process."""
+    from pipeline import auditing, collection_map, layout, neighbours, oof, store
+    from pipeline.train import load
+
+    took: dict[str, float] = {"search_s": 0.0, "map_s": 0.0}
+
+    def timed(fn: Any, name: str) -> Any:
+        def run(*a: Any, **k: Any) -> Any:
+            t = time.perf_counter()
+            try:
+                return fn(*a, **k)
+            finally:
+                took[name] += time.perf_counter() - t
+
+        return run
+
+    neighbours.search = timed(neighbours.search, "search_s")
+    collection_map.embed_2d = timed(collection_map.embed_2d, "map_s")
+    path = layout.current_cache(work)
+    t = time.perf_counter()
+    with store.reading(path.parent):
+        data = load(path, "avg", lazy=True)
+        saved = oof.load(work / "heads" / "bench")
+        assert saved is not None
+        r = {"run": "bench", "files": {}, "calibration": {}}
+        s = auditing._audit(
+            work, r, saved, data.train, data.validation, [f"c{i}" for i in range(K_CLASSES)],
+            data.index.attrs, seed, auditing.K, collection_map.SAMPLE, lambda s: None,
+        )  # fmt: skip
+    out = {"total_s": time.perf_counter() - t, **took}
+    out["search"] = s["near_duplicates"]["search"]
+    out["near_sets"] = s["near_duplicates"]["sets"]
+    out["map_points"] = s["map"]["points"]
+    out["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    flip = np.load(work / "flipped.npy")
+    hashes = np.array(oof.load(work / "heads" / "bench").sha256[:])  # type: ignore[union-attr]
+    flipped = set(hashes[flip].astype(str))
+    with (auditing.audit_dir(work) / "label_issues.csv").open() as fh:
+        found = {row["sha256"] for row in csv.DictReader(fh)}
+    out["label_precision"] = len(found & flipped) / max(1, len(found))
+    out["label_recall"] = len(found & flipped) / max(1, len(flipped))
+    return out
+
+
+def _child(*args: str) -> dict[str, Any]:
+    p = subprocess.run(
+        [sys.executable, "-m", "pipeline.bench.know", *args], capture_output=True, text=True
+    )
+    if p.returncode != 0:
+        raise RuntimeError(p.stderr[-2000:])
+    return json.loads(p.stdout.strip().splitlines()[-1])
+
+
 def audit_at_scale(sizes: tuple[int, ...] = (100_000, 1_000_000)) -> dict[str, Any]:
-    """Each size in a fresh process; a line per size."""
+    """Each size built in one process and audited in a fresh one; a line per size."""
     res: dict[str, Any] = {}
     for n in sizes:
-        p = subprocess.run(
-            [sys.executable, "-m", "pipeline.bench.know", str(n)],
-            capture_output=True,
-            text=True,
-        )
-        if p.returncode != 0:
-            raise RuntimeError(p.stderr[-2000:])
-        r = json.loads(p.stdout.strip().splitlines()[-1])
+        with tempfile.TemporaryDirectory(prefix="bench-audit-") as tmp:
+            t = time.perf_counter()
+            r = _child("build", str(n), tmp)
+            build_s = time.perf_counter() - t
+            r.update(_child("audit", tmp))
+        r["rows"], r["build_s"] = n, build_s
         res[str(n)] = r
         say(
             f"  {n:>9,} rows: {r['total_s']:.0f} s (search {r['search_s']:.0f} s, "
             f"{r['search']}, recall@10 {r['recall_at_10']:.3f}; map {r['map_s']:.0f} s on "
-            f"{r['map_points']:,}), peak {r['peak_rss_mib']:,.0f} MiB ({r['features_mib']:,.0f} "
-            f"MiB of features); label errors P {r['label_precision']:.2f} R "
-            f"{r['label_recall']:.2f} AUROC {r['label_auroc']:.3f}"
+            f"{r['map_points']:,}), peak {r['peak_rss_mib']:,.0f} MiB (features in the cache: "
+            f"{n * 512 * 4 / 2**20:,.0f} MiB a pooling); label errors P "
+            f"{r['label_precision']:.2f} R {r['label_recall']:.2f} AUROC {r['label_auroc']:.3f}"
         )
     return res
 
 
 if __name__ == "__main__":
-    print(json.dumps(one_size(int(sys.argv[1]))))
+    if sys.argv[1] == "build":
+        print(json.dumps(build(int(sys.argv[2]), Path(sys.argv[3]))))
+    else:
+        print(json.dumps(audit(Path(sys.argv[2]))))

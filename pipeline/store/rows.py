@@ -25,6 +25,7 @@ from typing import Any
 
 import numpy as np
 
+from pipeline.store.format import SIGNATURE, SIGNATURE_WIDTH
 from pipeline.store.manifest import Index, shards_dir
 from pipeline.store.pooling import dataset_of, pool
 from pipeline.store.segments import BLOCK_BYTES, missing_maps, open_segment, read_rows
@@ -202,6 +203,20 @@ class Rows:
             return np.zeros(0, "S1")
         out = np.empty(len(order), parts[0].dtype if len(parts) == 1 else object)
         out[order] = np.concatenate(parts) if len(parts) > 1 else parts[0]
+        return out
+
+    def signatures(self, pos: np.ndarray) -> np.ndarray:
+        """The image signatures of positions `pos` (float32, in that order): zeros for rows
+        whose segment was written before signatures were kept."""
+        sub = self[np.asarray(pos, np.int64)]
+        out = np.zeros((len(sub), SIGNATURE_WIDTH), np.float32)
+        order = sub._order()
+        key = sub.part[order].astype(np.int64) << 32 | sub.seg[order].astype(np.int64)
+        for run in np.split(order, np.flatnonzero(np.diff(key)) + 1) if len(order) else []:
+            p = sub.parts[int(sub.part[run[0]])]
+            with open_segment(Path(p.folder) / p.names[int(sub.seg[run[0]])]) as g:
+                if SIGNATURE in g:
+                    out[run] = read_rows(g[SIGNATURE], sub.row[run])
         return out
 
     def load(self) -> np.ndarray:

@@ -17,7 +17,17 @@ import h5py
 import numpy as np
 
 from pipeline.store import digests, keys
-from pipeline.store.format import H5_OVERHEAD, POOLED, new_h5, put, str_ds, write_attrs, write_error
+from pipeline.store.format import (
+    H5_OVERHEAD,
+    POOLED,
+    SIGNATURE,
+    SIGNATURE_WIDTH,
+    new_h5,
+    put,
+    str_ds,
+    write_attrs,
+    write_error,
+)
 from pipeline.store.segments import (
     BLOCK_BYTES,
     Failure,
@@ -30,6 +40,13 @@ from pipeline.store.segments import (
 )
 
 ROW_COLUMNS = ("ident", "path", "label", "split", "view", "stat")  # a row's metadata
+
+
+def signatures_of(pooled: dict[str, np.ndarray], n: int) -> np.ndarray:
+    """The rows' image signatures from a batch's vectors (`SIGNATURE`), zeros where it has
+    none (predict's store, rows copied from a segment written before they were kept)."""
+    s = pooled.get(SIGNATURE)
+    return np.zeros((n, SIGNATURE_WIDTH), np.float16) if s is None else np.asarray(s, np.float16)
 
 
 def new_name() -> str:
@@ -54,7 +71,7 @@ def _told(folder: Path) -> dict[str, str]:
 
 def _segment_bytes(n: int, channels: int, maps: tuple[int, ...] | None, dtype: str) -> int:
     """The bytes of a segment's data alone (what `check_room` asks of the disk)."""
-    row = 80 + 4 + 10 + 2 + 24 + 64 + 2 * 4 * channels
+    row = 80 + 4 + 10 + 2 + 24 + 64 + 2 * 4 * channels + 2 * SIGNATURE_WIDTH
     if maps is not None:
         row += int(np.prod(maps)) * np.dtype(dtype).itemsize
     return n * row
@@ -104,10 +121,11 @@ class SegmentWriter:
             put(f, "stat", shape=(n, 3), dtype=np.int64)
             for p in POOLED:
                 put(f, f"pooled/{p}", shape=(n, channels), dtype=np.float32)
+            put(f, SIGNATURE, shape=(n, SIGNATURE_WIDTH), dtype=np.float16)
             if maps_shape is not None:
                 put(f, "features", shape=(n,) + tuple(maps_shape), dtype=maps_dtype)
             # the row columns' digests as their rows are written (`digests`)
-            rows = [*ROW_COLUMNS, *(f"pooled/{p}" for p in POOLED)]
+            rows = [*ROW_COLUMNS, *(f"pooled/{p}" for p in POOLED), SIGNATURE]
             rows += ["features"] if maps_shape is not None else []
             self.digests: dict[str, Any] = {name: digests.Digester(f[name]) for name in rows}
         except BaseException as e:
@@ -139,6 +157,7 @@ class SegmentWriter:
             self._put("stat", a, b, np.array(meta.stat, np.int64).reshape(-1, 3))
             for p in POOLED:
                 self._put(f"pooled/{p}", a, b, pooled[p])
+            self._put(SIGNATURE, a, b, signatures_of(pooled, b - a))
             if "features" in f and maps is not None:
                 self._put("features", a, b, maps)
         except BaseException as e:
@@ -210,6 +229,7 @@ def write_segment(
     enc = encoded(meta.path)
     vectors = {p: np.asarray(pooled[p], np.float32) for p in POOLED}
     needed = sum(v.nbytes for v in vectors.values()) + enc.nbytes + 200 * len(meta) + H5_OVERHEAD
+    needed += 2 * SIGNATURE_WIDTH * len(meta)
     needed += maps.nbytes if maps is not None else 0
     with new_h5(tmp, path, needed, **(told or _told(folder))) as f:
         _header(f, key, stamp, stamp_key, rebuild, origin)
@@ -230,6 +250,7 @@ def write_segment(
         column("stat", np.array(meta.stat, np.int64).reshape(-1, 3))
         for p in POOLED:
             column(f"pooled/{p}", vectors[p])
+        column(SIGNATURE, signatures_of(pooled, len(meta)))
         if maps is not None:
             column("features", maps)
         str_ds(f, "classes", list(classes))
@@ -288,6 +309,8 @@ def copy_rows(
                 for a in range(0, len(srt), step):
                     part = srt[a : a + step]
                     pooled = {p: read_rows(f[f"pooled/{p}"], part) for p in POOLED}
+                    if SIGNATURE in f:  # kept since signatures are: copied as they are
+                        pooled[SIGNATURE] = read_rows(f[SIGNATURE], part)
                     maps = read_rows(f["features"], part) if maps_shape else None
                     m = own.take(part) if own is not None else meta.take(order[a : a + step])  # type: ignore[union-attr]
                     yield m, pooled, maps
@@ -302,11 +325,12 @@ def copy_rows(
         else:
             path_len = max(path_len, encoded(m.path).dtype.itemsize if len(m) else 1)
     if total <= min(limit, step):  # small: gather in memory, write once
-        meta, pooled, maps = Meta(), {p: [] for p in POOLED}, []
+        meta, pooled, maps = Meta(), {p: [] for p in (*POOLED, SIGNATURE)}, []
         for m, pv, mp in blocks():
             meta.extend(m)
             for p in POOLED:
                 pooled[p].append(pv[p])
+            pooled[SIGNATURE].append(signatures_of(pv, len(m)))
             maps.append(mp)
         name = write_segment(
             folder,
