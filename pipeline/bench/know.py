@@ -2,7 +2,8 @@
 
 Each size is built in one process and audited in a fresh one (its peak resident memory is the
 audit's own). The build writes a synthetic cache through the store's own writer (512-d pooled
-features in 1,000 clusters of varied spread, 10 classes) and a run's `oof.h5` (two partitions'
+features in 1,000 clusters of varied spread, 10 classes, 64-d image signatures of which 1 % are
+another row's) and a run's `oof.h5` (two partitions'
 out-of-fold probabilities with 3 % of labels contradicted), and measures the neighbour search's
 recall@10 against exact search on 1,000 seeded queries. The audit runs the product's own
 `auditing._audit` on the cache read lazily, as `make audit` does: the space built a block at a
@@ -25,6 +26,7 @@ from typing import Any
 import numpy as np
 
 from pipeline.bench.instruments import say
+from pipeline.store.format import SIGNATURE, SIGNATURE_WIDTH
 
 K_CLASSES = 10
 
@@ -57,6 +59,16 @@ def _probabilities(given: np.ndarray, seed: int) -> tuple[list[np.ndarray], np.n
     return parts, flip
 
 
+def _signatures(n: int, seed: int) -> np.ndarray:
+    """Image signatures: random unit rows, 1 % of them a copy of another row's (a mirror)."""
+    rng = np.random.default_rng(seed + 2)
+    S = rng.standard_normal((n, SIGNATURE_WIDTH), dtype=np.float32)
+    S /= np.linalg.norm(S, axis=1, keepdims=True)
+    copies = rng.choice(n, n // 100, replace=False)
+    S[copies] = S[rng.integers(0, n, len(copies))]
+    return S.astype(np.float16)
+
+
 def build(n: int, work: Path, seed: int = 0) -> dict[str, Any]:
     """The synthetic cache and run in `work`; the search's recall@10 and the labels' AUROC."""
     from sklearn.metrics import roc_auc_score
@@ -69,6 +81,7 @@ def build(n: int, work: Path, seed: int = 0) -> dict[str, Any]:
     from pipeline.train import load
 
     X = _features(n, seed=seed)
+    sig = _signatures(n, seed)
     rows = bench_store._rows(0, n)
     path = layout.features_dir(work) / "audit.h5"
     path.parent.mkdir(parents=True)
@@ -80,7 +93,8 @@ def build(n: int, work: Path, seed: int = 0) -> dict[str, Any]:
             [r.ident for r in part], [r.path for r in part], [r.label for r in part],
             [r.split for r in part], [r.view for r in part], [r.stat for r in part],
         )  # fmt: skip
-        w.add_batch(meta, {"avg": X[a : a + 65536], "max": X[a : a + 65536]}, None, [])
+        vectors = {"avg": X[a : a + 65536], "max": X[a : a + 65536], SIGNATURE: sig[a : a + 65536]}
+        w.add_batch(meta, vectors, None, [])
     w.commit(rows, bench_store.CLASSES, [], bench_store._attrs(key, X.shape[1]), same_source=True)
     layout.set_current(work, path)
     del rows
