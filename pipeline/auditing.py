@@ -10,7 +10,8 @@ pooled features (the run's pooling, in `neighbours.space`), writes `ARTIFACTS/au
   (`diagnose.near_duplicates`; training and validation images together), each set
   marked where it crosses training and validation (a leak) or its labels disagree; sets of
   one content only (the same bytes) are already grouped by the folds and are not listed;
-- `outliers.csv`: training images by their mean distance to their k nearest neighbours;
+- `outliers.csv`: the outliers (training images above the 99th percentile of the mean
+  distance to their k nearest neighbours), farthest first;
 - `reliability.csv`: the run's reliability table (its calibration, fitted at train-head);
 - `map.html`: the collection drawn in two dimensions (`pipeline.collection_map`);
 - `audit.json`: all of it for tools, with what made it (run, cache key, data id, seed, k).
@@ -25,7 +26,6 @@ from __future__ import annotations
 import csv
 import io
 import json
-import tempfile
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
@@ -41,11 +41,12 @@ from pipeline import (
     outputs,
     pictures,
     runs,
-    signature,
     store,
 )
 from pipeline.errors import UserError
+from pipeline.near import signature_edges
 from pipeline.provenance import environment
+from pipeline.store.format import prefix64
 from pipeline.store.reader import texts
 from pipeline.train import load
 
@@ -104,13 +105,20 @@ def run_audit(
 
 
 def _same_rows(ts: Any, saved: oof.Saved) -> bool:
-    """The run's scored rows are the cache's training images, compared a block at a time."""
+    """The run's scored rows are the cache's training images: their labels, and their hashes
+    a block at a time (the cache's side by the 64-bit prefixes it holds in memory, when it is
+    read lazily: nothing read from its segments)."""
     n, block = len(ts.y), oof.BLOCK
     if n != len(saved.label) or not np.array_equal(ts.y, saved.label):
         return False
+    prefix = getattr(ts.sha256, "prefix", None)
     for a in range(0, n, block):
-        rows = np.arange(a, min(n, a + block))
-        if not np.array_equal(np.array(texts(ts.sha256, rows), "S64"), saved.sha256[a : a + block]):
+        mine = saved.sha256[a : a + block]
+        if prefix is not None:
+            same = np.array_equal(prefix64(mine), prefix[a : a + block])
+        else:
+            same = np.array_equal(np.array(texts(ts.sha256, range(a, a + len(mine))), "S64"), mine)
+        if not same:
             return False
     return True
 
@@ -166,14 +174,14 @@ def _audit(
 
     # neighbours of every image, training and validation together, in the space built a
     # block at a time (a file beside the audit above `neighbours.IN_MEMORY_UP_TO`)
-    with tempfile.TemporaryDirectory(prefix=".space-", dir=out.parent) as tmp:
-        X = neighbours.space_of([ts.X, va.X], Path(tmp), seed)
+    with outputs.scratch(out.parent, "space") as tmp:
+        X = neighbours.space_of([ts.X, va.X], tmp, seed)
         dist, idx = neighbours.search(X, k, seed=seed)
         searched = "exact" if len(X) <= neighbours.EXACT_UP_TO else "approximate"
         xy, picked = collection_map.embed_2d(X[:n_tr], seed, map_sample)
         del X
         # mirrored copies: by the images' signatures, searched the same way
-        sig_r, sig_c, unsigned = signature.edges([ts.X, va.X], Path(tmp), k, seed)
+        sig_r, sig_c, unsigned = signature_edges([ts.X, va.X], tmp, k, seed)
     if unsigned:
         log(
             f"mirrored copies: not searched among {unsigned:,} image(s) embedded before image "
@@ -298,21 +306,21 @@ def _audit(
         flat,
         ["set", "path", "split", "label", "sha256", "leak", "labels_disagree"],
     )
+    listed_out = ranked[:n_out]  # the outliers, ranked: their paths read at once
     _csv_blocks(
         out / "outliers.csv",
         ["path", "label", "distance", "outlier"],
-        (
+        [
             [
                 {
                     "path": path,
                     "label": classes[int(ts.y[i])],
                     "distance": round(float(far[i]), 6),
-                    "outlier": bool(far[i] > cut),
+                    "outlier": True,
                 }
-                for i, path in zip(block, text.paths(block), strict=True)
+                for i, path in zip(listed_out, text.paths(listed_out), strict=True)
             ]
-            for block in np.array_split(ranked, max(1, -(-len(ranked) // oof.BLOCK)))
-        ),
+        ],
     )
     _csv(
         out / "reliability.csv",

@@ -127,23 +127,30 @@ RATIO = 0.65  # a near-duplicate pair: closer than this share of its rows' usual
 # by image signatures (`pipeline.signature`): measured, mirrored, resized and re-encoded copies
 # sit at 0.00-0.10 of the usual neighbours' distance, different images at 0.85 and above
 SIGNATURE_RATIO = 0.3
+# and always below this distance (a mirror's signature is the image's own, bit for bit: a set
+# of many identical ones would leave no neighbour distance to be a share of)
+SIGNATURE_FLOOR = 0.02
 
 
 def near_pairs(
-    dist: np.ndarray, idx: np.ndarray, ratio: float = RATIO, valid: np.ndarray | None = None
+    dist: np.ndarray,
+    idx: np.ndarray,
+    ratio: float = RATIO,
+    valid: np.ndarray | None = None,
+    floor: float = 0.0,
 ) -> tuple[np.ndarray, np.ndarray, float]:
     """(rows, cols, the collection's median nearest-neighbour distance): each pair closer
     than `ratio` times the median of the row's own k neighbour distances (a copy stands out
     from its row's neighbourhood, as in Lowe's ratio test) and than that median distance (two
-    odd images near each other only are not copies). `valid`: the rows that count (others
-    are neither measured nor paired)."""
+    odd images near each other only are not copies), or closer than `floor` whatever the
+    neighbourhood. `valid`: the rows that count (others are neither measured nor paired)."""
     n = len(dist)
     if n == 0:
         return np.zeros(0, np.int64), np.zeros(0, np.int64), 0.0
     valid = np.ones(n, bool) if valid is None else np.asarray(valid, bool)
     typical = float(np.median(dist[valid, 0])) if valid.any() else 0.0
     local = np.median(dist, axis=1, keepdims=True)
-    close = (dist < ratio * local) & (dist <= typical) & valid[:, None]
+    close = (((dist < ratio * local) & (dist <= typical)) | (dist < floor)) & valid[:, None]
     r = np.repeat(np.arange(n), close.sum(axis=1))
     c = idx[close].astype(np.int64)
     keep = valid[c]

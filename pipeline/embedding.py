@@ -220,7 +220,7 @@ class Embedded:
         if maps is not None and len(maps):
             m = np.asarray(maps)
             self.maps = m if self.maps is None else np.concatenate([self.maps, m])
-            s = np.asarray(sigs) if sigs is not None else np.zeros((len(m), signature.WIDTH))
+            s = np.asarray(sigs) if sigs is not None else np.full((len(m), signature.WIDTH), np.nan)
             s = s.astype(signature.DTYPE)
             self.signatures = s if self.signatures is None else np.concatenate([self.signatures, s])
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import functools
 import secrets
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -21,12 +21,12 @@ from sklearn.neighbors import KNeighborsClassifier, NearestNeighbors
 
 def normalize(X: np.ndarray, block: int = 65_536) -> np.ndarray:
     """Rows scaled to unit L2 norm (float32): cosine geometry in Euclidean distances. Rows of
-    unit length already (the audit's space, maybe a file: `space_of`) are returned as they
-    are, checked a block at a time (no copy)."""
+    unit length (or zero) already (the audit's space, maybe a file: `space_of`) are returned
+    as they are, checked a block at a time (no copy)."""
     X = np.asarray(X, np.float32)
-    unit = all(
-        np.all(np.abs(np.linalg.norm(X[a : a + block], axis=1) - 1) < 1e-4)
-        for a in range(0, len(X), block)
+    unit = all(  # zero rows (no signature) count as ready: a space never copies for them
+        np.all((np.abs(nrm - 1) < 1e-4) | (nrm == 0))
+        for nrm in (np.linalg.norm(X[a : a + block], axis=1) for a in range(0, len(X), block))
     )
     if unit:
         return X
@@ -61,36 +61,33 @@ IN_MEMORY_UP_TO = 1 << 30  # bytes of the space held in memory; above, a file (`
 
 
 def _feature_blocks(part: Any, block: int = 65_536) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    """(positions, features) of an array or a `store.Rows` (read a block at a time)."""
-    if hasattr(part, "blocks"):
-        yield from part.blocks()
+    """(positions, features) of an array, or of a `store.Rows` in the order its files hold
+    them (each segment read once over the pass)."""
+    if hasattr(part, "file_order_blocks"):
+        yield from part.file_order_blocks()
         return
     for a in range(0, len(part), block):
         yield np.arange(a, min(len(part), a + block)), part[a : a + block]
 
 
-def space_of(
-    parts: Sequence[Any],
-    folder: Path,
-    seed: int = 0,
-    blocks: Callable[[Any], Iterable[tuple[np.ndarray, np.ndarray]]] = _feature_blocks,
-    width: int | None = None,
-) -> np.ndarray:
-    """`space` of the rows of `parts` (arrays, or `store.Rows` read a block at a time; `blocks`
-    says how, `width` how wide they are), one after the other: in memory up to
-    IN_MEMORY_UP_TO bytes, else in `folder/space-*.npy` (a memory-mapped file the caller
-    removes with its folder), so what is held stays bounded at any size."""
-    n = sum(len(p) for p in parts)
-    width = width if width is not None else (int(parts[0].shape[1]) if parts else 0)
-    d = PROJECTED if width > PROJECT_ABOVE else width
+def allocate(n: int, d: int, folder: Path) -> np.ndarray:
+    """An (n, d) float32 array: in memory up to IN_MEMORY_UP_TO bytes, else a memory-mapped
+    file in `folder` (`space-*.npy`; the caller removes the folder)."""
     if n * d * 4 <= IN_MEMORY_UP_TO:
-        out = np.empty((n, d), np.float32)
-    else:
-        file = folder / f"space-{secrets.token_hex(4)}.npy"
-        out = np.lib.format.open_memmap(file, "w+", np.float32, (n, d))
+        return np.empty((n, d), np.float32)
+    file = Path(folder) / f"space-{secrets.token_hex(4)}.npy"
+    return np.lib.format.open_memmap(file, "w+", np.float32, (n, d))
+
+
+def space_of(parts: Sequence[Any], folder: Path, seed: int = 0) -> np.ndarray:
+    """`space` of the rows of `parts` (arrays, or `store.Rows` read a block at a time), one
+    after the other, in memory or in a file (`allocate`): what is held stays bounded."""
+    n = sum(len(p) for p in parts)
+    width = int(parts[0].shape[1]) if parts else 0
+    out = allocate(n, PROJECTED if width > PROJECT_ABOVE else width, folder)
     at = 0
     for p in parts:
-        for pos, X in blocks(p):
+        for pos, X in _feature_blocks(p):
             out[at + pos] = space(X, seed)
         at += len(p)
     return out

@@ -42,7 +42,7 @@ class Novelty:
 
     @classmethod
     def fit(cls, train: np.ndarray, k: int = K, quantile: float = QUANTILE) -> Novelty:
-        ref = neighbours.space(train)
+        ref = neighbours.space(train).astype(np.float16).astype(np.float32)  # as saved
         k = max(1, min(k, len(ref) - 1))
         own, _ = neighbours.neighbours(ref, k)
         return cls(ref, float(np.quantile(own.mean(axis=1), quantile)), k, quantile)

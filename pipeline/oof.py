@@ -19,7 +19,7 @@ import h5py
 import numpy as np
 
 from pipeline import outputs
-from pipeline.store.reader import texts
+from pipeline.store.reader import file_order, texts
 
 FILE = "oof.h5"
 MAX_BYTES = 512 * 2**20  # partitions after the first are kept while all of them fit this
@@ -71,8 +71,9 @@ class OOF:
 
     def save(self, folder: Path, sha256: Any, block: int = BLOCK) -> Path:
         """`oof.h5` in `folder`, written whole (`outputs.written`). `sha256` is the training
-        set's hash column (`texts` reads it): the scored rows' hashes are read and written
-        `block` rows at a time, never held as one list."""
+        set's hash column (`texts` reads it): the scored rows' hashes are read `block` rows at
+        a time in the order the cache's files hold them (`store.reader.file_order`), never
+        held as one list of strings."""
         path = folder / FILE
         n = len(self.rows)
         with outputs.written(path) as tmp, h5py.File(tmp, "w") as f:
@@ -84,14 +85,14 @@ class OOF:
                 "fold", data=np.stack(self.folds), fletcher32=True, chunks=True, track_times=False
             )
             f.create_dataset("label", data=self.labels, fletcher32=True, track_times=False)
-            ds = f.create_dataset(
-                "sha256", shape=(n,), dtype="S64", fletcher32=True, track_times=False,
+            hashes = np.empty(n, "S64")  # 64 bytes a row; read in the files' order
+            for pos in file_order(sha256, self.rows, block):
+                at = np.searchsorted(self.rows, pos)
+                hashes[at] = np.array([_hex(h) for h in texts(sha256, pos)], "S64")
+            f.create_dataset(
+                "sha256", data=hashes, fletcher32=True, track_times=False,
                 chunks=(max(1, min(n, block)),) if n else None,
             )  # fmt: skip
-            for a in range(0, n, block):
-                ds[a : a + block] = np.array(
-                    [_hex(h) for h in texts(sha256, self.rows[a : a + block])], "S64"
-                )
             f.attrs["partitions_dropped"] = self.dropped
         return path
 

@@ -17,7 +17,10 @@ from __future__ import annotations
 import fcntl
 import os
 import secrets
+import shutil
+import socket
 import sys
+import tempfile
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -198,3 +201,30 @@ def write_text(path: Path, text: str) -> None:
     data = text.encode("utf-8")
     with written(path, needed=len(data)) as tmp:
         tmp.write_bytes(data)
+
+
+@contextmanager
+def scratch(folder: Path, what: str) -> Iterator[Path]:
+    """A folder for this process's large temporary files (a search's space, a race's spilled
+    probabilities), named `.{what}-{host}-{pid}-{random}` in `folder` (beside the data, where
+    there is room for it) or, where `folder` cannot be written (a shared read-only cache), in
+    the system's; removed at the end. Such folders left by a process of this host that no
+    longer runs (killed: SIGKILL, out of memory) are removed first: nothing builds up."""
+    host = socket.gethostname().replace("-", "_")
+    for old in Path(folder).glob(f".{what}-{host}-*"):
+        try:
+            pid = int(old.name.split("-")[2])
+            os.kill(pid, 0)
+        except ProcessLookupError:  # its process is gone: its files are of no use
+            shutil.rmtree(old, ignore_errors=True)
+        except (ValueError, IndexError, PermissionError, OSError):
+            continue  # not ours to judge (another user's process, another name)
+    prefix = f".{what}-{host}-{os.getpid()}-"
+    try:
+        made = Path(tempfile.mkdtemp(prefix=prefix, dir=folder))
+    except OSError:
+        made = Path(tempfile.mkdtemp(prefix=prefix))
+    try:
+        yield made
+    finally:
+        shutil.rmtree(made, ignore_errors=True)

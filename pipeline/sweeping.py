@@ -12,8 +12,6 @@ import contextlib
 import dataclasses
 import json
 import os
-import shutil
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -126,10 +124,11 @@ def run_sweep(
         keep = [True] * len(todo)
         # each run's first-partition probabilities wait on disk for its second stage, not in
         # memory (n x classes floats a run), in a folder of this sweep removed at its end
-        layout.sweep_file(artifacts).parent.mkdir(parents=True, exist_ok=True)
-        spill = Path(tempfile.mkdtemp(prefix=".race-", dir=layout.sweep_file(artifacts).parent))
-        stack.callback(shutil.rmtree, spill, ignore_errors=True)
         if race:
+            layout.sweep_file(artifacts).parent.mkdir(parents=True, exist_ok=True)
+            spill = stack.enter_context(
+                outputs.scratch(layout.sweep_file(artifacts).parent, "race")
+            )
             for i in range(len(todo)):
                 log(f"--- sweep: {where[i]}: first partition")
                 first.append(train(i, first_only=True))

@@ -11,7 +11,6 @@ import contextlib
 import dataclasses
 import json
 import os
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -29,11 +28,12 @@ from pipeline import (
     heads,
     inner,
     layout,
+    near,
     neighbours,
     novelty,
     oof,
+    outputs,
     runs,
-    signature,
     stats,
     store,
 )
@@ -91,24 +91,22 @@ def load(
         # resumed, grown, merged), every split, shuffle and list of the run is the same
         tr = store.features_of(f, idx, pooling, "train", lazy=lazy, canonical=True)
         va = store.features_of(f, idx, pooling, "validation", lazy=lazy, canonical=True)
-        if groups == "near":  # the training rows named in the cache (their signatures)
+        ts = evaluate.TrainSet(
+            X=tr.X,
+            y=tr.y,
+            groups=evaluate.groups_of(tr.sha256),
+            original=np.ones(len(tr.y), dtype=bool),
+            sha256=tr.sha256,
+            paths=tr.paths,
+        )
+        if groups == "near":  # the rows' signatures read under the same readers' lock
             named = (
                 tr.X
                 if lazy
                 else store.features_of(f, idx, pooling, "train", lazy=True, canonical=True).X
             )
-    ts = evaluate.TrainSet(
-        X=tr.X,
-        y=tr.y,
-        groups=evaluate.groups_of(tr.sha256),
-        original=np.ones(len(tr.y), dtype=bool),
-        sha256=tr.sha256,
-        paths=tr.paths,
-    )
-    if groups == "near":
-        with store.reading(path.parent):  # the rows' signatures, read from the cache
-            near = _near_groups(ts, named, path.parent, log or (lambda _: None))
-        ts = dataclasses.replace(ts, groups=near)
+            joined = _near_groups(ts, named, path.parent, log or (lambda _: None))
+            ts = dataclasses.replace(ts, groups=joined)
     aug = None
     if views:
         ts, aug = _with_views(path, idx, ts, pooling, views, seed, lazy)
@@ -443,12 +441,17 @@ def _near_groups(ts: evaluate.TrainSet, rows: store.Rows, folder: Path, log: Log
     image signatures (mirrored copies, `signature.edges`; `rows` names them in the cache, read
     a block at a time), the space in a file in `folder` above its memory bound. One group per
     set and its copies."""
-    with tempfile.TemporaryDirectory(prefix=".near-", dir=folder) as tmp:
-        X = neighbours.space_of([ts.X], Path(tmp))
+    with outputs.scratch(folder, "near") as tmp:
+        X = neighbours.space_of([ts.X], tmp)
         dist, idx = neighbours.search(X, diagnose.K)
         del X
-        extra = signature.edges([rows], Path(tmp))[:2]
-    sets, _ = diagnose.near_duplicates(dist, idx, extra=extra)
+        sig_r, sig_c, unsigned = near.signature_edges([rows], tmp)
+    if unsigned:
+        log(
+            f"GROUPS=near: mirrored copies not searched among {unsigned:,} image(s) embedded "
+            "before image signatures were kept (`make features REBUILD=1` embeds them again)"
+        )
+    sets, _ = diagnose.near_duplicates(dist, idx, extra=(sig_r, sig_c))
     merged = diagnose.join_groups(ts.groups, sets)
     n_sets = len(np.unique(sets[sets >= 0]))
     log(

@@ -201,3 +201,104 @@ def test_no_near_duplicate_sets_make_an_empty_list():
 
     sets = np.full(5, -1)
     assert auditing._near_sets(sets, np.zeros(5, bool), np.zeros(5, int), None, ["a"]) == []
+
+
+def test_a_pass_over_a_caches_rows_opens_each_segment_about_once(tmp_path, monkeypatch):
+    """The space, the signatures and a run's hashes are read in the order the files hold the
+    rows: blocks in position (content) order would open every segment for every block."""
+    from pipeline import layout, near, neighbours, oof
+    from pipeline.bench import store as bench_store
+    from pipeline.store import rows as rows_mod
+    from pipeline.store.segments import Meta
+    from pipeline.store.writer import Writer
+    from pipeline.train import load
+
+    path = layout.features_dir(tmp_path) / "c.h5"
+    path.parent.mkdir(parents=True)
+    rows = bench_store._rows(0, 240)
+    key = bench_store._key()
+    w = Writer(path, key, bench_store.STAMP, maps=False, dtype="float16", log=lambda s: None)
+    for a in range(0, 240, 40):  # six batches: six segments, rows spread by content
+        part = rows[a : a + 40]
+        meta = Meta(
+            [r.ident for r in part], [r.path for r in part], [r.label for r in part],
+            [r.split for r in part], [r.view for r in part], [r.stat for r in part],
+        )  # fmt: skip
+        v = bench_store._vectors([r.ident for r in part], 16)
+        w.add_batch(meta, {"avg": v, "max": v}, None, [])
+    w.commit(rows, bench_store.CLASSES, [], bench_store._attrs(key, 16), same_source=True)
+    ts = load(path, "avg", lazy=True).train
+    segments = len(set(ts.X.seg.tolist()))
+    assert segments >= 3
+    opened = [0]
+    real = rows_mod.open_segment
+
+    def counting(p):
+        opened[0] += 1
+        return real(p)
+
+    monkeypatch.setattr(rows_mod, "open_segment", counting)
+    monkeypatch.setattr(rows_mod, "BUFFER_BYTES", 16 * 4 * 20)  # blocks of 20 rows: 12 blocks
+    X = neighbours.space_of([ts.X], tmp_path)
+    assert opened[0] <= 12 + segments  # each block within about one segment
+    np.testing.assert_array_equal(X, neighbours.space(ts.X.load()))  # every row in its place
+    opened[0] = 0
+    near.signature_edges([ts.X], tmp_path)
+    assert opened[0] <= 240 // 65_536 + 1 + segments
+    every = oof.OOF.of(np.ones(len(ts.y), bool), ts.y, 10)
+    every.start()
+    every.put(np.arange(len(ts.y)), np.full((len(ts.y), 10), 0.1, np.float32), 0)
+    opened[0] = 0
+    every.save(tmp_path, ts.sha256, block=20)
+    assert opened[0] <= 12 + segments
+    assert list(oof.load(tmp_path).sha256) == [h.encode() for h in ts.sha256.take(np.arange(240))]
+
+
+def test_copied_rows_keep_their_signatures_and_older_rows_have_none(tmp_path):
+    """A merge of a segment written before signatures were kept with one written after: each
+    row keeps its own (NaN: none), in its place, on both of `copy_rows`' paths."""
+    import h5py
+
+    from pipeline.store.format import SIGNATURE
+    from pipeline.store.segment_writer import copy_rows, write_segment
+    from pipeline.store.segments import Meta, open_segment
+
+    def meta(lo: int, n: int) -> Meta:
+        return Meta(
+            [f"{i:064x}#0" for i in range(lo, lo + n)], [f"p{i}.png" for i in range(lo, lo + n)],
+            ["a"] * n, ["train"] * n, [0] * n, [(i, i, i) for i in range(lo, lo + n)],
+        )  # fmt: skip
+
+    rng = np.random.default_rng(0)
+    v = rng.random((10, 4)).astype(np.float32)
+    sig = rng.random((6, 64)).astype(np.float16)
+    old = write_segment(tmp_path, "k", meta(0, 4), {"avg": v[:4], "max": v[:4]}, None, [], {}, "s")
+    with h5py.File(tmp_path / old, "a") as f:
+        del f[SIGNATURE]  # as written before signatures were kept
+    new = write_segment(
+        tmp_path, "k", meta(4, 6), {"avg": v[4:], "max": v[4:], SIGNATURE: sig}, None, [], {}, "s"
+    )
+    sources = [(new, np.array([5, 1, 3]), None), (old, np.array([2, 0]), None)]
+    for limit in (100, 2):  # gathered in memory and written once; streamed into segments
+        out = copy_rows(tmp_path, "k", sources, {}, "s", "", limit)
+        got, avg = [], []
+        for name, _ in out:
+            with open_segment(tmp_path / name) as f:
+                got.append(f[SIGNATURE][...])
+                avg.append(f["pooled/avg"][...])
+        got, avg = np.concatenate(got), np.concatenate(avg)
+        assert len(got) == 5
+        # each source's rows come out in their stored order: the signature beside its vector
+        np.testing.assert_array_equal(avg[:3], v[4 + np.array([1, 3, 5])])
+        np.testing.assert_array_equal(got[:3], sig[[1, 3, 5]])
+        np.testing.assert_array_equal(avg[3:], v[[0, 2]])
+        assert np.isnan(got[3:]).all()
+
+
+def test_a_space_with_rows_of_zeros_is_searched_without_a_copy(tmp_path):
+    from pipeline import neighbours
+
+    X = np.lib.format.open_memmap(tmp_path / "s.npy", "w+", np.float32, (100, 8))
+    X[:] = neighbours.normalize(np.random.default_rng(0).normal(size=(100, 8)))
+    X[10:20] = 0  # rows without a signature
+    assert np.shares_memory(neighbours.normalize(X), X)

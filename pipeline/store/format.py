@@ -26,7 +26,7 @@ STR = h5py.string_dtype("utf-8")
 POOLINGS = ("avg", "max", "flatten")
 POOLED = ("avg", "max")
 # each row's image signature (`pipeline.signature`): a dataset of segments written since it was
-# kept (float16, SIGNATURE_WIDTH a row); a row of an older segment reads as zeros (none)
+# kept (float16, SIGNATURE_WIDTH a row); a row without one (an older segment's) holds NaN
 SIGNATURE, SIGNATURE_WIDTH = "signature", 64
 
 

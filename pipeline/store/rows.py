@@ -190,6 +190,20 @@ class Rows:
             pos = pos[rng.permutation(len(pos))]
             yield pos, self._in_order(pos)
 
+    def file_blocks(self, per: int | None = None) -> Iterator[np.ndarray]:
+        """Every position once, a block of at most `per` (default `block_rows`) at a time, in
+        the order the files hold them: each segment is read once over a whole pass, whatever
+        the positions' own order (a pass in position order would read every segment per block)."""
+        order, per = self._order(), per or self.block_rows()
+        for a in range(0, len(order), per):
+            yield order[a : a + per]
+
+    def file_order_blocks(self) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """(positions, float32 features) about 64 MB at a time, every row once, in the order
+        the files hold them (`file_blocks`): one read of each segment over the pass."""
+        for pos in self.file_blocks():
+            yield pos, self._read(pos)
+
     def column(self, name: str) -> np.ndarray:
         """Dataset `name` (`ident`, `path`, ...) of these rows in this order, as stored."""
         order = self._order()
@@ -206,10 +220,10 @@ class Rows:
         return out
 
     def signatures(self, pos: np.ndarray) -> np.ndarray:
-        """The image signatures of positions `pos` (float32, in that order): zeros for rows
+        """The image signatures of positions `pos` (float32, in that order): NaN for rows
         whose segment was written before signatures were kept."""
         sub = self[np.asarray(pos, np.int64)]
-        out = np.zeros((len(sub), SIGNATURE_WIDTH), np.float32)
+        out = np.full((len(sub), SIGNATURE_WIDTH), np.nan, np.float32)
         order = sub._order()
         key = sub.part[order].astype(np.int64) << 32 | sub.seg[order].astype(np.int64)
         for run in np.split(order, np.flatnonzero(np.diff(key)) + 1) if len(order) else []:

@@ -43,10 +43,12 @@ ROW_COLUMNS = ("ident", "path", "label", "split", "view", "stat")  # a row's met
 
 
 def signatures_of(pooled: dict[str, np.ndarray], n: int) -> np.ndarray:
-    """The rows' image signatures from a batch's vectors (`SIGNATURE`), zeros where it has
-    none (predict's store, rows copied from a segment written before they were kept)."""
+    """The rows' image signatures from a batch's vectors (`SIGNATURE`), NaN where it has none
+    (predict's store, rows copied from a segment written before they were kept)."""
     s = pooled.get(SIGNATURE)
-    return np.zeros((n, SIGNATURE_WIDTH), np.float16) if s is None else np.asarray(s, np.float16)
+    if s is None:
+        return np.full((n, SIGNATURE_WIDTH), np.nan, np.float16)
+    return np.asarray(s, np.float16)
 
 
 def new_name() -> str:
@@ -290,8 +292,10 @@ def copy_rows(
         channels = int(f["pooled/avg"].shape[1])
         maps_shape = tuple(f["features"].shape[1:]) if "features" in f else None
         maps_dtype = str(f["features"].dtype) if maps_shape else "float16"
-    row_bytes = 8 * channels + (
-        int(np.prod(maps_shape)) * np.dtype(maps_dtype).itemsize if maps_shape else 0
+    row_bytes = (
+        8 * channels
+        + 2 * SIGNATURE_WIDTH
+        + (int(np.prod(maps_shape)) * np.dtype(maps_dtype).itemsize if maps_shape else 0)
     )
     step = max(1, BLOCK_BYTES // row_bytes)
 
