@@ -63,14 +63,15 @@ class Novelty:
         return path
 
 
-def sample(ts: Any, seed: int = 0) -> Novelty | None:
-    """The reference of a training set (`evaluate.TrainSet`): a seeded sample of at most
-    `SAMPLE` of its originals, read (only those rows) from the cache; None under two."""
-    rows = np.flatnonzero(ts.original)
+def sample(X: Any, original: np.ndarray, seed: int = 0) -> Novelty | None:
+    """The reference of a training set's features `X` (an array, or `store.Rows` read here):
+    a seeded sample of at most `SAMPLE` of its originals (`original`); None under two. On a
+    cluster it runs on a worker (the client reads no feature row)."""
+    rows = np.flatnonzero(original)
     if len(rows) < 2:
         return None
     pick = np.sort(np.random.default_rng(seed).choice(rows, min(len(rows), SAMPLE), False))
-    return Novelty.fit(np.asarray(materialize(ts.X[pick]), np.float32))
+    return Novelty.fit(np.asarray(materialize(X[pick]), np.float32))
 
 
 def of_run(

@@ -383,7 +383,11 @@ def _train(
         "environment": environment(),
     }
 
-    reference = novelty.sample(ts, seed)  # predict's distance to training, from the run
+    # predict's distance to training, from the run (on a cluster: sampled on a worker)
+    if client is not None:
+        reference = client.submit(novelty.sample, ts.X, ts.original, seed, pure=False).result()
+    else:
+        reference = novelty.sample(ts.X, ts.original, seed)
 
     def save(d: Path) -> list[Path]:
         files = list(heads.save_head(final, d))

@@ -18,12 +18,18 @@ from pipeline.cache_identity import RANDOM_BANNER
 ROOT = Path(__file__).resolve().parents[1]
 
 # what `$(PY) -m pipeline demo ...` runs here: the demo itself, on 5 digits a class at 32 px
-# with 2 folds (the whole set at 64 px and 5 folds is minutes of a real `make demo`)
+# with 2 folds (the whole set at 64 px and 5 folds is minutes of a real `make demo`), its dense
+# head trained for 5 epochs at most instead of 100 (how well it learns is not checked here)
 TINY = """\
-import dataclasses, sys
-from pipeline import cli, demo
+import dataclasses, inspect, sys
+from pipeline import cli, demo, keras_heads
 
 real = demo.run_demo
+init = keras_heads.DenseHead.__init__
+names = list(inspect.signature(init).parameters)[1:]
+defaults = dict(zip(names, init.__defaults__, strict=True))
+assert defaults["epochs"] == 100, defaults  # the dense head's own default
+init.__defaults__ = tuple(5 if n == "epochs" else defaults[n] for n in names)
 
 
 def tiny(s, per_class=None, log=print):
@@ -67,6 +73,9 @@ def test_make_demo_end_to_end_says_when_its_weights_are_random(venv: Path, tmp_p
         "http_proxy": "http://127.0.0.1:9",
         "NO_PROXY": "",
         "no_proxy": "",
+        # the folds one after another in the command's process: no pool of worker processes
+        # started for each head (seconds apiece; the folds are not what is checked here)
+        "JOBLIB_MULTIPROCESSING": "0",
     }
     p = subprocess.run(
         ["make", "--no-print-directory", "-s", "demo", f"VENV={venv}", f"ARTIFACTS={art}"],

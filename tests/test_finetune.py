@@ -15,7 +15,7 @@ from pipeline.features import extract
 from pipeline.keras_heads import FineTuneHead
 from pipeline.train import train_head
 
-FAST = ["head_epochs=15", "finetune_epochs=3", "hidden=32"]
+FAST = ["head_epochs=3", "finetune_epochs=2", "hidden=32"]
 
 
 def _weighted(model):

@@ -52,8 +52,13 @@ def test_functions_are_callable_after_their_modules_are_imported():
 
 
 def make(*args: str) -> None:
-    """One `make` target, as a user runs it."""
-    subprocess.run(["make", "-s", *args], cwd=ROOT, check=True, capture_output=True, text=True)
+    """One `make` target, as a user runs it; its folds one after another in the command's own
+    process (JOBLIB_MULTIPROCESSING=0: no pool of worker processes started for each command,
+    seconds apiece; the same numbers, which the library's, fitted in parallel, must equal)."""
+    env = {**os.environ, "JOBLIB_MULTIPROCESSING": "0"}
+    subprocess.run(
+        ["make", "-s", *args], cwd=ROOT, check=True, capture_output=True, text=True, env=env
+    )
 
 
 @pytest.fixture(scope="module")
@@ -162,7 +167,10 @@ def test_predict_rows_and_csv_name_every_class_and_sum_to_one(both):
 
 
 def test_predict_probabilities_are_the_heads_on_the_features(both):
-    """p_<class> is the saved head's predict_proba on the image's features, class by class."""
+    """p_<class> is the saved head's predict_proba on the image's features, class by class,
+    scaled by the run's temperature where its calibration applies one (and only there)."""
+    from pipeline.diagnose import scaled
+
     b = both["lib"]
     r = runs.pick(b, None)
     est = runs.load_estimator(b, r)
@@ -170,8 +178,12 @@ def test_predict_probabilities_are_the_heads_on_the_features(both):
     (row,) = pipeline.predict(img, b, out=b / "one.csv", log=None)
     X, _, paths, classes = pipeline.load_features(b, r["pooling"], "train")
     p = est.predict_proba(X[paths.index("train/class_2/img_001.png")][None])[0]
+    calib = r.get("calibration") or {}
+    want = scaled(p[None], calib["temperature"])[0] if calib.get("applied") else p
     got = np.array([row["probabilities"][c] for c in classes])
-    assert np.allclose(got, p, atol=1e-5)
+    assert np.allclose(got, want, atol=1e-5)
+    if calib.get("applied"):  # the head's own probabilities are not what predict says
+        assert not np.allclose(got, p, atol=1e-3)
 
 
 def test_topk_beyond_the_classes_and_negative(both, tmp_path):

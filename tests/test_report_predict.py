@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -18,16 +19,28 @@ from pipeline.reporting import build_report
 from pipeline.train import train_head
 
 
-@pytest.fixture
-def trained(tmp_path, spec, quiet):
-    log, _ = quiet
-    data = make_dataset(tmp_path / "data", per_class=8, validation=3)
+@pytest.fixture(scope="module")
+def trained_once(tmp_path_factory):
+    """Features, logreg and svm on one small dataset: made once for the module."""
+    tmp = tmp_path_factory.mktemp("trained")
+    quiet = lambda s: None  # noqa: E731
+    data = make_dataset(tmp / "data", per_class=8, validation=3)
     (data / "train/class_0/broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really")
-    art = tmp_path / "art"
-    extract(data, art, spec, log=log)
-    train_head(art, "logreg", folds=3, log=log)
-    train_head(art, "svm", folds=3, log=log)
+    art = tmp / "art"
+    extract(data, art, BackboneSpec(weights="none", input_size=SIZE, seed=0), log=quiet)
+    train_head(art, "logreg", folds=3, log=quiet)
+    train_head(art, "svm", folds=3, log=quiet)
     return data, art
+
+
+@pytest.fixture
+def trained(trained_once, tmp_path):
+    """A copy of `trained_once`'s DATA and ARTIFACTS folders of this test's own (a test may
+    write a report, a prediction or a cache there)."""
+    data, art = trained_once
+    shutil.copytree(data, tmp_path / "data", copy_function=shutil.copy2)
+    shutil.copytree(art, tmp_path / "art", copy_function=shutil.copy2)
+    return tmp_path / "data", tmp_path / "art"
 
 
 def _validation_accuracy(art, run: str) -> float:
