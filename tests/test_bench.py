@@ -46,3 +46,23 @@ def test_the_heads_part_measures_each_head_in_one_process(tmp_path):
         assert r["protocol"] == "k-fold" and r["low"] <= r["accuracy"] <= r["high"]
     runs = {p.name.split("-")[0] for p in (tmp_path / "art" / "heads").glob("*-*")}
     assert runs == {"logreg", "sgd"}
+
+
+def test_the_audit_part_builds_a_cache_and_audits_it_with_the_products_code(tmp_path, monkeypatch):
+    """`make bench`'s audit part on a small size, in this process: the synthetic cache and run
+    are built, the product's audit reads them, and the figures it prints are measured."""
+    from pipeline import collection_map, neighbours
+    from pipeline.bench import know
+
+    # `audit` times the search and the map by wrapping them (meant for a fresh process):
+    # restored after this test
+    monkeypatch.setattr(neighbours, "search", neighbours.search)
+    monkeypatch.setattr(collection_map, "embed_2d", collection_map.embed_2d)
+    monkeypatch.setattr(collection_map, "SAMPLE", 150)
+    built = know.build(1200, tmp_path)
+    assert built["recall_at_10"] == 1.0  # exact search at this size
+    r = know.audit(tmp_path)
+    assert r["search"] == "exact" and r["map_points"] == 150
+    assert 8 <= r["near_sets"] <= 13  # 12 planted signature copies (a few may coincide)
+    assert r["label_recall"] > 0.8 and r["label_precision"] > 0.5
+    assert r["search_s"] > 0 and r["peak_rss_mib"] > 0

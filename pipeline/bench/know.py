@@ -32,13 +32,16 @@ K_CLASSES = 10
 
 
 def _features(n: int, d: int = 512, seed: int = 0) -> np.ndarray:
+    """Clusters of varied spread: 1,000 of them, fewer below 20,000 rows (about 20 rows each:
+    a cluster of one or two rows would make its rows near-duplicates of each other)."""
     rng = np.random.default_rng(seed)
-    centres = rng.standard_normal((1000, d), dtype=np.float32) * 3
-    spread = rng.uniform(0.5, 2.0, 1000).astype(np.float32)
+    m = min(1000, max(10, n // 20))
+    centres = rng.standard_normal((m, d), dtype=np.float32) * 3
+    spread = rng.uniform(0.5, 2.0, m).astype(np.float32)
     X = np.empty((n, d), np.float32)
     for a in range(0, n, 65536):
         b = min(n, a + 65536)
-        c = rng.integers(0, 1000, b - a)
+        c = rng.integers(0, m, b - a)
         X[a:b] = centres[c] + rng.standard_normal((b - a, d), dtype=np.float32) * spread[c, None]
     return X
 
