@@ -109,7 +109,7 @@ def _same_rows(ts: Any, saved: oof.Saved) -> bool:
     a block at a time (the cache's side by the 64-bit prefixes it holds in memory, when it is
     read lazily: nothing read from its segments)."""
     n, block = len(ts.y), oof.BLOCK
-    if n != len(saved.label) or not np.array_equal(ts.y, saved.label):
+    if n != len(saved.label) or n != len(saved.sha256) or not np.array_equal(ts.y, saved.label):
         return False
     prefix = getattr(ts.sha256, "prefix", None)
     for a in range(0, n, block):

@@ -24,26 +24,31 @@ def signature_edges(
 ) -> tuple[np.ndarray, np.ndarray, int]:
     """(rows, cols, how many rows have no signature): pairs of positions in `parts`
     (`store.Rows`, one after the other) whose signatures are near-duplicates. A row without
-    one (embedded before signatures were kept) or with a flat one (zeros) joins no pair."""
+    one (embedded before signatures were kept) or with a flat one (zeros) is not searched and
+    joins no pair."""
     n = sum(len(p) for p in parts)
     S = neighbours.allocate(n, WIDTH, folder)
-    usable = np.zeros(n, bool)
-    missing = 0
+    where = np.empty(n, np.int64)  # the position of each row of S (the usable ones, packed)
+    missing = m = 0
     at = 0
     for p in parts:
         for pos in p.file_blocks(65_536):
             sig = p.signatures(pos)
             none = np.isnan(sig).any(axis=1)
             missing += int(none.sum())
-            sig[none] = 0.0
-            usable[at + pos] = sig.any(axis=1)
-            S[at + pos] = neighbours.normalize(sig)
+            use = ~none & (sig != 0).any(axis=1)  # a flat image's zeros: nothing to match
+            k_use = int(use.sum())
+            S[m : m + k_use] = neighbours.normalize(sig[use])
+            where[m : m + k_use] = at + pos[use]
+            m += k_use
         at += len(p)
-    if usable.sum() < 2:
+    if m < 2:
         return np.zeros(0, np.int64), np.zeros(0, np.int64), missing
-    dist, idx = neighbours.search(S, k, seed=seed)
+    # only the usable rows are searched (a view of the first m rows: no copy), so a row without
+    # one never stands among another's neighbours and shifts its ratio
+    dist, idx = neighbours.search(S[:m], min(k, m - 1), seed=seed)
     del S
     r, c, _ = diagnose.near_pairs(
-        dist, idx, diagnose.SIGNATURE_RATIO, valid=usable, floor=diagnose.SIGNATURE_FLOOR
+        dist, idx, diagnose.SIGNATURE_RATIO, floor=diagnose.SIGNATURE_FLOOR
     )
-    return r, c, missing
+    return where[r], where[c], missing

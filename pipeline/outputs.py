@@ -15,7 +15,9 @@ limit) is one line naming the file system (`store.disk_error`).
 from __future__ import annotations
 
 import fcntl
+import glob
 import os
+import re
 import secrets
 import shutil
 import socket
@@ -203,15 +205,28 @@ def write_text(path: Path, text: str) -> None:
         tmp.write_bytes(data)
 
 
+def scratch_owner() -> str:
+    """Who a scratch folder belongs to: this host and PID namespace (two containers sharing a
+    host name and a folder never take each other's process ids for their own), as name-safe
+    characters."""
+    host = re.sub(r"[^A-Za-z0-9_.]", "_", socket.gethostname()) or "host"
+    try:
+        ns = os.stat("/proc/self/ns/pid").st_ino
+    except OSError:
+        ns = 0
+    return f"{host}_{ns}"
+
+
 @contextmanager
 def scratch(folder: Path, what: str) -> Iterator[Path]:
     """A folder for this process's large temporary files (a search's space, a race's spilled
-    probabilities), named `.{what}-{host}-{pid}-{random}` in `folder` (beside the data, where
+    probabilities), named `.{what}-{owner}-{pid}-{random}` in `folder` (beside the data, where
     there is room for it) or, where `folder` cannot be written (a shared read-only cache), in
-    the system's; removed at the end. Such folders left by a process of this host that no
-    longer runs (killed: SIGKILL, out of memory) are removed first: nothing builds up."""
-    host = socket.gethostname().replace("-", "_")
-    for old in Path(folder).glob(f".{what}-{host}-*"):
+    the system's; removed at the end. Such folders left by a process of the same owner
+    (`scratch_owner`: host and PID namespace) that no longer runs (killed: SIGKILL, out of
+    memory) are removed first: nothing builds up."""
+    owner = scratch_owner()
+    for old in Path(folder).glob(f".{glob.escape(what)}-{glob.escape(owner)}-*"):
         try:
             pid = int(old.name.split("-")[2])
             os.kill(pid, 0)
@@ -219,7 +234,7 @@ def scratch(folder: Path, what: str) -> Iterator[Path]:
             shutil.rmtree(old, ignore_errors=True)
         except (ValueError, IndexError, PermissionError, OSError):
             continue  # not ours to judge (another user's process, another name)
-    prefix = f".{what}-{host}-{os.getpid()}-"
+    prefix = f".{what}-{owner}-{os.getpid()}-"
     try:
         made = Path(tempfile.mkdtemp(prefix=prefix, dir=folder))
     except OSError:

@@ -442,7 +442,7 @@ def _repeats_plan(
 def _near_groups(ts: evaluate.TrainSet, rows: store.Rows, folder: Path, log: Log) -> np.ndarray:
     """The content groups joined along near-duplicate sets of the training images, found as
     the audit finds them: their features in the audit's space (`neighbours.search`) and their
-    image signatures (mirrored copies, `signature.edges`; `rows` names them in the cache, read
+    image signatures (mirrored copies, `near.signature_edges`; `rows` names them in the cache, read
     a block at a time), the space in a file in `folder` above its memory bound. One group per
     set and its copies."""
     with outputs.scratch(folder, "near") as tmp:

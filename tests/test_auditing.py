@@ -346,3 +346,25 @@ def test_a_cache_from_before_signatures_says_so_and_finds_the_other_copies(audit
     train_head(art, "logreg", folds=4, params={"C": "1"}, groups="near", log=lines.append)
     said = "GROUPS=near: mirrored copies not searched among "
     assert sum(ln.startswith(said) for ln in lines) == 1
+
+
+@pytest.mark.parametrize("lazy", [True, False])
+def test_a_run_whose_rows_are_not_the_caches_training_images_is_found(audited, lazy):
+    """The run check: by the 64-bit prefixes held in memory (a lazy load) or the hashes
+    themselves (a list): one changed hash, or one hash too many, is refused."""
+    from pipeline import layout
+    from pipeline.train import load
+
+    ts = load(layout.current_cache(audited["art"]), "avg", lazy=lazy).train
+    saved = oof.load(audited["art"] / "heads" / audited["run"]["run"])
+    assert auditing._same_rows(ts, saved)
+    hashes = np.array(saved.sha256[:])
+    other = hashes.copy()
+    other[5] = b"0" * 64
+    assert not auditing._same_rows(
+        ts, oof.Saved(saved.probabilities, saved.fold, saved.label, other)
+    )
+    longer = np.concatenate([hashes, hashes[:1]])
+    assert not auditing._same_rows(
+        ts, oof.Saved(saved.probabilities, saved.fold, saved.label, longer)
+    )

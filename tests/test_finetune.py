@@ -140,7 +140,13 @@ def test_make_finetune_end_to_end(tmp_path, capsys):
     if calib.get("applied"):
         want = scaled(want, float(calib["temperature"]))
     np.testing.assert_allclose(p, want, atol=2e-3)
-    assert [row["label"] for row in rows] == [classes[i] for i in want.argmax(axis=1)]
+    top2 = np.sort(want, axis=1)[:, -2:]
+    clear = top2[:, 1] - top2[:, 0] > 4e-3  # a near-tie may fall either way within 2e-3
+    assert clear.any()
+    labels = [classes[i] for i in want.argmax(axis=1)]
+    assert [r["label"] for r, c in zip(rows, clear, strict=True) if c] == [
+        lab for lab, c in zip(labels, clear, strict=True) if c
+    ]
     assert cli.main(["report", "--artifacts", str(art)]) == 0
 
     rep = json.loads((art / "report/report.json").read_text())

@@ -3,26 +3,25 @@
 from __future__ import annotations
 
 import os
-import socket
-import subprocess
-import sys
 
 from pipeline import outputs
 
 
 def test_a_scratch_folder_is_removed_and_a_killed_processs_is_removed_next_time(tmp_path):
-    host = socket.gethostname().replace("-", "_")
-    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
-                          capture_output=True, text=True, check=True).stdout.strip()  # fmt: skip
+    host = outputs.scratch_owner()
+    with open("/proc/sys/kernel/pid_max") as fh:
+        dead = int(fh.read()) + 1  # no process has it
     left = tmp_path / f".space-{host}-{dead}-abc"  # a killed audit's space
     left.mkdir()
     (left / "space.npy").write_bytes(b"x" * 100)
     alive = tmp_path / f".space-{host}-{os.getppid()}-def"  # a running process's: kept
     alive.mkdir()
+    other = tmp_path / f".space-otherhost_1-{dead}-ghi"  # another host's or container's: kept
+    other.mkdir()
     with outputs.scratch(tmp_path, "space") as tmp:
         assert tmp.parent == tmp_path and tmp.name.startswith(f".space-{host}-{os.getpid()}-")
         (tmp / "big.npy").write_bytes(b"y")
-        assert not left.exists() and alive.exists()
+        assert not left.exists() and alive.exists() and other.exists()
     assert not tmp.exists()
 
 

@@ -101,9 +101,10 @@ def file_order(col: Any, positions: np.ndarray, block: int) -> Iterator[np.ndarr
     files hold them when it is read from a cache (one read of each segment over the pass,
     where blocks in position order would read every segment each), else as given."""
     positions = np.asarray(positions, np.int64)
-    rows = getattr(col, "rows", None)
-    if rows is not None and len(positions):
-        positions = positions[rows[positions]._order()]
+    if isinstance(col, WithViews) and len(positions):  # a view reads its image's row
+        positions = positions[col.base.rows[col.image_rows(positions)]._order()]
+    elif getattr(col, "rows", None) is not None and len(positions):
+        positions = positions[col.rows[positions]._order()]
     for a in range(0, len(positions), block):
         yield positions[a : a + block]
 
