@@ -28,24 +28,28 @@ def signature_edges(
     joins no pair."""
     n = sum(len(p) for p in parts)
     S = neighbours.allocate(n, WIDTH, folder)
-    where = np.empty(n, np.int64)  # the position of each row of S (the usable ones, packed)
-    missing = m = 0
+    usable = np.zeros(n, bool)
+    missing = 0
     at = 0
-    for p in parts:
+    for p in parts:  # read in the files' order, each row put at its own (canonical) place
         for pos in p.file_blocks(65_536):
             sig = p.signatures(pos)
             none = np.isnan(sig).any(axis=1)
             missing += int(none.sum())
-            use = ~none & (sig != 0).any(axis=1)  # a flat image's zeros: nothing to match
-            k_use = int(use.sum())
-            S[m : m + k_use] = neighbours.normalize(sig[use])
-            where[m : m + k_use] = at + pos[use]
-            m += k_use
+            usable[at + pos] = ~none & (sig != 0).any(axis=1)  # flat: nothing to match
+            sig[none] = 0.0
+            S[at + pos] = neighbours.normalize(sig)
         at += len(p)
+    # only the usable rows are searched, packed in their own order at the front (each moves
+    # forward: in place, a block at a time), so a row without one never stands among
+    # another's neighbours, and the searched rows are the same however the cache is laid out
+    where = np.flatnonzero(usable)
+    m = len(where)
+    for a in range(0, m, 65_536):
+        block = where[a : a + 65_536]
+        S[a : a + len(block)] = S[block]
     if m < 2:
         return np.zeros(0, np.int64), np.zeros(0, np.int64), missing
-    # only the usable rows are searched (a view of the first m rows: no copy), so a row without
-    # one never stands among another's neighbours and shifts its ratio
     dist, idx = neighbours.search(S[:m], min(k, m - 1), seed=seed)
     del S
     r, c, _ = diagnose.near_pairs(

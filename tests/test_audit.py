@@ -302,3 +302,58 @@ def test_a_space_with_rows_of_zeros_is_searched_without_a_copy(tmp_path):
     X[:] = neighbours.normalize(np.random.default_rng(0).normal(size=(100, 8)))
     X[10:20] = 0  # rows without a signature
     assert np.shares_memory(neighbours.normalize(X), X)
+
+
+def test_the_signature_search_is_the_same_however_the_cache_is_laid_out(tmp_path, monkeypatch):
+    """The same rows written in two orders (other segments, other rows in each): the searched
+    signatures are the same matrix, row for row, and so are the pairs (rows without one, or a
+    flat one, left out in both)."""
+    from pipeline import layout, near, neighbours
+    from pipeline.bench import store as bench_store
+    from pipeline.store.format import SIGNATURE
+    from pipeline.store.segments import Meta
+    from pipeline.store.writer import Writer
+    from pipeline.train import load
+
+    rows = bench_store._rows(0, 120)
+    rng = np.random.default_rng(0)
+    sig = rng.normal(size=(120, 64)).astype(np.float32)
+    sig /= np.linalg.norm(sig, axis=1, keepdims=True)
+    sig[7] = sig[3]  # a copy
+    sig[20:30] = np.nan  # embedded before signatures were kept
+    sig[40] = 0  # a flat image
+    sig = sig.astype(np.float16)
+
+    def build(name: str, order: np.ndarray):
+        path = layout.features_dir(tmp_path / name) / "c.h5"
+        path.parent.mkdir(parents=True)
+        key = bench_store._key()
+        w = Writer(path, key, bench_store.STAMP, maps=False, dtype="float16", log=lambda s: None)
+        for a in range(0, 120, 25):
+            ix = order[a : a + 25]
+            part = [rows[i] for i in ix]
+            meta = Meta(
+                [r.ident for r in part], [r.path for r in part], [r.label for r in part],
+                [r.split for r in part], [r.view for r in part], [r.stat for r in part],
+            )  # fmt: skip
+            v = bench_store._vectors([r.ident for r in part], 8)
+            w.add_batch(meta, {"avg": v, "max": v, SIGNATURE: sig[ix]}, None, [])
+        w.commit(rows, bench_store.CLASSES, [], bench_store._attrs(key, 8), same_source=True)
+        return load(path, "avg", lazy=True).train.X
+
+    searched: list[np.ndarray] = []
+    real = neighbours.search
+
+    def spy(X, *a, **k):
+        searched.append(np.array(X))
+        return real(X, *a, **k)
+
+    monkeypatch.setattr(neighbours, "search", spy)
+    monkeypatch.setattr(neighbours, "EXACT_UP_TO", 10)  # the approximate search: order-bound
+    one = near.signature_edges([build("a", np.arange(120))], tmp_path)
+    two = near.signature_edges([build("b", rng.permutation(120))], tmp_path)
+    assert len(searched[0]) == 120 - 10 - 1
+    np.testing.assert_array_equal(searched[0], searched[1])
+    np.testing.assert_array_equal(one[0], two[0])
+    np.testing.assert_array_equal(one[1], two[1])
+    assert one[2] == two[2] == 10 and len(one[0]) >= 2
