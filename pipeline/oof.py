@@ -76,23 +76,36 @@ class OOF:
         held as one list of strings."""
         path = folder / FILE
         n = len(self.rows)
-        with outputs.written(path) as tmp, h5py.File(tmp, "w") as f:
-            probs = np.stack(self.probabilities) if self.probabilities else np.zeros((0, 0, 0))
-            f.create_dataset(
-                "probabilities", data=probs, fletcher32=True, chunks=True, track_times=False
-            )
-            f.create_dataset(
-                "fold", data=np.stack(self.folds), fletcher32=True, chunks=True, track_times=False
-            )
+        with (
+            outputs.written(path) as tmp,
+            h5py.File(tmp, "w") as f,
+            outputs.scratch(folder, "oof") as scratch,
+        ):
+            k = self.n_classes if self.probabilities else 0
+            for name, parts, shape in (
+                ("probabilities", self.probabilities, (len(self.probabilities), n, k)),
+                ("fold", self.folds, (len(self.folds), n)),
+            ):  # a partition at a time: never a stacked copy of them all
+                ds = f.create_dataset(
+                    name, shape=shape, dtype=parts[0].dtype if parts else np.float32,
+                    fletcher32=True, chunks=True if all(shape) else None, track_times=False,
+                )  # fmt: skip
+                for i, part in enumerate(parts):
+                    ds[i] = part
             f.create_dataset("label", data=self.labels, fletcher32=True, track_times=False)
-            hashes = np.empty(n, "S64")  # 64 bytes a row; read in the files' order
+            # the hashes, read in the files' order, wait in a file (64 bytes a row on disk, not
+            # in memory), then go into the dataset in its order, a block at a time
+            hashes = np.lib.format.open_memmap(scratch / "sha256.npy", "w+", "S64", (n,))
             for pos in file_order(sha256, self.rows, block):
                 at = np.searchsorted(self.rows, pos)
                 hashes[at] = np.array([_hex(h) for h in texts(sha256, pos)], "S64")
-            f.create_dataset(
-                "sha256", data=hashes, fletcher32=True, track_times=False,
+            ds = f.create_dataset(
+                "sha256", shape=(n,), dtype="S64", fletcher32=True, track_times=False,
                 chunks=(max(1, min(n, block)),) if n else None,
             )  # fmt: skip
+            for a in range(0, n, block):
+                ds[a : a + block] = hashes[a : a + block]
+            del hashes
             f.attrs["partitions_dropped"] = self.dropped
         return path
 
