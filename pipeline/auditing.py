@@ -143,7 +143,11 @@ def _audit(
     # label issues: the rows every kept partition scored
     scored = (saved.fold >= 0).all(axis=0)
     rows = np.flatnonzero(scored)
-    v = diagnose.vote(saved.label[rows], [p[rows] for p in saved.probabilities])
+    every = scored.all()  # k-fold: every row scored, the partitions taken as they are (no copy)
+    v = diagnose.vote(
+        saved.label if every else saved.label[rows],
+        list(saved.probabilities) if every else [p[rows] for p in saved.probabilities],
+    )
     flagged = np.zeros(n_tr, bool)
     flagged[rows] = v["flagged"]
     score = np.full(n_tr, np.nan)

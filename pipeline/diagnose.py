@@ -102,7 +102,7 @@ def vote(labels: np.ndarray, partitions: list[np.ndarray]) -> dict[str, np.ndarr
     their mean disagrees with the given label; the score and the suggested label from the
     mean."""
     flags = np.mean([label_issues(labels, p) for p in partitions], axis=0)
-    mean = np.mean(partitions, axis=0)
+    mean = sum(partitions[1:], np.array(partitions[0], np.float64)) / len(partitions)
     return {
         "flagged": (flags >= 0.5) & (np.argmax(mean, axis=1) != labels),
         "votes": flags,

@@ -368,3 +368,34 @@ def test_a_run_whose_rows_are_not_the_caches_training_images_is_found(audited, l
     assert not auditing._same_rows(
         ts, oof.Saved(saved.probabilities, saved.fold, saved.label, longer)
     )
+
+
+def test_the_label_vote_takes_the_partitions_without_copying_them(audited, tmp_path, monkeypatch):
+    """k-fold: every image scored in every partition, so the vote reads the saved arrays as
+    they are (a copy of n x classes floats a partition was made before)."""
+    import shutil
+
+    from pipeline import diagnose
+
+    art = tmp_path / "art"
+    shutil.copytree(audited["art"], art)
+    seen: list[tuple[np.ndarray, list[np.ndarray]]] = []
+    real_vote, real_load = diagnose.vote, oof.load
+    loaded: list[oof.Saved] = []
+
+    def load(run_dir):
+        loaded.append(real_load(run_dir))
+        return loaded[-1]
+
+    def vote(labels, partitions):
+        seen.append((labels, partitions))
+        return real_vote(labels, partitions)
+
+    monkeypatch.setattr(oof, "load", load)
+    monkeypatch.setattr(diagnose, "vote", vote)
+    before = (audited["art"] / "audit" / "label_issues.csv").read_bytes()
+    auditing.run_audit(art, audited["run"]["run"], 0, log=lambda s: None)
+    (labels, parts), saved = seen[0], loaded[0]
+    assert all(np.shares_memory(p, saved.probabilities) for p in parts)
+    assert labels is saved.label
+    assert (art / "audit" / "label_issues.csv").read_bytes() == before  # the same findings
