@@ -220,10 +220,7 @@ def test_a_pass_over_a_caches_rows_opens_each_segment_about_once(tmp_path, monke
     w = Writer(path, key, bench_store.STAMP, maps=False, dtype="float16", log=lambda s: None)
     for a in range(0, 240, 40):  # six batches: six segments, rows spread by content
         part = rows[a : a + 40]
-        meta = Meta(
-            [r.ident for r in part], [r.path for r in part], [r.label for r in part],
-            [r.split for r in part], [r.view for r in part], [r.stat for r in part],
-        )  # fmt: skip
+        meta = Meta.of_rows(part)
         v = bench_store._vectors([r.ident for r in part], 16)
         w.add_batch(meta, {"avg": v, "max": v}, None, [])
     w.commit(rows, bench_store.CLASSES, [], bench_store._attrs(key, 16), same_source=True)
@@ -332,10 +329,7 @@ def test_the_signature_search_is_the_same_however_the_cache_is_laid_out(tmp_path
         for a in range(0, 120, 25):
             ix = order[a : a + 25]
             part = [rows[i] for i in ix]
-            meta = Meta(
-                [r.ident for r in part], [r.path for r in part], [r.label for r in part],
-                [r.split for r in part], [r.view for r in part], [r.stat for r in part],
-            )  # fmt: skip
+            meta = Meta.of_rows(part)
             v = bench_store._vectors([r.ident for r in part], 8)
             w.add_batch(meta, {"avg": v, "max": v, SIGNATURE: sig[ix]}, None, [])
         w.commit(rows, bench_store.CLASSES, [], bench_store._attrs(key, 8), same_source=True)

@@ -32,10 +32,7 @@ def cache(art: Path, n: int = 200, channels: int = 32) -> Path:
     key = bench_store._key()
     w = Writer(path, key, bench_store.STAMP, maps=False, dtype="float16", log=lambda s: None)
     ids = [r.ident for r in rows]
-    meta = Meta(
-        ids, [r.path for r in rows], [r.label for r in rows], [r.split for r in rows],
-        [r.view for r in rows], [r.stat for r in rows],
-    )  # fmt: skip
+    meta = Meta.of_rows(rows)
     strong = bench_store._vectors(ids, channels, signal=0.9)
     faint = bench_store._vectors(ids, channels, signal=0.1)
     w.add_batch(meta, {"avg": strong, "max": faint}, None, [])

@@ -92,10 +92,7 @@ def build(n: int, work: Path, seed: int = 0) -> dict[str, Any]:
     w = Writer(path, key, bench_store.STAMP, maps=False, dtype="float16", log=lambda s: None)
     for a in range(0, n, 65536):
         part = rows[a : a + 65536]
-        meta = Meta(
-            [r.ident for r in part], [r.path for r in part], [r.label for r in part],
-            [r.split for r in part], [r.view for r in part], [r.stat for r in part],
-        )  # fmt: skip
+        meta = Meta.of_rows(part)
         vectors = {"avg": X[a : a + 65536], "max": X[a : a + 65536], SIGNATURE: sig[a : a + 65536]}
         w.add_batch(meta, vectors, None, [])
     w.commit(rows, bench_store.CLASSES, [], bench_store._attrs(key, X.shape[1]), same_source=True)

@@ -93,10 +93,7 @@ def sync(
     for a in range(0, len(todo), batch):
         part = todo[a : a + batch]
         v = _vectors([r.ident for r in part], channels, signal)
-        meta = Meta(
-            [r.ident for r in part], [r.path for r in part], [r.label for r in part],
-            [r.split for r in part], [r.view for r in part], [r.stat for r in part],
-        )  # fmt: skip
+        meta = Meta.of_rows(part)
         w.add_batch(meta, {"avg": v, "max": v * 2}, None, [])
     done = w.commit(want, CLASSES, [], _attrs(key, channels), same_source=True)
     return done, len(todo)
